@@ -1,0 +1,56 @@
+# vmimagemanager — `make test` sets up everything it needs on a Debian 12 host (as root).
+PYTHON ?= /usr/bin/python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: all host install test unit integration e2e lint docs demo demo-clean bench clean
+
+all: install
+
+host:
+	tools/setup-host
+
+# The virtual environment, rebuilt only when the package metadata changes.
+$(STAMP): setup.py setup.cfg
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+install: host $(STAMP)
+	@echo "installed: $(BIN)/vmimagemanager"
+
+test: host $(STAMP) lint
+	$(BIN)/python -m pytest tests
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+integration: host $(STAMP)
+	$(BIN)/python -m pytest tests/integration
+
+e2e: host $(STAMP)
+	$(BIN)/python -m pytest tests/e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check vmim tests
+	$(BIN)/mypy vmim
+
+# Regenerate the files that are generated from the config key table.
+docs: $(STAMP)
+	$(BIN)/python -m vmim.gendocs
+
+# A demo slot under ./demo and the main job done with vmimagemanager (see tools/demo.py).
+demo: host $(STAMP)
+	$(BIN)/python tools/demo.py
+
+demo-clean:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python tools/demo.py --clean; \
+	else echo "nothing to clean: no .venv"; fi
+
+# Benchmarks against the bare tools (see bench/run.py and docs/performance.md); not run by test.
+bench: host $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,277 @@
+"""The whole command: interruption, leftovers of a killed run, several boxes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration import diskimages as di
+from vmim import lock
+from vmim.disk import loop, mounts
+
+
+@pytest.fixture
+def pair(tmp_path, write_config, domains):
+    """Two ext4 slots and an image store holding `big`, a tgz that takes a while to unpack."""
+    os.chmod(tmp_path, 0o755)
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [domains.name("a"), domains.name("b")]
+    for n in ("a", "b"):
+        di.filesystem_image(str(tmp_path / f"{n}.img"), "ext4", 400, f"slot {n}")
+    cfg = write_config(f"""\
+    [vmim.local]
+    mount = "{tmp_path}/mnt"
+    lockdir = "{tmp_path}/locks"
+    vmimages = "{images}"
+    [vmim.vm.a]
+    HostName = "{names[0]}"
+    root = "{tmp_path}/a.img"
+    [vmim.vm.b]
+    HostName = "{names[1]}"
+    root = "{tmp_path}/b.img"
+    """)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        with open(src / f"blob{i}", "wb") as fh:
+            fh.write(os.urandom(100 * 1024 * 1024))
+    (src / "marker").write_text("golden\n")
+    subprocess.run(["tar", "-C", str(src), "-czf", str(images / "big"), "."], check=True)
+    subprocess.run(["rm", "-rf", str(src)], check=True)
+    return tmp_path, cfg, names
+
+
+def cli(cfg, *argv):
+    return [sys.executable, "-m", "vmim", "--config", cfg, *argv]
+
+
+def wait_until_unpacking(proc, *mnts, timeout=60):
+    """Block until every mount point holds a restore's staging directory; fail if the restore
+    ends or never gets there (then a signal would not land mid-restore)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if all(m.is_dir() and any(n.startswith(".vmim-restore.") for n in os.listdir(m))
+               for m in mnts):
+            return
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    pytest.fail("the restore never reached unpacking in every slot")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_restore_cleans_up_and_exits_with_the_signal_code(pair, sig, code, domains):
+    root, cfg, names = pair
+    proc = subprocess.Popen(cli(cfg, "-b", names[0], "-r", "big", "-u"), stderr=subprocess.PIPE,
+                            text=True)
+    mnt = root / "mnt" / names[0]
+    wait_until_unpacking(proc, mnt)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "incomplete" in err and "the domain was not started" in err
+    assert mounts.mounted_at(str(mnt)) is None
+    assert loop.loops_backed_by(str(root / "a.img")) == []
+    assert lock.holder(str(root / "locks"), names[0]) is None
+    assert names[0] not in [d.name() for d in domains.conn.listAllDomains()]
+
+
+def test_after_sigkill_the_next_run_cleans_up_first(pair, vmim):
+    root, cfg, names = pair
+    proc = subprocess.Popen(cli(cfg, "-b", names[0], "-r", "big"), stderr=subprocess.DEVNULL)
+    mnt = root / "mnt" / names[0]
+    wait_until_unpacking(proc, mnt)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert mounts.mounted_at(str(mnt)) is not None  # what SIGKILL leaves behind
+    r = vmim("-b", names[0], "-r", "big", "--release", "--config", cfg)
+    assert r.code == 0, r
+    assert mounts.mounted_at(str(mnt)) is None
+    assert loop.loops_backed_by(str(root / "a.img")) == []
+    assert vmim("-b", names[0], "--mount", "--config", cfg).code == 0
+    assert sorted(os.listdir(mnt)) == ["blob0", "blob1", "blob2", "lost+found", "marker"]
+    assert vmim("-b", names[0], "--release", "--config", cfg).code == 0
+
+
+def test_one_failing_box_does_not_stop_the_other(pair, vmim):
+    root, cfg, names = pair
+    os.unlink(root / "b.img")
+    r = vmim("-b", names[1], "-b", names[0], "--mount", "--json", "--config", cfg)
+    assert r.code == 4, r
+    doc = json.loads(r.out)
+    by_box = {x["box"]: x for x in doc["results"]}
+    assert by_box[names[1]]["exit_code"] == 4 and by_box[names[0]]["exit_code"] == 0
+    assert mounts.mounted_at(str(root / "mnt" / names[0])) is not None
+    assert f"box {names[1]}: mount failed" in r.err
+    assert vmim("-b", names[0], "--release", "--config", cfg).code == 0
+
+
+def test_any_free_claims_different_slots_for_concurrent_jobs(pair, vmim):
+    root, cfg, names = pair
+    procs = [subprocess.Popen(cli(cfg, "-b", "any-free", "-r", "big"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    claimed = sorted(o[0].strip() for o in outs)
+    assert claimed == sorted(names)
+    # both slots are now mounted (restored, not released): none is free
+    r = vmim("-b", "any-free", "--mount", "--config", cfg)
+    assert r.code == 5 and "no free slot" in r.err, r
+    assert vmim("-f", "--config", cfg).out == ""
+    r = vmim("-b", names[0], "-b", names[1], "--release", "--config", cfg)
+    assert r.code == 0
+    assert f"box {names[0]}: ok" in r.err and f"box {names[1]}: ok" in r.err  # the summary
+    doc = json.loads(vmim("-b", "any-free", "--mount", "--json", "--config", cfg).out)
+    assert doc["claimed"] in names and doc["results"][0]["box"] == doc["claimed"]
+    assert vmim("-b", doc["claimed"], "--release", "--config", cfg).code == 0
+
+
+def test_json_steps_carry_image_format_and_bytes(pair, vmim):
+    root, cfg, names = pair
+    r = vmim("-b", names[0], "-r", "big", "--zstd", "-s", "again", "--release", "--json",
+             "--config", cfg)
+    assert r.code == 0, r
+    steps = {s["step"]: s for s in json.loads(r.out)["results"][0]["steps"]}
+    assert list(steps) == ["store", "restore", "release"]  # the fixed order, not the flags'
+    assert steps["restore"]["image"] == "big" and steps["restore"]["format"] == "tgz"
+    assert steps["restore"]["bytes"] == os.path.getsize(root / "images" / "big")
+    assert steps["store"]["format"] == "tar.zst"
+    assert steps["store"]["bytes"] == os.path.getsize(root / "images" / "again")
+    assert all(s["status"] == "ok" and s["seconds"] >= 0 for s in steps.values())
+
+
+def test_dry_run_of_a_full_pipeline_changes_nothing(pair, vmim, domains):
+    root, cfg, names = pair
+    domains.define(names[0], disk=str(root / "a.img"), start=True)
+    before_images = sorted(os.listdir(root / "images"))
+    r = vmim("-b", names[0], "-r", "big", "-i", "certs", "-s", "snap", "-u", "--dry-run",
+             "--config", cfg)
+    assert r.code == 0, r
+    lines = r.out.splitlines()
+    assert lines[0] == f"box {names[0]}:"
+    steps = [line.split(":")[0].split(". ")[1] for line in lines[1:-1]]
+    assert steps == ["down", "mount", "store", "restore", "insert", "up"]  # up releases first
+    assert "image big" in r.out and "(tgz)" in r.out
+    assert "insert certs not found: the run would fail (exit 4)" in r.out
+    assert lines[-1] == "(dry run: nothing was changed)"
+    # nothing changed: the domain runs, nothing mounted or mapped, no lock taken, no file written
+    assert domains.state(names[0]) == 1
+    assert not (root / "mnt").exists()
+    assert loop.loops_backed_by(str(root / "a.img")) == []
+    assert not (root / "locks").exists()
+    assert sorted(os.listdir(root / "images")) == before_images
+    doc = json.loads(vmim("-b", names[0], "-r", "big", "-u", "--dry-run", "--json",
+                          "--config", cfg).out)
+    assert [s["step"] for s in doc["plan"][names[0]]] == ["down", "mount", "restore", "up"]
+    assert "results" not in doc
+
+
+def test_two_restores_in_parallel_both_succeed(pair, vmim):
+    root, cfg, names = pair
+    r = vmim("-b", names[0], "-b", names[1], "-r", "big", "--jobs", "2", "--release", "--json",
+             "--config", cfg)
+    assert r.code == 0, r
+    doc = json.loads(r.out)
+    assert [x["box"] for x in doc["results"]] == names
+    assert all(x["exit_code"] == 0 for x in doc["results"])
+    for n in names:
+        assert vmim("-b", n, "--mount", "--config", cfg).code == 0
+        mp = root / "mnt" / n
+        assert (mp / "marker").read_text() == "golden\n"
+        assert vmim("-b", n, "--release", "--config", cfg).code == 0
+
+
+def test_sigterm_during_parallel_restores_cleans_up_every_box(pair):
+    root, cfg, names = pair
+    proc = subprocess.Popen(cli(cfg, "-b", names[0], "-b", names[1], "-r", "big", "-u",
+                                "--jobs", "2"), stderr=subprocess.PIPE, text=True)
+    wait_until_unpacking(proc, *(root / "mnt" / n for n in names))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    for n, disk in zip(names, ("a.img", "b.img")):
+        assert mounts.mounted_at(str(root / "mnt" / n)) is None
+        assert loop.loops_backed_by(str(root / disk)) == []
+        assert lock.holder(str(root / "locks"), n) is None
+
+
+def _run_on_a_terminal(argv):
+    """Run argv with stderr on a pseudo-terminal; return (exit code, what it wrote there)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_on_a_terminal_and_none_in_cron(pair):
+    root, cfg, names = pair
+    code, tty = _run_on_a_terminal(cli(cfg, "-b", names[0], "-r", "big", "--release"))
+    assert code == 0, tty
+    assert f"{names[0]} restore: " in tty and " of " in tty and "/s, " in tty and "left" in tty
+    res = subprocess.run(cli(cfg, "-b", names[0], "-r", "big", "--release"), capture_output=True,
+                         text=True)
+    assert res.returncode == 0
+    assert "\r" not in res.stderr and " left" not in res.stderr  # no progress off a terminal
+    assert f"box {names[0]}: restore: big (tgz)" in res.stderr  # one concise line per step
+    res = subprocess.run(cli(cfg, "-q", "-b", names[0], "-r", "big", "--release"),
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr == ""  # -q: nothing at all for cron on success
+
+
+def test_syslog_records_the_steps_while_stderr_stays_quiet(pair, tmp_path):
+    import socket
+
+    root, cfg, names = pair
+    address = str(tmp_path / "log.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(5)
+    try:
+        res = subprocess.run(cli(cfg, "-q", "-b", names[0], "--mount", "--release", "--syslog",
+                                 address), capture_output=True, text=True)
+        assert res.returncode == 0 and res.stderr == ""
+        messages = []
+        while True:
+            try:
+                messages.append(sock.recv(65536).decode())
+            except OSError:
+                break
+            if any("release" in m for m in messages):
+                break
+    finally:
+        sock.close()
+    assert any(f"box {names[0]}: mount: mounted" in m and "vmimagemanager[" in m for m in messages)
+    assert any(f"box {names[0]}: release: unmounted" in m for m in messages)
+
+
+def test_sigterm_stops_the_boxes_that_have_not_started(pair):
+    root, cfg, names = pair
+    proc = subprocess.Popen(cli(cfg, "-b", names[0], "-b", names[1], "-r", "big"),
+                            stderr=subprocess.PIPE, text=True)
+    wait_until_unpacking(proc, root / "mnt" / names[0])
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert not (root / "mnt" / names[1]).exists()  # the second box was never mounted
+    assert f"box {names[1]}" not in err

@@ -1,0 +1,312 @@
+"""Config reader: both formats, defaults, derivation, every error at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import pytest
+
+from vmim import config
+from vmim.config import KEYS, Slot
+from vmim.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CURRENT = """\
+[vmim.local]
+vmemulator = "qemu:///system"
+VMIMAGES = /srv/images
+vmextracts = "/srv/extracts"
+mount = "/mnt/slots/"
+memory = 1048576
+
+[vmim.vm.1]
+HostName = "web1"
+HostDisk = "/var/lib/libvirt/images/web1.img"
+partition = 2
+
+[vmim.vm.builder]
+hostname = build2
+ROOT = /dev/vg0/build2-root
+swap = /dev/vg0/build2-swap
+mac = "02:00:00:00:00:02"
+memory = 524288
+vmimages = "/srv/other-images"
+
+[vmim.vm.nodisk]
+HostName = "bare"
+"""
+
+LEGACY = """\
+[VmImageManager]
+vmimages = /server/vmstore/images
+vmextracts = /server/vmstore/extracts
+virthost = qemu:///session
+vAlocatedMemory = 262144
+vmconfdir = /etc/xen/vms
+xenconftemplate = /etc/vmimagemanager/xen.template
+mount = /mnt/legacy
+
+[vm002.yokel.org]
+vm_slot_enabled = on
+HostName = vm002.yokel.org
+root = /dev/vg/vm002-root
+swap = /dev/vg/vm002-swap
+mac = 02:16:80:00:00:02
+ip = 192.0.2.2
+
+[slot3]
+vm_slot_enabled = Yes
+HostDisk = /var/lib/images/slot3.img
+partition = 1
+memory = 131072
+
+[disabled]
+vm_slot_enabled = off
+HostName = never
+root = /dev/vg/never
+
+[not-a-slot]
+HostName = also-never
+root = /dev/vg/also-never
+"""
+
+
+def test_current_format_slots_values_and_defaults():
+    cfg = config.parse(CURRENT, "/etc/x.cfg")
+    assert cfg.format == "current"
+    assert cfg.slot_names == ["web1", "build2", "bare"]
+    web1 = cfg.slot("web1")
+    assert web1.section == "vmim.vm.1"
+    assert web1.store_type == "kpartx"
+    assert web1.partition == 2
+    assert web1.mount == "/mnt/slots/web1"
+    assert web1.vmimages == "/srv/images"  # bare value, upper-case key, from [vmim.local]
+    assert web1.vminserts == web1.vmextracts == "/srv/extracts"
+    assert web1.memory == 1048576  # [vmim.local] default
+    b = cfg.slot("build2")
+    assert b.store_type == "partition"
+    assert b.root == "/dev/vg0/build2-root"
+    assert b.mac == ("02:00:00:00:00:02",)  # a single string is a one-element list
+    assert b.memory == 524288
+    assert b.vmimages == "/srv/other-images"
+    assert cfg.slot("bare").store_type is None
+    assert cfg.slot("bare").describe_disk() == "-"
+    assert cfg.image_dirs() == ["/srv/images", "/srv/other-images"]
+    assert cfg.insert_dirs() == ["/srv/extracts"]
+
+
+def test_legacy_format_enabled_sections_plain_values_and_renamed_keys():
+    cfg = config.parse(LEGACY, "/etc/legacy.cfg")
+    assert cfg.format == "legacy"
+    assert cfg.uri == "qemu:///session"
+    assert cfg.slot_names == ["vm002.yokel.org", "slot3"]
+    vm = cfg.slot("vm002.yokel.org")
+    assert vm.store_type == "partition"
+    assert vm.mac == ("02:16:80:00:00:02",)
+    assert vm.memory == 262144  # vAlocatedMemory became memory
+    assert vm.mount == "/mnt/legacy/vm002.yokel.org"
+    s3 = cfg.slot("slot3")  # HostName defaults to the section name
+    assert s3.store_type == "kpartx" and s3.partition == 1 and s3.memory == 131072
+    assert s3.vmimages == "/server/vmstore/images"
+
+
+def test_legacy_obsolete_keys_warn_once_each(caplog):
+    caplog.set_level(logging.WARNING)
+    cfg = config.parse(LEGACY, "/etc/legacy.cfg")
+    warned = [w for w in cfg.warnings if "obsolete" in w]
+    assert any("[VmImageManager] vmconfdir" in w for w in warned)
+    assert any("[VmImageManager] xenconftemplate" in w for w in warned)
+    assert any("[vm002.yokel.org] ip" in w for w in warned)
+    assert len(warned) == 3
+    assert all(w.startswith("/etc/legacy.cfg: ") for w in warned)
+
+
+def test_unknown_keys_and_sections_warn_with_file_section_key():
+    cfg = config.parse("""\
+[vmim.local]
+frobnicate = 1
+[vmim.default]
+bridge = "br0"
+[vmim.vm.a]
+HostName = "a"
+root = "/dev/vg/a"
+colour = "blue"
+""", "/c.cfg")
+    assert "/c.cfg: [vmim.local] frobnicate: unknown key ignored" in cfg.warnings
+    assert "/c.cfg: [vmim.vm.a] colour: unknown key ignored" in cfg.warnings
+    assert any(w.startswith("/c.cfg: [vmim.default]:") and "not used" in w for w in cfg.warnings)
+    assert cfg.slot("a").root == "/dev/vg/a"
+
+
+def test_store_type_derivation():
+    cfg = config.parse("""\
+[vmim.vm.1]
+HostName = "k"
+HostDisk = "/d/k.img"
+partition = 1
+[vmim.vm.2]
+HostName = "p"
+HostDisk = "/d/p.img"
+[vmim.vm.3]
+HostName = "l"
+LvmVolumeGroup = "vg0"
+[vmim.vm.4]
+HostName = "explicit"
+store_type = "QCOW2"
+HostDisk = "/d/x.qcow2"
+""")
+    types = {s.name: s.store_type for s in cfg.slots}
+    assert types == {"k": "kpartx", "p": "partition", "l": "lvm", "explicit": "qcow2"}
+    assert cfg.slot("l").disk == "/dev/vg0/l"
+
+
+def test_every_error_is_reported_at_once_with_file_section_key(write_config):
+    path = write_config("""\
+[vmim.local]
+vmemulator = ["not", "a", "string"]
+mount = "relative/path"
+[vmim.vm.a]
+HostName = "a"
+HostDisk = "/d/a.img"
+partition = "1"
+[vmim.vm.b]
+HostDisk = "/d/b.img"
+[vmim.vm.c]
+HostName = "a"
+root = "/d/c.img"
+memory = 12.5
+store_type = "zfs"
+mac = 5
+[vmim.vm.d]
+HostName = "d"
+HostDisk = "/d/a.img"
+partition = 0
+timeout = "soon"
+sourceimage = "perhaps"
+""")
+    with pytest.raises(ConfigError) as exc:
+        config.load(path)
+    problems = exc.value.problems
+    expected = [
+        "[vmim.local] vmemulator: expected a string",
+        "[vmim.local] mount: expected an absolute path",
+        "[vmim.vm.a] partition: expected an integer, got \"1\"",
+        "[vmim.vm.b] HostName: is required",
+        "[vmim.vm.c] memory: expected an integer",
+        "[vmim.vm.c] store_type: expected one of partition, kpartx, lvm, qcow2",
+        "[vmim.vm.c] mac: expected a list of strings",
+        "[vmim.vm.c] HostName: 'a' is also the HostName of [vmim.vm.a]",
+        "[vmim.vm.d] partition: must be at least 1",
+        "[vmim.vm.d] timeout: expected an integer",
+        "[vmim.vm.d] sourceimage: expected a boolean",
+        "[vmim.vm.d] HostDisk: disk '/d/a.img' is also the disk of slot 'a'",
+    ]
+    for e in expected:
+        assert any(p.startswith(f"{path}: ") and e in p for p in problems), (e, problems)
+    assert len(problems) == len(expected), problems
+    assert exc.value.exit_code == 3
+
+
+def test_malformed_ini_is_a_config_error():
+    with pytest.raises(ConfigError) as exc:
+        config.parse("[vmim.local\nvmemulator = 1\n", "/bad.cfg")
+    assert "/bad.cfg: malformed INI" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        config.parse("HostName = x\n", "/nosection.cfg")
+    assert "malformed INI" in str(exc.value)
+
+
+def test_a_file_that_is_not_a_vmim_config():
+    with pytest.raises(ConfigError) as exc:
+        config.parse("[mysqld]\nport = 3306\n", "/etc/my.cnf")
+    assert "not a vmimagemanager configuration" in str(exc.value)
+
+
+def test_bad_interpolation_names_the_key():
+    with pytest.raises(ConfigError) as exc:
+        config.parse('[vmim.vm.a]\nHostName = "a"\ncmdline = "console=ttyS0 100%"\n', "/i.cfg")
+    assert "/i.cfg: [vmim.vm.a] cmdline: bad %-interpolation" in str(exc.value)
+
+
+def test_interpolation_and_default_section_work_as_in_the_original():
+    cfg = config.parse("""\
+[DEFAULT]
+base = /srv/vm
+[vmim.vm.a]
+HostName = "a"
+HostDisk = %(base)s/a.img
+partition = 1
+""")
+    assert cfg.slot("a").hostdisk == "/srv/vm/a.img"
+
+
+def test_shared_disk_with_differing_spelling_is_detected():
+    with pytest.raises(ConfigError) as exc:
+        config.parse("""\
+[vmim.vm.a]
+HostName = "a"
+root = "/d//x.img"
+[vmim.vm.b]
+HostName = "b"
+HostDisk = "/d/./x.img"
+""", "/s.cfg")
+    assert "two slots cannot share a disk" in str(exc.value)
+
+
+def test_lookup_order_cli_then_env_then_default(write_config, monkeypatch):
+    a = write_config('[vmim.vm.a]\nHostName = "from-cli"\n')
+    b = write_config('[vmim.vm.a]\nHostName = "from-env"\n')
+    assert config.find_config_path(a, {"VMIM_CFG": b}) == a
+    assert config.find_config_path(None, {"VMIM_CFG": b}) == b
+    with pytest.raises(ConfigError) as exc:
+        config.find_config_path(None, {})
+    assert config.DEFAULT_CONFIG_PATH in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        config.find_config_path(None, {"VMIM_CFG": "/nonexistent/env.cfg"})
+    assert "/nonexistent/env.cfg" in str(exc.value) and "$VMIM_CFG" in str(exc.value)
+
+
+def test_print_config_round_trips_legacy_into_current():
+    legacy = config.parse(LEGACY, "/etc/legacy.cfg")
+    text = config.render_config(legacy)
+    again = config.parse(text, "/printed.cfg")
+    assert again.format == "current"
+    assert again.uri == legacy.uri
+    strip = ("section",)
+    for a, b in zip(legacy.slots, again.slots):
+        da = {k: v for k, v in dataclasses.asdict(a).items() if k not in strip}
+        db = {k: v for k, v in dataclasses.asdict(b).items() if k not in strip}
+        assert da == db
+    assert len(again.slots) == len(legacy.slots)
+
+
+def test_key_table_matches_the_slot_dataclass():
+    slot_fields = {f.name for f in dataclasses.fields(Slot)}
+    slot_keys = {k.attr for k in KEYS if k.scope == "slot"}
+    assert slot_keys <= slot_fields
+    assert slot_fields - slot_keys == {"section"}
+    # every slot key's default is the dataclass default
+    defaults = {f.name: f.default for f in dataclasses.fields(Slot)}
+    for k in KEYS:
+        if k.scope == "slot" and k.attr not in ("name", "store_type", "mount"):
+            assert defaults[k.attr] == k.default, k.attr
+
+
+@pytest.mark.parametrize("rel", ["docs/config.md", "vmimagemanager.cfg.template",
+                                 "docs/vmimagemanager.1"])
+def test_generated_files_are_up_to_date(rel):
+    from vmim.gendocs import GENERATED
+
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as fh:
+        assert fh.read() == GENERATED[rel](), f"{rel} is stale: run 'make docs'"
+
+
+def test_template_names_every_key_and_is_a_valid_config():
+    text = config.render_template()
+    for k in KEYS:
+        assert f"#{k.ini} = " in text, k.ini
+    cfg = config.parse(text, "template")
+    assert cfg.slot_names == ["web1", "build2"]

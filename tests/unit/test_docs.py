@@ -1,0 +1,56 @@
+"""The man page and the config reference cover every flag and every key."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from vmim.cli import build_parser
+from vmim.config import KEYS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def read(rel):
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def help_flags():
+    text = build_parser().format_help()
+    return sorted(set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", text)))
+
+
+@pytest.fixture(scope="module")
+def rendered_man():
+    if shutil.which("man") is None:
+        pytest.skip("man is not installed")
+    res = subprocess.run(["man", "-l", os.path.join(ROOT, "docs", "vmimagemanager.1")],
+                         capture_output=True, text=True, env={**os.environ, "MANWIDTH": "200"})
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_man_renders_and_names_every_flag_of_help(rendered_man):
+    flags = help_flags()
+    assert "--restore" in flags and "-b" in flags and len(flags) > 50
+    missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", rendered_man)]
+    assert missing == []
+
+
+def test_man_names_every_config_key_and_exit_code(rendered_man):
+    for k in KEYS:
+        assert re.search(rf"^\s+{re.escape(k.ini)}(\s|$)", rendered_man, re.M), k.ini
+    for code in ("0", "1", "2", "3", "4", "5", "6", "7", "8", "130, 143"):
+        assert re.search(rf"^\s+{re.escape(code)}(\s|$)", rendered_man, re.M), code
+    assert "EXAMPLES" in rendered_man and "vmimagemanager -b web1 -r golden -i certs -u" in rendered_man
+
+
+def test_config_reference_names_every_key():
+    text = read("docs/config.md")
+    for k in KEYS:
+        assert f"| `{k.ini}` |" in text, k.ini

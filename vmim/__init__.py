@@ -1,0 +1,3 @@
+"""vmimagemanager: re-image libvirt virtual machines fast and repeatably."""
+
+__version__ = "1.0.0"

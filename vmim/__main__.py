@@ -1,0 +1,3 @@
+from vmim.cli import run
+
+run()

@@ -1,0 +1,639 @@
+"""Command line: argparse front end. The only place that prints errors and chooses exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
+
+from vmim import __version__
+from vmim.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ConfigError,
+    Interrupted,
+    StateError,
+    UsageError,
+    VmimError,
+)
+from vmim.plan import BOX_PLACEHOLDER, DISK_ACTIONS, PIPELINE, Request, Transfer
+from vmim.progress import human_size
+
+log = logging.getLogger("vmim")
+
+PROG = "vmimagemanager"
+ANY_FREE = "any-free"
+ENV_LOG_CONFIG = "VMIM_LOG_CONF"
+
+FORMAT_FLAGS = (
+    ("-y", "--rsync", "rsync", "rsync tree (the default for store and extract)"),
+    ("-z", "--tgz", "tgz", "tar + gzip (pigz when present)"),
+    ("-w", "--cpio-bzip", "cpio.bz2", "cpio (newc) + bzip2 (lbzip2 when present)"),
+    (None, "--zstd", "tar.zst", "tar + zstd -T0"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{PROG} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Re-image libvirt virtual machines: stop a slot's domain, mount its root "
+        "filesystem, store or restore an image, insert or extract archives, start it again. "
+        "Actions run per box in a fixed order: kill, down, mount, extract, store, restore, "
+        "insert, release, up.",
+        epilog="Exit codes: 0 success, 1 operation failed, 2 usage, 3 config invalid, "
+        "4 state conflict (unknown box or image, domain running), 5 slot locked, "
+        "6 external command failed, 7 environment (tool missing, not root, libvirt "
+        "unreachable), 8 cleanup incomplete, 130/143 interrupted.",
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+
+    g = p.add_argument_group("boxes")
+    g.add_argument("-b", "--box", action="append", default=[], metavar="BOX",
+                   help=f"slot to act on; repeatable. '{ANY_FREE}' claims one free slot")
+
+    g = p.add_argument_group("actions (run per box in this order)")
+    g.add_argument("-k", "--kill", action="store_true", help="force the domain off now")
+    g.add_argument("-d", "--down", action="store_true",
+                   help="graceful shutdown; forced off after --timeout")
+    g.add_argument("--mount", action="store_true",
+                   help="map and mount the slot's root filesystem (the domain must be shut off)")
+    g.add_argument("-e", "--extract", action="append", default=[], metavar="NAME[:DIR]",
+                   help="archive guest directory DIR into the inserts store as NAME")
+    g.add_argument("--extract-directory", action="append", default=[], metavar="DIR",
+                   help="directory for the n-th -e NAME without :DIR (paired by position)")
+    g.add_argument("-s", "--store", action="append", default=[], metavar="NAME",
+                   help="store the slot's filesystem as image NAME ({box} is replaced by the box)")
+    g.add_argument("-r", "--restore", action="append", default=[], metavar="NAME",
+                   help="replace the slot's filesystem with image NAME")
+    g.add_argument("-i", "--insert", action="append", default=[], metavar="NAME[:DIR]",
+                   help="unpack insert NAME at guest directory DIR (default /); repeatable, in order")
+    g.add_argument("--release", action="store_true", help="unmount and unmap the slot's disk")
+    g.add_argument("-u", "--up", action="store_true",
+                   help="release, define the domain if libvirt lacks it, start it")
+
+    g = p.add_argument_group("lists")
+    g.add_argument("-l", "--list-boxes", action="store_true",
+                   help="slots (config and libvirt) with domain state and disk")
+    g.add_argument("-L", "--list-images", action="store_true",
+                   help="images: name, format, size, date")
+    g.add_argument("--list-inserts", action="store_true", help="inserts and extracts")
+    g.add_argument("-f", "--list-free", "--free", action="store_true",
+                   help="slots free for work: configured, shut off, not locked, not mounted")
+    g.add_argument("-m", "--list-locked", "--locked", action="store_true", help="locked slots")
+
+    g = p.add_argument_group("format for store and extract (restore and insert detect it)")
+    fx = g.add_mutually_exclusive_group()
+    for short, long, fmt, text in FORMAT_FLAGS:
+        names = [n for n in (short, long) if n]
+        fx.add_argument(*names, dest="format", action="store_const", const=fmt, help=text)
+
+    g = p.add_argument_group("options")
+    g.add_argument("-c", "--config", metavar="PATH",
+                   help="config file (else $VMIM_CFG, else /etc/vmimagemanager/vmimagemanager.cfg)")
+    g.add_argument("-p", "--print-config", nargs="?", const="-", metavar="FILE",
+                   help="print the effective configuration in the current format (to FILE)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output; repeatable")
+    g.add_argument("-q", "--quiet", action="count", default=0, help="less log output; repeatable")
+    g.add_argument("--log-config", metavar="FILE",
+                   help="logging.config file (else $VMIM_LOG_CONF); overrides -v/-q")
+    g.add_argument("--syslog", nargs="?", const="/dev/log", metavar="SOCKET",
+                   help="also log every step to syslog (default socket /dev/log), for cron")
+    g.add_argument("--json", action="store_true", help="machine-readable results on stdout")
+    g.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    g.add_argument("--timeout", type=_non_negative_int, metavar="S",
+                   help="graceful shutdown timeout in seconds (default: the slot's timeout, 180)")
+    g.add_argument("--lock-wait", type=_non_negative_int, default=0, metavar="S",
+                   help="wait up to S seconds for a slot another command holds (default 0)")
+    g.add_argument("-C", "--core", "--cpu", type=_positive_int, metavar="N",
+                   help="vCPUs for the domain at start")
+    g.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="boxes worked on in parallel (default 1)")
+    g.add_argument("--print-xml", action="store_true",
+                   help="print the domain XML that -u would define for a box libvirt does not know")
+    g.add_argument("--disk-image", action="store_true",
+                   help="store/restore the whole disk (qcow2 in the store) instead of the tree")
+    g.add_argument("--lvm", action="store_true", help=argparse.SUPPRESS)  # 0.3: parsed, ignored
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _split_transfer(text: str, flag: str) -> Tuple[str, Optional[str]]:
+    name, sep, directory = text.partition(":")
+    if not name:
+        raise UsageError(f"{flag} '{text}': the archive NAME is empty")
+    if sep and not directory:
+        raise UsageError(f"{flag} '{text}': the directory after ':' is empty")
+    return name, (directory if sep else None)
+
+
+def make_request(args: argparse.Namespace) -> Request:
+    """Validate the parsed arguments into a Request (usage errors exit 2)."""
+    req = Request()
+    for name in args.box:
+        if not name:
+            raise UsageError("-b needs a box name")
+        if name not in req.boxes:
+            req.boxes.append(name)
+
+    if len(args.store) > 1:
+        raise UsageError("-s/--store is given more than once; store one image per command")
+    if len(args.restore) > 1:
+        raise UsageError("-r/--restore is given more than once; restore one image per command")
+    req.store = args.store[0] if args.store else None
+    req.restore = args.restore[0] if args.restore else None
+    for flag, value in (("-s", req.store), ("-r", req.restore)):
+        if value is not None and not value:
+            raise UsageError(f"{flag} needs an image name")
+
+    for text in args.insert:
+        name, directory = _split_transfer(text, "-i")
+        req.inserts.append(Transfer(name, directory or "/"))
+
+    pending = list(args.extract_directory)
+    for text in args.extract:
+        name, directory = _split_transfer(text, "-e")
+        if directory is None:
+            if not pending:
+                raise UsageError(
+                    f"-e {name}: no directory to extract; write -e {name}:DIR "
+                    "or add --extract-directory DIR"
+                )
+            directory = pending.pop(0)
+        req.extracts.append(Transfer(name, directory))
+    if pending:
+        raise UsageError(
+            f"--extract-directory {pending[0]} has no -e NAME to pair with "
+            "(each -e NAME without :DIR takes the next --extract-directory)"
+        )
+
+    wanted = {
+        "kill": args.kill, "down": args.down, "mount": args.mount,
+        "extract": bool(req.extracts), "store": req.store is not None,
+        "restore": req.restore is not None, "insert": bool(req.inserts),
+        "release": args.release, "up": args.up,
+    }
+    req.actions = [a for a in PIPELINE if wanted[a]]
+    req.lists = [name for name, flag in (
+        ("boxes", args.list_boxes), ("images", args.list_images), ("inserts", args.list_inserts),
+        ("free", args.list_free), ("locked", args.list_locked)) if flag]
+    req.format = args.format
+    req.disk_image = args.disk_image
+    if args.disk_image and (req.inserts or req.extracts):
+        raise UsageError("--disk-image stores and restores whole disks: it does not go with -i or -e")
+    if args.disk_image and req.store is None and req.restore is None:
+        raise UsageError("--disk-image goes with -s NAME or -r NAME")
+
+    if args.print_xml and not req.boxes:
+        raise UsageError("--print-xml needs -b BOX")
+    if req.actions and not req.boxes:
+        raise UsageError(f"{', '.join(req.actions)} needs at least one box: add -b BOX")
+    if not req.actions and not req.lists and not args.print_xml and args.print_config is None:
+        if req.boxes:
+            raise UsageError("no action given for the box(es): add -u, -d, -s NAME, -r NAME, ... "
+                             f"(see '{PROG} --help')")
+        raise UsageError(f"nothing to do: give an action or a list such as -l (see '{PROG} --help')")
+    if len(req.boxes) > 1:
+        if req.store is not None and BOX_PLACEHOLDER not in req.store:
+            raise UsageError(f"-s {req.store} with {len(req.boxes)} boxes would store them all "
+                             f"under one name: put {BOX_PLACEHOLDER} in the name")
+        for t in req.extracts:
+            if BOX_PLACEHOLDER not in t.name:
+                raise UsageError(f"-e {t.name} with {len(req.boxes)} boxes would extract them "
+                                 f"all under one name: put {BOX_PLACEHOLDER} in the name")
+    if req.format and not (req.store is not None or req.extracts):
+        log.warning("format option %s has no effect without -s or -e "
+                    "(restore and insert detect the format)", req.format)
+    return req
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
+                  syslog: Optional[str] = None) -> None:
+    log_config = log_config or os.environ.get(ENV_LOG_CONFIG) or None
+    if log_config:
+        if not os.path.isfile(log_config):
+            raise UsageError(f"logging configuration '{log_config}' was not found")
+        import logging.config as logging_config  # only when asked for: start-up stays light
+
+        try:
+            logging_config.fileConfig(log_config, disable_existing_loggers=False)
+        except Exception as exc:  # fileConfig raises anything from KeyError to ValueError
+            raise UsageError(f"logging configuration '{log_config}' is invalid: {exc!r}") from None
+        return
+    level_index = max(0, min(5, 1 - verbose + quiet))  # default INFO: one line per step
+    level = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL,
+             logging.CRITICAL + 10)[level_index]
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_vmim", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._vmim = True  # type: ignore[attr-defined]
+    handler.setFormatter(_Formatter())
+    handler.setLevel(level)
+    root.addHandler(handler)
+    root.setLevel(level)
+    if syslog:
+        import logging.handlers as logging_handlers
+
+        try:
+            sh = logging_handlers.SysLogHandler(address=syslog)
+        except OSError as exc:
+            log.warning("cannot log to syslog at %s: %s", syslog, exc.strerror)
+            return
+        sh._vmim = True  # type: ignore[attr-defined]
+        sh.setFormatter(logging.Formatter(f"{PROG}[{os.getpid()}]: %(levelname)s: %(message)s"))
+        sh.setLevel(min(level, logging.INFO))  # the steps, even when stderr stays quiet
+        root.addHandler(sh)
+        root.setLevel(min(level, logging.INFO))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+    for r in [list(headers), *rows]:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+
+
+def _entries_table(entries: Sequence[Any], out: TextIO) -> None:
+    rows = [[_safe(e.name), e.format, human_size(e.size), e.mtime_iso.replace("T", " ")[:16],
+             _safe(e.directory), ", ".join(e.base_of) or "-"] for e in entries]
+    _table(["NAME", "FORMAT", "SIZE", "MODIFIED (UTC)", "DIRECTORY", "BASE OF"], rows, out)
+
+
+def _safe(text: str) -> str:
+    """A name as it can be printed: undecodable bytes as \\x escapes, newlines escaped."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+        .replace("\n", "\\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> Dict[int, Any]:
+    old: Dict[int, Any] = {}
+    # SIGINT too: as an Interrupted (a VmimError) it runs the same cleanup as a failed step.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, _raise_interrupt)
+        except ValueError:  # not the main thread (tests calling main() from a thread)
+            pass
+    return old
+
+
+def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
+    out = stdout or sys.stdout
+    old_handlers = _install_signal_handlers()
+    want_json = False
+    doc: Dict[str, Any] = {"version": __version__}
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return int(exc.code or 0)
+        want_json = args.json
+        setup_logging(args.verbose, args.quiet, args.log_config, args.syslog)
+        code = _run(args, doc, out)
+    except VmimError as exc:
+        code = exc.exit_code
+        _report(exc, doc)
+    except KeyboardInterrupt:
+        code = EXIT_SIGINT
+        _report(Interrupted(signal.SIGINT), doc)
+    except Exception as exc:  # a bug: say so, with the traceback
+        code = EXIT_FAILED
+        sys.stderr.write(f"{PROG}: internal error: {exc!r}\n{traceback.format_exc()}")
+        doc["error"] = {"message": f"internal error: {exc!r}", "exit_code": code}
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    if want_json:
+        doc["exit_code"] = code
+        json.dump(doc, out, indent=2, sort_keys=False)
+        out.write("\n")
+    out.flush()
+    return code
+
+
+def _report(exc: VmimError, doc: Dict[str, Any]) -> None:
+    if isinstance(exc, ConfigError) and len(exc.problems) > 1:
+        sys.stderr.write(f"{PROG}: error: the configuration has {len(exc.problems)} problems:\n")
+        for p in exc.problems:
+            sys.stderr.write(f"  {p}\n")
+    else:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        traceback.print_exc(file=sys.stderr)
+    doc["error"] = {"message": str(exc), "exit_code": exc.exit_code, "type": type(exc).__name__}
+    if isinstance(exc, ConfigError):
+        doc["error"]["problems"] = exc.problems
+
+
+def _run(args: argparse.Namespace, doc: Dict[str, Any], out: TextIO) -> int:
+    from vmim import config as config_mod
+    from vmim import process
+
+    process.reset_cancel()
+
+    req = make_request(args)
+    if args.lvm:
+        log.warning("--lvm is ignored: set store_type = \"lvm\" for the slot in the config")
+
+    cfg = config_mod.load(args.config)
+    if args.print_config is not None:
+        text = config_mod.render_config(cfg)
+        if args.print_config == "-":
+            if not args.json:
+                out.write(text)
+            else:
+                doc["config"] = text
+        elif args.dry_run:
+            log.info("dry run: would write the configuration to %s", args.print_config)
+        else:
+            _write_file(args.print_config, text)
+
+    disk_actions = [a for a in req.actions if a in DISK_ACTIONS]
+    if disk_actions:
+        from vmim.facade import require_root
+
+        require_root(", ".join(disk_actions))
+    hv = None
+    code = EXIT_OK
+    try:
+        if req.boxes or {"boxes", "free"} & set(req.lists):
+            from vmim import domain
+
+            hv = domain.connect(cfg.uri)
+        if req.boxes:
+            assert hv is not None
+            _check_boxes(req, cfg, hv)
+            if args.print_xml:
+                _print_xml(req, cfg, hv, args.json, doc, out)
+            if req.actions and args.dry_run:
+                _print_plan(req, cfg, hv, args, doc, out)
+                req.actions = []
+            if req.actions:
+                from vmim import progress
+                from vmim.facade import Options
+
+                progress.enabled = (sys.stderr.isatty() and not args.json and not args.quiet
+                                    and (len(req.boxes) == 1 or args.jobs == 1))
+
+                options = Options(lock_wait=args.lock_wait, timeout=args.timeout, core=args.core)
+                code = _run_boxes(req, cfg, hv, options, doc, out, args.json, args.quiet > 0,
+                                  args.jobs)
+        _print_lists(req, cfg, hv, args.json, doc, out)
+    finally:
+        if hv is not None:
+            hv.close()
+    return code
+
+
+def _print_plan(req: Request, cfg: Any, hv: Any, args: argparse.Namespace, doc: Dict[str, Any],
+                out: TextIO) -> None:
+    """--dry-run: what each box would go through; reads state, changes nothing."""
+    from vmim import plan
+    from vmim.archive import detect
+    from vmim.disk import mounts
+
+    boxes = req.boxes
+    if boxes == [ANY_FREE]:
+        from vmim import listing
+
+        free = [r.name for r in listing.boxes(cfg, hv.domains()) if r.is_free]
+        boxes = free[:1] or ["(no free slot: the run would exit 5)"]
+    plans = {}
+    for box in boxes:
+        slot = cfg.slot(box)
+        info = hv.domain(box)
+        found: Dict[str, Dict[str, str]] = {"vmimages": {}, "vminserts": {}}
+        if slot is not None:
+            for key, names in (("vmimages", [req.restore] if req.restore else []),
+                               ("vminserts", [t.name for t in req.inserts])):
+                directory = getattr(slot, key)
+                for name in names:
+                    path = os.path.join(directory, name) if directory else ""
+                    found[key][name] = detect.detect(path).format \
+                        if path and os.path.lexists(path) else "missing"
+        seen = plan.Observed(
+            domain_state=info.state if info else "undefined",
+            in_config=slot is not None,
+            disk=slot.describe_disk() if slot else "-",
+            mount=slot.mount if slot else None,
+            mounted=bool(slot and mounts.mounted_at(slot.mount)),
+            store_type=slot.store_type if slot else None,
+            images=found["vmimages"],
+            inserts=found["vminserts"],
+        )
+        timeout = args.timeout if args.timeout is not None else (slot.timeout if slot else 180)
+        steps = plan.plan_box(req, box, seen, timeout=timeout,
+                              clear=slot.clear if slot else "delete",
+                              fmt=req.format or "rsync")
+        plans[box] = steps
+    if args.json:
+        doc["plan"] = {box: [s.as_dict() for s in steps] for box, steps in plans.items()}
+        return
+    for box, steps in plans.items():
+        out.write(f"box {box}:\n")
+        for i, s in enumerate(steps, 1):
+            out.write(f"  {i}. {s.step}: {s.description}\n")
+    out.write("(dry run: nothing was changed)\n")
+
+
+def _print_xml(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, Any],
+               out: TextIO) -> None:
+    from vmim import definition
+
+    xml: Dict[str, str] = {}
+    for box in req.boxes:
+        slot = cfg.slot(box)
+        if slot is None:
+            raise StateError(f"box '{box}' has no slot in {cfg.path}: there is no config to "
+                             "build its domain from")
+        if hv.domain(box) is not None:
+            log.info("box %s is already defined in libvirt; -u would not redefine it", box)
+        xml[box] = definition.domain_xml(slot)
+    if as_json:
+        doc["xml"] = xml
+    else:
+        out.writelines(xml.values())
+
+
+def _run_parallel(req: Request, cfg: Any, hv: Any, options: Any, jobs: int,
+                  doc: Dict[str, Any]) -> List[Any]:
+    """Boxes in worker threads, each under its own lock. A signal stops every box's current
+    command; each box then cleans up as after a failure, and the run ends with the signal."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vmim import process
+    from vmim.facade import SlotRunner
+
+    with ThreadPoolExecutor(max_workers=min(jobs, len(req.boxes))) as pool:
+        futures = [pool.submit(SlotRunner(cfg, box, hv, options).run, req.actions, req)
+                   for box in req.boxes]
+        try:
+            return [f.result() for f in futures]
+        except Interrupted as exc:
+            process.cancel_all(exc.signum)
+            results = [f.result() for f in futures]
+            doc["results"] = [r.as_dict() for r in results]
+            raise
+
+
+def _run_boxes(req: Request, cfg: Any, hv: Any, options: Any, doc: Dict[str, Any],
+               out: TextIO, as_json: bool, quiet: bool, jobs: int = 1) -> int:
+    from vmim.facade import SlotRunner, claim_free_slot
+
+    if req.boxes == [ANY_FREE]:
+        box, held = claim_free_slot(cfg, hv)
+        doc["claimed"] = box
+        if not as_json:
+            out.write(box + "\n")
+            out.flush()
+        req.boxes = [box]
+        with held:
+            results = [SlotRunner(cfg, box, hv, options).run(req.actions, req, locked=True)]
+    elif jobs > 1 and len(req.boxes) > 1:
+        results = _run_parallel(req, cfg, hv, options, jobs, doc)
+    else:
+        results = []
+        for box in req.boxes:
+            results.append(SlotRunner(cfg, box, hv, options).run(req.actions, req))
+            if results[-1].exit_code in (EXIT_SIGINT, EXIT_SIGTERM):
+                break  # a signal stops the command: the boxes after this one are not touched
+    doc["results"] = [r.as_dict() for r in results]
+    for r in results:
+        if r.error is not None:
+            failed = next((s.step for s in r.steps if s.status == "failed"), None)
+            where = f"box {r.box}: {failed} failed" if failed else f"box {r.box}"
+            tail = "; the domain was not started" if "up" in req.actions else ""
+            sys.stderr.write(f"{PROG}: error: {where}: {r.error}{tail}\n")
+    if len(results) > 1 and not quiet:
+        for r in results:
+            took = sum(s.seconds for s in r.steps)
+            state = "ok" if r.error is None else f"FAILED (exit {r.exit_code})"
+            sys.stderr.write(f"{PROG}: box {r.box}: {state}, {len(r.steps)} steps, {took:.1f} s\n")
+    codes = [r.exit_code for r in results if r.exit_code]
+    return max(codes) if codes else EXIT_OK
+
+
+def _write_file(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UsageError(f"cannot write '{path}': {exc.strerror}") from None
+
+
+def _check_boxes(req: Request, cfg: Any, hv: Any) -> None:
+    if ANY_FREE in req.boxes:
+        if len(req.boxes) > 1:
+            raise UsageError(f"-b {ANY_FREE} claims one slot: give no other -b")
+        return
+    known = set(cfg.slot_names) | set(hv.domains())
+    unknown = [b for b in req.boxes if b not in known]
+    if unknown:
+        names = ", ".join(f"'{_safe(b)}'" for b in unknown)
+        listing = ", ".join(sorted(known)) or "(none: the config has no slots and libvirt no domains)"
+        raise StateError(f"unknown box {names}; known boxes: {listing}")
+
+
+def _print_lists(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, Any],
+                 out: TextIO) -> None:
+    from vmim import listing
+
+    if {"boxes", "free", "locked"} & set(req.lists):  # computed once for every list of boxes
+        rows = listing.boxes(cfg, hv.domains() if hv is not None else None)
+    for what in req.lists:
+        if what == "boxes":
+            if as_json:
+                doc["boxes"] = [r.as_dict() for r in rows]
+            else:
+                _table(["NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE"],
+                       [[_safe(r.name), "yes" if r.in_config else "no", r.state,
+                         "yes" if r.mounted else "no",
+                         f"pid {r.locked_by.pid}" if r.locked_by else "no",
+                         _safe(r.disk_text), _safe(r.base or "-")] for r in rows], out)
+        elif what == "free":
+            free = [r.name for r in rows if r.is_free]
+            if as_json:
+                doc["free"] = free
+            else:
+                out.writelines(_safe(n) + "\n" for n in free)
+        elif what == "locked":
+            locked = [r for r in rows if r.locked_by]
+            if as_json:
+                doc["locked"] = [{"name": r.name, **r.locked_by.as_dict()}
+                                 for r in locked if r.locked_by]
+            else:
+                _table(["NAME", "PID", "COMMAND"],
+                       [[_safe(r.name), str(r.locked_by.pid), _safe(r.locked_by.command)]
+                        for r in locked if r.locked_by], out)
+        else:
+            entries = listing.images(cfg) if what == "images" else listing.inserts(cfg)
+            if as_json:
+                doc[what] = [e.as_dict() for e in entries]
+            else:
+                _entries_table(entries, out)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,743 @@
+"""Configuration: INI file → frozen dataclasses, current (0.3) and legacy (0.2) formats.
+
+One table of keys (`KEYS`) drives parsing, defaults, `--print-config`, the template and
+the config reference in docs/. Every problem is collected and reported at once, each with
+file, section and key (exit 3).
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from vmim.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = "/etc/vmimagemanager/vmimagemanager.cfg"
+ENV_CONFIG = "VMIM_CFG"
+
+LOCAL_SECTION = "vmim.local"
+SLOT_PREFIX = "vmim.vm."
+LEGACY_SECTION = "VmImageManager"
+
+STORE_TYPES = ("partition", "kpartx", "lvm", "qcow2")
+TRUE_WORDS = ("yes", "y", "on", "1", "true")
+FALSE_WORDS = ("no", "n", "off", "0", "false")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key.
+
+    scope "local": only in [vmim.local]; scope "slot": in a slot section, and (when
+    `inherit`) also in [vmim.local] as the default for every slot.
+    """
+
+    attr: str
+    ini: str
+    type: str  # str, path, int, bool, list, choice
+    scope: str
+    help: str
+    default: Any = None
+    aliases: Tuple[str, ...] = ()
+    legacy: Tuple[str, ...] = ()
+    choices: Tuple[str, ...] = ()
+    inherit: bool = True
+    minimum: Optional[int] = None
+
+
+KEYS: Tuple[Key, ...] = (
+    # [vmim.local] only
+    Key("uri", "vmemulator", "str", "local", "libvirt connection URI.",
+        default="qemu:///system", legacy=("virthost",)),
+    Key("mount_prefix", "mount", "path", "local",
+        "Directory under which each slot is mounted as <mount>/<HostName> "
+        "when the slot sets no `mount` of its own.", default="/mnt/vm/"),
+    Key("lockdir", "lockdir", "path", "local",
+        "Directory holding the per-slot lock files.", default="/run/lock/vmimagemanager"),
+    Key("vmlist", "vmlist", "list", "local",
+        "Accepted for compatibility with 0.3 configs and ignored: every [vmim.vm.*] "
+        "section is a slot.", default=()),
+    # slot keys ([vmim.local] values are their defaults where `inherit`)
+    Key("name", "HostName", "str", "slot",
+        "The slot's name: the libvirt domain name, and the BOX of `-b`. Required "
+        "(legacy format: defaults to the section name).", inherit=False),
+    Key("enabled", "vm_slot_enabled", "bool", "slot",
+        "Whether the section is a slot. Current format: default yes. Legacy format: "
+        "a section is a slot only when this is yes/y/on/1.", default=True, inherit=False),
+    Key("store_type", "store_type", "choice", "slot",
+        "Disk strategy. Derived when absent: `qcow2` when HostDisk ends in .qcow2, `kpartx` "
+        "when HostDisk and partition are set, `lvm` when LvmVolumeGroup is set, else "
+        "`partition` when HostDisk or root is set.",
+        choices=STORE_TYPES),
+    Key("hostdisk", "HostDisk", "path", "slot",
+        "Disk image file or block device given to the domain; with `partition`, it "
+        "carries an MBR or GPT partition table.", inherit=False),
+    Key("partition", "partition", "int", "slot",
+        "1-based number of the partition of HostDisk holding the root filesystem.",
+        minimum=1),
+    Key("root", "root", "path", "slot",
+        "Device or file holding the root filesystem directly (no partition table).",
+        inherit=False),
+    Key("swap", "swap", "path", "slot", "Swap device given to the domain (never touched).",
+        inherit=False),
+    Key("lvm_volume_group", "LvmVolumeGroup", "str", "slot",
+        "LVM volume group of the slot's logical volume (store_type lvm)."),
+    Key("lvm_volume", "LvmVolume", "str", "slot",
+        "Name of the slot's logical volume in LvmVolumeGroup (default: HostName).",
+        inherit=False),
+    Key("mapper", "mapper", "choice", "slot",
+        "How a partition of HostDisk is mapped: `loop` (a loop device at the partition's "
+        "offset, works everywhere) or `kpartx` (device-mapper).",
+        default="loop", choices=("loop", "kpartx")),
+    Key("mount", "mount", "path", "slot",
+        "Host directory where the slot's root filesystem is mounted "
+        "(default: [vmim.local] mount + HostName).", inherit=False),
+    Key("vmimages", "vmimages", "path", "slot", "Image store directory.",
+        aliases=("images",)),
+    Key("vminserts", "vminserts", "path", "slot",
+        "Inserts store: where `-i` reads archives (default: vmextracts).",
+        aliases=("inserts", "overlay")),
+    Key("vmextracts", "vmextracts", "path", "slot",
+        "Where `-e` writes extracts (default: vminserts).",),
+    Key("mac", "mac", "list", "slot", "MAC address(es) of the domain's network interface.",
+        default=(), inherit=False),
+    Key("bridge", "bridge", "str", "slot", "Host bridge for the domain's network interface."),
+    Key("memory", "memory", "int", "slot", "Memory of a domain defined by `-u`, in KiB.",
+        default=2097152, legacy=("vAlocatedMemory",), minimum=1),
+    Key("vcpu", "vcpu", "int", "slot", "vCPUs of a domain defined by `-u`.", default=1,
+        minimum=1),
+    Key("kernel", "kernel", "path", "slot", "Kernel for direct kernel boot."),
+    Key("initrd", "initrd", "path", "slot", "Initrd for direct kernel boot."),
+    Key("cmdline", "cmdline", "str", "slot", "Kernel command line for direct kernel boot."),
+    Key("virt_type", "virt_type", "choice", "slot",
+        "libvirt domain type of a domain defined by `-u`: `kvm` (hardware virtualisation) or "
+        "`qemu` (software emulation, for hosts without usable KVM).",
+        default="kvm", choices=("kvm", "qemu")),
+    Key("serial_log", "serial_log", "path", "slot",
+        "File that receives the serial console of a domain defined by `-u` "
+        "(default: a pty, not logged).", inherit=False),
+    Key("hosttransform", "hosttransform", "path", "slot",
+        "XSLT stylesheet that turns the generated domain description into libvirt domain "
+        "XML (default: the shipped libvirt.xsl)."),
+    Key("timeout", "timeout", "int", "slot",
+        "Seconds to wait for a graceful shutdown before forcing the domain off.",
+        default=180, minimum=0),
+    Key("clear", "clear", "choice", "slot",
+        "How an archive restore empties the filesystem first: `delete` its content, or "
+        "`mkfs` to re-make it with the same type, UUID and label.",
+        default="delete", choices=("delete", "mkfs")),
+    Key("disk_image_format", "disk_image_format", "choice", "slot",
+        "Format of images stored with --disk-image: `qcow2`, or `raw` (a raw image restores onto "
+        "a slot on the same reflink-capable filesystem as a reflink copy: constant time).",
+        default="qcow2", choices=("qcow2", "raw")),
+    Key("qcow2_compress", "qcow2_compress", "bool", "slot",
+        "Compress qcow2 images written by a store (smaller, slower to write).", default=False),
+    Key("sourceimage", "sourceimage", "bool", "slot",
+        "Write /sourceimage holding the image name into the guest after a restore.",
+        default=False),
+)
+
+#: Keys real configs carry that no longer mean anything: one warning each, then ignored.
+OBSOLETE_KEYS = {
+    "ip": "only used by Xen templates",
+    "host": "not used",
+    "vmcfg": "Xen configuration, not used",
+    "vmlock": "locks live in [vmim.local] lockdir",
+    "xenconftemplate": "Xen is not supported",
+    "conftemplatexen": "Xen is not supported",
+    "vmconfdir": "Xen configuration, not used",
+    "formatfilter": "use clear = \"mkfs\"",
+    "currentmemory": "the domain gets `memory`",
+    "calocatedmemory": "the domain gets `memory`",
+    "disk": "use HostDisk or root",
+    "devicemodel": "not used",
+    "partisonsize": "not used",
+    "snapshot": "not used",
+}
+
+_BY_SCOPE: Dict[str, Dict[str, Key]] = {"local": {}, "slot": {}}
+for _k in KEYS:
+    for _n in (_k.ini, *_k.aliases):
+        _BY_SCOPE[_k.scope][_n.lower()] = _k
+_LEGACY_NAMES: Dict[str, Key] = {n.lower(): k for k in KEYS for n in k.legacy}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One slot: a libvirt domain and the disk holding its root filesystem."""
+
+    name: str
+    section: str
+    store_type: Optional[str]
+    mount: str
+    hostdisk: Optional[str] = None
+    partition: Optional[int] = None
+    root: Optional[str] = None
+    swap: Optional[str] = None
+    lvm_volume_group: Optional[str] = None
+    lvm_volume: Optional[str] = None
+    mapper: str = "loop"
+    vmimages: Optional[str] = None
+    vminserts: Optional[str] = None
+    vmextracts: Optional[str] = None
+    mac: Tuple[str, ...] = ()
+    bridge: Optional[str] = None
+    memory: int = 2097152
+    vcpu: int = 1
+    kernel: Optional[str] = None
+    initrd: Optional[str] = None
+    cmdline: Optional[str] = None
+    virt_type: str = "kvm"
+    serial_log: Optional[str] = None
+    hosttransform: Optional[str] = None
+    timeout: int = 180
+    clear: str = "delete"
+    disk_image_format: str = "qcow2"
+    qcow2_compress: bool = False
+    sourceimage: bool = False
+    enabled: bool = True
+
+    @property
+    def disk(self) -> Optional[str]:
+        """The file or device holding the slot's disk, as configured."""
+        if self.store_type == "lvm" and not self.root and not self.hostdisk:
+            return f"/dev/{self.lvm_volume_group}/{self.lvm_volume or self.name}"
+        return self.hostdisk or self.root
+
+    def describe_disk(self) -> str:
+        disk = self.disk
+        if disk is None:
+            return "-"
+        if self.partition is not None and self.store_type in ("kpartx", "lvm"):
+            return f"{disk} (partition {self.partition})"
+        return disk
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    format: str  # "current" or "legacy"
+    uri: str = "qemu:///system"
+    mount_prefix: str = "/mnt/vm/"
+    lockdir: str = "/run/lock/vmimagemanager"
+    vmlist: Tuple[str, ...] = ()
+    slots: Tuple[Slot, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    warnings: Tuple[str, ...] = ()
+
+    def slot(self, name: str) -> Optional[Slot]:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        return None
+
+    @property
+    def slot_names(self) -> List[str]:
+        return [s.name for s in self.slots]
+
+    def image_dirs(self) -> List[str]:
+        return _unique([self.defaults.get("vmimages")] + [s.vmimages for s in self.slots])
+
+    def insert_dirs(self) -> List[str]:
+        dirs: List[Optional[str]] = [self.defaults.get("vminserts"), self.defaults.get("vmextracts")]
+        for s in self.slots:
+            dirs += [s.vminserts, s.vmextracts]
+        return _unique(dirs)
+
+
+def _unique(items: Iterable[Optional[str]]) -> List[str]:
+    out: List[str] = []
+    for i in items:
+        if i and os.path.normpath(i) not in out:
+            out.append(os.path.normpath(i))
+    return out
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def find_config_path(cli_path: Optional[str], environ: Mapping[str, str] = os.environ) -> str:
+    """--config, else $VMIM_CFG, else the default path; exit 3 if the file is missing."""
+    if cli_path:
+        path, origin = cli_path, "--config"
+    elif environ.get(ENV_CONFIG):
+        path, origin = environ[ENV_CONFIG], f"${ENV_CONFIG}"
+    else:
+        path, origin = DEFAULT_CONFIG_PATH, "the default path"
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"configuration file '{path}' (from {origin}) was not found; "
+            f"give one with --config or ${ENV_CONFIG}"
+        )
+    return path
+
+
+def load(cli_path: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> Config:
+    path = find_config_path(cli_path, environ)
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse(text, path)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Collector:
+    def __init__(self, path: str):
+        self.path = path
+        self.errors: List[str] = []
+        self.warnings: List[str] = []
+
+    def where(self, section: str, key: Optional[str] = None) -> str:
+        return f"{self.path}: [{section}]" + (f" {key}" if key else "")
+
+    def error(self, section: str, key: Optional[str], msg: str) -> None:
+        self.errors.append(f"{self.where(section, key)}: {msg}")
+
+    def warn(self, section: str, key: Optional[str], msg: str) -> None:
+        self.warnings.append(f"{self.where(section, key)}: {msg}")
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    """Parse configuration text; raise ConfigError listing every problem."""
+    cp = configparser.ConfigParser(strict=False, interpolation=configparser.BasicInterpolation())
+    cp.optionxform = str.lower  # type: ignore[assignment,method-assign]
+    try:
+        cp.read_string(text, source=path)
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: malformed INI: {_one_line(str(exc))}") from None
+
+    col = _Collector(path)
+    sections = cp.sections()
+    current = [s for s in sections if s == LOCAL_SECTION or s.startswith(SLOT_PREFIX)]
+    legacy = LEGACY_SECTION in sections
+    if current:
+        fmt = "current"
+        if legacy:
+            col.warn(LEGACY_SECTION, None, "legacy section ignored: the file also has "
+                     f"[{LOCAL_SECTION}]/[{SLOT_PREFIX}*] sections")
+    elif legacy:
+        fmt = "legacy"
+    else:
+        raise ConfigError(
+            f"{path}: no [{LOCAL_SECTION}] or [{SLOT_PREFIX}NAME] sections "
+            f"(nor a legacy [{LEGACY_SECTION}] section): not a vmimagemanager configuration"
+        )
+
+    global_section = LOCAL_SECTION if fmt == "current" else LEGACY_SECTION
+    local_raw = _read_section(cp, global_section, col) if cp.has_section(global_section) else {}
+    local_vals = _convert_section(local_raw, global_section, fmt, col, is_local=True)
+
+    slot_sections: List[str] = []
+    for s in sections:
+        if s == global_section:
+            continue
+        if fmt == "current":
+            if s.startswith(SLOT_PREFIX):
+                slot_sections.append(s)
+            elif s != LEGACY_SECTION:
+                col.warn(s, None, "section is not used (not [vmim.local] or [vmim.vm.NAME])")
+        else:
+            slot_sections.append(s)
+
+    slot_defaults = {k: v for k, v in local_vals.items() if _key(k).scope == "slot"}
+    slots: List[Slot] = []
+    for s in slot_sections:
+        raw = _read_section(cp, s, col)
+        if not _enabled(raw, fmt):
+            log.debug("%s: [%s] is not an enabled slot", path, s)
+            continue
+        vals = _convert_section(raw, s, fmt, col, is_local=False)
+        slot = _build_slot(s, fmt, vals, slot_defaults, local_vals, col)
+        if slot is not None:
+            slots.append(slot)
+
+    _check_slots(slots, col)
+    if col.errors:
+        raise ConfigError(col.errors)
+    for w in col.warnings:
+        log.warning("%s", w)
+
+    return Config(
+        path=path,
+        format=fmt,
+        uri=local_vals.get("uri", _key("uri").default),
+        mount_prefix=local_vals.get("mount_prefix", _key("mount_prefix").default),
+        lockdir=local_vals.get("lockdir", _key("lockdir").default),
+        vmlist=tuple(local_vals.get("vmlist", ())),
+        slots=tuple(slots),
+        defaults=_defaults_view(slot_defaults),
+        warnings=tuple(col.warnings),
+    )
+
+
+def _enabled(raw: Mapping[str, str], fmt: str) -> bool:
+    """Whether a section is a slot: current format unless disabled, legacy only when enabled."""
+    text = raw.get("vm_slot_enabled")
+    if text is None:
+        return fmt == "current"
+    ok, value = _convert_value(_key("enabled"), text, fmt)
+    return bool(value) if ok else True  # an invalid value is reported as an error later
+
+
+def _defaults_view(slot_defaults: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Slot defaults from [vmim.local], with vminserts and vmextracts standing in for each other."""
+    d = dict(slot_defaults)
+    d.setdefault("vminserts", d.get("vmextracts"))
+    d.setdefault("vmextracts", d.get("vminserts"))
+    return d
+
+
+def _key(attr: str) -> Key:
+    for k in KEYS:
+        if k.attr == attr:
+            return k
+    raise KeyError(attr)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _read_section(cp: configparser.ConfigParser, section: str, col: _Collector) -> Dict[str, str]:
+    """Raw strings of the keys written in this section (DEFAULT keys included)."""
+    out: Dict[str, str] = {}
+    for name in cp.options(section):
+        try:
+            out[name] = cp.get(section, name)
+        except (configparser.InterpolationError, ValueError) as exc:
+            col.error(section, name, f"bad %-interpolation ({_one_line(str(exc))}); write a literal % as %%")
+    return out
+
+
+def _convert_section(raw: Mapping[str, str], section: str, fmt: str, col: _Collector,
+                     *, is_local: bool) -> Dict[str, Any]:
+    """Map written keys to key-table attributes with typed values; warn about unknown ones."""
+    vals: Dict[str, Any] = {}
+    seen: Dict[str, str] = {}
+    for name, text in raw.items():
+        key = _lookup(name, fmt, is_local)
+        if key is None:
+            if name in OBSOLETE_KEYS:
+                col.warn(section, name, f"obsolete key ignored ({OBSOLETE_KEYS[name]})")
+            elif is_local and name in _BY_SCOPE["slot"] and not _BY_SCOPE["slot"][name].inherit:
+                col.warn(section, name, "is a per-slot key and has no default here; ignored")
+            else:
+                col.warn(section, name, "unknown key ignored")
+            continue
+        if key.attr in seen:
+            col.warn(section, name, f"also given as '{seen[key.attr]}'; this one wins")
+        seen[key.attr] = name
+        ok, value = _convert_value(key, text, fmt)
+        if not ok:
+            col.error(section, name, value)
+            continue
+        if value is None:
+            continue
+        vals[key.attr] = value
+    return vals
+
+
+def _lookup(name: str, fmt: str, is_local: bool) -> Optional[Key]:
+    scopes = ("local", "slot") if is_local else ("slot",)
+    for scope in scopes:
+        key = _BY_SCOPE[scope].get(name)
+        if key is not None and (scope == "local" or not is_local or key.inherit):
+            return key
+    key = _LEGACY_NAMES.get(name)
+    if key is not None and (is_local or key.scope == "slot"):
+        return key
+    return None
+
+
+def _convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
+    """Return (True, value) — value None meaning 'not set' — or (False, error message)."""
+    text = text.strip()
+    if fmt == "current":
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text  # a bare value is taken as a string
+    else:
+        value = text
+        if len(text) >= 2 and text[0] == text[-1] == '"':
+            value = text[1:-1]
+    if value is None or value == "" or value == []:
+        return True, None
+
+    t = key.type
+    if t in ("str", "path", "choice"):
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            return False, f"expected a string, got {json.dumps(value)}"
+        if not isinstance(value, str):
+            value = text  # a bare number is text for a string key
+        if t == "path" and not os.path.isabs(value):
+            return False, f"expected an absolute path, got {json.dumps(value)}"
+        if t == "choice":
+            if value.lower() not in key.choices:
+                return False, f"expected one of {', '.join(key.choices)}, got {json.dumps(value)}"
+            value = value.lower()
+        return True, value
+    if t == "int":
+        if isinstance(value, str) and fmt == "legacy":
+            try:
+                value = int(value)
+            except ValueError:
+                return False, f"expected an integer, got {json.dumps(value)}"
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False, f"expected an integer, got {json.dumps(value)}"
+        if key.minimum is not None and value < key.minimum:
+            return False, f"must be at least {key.minimum}, got {value}"
+        return True, value
+    if t == "bool":
+        if isinstance(value, bool):
+            return True, value
+        word = str(value).lower()
+        if word in TRUE_WORDS:
+            return True, True
+        if word in FALSE_WORDS:
+            return True, False
+        return False, f"expected a boolean (true/false, yes/no, on/off, 1/0), got {json.dumps(value)}"
+    if t == "list":
+        if isinstance(value, str):
+            items = value.replace(",", " ").split() if fmt == "legacy" else [value]
+            return True, tuple(items)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return True, tuple(value)
+        return False, f"expected a list of strings, got {json.dumps(value)}"
+    raise AssertionError(f"unknown key type {t}")
+
+
+def _build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Mapping[str, Any],
+                local_vals: Mapping[str, Any], col: _Collector) -> Optional[Slot]:
+    merged: Dict[str, Any] = {k.attr: k.default for k in KEYS if k.scope == "slot"}
+    merged.update(slot_defaults)
+    merged.update(vals)
+    # One inserts store serves -i and -e unless both are set apart.
+    ins, ext = "vminserts", "vmextracts"
+    merged[ins] = vals.get(ins) or slot_defaults.get(ins) or vals.get(ext) or slot_defaults.get(ext)
+    merged[ext] = vals.get(ext) or slot_defaults.get(ext) or vals.get(ins) or slot_defaults.get(ins)
+
+    name = merged.get("name")
+    if not name:
+        if fmt == "legacy":
+            name = section
+        else:
+            col.error(section, "HostName", "is required: the libvirt domain name of this slot")
+            return None
+    merged["name"] = name
+
+    st = merged.get("store_type")
+    if st is None:
+        if str(merged.get("hostdisk") or "").endswith(".qcow2"):
+            st = "qcow2"
+        elif merged.get("hostdisk") and merged.get("partition") is not None:
+            st = "kpartx"
+        elif merged.get("lvm_volume_group"):
+            st = "lvm"
+        elif merged.get("hostdisk") or merged.get("root"):
+            st = "partition"
+    merged["store_type"] = st
+    if st == "kpartx":
+        for attr in ("hostdisk", "partition"):
+            if merged.get(attr) is None:
+                col.error(section, _key(attr).ini, "is required with store_type \"kpartx\"")
+    elif st == "partition" and not (merged.get("hostdisk") or merged.get("root")):
+        col.error(section, "root", "store_type \"partition\" needs root (or HostDisk)")
+    elif st == "lvm" and not (merged.get("lvm_volume_group") or merged.get("root")
+                              or merged.get("hostdisk")):
+        col.error(section, "LvmVolumeGroup", "store_type \"lvm\" needs LvmVolumeGroup (or root)")
+    elif st == "qcow2" and not merged.get("hostdisk"):
+        col.error(section, "HostDisk", "store_type \"qcow2\" needs HostDisk")
+
+    if not merged.get("mount"):
+        prefix = local_vals.get("mount_prefix", _key("mount_prefix").default)
+        merged["mount"] = os.path.join(prefix, name)
+    merged["mount"] = os.path.normpath(merged["mount"])
+    for attr in ("vmimages", "vminserts", "vmextracts"):
+        if merged.get(attr):
+            merged[attr] = os.path.normpath(merged[attr])
+
+    names = {f.name for f in fields(Slot)}
+    return Slot(section=section, **{k: v for k, v in merged.items() if k in names})
+
+
+def _check_slots(slots: Sequence[Slot], col: _Collector) -> None:
+    by_name: Dict[str, Slot] = {}
+    by_disk: Dict[str, Slot] = {}
+    for s in slots:
+        other = by_name.get(s.name)
+        if other is not None:
+            col.error(s.section, "HostName", f"'{s.name}' is also the HostName of [{other.section}]")
+        by_name[s.name] = s
+        disk = s.disk
+        if disk:
+            norm = os.path.normpath(disk)
+            other = by_disk.get(norm)
+            if other is not None:
+                col.error(s.section, "HostDisk" if s.hostdisk else "root",
+                          f"disk '{disk}' is also the disk of slot '{other.name}' "
+                          f"([{other.section}]); two slots cannot share a disk")
+            by_disk[norm] = s
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _ini_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value)
+
+
+def render_config(cfg: Config) -> str:
+    """The effective configuration in the current format (defaults filled in)."""
+    lines = [f"# effective configuration read from {cfg.path} ({cfg.format} format)", "",
+             f"[{LOCAL_SECTION}]"]
+    local_attrs = {"uri": cfg.uri, "mount_prefix": cfg.mount_prefix, "lockdir": cfg.lockdir,
+                   "vmlist": cfg.vmlist}
+    for k in KEYS:
+        if k.scope == "local":
+            lines.append(f"{k.ini} = {_ini_value(local_attrs[k.attr])}")
+        elif k.inherit and cfg.defaults.get(k.attr) is not None:
+            lines.append(f"{k.ini} = {_ini_value(cfg.defaults[k.attr])}")
+    for s in cfg.slots:
+        section = s.section if s.section.startswith(SLOT_PREFIX) else SLOT_PREFIX + s.section
+        lines += ["", f"[{section}]"]
+        for k in KEYS:
+            if k.scope != "slot" or k.attr == "enabled":
+                continue
+            value = getattr(s, k.attr)
+            if value is None or value == ():
+                continue
+            lines.append(f"{k.ini} = {_ini_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _type_text(k: Key) -> str:
+    if k.type == "choice":
+        return " | ".join(f'"{c}"' for c in k.choices)
+    return {"str": "string", "path": "absolute path", "int": "integer", "bool": "boolean",
+            "list": "list of strings"}[k.type]
+
+
+def _default_text(k: Key) -> str:
+    if k.default is None or k.default == ():
+        return "—"
+    return f"`{_ini_value(k.default)}`"
+
+
+def render_reference() -> str:
+    """docs/config.md: the config reference, generated from the key table."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- generated from vmim/config.py KEYS by `make docs`; do not edit by hand -->",
+        "",
+        "The file is found at `--config PATH`, else `$VMIM_CFG`, else "
+        f"`{DEFAULT_CONFIG_PATH}`.",
+        "",
+        "**Current format** (0.3): a `[vmim.local]` section and one `[vmim.vm.NAME]` section per "
+        "slot (NAME is free text). Values are JSON (`\"text\"`, `1`, `[\"a\", \"b\"]`, `true`); a "
+        "bare unquoted value is taken as a string. Key names are case-insensitive. `%(key)s` "
+        "interpolation works as in Python's configparser; write a literal `%` as `%%`. "
+        "Slot keys marked *inherit* may also be set in `[vmim.local]`, as the default for every slot.",
+        "",
+        "**Legacy format** (0.2): a `[VmImageManager]` section with plain values and one section per "
+        "slot, which is a slot only when `vm_slot_enabled` is `yes`, `y`, `on` or `1`; HostName "
+        "defaults to the section name. Legacy spellings are read as the keys they became "
+        "(listed under *also*). `vmimagemanager --print-config` prints any configuration "
+        "in the current format.",
+        "",
+        "Unknown and obsolete keys are warned about (file, section, key) and ignored. Invalid "
+        "values, a slot without HostName, two slots with one HostName or one disk are errors: "
+        "all of them are reported together and the command exits with code 3.",
+        "",
+        "## `[vmim.local]`",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for k in KEYS:
+        if k.scope == "local":
+            out.append(_ref_row(k))
+    out += ["", "## Slot sections `[vmim.vm.NAME]`", "",
+            "| key | type | default | meaning |", "|---|---|---|---|"]
+    for k in KEYS:
+        if k.scope == "slot":
+            out.append(_ref_row(k))
+    out += ["", "## Obsolete keys (warned about, ignored)", "", "| key | why |", "|---|---|"]
+    for name, why in OBSOLETE_KEYS.items():
+        out.append(f"| `{name}` | {why} |")
+    return "\n".join(out) + "\n"
+
+
+def _ref_row(k: Key) -> str:
+    also = [*k.aliases, *k.legacy]
+    meaning = k.help
+    if also:
+        meaning += " *Also:* " + ", ".join(f"`{a}`" for a in also) + "."
+    if k.scope == "slot" and k.inherit:
+        meaning += " *inherit*"
+    return f"| `{k.ini}` | {_type_text(k)} | {_default_text(k)} | {meaning} |"
+
+
+def render_template() -> str:
+    """vmimagemanager.cfg.template: every key, commented, generated from the key table."""
+    out = [
+        "# vmimagemanager configuration template (generated from the key table by `make docs`).",
+        f"# Copy to {DEFAULT_CONFIG_PATH} and edit. Values are JSON: \"text\", 1, [\"a\"], true;",
+        "# a bare value is taken as a string. Every key is shown commented out with its default.",
+        "# docs/config.md explains each key.",
+        "",
+        f"[{LOCAL_SECTION}]",
+    ]
+    for k in KEYS:
+        if k.scope == "local" or (k.scope == "slot" and k.inherit):
+            out += _template_key(k)
+    out += [
+        "",
+        "# A slot whose disk image has a partition table; the root filesystem is partition 1.",
+        f"[{SLOT_PREFIX}1]",
+        'HostName = "web1"',
+        'HostDisk = "/var/lib/libvirt/images/web1.img"',
+        "partition = 1",
+        "",
+        "# A slot whose root filesystem is a whole device or file.",
+        f"[{SLOT_PREFIX}2]",
+        'HostName = "build2"',
+        'root = "/dev/vg0/build2-root"',
+        "",
+        "# Every slot key, commented out.",
+        f"#[{SLOT_PREFIX}example]",
+    ]
+    for k in KEYS:
+        if k.scope == "slot":
+            out += _template_key(k)
+    return "\n".join(out) + "\n"
+
+
+def _template_key(k: Key) -> List[str]:
+    lines = [f"# {line}" for line in _wrap(k.help, 88)]
+    if k.default is None or k.default == ():
+        example = {"str": '""', "path": '"/path"', "int": "1", "list": '["..."]',
+                   "bool": "false", "choice": f'"{k.choices[0]}"' if k.choices else '""'}[k.type]
+    else:
+        example = _ini_value(k.default)
+    lines.append(f"#{k.ini} = {example}")
+    return lines
+
+
+def _wrap(text: str, width: int) -> List[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]

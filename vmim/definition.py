@@ -1,0 +1,118 @@
+"""Domain definition: a small description built from the slot's config, turned into libvirt
+domain XML by an XSLT stylesheet (the slot's `hosttransform` or the shipped libvirt.xsl)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from typing import List, Optional
+from xml.etree import ElementTree as ET
+
+from vmim.config import Slot
+from vmim.errors import ConfigError, HostEnvironmentError, StateError
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def stylesheet_candidates() -> List[str]:
+    """Where the default libvirt.xsl is looked for, first match wins."""
+    return [
+        "/etc/vmimagemanager/libvirt.xsl",
+        os.path.join(sys.prefix, "share", "vmimagemanager", "libvirt.xsl"),
+        os.path.join(os.path.dirname(PACKAGE_DIR), "libvirt.xsl"),  # a source tree
+    ]
+
+
+def find_stylesheet(slot: Slot) -> str:
+    if slot.hosttransform:
+        if not os.path.isfile(slot.hosttransform):
+            raise ConfigError(f"box '{slot.name}': hosttransform '{slot.hosttransform}' "
+                              "does not exist")
+        return slot.hosttransform
+    for path in stylesheet_candidates():
+        if os.path.isfile(path):
+            return path
+    raise HostEnvironmentError("libvirt.xsl was not found (looked in "
+                               f"{', '.join(stylesheet_candidates())}); reinstall vmimagemanager")
+
+
+def missing_keys(slot: Slot) -> List[str]:
+    """Config keys without which no domain can be defined for the slot."""
+    return [] if slot.disk else ["HostDisk or root"]
+
+
+def describe(slot: Slot) -> str:
+    """The domain description (input of the stylesheet) for a slot."""
+    missing = missing_keys(slot)
+    if missing:
+        raise StateError(f"box '{slot.name}' is not defined in libvirt and its config lacks "
+                         f"{', '.join(missing)} to define it")
+    dom = ET.Element("domain", type=slot.virt_type)
+    ET.SubElement(dom, "name").text = slot.name
+    ET.SubElement(dom, "memory", unit="KiB").text = str(slot.memory)
+    ET.SubElement(dom, "vcpu").text = str(slot.vcpu)
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    for key in ("kernel", "initrd", "cmdline"):
+        value = getattr(slot, key)
+        if value:
+            ET.SubElement(os_el, key).text = value
+    devices = ET.SubElement(dom, "devices")
+    disk_path = slot.disk or ""
+    is_block = _is_block(disk_path)
+    disk = ET.SubElement(devices, "disk", type="block" if is_block else "file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2" if slot.store_type == "qcow2" else "raw")
+    ET.SubElement(disk, "source", attrib={"dev" if is_block else "file": disk_path})
+    for mac in slot.mac or ((None,) if slot.bridge else ()):
+        iface = ET.SubElement(devices, "interface", type="bridge")
+        if mac:
+            ET.SubElement(iface, "mac", address=mac)
+        ET.SubElement(iface, "source", bridge=slot.bridge or "br0")
+    if slot.serial_log:
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=slot.serial_log)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _is_block(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return path.startswith("/dev/")
+
+
+def transform(description: str, stylesheet: str) -> str:
+    """Apply the XSLT stylesheet; an unreadable or invalid stylesheet is a config error."""
+    try:
+        from lxml import etree
+    except ImportError as exc:
+        raise HostEnvironmentError(f"the Python module 'lxml' cannot be imported ({exc})") from None
+    try:
+        xslt = etree.XSLT(etree.parse(stylesheet))
+    except (etree.XMLSyntaxError, etree.XSLTParseError) as exc:
+        raise ConfigError(f"{stylesheet}: {_first_error(exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"{stylesheet}: cannot read: {exc}") from None
+    try:
+        result = xslt(etree.fromstring(description.encode()))
+    except etree.XSLTApplyError as exc:
+        raise ConfigError(f"{stylesheet}: {_first_error(exc)}") from None
+    if result.getroot() is None:
+        raise ConfigError(f"{stylesheet}: the transformation produced no XML")
+    return str(result).strip() + "\n"
+
+
+def _first_error(exc: Exception) -> str:
+    """lxml's error log as one line: the first line number, then every message."""
+    entries = list(getattr(exc, "error_log", None) or [])
+    if not entries:
+        return str(exc)
+    line = next((e.line for e in entries if e.line), 0)
+    text = "; ".join(dict.fromkeys(e.message for e in entries))
+    return f"line {line}: {text}" if line else text
+
+
+def domain_xml(slot: Slot, stylesheet: Optional[str] = None) -> str:
+    return transform(describe(slot), stylesheet or find_stylesheet(slot))

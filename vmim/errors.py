@@ -1,0 +1,117 @@
+"""Exception classes; each carries the exit code the command line turns it into (design §8)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_STATE = 4
+EXIT_LOCKED = 5
+EXIT_COMMAND = 6
+EXIT_ENVIRONMENT = 7
+EXIT_CLEANUP = 8
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class VmimError(Exception):
+    """Base class: an expected failure with a one-line message and an exit code."""
+
+    exit_code = EXIT_FAILED
+
+
+class OperationError(VmimError):
+    """An operation failed (exit 1)."""
+
+
+class UsageError(VmimError):
+    """The command line is wrong (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(VmimError):
+    """The configuration is invalid; carries every problem found (exit 3)."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, problems: Sequence[str] | str):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class StateError(VmimError):
+    """Unknown box or image, domain running, disk busy (exit 4)."""
+
+    exit_code = EXIT_STATE
+
+
+class LockBusyError(VmimError):
+    """The slot is locked by another command (exit 5, retryable)."""
+
+    exit_code = EXIT_LOCKED
+
+
+class CommandError(VmimError):
+    """An external command failed (exit 6)."""
+
+    exit_code = EXIT_COMMAND
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr_tail: str = ""):
+        from vmim.process import quote_argv
+
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr_tail = " ".join(stderr_tail.split())
+        msg = f"command failed with exit code {returncode}: {quote_argv(argv)}"
+        if self.stderr_tail:
+            msg += f": {self.stderr_tail}"
+        super().__init__(msg)
+
+
+class HostEnvironmentError(VmimError):
+    """Something the host lacks: a tool, root, a reachable libvirtd (exit 7)."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class ToolMissingError(HostEnvironmentError):
+    """An external program is not installed."""
+
+    def __init__(self, tool: str, hint: str = ""):
+        self.tool = tool
+        msg = f"required program '{tool}' was not found on PATH"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(msg)
+
+
+class CleanupError(VmimError):
+    """Something was left mounted or mapped (exit 8); the message says how to release it."""
+
+    exit_code = EXIT_CLEANUP
+
+
+class IncompleteError(VmimError):
+    """A step failed after it began rewriting the slot's filesystem (exit code of the cause)."""
+
+    def __init__(self, what: str, cause: VmimError):
+        self.exit_code = cause.exit_code
+        super().__init__(f"{what}: {cause}; the slot's filesystem is now incomplete: restore an "
+                         "image before starting the domain")
+
+
+class Interrupted(VmimError):
+    """SIGINT or SIGTERM arrived (exit 130 or 143)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

@@ -1,0 +1,114 @@
+"""Per-slot locks: an flock on <lockdir>/<box>.lock, released by the kernel when the holder dies."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+from urllib.parse import quote
+
+from vmim.errors import HostEnvironmentError, LockBusyError
+
+log = logging.getLogger(__name__)
+
+POLL = 0.2
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    command: str
+
+    def as_dict(self) -> dict:
+        return {"pid": self.pid, "command": self.command}
+
+
+def lock_path(lockdir: str, box: str) -> str:
+    return os.path.join(lockdir, quote(box, safe="") + ".lock")
+
+
+def _open(lockdir: str, box: str) -> int:
+    try:
+        os.makedirs(lockdir, mode=0o755, exist_ok=True)
+        return os.open(lock_path(lockdir, box), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise HostEnvironmentError(
+            f"cannot open the lock file of box '{box}' in {lockdir}: {exc.strerror} "
+            "(run as root, or set lockdir in [vmim.local])"
+        ) from None
+
+
+@contextlib.contextmanager
+def slot_lock(lockdir: str, box: str, wait: float = 0) -> Iterator[None]:
+    """Hold box's lock; wait up to `wait` seconds for another holder, then LockBusyError (exit 5)."""
+    fd = _open(lockdir, box)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+            if time.monotonic() >= deadline:
+                held = holder(lockdir, box)
+                who = f"pid {held.pid} ({held.command})" if held else "another command"
+                raise LockBusyError(
+                    f"box '{box}' is locked by {who}; try again later or wait with --lock-wait S"
+                )
+            time.sleep(POLL)
+        record = f"{os.getpid()}\n{' '.join(sys.argv)}\n".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        log.debug("locked box %s (%s)", box, lock_path(lockdir, box))
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def holder(lockdir: str, box: str) -> Optional[Holder]:
+    """Who holds box's lock now, or None when it is free.
+
+    Read from /proc/locks, without taking the lock even briefly: a probe that locked would
+    make a concurrent command's non-blocking attempt fail as if the slot were busy.
+    """
+    try:
+        st = os.stat(lock_path(lockdir, box))
+        with open("/proc/locks") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        fields = line.split()
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+            continue  # a waiter, or another kind of lock
+        try:
+            major, minor, ino = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(ino)) != want:
+                continue
+            pid = int(fields[4])
+        except ValueError:
+            continue
+        return Holder(pid, _command_of(pid, lockdir, box))
+    return None
+
+
+def _command_of(pid: int, lockdir: str, box: str) -> str:
+    """The holder's command line, as it recorded it in the lock file (else from /proc)."""
+    try:
+        with open(lock_path(lockdir, box), "rb") as fh:
+            pid_text, _, command = fh.read(4096).decode("utf-8", "replace").partition("\n")
+        if pid_text.strip() == str(pid):
+            return command.strip()
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return "?"

@@ -1,0 +1,93 @@
+"""A progress line for store and restore on a terminal: bytes done of the estimated total,
+rate, time left. Read from /proc/PID/io of the process that reads the data, so it costs the
+transfer nothing. Never shown when stderr is not a terminal (cron, Jenkins) or with --json."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from typing import Iterator, Optional
+
+_local = threading.local()
+enabled = False  # set by the command line: a terminal, one box, no --json, no -q
+
+INTERVAL = 0.5
+
+
+def human_size(n: float) -> str:
+    """Bytes for people: 734.0 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def read_bytes(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/io") as fh:
+            for line in fh:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class _Watcher(threading.Thread):
+    def __init__(self, label: str, total: int):
+        super().__init__(daemon=True)
+        self.label = label
+        self.total = max(total, 1)
+        self.pid: Optional[int] = None
+        self.stop = threading.Event()
+        self.shown = False
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while not self.stop.wait(INTERVAL):
+            if self.pid is None:
+                continue
+            done = read_bytes(self.pid)
+            if done is None:
+                continue
+            elapsed = max(time.monotonic() - started, 1e-3)
+            rate = done / elapsed
+            left = (self.total - done) / rate if rate > 0 and done < self.total else 0
+            line = (f"{self.label}: {human_size(done)} of {human_size(self.total)}, "
+                    f"{human_size(rate)}/s, {left:.0f} s left")
+            sys.stderr.write("\r" + line[:120].ljust(80))
+            sys.stderr.flush()
+            self.shown = True
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join()
+        if self.shown:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def watch(label: str, total: int) -> Iterator[None]:
+    """Show progress of the next command this thread starts (its first stage)."""
+    if not enabled:
+        yield
+        return
+    w = _Watcher(label, total)
+    _local.watcher = w
+    w.start()
+    try:
+        yield
+    finally:
+        _local.watcher = None
+        w.finish()
+
+
+def started(pid: int) -> None:
+    """Called by the process helpers for each command they start."""
+    w = getattr(_local, "watcher", None)
+    if w is not None and w.pid is None:
+        w.pid = pid

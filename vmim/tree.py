@@ -1,0 +1,188 @@
+"""The guest's tree, seen from the host: paths resolved inside the guest root, merging a
+staged tree into it, clearing it.
+
+Symlinks found in the guest are resolved as the guest would resolve them: an absolute target
+starts again at the guest's root (a guest `var/run -> /run` means the guest's /run, never
+the host's) and `..` stops at it. Archives are never unpacked in place: they go to a fresh
+staging directory on the guest's filesystem, and `merge` moves the entries into the guest
+with renames, following guest directory symlinks only as the guest would.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from typing import List
+
+from vmim import process
+from vmim.errors import OperationError, StateError
+
+log = logging.getLogger(__name__)
+
+MAX_LINKS = 40
+#: names vmimagemanager creates at the guest root while it works (staging, temporary)
+WORK_PREFIX = ".vmim-"
+
+
+def _split(path: str) -> List[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def resolve(root: str, guest_path: str, *, follow_last: bool = True) -> str:
+    """The host path of guest_path (absolute or relative to the guest root) inside root.
+
+    Components that do not exist are kept as they are (the path may be about to be created).
+    """
+    root = root.rstrip("/") or "/"
+    todo = _split(guest_path)
+    done: List[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        host = os.path.join(root, *done, part)
+        if not todo and not follow_last:
+            done.append(part)
+            break
+        try:
+            st = os.lstat(host)
+        except FileNotFoundError:
+            done.append(part)
+            done.extend(todo)
+            break
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > MAX_LINKS:
+                raise StateError(f"too many levels of symlinks resolving {guest_path} in the guest")
+            target = os.readlink(host)
+            if target.startswith("/"):
+                done = []
+            todo = _split(target) + todo
+            continue
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+def guest_relative(root: str, host_path: str) -> str:
+    return os.path.relpath(host_path, root)
+
+
+def makedirs(root: str, guest_path: str) -> str:
+    """Create guest_path (inside the guest) and its missing parents; return its host path."""
+    path = root
+    for part in _split(guest_path):
+        path = resolve(root, guest_relative(root, os.path.join(path, part)))
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            if not os.path.isdir(path) or os.path.islink(path):
+                raise StateError(f"{guest_relative(root, path)} exists in the guest and is not "
+                                 "a directory") from None
+    return path
+
+
+def _copy_dir_metadata(src: str, dst: str) -> None:
+    st = os.lstat(src)
+    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    for name in os.listxattr(src, follow_symlinks=False):
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
+                        follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def target_dir(root: str, dest: str = "/") -> str:
+    """The host path of guest directory dest, created (inside the guest) when missing."""
+    return makedirs(root, dest) if _split(dest) else root
+
+
+def merge(staging: str, root: str, dest: str = "/") -> int:
+    """Move everything below staging into the guest at guest directory dest; return how many
+    entries moved. Staged directories merge into existing ones (following guest directory
+    symlinks inside the guest), which keep their owner, mode and times; anything else replaces
+    what is there. The target directory takes the staging directory's metadata: staging_dir()
+    started it as a copy of the target's, so only an archive entry for "." changes it."""
+    target = target_dir(root, dest)
+    moved = _merge_dir(staging, target, root)
+    _copy_dir_metadata(staging, target)
+    return moved
+
+
+def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
+    moved = 0
+    with os.scandir(src_dir) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        src = e.path
+        guest_rel = guest_relative(root, os.path.join(dst_dir, e.name))
+        if e.is_dir(follow_symlinks=False):
+            dst = resolve(root, guest_rel)  # a guest symlink to a directory is followed in the guest
+            try:
+                st = os.lstat(dst)
+            except FileNotFoundError:
+                os.rename(src, dst)
+                moved += 1
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                moved += _merge_dir(src, dst, root)  # an existing directory keeps its metadata
+                continue
+            os.unlink(dst)
+            os.rename(src, dst)
+            moved += 1
+        else:
+            dst = resolve(root, guest_rel, follow_last=False)
+            try:
+                os.rename(src, dst)
+            except IsADirectoryError:
+                raise OperationError(f"cannot put a file at /{guest_rel} in the guest: "
+                                     "a directory is there") from None
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
+                    raise OperationError(f"cannot put a file at /{guest_rel} in the guest: "
+                                         "a directory is there") from None
+                raise
+            moved += 1
+    return moved
+
+
+def remove(paths: List[str]) -> None:
+    """rm -rf, never crossing into other filesystems, in batches."""
+    for i in range(0, len(paths), 512):
+        process.run(["rm", "-rf", "--one-file-system", "--", *paths[i:i + 512]])
+
+
+def clear(root: str) -> int:
+    """Delete the guest's whole content (dotfiles too), keeping lost+found at the root only."""
+    names = [n for n in os.listdir(root) if n != "lost+found"]
+    remove([os.path.join(root, n) for n in names])
+    return len(names)
+
+
+def remove_stale_work(root: str) -> None:
+    """Staging directories a killed run left at the guest root."""
+    stale = []
+    for n in os.listdir(root):
+        if n.startswith(WORK_PREFIX):
+            if not process.pid_alive(n.rsplit(".", 1)[-1]):
+                stale.append(os.path.join(root, n))
+    if stale:
+        log.info("removing what an interrupted run left in the guest: %s", ", ".join(stale))
+        remove(stale)
+
+
+def staging_dir(root: str, what: str, like: str) -> str:
+    """A fresh directory at the guest root to unpack into, with the metadata of directory
+    `like` (the merge target), so that an archive without a "." entry changes none of it."""
+    path = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
+    os.mkdir(path, 0o700)
+    _copy_dir_metadata(like, path)
+    return path
