@@ -111,6 +111,8 @@ class SlotRunner:
                 if not locked:
                     stack.enter_context(lock.slot_lock(self.cfg.lockdir, self.box,
                                                        self.options.lock_wait))
+                # what a run killed by SIGKILL left running would go on writing into the slot
+                process.reap_orphans()
                 for step in actions:
                     process.check_cancelled()
                     started = time.monotonic()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Set
 
@@ -26,9 +27,135 @@ def quote_argv(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(str(a)) for a in argv)
 
 
+#: Every child carries the pid and start time of the run that started it, so that a later run
+#: can find (and stop) what a run killed by SIGKILL left running: see reap_orphans().
+OWNER_ENV = "VMIM_OWNER"
+
+#: How long to wait for a stopped command's processes (forked helpers too) to be gone.
+GONE_TIMEOUT = 10.0
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The start time of a process (clock ticks since boot), which tells a pid's reuse apart."""
+    stat = _stat_fields(pid)
+    return stat[19] if stat else None
+
+
+def _stat_fields(pid: int) -> Optional[List[str]]:
+    """/proc/PID/stat after the command name: [state, ppid, pgrp, ...], or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+_OWNER_TAG = ""
+
+
+def owner_tag() -> str:
+    global _OWNER_TAG
+    if not _OWNER_TAG or not _OWNER_TAG.startswith(f"{os.getpid()}:"):  # after a fork too
+        _OWNER_TAG = f"{os.getpid()}:{_start_time(os.getpid())}"
+    return _OWNER_TAG
+
+
 def _env() -> dict:
-    """Commands run in the C locale: their messages and output are parsed and quoted."""
-    return {**os.environ, "LC_ALL": "C"}
+    """Commands run in the C locale (their messages and output are parsed and quoted), marked
+    with the run that started them."""
+    return {**os.environ, "LC_ALL": "C", OWNER_ENV: owner_tag()}
+
+
+def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+    """Start a command in a process group of its own (so that stopping it stops whatever it
+    forked: rsync's receiver, a compressor's threads), in the C locale, marked as ours."""
+    try:
+        return subprocess.Popen(argv, env=_env(), start_new_session=True, **kwargs)
+    except FileNotFoundError:
+        raise ToolMissingError(argv[0]) from None
+
+
+def _group_members(pgid: int) -> List[int]:
+    """Live (not zombie) processes of a process group."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _stat_fields(int(name))
+            if stat and stat[2] == str(pgid) and stat[0] not in ("Z", "X"):
+                found.append(int(name))
+    return found
+
+
+def _wait_gone(pids: Sequence[int], timeout: float = GONE_TIMEOUT) -> List[int]:
+    """Wait until none of pids is alive (zombies count as gone); return those still alive."""
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left:
+        left = [p for p in left if (_stat_fields(p) or ["X"])[0] not in ("Z", "X")]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    return left
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a command started by popen() and everything in its process group, and return only
+    once all of it is gone: nothing it forked writes on behind our back (into an image being
+    removed, or a filesystem being unmounted)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    members = _group_members(proc.pid)
+    if members:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        left = _wait_gone(members)
+        if left:
+            log.warning("processes %s of '%s' did not end", ", ".join(map(str, left)),
+                        proc.args[0] if isinstance(proc.args, list) else proc.args)
+
+
+def reap_orphans() -> List[str]:
+    """Stop the commands that runs killed by SIGKILL left running (they carry OWNER_ENV naming
+    a run that is gone): they would go on writing into debris or into a slot's filesystem
+    while this run cleans up. Returns what was stopped, for the log."""
+    mine = owner_tag()
+    victims: List[int] = []
+    described: List[str] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+        except OSError:
+            continue
+        tag = next((e[len(OWNER_ENV) + 1:].decode("ascii", "replace") for e in environ
+                    if e.startswith(OWNER_ENV.encode() + b"=")), None)
+        if tag is None or tag == mine:
+            continue
+        owner, _, started = tag.partition(":")
+        if owner.isdigit() and _start_time(int(owner)) == started:
+            continue  # its run is alive: not an orphan
+        try:
+            os.kill(int(name), signal.SIGKILL)
+        except OSError:
+            continue
+        victims.append(int(name))
+        try:
+            with open(f"/proc/{name}/comm") as fh:
+                described.append(f"pid {name} ({fh.read().strip()}, of run {owner})")
+        except OSError:
+            described.append(f"pid {name} (of run {owner})")
+    if victims:
+        _wait_gone(victims)
+        log.warning("stopped what an interrupted run left running: %s", "; ".join(described))
+    return described
 
 
 def pid_alive(pid_text: str) -> bool:
@@ -68,31 +195,27 @@ def run(
     """
     argv = [str(a) for a in argv]
     log.debug("+ %s", quote_argv(argv))
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            env=_env(),
-            text=True,
-            errors="surrogateescape",
-        )
-    except FileNotFoundError:
-        raise ToolMissingError(argv[0]) from None
+    proc = popen(
+        argv,
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        text=True,
+        errors="surrogateescape",
+    )
     with track(proc):
         try:
             stdout, stderr = proc.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            stop(proc)
             proc.communicate()
             raise CommandError(argv, -1, f"timed out after {timeout} s") from None
         except BaseException:
-            proc.kill()
-            proc.wait()
+            stop(proc)
             raise
     stderr = stderr or ""
     if proc.returncode not in ok_codes:
+        stop(proc)  # what it forked may outlive it (a stage killed by cancel_all())
         raise CommandError(argv, proc.returncode, stderr[-STDERR_TAIL:])
     return Result(argv, proc.returncode, stdout or "", stderr)
 
@@ -127,7 +250,10 @@ def cancel_all(signum: int) -> None:
         procs = list(_live)
     for p in procs:
         if p.poll() is None:
-            p.terminate()
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def reset_cancel() -> None:
@@ -150,12 +276,7 @@ def read_head(argv: Sequence[str], nbytes: int, *, timeout: float = 30) -> bytes
     """
     argv = [str(a) for a in argv]
     log.debug("+ %s (first %d bytes)", quote_argv(argv), nbytes)
-    try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        raise ToolMissingError(argv[0]) from None
+    proc = popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     chunks = []
     got = 0
@@ -169,9 +290,34 @@ def read_head(argv: Sequence[str], nbytes: int, *, timeout: float = 30) -> bytes
     finally:
         proc.stdout.close()
         if proc.poll() is None:
-            proc.kill()
+            stop(proc)
         proc.wait(timeout=timeout)
     return b"".join(chunks)
+
+
+def _broken_pipe(code: int) -> bool:
+    return code in (-signal.SIGPIPE, 128 + signal.SIGPIPE)
+
+
+def _wait_stages(procs: Sequence[subprocess.Popen]) -> Optional[int]:
+    """Wait for every stage of a pipeline; return the index of the stage to blame, or None.
+
+    The first stage that fails on its own (not of SIGPIPE because a later one died) is blamed
+    and the others are stopped at once: a stage waiting for input that a failed stage's forked
+    helper still holds open would otherwise wait for that helper."""
+    delay = 0.001
+    while True:
+        codes = [p.poll() for p in procs]
+        culprit = next((i for i, c in enumerate(codes) if c not in (None, 0) and
+                        not _broken_pipe(c)), None)
+        if culprit is not None:
+            for p in procs:
+                stop(p)
+            return culprit
+        if None not in codes:
+            return next((i for i, c in enumerate(codes) if c != 0), None)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def pipeline(
@@ -204,28 +350,21 @@ def pipeline(
             for i, argv in enumerate(stages):
                 last = i == len(stages) - 1
                 try:
-                    p = subprocess.Popen(argv, stdin=prev, stdout=fout if last else subprocess.PIPE,
-                                         stderr=stderr_files[i], cwd=cwd, env=_env())
-                except FileNotFoundError:
-                    raise ToolMissingError(argv[0]) from None
+                    p = popen(argv, stdin=prev, stdout=fout if last else subprocess.PIPE,
+                              stderr=stderr_files[i], cwd=cwd)
                 finally:
                     if prev not in (fin, subprocess.DEVNULL) and prev is not None:
                         prev.close()  # the child holds it now (or failed to start)
                 prev = p.stdout
                 procs.append(p)
                 files.enter_context(track(p, progress_too=i == watch_stage))
-            codes = [p.wait() for p in procs]
+            blamed = _wait_stages(procs)
         except BaseException:
             for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+                stop(p)
             raise
-        failed = [(i, c) for i, c in enumerate(codes) if c != 0]
-        if not failed:
+        if blamed is None:
             return
-        i, code = next(((i, c) for i, c in failed if c not in (-signal.SIGPIPE,
-                                                                128 + signal.SIGPIPE)), failed[0])
-        stderr_files[i].seek(0)
-        tail = stderr_files[i].read()[-STDERR_TAIL:].decode("utf-8", "replace")
-    raise CommandError(stages[i], code, tail)
+        stderr_files[blamed].seek(0)
+        tail = stderr_files[blamed].read()[-STDERR_TAIL:].decode("utf-8", "replace")
+    raise CommandError(stages[blamed], procs[blamed].returncode, tail)

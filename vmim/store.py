@@ -205,10 +205,13 @@ class ImageStore:
     def clean_debris(self) -> List[str]:
         """Remove what killed stores left (temporary names of processes that are gone)."""
         removed = []
-        for n in os.listdir(self.directory):
-            if n.startswith((TMP_PREFIX, OLD_PREFIX)) and not process.pid_alive(n.rsplit(".", 1)[-1]):
-                process.run(["rm", "-rf", "--", self.path(n)])
-                removed.append(n)
+        debris = [n for n in os.listdir(self.directory)
+                  if n.startswith((TMP_PREFIX, OLD_PREFIX)) and not process.pid_alive(n.rsplit(".", 1)[-1])]
+        if debris:
+            process.reap_orphans()  # a killed run's rsync or tar may still be writing there
+        for n in debris:
+            process.run(["rm", "-rf", "--", self.path(n)])
+            removed.append(n)
         if removed:
             log.info("removed debris of interrupted stores in %s: %s", self.directory,
                      ", ".join(removed))

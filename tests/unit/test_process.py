@@ -49,3 +49,48 @@ def test_run_reports_the_exit_code_and_stderr():
         process.run(["sh", "-c", "echo boom >&2; exit 4"])
     assert exc.value.returncode == 4 and exc.value.stderr_tail == "boom"
     assert process.run(["echo", "ok"], capture=True).stdout == "ok\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_a_stopped_command_takes_what_it_forked_with_it(tmp_path):
+    # rsync forks its receiver: stopping only the parent let the receiver write on into an
+    # image being removed. Here sh forks a sleep and the timeout stops the command.
+    pidfile = tmp_path / "pid"
+    with pytest.raises(CommandError, match="timed out"):
+        process.run(["sh", "-c", f"sleep 60 & echo $! >{pidfile}; wait"], timeout=1)
+    assert not _alive(int(pidfile.read_text()))
+
+
+def test_a_failed_pipeline_stage_takes_what_it_forked_with_it(tmp_path):
+    pidfile = tmp_path / "pid"
+    with pytest.raises(CommandError):
+        process.pipeline([["sh", "-c", f"sleep 60 & echo $! >{pidfile}; exit 3"], ["cat"]])
+    assert not _alive(int(pidfile.read_text()))
+
+
+def test_commands_left_running_by_a_killed_run_are_stopped_by_the_next():
+    import subprocess
+
+    def spawn(owner):
+        return subprocess.Popen(["sleep", "60"], env={**os.environ, process.OWNER_ENV: owner})
+
+    orphan = spawn("999999999:1")  # a run that is gone
+    with open("/proc/1/stat") as fh:  # pid 1 outlives any run: its children are not orphans
+        init_tag = f"1:{fh.read().rsplit(')', 1)[1].split()[19]}"
+    adopted = spawn(init_tag)
+    try:
+        stopped = process.reap_orphans()
+        assert orphan.wait(timeout=5) == -9
+        assert any(f"pid {orphan.pid} (sleep" in s for s in stopped)
+        assert adopted.poll() is None
+    finally:
+        for p in (orphan, adopted):
+            p.kill()
+            p.wait()

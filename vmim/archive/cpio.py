@@ -13,7 +13,7 @@ from typing import List, Sequence
 
 from vmim import process
 from vmim.archive import StreamFormat, compressor, decompressor, newc
-from vmim.errors import CommandError, ToolMissingError
+from vmim.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,13 @@ class CpioFormat(StreamFormat):
     def unpack(self, image: str, staging: str) -> None:
         argv = decompressor(self.compression) + [image] if self.compression else ["cat", image]
         log.debug("+ %s | (newc extractor into %s)", process.quote_argv(argv), staging)
-        try:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except FileNotFoundError:
-            raise ToolMissingError(argv[0]) from None
+        proc = process.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None and proc.stderr is not None
         with process.track(proc):
             try:
                 newc.extract(proc.stdout, staging)
             except BaseException:
-                proc.kill()
-                proc.wait()
+                process.stop(proc)
                 raise
             finally:
                 proc.stdout.close()
