@@ -74,6 +74,20 @@ class CommandError(VmimError):
         super().__init__(msg)
 
 
+class OutputWriteError(CommandError):
+    """A command's output could not be written where it goes (a full disk): exit 6 as when the
+    command itself writes it."""
+
+    def __init__(self, argv: Sequence[str], path: str, reason: str):
+        from vmim.process import quote_argv
+
+        VmimError.__init__(self, f"cannot write the output of {quote_argv(argv)} to {path}: "
+                                 f"{reason}")
+        self.argv = list(argv)
+        self.returncode = -1
+        self.stderr_tail = reason
+
+
 class HostEnvironmentError(VmimError):
     """Something the host lacks: a tool, root, a reachable libvirtd (exit 7)."""
 

@@ -615,8 +615,9 @@ def _copy_raw_to(disk: str, tmp: str, _link: str) -> None:
     qcow2.copy_raw(disk, tmp)
 
 
-def _write_paths(fmt: Any, root: str, paths: List[str], tmp: str, link_dest: str) -> None:
-    fmt.write(root, paths, tmp, link_dest)
+def _write_paths(fmt: Any, root: str, paths: List[str], tmp: str,
+                 link_dest: str) -> Optional[str]:
+    return fmt.write(root, paths, tmp, link_dest)  # the sha256 of an archive, made on the way
 
 
 def is_mounted(slot: Slot) -> bool:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import hashlib
 import logging
 import os
 import shlex
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Set
 
 from vmim import progress
-from vmim.errors import CommandError, ToolMissingError
+from vmim.errors import CommandError, OutputWriteError, ToolMissingError
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +324,48 @@ def _wait_stages(procs: Sequence[subprocess.Popen]) -> Optional[int]:
         delay = min(delay * 2, 0.05)
 
 
+#: Written output is handed to the disk in steps of this size while a pipeline runs, so that
+#: the fsync at its end has little left to wait for.
+WRITEBACK_STEP = 32 << 20
+_F_SETPIPE_SZ = 1031
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Any:
+    """libc's sync_file_range(2) (start writeback without waiting), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+def _copy_hashing(src: Any, fd: int) -> str:
+    """Copy a pipe into fd, hashing what passes (sha256) and starting its writeback as it goes:
+    the checksum and most of the fsync of an image cost no second pass over it."""
+    try:
+        fcntl.fcntl(src.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads
+    except OSError:
+        pass
+    writeback = _sync_file_range()
+    digest = hashlib.sha256()
+    written = synced = 0
+    while True:
+        chunk = os.read(src.fileno(), 1 << 20)
+        if not chunk:
+            return digest.hexdigest()
+        digest.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+        written += len(chunk)
+        if writeback is not None and written - synced >= WRITEBACK_STEP:
+            writeback(fd, synced, written - synced, _SYNC_FILE_RANGE_WRITE)
+            synced = written
+
+
 def pipeline(
     stages: Sequence[Sequence[str]],
     *,
@@ -327,13 +373,15 @@ def pipeline(
     stdout_path: Optional[str] = None,
     cwd: Optional[str] = None,
     watch_stage: int = 0,
-) -> None:
+    checksum: bool = False,
+) -> Optional[str]:
     """Run stages connected by pipes (stage 1 | stage 2 | ...) and check every exit status.
 
     stdin of the first stage comes from stdin_path (else nothing), stdout of the last goes to
     stdout_path (else discarded). A failure names the stage that failed; a stage killed by
     SIGPIPE because a later stage died is not the one blamed. `watch_stage` is the stage
-    whose reading a progress line follows.
+    whose reading a progress line follows. With `checksum` (and stdout_path), the output passes
+    through this process on its way to the file and its sha256 is returned.
     """
     stages = [[str(a) for a in s] for s in stages]
     log.debug("+ %s", " | ".join(quote_argv(s) for s in stages))
@@ -347,10 +395,13 @@ def pipeline(
         stderr_files = [files.enter_context(tempfile.TemporaryFile()) for _ in stages]
         try:
             prev: Any = fin
+            hashing = checksum and stdout_path is not None
+            digest: Optional[str] = None
             for i, argv in enumerate(stages):
                 last = i == len(stages) - 1
                 try:
-                    p = popen(argv, stdin=prev, stdout=fout if last else subprocess.PIPE,
+                    p = popen(argv, stdin=prev,
+                              stdout=fout if last and not hashing else subprocess.PIPE,
                               stderr=stderr_files[i], cwd=cwd)
                 finally:
                     if prev not in (fin, subprocess.DEVNULL) and prev is not None:
@@ -358,13 +409,22 @@ def pipeline(
                 prev = p.stdout
                 procs.append(p)
                 files.enter_context(track(p, progress_too=i == watch_stage))
+            if hashing:
+                output = procs[-1].stdout
+                assert output is not None
+                try:
+                    with output:
+                        digest = _copy_hashing(output, fout.fileno())
+                except OSError as exc:  # a full disk
+                    raise OutputWriteError(stages[-1], str(stdout_path),
+                                           exc.strerror or str(exc)) from None
             blamed = _wait_stages(procs)
         except BaseException:
             for p in procs:
                 stop(p)
             raise
         if blamed is None:
-            return
+            return digest
         stderr_files[blamed].seek(0)
         tail = stderr_files[blamed].read()[-STDERR_TAIL:].decode("utf-8", "replace")
     raise CommandError(stages[blamed], procs[blamed].returncode, tail)

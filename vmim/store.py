@@ -217,7 +217,7 @@ class ImageStore:
                      ", ".join(removed))
         return removed
 
-    def write(self, name: str, fmt: Any, writer: Callable[[str, str], None],
+    def write(self, name: str, fmt: Any, writer: Callable[[str, str], Optional[str]],
               meta: Dict[str, Any]) -> Dict[str, Any]:
         """Write a new entry through writer(tmp_path, link_dest) and put it in place atomically:
         whatever happens before the final rename, the previous entry of that name is intact."""
@@ -230,7 +230,7 @@ class ImageStore:
         tmp = self.path(f"{TMP_PREFIX}{name}.{os.getpid()}")
         link_dest = final if fmt.is_tree and os.path.isdir(final) and not os.path.islink(final) else ""
         try:
-            writer(tmp, link_dest)
+            digest = writer(tmp, link_dest)
             if fmt.is_tree:
                 process.run(["sync", "--file-system", tmp])
                 size = tree_size(tmp)
@@ -239,7 +239,7 @@ class ImageStore:
                 _fsync_path(tmp)
                 meta.update(size=os.path.getsize(tmp))
                 if fmt.checksum:  # archives; disk images are checked by qemu-img
-                    meta.update(sha256=sha256_of(tmp))
+                    meta.update(sha256=digest or sha256_of(tmp))
             self._put_in_place(tmp, final)
         except BaseException:
             if os.path.lexists(tmp):

@@ -94,3 +94,26 @@ def test_commands_left_running_by_a_killed_run_are_stopped_by_the_next():
         for p in (orphan, adopted):
             p.kill()
             p.wait()
+
+
+def test_a_checksummed_pipeline_writes_the_output_and_returns_its_sha256(tmp_path):
+    import hashlib
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.write_bytes(os.urandom(3 << 20) * 20)  # 60 MiB: more than one writeback step
+    digest = process.pipeline([["gzip", "-1c"]], stdin_path=str(src), stdout_path=str(out),
+                              checksum=True)
+    assert digest == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert process.pipeline([["gzip", "-dc"]], stdin_path=str(out),
+                            stdout_path=str(tmp_path / "back"), checksum=False) is None
+    assert (tmp_path / "back").read_bytes() == src.read_bytes()
+
+
+def test_a_full_disk_under_a_checksummed_pipeline_is_a_command_failure(tmp_path):
+    from vmim.errors import OutputWriteError
+
+    with pytest.raises(OutputWriteError) as exc:
+        process.pipeline([["head", "-c", "10000000", "/dev/zero"], ["gzip", "-1c"]],
+                         stdout_path="/dev/full", checksum=True)
+    assert exc.value.exit_code == 6 and "No space left on device" in str(exc.value)
+    assert "/dev/full" in str(exc.value) and process._live == set()

@@ -61,8 +61,10 @@ class Format:
     #: what the format cannot carry (the store warns, the docs say so)
     cannot_carry: Tuple[str, ...] = ()
 
-    def write(self, src_root: str, paths: Sequence[str], dest: str, link_dest: str = "") -> None:
-        """Write paths (relative to src_root; "." for all of it) into the new image dest."""
+    def write(self, src_root: str, paths: Sequence[str], dest: str,
+              link_dest: str = "") -> Optional[str]:
+        """Write paths (relative to src_root; "." for all of it) into the new image dest; return
+        the image's sha256 when it was computed on the way (archives)."""
         raise NotImplementedError
 
     def unpack(self, image: str, staging: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from vmim import process
 from vmim.archive import StreamFormat, compressor, decompressor, newc
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 class CpioFormat(StreamFormat):
     cannot_carry = ("xattrs", "POSIX ACLs")
 
-    def write(self, src_root: str, paths: Sequence[str], dest: str, link_dest: str = "") -> None:
+    def write(self, src_root: str, paths: Sequence[str], dest: str,
+              link_dest: str = "") -> Optional[str]:
         find: List[str] = ["find", *paths, "-xdev"]
         if list(paths) == ["."]:
             find += ["-path", "./lost+found", "-prune", "-o"]
@@ -29,7 +30,8 @@ class CpioFormat(StreamFormat):
         stages = [find, ["cpio", "--create", "--null", "--format=newc", "--quiet"]]
         if self.compression:
             stages.append(compressor(self.compression))
-        process.pipeline(stages, stdout_path=dest, cwd=src_root, watch_stage=1)  # cpio reads
+        return process.pipeline(stages, stdout_path=dest, cwd=src_root, watch_stage=1,  # cpio reads
+                                checksum=True)
 
     def unpack(self, image: str, staging: str) -> None:
         argv = decompressor(self.compression) + [image] if self.compression else ["cat", image]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from vmim import process
 from vmim.archive import Format
@@ -18,7 +18,8 @@ class RsyncFormat(Format):
     name = "rsync"
     is_tree = True
 
-    def write(self, src_root: str, paths: Sequence[str], dest: str, link_dest: str = "") -> None:
+    def write(self, src_root: str, paths: Sequence[str], dest: str,
+              link_dest: str = "") -> Optional[str]:
         argv: List[str] = ["rsync", *FLAGS, "--one-file-system"]
         if link_dest:
             argv.append(f"--link-dest={os.path.abspath(link_dest)}")
@@ -28,6 +29,7 @@ class RsyncFormat(Format):
             os.makedirs(dest, exist_ok=True)
             argv += ["--relative", *(f"{src_root}/./{p}" for p in paths), f"{dest}/"]
         process.run(argv)
+        return None
 
     def unpack_tools(self) -> List[str]:
         return ["rsync"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from vmim import process
 from vmim.archive import StreamFormat, compressor, decompressor
@@ -15,7 +15,8 @@ EXTRACT = ["--numeric-owner", "--same-owner", "--preserve-permissions", *XATTRS]
 
 
 class TarFormat(StreamFormat):
-    def write(self, src_root: str, paths: Sequence[str], dest: str, link_dest: str = "") -> None:
+    def write(self, src_root: str, paths: Sequence[str], dest: str,
+              link_dest: str = "") -> Optional[str]:
         argv: List[str] = ["tar", "--create", "--file=-", f"--directory={src_root}", *CREATE]
         if list(paths) == ["."]:
             argv += ["--anchored", "--exclude=./lost+found"]
@@ -23,7 +24,7 @@ class TarFormat(StreamFormat):
         stages = [argv]
         if self.compression:
             stages.append(compressor(self.compression))
-        process.pipeline(stages, stdout_path=dest)
+        return process.pipeline(stages, stdout_path=dest, checksum=True)
 
     def unpack_tools(self) -> List[str]:
         return [*super().unpack_tools(), "tar"]
