@@ -111,8 +111,9 @@ class SlotRunner:
                 if not locked:
                     stack.enter_context(lock.slot_lock(self.cfg.lockdir, self.box,
                                                        self.options.lock_wait))
-                # what a run killed by SIGKILL left running would go on writing into the slot
-                process.reap_orphans()
+                if self.slot is not None and self.slot.mount:
+                    # what a run killed by SIGKILL left running would go on writing into the slot
+                    process.reap_orphans([self.slot.mount])
                 for step in actions:
                     process.check_cancelled()
                     started = time.monotonic()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import hashlib
 import logging
@@ -124,10 +122,30 @@ def stop(proc: subprocess.Popen) -> None:
                         proc.args[0] if isinstance(proc.args, list) else proc.args)
 
 
-def reap_orphans() -> List[str]:
-    """Stop the commands that runs killed by SIGKILL left running (they carry OWNER_ENV naming
-    a run that is gone): they would go on writing into debris or into a slot's filesystem
-    while this run cleans up. Returns what was stopped, for the log."""
+def _uses_path_under(pid: str, tops: Sequence[str]) -> bool:
+    """Whether a process's working directory or one of its open files lies under one of tops."""
+    def under(link: str) -> bool:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return False
+        return any(target == t or target.startswith(t.rstrip("/") + "/") for t in tops)
+
+    if under(f"/proc/{pid}/cwd"):
+        return True
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    return any(under(f"/proc/{pid}/fd/{fd}") for fd in fds)
+
+
+def reap_orphans(paths: Sequence[str]) -> List[str]:
+    """Stop the commands that runs killed by SIGKILL left running in or on `paths` (a slot's
+    mount point, a store's debris): they carry OWNER_ENV naming a run that is gone, and would go
+    on writing there while this run cleans up. Only processes using those paths are touched
+    (a helper daemon that a command started elsewhere is not). Returns what was stopped."""
+    tops = [os.path.realpath(p) for p in paths]
     mine = owner_tag()
     victims: List[int] = []
     described: List[str] = []
@@ -146,6 +164,8 @@ def reap_orphans() -> List[str]:
         owner, _, started = tag.partition(":")
         if owner.isdigit() and _start_time(int(owner)) == started:
             continue  # its run is alive: not an orphan
+        if not _uses_path_under(name, tops):
+            continue
         try:
             os.kill(int(name), signal.SIGKILL)
         except OSError:
@@ -333,6 +353,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 def _sync_file_range() -> Any:
     """libc's sync_file_range(2) (start writeback without waiting), or None."""
+    import ctypes  # here: not worth its import time for the commands that never write archives
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         fn = libc.sync_file_range

@@ -208,7 +208,8 @@ class ImageStore:
         debris = [n for n in os.listdir(self.directory)
                   if n.startswith((TMP_PREFIX, OLD_PREFIX)) and not process.pid_alive(n.rsplit(".", 1)[-1])]
         if debris:
-            process.reap_orphans()  # a killed run's rsync or tar may still be writing there
+            # a killed run's rsync or tar may still be writing there
+            process.reap_orphans([self.path(n) for n in debris])
         for n in debris:
             process.run(["rm", "-rf", "--", self.path(n)])
             removed.append(n)

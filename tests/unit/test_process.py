@@ -75,23 +75,30 @@ def test_a_failed_pipeline_stage_takes_what_it_forked_with_it(tmp_path):
     assert not _alive(int(pidfile.read_text()))
 
 
-def test_commands_left_running_by_a_killed_run_are_stopped_by_the_next():
+def test_commands_left_running_by_a_killed_run_are_stopped_by_the_next(tmp_path):
     import subprocess
 
-    def spawn(owner):
-        return subprocess.Popen(["sleep", "60"], env={**os.environ, process.OWNER_ENV: owner})
+    work, elsewhere = tmp_path / "debris", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
 
-    orphan = spawn("999999999:1")  # a run that is gone
+    def spawn(owner, cwd):
+        return subprocess.Popen(["sleep", "60"], cwd=cwd,
+                                env={**os.environ, process.OWNER_ENV: owner})
+
+    orphan = spawn("999999999:1", work)  # of a run that is gone, working in the debris
     with open("/proc/1/stat") as fh:  # pid 1 outlives any run: its children are not orphans
         init_tag = f"1:{fh.read().rsplit(')', 1)[1].split()[19]}"
-    adopted = spawn(init_tag)
+    adopted = spawn(init_tag, work)
+    daemon = spawn("999999999:1", elsewhere)  # a helper daemon of a gone run, not in the way
     try:
-        stopped = process.reap_orphans()
+        stopped = process.reap_orphans([str(work)])
         assert orphan.wait(timeout=5) == -9
         assert any(f"pid {orphan.pid} (sleep" in s for s in stopped)
-        assert adopted.poll() is None
+        assert adopted.poll() is None and daemon.poll() is None
+        assert len(stopped) == 1
     finally:
-        for p in (orphan, adopted):
+        for p in (orphan, adopted, daemon):
             p.kill()
             p.wait()
 
