@@ -101,6 +101,32 @@ def test_after_sigkill_the_next_run_cleans_up_first(pair, vmim):
     assert vmim("-b", names[0], "--release", "--config", cfg).code == 0
 
 
+def test_a_command_a_killed_run_left_in_the_slot_is_stopped_and_the_slot_released(pair, vmim):
+    # What SIGKILL of vmimagemanager leaves: its tar or rsync, still working in the slot (here a
+    # stand-in that would never end), marked with the run that started it, which is gone.
+    root, cfg, names = pair
+    mnt = root / "mnt" / names[0]
+    assert vmim("-b", names[0], "--mount", "--config", cfg).code == 0
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with open(f"/proc/{os.getpid()}/stat") as fh:  # any start time: the pid is not running
+        start = fh.read().rsplit(")", 1)[1].split()[19]
+    left = subprocess.Popen(["sleep", "600"], cwd=mnt,
+                            env={**os.environ, "VMIM_OWNER": f"{gone.pid}:{start}"})
+    bystander = subprocess.Popen(["sleep", "600"], cwd=root)  # not in the slot: left alone
+    try:
+        r = vmim("-b", names[0], "--release", "--config", cfg)
+        assert r.code == 0, r
+        assert left.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None
+        assert mounts.mounted_at(str(mnt)) is None
+        assert f"pid {left.pid} (sleep, of run {gone.pid})" in r.err
+    finally:
+        for p in (left, bystander):
+            p.kill()
+            p.wait()
+
+
 def test_one_failing_box_does_not_stop_the_other(pair, vmim):
     root, cfg, names = pair
     os.unlink(root / "b.img")
