@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,23 @@ from vmim import lock
 from vmim.disk import loop, mounts
 
 
+@pytest.fixture(scope="module")
+def big_tgz(tmp_path_factory):
+    """A tgz that takes a while to unpack (300 MiB that do not compress), made once."""
+    where = tmp_path_factory.mktemp("big")
+    src = where / "src"
+    src.mkdir()
+    for i in range(3):
+        with open(src / f"blob{i}", "wb") as fh:
+            fh.write(os.urandom(100 * 1024 * 1024))
+    (src / "marker").write_text("golden\n")
+    subprocess.run(["tar", "-C", str(src), "-czf", str(where / "big"), "."], check=True)
+    subprocess.run(["rm", "-rf", str(src)], check=True)
+    return where / "big"
+
+
 @pytest.fixture
-def pair(tmp_path, write_config, domains):
+def pair(tmp_path, write_config, domains, big_tgz):
     """Two ext4 slots and an image store holding `big`, a tgz that takes a while to unpack."""
     os.chmod(tmp_path, 0o755)
     images = tmp_path / "images"
@@ -37,14 +53,7 @@ def pair(tmp_path, write_config, domains):
     HostName = "{names[1]}"
     root = "{tmp_path}/b.img"
     """)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(3):
-        with open(src / f"blob{i}", "wb") as fh:
-            fh.write(os.urandom(100 * 1024 * 1024))
-    (src / "marker").write_text("golden\n")
-    subprocess.run(["tar", "-C", str(src), "-czf", str(images / "big"), "."], check=True)
-    subprocess.run(["rm", "-rf", str(src)], check=True)
+    shutil.copyfile(big_tgz, images / "big")  # a copy: a test may damage or replace its own
     return tmp_path, cfg, names
 
 
