@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 
 from vmim import progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError
@@ -122,22 +122,48 @@ def stop(proc: subprocess.Popen) -> None:
                         proc.args[0] if isinstance(proc.args, list) else proc.args)
 
 
-def _uses_path_under(pid: str, tops: Sequence[str]) -> bool:
-    """Whether a process's working directory or one of its open files lies under one of tops."""
-    def under(link: str) -> bool:
-        try:
-            target = os.readlink(link)
-        except OSError:
-            return False
-        return any(target == t or target.startswith(t.rstrip("/") + "/") for t in tops)
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
-    if under(f"/proc/{pid}/cwd"):
-        return True
+
+def path_users(top: str, pids: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
+    """Processes (all, or those of pids) whose working directory, root, executable or open files
+    lie under top: pid -> what of theirs does ("cwd", "root", "exe", "open file")."""
+    top = os.path.realpath(top)
+    found: Dict[str, List[str]] = {}
+    for pid in pids if pids is not None else os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        base = f"/proc/{pid}"
+        why: List[str] = []
+        for link in ("cwd", "root", "exe"):
+            try:
+                if _under(os.readlink(f"{base}/{link}"), top) and not (link == "root" and top == "/"):
+                    why.append(link)
+            except OSError:
+                pass
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                if _under(os.readlink(f"{base}/fd/{fd}"), top):
+                    why.append("open file")
+                    break
+            except OSError:
+                pass
+        if why:
+            found[pid] = why
+    return found
+
+
+def comm(pid: str) -> str:
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
     except OSError:
-        return False
-    return any(under(f"/proc/{pid}/fd/{fd}") for fd in fds)
+        return "?"
 
 
 def reap_orphans(paths: Sequence[str]) -> List[str]:
@@ -145,10 +171,8 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
     mount point, a store's debris): they carry OWNER_ENV naming a run that is gone, and would go
     on writing there while this run cleans up. Only processes using those paths are touched
     (a helper daemon that a command started elsewhere is not). Returns what was stopped."""
-    tops = [os.path.realpath(p) for p in paths]
     mine = owner_tag()
-    victims: List[int] = []
-    described: List[str] = []
+    orphans: Dict[str, str] = {}  # pid -> the run that started it
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
             continue
@@ -162,20 +186,18 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
         if tag is None or tag == mine:
             continue
         owner, _, started = tag.partition(":")
-        if owner.isdigit() and _start_time(int(owner)) == started:
-            continue  # its run is alive: not an orphan
-        if not _uses_path_under(name, tops):
-            continue
+        if not (owner.isdigit() and _start_time(int(owner)) == started):  # its run is gone
+            orphans[name] = owner
+    in_the_way = {pid for top in paths for pid in path_users(top, list(orphans))}
+    victims: List[int] = []
+    described: List[str] = []
+    for pid in sorted(in_the_way, key=int):
         try:
-            os.kill(int(name), signal.SIGKILL)
+            os.kill(int(pid), signal.SIGKILL)
         except OSError:
             continue
-        victims.append(int(name))
-        try:
-            with open(f"/proc/{name}/comm") as fh:
-                described.append(f"pid {name} ({fh.read().strip()}, of run {owner})")
-        except OSError:
-            described.append(f"pid {name} (of run {owner})")
+        victims.append(int(pid))
+        described.append(f"pid {pid} ({comm(pid)}, of run {orphans[pid]})")
     if victims:
         _wait_gone(victims)
         log.warning("stopped what an interrupted run left running: %s", "; ".join(described))

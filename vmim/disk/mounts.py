@@ -87,37 +87,8 @@ def mount(device: str, mountpoint: str, fstype: str, options: Sequence[str] = ()
 
 def holders(mountpoint: str) -> List[str]:
     """Processes whose cwd, root, executable or open files lie under mountpoint."""
-    mp = os.path.realpath(mountpoint)
-    found: List[str] = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        base = f"/proc/{pid}"
-        why: List[str] = []
-        for link in ("cwd", "root", "exe"):
-            try:
-                if _under(os.readlink(f"{base}/{link}"), mp) and not (link == "root" and mp == "/"):
-                    why.append(link)
-            except OSError:
-                pass
-        try:
-            for fd in os.listdir(f"{base}/fd"):
-                try:
-                    if _under(os.readlink(f"{base}/fd/{fd}"), mp):
-                        why.append("open file")
-                        break
-                except OSError:
-                    pass
-        except OSError:
-            pass
-        if why:
-            try:
-                with open(f"{base}/comm") as fh:
-                    comm = fh.read().strip()
-            except OSError:
-                comm = "?"
-            found.append(f"pid {pid} ({comm}: {', '.join(sorted(set(why)))})")
-    return found
+    return [f"pid {pid} ({process.comm(pid)}: {', '.join(sorted(set(why)))})"
+            for pid, why in process.path_users(mountpoint).items()]
 
 
 def umount(target: str, *, release_hint: str) -> None:
