@@ -602,7 +602,6 @@ class DiskImageFormat:
     """A whole-disk image in the store (qcow2 or raw): no archive checksum, qemu-img checks."""
 
     is_tree = False
-    checksum = False
 
     def __init__(self, name: str):
         self.name = name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -53,14 +54,10 @@ def _stat_fields(pid: int) -> Optional[List[str]]:
     return text[text.rfind(")") + 2:].split()
 
 
-_OWNER_TAG = ""
-
-
 def owner_tag() -> str:
-    global _OWNER_TAG
-    if not _OWNER_TAG or not _OWNER_TAG.startswith(f"{os.getpid()}:"):  # after a fork too
-        _OWNER_TAG = f"{os.getpid()}:{_start_time(os.getpid())}"
-    return _OWNER_TAG
+    """This run, as its commands carry it in OWNER_ENV: pid and start time."""
+    pid = os.getpid()
+    return f"{pid}:{_start_time(pid)}"
 
 
 def _env() -> dict:
@@ -71,7 +68,7 @@ def _env() -> dict:
 
 def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     """Start a command in a process group of its own (so that stopping it stops whatever it
-    forked: rsync's receiver, a compressor's threads), in the C locale, marked as ours."""
+    forked, rsync's receiver say), in the C locale, marked as ours."""
     try:
         return subprocess.Popen(argv, env=_env(), start_new_session=True, **kwargs)
     except FileNotFoundError:
@@ -105,21 +102,25 @@ def stop(proc: subprocess.Popen) -> None:
     """Stop a command started by popen() and everything in its process group, and return only
     once all of it is gone: nothing it forked writes on behind our back (into an image being
     removed, or a filesystem being unmounted)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+    # The group id is the leader's pid: it cannot name another group while the leader is not
+    # yet reaped, nor while members of its own group live; once both are gone it may be reused.
+    if proc.returncode is None:
+        _kill_group(proc.pid)
+        proc.wait()
     members = _group_members(proc.pid)
-    if members:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+    if members:  # helpers that outlived their command (or are dying of the kill above)
+        _kill_group(proc.pid)
         left = _wait_gone(members)
         if left:
             log.warning("processes %s of '%s' did not end", ", ".join(map(str, left)),
                         proc.args[0] if isinstance(proc.args, list) else proc.args)
+
+
+def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _under(path: str, top: str) -> bool:
@@ -171,7 +172,6 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
     mount point, a store's debris): they carry OWNER_ENV naming a run that is gone, and would go
     on writing there while this run cleans up. Only processes using those paths are touched
     (a helper daemon that a command started elsewhere is not). Returns what was stopped."""
-    mine = owner_tag()
     orphans: Dict[str, str] = {}  # pid -> the run that started it
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
@@ -183,7 +183,7 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
             continue
         tag = next((e[len(OWNER_ENV) + 1:].decode("ascii", "replace") for e in environ
                     if e.startswith(OWNER_ENV.encode() + b"=")), None)
-        if tag is None or tag == mine:
+        if tag is None:
             continue
         owner, _, started = tag.partition(":")
         if not (owner.isdigit() and _start_time(int(owner)) == started):  # its run is gone
@@ -296,10 +296,7 @@ def cancel_all(signum: int) -> None:
         procs = list(_live)
     for p in procs:
         if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _kill_group(p.pid, signal.SIGTERM)
 
 
 def reset_cancel() -> None:
@@ -315,7 +312,7 @@ def check_cancelled() -> None:
         raise Interrupted(_cancelled[0])
 
 
-def read_head(argv: Sequence[str], nbytes: int, *, timeout: float = 30) -> bytes:
+def read_head(argv: Sequence[str], nbytes: int) -> bytes:
     """Return at most the first nbytes a command writes to stdout, then stop it.
 
     For peeking inside a compressed stream without decompressing all of it.
@@ -337,7 +334,6 @@ def read_head(argv: Sequence[str], nbytes: int, *, timeout: float = 30) -> bytes
         proc.stdout.close()
         if proc.poll() is None:
             stop(proc)
-        proc.wait(timeout=timeout)
     return b"".join(chunks)
 
 
@@ -373,6 +369,7 @@ _F_SETPIPE_SZ = 1031
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+@functools.cache
 def _sync_file_range() -> Any:
     """libc's sync_file_range(2) (start writeback without waiting), or None."""
     import ctypes  # here: not worth its import time for the commands that never write archives

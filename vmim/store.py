@@ -239,8 +239,8 @@ class ImageStore:
             else:
                 _fsync_path(tmp)
                 meta.update(size=os.path.getsize(tmp))
-                if fmt.checksum:  # archives; disk images are checked by qemu-img
-                    meta.update(sha256=digest or sha256_of(tmp))
+                if digest:  # archives are hashed as written; disk images are checked by qemu-img
+                    meta.update(sha256=digest)
             self._put_in_place(tmp, final)
         except BaseException:
             if os.path.lexists(tmp):

@@ -57,7 +57,6 @@ class Format:
 
     name = ""
     is_tree = False
-    checksum = True  # the store records a sha256 of the image
     #: what the format cannot carry (the store warns, the docs say so)
     cannot_carry: Tuple[str, ...] = ()
 
