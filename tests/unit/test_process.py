@@ -124,3 +124,32 @@ def test_a_full_disk_under_a_checksummed_pipeline_is_a_command_failure(tmp_path)
                          stdout_path="/dev/full", checksum=True)
     assert exc.value.exit_code == 6 and "No space left on device" in str(exc.value)
     assert "/dev/full" in str(exc.value) and process._live == set()
+
+
+def test_a_failing_command_takes_what_it_forked_with_it(tmp_path):
+    # the command ends on its own with an error while a helper it forked would run on
+    pidfile = tmp_path / "pid"
+    with pytest.raises(CommandError) as exc:
+        process.run(["sh", "-c", f"sleep 60 >/dev/null 2>&1 & echo $! >{pidfile}; exit 3"])
+    assert exc.value.returncode == 3
+    assert not _alive(int(pidfile.read_text()))
+
+
+def test_the_next_store_stops_what_a_killed_run_left_writing_into_its_debris(tmp_path):
+    import subprocess
+
+    from vmim.store import TMP_PREFIX, ImageStore
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    debris = tmp_path / f"{TMP_PREFIX}golden.{gone.pid}"
+    debris.mkdir()
+    writer = subprocess.Popen(["sleep", "60"], cwd=debris,
+                              env={**os.environ, process.OWNER_ENV: f"{gone.pid}:1"})
+    try:
+        assert ImageStore(str(tmp_path)).clean_debris() == [debris.name]
+        assert writer.wait(timeout=5) == -9
+        assert not debris.exists()
+    finally:
+        writer.kill()
+        writer.wait()
