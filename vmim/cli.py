@@ -602,11 +602,14 @@ def _print_lists(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, 
             if as_json:
                 doc["boxes"] = [r.as_dict() for r in rows]
             else:
-                _table(["NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE"],
+                _table(["NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE",
+                        "INCOMPLETE"],
                        [[_safe(r.name), "yes" if r.in_config else "no", r.state,
                          "yes" if r.mounted else "no",
                          f"pid {r.locked_by.pid}" if r.locked_by else "no",
-                         _safe(r.disk_text), _safe(r.base or "-")] for r in rows], out)
+                         _safe(r.disk_text), _safe(r.base or "-"),
+                         f"restore of {_safe(str(r.incomplete.get('image')))}"
+                         if r.incomplete else "no"] for r in rows], out)
         elif what == "free":
             free = [r.name for r in rows if r.is_free]
             if as_json:

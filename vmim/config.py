@@ -60,6 +60,10 @@ KEYS: Tuple[Key, ...] = (
         "when the slot sets no `mount` of its own.", default="/mnt/vm/"),
     Key("lockdir", "lockdir", "path", "local",
         "Directory holding the per-slot lock files.", default="/run/lock/vmimagemanager"),
+    Key("statedir", "statedir", "path", "local",
+        "Directory of what must survive a reboot: the mark of a slot whose restore did not "
+        "finish (such a slot is not started until an image is restored into it).",
+        default="/var/lib/vmimagemanager"),
     Key("vmlist", "vmlist", "list", "local",
         "Accepted for compatibility with 0.3 configs and ignored: every [vmim.vm.*] "
         "section is a slot.", default=()),
@@ -226,6 +230,7 @@ class Config:
     uri: str = "qemu:///system"
     mount_prefix: str = "/mnt/vm/"
     lockdir: str = "/run/lock/vmimagemanager"
+    statedir: str = "/var/lib/vmimagemanager"
     vmlist: Tuple[str, ...] = ()
     slots: Tuple[Slot, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -373,6 +378,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         uri=local_vals.get("uri", _key("uri").default),
         mount_prefix=local_vals.get("mount_prefix", _key("mount_prefix").default),
         lockdir=local_vals.get("lockdir", _key("lockdir").default),
+        statedir=local_vals.get("statedir", _key("statedir").default),
         vmlist=tuple(local_vals.get("vmlist", ())),
         slots=tuple(slots),
         defaults=_defaults_view(slot_defaults),
@@ -604,6 +610,7 @@ def render_config(cfg: Config) -> str:
     lines = [f"# effective configuration read from {cfg.path} ({cfg.format} format)", "",
              f"[{LOCAL_SECTION}]"]
     local_attrs = {"uri": cfg.uri, "mount_prefix": cfg.mount_prefix, "lockdir": cfg.lockdir,
+                   "statedir": cfg.statedir,
                    "vmlist": cfg.vmlist}
     for k in KEYS:
         if k.scope == "local":

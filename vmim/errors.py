@@ -116,8 +116,8 @@ class IncompleteError(VmimError):
 
     def __init__(self, what: str, cause: VmimError):
         self.exit_code = cause.exit_code
-        super().__init__(f"{what}: {cause}; the slot's filesystem is now incomplete: restore an "
-                         "image before starting the domain")
+        super().__init__(f"{what}: {cause}; the slot's filesystem is now incomplete and marked "
+                         "so (-u refuses to start it): restore an image")
 
 
 class Interrupted(VmimError):

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from vmim import disk as disk_mod
-from vmim import lock, process, progress, tree
+from vmim import incomplete, lock, process, progress, tree
 from vmim import store as store_mod
-from vmim.archive import cpio as cpio_mod
 from vmim.archive import detect, for_detected, for_name
 from vmim.config import Config, Slot
 from vmim.disk import mounts, qcow2
@@ -30,6 +29,7 @@ from vmim.errors import (
     VmimError,
 )
 from vmim.plan import DISK_ACTIONS, Request
+from vmim.progress import human_size
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,11 @@ class SlotRunner:
         done = []
         clock = _Clock()
         self.details = {"timings": clock.laps}
+        mark = incomplete.read(self.cfg, self.slot) if self.slot is not None else None
+        if mark is not None:
+            raise StateError(f"box '{self.box}': {incomplete.describe(mark)}, so its filesystem "
+                             "is incomplete and it is not started; restore an image into it "
+                             f"(vmimagemanager -b {self.box} -r NAME -u)")
         if self.slot is not None and self.slot.store_type is not None:
             released = self.step_release()  # never boot a domain whose disk is mounted here
             if released != NOTHING_TO_RELEASE:
@@ -313,7 +318,9 @@ class SlotRunner:
         return store_mod.ImageStore(directory, kind)
 
     def _verified_image(self, st: store_mod.ImageStore, name: str) -> Any:
-        """Find, detect and check an image before anything touches the slot."""
+        """Find, detect and prove an image restorable before anything touches the slot: by the
+        sha256 this tool recorded, else by a full read of its structure. Returns the path, the
+        format and what the full read found (None when the checksum proved it)."""
         path = st.find(name)
         meta = st.metadata(name)
         checked = bool(meta and meta.get("sha256"))
@@ -332,19 +339,11 @@ class SlotRunner:
         for tool in fmt.unpack_tools():
             process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
                                  "the slot was not touched")
-        if not checked:
-            fmt.verify(path)  # no checksum to trust: test the whole stream instead
-        return path, fmt
+        summary = None if checked else fmt.verify(path)  # no checksum: read all of it
+        return path, fmt, summary
 
     def _meta(self, **extra: Any) -> Dict[str, Any]:
         return {"source_box": self.box, "stored": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
-
-    def _warn_dropped(self, fmt: Any, root: str, what: str) -> None:
-        if fmt.cannot_carry:
-            n = cpio_mod.count_with_xattrs(root)
-            if n:
-                log.warning("box %s: %s: %s does not carry %s; %d entries lose theirs",
-                            self.box, what, fmt.name, " and ".join(fmt.cannot_carry), n)
 
     def step_extract(self) -> str:
         root = self._root()
@@ -358,7 +357,7 @@ class SlotRunner:
                 raise StateError(f"box '{self.box}': directory {t.directory} does not exist in "
                                  "the guest")
             rel = tree.guest_relative(root, host)
-            self._warn_dropped(fmt, host, f"extract {name}")
+            fmt.check_tree(host, f"box {self.box}: extract {name}")
             meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, [rel]),
                             self._meta(directory=t.directory))
             self.details.setdefault("extracts", []).append(
@@ -423,6 +422,7 @@ class SlotRunner:
         self._ensure_down()
         if slot.store_type == "qcow2":
             qcow2.make_overlay(path, slot.hostdisk or "")
+            incomplete.remove(self.cfg, slot)  # the whole disk was replaced at once
             return f"{name}: the slot's disk is a new qcow2 overlay on it"
         was_mounted = is_mounted(slot)
         self.step_release()
@@ -440,6 +440,7 @@ class SlotRunner:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
             raise
+        incomplete.remove(self.cfg, slot)
         if was_mounted:  # as it was before (and as --mount, which ran first, asked)
             self.step_mount()
         return f"{name} ({fmt_name}) written over the whole disk ({how})"
@@ -454,7 +455,7 @@ class SlotRunner:
             return self._store_disk(self._slot(), st, name)
         root = self._root()
         fmt = for_name(self.req.format or "rsync")
-        self._warn_dropped(fmt, root, f"store {name}")
+        fmt.check_tree(root, f"box {self.box}: store {name}")
         vfs = os.statvfs(root)
         used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
         with progress.watch(f"{self.box} store", used):
@@ -471,13 +472,15 @@ class SlotRunner:
         if self._whole_disk(slot):
             return self._restore_disk(slot, st, name)
         clock = _Clock()
-        path, fmt = self._verified_image(st, name)
+        path, fmt, summary = self._verified_image(st, name)
         clock.lap("verify")
         meta = st.metadata(name)  # the tree's size, without walking it again
         size = meta["size"] if meta and "size" in meta else (
             store_mod.tree_size(path) if fmt.is_tree else os.path.getsize(path))
         self.details = {"image": name, "format": fmt.name, "bytes": size, "timings": clock.laps}
         root = self._root(clock)
+        _check_room(root, summary, name)
+        incomplete.write(self.cfg, slot, name)  # durable before anything in the slot changes
         try:
             if fmt.is_tree:
                 with progress.watch(f"{self.box} restore", self.details["bytes"]):
@@ -502,6 +505,7 @@ class SlotRunner:
         except (VmimError, OSError) as exc:
             cause = exc if isinstance(exc, VmimError) else _as_error(exc)
             raise IncompleteError(f"restore of {name}{_full_note(root)}", cause) from None
+        incomplete.remove(self.cfg, slot)
         how = "mirrored" if fmt.is_tree else f"unpacked after clearing ({slot.clear})"
         return f"{name} ({fmt.name}) {how}"
 
@@ -510,7 +514,7 @@ class SlotRunner:
         checked = [(t, *self._verified_image(st, t.name)) for t in self.req.inserts]
         root = self._root()
         done = []
-        for t, path, fmt in checked:
+        for t, path, fmt, _summary in checked:
             staging = tree.staging_dir(root, "insert", like=tree.target_dir(root, t.directory))
             try:
                 fmt.unpack(path, staging)
@@ -586,6 +590,20 @@ def claim_free_slot(cfg: Config, hv: Any) -> Tuple[str, contextlib.ExitStack]:
         stack.close()
     raise LockBusyError(f"no free slot: all {len(cfg.slots)} slots of {cfg.path} are running, "
                         "mounted or locked; try again later")
+
+
+def _check_room(root: str, summary: Any, name: str) -> None:
+    """Refuse, before the slot is cleared, an image whose data cannot fit in the filesystem
+    even when it is empty (known when the image's structure was read)."""
+    needs = getattr(summary, "needs_bytes", None)
+    if not needs:
+        return
+    st = os.statvfs(root)
+    size = st.f_blocks * st.f_frsize
+    if needs > size:
+        raise StateError(f"image '{name}' holds {human_size(needs)} of data, more than the "
+                         f"slot's whole filesystem ({human_size(size)}); the slot was not "
+                         "touched")
 
 
 def _full_note(root: str) -> str:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from vmim import lock, store
+from vmim import incomplete, lock, store
 from vmim.config import Config, Slot
 from vmim.disk import mounts, qcow2
 from vmim.domain import UNDEFINED, DomainInfo
@@ -26,6 +26,7 @@ class BoxRow:
     mounted: bool
     locked_by: Optional[lock.Holder]
     base: Optional[str]  # a qcow2 slot's current base image
+    incomplete: Optional[dict]  # the mark of a restore that did not finish (vmim.incomplete)
 
     is_free: bool
 
@@ -42,6 +43,7 @@ class BoxRow:
             "mounted": self.mounted,
             "locked": self.locked_by.as_dict() if self.locked_by else None,
             "base": self.base,
+            "incomplete": self.incomplete,
         }
 
 
@@ -76,6 +78,7 @@ def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]]) -> List[BoxRow]
             locked_by=held,
             is_free=slot is not None and slot_is_free(slot, dom, mounted, held is not None),
             base=(qcow2.current_base(slot) or None) if slot and slot.store_type == "qcow2" else None,
+            incomplete=incomplete.read(cfg, slot) if slot else None,
         ))
     return rows
 

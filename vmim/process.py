@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Set
 
 from vmim import progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError
@@ -335,6 +335,43 @@ def read_head(argv: Sequence[str], nbytes: int) -> bytes:
         if proc.poll() is None:
             stop(proc)
     return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def output_of(argv: Sequence[str]) -> Iterator[IO[bytes]]:
+    """Run argv and give its stdout to read (a decompressor feeding a reader in this process).
+
+    After the body, the rest of the output is read and the command must end well: CommandError
+    otherwise. When the body fails and the command failed first (the stream ended early because
+    the command died), the command's failure is raised: it says why. Otherwise the command is
+    stopped and the body's error goes on."""
+    argv = [str(a) for a in argv]
+    log.debug("+ %s | (read here)", quote_argv(argv))
+    with tempfile.TemporaryFile() as err:
+        proc = popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdout is not None
+        with track(proc), proc.stdout:
+            try:
+                yield proc.stdout
+                while proc.stdout.read(1 << 20):  # a compression's own check sits at its end
+                    pass
+            except Exception:
+                try:
+                    code = proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    code = None  # still writing: the body stopped reading for its own reason
+                if code in (None, 0):
+                    stop(proc)
+                    raise
+            else:
+                code = proc.wait()
+            finally:
+                if proc.returncode is None:
+                    stop(proc)
+        if code != 0:
+            err.seek(0)
+            tail = err.read()[-STDERR_TAIL:].decode("utf-8", "replace")
+            raise CommandError(argv, proc.returncode, tail)
 
 
 def _broken_pipe(code: int) -> bool:

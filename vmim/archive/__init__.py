@@ -9,9 +9,10 @@ restore and insert (`for_detected`).
 from __future__ import annotations
 
 import shutil
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from vmim.errors import StateError
+from vmim.errors import OperationError, StateError
 
 if TYPE_CHECKING:
     from vmim.archive.detect import Detected
@@ -46,10 +47,38 @@ def decompressor(compression: str) -> List[str]:
     return _first_available(_DETOOLS[compression])
 
 
-def tester(compression: str) -> List[str]:
-    """argv that tests a compressed file's integrity (add the path)."""
-    argv = decompressor(compression)
-    return [argv[0], "-t"] + (["-q"] if argv[0] == "zstd" else [])
+class CorruptArchive(OperationError):
+    """An archive's structure is damaged or cut short."""
+
+
+class UnsafeMember(OperationError):
+    """A member that would be written outside the directory it is unpacked into."""
+
+
+class UnsupportedVariant(CorruptArchive):
+    """A variant of a container that the reader does not read (cpio odc, bin)."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a full read of an archive's structure found."""
+
+    members: int
+    #: bytes of member data the unpack must write (a lower bound of the space it needs), where
+    #: the format says it (tar stores holes as holes; cpio stores them as zeros: None)
+    needs_bytes: Optional[int]
+
+
+def skip(stream: IO[bytes], n: int) -> None:
+    """Read past n bytes of stream (seek where it can: a short file shows at the next read)."""
+    if n and stream.seekable():
+        stream.seek(n, 1)
+        return
+    while n > 0:
+        got = len(stream.read(min(n, 1 << 20)))
+        if not got:
+            raise CorruptArchive("the archive ends early, inside a member's data (truncated?)")
+        n -= got
 
 
 class Format:
@@ -70,13 +99,18 @@ class Format:
         """Unpack the image into the empty directory staging."""
         raise NotImplementedError
 
-    def verify(self, image: str) -> None:
-        """Raise StateError when the image is truncated or corrupt."""
+    def verify(self, image: str) -> Optional[Summary]:
+        """Prove the image restorable without writing anything: StateError (exit 4) when it
+        is truncated, corrupt, or holds what the unpacker would refuse."""
         raise NotImplementedError
 
     def unpack_tools(self) -> List[str]:
         """The programs unpack() runs: checked before anything touches the slot."""
         raise NotImplementedError
+
+    def check_tree(self, root: str, what: str) -> None:
+        """Before write(): StateError when the tree holds what the format cannot carry at all;
+        a warning for what it drops."""
 
 
 class StreamFormat(Format):
@@ -89,17 +123,26 @@ class StreamFormat(Format):
     def unpack_tools(self) -> List[str]:
         return [decompressor(self.compression)[0]] if self.compression else []
 
-    def verify(self, image: str) -> None:
-        """Decompress the whole stream to check it (used when no sha256 was recorded)."""
-        if not self.compression:
-            return
+    def check(self, stream: IO[bytes]) -> Summary:
+        """Read the container's structure from stream to its end marker (no writes)."""
+        raise NotImplementedError
+
+    def verify(self, image: str) -> Summary:
+        """Read the whole image once: the compression's own integrity check, and every member
+        header to the archive's end marker (used when no sha256 was recorded)."""
         from vmim import process
         from vmim.errors import CommandError
 
         try:
-            process.run([*tester(self.compression), image])
+            if not self.compression:
+                with open(image, "rb") as fh:
+                    return self.check(fh)
+            with process.output_of([*decompressor(self.compression), image]) as stream:
+                return self.check(stream)
         except CommandError as exc:
             raise StateError(f"image {image} is corrupt or truncated: {exc.stderr_tail}") from None
+        except (CorruptArchive, UnsafeMember) as exc:
+            raise StateError(f"image {image} cannot be restored: {exc}") from None
 
 
 def formats() -> Dict[str, Format]:

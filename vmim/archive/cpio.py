@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-from typing import List, Optional, Sequence
+import stat
+from typing import IO, Any, List, Optional, Sequence, Tuple
 
 from vmim import process
-from vmim.archive import StreamFormat, compressor, decompressor, newc
-from vmim.errors import CommandError
+from vmim.archive import StreamFormat, Summary, compressor, decompressor, newc
+from vmim.errors import StateError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ class CpioFormat(StreamFormat):
 
     def write(self, src_root: str, paths: Sequence[str], dest: str,
               link_dest: str = "") -> Optional[str]:
-        find: List[str] = ["find", *paths, "-xdev"]
+        # "./" before every path: a guest directory named "-fprint" is a path, not find's option
+        find: List[str] = ["find", *(p if p == "." else f"./{p}" for p in paths), "-xdev"]
         if list(paths) == ["."]:
             find += ["-path", "./lost+found", "-prune", "-o"]
         find.append("-print0")
@@ -33,37 +34,58 @@ class CpioFormat(StreamFormat):
         return process.pipeline(stages, stdout_path=dest, cwd=src_root, watch_stage=1,  # cpio reads
                                 checksum=True)
 
+    def _open(self, image: str) -> Any:
+        if self.compression:
+            return process.output_of([*decompressor(self.compression), image])
+        return open(image, "rb")
+
     def unpack(self, image: str, staging: str) -> None:
-        argv = decompressor(self.compression) + [image] if self.compression else ["cat", image]
-        log.debug("+ %s | (newc extractor into %s)", process.quote_argv(argv), staging)
-        proc = process.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stderr is not None
-        with process.track(proc):
-            try:
-                newc.extract(proc.stdout, staging)
-            except BaseException:
-                process.stop(proc)
-                raise
-            finally:
-                proc.stdout.close()
-        err = proc.stderr.read().decode("utf-8", "replace")
-        proc.stderr.close()
-        if proc.wait() != 0:
-            raise CommandError(argv, proc.returncode, err)
+        log.debug("(newc extractor of %s into %s)", image, staging)
+        with self._open(image) as stream:
+            newc.extract(stream, staging)
+
+    def check(self, stream: IO[bytes]) -> Summary:
+        return newc.check(stream)
 
 
-def count_with_xattrs(root: str) -> int:
-    """How many entries below root (on its filesystem) carry xattrs (ACLs are xattrs too):
-    what cpio drops."""
+    def check_tree(self, root: str, what: str) -> None:
+        big, with_xattrs = survey(root)
+        if big:
+            shown = ", ".join(f"/{os.path.relpath(p, root)}" for p in big[:5])
+            more = f" and {len(big) - 5} more" if len(big) > 5 else ""
+            raise StateError(f"{what}: cpio (newc) cannot hold files of 4 GiB or more, and "
+                             f"{len(big)} are there ({shown}{more}); use a tar format "
+                             "(--zstd or -z). Nothing was written")
+        if with_xattrs:
+            log.warning("%s: %s does not carry %s; %d entries lose theirs", what, self.name,
+                        " and ".join(self.cannot_carry), with_xattrs)
+
+
+#: newc's file size field has 8 hex digits
+NEWC_MAX_SIZE = (1 << 32) - 1
+
+
+def survey(root: str) -> Tuple[List[str], int]:
+    """One walk of root's filesystem (as find -xdev sees it): the files too big for newc, and
+    how many entries carry xattrs (ACLs are xattrs too), which newc drops."""
+    big: List[str] = []
     n = 0
     device = os.lstat(root).st_dev
     for dirpath, dirnames, filenames in os.walk(root):
         # as find -xdev: what is mounted below is not archived, so not counted either
         dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(dirpath, d)).st_dev == device]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size > NEWC_MAX_SIZE:
+                big.append(path)
         for name in dirnames + filenames:
             try:
                 if os.listxattr(os.path.join(dirpath, name), follow_symlinks=False):
                     n += 1
             except OSError:
                 pass
-    return n
+    return big, n

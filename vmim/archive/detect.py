@@ -63,12 +63,16 @@ def _get_magic() -> Any:
     return _magic
 
 
+#: what libmagic calls the cpio variants vmimagemanager does not read (it reads newc and crc)
+OTHER_CPIO = {"pre-svr4 or odc": "odc", "cpio archive": "bin"}
+
+
 def _container(description: str) -> Optional[str]:
     d = description.lower()
     if "tar archive" in d:
         return "tar"
     if "cpio archive" in d:
-        return "cpio"
+        return "cpio" if "(svr4 with" in d else "cpio-other"
     if d.startswith("qemu qcow"):
         return "qcow2"
     if d.startswith("dos/mbr boot sector") or "partition table" in d or "filesystem data" in d \
@@ -95,6 +99,12 @@ def _head(path: str, compression: str) -> bytes:
     return bytes(buf)
 
 
+def _other_cpio(inner: str, outer: str = "") -> str:
+    variant = next((v for k, v in OTHER_CPIO.items() if k in inner.lower()), "bin")
+    return (f"a cpio archive in the {variant} variant{f' ({outer})' if outer else ''}, which "
+            "vmimagemanager does not read: it reads newc (cpio -H newc)")
+
+
 def detect(path: str) -> Detected:
     """What kind of image or insert `path` is."""
     real = os.path.realpath(path)
@@ -106,6 +116,8 @@ def detect(path: str) -> Detected:
     compression = next((c for prefix, c in COMPRESSIONS.items() if first.startswith(prefix)), None)
     if compression is None:
         container = _container(description)
+        if container == "cpio-other":
+            return Detected(UNKNOWN, None, None, _other_cpio(description))
         fmt = container if container in ("tar", "cpio", "qcow2", "raw") else UNKNOWN
         return Detected(fmt, container, None, description)
     try:
@@ -116,6 +128,8 @@ def detect(path: str) -> Detected:
         return Detected(UNKNOWN, None, compression, f"{description} (empty or corrupt)")
     inner = m.from_buffer(head)
     container = _container(inner)
+    if container == "cpio-other":
+        return Detected(UNKNOWN, None, compression, _other_cpio(inner, description))
     if container not in ("tar", "cpio"):
         return Detected(UNKNOWN, None, compression, f"{inner} ({description})")
     fmt = NAMES.get((compression, container), f"{container}.{EXTENSIONS[compression]}")

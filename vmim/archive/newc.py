@@ -4,8 +4,12 @@ GNU cpio follows a symlink that an earlier member of the same archive created, a
 outside the target directory (a member `evil -> /etc` followed by `evil/passwd`). This reader
 creates every member relative to directory file descriptors opened with O_NOFOLLOW, so no
 member can pass through a symlink; `..` and absolute names are refused. It keeps numeric
-owners, modes (setuid, setgid, sticky), mtimes, hard links, symlinks, device nodes and FIFOs,
-and writes runs of zeros as holes (sparse files stay sparse).
+owners, modes (setuid, setgid, sticky), mtimes, hard links, symlinks, device nodes and FIFOs.
+newc has no hole map: every block of BLOCK zero bytes (aligned in the file) is written as a
+hole, so sparse files stay sparse, and allocated zero blocks become holes too.
+
+`check` walks a stream's headers to the trailer without writing anything: restore proves an
+image with it before the slot is cleared.
 """
 
 from __future__ import annotations
@@ -15,20 +19,19 @@ import os
 import stat
 from typing import IO, Dict, List, Tuple
 
-from vmim.errors import OperationError
+from vmim.archive import CorruptArchive, Summary, UnsafeMember, UnsupportedVariant, skip
 
 HEADER = 110
 CHUNK = 1024 * 1024
 ZEROS = bytes(CHUNK)
+#: the granularity of the holes the extractor makes (a filesystem block)
+BLOCK = 4096
+ZERO_BLOCK = bytes(BLOCK)
 TRAILER = b"TRAILER!!!"
-
-
-class CorruptArchive(OperationError):
-    pass
-
-
-class UnsafeMember(OperationError):
-    pass
+NEWC_MAGICS = (b"070701", b"070702")
+#: the other cpio variants, which this reader refuses: GNU cpio's default is "bin"
+OTHER_VARIANTS = {b"070707": "odc (portable ASCII)", b"\xc7\x71": "bin (old binary)",
+                  b"\x71\xc7": "bin (old binary)"}
 
 
 def _read_exact(stream: IO[bytes], n: int) -> bytes:
@@ -156,10 +159,7 @@ class Extractor:
             left = size
             while left:
                 chunk = _read_exact(stream, min(CHUNK, left))
-                if chunk == ZEROS[: len(chunk)]:
-                    os.lseek(fd, len(chunk), os.SEEK_CUR)  # a hole
-                else:
-                    _write_all(fd, chunk)
+                _write_sparse(fd, chunk)
                 left -= len(chunk)
             os.ftruncate(fd, size)
         finally:
@@ -167,11 +167,7 @@ class Extractor:
         self._skip(stream, _pad(size), exact=True)
 
     def _skip(self, stream: IO[bytes], n: int, exact: bool = False) -> None:
-        if not exact:
-            n += _pad(n)
-        while n:
-            got = len(_read_exact(stream, min(CHUNK, n)))
-            n -= got
+        _skip(stream, n, exact)
 
     def finish(self) -> None:
         """Directory mtimes last, deepest first (creating children changed them)."""
@@ -179,15 +175,62 @@ class Extractor:
             os.utime(path, (mtime, mtime), dir_fd=self.root_fd, follow_symlinks=False)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _skip(stream: IO[bytes], n: int, exact: bool = False) -> None:
+    """Read past n bytes of member data (and its padding, unless exact)."""
+    skip(stream, n if exact else n + _pad(n))
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
 
 
+def _write_sparse(fd: int, chunk: bytes) -> None:
+    """Write chunk at fd's offset, leaving every zero BLOCK as a hole (chunks start on a block
+    boundary of the file: CHUNK is a multiple of BLOCK)."""
+    if chunk == ZEROS[: len(chunk)]:
+        os.lseek(fd, len(chunk), os.SEEK_CUR)
+        return
+    view = memoryview(chunk)
+    start = 0  # the start of the data run not yet written
+    for at in range(0, len(chunk), BLOCK):
+        block = view[at:at + BLOCK]
+        if len(block) == BLOCK and block == ZERO_BLOCK:
+            if start < at:
+                _write_all(fd, view[start:at])
+            os.lseek(fd, BLOCK, os.SEEK_CUR)
+            start = at + BLOCK
+    if start < len(chunk):
+        _write_all(fd, view[start:])
+
+
 FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
           "rdevmajor", "rdevminor", "namesize", "check")
+
+
+def read_header(stream: IO[bytes]) -> Tuple[Dict[str, int], bytes]:
+    """The next member's header fields and name (the trailer's name is TRAILER)."""
+    raw = stream.read(HEADER)
+    if not raw:
+        raise CorruptArchive("cpio archive ends without its trailer (truncated?)")
+    variant = OTHER_VARIANTS.get(raw[:6]) or OTHER_VARIANTS.get(raw[:2])
+    if variant:
+        raise UnsupportedVariant(f"a cpio archive in the {variant} variant, which vmimagemanager "
+                                 "does not read; re-make it with 'cpio -o -H newc'")
+    if len(raw) < HEADER or raw[:6] not in NEWC_MAGICS:
+        raise CorruptArchive("not a cpio newc archive, or a corrupt one (a header is damaged or "
+                             "the archive ends early)")
+    try:
+        h = {f: int(raw[6 + 8 * i: 14 + 8 * i], 16) for i, f in enumerate(FIELDS)}
+    except ValueError:
+        raise CorruptArchive("corrupt cpio header") from None
+    if h["namesize"] < 1:
+        raise CorruptArchive("corrupt cpio header (empty name)")
+    name = _read_exact(stream, h["namesize"])[:-1]
+    _read_exact(stream, _pad(HEADER + h["namesize"]))
+    return h, name
 
 
 def extract(stream: IO[bytes], root: str) -> int:
@@ -196,17 +239,7 @@ def extract(stream: IO[bytes], root: str) -> int:
     count = 0
     try:
         while True:
-            raw = stream.read(HEADER)
-            if not raw:
-                raise CorruptArchive("cpio archive ends without its trailer (truncated?)")
-            if len(raw) < HEADER or raw[:6] not in (b"070701", b"070702"):
-                raise CorruptArchive("not a cpio newc archive, or a corrupt one")
-            try:
-                h = {f: int(raw[6 + 8 * i: 14 + 8 * i], 16) for i, f in enumerate(FIELDS)}
-            except ValueError:
-                raise CorruptArchive("corrupt cpio header") from None
-            name = _read_exact(stream, h["namesize"])[:-1]
-            _read_exact(stream, _pad(HEADER + h["namesize"]))
+            h, name = read_header(stream)
             if name == TRAILER:
                 break
             ex.member(h, name, stream)
@@ -215,3 +248,22 @@ def extract(stream: IO[bytes], root: str) -> int:
     finally:
         ex.close()
     return count
+
+
+def check(stream: IO[bytes]) -> Summary:
+    """Read every header of a newc stream to its trailer, skipping the data, refusing what the
+    extractor would refuse (unsafe names, unknown types): CorruptArchive or UnsafeMember."""
+    members = 0
+    while True:
+        h, name = read_header(stream)
+        if name == TRAILER:
+            return Summary(members, None)  # zero blocks become holes: sizes bound nothing
+        _components(name)
+        if stat.S_IFMT(h["mode"]) not in _TYPES:
+            raise CorruptArchive(f"cpio member {name!r} has an unknown type {oct(h['mode'])}")
+        _skip(stream, h["filesize"])
+        members += 1
+
+
+_TYPES = (stat.S_IFDIR, stat.S_IFLNK, stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+          stat.S_IFSOCK)

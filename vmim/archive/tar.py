@@ -1,11 +1,25 @@
-"""tar streams, compressed with gzip (pigz), zstd, bzip2 or xz, or not at all."""
+"""tar streams, compressed with gzip (pigz), zstd, bzip2 or xz, or not at all.
+
+Written and unpacked by GNU tar. `check` reads a stream's structure, every header to the
+end-of-archive marker, without writing anything: restore proves an image with it before the
+slot is cleared (GNU tar itself lists an archive cut at a member boundary without a word).
+"""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import tarfile
+from typing import IO, Dict, List, Optional, Sequence
 
 from vmim import process
-from vmim.archive import StreamFormat, compressor, decompressor
+from vmim.archive import (
+    CorruptArchive,
+    StreamFormat,
+    Summary,
+    UnsafeMember,
+    compressor,
+    decompressor,
+    skip,
+)
 
 # XFS shows its POSIX ACLs a second time as trusted.SGI_ACL_*: --acls carries them already.
 XATTRS = ["--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_ACL_*", "--acls"]
@@ -35,3 +49,98 @@ class TarFormat(StreamFormat):
             process.pipeline([decompressor(self.compression), untar], stdin_path=image)
         else:
             process.pipeline([untar], stdin_path=image)
+
+    def check(self, stream: IO[bytes]) -> Summary:
+        return check(stream)
+
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+#: member types whose data follows their header (tarfile's rule: regular files, contiguous
+#: files, GNU sparse files; unknown types are skipped over as data too)
+_NO_DATA = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
+            tarfile.FIFOTYPE)
+
+
+def _read_exact(stream: IO[bytes], n: int, what: str) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise CorruptArchive(f"tar archive ends early, inside {what} (truncated?)")
+    return data
+
+
+def _pax_records(data: bytes) -> Dict[str, str]:
+    """The key=value records of a pax extended header ("LEN key=value\n" each)."""
+    out: Dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise CorruptArchive("corrupt pax extended header") from None
+        record = data[space + 1:pos + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise CorruptArchive("corrupt pax extended header")
+        key, _, value = record[:-1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _check_name(name: str, what: str) -> None:
+    if ".." in name.split("/"):
+        raise UnsafeMember(f"tar member {what} {name!r} contains '..' (GNU tar would refuse it)")
+
+
+def check(stream: IO[bytes]) -> Summary:
+    """Read every header of a tar stream (ustar, pax, GNU) to the end-of-archive marker (two
+    zero blocks), skipping the data; CorruptArchive when it is cut short, a header's checksum
+    is wrong or the marker is missing, UnsafeMember for a name GNU tar would refuse."""
+    members = data = 0
+    pending: Dict[str, str] = {}  # what pax or GNU long-name headers say of the next member
+    while True:
+        buf = stream.read(BLOCK)
+        if len(buf) < BLOCK:
+            raise CorruptArchive("tar archive ends without its end-of-archive marker "
+                                 "(truncated?)" if members or buf else "empty tar archive")
+        if buf == ZERO_BLOCK:
+            if stream.read(BLOCK) != ZERO_BLOCK:
+                raise CorruptArchive("tar archive ends early: one zero block without a second "
+                                     "(truncated?)")
+            return Summary(members, data)
+        try:
+            info = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise CorruptArchive(f"corrupt tar header after {members} members ({exc})") from None
+        size = info.size
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+            records = _pax_records(_read_exact(stream, size, "a pax header"))
+            skip(stream, -size % BLOCK)
+            if info.type != tarfile.XGLTYPE:
+                pending.update(records)
+            continue
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            text = _read_exact(stream, size, "a long name").rstrip(b"\0")
+            skip(stream, -size % BLOCK)
+            key = "path" if info.type == tarfile.GNUTYPE_LONGNAME else "linkpath"
+            pending[key] = text.decode("utf-8", "surrogateescape")
+            continue
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            extended = buf[482]
+            while extended:  # more sparse map blocks follow
+                extended = _read_exact(stream, BLOCK, "a sparse map")[504]
+        name = pending.get("GNU.sparse.name") or pending.get("path") or info.name
+        _check_name(name, "name")
+        if info.type == tarfile.LNKTYPE:
+            _check_name(pending.get("linkpath") or info.linkname, "hard link target")
+        if "size" in pending:
+            try:
+                size = int(pending["size"])
+            except ValueError:
+                raise CorruptArchive("corrupt pax size record") from None
+        pending = {}
+        if info.type not in _NO_DATA:
+            skip(stream, size + -size % BLOCK)
+            data += size
+        members += 1
