@@ -208,16 +208,16 @@ class SlotRunner:
         done = []
         clock = _Clock()
         self.details = {"timings": clock.laps}
-        mark = incomplete.read(self.cfg, self.slot) if self.slot is not None else None
-        if mark is not None:
-            raise StateError(f"box '{self.box}': {incomplete.describe(mark)}, so its filesystem "
-                             "is incomplete and it is not started; restore an image into it "
-                             f"(vmimagemanager -b {self.box} -r NAME -u)")
         if self.slot is not None and self.slot.store_type is not None:
             released = self.step_release()  # never boot a domain whose disk is mounted here
             if released != NOTHING_TO_RELEASE:
                 done.append(released)
             clock.lap("release")
+            mark = incomplete.read(self.cfg, self.slot)
+            if mark is not None:
+                raise StateError(f"box '{self.box}': {incomplete.describe(mark)}, so its "
+                                 "filesystem is incomplete and it is not started; restore an "
+                                 f"image into it (vmimagemanager -b {self.box} -r NAME -u)")
         if self.hv.domain(self.box) is None:
             slot = self._slot()
             from vmim import definition

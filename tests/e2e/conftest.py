@@ -74,6 +74,7 @@ def make_slot(tmp_path, guest, write_config, domains):  # noqa: F811 (the rig's 
         cfg = write_config(f"""\
         [vmim.local]
         lockdir = "{tmp_path}/locks"
+        statedir = "{tmp_path}/state"
         mount = "{tmp_path}/mnt"
         virt_type = "qemu"
         [vmim.vm.guest]

@@ -59,6 +59,7 @@ def test_guest_boots_from_a_fresh_qcow2_overlay(vmim, guest, domains, tmp_path, 
     [vmim.local]
     vmimages = "{images}"
     lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
     virt_type = "qemu"
     [vmim.vm.q]
     HostName = "{name}"

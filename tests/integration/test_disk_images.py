@@ -40,6 +40,7 @@ def rig(tmp_path, write_config, domains):
     vmimages = "{images}"
     mount = "{tmp_path}/mnt"
     lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
     [vmim.vm.q]
     HostName = "{names['q']}"
     HostDisk = "{tmp_path}/slot.qcow2"
@@ -135,6 +136,7 @@ def test_reflink_reset_on_xfs(vmim, rig, tmp_path, write_config, domains):
         vmimages = "{fs}/images"
         mount = "{tmp_path}/mnt-reflink"
         lockdir = "{tmp_path}/locks"
+        statedir = "{tmp_path}/state"
         disk_image_format = "raw"
         [vmim.vm.x]
         HostName = "{name}"

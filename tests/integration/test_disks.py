@@ -47,6 +47,7 @@ def host(tmp_path, golden, write_config, domains):
     [vmim.local]
     mount = "{tmp_path}/mnt"
     lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
     [vmim.vm.mbr]
     HostName = "{names['mbr']}"
     HostDisk = "{tmp_path}/mbr.img"
@@ -91,7 +92,7 @@ class Host:
 
 def single_slot(write_config, workdir, name, local=None, **keys):
     """A config with one slot `name` (locks under workdir); keys are slot keys as in the INI."""
-    lines = ["[vmim.local]", f'lockdir = "{workdir}/locks"']
+    lines = ["[vmim.local]", f'lockdir = "{workdir}/locks"', f'statedir = "{workdir}/state"']
     lines += [f"{k} = {json.dumps(v)}" for k, v in (local or {}).items()]
     lines += ["[vmim.vm.x]", f'HostName = "{name}"']
     lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]

@@ -11,6 +11,7 @@ def _slot_config(write_config, tmp_path, name, extra=""):
     return write_config(f"""\
     [vmim.local]
     lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
     virt_type = "qemu"
     [vmim.vm.a]
     HostName = "{name}"
@@ -85,6 +86,7 @@ def test_domain_unknown_to_libvirt_without_a_disk_in_the_config(vmim, write_conf
     cfg = write_config(f"""\
     [vmim.local]
     lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
     [vmim.vm.a]
     HostName = "{name}"
     """)

@@ -59,6 +59,7 @@ def rig(tmp_path, blank_images, write_config, domains):
     [vmim.local]
     mount = "{tmp_path}/mnt"
     lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
     vmimages = "{images}"
     vminserts = "{inserts}"
     [vmim.vm.src]

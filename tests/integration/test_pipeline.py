@@ -45,6 +45,7 @@ def pair(tmp_path, write_config, domains, big_tgz):
     [vmim.local]
     mount = "{tmp_path}/mnt"
     lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
     vmimages = "{images}"
     [vmim.vm.a]
     HostName = "{names[0]}"
