@@ -77,6 +77,10 @@ def makedirs(root: str, guest_path: str) -> str:
     path = root
     for part in _split(guest_path):
         path = resolve(root, guest_relative(root, os.path.join(path, part)))
+        parent = os.path.dirname(path)
+        if path != root and not os.path.isdir(parent):
+            # a guest symlink named a directory whose parents are missing too: mkdir -p
+            makedirs(root, guest_relative(root, parent))
         try:
             os.mkdir(path, 0o755)
         except FileExistsError:

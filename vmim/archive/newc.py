@@ -20,6 +20,7 @@ import stat
 from typing import IO, Dict, List, Tuple
 
 from vmim.archive import CorruptArchive, Summary, UnsafeMember, UnsupportedVariant, skip
+from vmim.errors import OperationError
 
 HEADER = 110
 CHUNK = 1024 * 1024
@@ -242,7 +243,12 @@ def extract(stream: IO[bytes], root: str) -> int:
             h, name = read_header(stream)
             if name == TRAILER:
                 break
-            ex.member(h, name, stream)
+            try:
+                ex.member(h, name, stream)
+            except OSError as exc:  # a hard link to a name a later member replaced, ENOSPC...
+                shown = name.decode("utf-8", "backslashreplace")
+                raise OperationError(f"cannot unpack cpio member {shown!r}: "
+                                     f"{exc.strerror or exc}") from None
             count += 1
         ex.finish()
     finally:
