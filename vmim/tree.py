@@ -135,7 +135,7 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
             try:
                 st = os.lstat(dst)
             except FileNotFoundError:
-                os.rename(src, dst)
+                _rename_in(src, dst, root, guest_rel)
                 moved += 1
                 continue
             if stat.S_ISDIR(st.st_mode):
@@ -147,7 +147,7 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
         else:
             dst = resolve(root, guest_rel, follow_last=False)
             try:
-                os.rename(src, dst)
+                _rename_in(src, dst, root, guest_rel)
             except IsADirectoryError:
                 raise OperationError(f"cannot put a file at /{guest_rel} in the guest: "
                                      "a directory is there") from None
@@ -158,6 +158,18 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
                 raise
             moved += 1
     return moved
+
+
+def _rename_in(src: str, dst: str, root: str, guest_rel: str) -> None:
+    """Move a staged entry to dst (guest_rel as the guest names it); a missing parent (a
+    dangling guest symlink on the way) is reported with guest paths only."""
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        where = guest_relative(root, dst)
+        via = f" (it leads to /{where} through a guest symlink)" if where != guest_rel else ""
+        raise OperationError(f"cannot put /{guest_rel} in the guest: the directory it goes in "
+                             f"does not exist{via}") from None
 
 
 def remove(paths: List[str]) -> None:
