@@ -276,13 +276,29 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
     if syslog:
         import logging.handlers as logging_handlers
 
+        class SyslogHandler(logging_handlers.SysLogHandler):
+            """Syslog, given up (with one warning) at its first failure: a cron run without a
+            syslog daemon must not print a traceback for every line it logs."""
+
+            def handleError(self, record: logging.LogRecord) -> None:
+                logging.getLogger().removeHandler(self)
+                self.close()
+                exc = sys.exc_info()[1]
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                log.warning("cannot log to syslog at %s (%s); logging to stderr only", syslog, why)
+
+        class EscapingFormatter(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return _undecodable_escaped(super().format(record))
+
         try:
-            sh = logging_handlers.SysLogHandler(address=syslog)
+            sh = SyslogHandler(address=syslog)
         except OSError as exc:
-            log.warning("cannot log to syslog at %s: %s", syslog, exc.strerror)
+            log.warning("cannot log to syslog at %s (%s); logging to stderr only", syslog,
+                        exc.strerror)
             return
         sh._vmim = True  # type: ignore[attr-defined]
-        sh.setFormatter(logging.Formatter(f"{PROG}[{os.getpid()}]: %(levelname)s: %(message)s"))
+        sh.setFormatter(EscapingFormatter(f"{PROG}[{os.getpid()}]: %(levelname)s: %(message)s"))
         sh.setLevel(min(level, logging.INFO))  # the steps, even when stderr stays quiet
         root.addHandler(sh)
         root.setLevel(min(level, logging.INFO))
