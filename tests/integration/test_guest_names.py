@@ -65,3 +65,14 @@ def test_an_undecodable_image_name_is_an_unknown_image(rig):
     assert r.returncode == 4, r
     assert b"Traceback" not in r.stderr
     assert b"bad\\xff" in r.stderr and b"not found" in r.stderr
+
+
+def test_image_names_up_to_255_bytes_store_and_longer_ones_are_usage_errors(vmim, rig):
+    name = "n" * 250
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "-z", "-s", name)
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "-s", name)  # again, as a tree over the archive
+    assert os.path.isdir(rig.images / name)
+    assert sorted(os.listdir(rig.images)) == [".vmim", name]
+    r = vmim("-b", rig.names["ext4"], "-s", "n" * 256, "--config", rig.cfg)
+    assert r.code == 2 and "too long" in r.err, r
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
