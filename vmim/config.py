@@ -713,7 +713,9 @@ def render_reference() -> str:
         "in the current format.",
         "",
         "Unknown and obsolete keys are warned about (file, section, key) and ignored. Invalid "
-        "values, a slot without HostName, two slots with one HostName or one disk are errors: "
+        "values, a slot without HostName, a HostName with `/` (or `.`, `..`), two slots with one "
+        "HostName, one disk or one mount point (or one mount point inside another's), and a "
+        "section or a key written twice (both lines are named) are errors: "
         "all of them are reported together and the command exits with code 3.",
         "",
         "## `[vmim.local]`",
