@@ -397,7 +397,7 @@ def _check_duplicates(text: str, cp: configparser.ConfigParser, col: _Collector)
             continue
         if line[0].isspace() and in_value:
             continue  # a continuation line of a value
-        m = cp.SECTCRE.match(line)
+        m = cp.SECTCRE.match(stripped)
         if m:
             section, keys, in_value = m.group("header"), {}, False
             if section in sections:
@@ -405,7 +405,7 @@ def _check_duplicates(text: str, cp: configparser.ConfigParser, col: _Collector)
                           f"and {lineno}); merge them into one")
             sections.setdefault(section, lineno)
             continue
-        m = cp._optcre.match(stripped)  # type: ignore[attr-defined]
+        m = cp.OPTCRE.match(stripped)  # the default delimiters, as parse() uses
         if m is None or section is None:
             continue  # configparser has reported it
         in_value = True
