@@ -212,8 +212,17 @@ def remove_stale_work(root: str) -> None:
 def staging_dir(root: str, what: str, like: str) -> str:
     """A fresh directory at the guest root to unpack into, with the metadata of directory
     `like` (the merge target), so that an archive without a "." entry changes none of it."""
-    path = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
-    os.mkdir(path, 0o700)
+    base = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
+    path = base
+    for n in range(1, 1000):
+        try:
+            os.mkdir(path, 0o700)
+            break
+        except FileExistsError:  # a guest entry of that name: guest data, left alone
+            path = f"{base}.{n}"
+    else:
+        raise StateError(f"cannot make a staging directory at the guest root "
+                         f"(/{os.path.basename(base)}.N all exist)")
     try:
         os.setxattr(path, OWNER_XATTR, process.owner_tag().encode("ascii"), follow_symlinks=False)
     except OSError as exc:  # no user xattrs here: a leftover of this run stays (and is said)

@@ -48,3 +48,11 @@ def test_a_staging_directory_is_marked_with_its_run_and_kept_while_that_run_live
     assert (guest / "file").read_text() == "inserted\n"
     # the marker stays with the staging directory: the guest root does not take it
     assert tree.OWNER_XATTR not in os.listxattr(guest)
+
+
+def test_a_guest_entry_with_the_staging_name_is_left_alone(tmp_path):
+    (tmp_path / f".vmim-insert.{os.getpid()}").write_text("guest data")
+    staging = tree.staging_dir(str(tmp_path), "insert", like=str(tmp_path))
+    assert staging != str(tmp_path / f".vmim-insert.{os.getpid()}")
+    assert (tmp_path / f".vmim-insert.{os.getpid()}").read_text() == "guest data"
+    os.rmdir(staging)
