@@ -242,7 +242,8 @@ def make_request(args: argparse.Namespace) -> Request:
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}" + (
+        message = _undecodable_escaped(record.getMessage())
+        return f"{PROG}: {record.levelname.lower()}: {message}" + (
             "\n" + self.formatException(record.exc_info) if record.exc_info else "")
 
 
@@ -275,13 +276,29 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
     if syslog:
         import logging.handlers as logging_handlers
 
+        class SyslogHandler(logging_handlers.SysLogHandler):
+            """Syslog, given up (with one warning) at its first failure: a cron run without a
+            syslog daemon must not print a traceback for every line it logs."""
+
+            def handleError(self, record: logging.LogRecord) -> None:
+                logging.getLogger().removeHandler(self)
+                self.close()
+                exc = sys.exc_info()[1]
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                log.warning("cannot log to syslog at %s (%s); logging to stderr only", syslog, why)
+
+        class EscapingFormatter(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return _undecodable_escaped(super().format(record))
+
         try:
-            sh = logging_handlers.SysLogHandler(address=syslog)
+            sh = SyslogHandler(address=syslog)
         except OSError as exc:
-            log.warning("cannot log to syslog at %s: %s", syslog, exc.strerror)
+            log.warning("cannot log to syslog at %s (%s); logging to stderr only", syslog,
+                        exc.strerror)
             return
         sh._vmim = True  # type: ignore[attr-defined]
-        sh.setFormatter(logging.Formatter(f"{PROG}[{os.getpid()}]: %(levelname)s: %(message)s"))
+        sh.setFormatter(EscapingFormatter(f"{PROG}[{os.getpid()}]: %(levelname)s: %(message)s"))
         sh.setLevel(min(level, logging.INFO))  # the steps, even when stderr stays quiet
         root.addHandler(sh)
         root.setLevel(min(level, logging.INFO))
@@ -304,10 +321,14 @@ def _entries_table(entries: Sequence[Any], out: TextIO) -> None:
     _table(["NAME", "FORMAT", "SIZE", "MODIFIED (UTC)", "DIRECTORY", "BASE OF"], rows, out)
 
 
+def _undecodable_escaped(text: str) -> str:
+    """Bytes that were not UTF-8 (in names from the command line or the disk) as \\x escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _safe(text: str) -> str:
     """A name as it can be printed: undecodable bytes as \\x escapes, newlines escaped."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
-        .replace("\n", "\\n")
+    return _undecodable_escaped(text).replace("\n", "\\n")
 
 
 # --------------------------------------------------------------------------- main
@@ -368,7 +389,7 @@ def _report(exc: VmimError, doc: Dict[str, Any]) -> None:
         for p in exc.problems:
             sys.stderr.write(f"  {p}\n")
     else:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {_undecodable_escaped(str(exc))}\n")
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         traceback.print_exc(file=sys.stderr)
     doc["error"] = {"message": str(exc), "exit_code": exc.exit_code, "type": type(exc).__name__}
@@ -554,7 +575,7 @@ def _run_boxes(req: Request, cfg: Any, hv: Any, options: Any, doc: Dict[str, Any
             failed = next((s.step for s in r.steps if s.status == "failed"), None)
             where = f"box {r.box}: {failed} failed" if failed else f"box {r.box}"
             tail = "; the domain was not started" if "up" in req.actions else ""
-            sys.stderr.write(f"{PROG}: error: {where}: {r.error}{tail}\n")
+            sys.stderr.write(f"{PROG}: error: {where}: {_undecodable_escaped(str(r.error))}{tail}\n")
     if len(results) > 1 and not quiet:
         for r in results:
             took = sum(s.seconds for s in r.steps)

@@ -275,6 +275,9 @@ def find_config_path(cli_path: Optional[str], environ: Mapping[str, str] = os.en
         path, origin = environ[ENV_CONFIG], f"${ENV_CONFIG}"
     else:
         path, origin = DEFAULT_CONFIG_PATH, "the default path"
+    if os.path.isdir(path):
+        raise ConfigError(f"configuration file '{path}' (from {origin}) is a directory; "
+                          "give the file in it")
     if not os.path.isfile(path):
         raise ConfigError(
             f"configuration file '{path}' (from {origin}) was not found; "
@@ -322,6 +325,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{path}: malformed INI: {_one_line(str(exc))}") from None
 
     col = _Collector(path)
+    _check_duplicates(text, cp, col)
     sections = cp.sections()
     current = [s for s in sections if s == LOCAL_SECTION or s.startswith(SLOT_PREFIX)]
     legacy = LEGACY_SECTION in sections
@@ -384,6 +388,38 @@ def parse(text: str, path: str = "<config>") -> Config:
         defaults=_defaults_view(slot_defaults),
         warnings=tuple(col.warnings),
     )
+
+
+def _check_duplicates(text: str, cp: configparser.ConfigParser, col: _Collector) -> None:
+    """A section or a key written twice (configparser would merge them silently): an error
+    naming both lines."""
+    sections: Dict[str, int] = {}
+    keys: Dict[str, int] = {}
+    section: Optional[str] = None
+    in_value = False
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if line[0].isspace() and in_value:
+            continue  # a continuation line of a value
+        m = cp.SECTCRE.match(stripped)
+        if m:
+            section, keys, in_value = m.group("header"), {}, False
+            if section in sections:
+                col.error(section, None, f"section written twice (lines {sections[section]} "
+                          f"and {lineno}); merge them into one")
+            sections.setdefault(section, lineno)
+            continue
+        m = cp.OPTCRE.match(stripped)  # the default delimiters, as parse() uses
+        if m is None or section is None:
+            continue  # configparser has reported it
+        in_value = True
+        key = cp.optionxform(m.group("option").rstrip())
+        if key in keys:
+            col.error(section, key, f"written twice in this section (lines {keys[key]} and "
+                      f"{lineno}); keep one")
+        keys.setdefault(key, lineno)
 
 
 def _enabled(raw: Mapping[str, str], fmt: str) -> bool:
@@ -541,6 +577,10 @@ def _build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Map
             col.error(section, "HostName", "is required: the libvirt domain name of this slot")
             return None
     merged["name"] = name
+    if "/" in name or name in (".", "..") or "\0" in name:
+        col.error(section, "HostName", f"{json.dumps(name)} is not a domain name (no '/', "
+                  "not '.' or '..'): it names the slot's lock and mount point")
+        return None
 
     st = merged.get("store_type")
     if st is None:
@@ -580,7 +620,17 @@ def _build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Map
 def _check_slots(slots: Sequence[Slot], col: _Collector) -> None:
     by_name: Dict[str, Slot] = {}
     by_disk: Dict[str, Slot] = {}
+    by_mount: Dict[str, Slot] = {}
     for s in slots:
+        for mount, first in by_mount.items():
+            if first.name != s.name and (_under(s.mount, mount) or _under(mount, s.mount)):
+                how = ("is also" if s.mount == mount else
+                       "lies inside" if _under(s.mount, mount) else "contains")
+                col.error(s.section, "mount", f"'{s.mount}' {how} the mount point of slot "
+                          f"'{first.name}' ([{first.section}]); releasing one would unmount "
+                          "the other: give each slot its own")
+                break
+        by_mount.setdefault(s.mount, s)
         other = by_name.get(s.name)
         if other is not None:
             col.error(s.section, "HostName", f"'{s.name}' is also the HostName of [{other.section}]")
@@ -594,6 +644,10 @@ def _check_slots(slots: Sequence[Slot], col: _Collector) -> None:
                           f"disk '{disk}' is also the disk of slot '{other.name}' "
                           f"([{other.section}]); two slots cannot share a disk")
             by_disk[norm] = s
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 # --------------------------------------------------------------------------- output
@@ -666,7 +720,9 @@ def render_reference() -> str:
         "in the current format.",
         "",
         "Unknown and obsolete keys are warned about (file, section, key) and ignored. Invalid "
-        "values, a slot without HostName, two slots with one HostName or one disk are errors: "
+        "values, a slot without HostName, a HostName with `/` (or `.`, `..`), two slots with one "
+        "HostName, one disk or one mount point (or one mount point inside another's), and a "
+        "section or a key written twice (both lines are named) are errors: "
         "all of them are reported together and the command exits with code 3.",
         "",
         "## `[vmim.local]`",

@@ -64,7 +64,7 @@ def slot_lock(lockdir: str, box: str, wait: float = 0) -> Iterator[None]:
                     f"box '{box}' is locked by {who}; try again later or wait with --lock-wait S"
                 )
             time.sleep(POLL)
-        record = f"{os.getpid()}\n{' '.join(sys.argv)}\n".encode()
+        record = f"{os.getpid()}\n".encode() + b" ".join(map(os.fsencode, sys.argv)) + b"\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
         log.debug("locked box %s (%s)", box, lock_path(lockdir, box))

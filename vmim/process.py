@@ -60,6 +60,12 @@ def owner_tag() -> str:
     return f"{pid}:{_start_time(pid)}"
 
 
+def owner_gone(tag: str) -> bool:
+    """Whether the run an owner_tag() names has ended (its pid is gone, or is another process)."""
+    owner, _, started = tag.partition(":")
+    return not (owner.isdigit() and _start_time(int(owner)) == started)
+
+
 def _env() -> dict:
     """Commands run in the C locale (their messages and output are parsed and quoted), marked
     with the run that started them."""
@@ -185,9 +191,8 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
                     if e.startswith(OWNER_ENV.encode() + b"=")), None)
         if tag is None:
             continue
-        owner, _, started = tag.partition(":")
-        if not (owner.isdigit() and _start_time(int(owner)) == started):  # its run is gone
-            orphans[name] = owner
+        if owner_gone(tag):
+            orphans[name] = tag.partition(":")[0]
     in_the_way = {pid for top in paths for pid in path_users(top, list(orphans))}
     victims: List[int] = []
     described: List[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import difflib
 import errno
@@ -9,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -101,12 +103,43 @@ TMP_PREFIX = ".vmim-tmp."
 OLD_PREFIX = ".vmim-old."
 META_DIR = ".vmim"
 RENAME_EXCHANGE = 2
+NAME_MAX = 255  # bytes in one file name
+_HASHED = re.compile(r"~[0-9a-f]{16}$")
 
 
 def validate_name(name: str, what: str = "image") -> None:
     if not name or name in (".", "..") or "/" in name or name.startswith(".") or "\0" in name:
         raise UsageError(f"{what} name {name!r} is not allowed: it must not be empty, contain '/' "
                          "or start with '.'")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise UsageError(f"{what} name {name[:40]!r}... is too long: at most {NAME_MAX} bytes")
+
+
+def fit_name(stem: str, suffix: str) -> str:
+    """stem + suffix as one file name: when that is longer than NAME_MAX bytes, stem is cut
+    and ends in '~' and a hash of the whole stem, so that distinct stems stay distinct."""
+    raw = os.fsencode(stem + suffix)
+    if len(raw) <= NAME_MAX:
+        return stem + suffix
+    digest = hashlib.sha256(os.fsencode(stem)).hexdigest()[:16]
+    room = NAME_MAX - len(os.fsencode(suffix)) - 1 - len(digest)
+    cut = os.fsencode(stem)[:room].decode("utf-8", "ignore")  # no half character
+    return f"{cut}~{digest}{suffix}"
+
+
+def _work_name(prefix: str, name: str) -> str:
+    """The name of this run's temporary (or set-aside) entry for entry `name`."""
+    return fit_name(prefix + name, f".{os.getpid()}")
+
+
+def _debris_of(debris: str) -> Optional[str]:
+    """The entry name a temporary or set-aside name was made for; None when it was cut to fit
+    (then it does not tell)."""
+    stem = debris.rsplit(".", 1)[0]
+    name = stem[len(OLD_PREFIX if stem.startswith(OLD_PREFIX) else TMP_PREFIX):]
+    if len(os.fsencode(debris)) > NAME_MAX - 4 and _HASHED.search(stem):
+        return None
+    return name
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -174,8 +207,8 @@ class ImageStore:
 
     # metadata -----------------------------------------------------------
 
-    def _meta_path(self, name: str) -> str:
-        return os.path.join(self.directory, META_DIR, name + ".json")
+    def _meta_path(self, name: str, suffix: str = "") -> str:
+        return os.path.join(self.directory, META_DIR, fit_name(name, ".json" + suffix))
 
     def metadata(self, name: str) -> Optional[dict]:
         """The entry's metadata, when it describes the entry as it is now."""
@@ -193,7 +226,7 @@ class ImageStore:
     def _write_meta(self, name: str, meta: dict) -> None:
         d = os.path.join(self.directory, META_DIR)
         os.makedirs(d, exist_ok=True)
-        tmp = f"{self._meta_path(name)}.{os.getpid()}"
+        tmp = self._meta_path(name, f".{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1, sort_keys=True)
             fh.flush()
@@ -203,14 +236,28 @@ class ImageStore:
     # writing ------------------------------------------------------------
 
     def clean_debris(self) -> List[str]:
-        """Remove what killed stores left (temporary names of processes that are gone)."""
+        """Remove what killed stores left (temporary names of processes that are gone), never
+        the only copy of a name: a set-aside entry whose name is empty goes back to it."""
         removed = []
-        debris = [n for n in os.listdir(self.directory)
-                  if n.startswith((TMP_PREFIX, OLD_PREFIX)) and not process.pid_alive(n.rsplit(".", 1)[-1])]
+        debris = sorted(n for n in os.listdir(self.directory)
+                        if n.startswith((TMP_PREFIX, OLD_PREFIX))
+                        and not process.pid_alive(n.rsplit(".", 1)[-1]))
         if debris:
             # a killed run's rsync or tar may still be writing there
             process.reap_orphans([self.path(n) for n in debris])
         for n in debris:
+            if n.startswith(OLD_PREFIX):  # a complete entry, set aside by a run killed next
+                name = _debris_of(n)
+                if name is None:
+                    log.warning("kept %s: a store that was interrupted set it aside, and its name "
+                                "does not tell which image it was; rename it to its image name "
+                                "or remove it", self.path(n))
+                    continue
+                if not os.path.lexists(self.path(name)):
+                    os.rename(self.path(n), self.path(name))
+                    log.warning("%s: put image '%s' back under its name: the store that was "
+                                "replacing it was interrupted", self.directory, name)
+                    continue
             process.run(["rm", "-rf", "--", self.path(n)])
             removed.append(n)
         if removed:
@@ -228,7 +275,7 @@ class ImageStore:
             raise StateError(f"{self.kind} store {self.directory} is not writable")
         self.clean_debris()
         final = self.path(name)
-        tmp = self.path(f"{TMP_PREFIX}{name}.{os.getpid()}")
+        tmp = self.path(_work_name(TMP_PREFIX, name))
         link_dest = final if fmt.is_tree and os.path.isdir(final) and not os.path.islink(final) else ""
         try:
             digest = writer(tmp, link_dest)
@@ -247,20 +294,29 @@ class ImageStore:
                 subprocess.run(["rm", "-rf", "--", tmp], check=False)
             raise
         meta.update(name=name, format=fmt.name, mtime_ns=os.stat(final).st_mtime_ns)
-        self._write_meta(name, meta)
+        try:
+            self._write_meta(name, meta)
+        except OSError as exc:  # the image is in place: the store succeeded
+            log.warning("%s '%s' is stored, but its metadata could not be written (%s: %s): "
+                        "lists will read it again, and a restore will verify it by a full read",
+                        self.kind, name, exc.filename or self.directory, exc.strerror)
+            with contextlib.suppress(OSError):
+                os.unlink(self._meta_path(name))  # an earlier entry's, not to be trusted
         _fsync_path(self.directory)
         return meta
 
     def _put_in_place(self, tmp: str, final: str) -> None:
+        """The name resolves to the old entry or to the new one at every instant."""
         exists = os.path.lexists(final)
         old_is_dir = exists and os.path.isdir(final) and not os.path.islink(final)
         new_is_dir = os.path.isdir(tmp)
-        if old_is_dir and new_is_dir and _exchange(tmp, final):
-            process.run(["rm", "-rf", "--", tmp])  # tmp now holds the old tree
+        if exists and (old_is_dir or new_is_dir) and _exchange(tmp, final):
+            # one atomic swap, a tree and a file alike
+            process.run(["rm", "-rf", "--", tmp])  # tmp now holds the old entry
         elif exists and (old_is_dir or new_is_dir):
-            # A tree on either side: no atomic replace; set the old one aside, and put it back
-            # if the new one cannot take its place (an interruption between the two renames).
-            old = self.path(f"{OLD_PREFIX}{os.path.basename(final)}.{os.getpid()}")
+            # No renameat2 here: set the old one aside, and put it back if the new one cannot
+            # take its place; a kill between the two renames is mended by clean_debris().
+            old = self.path(_work_name(OLD_PREFIX, os.path.basename(final)))
             os.rename(final, old)
             try:
                 os.rename(tmp, final)

@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 import stat
-from typing import List
+from typing import List, Optional
 
 from vmim import process
 from vmim.errors import OperationError, StateError
@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 MAX_LINKS = 40
 #: names vmimagemanager creates at the guest root while it works (staging, temporary)
 WORK_PREFIX = ".vmim-"
+#: the mark of a staging directory: the run that made it (process.owner_tag()). Only a
+#: directory with this mark, of a run that has ended, is ever removed as a leftover: a guest
+#: entry that merely has a .vmim- name is guest data.
+OWNER_XATTR = "user.vmim.owner"
 
 
 def _split(path: str) -> List[str]:
@@ -95,6 +99,8 @@ def _copy_dir_metadata(src: str, dst: str) -> None:
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
     for name in os.listxattr(src, follow_symlinks=False):
+        if name == OWNER_XATTR:
+            continue  # the staging directory's own mark: never given to the guest
         try:
             os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
                         follow_symlinks=False)
@@ -133,7 +139,7 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
             try:
                 st = os.lstat(dst)
             except FileNotFoundError:
-                os.rename(src, dst)
+                _rename_in(src, dst, root, guest_rel)
                 moved += 1
                 continue
             if stat.S_ISDIR(st.st_mode):
@@ -145,7 +151,7 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
         else:
             dst = resolve(root, guest_rel, follow_last=False)
             try:
-                os.rename(src, dst)
+                _rename_in(src, dst, root, guest_rel)
             except IsADirectoryError:
                 raise OperationError(f"cannot put a file at /{guest_rel} in the guest: "
                                      "a directory is there") from None
@@ -156,6 +162,18 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
                 raise
             moved += 1
     return moved
+
+
+def _rename_in(src: str, dst: str, root: str, guest_rel: str) -> None:
+    """Move a staged entry to dst (guest_rel as the guest names it); a missing parent (a
+    dangling guest symlink on the way) is reported with guest paths only."""
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        where = guest_relative(root, dst)
+        via = f" (it leads to /{where} through a guest symlink)" if where != guest_rel else ""
+        raise OperationError(f"cannot put /{guest_rel} in the guest: the directory it goes in "
+                             f"does not exist{via}") from None
 
 
 def remove(paths: List[str]) -> None:
@@ -171,12 +189,24 @@ def clear(root: str) -> int:
     return len(names)
 
 
+def _owner(path: str) -> Optional[str]:
+    """The run that made staging directory path (its mark), or None: not ours."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return None
+        return os.getxattr(path, OWNER_XATTR, follow_symlinks=False).decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def remove_stale_work(root: str) -> None:
-    """Staging directories a killed run left at the guest root."""
+    """Staging directories a killed run left at the guest root: those marked by a run of this
+    tool that has ended, and nothing else."""
     stale = []
     for n in os.listdir(root):
         if n.startswith(WORK_PREFIX):
-            if not process.pid_alive(n.rsplit(".", 1)[-1]):
+            owner = _owner(os.path.join(root, n))
+            if owner is not None and process.owner_gone(owner):
                 stale.append(os.path.join(root, n))
     if stale:
         log.info("removing what an interrupted run left in the guest: %s", ", ".join(stale))
@@ -186,7 +216,21 @@ def remove_stale_work(root: str) -> None:
 def staging_dir(root: str, what: str, like: str) -> str:
     """A fresh directory at the guest root to unpack into, with the metadata of directory
     `like` (the merge target), so that an archive without a "." entry changes none of it."""
-    path = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
-    os.mkdir(path, 0o700)
+    base = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
+    path = base
+    for n in range(1, 1000):
+        try:
+            os.mkdir(path, 0o700)
+            break
+        except FileExistsError:  # a guest entry of that name: guest data, left alone
+            path = f"{base}.{n}"
+    else:
+        raise StateError(f"cannot make a staging directory at the guest root "
+                         f"(/{os.path.basename(base)}.N all exist)")
+    try:
+        os.setxattr(path, OWNER_XATTR, process.owner_tag().encode("ascii"), follow_symlinks=False)
+    except OSError as exc:  # no user xattrs here: a leftover of this run stays (and is said)
+        log.warning("cannot mark %s as this run's (%s): if the run is killed, remove it by hand",
+                    path, exc.strerror)
     _copy_dir_metadata(like, path)
     return path

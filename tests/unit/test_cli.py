@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -370,3 +371,45 @@ format=%(levelname)s %(message)s
                 h.close()
     assert r.code == 0
     assert "WARNING" in log_file.read_text() and "stray: unknown key ignored" in log_file.read_text()
+
+
+@pytest.fixture
+def restore_root_handlers():
+    import logging
+
+    before = list(logging.getLogger().handlers)
+    yield
+    for h in logging.getLogger().handlers:
+        if h not in before:
+            logging.getLogger().removeHandler(h)
+            h.close()
+
+
+def test_syslog_without_a_socket_warns_once_and_carries_on(vmim, write_config, tmp_path,
+                                                           restore_root_handlers):
+    path = write_config(SIMPLE.format(images=tmp_path, inserts=tmp_path))
+    for _ in range(2):  # every step that logs would have failed again
+        r = vmim("-q", "--syslog", "/nonexistent/socket", "--dry-run", "-p",
+                 str(tmp_path / "out.cfg"), "-L", "--config", path)
+        assert r.code == 0, r
+        assert "Traceback" not in r.err and "Logging error" not in r.err, r.err
+        lines = r.err.splitlines()
+        assert len(lines) == 1 and "syslog" in lines[0] and "/nonexistent/socket" in lines[0], r.err
+
+
+def test_syslog_gets_the_steps_even_when_stderr_is_quiet(vmim, write_config, tmp_path,
+                                                         restore_root_handlers):
+    import socket
+
+    path = write_config(SIMPLE.format(images=tmp_path, inserts=tmp_path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(tmp_path / "log"))
+        r = vmim("-q", "--syslog", str(tmp_path / "log"), "--dry-run", "-p",
+                 str(tmp_path / "out.cfg"), "--config", path)
+        assert r.code == 0 and r.err == "", r
+        server.setblocking(False)
+        received = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received.append(server.recv(4096))
+        assert any(b"would write the configuration" in m for m in received), received

@@ -310,3 +310,71 @@ def test_template_names_every_key_and_is_a_valid_config():
         assert f"#{k.ini} = " in text, k.ini
     cfg = config.parse(text, "template")
     assert cfg.slot_names == ["web1", "build2"]
+
+
+def test_a_duplicate_section_or_key_names_both_places():
+    with pytest.raises(ConfigError) as exc:
+        config.parse("""\
+[vmim.vm.a]
+HostName = "a"
+root = "/d/a.img"
+[vmim.vm.b]
+HostName = "b"
+root = "/d/b.img"
+ROOT = "/d/b2.img"
+[vmim.vm.a]
+HostName = "a2"
+""", "/dup.cfg")
+    problems = exc.value.problems
+    assert exc.value.exit_code == 3
+    assert any(p.startswith("/dup.cfg: [vmim.vm.a]") and "lines 1 and 8" in p
+               for p in problems), problems
+    assert any(p.startswith("/dup.cfg: [vmim.vm.b] root") and "lines 6 and 7" in p
+               for p in problems), problems
+    assert len(problems) == 2, problems
+
+
+@pytest.mark.parametrize("hostname", ["../../x", "a/b", "/abs", "..", "."])
+def test_a_hostname_that_is_not_a_plain_name_is_refused(hostname):
+    with pytest.raises(ConfigError) as exc:
+        config.parse(f'[vmim.vm.a]\nHostName = "{hostname}"\nroot = "/d/a.img"\n', "/h.cfg")
+    assert exc.value.exit_code == 3
+    assert "/h.cfg: [vmim.vm.a] HostName" in str(exc.value)
+
+
+def test_a_legacy_section_name_used_as_hostname_is_checked_too():
+    with pytest.raises(ConfigError) as exc:
+        config.parse("[VmImageManager]\n[..]\nvm_slot_enabled = on\nroot = /d/a.img\n", "/l.cfg")
+    assert "/l.cfg: [..] HostName" in str(exc.value)
+
+
+def test_two_slots_with_one_mount_point_or_one_inside_another_are_refused():
+    with pytest.raises(ConfigError) as exc:
+        config.parse("""\
+[vmim.vm.a]
+HostName = "a"
+root = "/d/a.img"
+mount = "/mnt/x"
+[vmim.vm.b]
+HostName = "b"
+root = "/d/b.img"
+mount = "/mnt/x/"
+[vmim.vm.c]
+HostName = "c"
+root = "/d/c.img"
+mount = "/mnt/x/c"
+""", "/m.cfg")
+    problems = exc.value.problems
+    assert any(p.startswith("/m.cfg: [vmim.vm.b] mount") and "'a'" in p for p in problems), problems
+    assert any(p.startswith("/m.cfg: [vmim.vm.c] mount") and "'a'" in p for p in problems), problems
+    # derived mount points (prefix + HostName) are different for different names
+    cfg = config.parse('[vmim.vm.a]\nHostName = "a"\nroot = "/d/a.img"\n'
+                       '[vmim.vm.b]\nHostName = "ab"\nroot = "/d/b.img"\n')
+    assert len(cfg.slots) == 2
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        config.find_config_path(str(tmp_path), {})
+    assert exc.value.exit_code == 3
+    assert "is a directory" in str(exc.value) and "not found" not in str(exc.value)

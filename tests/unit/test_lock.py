@@ -43,3 +43,13 @@ def test_holder_names_another_process_and_probing_never_takes_the_lock(tmp_path)
 def test_box_names_are_safe_file_names(tmp_path):
     with lock.slot_lock(str(tmp_path), "a/b c"):
         assert os.listdir(tmp_path) == ["a%2Fb%20c.lock"]
+
+
+def test_a_command_line_that_is_not_utf8_is_recorded_as_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["vmimagemanager", "-r", os.fsdecode(b"bad\xff")])
+    with lock.slot_lock(str(tmp_path), "web1"):
+        h = lock.holder(str(tmp_path), "web1")
+        assert h is not None and h.pid == os.getpid()
+        assert h.command == "vmimagemanager -r bad\ufffd"
+    with open(lock.lock_path(str(tmp_path), "web1"), "rb") as fh:
+        assert fh.read().endswith(b"-r bad\xff\n")
