@@ -99,10 +99,11 @@ def test_qemu_started_while_mounted_does_not_pin_the_mount(vmim, slot, domains):
     assert loop.loops_backed_by(slot.disk) == []
 
 
-def test_disk_pinned_in_another_namespace_is_never_mapped_twice(vmim, slot, domains):
+@pytest.mark.parametrize("remedy", ["shut down", "nsenter"])
+def test_disk_pinned_in_another_namespace_is_never_mapped_twice(vmim, slot, domains, remedy):
     """Fix (b): with a private base (a host before fix (a), or a base made private later) QEMU
     pins the mount. Release and mount say which domain holds it and never map a second loop
-    device on the same filesystem."""
+    device on the same filesystem; either remedy the message offers frees it."""
     r = vmim("-b", slot.name, "--mount", "--config", slot.cfg)
     assert r.code == 0, r
     make_base_private(slot.base)
@@ -125,6 +126,12 @@ def test_disk_pinned_in_another_namespace_is_never_mapped_twice(vmim, slot, doma
             assert f"'{dom}'" in r.err and slot.mountpoint in r.err, r.err
             assert loop.loops_backed_by(slot.disk) == held  # never a second loop device
             assert mounts.mounted_at(slot.mountpoint) is None
+        if remedy == "nsenter":  # the domain may go on running
+            di.run("nsenter", "-t", str(pid), "-m", "umount", slot.mountpoint)
+            assert slot.mountpoint not in targets_in(pid)
+            r = vmim("-b", slot.name, "--release", "--config", slot.cfg)
+            assert r.code == 0, r
+            assert loop.loops_backed_by(slot.disk) == []
     finally:
         destroy(domains, dom)
 
@@ -139,3 +146,27 @@ def test_disk_pinned_in_another_namespace_is_never_mapped_twice(vmim, slot, doma
     assert loop.loops_backed_by(slot.disk) == []
     res = subprocess.run(["e2fsck", "-fn", slot.disk], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr  # the filesystem is whole
+
+
+@pytest.mark.parametrize("how", [os.O_RDONLY, os.O_RDONLY | os.O_EXCL], ids=["open", "exclusive"])
+def test_loop_device_that_cannot_be_freed_is_not_reported_detached(vmim, slot, how):
+    """A leftover loop device that a process holds open: `losetup --detach` succeeds but only
+    marks it autoclear. --mount must see it is still there, say so, and map no second one."""
+    device = di.run("losetup", "--find", "--show", slot.disk).strip()
+    fd = os.open(device, how)
+    try:
+        r = vmim("-b", slot.name, "--mount", "--config", slot.cfg)
+        assert r.code == 8, r
+        assert device in r.err and ("still attached" in r.err or "in use" in r.err), r.err
+        assert "cleaned up" not in r.err
+        assert [lo.device for lo in loop.loops_backed_by(slot.disk)] == [device]
+        assert mounts.mounted_at(slot.mountpoint) is None
+    finally:
+        os.close(fd)
+    if loop.loops_backed_by(slot.disk):  # not marked autoclear (exclusive open): free it
+        di.run("losetup", "--detach", device)
+    r = vmim("-b", slot.name, "--mount", "--config", slot.cfg)
+    assert r.code == 0, r
+    assert len(loop.loops_backed_by(slot.disk)) == 1
+    assert vmim("-b", slot.name, "--release", "--config", slot.cfg).code == 0
+    assert loop.loops_backed_by(slot.disk) == []
