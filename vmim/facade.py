@@ -249,9 +249,10 @@ class SlotRunner:
         if leftovers:
             log.warning("box %s: cleaned up after an interrupted run: %s", slot.name,
                         "; ".join(leftovers))
-        if d.mapped_devices():  # unmap_all() raises first; this keeps the promise if it did not
+        still = d.mapped_devices()  # unmap_all() raises first; this keeps the promise if not
+        if still:
             raise CleanupError(f"box '{slot.name}': not mapping its disk a second time: still "
-                               f"mapped by {', '.join(d.mapped_devices())}")
+                               f"mapped by {', '.join(still)}")
         with contextlib.ExitStack() as stack:
             device = d.map(stack)
             fs = disk_mod.probe_filesystem(device, f"box '{slot.name}': {d.describe()}")

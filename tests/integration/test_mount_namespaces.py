@@ -170,3 +170,26 @@ def test_loop_device_that_cannot_be_freed_is_not_reported_detached(vmim, slot, h
     assert len(loop.loops_backed_by(slot.disk)) == 1
     assert vmim("-b", slot.name, "--release", "--config", slot.cfg).code == 0
     assert loop.loops_backed_by(slot.disk) == []
+
+
+def test_base_with_mounts_below_it_is_not_bound_over_them(vmim, slot, tmp_path):
+    """A base that is no mount point but already has something mounted below it (a slot mounted
+    by an older version) is not bound: the bind would hide that mount. A warning says why."""
+    other = os.path.join(slot.base, "older")
+    os.makedirs(other)
+    di.filesystem_image(str(tmp_path / "older.img"), "ext4", 16, "older")
+    with di.attached(str(tmp_path / "older.img")) as dev:
+        di.run("mount", dev, other)
+        try:
+            r = vmim("-b", slot.name, "--mount", "--config", slot.cfg)
+            assert r.code == 0, r
+            assert "cannot make" in r.err and "older" in r.err, r.err
+            assert not any(m.target == slot.base for m in mounts.all_mounts())
+            assert os.path.exists(os.path.join(other, "marker"))  # still visible
+            assert vmim("-b", slot.name, "--release", "--config", slot.cfg).code == 0
+        finally:
+            di.run("umount", other)
+    r = vmim("-b", slot.name, "--mount", "--config", slot.cfg)  # now it is made shared
+    assert r.code == 0, r
+    assert [m.shared for m in mounts.all_mounts() if m.target == slot.base] == [True]
+    assert vmim("-b", slot.name, "--release", "--config", slot.cfg).code == 0
