@@ -16,7 +16,7 @@ from vmim import incomplete, lock, process, progress, tree
 from vmim import store as store_mod
 from vmim.archive import detect, for_detected, for_name
 from vmim.config import Config, Slot
-from vmim.disk import mounts, qcow2
+from vmim.disk import mounts, namespaces, qcow2
 from vmim.errors import (
     CleanupError,
     CommandError,
@@ -245,13 +245,23 @@ class SlotRunner:
             m = ours[0]
             raise StateError(f"box '{slot.name}': its filesystem is already mounted at "
                              f"{m.target} ({m.source}); unmount it first")
+        held = namespaces.mounts_elsewhere(devices)  # never map a disk mounted anywhere
+        if held:
+            raise CleanupError(f"box '{slot.name}': its disk is still mounted elsewhere; not "
+                               f"mapping it a second time: {namespaces.describe(held)}; then "
+                               "mount it again")
         leftovers = d.unmap_all()  # mappings an interrupted run left, mounted nowhere
         if leftovers:
             log.warning("box %s: cleaned up after an interrupted run: %s", slot.name,
                         "; ".join(leftovers))
+        still = d.mapped_devices()  # unmap_all() raises first; this keeps the promise if not
+        if still:
+            raise CleanupError(f"box '{slot.name}': not mapping its disk a second time: still "
+                               f"mapped by {', '.join(still)}")
         with contextlib.ExitStack() as stack:
             device = d.map(stack)
             fs = disk_mod.probe_filesystem(device, f"box '{slot.name}': {d.describe()}")
+            mounts.ensure_shared(mounts.mount_base(slot.mount, self.cfg.mount_prefix))
             os.makedirs(slot.mount, mode=0o755, exist_ok=True)
             try:
                 mounts.mount(device, slot.mount, fs.type, fs.mount_options)
@@ -279,6 +289,11 @@ class SlotRunner:
                 first = elsewhere[0].target
                 raise CleanupError(f"box '{slot.name}': its disk is still mounted at {where}; "
                                    f"run 'umount {first}', then '{hint}'")
+            held = namespaces.mounts_elsewhere(self._candidate_devices(d))
+            if held:  # a QEMU started while it was mounted here: --release again cannot help
+                raise CleanupError(f"box '{slot.name}': its disk is still mounted in another "
+                                   f"mount namespace: {namespaces.describe(held)}; then run "
+                                   f"'{hint}'")
             undone += d.unmap_all()
             left = d.mapped_devices()
             if left:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
 from vmim import process
-from vmim.errors import CommandError, HostEnvironmentError
+from vmim.errors import CleanupError, CommandError, HostEnvironmentError
 
 log = logging.getLogger(__name__)
 
 COLUMNS = "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,OFFSET,SIZELIMIT"
+
+#: Pauses while a detached loop device lets go (a short-lived opener delays it: about 1 s).
+DETACH_WAIT_DELAYS = (0.05, 0.1, 0.2, 0.3, 0.4)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,40 @@ def attach(path: str, *, offset: int = 0, size: int = 0) -> str:
     return device
 
 
+def claimed(device: str) -> bool:
+    """Whether something holds device exclusively: a mounted filesystem, in any mount namespace
+    (a QEMU's copy of the host's mounts too), or a device-mapper table."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
+
+
+def attached_file(device: str) -> str:
+    """The file backing a loop device now ('' when it is free)."""
+    name = os.path.basename(device)
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def detach(device: str) -> None:
+    """Free a loop device, and make sure it is gone: `losetup --detach` of a device in use only
+    marks it to be freed when its last user lets go (autoclear) and succeeds all the same."""
+    if claimed(device):
+        raise CleanupError(f"cannot detach {device} ({attached_file(device) or 'no file'}): it is "
+                           "in use (mounted, maybe in another mount namespace)")
+    backing = attached_file(device)
     process.run(["losetup", "--detach", device])
+    delays = list(DETACH_WAIT_DELAYS)
+    while backing and attached_file(device) == backing:  # (not reused for another file since)
+        if not delays:
+            raise CleanupError(f"{device} is still attached to {backing} after "
+                               "'losetup --detach': something has it open; it is freed when "
+                               "that lets go ('losetup --list' shows it with AUTOCLEAR 1)")
+        time.sleep(delays.pop(0))
     log.debug("detached %s", device)

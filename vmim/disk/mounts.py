@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from vmim import process
 from vmim.errors import CleanupError, CommandError
@@ -34,6 +36,12 @@ class Mount:
     target: str
     fstype: str
     source: str
+    tags: Tuple[str, ...] = ()  # mountinfo's optional fields: shared:N, master:N, ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether mounts and unmounts below it propagate to its copies (peers and slaves)."""
+        return any(t.startswith("shared:") for t in self.tags)
 
 
 def parse_mountinfo(text: str) -> List[Mount]:
@@ -51,6 +59,7 @@ def parse_mountinfo(text: str) -> List[Mount]:
             target=unescape(fields[4]),
             fstype=unescape(fields[sep + 1]),
             source=unescape(fields[sep + 2]),
+            tags=tuple(fields[6:sep]),
         ))
     return out
 
@@ -76,6 +85,59 @@ def mounted_at(mountpoint: str) -> Optional[Mount]:
     mp = os.path.realpath(mountpoint)
     top = [m for m in all_mounts() if m.target == mp]
     return top[-1] if top else None
+
+
+def mount_base(mountpoint: str, prefix: str) -> str:
+    """The directory to make a shared mount for a slot mounted at mountpoint: the mount prefix
+    when the slot lies below it, else the mount point's parent."""
+    mp, top = os.path.normpath(mountpoint), os.path.normpath(prefix)
+    if mp != top and _under(mp, top):
+        return top
+    return os.path.dirname(mp)
+
+
+@contextlib.contextmanager
+def _locked_dir(path: str) -> Iterator[None]:
+    """Hold an exclusive flock on a directory (two slots' first mounts run at once with --jobs)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_shared(base: str) -> str:
+    """Make base a mount point with shared propagation, so that the copies of the mounts below it
+    that a new mount namespace takes (every QEMU libvirt starts) are slaves that receive our
+    unmounts instead of pinning the filesystem. Binds base onto itself when it is not a mount
+    point yet, then `mount --make-rshared`; does nothing when it already is one (the state comes
+    from mountinfo, so a second run adds nothing). Returns what it did ("" for nothing)."""
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    base = os.path.realpath(base)
+    if base == "/":
+        log.warning("mount base is /: not changing the propagation of the whole host; make / "
+                    "shared ('mount --make-rshared /') so QEMU does not pin slot mounts")
+        return ""
+    with _locked_dir(base):
+        mounted = all_mounts()
+        top = [m for m in mounted if m.target == base]
+        done = []
+        if not top:
+            below = [m.target for m in mounted if _under(m.target, base) and m.target != base]
+            if below:  # a bind now would hide them (and pin them under it)
+                log.warning("cannot make %s a shared mount while %s %s mounted below it; release "
+                            "them first", base, ", ".join(below), "is" if len(below) == 1 else "are")
+                return ""
+            process.run(["mount", "--bind", "--", base, base])
+            done.append(f"bound {base} onto itself")
+            top = [m for m in all_mounts() if m.target == base]
+        if not top or not top[-1].shared:
+            process.run(["mount", "--make-rshared", "--", base])
+            done.append(f"made {base} a shared mount")
+    if done:
+        log.info("mount base: %s", "; ".join(done))
+    return "; ".join(done)
 
 
 def mount(device: str, mountpoint: str, fstype: str, options: Sequence[str] = ()) -> None:
