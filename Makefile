@@ -12,7 +12,7 @@ host:
 	tools/setup-host
 
 # The virtual environment, rebuilt only when the package metadata changes.
-$(STAMP): setup.py setup.cfg
+$(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@

@@ -296,7 +296,7 @@ def test_key_table_matches_the_slot_dataclass():
 
 
 @pytest.mark.parametrize("rel", ["docs/config.md", "vmimagemanager.cfg.template",
-                                 "docs/vmimagemanager.1"])
+                                 "docs/vmimagemanager.1", "completions/vmimagemanager"])
 def test_generated_files_are_up_to_date(rel):
     from vmim.gendocs import GENERATED
 
