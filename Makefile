@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all host install test unit integration e2e lint docs demo demo-clean bench clean
+.PHONY: all host install test unit integration e2e lint docs demo demo-clean bench clean deb
 
 all: install
 
@@ -35,6 +35,10 @@ e2e: host $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check vmim tests
 	$(BIN)/mypy vmim
+
+# The Debian package: dist/vmimagemanager_<version>_all.deb, lintian-clean (tools/build-deb).
+deb:
+	tools/build-deb dist
 
 # Regenerate the files that are generated from the config key table.
 docs: $(STAMP)
