@@ -499,7 +499,8 @@ def _print_xml(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, An
     for box in req.boxes:
         slot = cfg.slot(box)
         if slot is None:
-            raise StateError(f"box '{box}' has no slot in {cfg.path}: there is no config to "
+            what = "is a libvirt domain with" if hv.domain(box) is not None else "has"
+            raise StateError(f"box '{box}' {what} no slot in {cfg.path}: there is no config to "
                              "build its domain from")
         if hv.domain(box) is not None:
             log.info("box %s is already defined in libvirt; -u would not redefine it", box)
@@ -592,7 +593,8 @@ def _check_boxes(req: Request, cfg: Any, hv: Any) -> None:
     if unknown:
         names = ", ".join(f"'{_safe(b)}'" for b in unknown)
         listing = ", ".join(sorted(known)) or "(none: the config has no slots and libvirt no domains)"
-        raise StateError(f"unknown box {names}; known boxes: {listing}")
+        raise StateError(f"unknown box {names}: no slot in {cfg.path} and no domain in libvirt "
+                         f"at {hv.uri}; known boxes: {listing}")
 
 
 def _print_lists(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, Any],
