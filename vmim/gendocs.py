@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 from typing import List, Tuple
@@ -58,6 +59,9 @@ def _man_parser() -> argparse.ArgumentParser:
 
     parser = build_parser()
     parser.epilog = None  # the exit codes: EXIT STATUS below
+    # One line per paragraph whatever $COLUMNS says: man fills the lines, and the committed
+    # files must not depend on the terminal that made them.
+    parser.formatter_class = functools.partial(argparse.HelpFormatter, width=10000)  # type: ignore[assignment]
     return parser
 
 
