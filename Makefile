@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all host install test unit integration e2e lint docs demo demo-clean bench clean deb
+.PHONY: all host install test unit integration e2e lint docs demo demo-clean bench clean deb rpm
 
 all: install
 
@@ -39,6 +39,10 @@ lint: $(STAMP)
 # The Debian package: dist/vmimagemanager_<version>_all.deb, lintian-clean (tools/build-deb).
 deb:
 	tools/build-deb dist
+
+# An RPM for EL/Fedora from rpm/vmimagemanager.spec: dist/vmimagemanager-<version>-1.noarch.rpm.
+rpm:
+	tools/build-rpm dist
 
 # Regenerate the files that are generated from the config key table.
 docs: $(STAMP)

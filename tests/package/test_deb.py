@@ -61,6 +61,8 @@ def deb(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     res = subprocess.run([os.path.join(ROOT, "tools", "build-deb"), str(out)],
                          capture_output=True, text=True)
+    if res.returncode != 0 and "install them as root" in res.stderr:
+        pytest.skip(res.stderr.strip())  # not root, and the Debian build tools are missing
     assert res.returncode == 0, res.stderr  # lintian errors fail build-deb too
     path = out / DEB
     assert path.is_file(), os.listdir(out)
