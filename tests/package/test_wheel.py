@@ -48,8 +48,10 @@ def test_wheel_carries_the_package_script_and_data_files(wheel):
 def test_pip_installed_command_runs_and_names_its_template(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # without $PYTHONPATH: a source tree on it would count as vmimagemanager installed already
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", wheel],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=clean_env)
     assert res.returncode == 0, res.stderr
     tool = str(venv / "bin" / "vmimagemanager")
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # not the source tree's vmim
