@@ -94,6 +94,10 @@ def _as_user(argv, cwd):
             pytest.skip("setpriv (util-linux) is needed to run as another user")
         prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT, "LANG": "C.UTF-8"}
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import vmim.cli, libvirt"],
+                           capture_output=True, text=True, env=env, cwd=cwd)
+    if probe.returncode != 0:
+        pytest.skip(f"'nobody' cannot run this tree's Python: {probe.stderr.strip()[-200:]}")
     return subprocess.run([*prefix, *argv], capture_output=True, text=True, env=env, cwd=cwd)
 
 
