@@ -109,7 +109,8 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
         ("files", "\n".join([
             _tp(config.DEFAULT_CONFIG_PATH, "The configuration (a conffile of the package)."),
             _tp("/usr/share/vmimagemanager/vmimagemanager.cfg.template",
-                "Every configuration key, commented (also in /usr/share/doc/vmimagemanager)."),
+                "Every configuration key, commented: the file to copy from (pip installs it under "
+                "its prefix)."),
             _tp("/etc/vmimagemanager/libvirt.xsl",
                 "An administrator's stylesheet for domain definition (else the shipped one, "
                 "/usr/share/vmimagemanager/libvirt.xsl)."),
