@@ -141,14 +141,35 @@ def render_man() -> str:
                             "show the help and exit\n\n", 1)
 
 
+#: -b completes the slot names of the configuration the command line would read.
+_BOXES_BASH = r"""
+# -b: 'any-free' and the HostName of every slot in the configuration the command would read
+# (--config given earlier on the line, else $VMIM_CFG, else the default path).
+_vmimagemanager_boxes() {
+  local i cfg=()
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    case "${COMP_WORDS[i]}" in
+      -c|--config) cfg=(--config "${COMP_WORDS[i+1]}") ;;
+    esac
+  done
+  compgen -W "any-free $("${COMP_WORDS[0]}" "${cfg[@]}" -q --print-config 2>/dev/null |
+    sed -n 's/^HostName = "\(.*\)"$/\1/p')" -- "$1"
+}
+"""
+
+
 def render_completion() -> str:
-    """completions/vmimagemanager: bash completion by shtab, file names for the path options."""
+    """completions/vmimagemanager: bash completion by shtab; file names for the path options,
+    slot names for -b."""
     import shtab
 
     parser = _man_parser()
     for action in parser._actions:
         if action.dest in ("config", "print_config", "log_config"):
             action.complete = shtab.FILE  # type: ignore[attr-defined]
+        elif action.dest == "box":
+            action.complete = {"bash": "_vmimagemanager_boxes",  # type: ignore[attr-defined]
+                               "preamble": {"bash": _BOXES_BASH}}
     return str(shtab.complete(parser, shell="bash"))
 
 

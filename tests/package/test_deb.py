@@ -140,6 +140,10 @@ def test_bash_completion_is_installed_and_loads(chroot):
     res = in_chroot(chroot, "bash", "-c", f"source {path} && complete -p vmimagemanager")
     assert res.returncode == 0, res.stderr
     assert "_shtab_vmimagemanager" in res.stdout
+    # -b offers the slots of /etc/vmimagemanager/vmimagemanager.cfg
+    res = in_chroot(chroot, "bash", "-c", f"source {path}; COMP_WORDS=(vmimagemanager -b ''); "
+                    "COMP_CWORD=2; _shtab_vmimagemanager; echo ${COMPREPLY[@]}")
+    assert res.stdout.split() == ["any-free", "web1", "build2"], res
 
 
 def test_list_without_libvirtd_is_exit_7_naming_the_uri(chroot):
