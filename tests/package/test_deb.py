@@ -12,6 +12,7 @@ import glob
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -21,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CACHE = os.environ.get("VMIM_TEST_CACHE", "/var/cache/vmimagemanager-tests")
 BASE = os.path.join(CACHE, "bookworm-base.tar")
 ARCHIVES = os.path.join(CACHE, "apt-archives")
+BASE_MAX_AGE = 30 * 24 * 3600  # seconds; apt-get update in the chroot covers the weeks between
 DEB = f"vmimagemanager_{__version__}_all.deb"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
        "DEBIAN_FRONTEND": "noninteractive", "MANWIDTH": "100"}
@@ -35,11 +37,11 @@ def host_sources() -> str:
 
 
 def make_base() -> None:
-    """A minimal bookworm with apt and man-db, as a tarball; made once."""
-    if os.path.isfile(BASE):
+    """A minimal bookworm with apt and man-db, as a tarball; made again after a month."""
+    if os.path.isfile(BASE) and time.time() - os.path.getmtime(BASE) < BASE_MAX_AGE:
         return
     os.makedirs(CACHE, exist_ok=True)
-    tmp = BASE + ".tmp.tar"
+    tmp = f"{BASE}.tmp{os.getpid()}.tar"
     res = subprocess.run(["mmdebstrap", "--quiet", "--mode=root", "--variant=apt",
                           "--include=man-db", "bookworm", tmp, host_sources()],
                          capture_output=True, text=True, env=ENV)
