@@ -47,6 +47,7 @@ def make_base() -> None:
                          capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, f"mmdebstrap failed:\n{res.stderr[-3000:]}"
     os.replace(tmp, BASE)
+    shutil.rmtree(ARCHIVES, ignore_errors=True)  # .debs fetched for the old base
 
 
 def in_chroot(root, *argv, check=False):
