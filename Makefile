@@ -44,7 +44,8 @@ deb:
 rpm:
 	tools/build-rpm dist
 
-# Regenerate the files that are generated from the config key table.
+# Regenerate the files made from the config key table and the parser: docs/config.md, the
+# template, the man page (argparse-manpage) and the bash completion (shtab).
 docs: $(STAMP)
 	$(BIN)/python -m vmim.gendocs
 
