@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all host install test unit integration e2e lint docs demo demo-clean bench clean
+.PHONY: all host install test unit integration e2e lint docs demo demo-clean bench clean deb rpm
 
 all: install
 
@@ -12,7 +12,7 @@ host:
 	tools/setup-host
 
 # The virtual environment, rebuilt only when the package metadata changes.
-$(STAMP): setup.py setup.cfg
+$(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
@@ -36,7 +36,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check vmim tests
 	$(BIN)/mypy vmim
 
-# Regenerate the files that are generated from the config key table.
+# The Debian package: dist/vmimagemanager_<version>_all.deb, lintian-clean (tools/build-deb).
+deb:
+	tools/build-deb dist
+
+# An RPM for EL/Fedora from rpm/vmimagemanager.spec: dist/vmimagemanager-<version>-1.noarch.rpm.
+rpm:
+	tools/build-rpm dist
+
+# Regenerate the files made from the config key table and the parser: docs/config.md, the
+# template, the man page (argparse-manpage) and the bash completion (shtab).
 docs: $(STAMP)
 	$(BIN)/python -m vmim.gendocs
 

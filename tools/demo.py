@@ -129,11 +129,15 @@ def domain_known() -> bool:
                           capture_output=True).returncode == 0
 
 
+def domain_state() -> str:
+    return subprocess.run(["virsh", "-q", "-c", "qemu:///system", "domstate", NAME],
+                          capture_output=True, text=True).stdout.strip()
+
+
 def wait_shut_off(timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = subprocess.run(["virsh", "-q", "-c", "qemu:///system", "domstate", NAME],
-                               capture_output=True, text=True).stdout.strip()
+        state = domain_state()
         if state == "shut off":
             return
         time.sleep(0.2)
@@ -194,7 +198,8 @@ def clean() -> None:
         subprocess.run([TOOL, "--config", CFG, "-q", "-b", NAME, "-k", "--release"],
                        capture_output=True)
     if domain_known():
-        sh("virsh", "-q", "-c", "qemu:///system", "destroy", NAME, check=False)
+        if domain_state() != "shut off":  # the guest powers itself off after the demo
+            sh("virsh", "-q", "-c", "qemu:///system", "destroy", NAME, check=False)
         sh("virsh", "-q", "-c", "qemu:///system", "undefine", NAME)
     if os.path.isdir(DEMO):
         for line in open("/proc/self/mountinfo"):

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "4 state conflict (unknown box or image, domain running), 5 slot locked, "
         "6 external command failed, 7 environment (tool missing, not root, libvirt "
         "unreachable), 8 cleanup incomplete, 130/143 interrupted.",
+        add_help=False,  # -h sits in the "options" group below: one options section, not two
     )
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
 
     g = p.add_argument_group("boxes")
     g.add_argument("-b", "--box", action="append", default=[], metavar="BOX",
@@ -100,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         fx.add_argument(*names, dest="format", action="store_const", const=fmt, help=text)
 
     g = p.add_argument_group("options")
+    g.add_argument("-h", "--help", action="help", help="show this help and exit")
+    g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     g.add_argument("-c", "--config", metavar="PATH",
                    help="config file (else $VMIM_CFG, else /etc/vmimagemanager/vmimagemanager.cfg)")
+    g.add_argument("--connect", metavar="URI",
+                   help="libvirt URI to connect to, as virsh's --connect (overrides vmemulator)")
     g.add_argument("-p", "--print-config", nargs="?", const="-", metavar="FILE",
                    help="print the effective configuration in the current format (to FILE)")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output; repeatable")
@@ -431,7 +435,7 @@ def _run(args: argparse.Namespace, doc: Dict[str, Any], out: TextIO) -> int:
         if req.boxes or {"boxes", "free"} & set(req.lists):
             from vmim import domain
 
-            hv = domain.connect(cfg.uri)
+            hv = domain.connect(args.connect or cfg.uri)
         if req.boxes:
             assert hv is not None
             _check_boxes(req, cfg, hv)
@@ -516,7 +520,8 @@ def _print_xml(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, An
     for box in req.boxes:
         slot = cfg.slot(box)
         if slot is None:
-            raise StateError(f"box '{box}' has no slot in {cfg.path}: there is no config to "
+            what = "is a libvirt domain with" if hv.domain(box) is not None else "has"
+            raise StateError(f"box '{box}' {what} no slot in {cfg.path}: there is no config to "
                              "build its domain from")
         if hv.domain(box) is not None:
             log.info("box %s is already defined in libvirt; -u would not redefine it", box)
@@ -609,7 +614,8 @@ def _check_boxes(req: Request, cfg: Any, hv: Any) -> None:
     if unknown:
         names = ", ".join(f"'{_safe(b)}'" for b in unknown)
         listing = ", ".join(sorted(known)) or "(none: the config has no slots and libvirt no domains)"
-        raise StateError(f"unknown box {names}; known boxes: {listing}")
+        raise StateError(f"unknown box {names}: no slot in {cfg.path} and no domain in libvirt "
+                         f"at {hv.uri}; known boxes: {listing}")
 
 
 def _print_lists(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, Any],

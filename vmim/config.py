@@ -279,11 +279,30 @@ def find_config_path(cli_path: Optional[str], environ: Mapping[str, str] = os.en
         raise ConfigError(f"configuration file '{path}' (from {origin}) is a directory; "
                           "give the file in it")
     if not os.path.isfile(path):
+        template = template_path()
+        copy = (f"copy the template {template} there and edit it, or " if template else
+                f"{TEMPLATE_NAME} shows every key; ")
         raise ConfigError(
             f"configuration file '{path}' (from {origin}) was not found; "
-            f"give one with --config or ${ENV_CONFIG}"
+            f"{copy}give one with --config or ${ENV_CONFIG}"
         )
     return path
+
+
+TEMPLATE_NAME = "vmimagemanager.cfg.template"
+
+
+def template_path() -> str:
+    """The configuration template as installed (package or pip prefix), else the source tree's."""
+    import sys
+
+    for candidate in (os.path.join(sys.prefix, "share", "vmimagemanager", TEMPLATE_NAME),
+                      os.path.join("/usr/share/vmimagemanager", TEMPLATE_NAME),
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   TEMPLATE_NAME)):
+        if os.path.isfile(candidate):
+            return os.path.normpath(candidate)
+    return ""
 
 
 def load(cli_path: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> Config:

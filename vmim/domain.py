@@ -61,11 +61,17 @@ def connect(uri: str) -> Hypervisor:
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
+        message = exc.get_error_message() or ""
+        if os.geteuid() != 0 and "No such file" not in message:
+            # The daemon is there but refused a user: the socket is root's and the libvirt group's.
+            advice = ("run vmimagemanager as root, or as a member of the 'libvirt' group "
+                      "(adduser USER libvirt) for the lists; disk actions need root anyway")
+        else:
+            advice = ("is libvirtd running? Start it with 'systemctl start libvirtd' "
+                      "(without systemd: 'virtlogd -d && libvirtd -d'), or set vmemulator in "
+                      "the config or give --connect URI")
         raise HostEnvironmentError(
-            f"could not connect to libvirt at '{uri}': {exc.get_error_message()}; "
-            "is libvirtd running? Start it with 'systemctl start libvirtd' "
-            "(without systemd: 'virtlogd -d && libvirtd -d'), or set vmemulator in the config"
-        ) from None
+            f"could not connect to libvirt at '{uri}': {message}; {advice}") from None
     return Hypervisor(uri, conn, libvirt)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-from typing import List
+import re
+from typing import List, Tuple
 
 from vmim import __version__, config
 
@@ -40,51 +42,47 @@ EXAMPLES = [
 
 
 def _roff(text: str) -> str:
+    """Plain text as roff: backslashes and hyphens escaped, `code` in bold, no leading dot."""
     text = text.replace("\\", "\\e").replace("-", "\\-")
+    text = re.sub(r"`([^`]+)`", r"\\fB\1\\fR", text)
     return "\n".join(("\\&" + line) if line.startswith((".", "'")) else line
                      for line in text.split("\n"))
 
 
-def render_man() -> str:
-    """docs/vmimagemanager.1: every flag, config key, exit code and file, with examples."""
+def _tp(term: str, text: str) -> str:
+    return f".TP\n\\fB{_roff(term)}\\fR\n{_roff(text)}"
+
+
+def _man_parser() -> argparse.ArgumentParser:
+    """The command's own parser, with what the man page says in sections of its own removed."""
     from vmim.cli import build_parser
 
     parser = build_parser()
-    out: List[str] = [
-        f'.TH VMIMAGEMANAGER 1 "" "vmimagemanager {__version__}" "User Commands"',
-        ".SH NAME",
-        "vmimagemanager \\- re\\-image libvirt virtual machines fast and repeatably",
-        ".SH SYNOPSIS",
-        ".B vmimagemanager",
-        "[\\fB\\-b\\fR \\fIBOX\\fR]... [\\fIactions\\fR] [\\fIformat\\fR] [\\fIoptions\\fR]",
-        ".SH DESCRIPTION",
-        _roff(parser.description or ""),
-        ".PP",
-        _roff("A slot is a libvirt domain and the disk holding its root filesystem. Store, "
+    parser.epilog = None  # the exit codes: EXIT STATUS below
+    # One line per paragraph whatever $COLUMNS says: man fills the lines, and the committed
+    # files must not depend on the terminal that made them.
+    parser.formatter_class = functools.partial(argparse.HelpFormatter, width=10000)  # type: ignore[assignment]
+    return parser
+
+
+_SLOT_TEXT = ("A slot is a libvirt domain and the disk holding its root filesystem. Store, "
               "restore, insert and extract stop a running domain first and leave the slot "
               "mounted unless --release or -u is given. A step that fails aborts that box: its "
-              "disk is released and its domain is not started."),
-    ]
-    for group in parser._action_groups:
-        actions = [a for a in group._group_actions if a.help != argparse.SUPPRESS]
-        if not actions:
-            continue
-        out.append(f".SH {_roff(group.title.upper() if group.title else 'OPTIONS')}")
-        for a in actions:
-            names = ", ".join(f"\\fB{_roff(o)}\\fR" for o in a.option_strings)
-            if a.metavar or (a.nargs not in (0,) and not isinstance(a, (
-                    argparse._StoreTrueAction, argparse._CountAction, argparse._StoreConstAction,
-                    argparse._VersionAction, argparse._HelpAction))):
-                names += f" \\fI{_roff(str(a.metavar or a.dest.upper()))}\\fR"
-            out += [".TP", names, _roff(a.help or "")]
-    out += [".SH CONFIGURATION",
-            _roff(f"Read from --config PATH, else $VMIM_CFG, else {config.DEFAULT_CONFIG_PATH}. "
-                  "The current format has a [vmim.local] section and one [vmim.vm.NAME] section "
-                  "per slot, with JSON values (a bare value is a string); the legacy 0.2 format "
-                  "([VmImageManager], vm_slot_enabled) is read too. Slot keys marked (inherit) "
-                  "may be set in [vmim.local] as defaults.")]
+              "disk is released and its domain is not started.")
+
+
+def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
+    """The sections the parser cannot give: configuration keys, exit codes, files, examples."""
+    config_lines = [_roff(
+        f"Read from --config PATH, else $VMIM_CFG, else {config.DEFAULT_CONFIG_PATH}. "
+        "The current format has a [vmim.local] section and one [vmim.vm.NAME] section "
+        "per slot, with JSON values (a bare value is a string); the legacy 0.2 format "
+        "([VmImageManager], vm_slot_enabled) is read too. Slot keys marked (inherit) "
+        "may be set in [vmim.local] as defaults. The package installs a template with "
+        f"every key as {config.DEFAULT_CONFIG_PATH}; a source tree has it as "
+        "vmimagemanager.cfg.template.")]
     for scope, title in (("local", "[vmim.local]"), ("slot", "[vmim.vm.NAME]")):
-        out += [".SS " + _roff(title)]
+        config_lines.append(".SS " + _roff(title))
         for k in config.KEYS:
             if k.scope != scope:
                 continue
@@ -94,31 +92,92 @@ def render_man() -> str:
                 text += f" Default: {config._ini_value(k.default)}."
             if scope == "slot" and k.inherit:
                 text += " (inherit)"
-            out += [".TP", f"\\fB{_roff(k.ini)}\\fR", _roff(text)]
-    out += [".SH EXIT STATUS"]
-    for code, text in EXIT_CODES:
-        out += [".TP", f"\\fB{_roff(code)}\\fR", _roff(text)]
-    out += [".SH ENVIRONMENT",
-            ".TP", "\\fBVMIM_CFG\\fR", "Configuration file, when --config is not given.",
-            ".TP", "\\fBVMIM_LOG_CONF\\fR", _roff("logging.config file, when --log-config is "
-                                                  "not given."),
-            ".SH FILES",
-            ".TP", _roff(config.DEFAULT_CONFIG_PATH), "The configuration.",
-            ".TP", _roff("/etc/vmimagemanager/libvirt.xsl"),
-            _roff("An administrator's stylesheet for domain definition (else the shipped one)."),
-            ".TP", _roff("/run/lock/vmimagemanager/BOX.lock"), "Per\\-slot locks (lockdir).",
-            ".TP", _roff("IMAGES/.vmim/NAME.json"), "Per\\-image metadata: format, size, sha256.",
-            ".SH EXAMPLES"]
+            config_lines.append(_tp(k.ini, text))
+    examples = []
     for text, cmd in EXAMPLES:
-        out += [".PP", _roff(text), ".PP", ".nf", ".RS", _roff(cmd), ".RE", ".fi"]
-    out += [".SH SEE ALSO", "virsh(1), rsync(1), tar(1), cpio(1)"]
-    return "\n".join(out) + "\n"
+        examples += [".PP", _roff(text), ".PP", ".nf", ".RS", _roff(cmd), ".RE", ".fi"]
+    return [
+        ("synopsis", ".B vmimagemanager\n"
+                     "[\\fB\\-b\\fR \\fIBOX\\fR]... [\\fIactions\\fR] [\\fIformat\\fR] "
+                     "[\\fIoptions\\fR]"),
+        ("description", _roff(parser.description or "") + "\n.PP\n" + _roff(_SLOT_TEXT)),
+        ("configuration", "\n".join(config_lines)),
+        ("exit status", "\n".join(_tp(code, text) for code, text in EXIT_CODES)),
+        ("environment", "\n".join([
+            _tp("VMIM_CFG", "Configuration file, when --config is not given."),
+            _tp("VMIM_LOG_CONF", "logging.config file, when --log-config is not given.")])),
+        ("files", "\n".join([
+            _tp(config.DEFAULT_CONFIG_PATH, "The configuration (a conffile of the package)."),
+            _tp("/usr/share/vmimagemanager/vmimagemanager.cfg.template",
+                "Every configuration key, commented: the file to copy from (pip installs it under "
+                "its prefix)."),
+            _tp("/etc/vmimagemanager/libvirt.xsl",
+                "An administrator's stylesheet for domain definition (else the shipped one, "
+                "/usr/share/vmimagemanager/libvirt.xsl)."),
+            _tp("/run/lock/vmimagemanager/BOX.lock", "Per-slot locks (lockdir)."),
+            _tp("IMAGES/.vmim/NAME.json", "Per-image metadata: format, size, sha256.")])),
+        ("examples", "\n".join(examples)),
+        ("see also", "virsh(1), rsync(1), tar(1), cpio(1)"),
+    ]
+
+
+def render_man() -> str:
+    """docs/vmimagemanager.1 by argparse-manpage: every flag from the parser, then the config
+    keys, exit codes, files and examples."""
+    from argparse_manpage.manpage import Manpage
+
+    parser = _man_parser()
+    sections = _extra_sections(parser)
+    parser.description = None  # in the DESCRIPTION section above, with the slot paragraph
+    man = Manpage(parser)
+    man.source = f"vmimagemanager {__version__}"
+    man.manual = "User Commands"
+    man.date = ""  # reproducible: the version says which release the page belongs to
+    man.description = "re-image libvirt virtual machines fast and repeatably"
+    for heading, content in sections:
+        man.add_section(heading, "=", content)
+    # argparse-manpage leaves out -h/--help; the page names every flag of --help.
+    return str(man).replace(".SH OPTIONS\n", ".SH OPTIONS\n.TP\n\\fB\\-h\\fR, \\fB\\-\\-help\\fR\n"
+                            "show the help and exit\n\n", 1)
+
+
+#: -b completes the slot names of the configuration the command line would read.
+_BOXES_BASH = r"""
+# -b: 'any-free' and the HostName of every slot in the configuration the command would read
+# (--config given earlier on the line, else $VMIM_CFG, else the default path).
+_vmimagemanager_boxes() {
+  local i cfg=()
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    case "${COMP_WORDS[i]}" in
+      -c|--config) cfg=(--config "${COMP_WORDS[i+1]}") ;;
+    esac
+  done
+  compgen -W "any-free $("${COMP_WORDS[0]}" "${cfg[@]}" -q --print-config 2>/dev/null |
+    sed -n 's/^HostName = "\(.*\)"$/\1/p')" -- "$1"
+}
+"""
+
+
+def render_completion() -> str:
+    """completions/vmimagemanager: bash completion by shtab; file names for the path options,
+    slot names for -b."""
+    import shtab
+
+    parser = _man_parser()
+    for action in parser._actions:
+        if action.dest in ("config", "print_config", "log_config"):
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+        elif action.dest == "box":
+            action.complete = {"bash": "_vmimagemanager_boxes",  # type: ignore[attr-defined]
+                               "preamble": {"bash": _BOXES_BASH}}
+    return str(shtab.complete(parser, shell="bash"))
 
 
 GENERATED = {
     "docs/config.md": config.render_reference,
     "vmimagemanager.cfg.template": config.render_template,
     "docs/vmimagemanager.1": render_man,
+    "completions/vmimagemanager": render_completion,
 }
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -54,3 +55,63 @@ def test_config_reference_names_every_key():
     text = read("docs/config.md")
     for k in KEYS:
         assert f"| `{k.ini}` |" in text, k.ini
+
+
+def test_man_has_one_options_section_and_no_literal_markup(rendered_man):
+    headings = re.findall(r"^([A-Z][A-Z ()]+)$", rendered_man, re.M)
+    assert headings.count("OPTIONS") == 1, headings
+    assert "`" not in rendered_man
+    # optional values are shown as optional, required ones as required
+    assert "-p [FILE], --print-config [FILE]" in rendered_man
+    assert "--syslog [SOCKET]" in rendered_man
+    assert "-b BOX, --box BOX" in rendered_man
+
+
+def test_help_has_one_options_section():
+    text = build_parser().format_help()
+    assert text.count("\noptions:\n") == 1
+    assert "-h, --help" in text and "--version" in text and "--connect URI" in text
+
+
+def test_completion_offers_every_long_flag_and_files_for_config():
+    text = read("completions/vmimagemanager")
+    long_flags = [f for f in help_flags() if f.startswith("--")]
+    missing = [f for f in long_flags if f not in text]
+    assert missing == []
+    assert "-F _shtab_vmimagemanager vmimagemanager" in text
+
+
+def _complete(tmp_path, *words):
+    """What bash offers for the last word, with the committed completion file loaded and
+    this tree's vmimagemanager first on $PATH."""
+    bindir = tmp_path / "bin"
+    if not bindir.exists():
+        bindir.mkdir()
+        tool = bindir / "vmimagemanager"
+        tool.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m vmim \"$@\"\n")
+        tool.chmod(0o755)
+    script = ('source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); '
+              '_shtab_vmimagemanager; printf "%s\\n" "${COMPREPLY[@]}"')
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "VMIM_CFG": str(tmp_path / "env.cfg")}
+    res = subprocess.run(["bash", "-c", script, "bash",
+                          os.path.join(ROOT, "completions", "vmimagemanager"), *words],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split()
+
+
+def test_completion_in_bash_completes_flags_and_config_files(tmp_path):
+    (tmp_path / "site.cfg").write_text("")
+    assert _complete(tmp_path, "vmimagemanager", "--conf") == ["--config"]
+    assert _complete(tmp_path, "vmimagemanager", "--con") == ["--config", "--connect"]
+    assert _complete(tmp_path, "vmimagemanager", "--config", "si") == ["site.cfg"]
+
+
+def test_completion_of_b_offers_the_slots_of_the_config_on_the_line(tmp_path):
+    (tmp_path / "site.cfg").write_text('[vmim.vm.1]\nHostName = "web1"\nroot = "/dev/null"\n'
+                                       '[vmim.vm.2]\nHostName = "build2"\nroot = "/dev/zero"\n')
+    (tmp_path / "env.cfg").write_text('[vmim.vm.1]\nHostName = "envbox"\nroot = "/dev/null"\n')
+    assert _complete(tmp_path, "vmimagemanager", "--config", "site.cfg", "-b", "") == \
+        ["any-free", "web1", "build2"]
+    assert _complete(tmp_path, "vmimagemanager", "-c", "site.cfg", "--box", "w") == ["web1"]
+    assert _complete(tmp_path, "vmimagemanager", "-b", "") == ["any-free", "envbox"]  # $VMIM_CFG

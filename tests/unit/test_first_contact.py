@@ -1,0 +1,142 @@
+"""What a new user meets first: a missing config, libvirt out of reach, an unknown box,
+--connect. libvirt's own test driver (test:///default, no daemon) and a unix socket the
+test makes stand in for a libvirtd where one is needed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from vmim import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def slots_cfg(write_config, tmp_path):
+    """One slot, web1; vmemulator points at a test-driver file that does not exist."""
+    return write_config(f"""\
+        [vmim.local]
+        vmemulator = "test://{tmp_path}/no-such-host.xml"
+        lockdir = "{tmp_path}/locks"
+        [vmim.vm.1]
+        HostName = "web1"
+        root = "{tmp_path}/web1.img"
+        """)
+
+
+def test_missing_config_names_the_template_and_where_to_copy_it(vmim, tmp_path):
+    wanted = tmp_path / "site.cfg"
+    r = vmim("-l", "--config", str(wanted))
+    assert r.code == 3, r
+    m = re.search(r"copy the template (\S+) there and edit it", r.err)
+    assert m, r.err
+    assert m.group(1).endswith("vmimagemanager.cfg.template") and os.path.isfile(m.group(1))
+    assert f"'{wanted}'" in r.err and "--config or $VMIM_CFG" in r.err
+
+
+def test_missing_default_config_names_the_default_path(vmim, monkeypatch):
+    if os.path.exists(config.DEFAULT_CONFIG_PATH):
+        pytest.skip(f"{config.DEFAULT_CONFIG_PATH} exists on this machine")
+    monkeypatch.delenv("VMIM_CFG", raising=False)
+    r = vmim("-l")
+    assert r.code == 3, r
+    assert (f"configuration file '{config.DEFAULT_CONFIG_PATH}' (from the default path) was not "
+            "found; copy the template ") in r.err
+
+
+def test_the_named_template_is_the_shipped_one():
+    path = config.template_path()
+    with open(path) as fh, open(os.path.join(ROOT, "vmimagemanager.cfg.template")) as src:
+        assert fh.read() == src.read()
+
+
+def test_connect_overrides_vmemulator(vmim, slots_cfg, tmp_path):
+    r = vmim("--config", slots_cfg, "-l")
+    assert r.code == 7, r
+    assert f"could not connect to libvirt at 'test://{tmp_path}/no-such-host.xml'" in r.err
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-l")
+    assert r.code == 0, r
+    rows = {line.split()[0]: line.split()[1:3] for line in r.out.splitlines()[1:]}
+    assert rows["web1"][0] == "yes"  # in the config
+    assert rows["test"] == ["no", "running"]  # the test driver's domain
+
+
+def test_unknown_box_names_the_config_and_the_libvirt_uri(vmim, slots_cfg):
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "nosuch", "--print-xml")
+    assert r.code == 4, r
+    assert (f"unknown box 'nosuch': no slot in {slots_cfg} and no domain in libvirt at "
+            "test:///default; known boxes: test, web1") in r.err
+
+
+def test_libvirt_domain_without_a_slot_is_named_as_such(vmim, slots_cfg):
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "--print-xml")
+    assert r.code == 4, r
+    assert f"box 'test' is a libvirt domain with no slot in {slots_cfg}" in r.err
+
+
+# ------------------------------------------------------------ a user libvirt turns away
+
+
+def _as_user(argv, cwd):
+    """Run argv as 'nobody' when we are root, else as ourselves."""
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to run as another user")
+        prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT, "LANG": "C.UTF-8"}
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import vmim.cli, libvirt"],
+                           capture_output=True, text=True, env=env, cwd=cwd)
+    if probe.returncode != 0:
+        pytest.skip(f"'nobody' cannot run this tree's Python: {probe.stderr.strip()[-200:]}")
+    return subprocess.run([*prefix, *argv], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture
+def public_dir():
+    """A directory 'nobody' can read (pytest's tmp_path is root's only)."""
+    path = tempfile.mkdtemp(prefix="vmim-test-first-contact-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def _cfg(directory, uri):
+    path = os.path.join(directory, "vmim.cfg")
+    with open(path, "w") as fh:
+        fh.write(f'[vmim.local]\nvmemulator = "{uri}"\nlockdir = "{directory}/locks"\n')
+    os.chmod(path, 0o644)
+    return path
+
+
+def test_non_root_refused_by_libvirt_is_told_root_or_the_libvirt_group(public_dir):
+    # A libvirtd socket only root and the libvirt group may open, as Debian's is.
+    sock_path = os.path.join(public_dir, "libvirt-sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(sock_path)
+        sock.listen(1)
+        os.chmod(sock_path, 0o000 if os.geteuid() != 0 else 0o660)
+        uri = f"qemu+unix:///system?socket={sock_path}"
+        res = _as_user([sys.executable, "-m", "vmim", "--config", _cfg(public_dir, uri), "-l"],
+                       public_dir)
+    assert res.returncode == 7, res
+    assert "Permission denied" in res.stderr
+    assert "run vmimagemanager as root, or as a member of the 'libvirt' group" in res.stderr
+    assert "is libvirtd running" not in res.stderr
+
+
+def test_non_root_without_a_daemon_is_told_to_start_libvirtd(public_dir):
+    uri = f"qemu+unix:///system?socket={public_dir}/absent-sock"
+    res = _as_user([sys.executable, "-m", "vmim", "--config", _cfg(public_dir, uri), "-l"],
+                   public_dir)
+    assert res.returncode == 7, res
+    assert "is libvirtd running?" in res.stderr and "--connect URI" in res.stderr
