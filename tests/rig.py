@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import uuid
 from typing import Iterator, List, Set
@@ -55,7 +56,9 @@ def _traversable_tmp(tmp_path_factory):
     if os.geteuid() == 0:
         base = tmp_path_factory.getbasetemp()
         for d in (base, base.parent):
-            os.chmod(d, 0o755)
+            # only add search and read for others: never take the sticky bit or write access
+            # away from a shared parent such as /tmp (with --basetemp=/tmp/NAME)
+            os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | 0o055)
 
 
 # ------------------------------------------------------------------ leak detection

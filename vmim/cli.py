@@ -9,27 +9,23 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, NoReturn, Optional, Sequence, TextIO, Tuple
 
 from vmim import __version__
 from vmim.errors import (
     EXIT_FAILED,
-    EXIT_OK,
     EXIT_SIGINT,
-    EXIT_SIGTERM,
     ConfigError,
     Interrupted,
-    StateError,
     UsageError,
     VmimError,
 )
-from vmim.plan import BOX_PLACEHOLDER, DISK_ACTIONS, PIPELINE, Request, Transfer
-from vmim.progress import human_size
+from vmim.output import PROG, undecodable_escaped
+from vmim.plan import BOX_PLACEHOLDER, PIPELINE, Request, Transfer
 
 log = logging.getLogger("vmim")
 
-PROG = "vmimagemanager"
-ANY_FREE = "any-free"
+ANY_FREE = "any-free"  # as vmim.commands.ANY_FREE, which start-up does not import
 ENV_LOG_CONFIG = "VMIM_LOG_CONF"
 
 FORMAT_FLAGS = (
@@ -246,7 +242,7 @@ def make_request(args: argparse.Namespace) -> Request:
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        message = _undecodable_escaped(record.getMessage())
+        message = undecodable_escaped(record.getMessage())
         return f"{PROG}: {record.levelname.lower()}: {message}" + (
             "\n" + self.formatException(record.exc_info) if record.exc_info else "")
 
@@ -293,7 +289,7 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
 
         class EscapingFormatter(logging.Formatter):
             def format(self, record: logging.LogRecord) -> str:
-                return _undecodable_escaped(super().format(record))
+                return undecodable_escaped(super().format(record))
 
         try:
             sh = SyslogHandler(address=syslog)
@@ -309,30 +305,6 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
 
 
 # --------------------------------------------------------------------------- output
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [len(h) for h in headers]
-    for r in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, r)]
-    for r in [list(headers), *rows]:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
-
-
-def _entries_table(entries: Sequence[Any], out: TextIO) -> None:
-    rows = [[_safe(e.name), e.format, human_size(e.size), e.mtime_iso.replace("T", " ")[:16],
-             _safe(e.directory), ", ".join(e.base_of) or "-"] for e in entries]
-    _table(["NAME", "FORMAT", "SIZE", "MODIFIED (UTC)", "DIRECTORY", "BASE OF"], rows, out)
-
-
-def _undecodable_escaped(text: str) -> str:
-    """Bytes that were not UTF-8 (in names from the command line or the disk) as \\x escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _safe(text: str) -> str:
-    """A name as it can be printed: undecodable bytes as \\x escapes, newlines escaped."""
-    return _undecodable_escaped(text).replace("\n", "\\n")
 
 
 # --------------------------------------------------------------------------- main
@@ -365,7 +337,9 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) 
             return int(exc.code or 0)
         want_json = args.json
         setup_logging(args.verbose, args.quiet, args.log_config, args.syslog)
-        code = _run(args, doc, out)
+        from vmim.commands import run_command
+
+        code = run_command(args, make_request(args), doc, out)
     except VmimError as exc:
         code = exc.exit_code
         _report(exc, doc)
@@ -393,271 +367,12 @@ def _report(exc: VmimError, doc: Dict[str, Any]) -> None:
         for p in exc.problems:
             sys.stderr.write(f"  {p}\n")
     else:
-        sys.stderr.write(f"{PROG}: error: {_undecodable_escaped(str(exc))}\n")
+        sys.stderr.write(f"{PROG}: error: {undecodable_escaped(str(exc))}\n")
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         traceback.print_exc(file=sys.stderr)
     doc["error"] = {"message": str(exc), "exit_code": exc.exit_code, "type": type(exc).__name__}
     if isinstance(exc, ConfigError):
         doc["error"]["problems"] = exc.problems
-
-
-def _run(args: argparse.Namespace, doc: Dict[str, Any], out: TextIO) -> int:
-    from vmim import config as config_mod
-    from vmim import process
-
-    process.reset_cancel()
-
-    req = make_request(args)
-    if args.lvm:
-        log.warning("--lvm is ignored: set store_type = \"lvm\" for the slot in the config")
-
-    cfg = config_mod.load(args.config)
-    if args.print_config is not None:
-        text = config_mod.render_config(cfg)
-        if args.print_config == "-":
-            if not args.json:
-                out.write(text)
-            else:
-                doc["config"] = text
-        elif args.dry_run:
-            log.info("dry run: would write the configuration to %s", args.print_config)
-        else:
-            _write_file(args.print_config, text)
-
-    disk_actions = [a for a in req.actions if a in DISK_ACTIONS]
-    if disk_actions:
-        from vmim.facade import require_root
-
-        require_root(", ".join(disk_actions))
-    hv = None
-    code = EXIT_OK
-    try:
-        if req.boxes or {"boxes", "free"} & set(req.lists):
-            from vmim import domain
-
-            hv = domain.connect(args.connect or cfg.uri)
-        if req.boxes:
-            assert hv is not None
-            _check_boxes(req, cfg, hv)
-            if args.print_xml:
-                _print_xml(req, cfg, hv, args.json, doc, out)
-            if req.actions and args.dry_run:
-                _print_plan(req, cfg, hv, args, doc, out)
-                req.actions = []
-            if req.actions:
-                from vmim import progress
-                from vmim.facade import Options
-
-                progress.enabled = (sys.stderr.isatty() and not args.json and not args.quiet
-                                    and (len(req.boxes) == 1 or args.jobs == 1))
-
-                options = Options(lock_wait=args.lock_wait, timeout=args.timeout, core=args.core)
-                code = _run_boxes(req, cfg, hv, options, doc, out, args.json, args.quiet > 0,
-                                  args.jobs)
-        _print_lists(req, cfg, hv, args.json, doc, out)
-    finally:
-        if hv is not None:
-            hv.close()
-    return code
-
-
-def _print_plan(req: Request, cfg: Any, hv: Any, args: argparse.Namespace, doc: Dict[str, Any],
-                out: TextIO) -> None:
-    """--dry-run: what each box would go through; reads state, changes nothing."""
-    from vmim import plan
-    from vmim.archive import detect
-    from vmim.disk import mounts
-
-    boxes = req.boxes
-    if boxes == [ANY_FREE]:
-        from vmim import listing
-
-        free = [r.name for r in listing.boxes(cfg, hv.domains()) if r.is_free]
-        boxes = free[:1] or ["(no free slot: the run would exit 5)"]
-    plans = {}
-    for box in boxes:
-        slot = cfg.slot(box)
-        info = hv.domain(box)
-        found: Dict[str, Dict[str, str]] = {"vmimages": {}, "vminserts": {}}
-        if slot is not None:
-            for key, names in (("vmimages", [req.restore] if req.restore else []),
-                               ("vminserts", [t.name for t in req.inserts])):
-                directory = getattr(slot, key)
-                for name in names:
-                    path = os.path.join(directory, name) if directory else ""
-                    found[key][name] = detect.detect(path).format \
-                        if path and os.path.lexists(path) else "missing"
-        seen = plan.Observed(
-            domain_state=info.state if info else "undefined",
-            in_config=slot is not None,
-            disk=slot.describe_disk() if slot else "-",
-            mount=slot.mount if slot else None,
-            mounted=bool(slot and mounts.mounted_at(slot.mount)),
-            store_type=slot.store_type if slot else None,
-            images=found["vmimages"],
-            inserts=found["vminserts"],
-        )
-        timeout = args.timeout if args.timeout is not None else (slot.timeout if slot else 180)
-        steps = plan.plan_box(req, box, seen, timeout=timeout,
-                              clear=slot.clear if slot else "delete",
-                              fmt=req.format or "rsync")
-        plans[box] = steps
-    if args.json:
-        doc["plan"] = {box: [s.as_dict() for s in steps] for box, steps in plans.items()}
-        return
-    for box, steps in plans.items():
-        out.write(f"box {box}:\n")
-        for i, s in enumerate(steps, 1):
-            out.write(f"  {i}. {s.step}: {s.description}\n")
-    out.write("(dry run: nothing was changed)\n")
-
-
-def _print_xml(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, Any],
-               out: TextIO) -> None:
-    from vmim import definition
-
-    xml: Dict[str, str] = {}
-    for box in req.boxes:
-        slot = cfg.slot(box)
-        if slot is None:
-            what = "is a libvirt domain with" if hv.domain(box) is not None else "has"
-            raise StateError(f"box '{box}' {what} no slot in {cfg.path}: there is no config to "
-                             "build its domain from")
-        if hv.domain(box) is not None:
-            log.info("box %s is already defined in libvirt; -u would not redefine it", box)
-        xml[box] = definition.domain_xml(slot)
-    if as_json:
-        doc["xml"] = xml
-    else:
-        out.writelines(xml.values())
-
-
-def _run_parallel(req: Request, cfg: Any, hv: Any, options: Any, jobs: int,
-                  doc: Dict[str, Any]) -> List[Any]:
-    """Boxes in worker threads, each under its own lock. A signal stops every box's current
-    command; each box then cleans up as after a failure, and the run ends with the signal."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from vmim import process
-    from vmim.facade import SlotRunner
-
-    with ThreadPoolExecutor(max_workers=min(jobs, len(req.boxes))) as pool:
-        futures = [pool.submit(SlotRunner(cfg, box, hv, options).run, req.actions, req)
-                   for box in req.boxes]
-        try:
-            return [f.result() for f in futures]
-        except Interrupted as exc:
-            process.cancel_all(exc.signum)
-            results = [f.result() for f in futures]
-            doc["results"] = [r.as_dict() for r in results]
-            raise
-
-
-def _run_boxes(req: Request, cfg: Any, hv: Any, options: Any, doc: Dict[str, Any],
-               out: TextIO, as_json: bool, quiet: bool, jobs: int = 1) -> int:
-    from vmim.facade import SlotRunner, claim_free_slot
-
-    if req.boxes == [ANY_FREE]:
-        box, held = claim_free_slot(cfg, hv)
-        doc["claimed"] = box
-        if not as_json:
-            out.write(box + "\n")
-            out.flush()
-        req.boxes = [box]
-        with held:
-            results = [SlotRunner(cfg, box, hv, options).run(req.actions, req, locked=True)]
-    elif jobs > 1 and len(req.boxes) > 1:
-        results = _run_parallel(req, cfg, hv, options, jobs, doc)
-    else:
-        results = []
-        for box in req.boxes:
-            results.append(SlotRunner(cfg, box, hv, options).run(req.actions, req))
-            if results[-1].exit_code in (EXIT_SIGINT, EXIT_SIGTERM):
-                break  # a signal stops the command: the boxes after this one are not touched
-    doc["results"] = [r.as_dict() for r in results]
-    for r in results:
-        if r.error is not None:
-            failed = next((s.step for s in r.steps if s.status == "failed"), None)
-            where = f"box {r.box}: {failed} failed" if failed else f"box {r.box}"
-            tail = "; the domain was not started" if "up" in req.actions else ""
-            sys.stderr.write(f"{PROG}: error: {where}: {_undecodable_escaped(str(r.error))}{tail}\n")
-    if len(results) > 1 and not quiet:
-        for r in results:
-            took = sum(s.seconds for s in r.steps)
-            state = "ok" if r.error is None else f"FAILED (exit {r.exit_code})"
-            sys.stderr.write(f"{PROG}: box {r.box}: {state}, {len(r.steps)} steps, {took:.1f} s\n")
-    codes = [r.exit_code for r in results if r.exit_code]
-    return max(codes) if codes else EXIT_OK
-
-
-def _write_file(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise UsageError(f"cannot write '{path}': {exc.strerror}") from None
-
-
-def _check_boxes(req: Request, cfg: Any, hv: Any) -> None:
-    if ANY_FREE in req.boxes:
-        if len(req.boxes) > 1:
-            raise UsageError(f"-b {ANY_FREE} claims one slot: give no other -b")
-        return
-    known = set(cfg.slot_names) | set(hv.domains())
-    unknown = [b for b in req.boxes if b not in known]
-    if unknown:
-        names = ", ".join(f"'{_safe(b)}'" for b in unknown)
-        listing = ", ".join(sorted(known)) or "(none: the config has no slots and libvirt no domains)"
-        raise StateError(f"unknown box {names}: no slot in {cfg.path} and no domain in libvirt "
-                         f"at {hv.uri}; known boxes: {listing}")
-
-
-def _print_lists(req: Request, cfg: Any, hv: Any, as_json: bool, doc: Dict[str, Any],
-                 out: TextIO) -> None:
-    from vmim import listing
-
-    if {"boxes", "free", "locked"} & set(req.lists):  # computed once for every list of boxes
-        rows = listing.boxes(cfg, hv.domains() if hv is not None else None)
-    for what in req.lists:
-        if what == "boxes":
-            if as_json:
-                doc["boxes"] = [r.as_dict() for r in rows]
-            else:
-                _table(["NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE",
-                        "INCOMPLETE"],
-                       [[_safe(r.name), "yes" if r.in_config else "no", r.state,
-                         "yes" if r.mounted else "no",
-                         f"pid {r.locked_by.pid}" if r.locked_by else "no",
-                         _safe(r.disk_text), _safe(r.base or "-"),
-                         f"restore of {_safe(str(r.incomplete.get('image')))}"
-                         if r.incomplete else "no"] for r in rows], out)
-        elif what == "free":
-            free = [r.name for r in rows if r.is_free]
-            if as_json:
-                doc["free"] = free
-            else:
-                out.writelines(_safe(n) + "\n" for n in free)
-        elif what == "locked":
-            locked = [r for r in rows if r.locked_by]
-            if as_json:
-                doc["locked"] = [{"name": r.name, **r.locked_by.as_dict()}
-                                 for r in locked if r.locked_by]
-            else:
-                _table(["NAME", "PID", "COMMAND"],
-                       [[_safe(r.name), str(r.locked_by.pid), _safe(r.locked_by.command)]
-                        for r in locked if r.locked_by], out)
-        else:
-            entries = listing.images(cfg) if what == "images" else listing.inserts(cfg)
-            if as_json:
-                doc[what] = [e.as_dict() for e in entries]
-            else:
-                _entries_table(entries, out)
 
 
 def run() -> None:

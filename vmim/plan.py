@@ -1,9 +1,18 @@
-"""What one command asks of each box, and the fixed order the steps run in (design §3)."""
+"""The plan: from the request, the config and the observed state, every step one box goes
+through, in order, implicit ones included (design §3). Pure: no I/O.
+
+`--dry-run` prints the plan; the runner (vmim.runner) executes exactly its steps and nothing
+else. When the observed state already decides the outcome (an unknown image, a running domain
+and no step that stops it, a locked slot...), the plan carries that verdict: the dry run exits
+with its code, and the real run stops with it before any step touches the slot.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+from vmim.errors import EXIT_CLEANUP, EXIT_CONFIG, EXIT_LOCKED, EXIT_STATE
 
 #: The fixed per-box pipeline, whatever the order of the flags.
 PIPELINE = ("kill", "down", "mount", "extract", "store", "restore", "insert", "release", "up")
@@ -12,6 +21,8 @@ DISK_ACTIONS = ("mount", "extract", "store", "restore", "insert", "release")
 #: Steps that change or read the slot's filesystem: they stop the domain and mount it first.
 DATA_ACTIONS = ("extract", "store", "restore", "insert")
 BOX_PLACEHOLDER = "{box}"
+#: What an image or insert the plan looked for is when it is not there.
+MISSING = "missing"
 
 
 @dataclass(frozen=True)
@@ -43,111 +54,220 @@ class Request:
         return name.replace(BOX_PLACEHOLDER, box)
 
 
-# --------------------------------------------------------------------------- dry run
-
-
 @dataclass(frozen=True)
 class Observed:
-    """What a dry run looked at, without changing anything."""
+    """The state of one box that the plan depends on (vmim.observe reads it)."""
 
     domain_state: str  # a libvirt state word, or "undefined"
     in_config: bool
-    disk: str  # the slot's disk as configured, or "-"
-    mount: Optional[str]
-    mounted: bool
-    store_type: Optional[str]
-    images: Dict[str, str] = field(default_factory=dict)  # name → detected format or "missing"
+    disk: str = "-"  # the slot's disk as configured, or "-"
+    mount: Optional[str] = None
+    mounted: bool = False
+    store_type: Optional[str] = None
+    clear: str = "delete"
+    timeout: int = 180
+    images: Dict[str, str] = field(default_factory=dict)  # name → detected format, or MISSING
     inserts: Dict[str, str] = field(default_factory=dict)  # the same, in the inserts store
+    missing_stores: Tuple[str, ...] = ()  # store keys (vmimages...) the request needs, unset
+    unusable: Tuple[str, ...] = ()  # why a requested image or insert is missing or unusable
+    locked_by: Optional[str] = None  # "pid N (command)" when another command holds the slot
+    incomplete: Optional[str] = None  # the image of a restore that did not finish
+    pinned: Optional[str] = None  # who holds the slot's disk mounted in another namespace
+
+    @property
+    def running(self) -> bool:
+        return self.domain_state not in ("shut off", "undefined")
 
 
 @dataclass(frozen=True)
-class PlannedStep:
-    step: str
+class Step:
+    """One step of a box's plan. `implicit`: not asked for, required by one that is."""
+
+    name: str  # kill, down, verify, mount, extract, store, restore, insert, release, up
     description: str
+    implicit: bool = False
+    item: int = 0  # extract, insert: which of the request's transfers
 
     def as_dict(self) -> dict:
-        return {"step": self.step, "description": self.description}
+        return {"step": self.name, "description": self.description, "implicit": self.implicit}
 
 
-def plan_box(req: Request, box: str, seen: Observed, *, timeout: int, clear: str,
-             fmt: str) -> List[PlannedStep]:
-    """The steps one box would go through, described; pure (no I/O)."""
-    steps: List[PlannedStep] = []
-    running = seen.domain_state not in ("shut off", "undefined")
-    add = lambda step, text: steps.append(PlannedStep(step, text))  # noqa: E731
-    needs_disk = any(a in req.actions for a in DATA_ACTIONS)
+@dataclass(frozen=True)
+class Verdict:
+    """How the run ends, when the observed state already decides it."""
+
+    exit_code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    box: str
+    steps: Tuple[Step, ...]
+    verdict: Optional[Verdict] = None
+
+    @property
+    def expected_exit(self) -> int:
+        return self.verdict.exit_code if self.verdict else 0
+
+    def as_dict(self) -> dict:
+        d: dict = {"steps": [s.as_dict() for s in self.steps], "expected_exit_code":
+                   self.expected_exit}
+        if self.verdict:
+            d["expected_error"] = self.verdict.message
+        return d
+
+    def text(self) -> str:
+        lines = [f"box {self.box}:"]
+        lines += [f"  {i}. {s.name}{' (implicit)' if s.implicit else ''}: {s.description}"
+                  for i, s in enumerate(self.steps, 1)]
+        if self.verdict:
+            lines.append(f"  the run would fail (exit {self.verdict.exit_code}): "
+                         f"{self.verdict.message}")
+        return "\n".join(lines) + "\n"
+
+
+def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> Plan:
+    """The steps box goes through for req in state seen, and the verdict when seen decides it."""
+    steps: List[Step] = []
+    def add(name: str, text: str, implicit: bool = False, item: int = 0) -> None:
+        steps.append(Step(name, text, implicit, item))
+
+    data = [a for a in req.actions if a in DATA_ACTIONS]
+    whole_disk = req.disk_image or seen.store_type == "qcow2"
+    stops = "kill" in req.actions or "down" in req.actions
+    touches_fs = bool(data) or "mount" in req.actions
+
     for action in req.actions:
         if action == "kill":
-            add("kill", "force the domain off (libvirt destroy)" if running else
+            add("kill", "force the domain off (libvirt destroy)" if seen.running else
                 f"nothing: the domain is {seen.domain_state}")
         elif action == "down":
-            add("down", f"ACPI shutdown, forced off after {timeout} s" if running else
+            add("down", f"ACPI shutdown, forced off after {seen.timeout} s" if seen.running else
                 f"nothing: the domain is {seen.domain_state}")
         elif action == "mount":
-            add("mount", _mount_text(seen, running and "down" not in req.actions))
+            if data:  # the data steps need what is proven first
+                _add_verify(req, seen, add)
+            if seen.running and not stops:
+                add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
+            add("mount", _mount_text(seen))
         elif action in DATA_ACTIONS:
-            if needs_disk and action == _first(req.actions, DATA_ACTIONS):
-                if running and "down" not in req.actions and "kill" not in req.actions:
-                    add("down", f"ACPI shutdown first, forced off after {timeout} s")
-                whole_disk = req.disk_image or seen.store_type == "qcow2"
-                if "mount" not in req.actions and not seen.mounted and not whole_disk:
-                    add("mount", _mount_text(seen, False))
-            if action == "extract":
-                for t in req.extracts:
-                    add("extract", f"archive guest {t.directory} as "
-                        f"{req.extract_name(t.name, box)} ({fmt}) into the extracts store")
-            elif action == "store" and (req.disk_image or seen.store_type == "qcow2"):
-                add("store", f"write the whole disk as image {req.store_name(box)} under a "
-                    "temporary name, sync, rename into place")
-            elif action == "store":
-                add("store", f"write the filesystem as image {req.store_name(box)} ({fmt}) "
-                    "under a temporary name, sync, rename into place")
-            elif action == "restore":
-                name = req.restore or ""
-                found = seen.images.get(name, "missing")
-                if found == "missing":
-                    add("restore", f"image {name} not found: the run would fail (exit 4)")
-                elif seen.store_type == "qcow2":
-                    add("restore", f"check image {name} ({found}), replace the slot's disk with a "
-                        "new qcow2 overlay on it")
-                elif req.disk_image:
-                    add("restore", f"check image {name} ({found}), write it over the whole disk "
-                        "(a reflink where possible) and rename it into place")
-                elif found == "rsync":
-                    add("restore", f"check image {name}, then mirror it (rsync --delete)")
-                else:
-                    how = "re-make the filesystem (same UUID and label)" if clear == "mkfs" \
-                        else "delete the filesystem's content"
-                    add("restore", f"check image {name} ({found}), {how}, unpack it into a "
-                        "staging directory and move it into the guest")
-            elif action == "insert":
-                for t in req.inserts:
-                    found = seen.inserts.get(t.name, "missing")
-                    add("insert", f"unpack insert {t.name} ({found}) at {t.directory}"
-                        if found != "missing" else f"insert {t.name} not found: the run would "
-                        "fail (exit 4)")
+            if action == data[0]:
+                if "mount" not in req.actions:
+                    _add_verify(req, seen, add)
+                    if seen.running and not stops:
+                        add("down", f"ACPI shutdown first, forced off after {seen.timeout} s",
+                            True)
+                    if not whole_disk:
+                        add("mount", _mount_text(seen), True)
+                if whole_disk and seen.store_type != "qcow2" and (seen.mounted or
+                                                                 "mount" in req.actions):
+                    add("release", "unmount, detach: the disk file must not change under the "
+                        "copy", True)
+            _add_data(action, req, box, seen, whole_disk, add)
         elif action == "release":
-            add("release", "unmount, detach the loop device(s)" if seen.mounted or needs_disk
-                or "mount" in req.actions else "nothing mounted or mapped now")
+            add("release", "unmount, detach the loop device(s)" if seen.mounted or touches_fs
+                else "nothing mounted or mapped now")
         elif action == "up":
-            text = "release the disk, " if seen.in_config and seen.store_type else ""
-            text += ("define the domain from the config through libvirt.xsl, start it"
-                     if seen.domain_state == "undefined" else
-                     "nothing: already running" if running else "start the domain")
-            add("up", text)
-    return steps
+            if seen.store_type and "release" not in req.actions:
+                add("release", "unmount, detach: never boot a disk mounted on the host"
+                    if seen.mounted or touches_fs else "nothing mounted or mapped now", True)
+            add("up", "define the domain from the config through libvirt.xsl, start it"
+                if seen.domain_state == "undefined" else
+                "nothing: already running" if seen.running and not stops else "start the domain")
+    return Plan(box, tuple(steps), _verdict(req, box, seen, stops, touches_fs, whole_disk,
+                                            lock_wait))
 
 
-def _first(actions: List[str], among: Tuple[str, ...]) -> str:
-    return next(a for a in actions if a in among)
+def _add_verify(req: Request, seen: Observed, add: Callable[..., None]) -> None:
+    names = []
+    if req.restore is not None:
+        names.append(f"image {req.restore} ({seen.images.get(req.restore, MISSING)})")
+    names += [f"insert {t.name} ({seen.inserts.get(t.name, MISSING)})" for t in req.inserts]
+    if names:
+        add("verify", f"prove {', '.join(names)} restorable (recorded sha256, else a full "
+            "read) before the slot is touched", True)
 
 
-def _mount_text(seen: Observed, refused: bool) -> str:
-    if refused:
-        return f"refused: the domain is {seen.domain_state} (add -d)"
+def _add_data(action: str, req: Request, box: str, seen: Observed, whole_disk: bool,
+              add: Callable[..., None]) -> None:
+    fmt = req.format or "rsync"
+    if action == "extract":
+        for i, t in enumerate(req.extracts):
+            add("extract", f"archive guest {t.directory} as {req.extract_name(t.name, box)} "
+                f"({fmt}) into the extracts store", item=i)
+    elif action == "store":
+        what = "the whole disk" if whole_disk else f"the filesystem ({fmt})"
+        add("store", f"write {what} as image {req.store_name(box)} under a temporary name, "
+            "sync, put it in place atomically")
+    elif action == "restore":
+        name = req.restore or ""
+        found = seen.images.get(name, MISSING)
+        if seen.store_type == "qcow2" and whole_disk:
+            add("restore", f"replace the slot's disk with a new qcow2 overlay on image {name}")
+        elif whole_disk:
+            add("restore", f"write image {name} ({found}) over the whole disk (a reflink where "
+                "possible) and rename it into place")
+            if seen.mounted or "mount" in req.actions:
+                add("mount", "mount it again, as it was", True)
+        elif found == "rsync":
+            add("restore", f"mirror image {name} (rsync --delete)")
+        else:
+            how = "re-make the filesystem (same UUID and label)" if seen.clear == "mkfs" \
+                else "delete the filesystem's content"
+            add("restore", f"mark the slot, {how}, unpack image {name} ({found}) into a "
+                "staging directory and move it into the guest, unmark the slot")
+    elif action == "insert":
+        for i, t in enumerate(req.inserts):
+            add("insert", f"unpack insert {t.name} ({seen.inserts.get(t.name, MISSING)}) at "
+                f"{t.directory}", item=i)
+
+
+def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bool,
+             whole_disk: bool, lock_wait: int) -> Optional[Verdict]:
+    """The exit code the real run ends with, when the observed state decides it."""
+    disk_work = touches_fs or "release" in req.actions
+    if disk_work and not seen.in_config:
+        return Verdict(EXIT_STATE, f"box '{box}' is a libvirt domain with no slot in the "
+                       "config; disk actions need a [vmim.vm.NAME] section with its HostDisk "
+                       "or root")
+    if seen.locked_by and lock_wait == 0:
+        return Verdict(EXIT_LOCKED, f"box '{box}' is locked by {seen.locked_by}; try again "
+                       "later or wait with --lock-wait S")
+    if disk_work and not seen.store_type:
+        return Verdict(EXIT_CONFIG, f"box '{box}' has no disk: set HostDisk (and partition) or "
+                       "root in its section")
+    for key in seen.missing_stores:
+        return Verdict(EXIT_CONFIG, f"box '{box}': no {_KIND[key]} store configured: set {key} "
+                       "in [vmim.local] or in the slot's section")
+    if seen.unusable:
+        return Verdict(EXIT_STATE, seen.unusable[0])
+    if seen.running and seen.mounted and not set(req.actions) <= {"kill", "release"}:
+        return Verdict(EXIT_STATE, f"box '{box}': its domain is {seen.domain_state} while its "
+                       f"filesystem is mounted on the host at {seen.mount}: both may be writing "
+                       "to it. Nothing else is done until that ends: force the domain off (-k) "
+                       "and unmount it (--release), then check the filesystem")
+    if seen.running and not stops and "mount" in req.actions:
+        return Verdict(EXIT_STATE, f"box '{box}': domain is {seen.domain_state}; add -d to shut "
+                       "it down first (or -k to force it off)")
+    if seen.pinned and disk_work and not (whole_disk and seen.store_type == "qcow2"):
+        return Verdict(EXIT_CLEANUP, f"box '{box}': its disk is still mounted in another mount "
+                       f"namespace: {seen.pinned}")
+    if seen.incomplete and "up" in req.actions and req.restore is None:
+        return Verdict(EXIT_STATE, f"box '{box}': the restore of '{seen.incomplete}' did not "
+                       "finish, so its filesystem is incomplete and it is not started; restore "
+                       f"an image into it (vmimagemanager -b {box} -r NAME -u)")
+    return None
+
+
+_KIND = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extract"}
+
+
+def _mount_text(seen: Observed) -> str:
     if seen.mounted:
-        return f"nothing: already mounted at {seen.mount}"
+        return f"already mounted at {seen.mount}: check it is this slot's filesystem"
     via = {"kpartx": "a loop device at the partition's offset",
            "partition": "a loop device (or the block device itself)",
-           "lvm": "the logical volume"}.get(seen.store_type or "", "?")
+           "lvm": "the logical volume", "qcow2": "a FUSE export of the qcow2 image"}.get(
+        seen.store_type or "", "?")
     return f"map {seen.disk} through {via}, mount it at {seen.mount}"

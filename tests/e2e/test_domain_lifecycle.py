@@ -66,7 +66,7 @@ def test_up_twice_is_a_no_op_and_kill_forces_off(vmim, make_slot, domains):
     assert dom.info()[3] == 2  # --core set the vCPUs before the start
     r = vmim("-b", slot.name, "-u", "-v", "--json", "--config", slot.cfg)
     assert r.code == 0, r
-    step = json.loads(r.out)["results"][0]["steps"][0]
+    step = next(s for s in json.loads(r.out)["results"][0]["steps"] if s["step"] == "up")
     assert step["step"] == "up" and step["message"] == "already running"
     r = vmim("-b", slot.name, "-k", "--config", slot.cfg)
     assert r.code == 0 and domains.state(slot.name) == 5

@@ -175,8 +175,12 @@ def test_json_steps_carry_image_format_and_bytes(pair, vmim):
     r = vmim("-b", names[0], "-r", "big", "--zstd", "-s", "again", "--release", "--json",
              "--config", cfg)
     assert r.code == 0, r
-    steps = {s["step"]: s for s in json.loads(r.out)["results"][0]["steps"]}
-    assert list(steps) == ["store", "restore", "release"]  # the fixed order, not the flags'
+    listed = json.loads(r.out)["results"][0]["steps"]
+    # the fixed order, not the flags', implicit steps included and said to be
+    assert [(s["step"], s["implicit"]) for s in listed] == [
+        ("verify", True), ("mount", True), ("store", False), ("restore", False),
+        ("release", False)]
+    steps = {s["step"]: s for s in listed}
     assert steps["restore"]["image"] == "big" and steps["restore"]["format"] == "tgz"
     assert steps["restore"]["bytes"] == os.path.getsize(root / "images" / "big")
     assert steps["store"]["format"] == "tar.zst"
@@ -190,14 +194,16 @@ def test_dry_run_of_a_full_pipeline_changes_nothing(pair, vmim, domains):
     before_images = sorted(os.listdir(root / "images"))
     r = vmim("-b", names[0], "-r", "big", "-i", "certs", "-s", "snap", "-u", "--dry-run",
              "--config", cfg)
-    assert r.code == 0, r
+    assert r.code == 3, r  # no inserts store is configured: the run would end with exit 3
     lines = r.out.splitlines()
     assert lines[0] == f"box {names[0]}:"
-    steps = [line.split(":")[0].split(". ")[1] for line in lines[1:-1]]
-    assert steps == ["down", "mount", "store", "restore", "insert", "up"]  # up releases first
-    assert "image big" in r.out and "(tgz)" in r.out
-    assert "insert certs not found: the run would fail (exit 4)" in r.out
-    assert lines[-1] == "(dry run: nothing was changed)"
+    steps = [line.split(":")[0].split(". ")[1] for line in lines[1:] if line.startswith("  ")
+             and ". " in line.split(":")[0]]
+    assert steps == ["verify (implicit)", "down (implicit)", "mount (implicit)", "store",
+                     "restore", "insert", "release (implicit)", "up"]
+    assert "image big (tgz)" in r.out
+    assert "the run would fail (exit 3)" in r.out and "no insert store configured" in r.out
+    assert lines[-1].startswith("(dry run: nothing was changed; the run would exit 3")
     # nothing changed: the domain runs, nothing mounted or mapped, no lock taken, no file written
     assert domains.state(names[0]) == 1
     assert not (root / "mnt").exists()
@@ -206,8 +212,14 @@ def test_dry_run_of_a_full_pipeline_changes_nothing(pair, vmim, domains):
     assert sorted(os.listdir(root / "images")) == before_images
     doc = json.loads(vmim("-b", names[0], "-r", "big", "-u", "--dry-run", "--json",
                           "--config", cfg).out)
-    assert [s["step"] for s in doc["plan"][names[0]]] == ["down", "mount", "restore", "up"]
+    assert [s["step"] for s in doc["plan"][names[0]]["steps"]] == [
+        "verify", "down", "mount", "restore", "release", "up"]
+    assert doc["expected_exit_code"] == 0 and doc["exit_code"] == 0
     assert "results" not in doc
+    # the real run ends as the dry run said, before touching anything
+    r = vmim("-b", names[0], "-r", "big", "-i", "certs", "-s", "snap", "-u", "--config", cfg)
+    assert r.code == 3 and "no insert store configured" in r.err, r
+    assert domains.state(names[0]) == 1
 
 
 def test_two_restores_in_parallel_both_succeed(pair, vmim):

@@ -182,6 +182,7 @@ def test_a_killed_restore_leaves_a_mark_that_up_refuses_until_a_restore_complete
     r = vmim("-b", box, "-u", "--config", rig.cfg)
     assert r.code == 4, r  # 1.0: the half-written slot was started (exit 0)
     assert "restore of 'slow'" in r.err and "did not finish" in r.err and "-r NAME" in r.err
+    run_ok(vmim, rig, "-b", box, "--release")  # what the killed run left mounted
     assert mounts.mounted_at(rig.mnt("ext4")) is None
     assert loop.loops_backed_by(rig.disk("ext4")) == []
     rows = {b["name"]: b for b in json.loads(vmim("-l", "--json", "--config", rig.cfg).out)["boxes"]}

@@ -1,0 +1,224 @@
+"""What one command does once its arguments are valid: load the config, reach libvirt, print
+the plans (--dry-run) or run the boxes, print the lists. cli.py parses and reports."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Dict, List, TextIO
+
+from vmim.config import Config
+from vmim.domain import Hypervisor
+from vmim.errors import EXIT_LOCKED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, StateError, UsageError
+from vmim.output import PROG, print_lists, safe, undecodable_escaped
+from vmim.plan import DISK_ACTIONS, Plan, Request, Step, Verdict
+from vmim.recorder import BoxResult
+from vmim.steps import Options
+
+log = logging.getLogger("vmim")
+
+ANY_FREE = "any-free"
+
+
+def run_command(args: argparse.Namespace, req: Request, doc: Dict[str, Any], out: TextIO) -> int:
+    from vmim import config as config_mod
+    from vmim import process
+
+    process.reset_cancel()
+    if args.lvm:
+        log.warning("--lvm is ignored: set store_type = \"lvm\" for the slot in the config")
+
+    cfg = config_mod.load(args.config)
+    if args.print_config is not None:
+        text = config_mod.render_config(cfg)
+        if args.print_config == "-":
+            if not args.json:
+                out.write(text)
+            else:
+                doc["config"] = text
+        elif args.dry_run:
+            log.info("dry run: would write the configuration to %s", args.print_config)
+        else:
+            write_file(args.print_config, text)
+
+    disk_actions = [a for a in req.actions if a in DISK_ACTIONS]
+    if disk_actions:
+        from vmim.steps import require_root
+
+        require_root(", ".join(disk_actions))
+    hv = None
+    code = EXIT_OK
+    try:
+        if req.boxes or {"boxes", "free"} & set(req.lists):
+            from vmim import domain
+
+            hv = domain.connect(args.connect or cfg.uri)
+        if req.boxes:
+            assert hv is not None
+            check_boxes(req, cfg, hv)
+            if args.print_xml:
+                print_xml(req, cfg, hv, args.json, doc, out)
+            if req.actions and args.dry_run:
+                code = print_plans(req, cfg, hv, args.lock_wait, args.json, doc, out)
+            elif req.actions:
+                from vmim import progress
+
+                progress.enabled = (sys.stderr.isatty() and not args.json and not args.quiet
+                                    and (len(req.boxes) == 1 or args.jobs == 1))
+                options = Options(lock_wait=args.lock_wait, timeout=args.timeout, core=args.core)
+                code = run_boxes(req, cfg, hv, options, doc, out, args.json, args.quiet > 0,
+                                 args.jobs)
+        print_lists(req, cfg, hv, args.json, doc, out)
+    finally:
+        if hv is not None:
+            hv.close()
+    return code
+
+
+def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List[Plan]:
+    """The plan of every box, from the state observed now (the same observation and planning
+    as the run; the run does them again under each slot's lock)."""
+    from vmim import listing
+    from vmim.observe import observe
+    from vmim.plan import plan_box
+
+    boxes = req.boxes
+    if boxes == [ANY_FREE]:
+        free = [r.name for r in listing.boxes(cfg, hv.domains()) if r.is_free]
+        if not free:
+            return [Plan(ANY_FREE, (Step("claim", "claim a free slot"),),
+                         Verdict(EXIT_LOCKED, f"no free slot: all {len(cfg.slots)} slots are "
+                                 "running, mounted or locked"))]
+        boxes = free[:1]
+    return [plan_box(req, box, observe(cfg, hv, box, req), lock_wait=lock_wait)
+            for box in boxes]
+
+
+def print_plans(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int, as_json: bool,
+                doc: Dict[str, Any], out: TextIO) -> int:
+    """--dry-run: each box's plan; exits with the code the run would end with when the plan
+    knows it (the highest of the boxes'), else 0. Reads state, changes nothing."""
+    plans = plans_for(req, cfg, hv, lock_wait)
+    code = max(p.expected_exit for p in plans)
+    if as_json:
+        doc["plan"] = {p.box: p.as_dict() for p in plans}
+        doc["expected_exit_code"] = code
+        return code
+    for p in plans:
+        out.write(p.text())
+    out.write(f"(dry run: nothing was changed; the run would exit {code} here"
+              f"{'' if code else ' unless something fails on the way'})\n")
+    return code
+
+
+def print_xml(req: Request, cfg: Config, hv: Hypervisor, as_json: bool, doc: Dict[str, Any],
+              out: TextIO) -> None:
+    from vmim import definition
+
+    xml: Dict[str, str] = {}
+    for box in req.boxes:
+        slot = cfg.slot(box)
+        if slot is None:
+            what = "is a libvirt domain with" if hv.domain(box) is not None else "has"
+            raise StateError(f"box '{box}' {what} no slot in {cfg.path}: there is no config to "
+                             "build its domain from")
+        if hv.domain(box) is not None:
+            log.info("box %s is already defined in libvirt; -u would not redefine it", box)
+        xml[box] = definition.domain_xml(slot)
+    if as_json:
+        doc["xml"] = xml
+    else:
+        out.writelines(xml.values())
+
+
+def run_parallel(req: Request, cfg: Config, hv: Hypervisor, options: Options, jobs: int,
+                 doc: Dict[str, Any]) -> List[BoxResult]:
+    """Boxes in worker threads, each under its own lock. A signal stops every box's current
+    command; each box then cleans up as after a failure, and the run ends with the signal."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vmim import process
+    from vmim.runner import run_box
+
+    with ThreadPoolExecutor(max_workers=min(jobs, len(req.boxes))) as pool:
+        futures = [pool.submit(run_box, cfg, box, hv, req, options) for box in req.boxes]
+        try:
+            return [f.result() for f in futures]
+        except Interrupted as exc:
+            process.cancel_all(exc.signum)
+            results = [f.result() for f in futures]
+            doc["results"] = [r.as_dict() for r in results]
+            raise
+
+
+def run_boxes(req: Request, cfg: Config, hv: Hypervisor, options: Options,
+              doc: Dict[str, Any], out: TextIO, as_json: bool, quiet: bool,
+              jobs: int = 1) -> int:
+    from vmim.runner import claim_free_slot, run_box
+
+    if req.boxes == [ANY_FREE]:
+        box, held = claim_free_slot(cfg, hv)
+        doc["claimed"] = box
+        if not as_json:
+            out.write(box + "\n")
+            out.flush()
+        req.boxes = [box]
+        with held:
+            results = [run_box(cfg, box, hv, req, options, locked=True)]
+    elif jobs > 1 and len(req.boxes) > 1:
+        results = run_parallel(req, cfg, hv, options, jobs, doc)
+    else:
+        results = []
+        for box in req.boxes:
+            results.append(run_box(cfg, box, hv, req, options))
+            if results[-1].exit_code in (EXIT_SIGINT, EXIT_SIGTERM):
+                break  # a signal stops the command: the boxes after this one are not touched
+    doc["results"] = [r.as_dict() for r in results]
+    for r in results:
+        if r.error is not None:
+            failed = next((s.step for s in r.steps if s.status == "failed"), None)
+            where = f"box {r.box}: {failed} failed" if failed else f"box {r.box}"
+            tail = "; the domain was not started" if "up" in req.actions else ""
+            sys.stderr.write(f"{PROG}: error: {where}: {undecodable_escaped(str(r.error))}"
+                             f"{tail}\n")
+    if len(results) > 1 and not quiet:
+        for r in results:
+            took = sum(s.seconds for s in r.steps)
+            state = "ok" if r.error is None else f"FAILED (exit {r.exit_code})"
+            n = len(r.steps)
+            sys.stderr.write(f"{PROG}: box {r.box}: {state}, {n} step{'' if n == 1 else 's'}, "
+                             f"{took:.1f} s\n")
+    codes = [r.exit_code for r in results if r.exit_code]
+    return max(codes) if codes else EXIT_OK
+
+
+def write_file(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UsageError(f"cannot write '{path}': {exc.strerror}") from None
+
+
+def check_boxes(req: Request, cfg: Config, hv: Hypervisor) -> None:
+    if ANY_FREE in req.boxes:
+        if len(req.boxes) > 1:
+            raise UsageError(f"-b {ANY_FREE} claims one slot: give no other -b")
+        return
+    known = set(cfg.slot_names) | set(hv.domains())
+    unknown = [b for b in req.boxes if b not in known]
+    if unknown:
+        names = ", ".join(f"'{safe(b)}'" for b in unknown)
+        listing = ", ".join(sorted(known)) or "(none: the config has no slots and libvirt no domains)"
+        raise StateError(f"unknown box {names}: no slot in {cfg.path} and no domain in libvirt "
+                         f"at {hv.uri}; known boxes: {listing}")
+
+

@@ -1,0 +1,92 @@
+"""What a box's plan depends on, read from the system: one place for the dry run and the run.
+
+Reads only: libvirt's domain state, the mount table, the lock, the restore mark, the image
+and inserts stores (detecting what a requested image is), and, for disk work as root, mounts
+of the slot's disk in other mount namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+from vmim import incomplete, lock, store
+from vmim.archive import detect
+from vmim.config import Config, Slot
+from vmim.domain import Hypervisor
+from vmim.errors import StateError
+from vmim.plan import DATA_ACTIONS, MISSING, Observed, Request
+from vmim.steps.data import find_usable
+
+
+def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
+    from vmim.disk import mounts
+
+    slot = cfg.slot(box)
+    info = hv.domain(box)
+    state = info.state if info else "undefined"
+    if slot is None:
+        return Observed(domain_state=state, in_config=False)
+    held = lock.holder(cfg.lockdir, box)
+    if held is not None and held.pid == os.getpid():
+        held = None  # this run holds it (observing under its own lock)
+    mark = incomplete.read(cfg, slot)
+    images: Dict[str, str] = {}
+    inserts: Dict[str, str] = {}
+    missing: List[str] = []
+    unusable: List[str] = []
+    whole_disk = req.disk_image or slot.store_type == "qcow2"
+    for key, names, found in (("vmimages", [req.restore] if req.restore is not None else [],
+                               images),
+                              ("vminserts", [t.name for t in req.inserts], inserts)):
+        directory = getattr(slot, key)
+        if names and not directory:
+            missing.append(key)
+            continue
+        st = store.ImageStore(directory, "image" if key == "vmimages" else "insert")
+        for name in names:
+            try:
+                if whole_disk and key == "vmimages":
+                    found[name] = detect.detect(st.find(name)).format
+                else:
+                    found[name] = find_usable(st, name)[1].format
+            except StateError as exc:  # what the run's verify step would say
+                found[name] = MISSING if not os.path.lexists(st.path(name)) else "unknown"
+                unusable.append(str(exc))
+    if req.store is not None and not slot.vmimages and "vmimages" not in missing:
+        missing.append("vmimages")
+    if req.extracts and not slot.vmextracts:
+        missing.append("vmextracts")
+    mounted = mounts.mounted_at(slot.mount) is not None
+    return Observed(
+        domain_state=state,
+        in_config=True,
+        disk=slot.describe_disk(),
+        mount=slot.mount,
+        mounted=mounted,
+        store_type=slot.store_type,
+        clear=slot.clear,
+        timeout=slot.timeout,
+        images=images,
+        inserts=inserts,
+        missing_stores=tuple(missing),
+        unusable=tuple(unusable),
+        locked_by=f"pid {held.pid} ({held.command})" if held else None,
+        incomplete=str(mark.get("image", "?")) if mark else None,
+        pinned=_pinned(slot, req) if not mounted else None,
+    )
+
+
+def _pinned(slot: Slot, req: Request) -> Optional[str]:
+    """Who holds the slot's disk mounted in another mount namespace (root, disk work only)."""
+    if os.geteuid() != 0 or slot.store_type is None or not (
+            set(req.actions) & {"mount", "release", *DATA_ACTIONS}):
+        return None
+    from vmim.disk import for_slot, namespaces
+    from vmim.steps.mount import candidate_devices
+
+    try:
+        held = namespaces.mounts_elsewhere(candidate_devices(for_slot(slot)))
+    except Exception:  # noqa: BLE001 — observing must not fail; the step itself checks again
+        return None
+    return namespaces.describe(held) if held else None

@@ -1,0 +1,94 @@
+"""The steps a plan is made of, one module per family: power (kill, down, up), mount (mount,
+release), data (verify, extract, store, restore, insert), wholedisk (disk images).
+
+A step is a function `step(box, record) -> str`: it does its work on the box, puts its details
+in the record and returns what it did. It never calls another step: the runner walks the plan.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from vmim import store as store_mod
+from vmim.config import Config, Slot
+from vmim.domain import Hypervisor
+from vmim.errors import ConfigError, HostEnvironmentError, StateError
+from vmim.plan import Request, Step
+from vmim.recorder import StepResult
+
+
+@dataclass(frozen=True)
+class Options:
+    """Command-line settings that steps use."""
+
+    lock_wait: float = 0
+    timeout: Optional[int] = None  # --timeout, else the slot's timeout
+    core: Optional[int] = None  # --core
+    start_wait: float = 60
+
+
+@dataclass(frozen=True)
+class Proven:
+    """An image or insert the verify step proved restorable."""
+
+    path: str
+    fmt: Any  # an archive Format, or a DiskImageFormat
+    summary: Any = None  # what a full read found (archive.Summary), None when a checksum proved it
+
+
+@dataclass
+class Box:
+    """One box in one run: what every step of its plan works on."""
+
+    cfg: Config
+    name: str
+    hv: Hypervisor
+    req: Request
+    options: Options = Options()
+    proven: Dict[Tuple[str, int], Proven] = field(default_factory=dict)  # ("image"|"insert", i)
+
+    @property
+    def slot(self) -> Optional[Slot]:
+        return self.cfg.slot(self.name)
+
+    def need_slot(self) -> Slot:
+        slot = self.slot
+        if slot is None:
+            raise StateError(f"box '{self.name}' is a libvirt domain with no slot in "
+                             f"{self.cfg.path}; disk actions need a [vmim.vm.NAME] section "
+                             "with its HostDisk or root")
+        return slot
+
+    def store(self, key: str) -> store_mod.ImageStore:
+        slot = self.need_slot()
+        directory = getattr(slot, key)
+        kind = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extract"}[key]
+        if not directory:
+            raise ConfigError(f"box '{slot.name}': no {kind} store configured: set {key} in "
+                              f"[vmim.local] or [{slot.section}] of {self.cfg.path}")
+        return store_mod.ImageStore(directory, kind)
+
+    @property
+    def whole_disk(self) -> bool:
+        return self.req.disk_image or (self.slot is not None and self.slot.store_type == "qcow2")
+
+
+StepFunction = Callable[[Box, Step, StepResult], str]
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise HostEnvironmentError(f"{what} needs root (mounting and loop devices)")
+
+
+def registry() -> Dict[str, StepFunction]:
+    from vmim.steps import data, mount, power
+
+    return {
+        "kill": power.kill, "down": power.down, "up": power.up,
+        "mount": mount.mount, "release": mount.release,
+        "verify": data.verify, "extract": data.extract, "store": data.store,
+        "restore": data.restore, "insert": data.insert,
+    }

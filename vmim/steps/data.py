@@ -1,0 +1,258 @@
+"""Data steps: verify (prove images restorable before the slot is touched), extract, store,
+restore, insert. The plan mounts the slot before them; whole-disk images go to wholedisk."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from vmim import disk as disk_mod
+from vmim import incomplete, process, progress, tree
+from vmim import store as store_mod
+from vmim.archive import detect, for_detected, for_name
+from vmim.disk import mounts, qcow2
+from vmim.errors import IncompleteError, StateError, VmimError
+from vmim.plan import Step
+from vmim.progress import human_size
+from vmim.recorder import Clock, StepResult, as_error
+from vmim.steps import Box, Proven, wholedisk
+from vmim.steps.mount import release_command
+
+
+def _root(box: Box) -> str:
+    """The slot's root filesystem, which the plan's mount step mounted and checked."""
+    slot = box.need_slot()
+    if mounts.mounted_at(slot.mount) is None:
+        raise StateError(f"box '{box.name}': its filesystem is not mounted at {slot.mount}")
+    return slot.mount
+
+
+def verify(box: Box, step: Step, rec: StepResult) -> str:
+    """Prove the image and the inserts restorable: nothing of the slot is touched before."""
+    done = []
+    if box.req.restore is not None:
+        name = box.req.restore
+        st = box.store("vmimages")
+        if box.whole_disk:
+            box.proven[("image", 0)] = wholedisk.verify(box, st, name)
+        else:
+            box.proven[("image", 0)] = prove(st, name)
+        done.append(_how(name, box.proven[("image", 0)]))
+    if box.req.inserts:
+        st = box.store("vminserts")
+        for i, t in enumerate(box.req.inserts):
+            box.proven[("insert", i)] = prove(st, t.name)
+            done.append(_how(t.name, box.proven[("insert", i)]))
+    return "; ".join(done)
+
+
+def _how(name: str, p: Proven) -> str:
+    if isinstance(p.fmt, wholedisk.DiskImageFormat):
+        return f"{name} ({p.fmt.name}): " + ("qemu-img check" if p.fmt.name == "qcow2" else
+                                             "a raw disk image: nothing to check")
+    if p.summary is not None:
+        return f"{name} ({p.fmt.name}): read to its end, {p.summary.members} members"
+    return f"{name} ({p.fmt.name}): checksum"
+
+
+def prove(st: store_mod.ImageStore, name: str) -> Proven:
+    """Find, detect and prove an image restorable: by the sha256 this tool recorded, else by a
+    full read of its structure (StateError, exit 4, when it is not)."""
+    path, found = find_usable(st, name)
+    meta = st.metadata(name)
+    checked = bool(meta and meta.get("sha256"))
+    if checked and store_mod.sha256_of(path) != meta["sha256"]:  # type: ignore[index]
+        raise StateError(f"{st.kind} '{name}' is corrupt: its sha256 differs from the one "
+                         "recorded when it was stored; the slot was not touched")
+    fmt = for_detected(found, f"{st.kind} '{name}'")
+    for tool in fmt.unpack_tools():
+        process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
+                             "the slot was not touched")
+    return Proven(path, fmt, None if checked else fmt.verify(path))
+
+
+def find_usable(st: store_mod.ImageStore, name: str) -> Tuple[str, detect.Detected]:
+    """The path of an image or insert and what it is; StateError (exit 4) naming similar names
+    when it is missing, and saying what it is when it is not an image this tool unpacks."""
+    path = st.find(name)
+    found = detect.detect(path)
+    meta = st.metadata(name) if not found.known else None
+    if meta and meta.get("sha256"):
+        raise StateError(f"{st.kind} '{name}' is corrupt: it is no longer the {meta.get('format')} "
+                         f"whose sha256 was recorded when it was stored ({found.description}); "
+                         "the slot was not touched")
+    if not found.known and found.compression:
+        raise StateError(f"{st.kind} '{name}' in {st.directory} is corrupt or truncated: "
+                         f"{found.compression} data whose start cannot be read "
+                         f"({found.description})")
+    if not found.known:
+        raise StateError(f"{st.kind} '{name}' in {st.directory} is not an image "
+                         f"vmimagemanager can use ({found.description})")
+    return path, found
+
+
+def _meta(box: Box, **extra: Any) -> Dict[str, Any]:
+    return {"source_box": box.name, "stored": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+
+
+def _write_paths(fmt: Any, root: str, paths: List[str], tmp: str,
+                 link_dest: str) -> Optional[str]:
+    return fmt.write(root, paths, tmp, link_dest)  # the sha256 of an archive, made on the way
+
+
+def extract(box: Box, step: Step, rec: StepResult) -> str:
+    root = _root(box)
+    t = box.req.extracts[step.item]
+    fmt = for_name(box.req.format or "rsync")
+    st = box.store("vmextracts")
+    name = box.req.extract_name(t.name, box.name)
+    host = tree.resolve(root, t.directory)
+    if not os.path.isdir(host) or os.path.islink(host):
+        raise StateError(f"box '{box.name}': directory {t.directory} does not exist in the guest")
+    rel = tree.guest_relative(root, host)
+    fmt.check_tree(host, f"box {box.name}: extract {name}")
+    meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, [rel]),
+                    _meta(box, directory=t.directory))
+    rec.details.update(name=name, directory=t.directory, format=fmt.name, bytes=meta["size"])
+    return f"{t.directory} → {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
+
+
+def _refuse_base_in_use(box: Box, st: store_mod.ImageStore, name: str) -> None:
+    users = qcow2.bases_in_use(box.cfg).get(os.path.realpath(st.path(name)))
+    if users:
+        raise StateError(f"image '{name}' is the base of the qcow2 overlay of "
+                         f"{', '.join(users)}: storing over it would corrupt "
+                         f"{'them' if len(users) > 1 else 'it'}; store under another name")
+
+
+def store(box: Box, step: Step, rec: StepResult) -> str:
+    name = box.req.store_name(box.name)
+    assert name is not None
+    st = box.store("vmimages")
+    store_mod.validate_name(name)
+    _refuse_base_in_use(box, st, name)
+    if box.whole_disk:
+        return wholedisk.store(box, st, name, rec, _meta(box))
+    root = _root(box)
+    fmt = for_name(box.req.format or "rsync")
+    fmt.check_tree(root, f"box {box.name}: store {name}")
+    vfs = os.statvfs(root)
+    used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+    with progress.watch(f"{box.name} store", used):
+        meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, ["."]), _meta(box))
+    rec.details.update(image=name, format=fmt.name, bytes=meta["size"])
+    return f"stored as {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
+
+
+def restore(box: Box, step: Step, rec: StepResult) -> str:
+    slot = box.need_slot()
+    name = box.req.restore
+    assert name is not None
+    proven = box.proven[("image", 0)]  # the plan's verify step came first
+    if box.whole_disk:
+        return wholedisk.restore(box, name, proven, rec)
+    st = box.store("vmimages")
+    path, fmt = proven.path, proven.fmt
+    meta = st.metadata(name)  # the tree's size, without walking it again
+    size = meta["size"] if meta and "size" in meta else (
+        store_mod.tree_size(path) if fmt.is_tree else os.path.getsize(path))
+    clock = Clock()
+    rec.details.update(image=name, format=fmt.name, bytes=size, timings=clock.laps)
+    root = _root(box)
+    _check_room(root, proven.summary, name)
+    incomplete.write(box.cfg, slot, name)  # durable before anything in the slot changes
+    try:
+        if fmt.is_tree:
+            with progress.watch(f"{box.name} restore", size):
+                fmt.mirror(path, root)
+            clock.lap("transfer")
+        else:
+            if slot.clear == "mkfs":
+                _remake_filesystem(box)
+            else:
+                tree.clear(root)
+            clock.lap("clear")
+            staging = tree.staging_dir(root, "restore", like=root)
+            with progress.watch(f"{box.name} restore", size):
+                fmt.unpack(path, staging)
+            tree.merge(staging, root)  # "/" takes the archive's "." metadata, times included
+            times = os.stat(root)
+            os.rmdir(staging)  # which changes the mtime of "/" again: put the archive's back
+            os.utime(root, ns=(times.st_atime_ns, times.st_mtime_ns))
+            clock.lap("transfer")
+        if slot.sourceimage:
+            with open(os.path.join(root, "sourceimage"), "w") as fh:
+                fh.write(name + "\n")
+        # No sync here: the release (umount) flushes the filesystem before any boot.
+    except (VmimError, OSError) as exc:
+        cause = exc if isinstance(exc, VmimError) else as_error(exc)
+        raise IncompleteError(f"restore of {name}{_full_note(root)}", cause) from None
+    incomplete.remove(box.cfg, slot)
+    how = "mirrored" if fmt.is_tree else f"unpacked after clearing ({slot.clear})"
+    return f"{name} ({fmt.name}) {how}"
+
+
+def insert(box: Box, step: Step, rec: StepResult) -> str:
+    root = _root(box)
+    t = box.req.inserts[step.item]
+    proven = box.proven[("insert", step.item)]
+    staging = tree.staging_dir(root, "insert", like=tree.target_dir(root, t.directory))
+    try:
+        proven.fmt.unpack(proven.path, staging)
+        n = tree.merge(staging, root, t.directory)
+    finally:
+        if os.path.lexists(staging):
+            tree.remove([staging])
+    rec.details.update(name=t.name, directory=t.directory, format=proven.fmt.name)
+    return f"{t.name} ({proven.fmt.name}) at {t.directory}: {n} {'entry' if n == 1 else 'entries'}"
+
+
+def _remake_filesystem(box: Box) -> None:
+    """clear = "mkfs": make the filesystem anew with the same type, UUID and label."""
+    slot = box.need_slot()
+    here = mounts.mounted_at(slot.mount)
+    assert here is not None
+    device = here.source
+    fs = disk_mod.probe_filesystem(device, f"box '{slot.name}'")
+    mounts.umount(slot.mount, release_hint=release_command(slot.name))
+    # No discard: trimming the whole device first would cost more than the restore saves.
+    if fs.type == "xfs":
+        argv = ["mkfs.xfs", "-q", "-f", "-K", "-m", f"uuid={fs.uuid}"]
+    elif fs.type == "btrfs":
+        argv = ["mkfs.btrfs", "-q", "-f", "--nodiscard", "-U", fs.uuid]
+    else:
+        argv = [f"mkfs.{fs.type}", "-q", "-F", "-E", "nodiscard", "-U", fs.uuid]
+    if fs.label:
+        argv += ["-L", fs.label]
+    process.run([*argv, device])
+    # ext4 would otherwise zero its inode tables in the background during the restore;
+    # with noinit_itable that waits for the next mount (the guest's).
+    options = [*fs.mount_options, *(["noinit_itable"] if fs.type == "ext4" else [])]
+    mounts.mount(device, slot.mount, fs.type, options)
+
+
+def _check_room(root: str, summary: Any, name: str) -> None:
+    """Refuse, before the slot is cleared, an image whose data cannot fit in the filesystem
+    even when it is empty (known when the image's structure was read)."""
+    needs = getattr(summary, "needs_bytes", None)
+    if not needs:
+        return
+    st = os.statvfs(root)
+    size = st.f_blocks * st.f_frsize
+    if needs > size:
+        raise StateError(f"image '{name}' holds {human_size(needs)} of data, more than the "
+                         f"slot's whole filesystem ({human_size(size)}); the slot was not "
+                         "touched")
+
+
+def _full_note(root: str) -> str:
+    """' (the slot's filesystem is full)' when it is, so a disk-full failure says so."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return f" (the slot's filesystem is full: {human_size(free)} free)" \
+        if free < 4 * 1024 * 1024 else ""

@@ -1,0 +1,43 @@
+"""Power steps: kill (force off), down (graceful, then forced), up (define if missing, start)."""
+
+from __future__ import annotations
+
+from vmim import incomplete
+from vmim.errors import StateError
+from vmim.plan import Step
+from vmim.recorder import StepResult
+from vmim.steps import Box
+
+
+def kill(box: Box, step: Step, rec: StepResult) -> str:
+    if box.hv.domain(box.name) is None:
+        return "not defined in libvirt; nothing to force off"
+    return box.hv.destroy(box.name)
+
+
+def down(box: Box, step: Step, rec: StepResult) -> str:
+    if box.hv.domain(box.name) is None:
+        return "not defined in libvirt; nothing to shut down"
+    timeout = box.options.timeout
+    if timeout is None:
+        timeout = box.slot.timeout if box.slot else 180
+    return box.hv.shutdown(box.name, timeout)
+
+
+def up(box: Box, step: Step, rec: StepResult) -> str:
+    """Start the domain (its disk was released by the plan's step before this one)."""
+    done = []
+    slot = box.slot
+    if slot is not None and slot.store_type is not None:
+        mark = incomplete.read(box.cfg, slot)
+        if mark is not None:
+            raise StateError(f"box '{box.name}': {incomplete.describe(mark)}, so its "
+                             "filesystem is incomplete and it is not started; restore an "
+                             f"image into it (vmimagemanager -b {box.name} -r NAME -u)")
+    if box.hv.domain(box.name) is None:
+        from vmim import definition
+
+        box.hv.define(definition.domain_xml(box.need_slot()))
+        done.append("defined from the config")
+    done.append(box.hv.start(box.name, vcpus=box.options.core, wait=box.options.start_wait))
+    return "; ".join(done)

@@ -1,0 +1,106 @@
+"""Whole-disk images (qcow2 slots, --disk-image): store the disk as qcow2 or raw, restore one
+over it (a new qcow2 overlay in constant time, or an atomic replace of a raw disk file)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import stat
+from typing import Any, Dict
+
+from vmim import incomplete, process
+from vmim import store as store_mod
+from vmim.archive import detect
+from vmim.config import Slot
+from vmim.disk import qcow2
+from vmim.errors import CommandError, StateError
+from vmim.progress import human_size
+from vmim.recorder import StepResult
+from vmim.steps import Box, Proven
+
+
+class DiskImageFormat:
+    """A whole-disk image in the store (qcow2 or raw): no archive checksum, qemu-img checks."""
+
+    is_tree = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def image_file_disk(slot: Slot) -> str:
+    disk = slot.hostdisk or slot.root or ""
+    if not os.path.isfile(disk):
+        raise StateError(f"box '{slot.name}': --disk-image works on disk image files; "
+                         f"'{disk}' is not one")
+    return disk
+
+
+def _convert_to(disk: str, out_format: str, compress: bool, tmp: str, _link: str) -> None:
+    qcow2.convert(disk, tmp, out_format, compress=compress)
+
+
+def _copy_raw_to(disk: str, tmp: str, _link: str) -> None:
+    qcow2.copy_raw(disk, tmp)
+
+
+def store(box: Box, st: store_mod.ImageStore, name: str, rec: StepResult,
+          meta: Dict[str, Any]) -> str:
+    slot = box.need_slot()
+    if slot.store_type == "qcow2":
+        disk, fmt = slot.hostdisk or "", DiskImageFormat("qcow2")
+    else:  # the plan released the disk first: the file must not change under the copy
+        disk, fmt = image_file_disk(slot), DiskImageFormat(slot.disk_image_format)
+    if fmt.name == "qcow2":
+        writer = functools.partial(_convert_to, disk, "qcow2", slot.qcow2_compress)
+    else:
+        writer = functools.partial(_copy_raw_to, disk)
+    meta = st.write(name, fmt, writer, {**meta, "disk": disk})
+    rec.details.update(image=name, format=fmt.name, bytes=meta["size"])
+    return f"stored the whole disk as {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
+
+
+def verify(box: Box, st: store_mod.ImageStore, name: str) -> Proven:
+    slot = box.need_slot()
+    path = st.find(name)
+    meta = st.metadata(name)
+    # A raw disk image has no magic of its own: what the store recorded says what it is.
+    fmt_name = meta["format"] if meta and meta.get("format") in ("qcow2", "raw") else \
+        detect.detect(path).format
+    wanted = ("qcow2",) if slot.store_type == "qcow2" else ("qcow2", "raw")
+    if fmt_name not in wanted:
+        raise StateError(f"image '{name}' is {fmt_name}, not a disk image this slot can "
+                         f"use ({' or '.join(wanted)})")
+    if fmt_name == "qcow2":
+        try:
+            process.run(["qemu-img", "check", "-q", path])
+        except CommandError as exc:
+            raise StateError(f"image '{name}' is corrupt: {exc.stderr_tail}; the slot was "
+                             "not touched") from None
+    return Proven(path, DiskImageFormat(fmt_name))
+
+
+def restore(box: Box, name: str, proven: Proven, rec: StepResult) -> str:
+    slot = box.need_slot()
+    path, fmt_name = proven.path, proven.fmt.name
+    rec.details.update(image=name, format=fmt_name, bytes=os.path.getsize(path))
+    if slot.store_type == "qcow2":
+        qcow2.make_overlay(path, slot.hostdisk or "")
+        incomplete.remove(box.cfg, slot)  # the whole disk was replaced at once
+        return f"{name}: the slot's disk is a new qcow2 overlay on it"
+    disk = image_file_disk(slot)  # released by the plan's step before this one
+    tmp = f"{disk}.vmim-tmp.{os.getpid()}"
+    try:
+        if fmt_name == "raw":
+            how = qcow2.copy_raw(path, tmp)
+        else:
+            qcow2.convert(path, tmp, "raw")
+            how = "converted to raw, sparse"
+        os.chmod(tmp, stat.S_IMODE(os.stat(disk).st_mode))
+        os.replace(tmp, disk)  # atomic: the old disk is intact until here
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    incomplete.remove(box.cfg, slot)
+    return f"{name} ({fmt_name}) written over the whole disk ({how})"
