@@ -378,8 +378,16 @@ class SlotRunner:
                              f"{', '.join(users)}: storing over it would corrupt "
                              f"{'them' if len(users) > 1 else 'it'}; store under another name")
 
-    def _whole_disk(self, slot: Slot) -> bool:
-        return slot.store_type == "qcow2" or self.req.disk_image
+    def _whole_disk(self, slot: Slot,
+                    restoring: Optional[Tuple[store_mod.ImageStore, str]] = None) -> bool:
+        """Store (or restore the image `restoring`) the whole disk rather than the tree: with
+        --disk-image; on a qcow2 slot, a store without a format flag, a restore of a disk image."""
+        if self.req.disk_image or slot.store_type != "qcow2":
+            return self.req.disk_image
+        if restoring is None:
+            return self.req.format is None
+        st, name = restoring
+        return qcow2.is_disk_image(st.find(name), st.metadata(name))
 
     def _image_file_disk(self, slot: Slot) -> str:
         disk = slot.hostdisk or slot.root or ""
@@ -390,10 +398,10 @@ class SlotRunner:
 
     def _store_disk(self, slot: Slot, st: store_mod.ImageStore, name: str) -> str:
         self._ensure_down()
+        self.step_release()  # the file must not change under the copy
         if slot.store_type == "qcow2":
             disk, fmt = slot.hostdisk or "", DiskImageFormat("qcow2")
         else:
-            self.step_release()  # the file must not change under the copy
             disk, fmt = self._image_file_disk(slot), DiskImageFormat(slot.disk_image_format)
         if fmt.name == "qcow2":
             writer = functools.partial(_convert_to, disk, "qcow2", slot.qcow2_compress)
@@ -421,11 +429,13 @@ class SlotRunner:
                                  "not touched") from None
         self.details = {"image": name, "format": fmt_name, "bytes": os.path.getsize(path)}
         self._ensure_down()
+        was_mounted = is_mounted(slot)
+        self.step_release()  # a qcow2 slot's export too: it holds the disk being replaced
         if slot.store_type == "qcow2":
             qcow2.make_overlay(path, slot.hostdisk or "")
+            if was_mounted:
+                self.step_mount()
             return f"{name}: the slot's disk is a new qcow2 overlay on it"
-        was_mounted = is_mounted(slot)
-        self.step_release()
         disk = self._image_file_disk(slot)
         tmp = f"{disk}.vmim-tmp.{os.getpid()}"
         try:
@@ -468,7 +478,7 @@ class SlotRunner:
         name = self.req.restore
         assert name is not None
         st = self._store("vmimages")
-        if self._whole_disk(slot):
+        if self._whole_disk(slot, (st, name)):
             return self._restore_disk(slot, st, name)
         clock = _Clock()
         path, fmt = self._verified_image(st, name)

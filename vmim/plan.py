@@ -89,14 +89,13 @@ def plan_box(req: Request, box: str, seen: Observed, *, timeout: int, clear: str
             if needs_disk and action == _first(req.actions, DATA_ACTIONS):
                 if running and "down" not in req.actions and "kill" not in req.actions:
                     add("down", f"ACPI shutdown first, forced off after {timeout} s")
-                whole_disk = req.disk_image or seen.store_type == "qcow2"
-                if "mount" not in req.actions and not seen.mounted and not whole_disk:
+                if "mount" not in req.actions and not seen.mounted and not _whole_disk(req, seen):
                     add("mount", _mount_text(seen, False))
             if action == "extract":
                 for t in req.extracts:
                     add("extract", f"archive guest {t.directory} as "
                         f"{req.extract_name(t.name, box)} ({fmt}) into the extracts store")
-            elif action == "store" and (req.disk_image or seen.store_type == "qcow2"):
+            elif action == "store" and _whole_disk(req, seen, "store"):
                 add("store", f"write the whole disk as image {req.store_name(box)} under a "
                     "temporary name, sync, rename into place")
             elif action == "store":
@@ -107,7 +106,7 @@ def plan_box(req: Request, box: str, seen: Observed, *, timeout: int, clear: str
                 found = seen.images.get(name, "missing")
                 if found == "missing":
                     add("restore", f"image {name} not found: the run would fail (exit 4)")
-                elif seen.store_type == "qcow2":
+                elif seen.store_type == "qcow2" and found in DISK_IMAGE_FORMATS:
                     add("restore", f"check image {name} ({found}), replace the slot's disk with a "
                         "new qcow2 overlay on it")
                 elif req.disk_image:
@@ -138,6 +137,23 @@ def plan_box(req: Request, box: str, seen: Observed, *, timeout: int, clear: str
     return steps
 
 
+#: Image formats that are whole disks (a qcow2 slot restores them as a new overlay).
+DISK_IMAGE_FORMATS = ("qcow2", "raw")
+
+
+def _whole_disk(req: Request, seen: Observed, only: str = "") -> bool:
+    """Whether the data steps (or only the one named) work on the whole disk, no mount needed:
+    --disk-image; on a qcow2 slot a store without a format flag and a restore of a disk image."""
+    if req.disk_image:
+        return True
+    if seen.store_type != "qcow2":
+        return False
+    steps = [only] if only else [a for a in req.actions if a in DATA_ACTIONS]
+    return all((a == "store" and req.format is None) or
+               (a == "restore" and seen.images.get(req.restore or "") in DISK_IMAGE_FORMATS)
+               for a in steps)
+
+
 def _first(actions: List[str], among: Tuple[str, ...]) -> str:
     return next(a for a in actions if a in among)
 
@@ -149,5 +165,6 @@ def _mount_text(seen: Observed, refused: bool) -> str:
         return f"nothing: already mounted at {seen.mount}"
     via = {"kpartx": "a loop device at the partition's offset",
            "partition": "a loop device (or the block device itself)",
-           "lvm": "the logical volume"}.get(seen.store_type or "", "?")
+           "lvm": "the logical volume",
+           "qcow2": "a qemu-storage-daemon FUSE export and a loop device"}.get(seen.store_type or "", "?")
     return f"map {seen.disk} through {via}, mount it at {seen.mount}"
