@@ -285,3 +285,17 @@ def test_dry_run_of_a_tree_restore_into_a_qcow2_slot(vmim, rig):
     r = run_ok(vmim, rig, "-b", rig.names["part"], "-s", "x", "--zstd", "--dry-run")
     assert "(tar.zst)" in r.out and "FUSE export" in r.out
     assert storage_daemons() == set()
+
+
+def test_release_after_the_export_daemon_itself_was_killed(vmim, rig):
+    """A daemon killed by SIGKILL leaves its FUSE mount (dead: 'Transport endpoint is not
+    connected') and its pidfile; --release unmounts and removes them."""
+    exp = fuse.export_for(rig.disks["bare"])
+    fuse.start(exp)
+    (pid,) = fuse.daemon_pids(exp)
+    os.kill(pid, signal.SIGKILL)
+    _wait_until(lambda: not fuse.daemon_pids(exp))
+    assert fuse.fuse_mounts(exp) and os.path.exists(exp.pidfile)
+    r = run_ok(vmim, rig, "-b", rig.names["bare"], "--release")
+    assert "unmounted the dead export" in r.err
+    assert_nothing_left(rig, "bare")

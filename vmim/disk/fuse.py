@@ -133,10 +133,6 @@ def daemon_pids(exp: Export) -> List[int]:
     return sorted(found)
 
 
-def is_active(exp: Export) -> bool:
-    return bool(daemon_pids(exp) or fuse_mounts(exp) or loops_on(exp))
-
-
 def _wait(done: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not done():
