@@ -299,3 +299,21 @@ def test_release_after_the_export_daemon_itself_was_killed(vmim, rig):
     r = run_ok(vmim, rig, "-b", rig.names["bare"], "--release")
     assert "unmounted the dead export" in r.err
     assert_nothing_left(rig, "bare")
+
+
+def test_a_disk_another_qemu_holds_is_not_exported(vmim, rig):
+    """A QEMU that libvirt does not know (here a second storage daemon) holds the image's write
+    lock: the export refuses to start, exit 4, nothing left."""
+    other = rig.root / "other.raw"
+    other.write_bytes(b"")
+    holder = fuse.Export(rig.disks["bare"], str(other), str(rig.root / "other.pid"))
+    di.run(*fuse.daemon_argv(holder))
+    try:
+        r = vmim("-b", rig.names["bare"], "--mount", "--config", rig.cfg)
+        assert r.code == 4, r
+        assert "in use by another process" in r.err and "lock" in r.err
+        assert fuse.daemon_pids(fuse.export_for(rig.disks["bare"])) == []
+        assert mounts.mounted_at(rig.mnt("bare")) is None
+    finally:
+        fuse.stop(holder, "test")
+    assert_nothing_left(rig, "bare")
