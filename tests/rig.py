@@ -2,8 +2,9 @@
 qemu:///system. Their conftest.py files import it.
 
 Tests skip (with the reason) when the machine lacks root or a reachable libvirtd; `make test`
-provides both. An autouse fixture fails any test that leaks a mount, a loop device or a
-running domain, and cleans up what it can so that one leak does not fail the next test.
+provides both. An autouse fixture fails any test that leaks a mount, a loop device, a
+running domain or a qemu-storage-daemon, and cleans up what it can so that one leak does not
+fail the next test.
 """
 
 from __future__ import annotations
@@ -93,6 +94,20 @@ def _self_binds() -> List[str]:
     return found
 
 
+def storage_daemons() -> Set[str]:
+    """qemu-storage-daemon processes (the FUSE exports of qcow2 slots), as 'PID ARGS'."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = fh.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]) == "qemu-storage-daemon":
+            found.add(f"{pid} {' '.join(argv[1:]).strip()}")
+    return found
+
+
 def _running_domains() -> Set[str]:
     import libvirt
 
@@ -105,21 +120,25 @@ def _running_domains() -> Set[str]:
 
 @pytest.fixture(autouse=True)
 def no_leaks(request):
-    """Fail a test that leaves a loop device, a mount or a running domain behind."""
+    """Fail a test that leaves a loop device, a mount, a running domain or a
+    qemu-storage-daemon behind."""
     if os.geteuid() != 0:
         yield
         return
-    before = (_loops(), _mounts(), _running_domains())
+    before = (_loops(), _mounts(), _running_domains(), storage_daemons())
     binds = set(_self_binds())
     yield
     bases = [b for b in _self_binds() if b not in binds]  # made by the tool: not a leak
     after = (_loops(), {m for m in _mounts() if m.split(" on ", 1)[1] not in bases},
-             _running_domains())
+             _running_domains(), storage_daemons())
     leaked: List[str] = []
-    for kind, b, a in zip(("loop device", "mount", "running domain"), before, after):
+    kinds = ("loop device", "mount", "running domain", "qemu-storage-daemon")
+    for kind, b, a in zip(kinds, before, after):
         leaked += [f"{kind}: {x}" for x in sorted(a - b)]
     if leaked:
         _clean_up(after[1] - before[1], after[0] - before[0], after[2] - before[2])
+        for daemon in after[3] - before[3]:  # after the loops: it unmounts its export itself
+            subprocess.run(["kill", daemon.split(" ", 1)[0]], capture_output=True)
     for base in sorted(bases, key=len, reverse=True):  # leave the host as it was
         subprocess.run(["umount", "-l", base], capture_output=True)
     if leaked:

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 from vmim import incomplete, lock, store
 from vmim.archive import detect
 from vmim.config import Config, Slot
+from vmim.disk import qcow2
 from vmim.domain import Hypervisor
 from vmim.errors import StateError
 from vmim.plan import DATA_ACTIONS, MISSING, Observed, Request
@@ -35,7 +36,6 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
     inserts: Dict[str, str] = {}
     missing: List[str] = []
     unusable: List[str] = []
-    whole_disk = req.disk_image or slot.store_type == "qcow2"
     for key, names, found in (("vmimages", [req.restore] if req.restore is not None else [],
                                images),
                               ("vminserts", [t.name for t in req.inserts], inserts)):
@@ -46,8 +46,12 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         st = store.ImageStore(directory, "image" if key == "vmimages" else "insert")
         for name in names:
             try:
-                if whole_disk and key == "vmimages":
-                    found[name] = detect.detect(st.find(name)).format
+                if key == "vmimages" and (req.disk_image or slot.store_type == "qcow2" and
+                                          qcow2.is_disk_image(st.find(name), st.metadata(name))):
+                    meta = st.metadata(name) or {}  # a raw disk has no magic: the store says
+                    recorded = str(meta.get("format"))
+                    found[name] = recorded if recorded in ("qcow2", "raw") else \
+                        detect.detect(st.find(name)).format
                 else:
                     found[name] = find_usable(st, name)[1].format
             except StateError as exc:  # what the run's verify step would say

@@ -134,9 +134,10 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
         steps.append(Step(name, text, implicit, item))
 
     data = [a for a in req.actions if a in DATA_ACTIONS]
-    whole_disk = req.disk_image or seen.store_type == "qcow2"
+    whole = {a: whole_disk(a, req, seen) for a in data}
     stops = "kill" in req.actions or "down" in req.actions
     touches_fs = bool(data) or "mount" in req.actions
+    mounted = seen.mounted  # as the plan leaves the slot at each point
 
     for action in req.actions:
         if action == "kill":
@@ -146,25 +147,29 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
             add("down", f"ACPI shutdown, forced off after {seen.timeout} s" if seen.running else
                 f"nothing: the domain is {seen.domain_state}")
         elif action == "mount":
-            if data:  # the data steps need what is proven first
+            if data:  # what the data steps need is proven before anything is touched
                 _add_verify(req, seen, add)
             if seen.running and not stops:
                 add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
             add("mount", _mount_text(seen))
+            mounted = True
         elif action in DATA_ACTIONS:
-            if action == data[0]:
-                if "mount" not in req.actions:
-                    _add_verify(req, seen, add)
-                    if seen.running and not stops:
-                        add("down", f"ACPI shutdown first, forced off after {seen.timeout} s",
-                            True)
-                    if not whole_disk:
-                        add("mount", _mount_text(seen), True)
-                if whole_disk and seen.store_type != "qcow2" and (seen.mounted or
-                                                                 "mount" in req.actions):
-                    add("release", "unmount, detach: the disk file must not change under the "
-                        "copy", True)
-            _add_data(action, req, box, seen, whole_disk, add)
+            if action == data[0] and "mount" not in req.actions:
+                _add_verify(req, seen, add)
+                if seen.running and not stops:
+                    add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
+            if whole[action]:
+                # the disk file must not change under the copy (a qcow2 slot's export holds it)
+                add("release", "unmount, detach, stop an export: the whole disk is copied"
+                    if mounted else "nothing mounted or mapped now", True)
+                mounted = False
+            elif not mounted:
+                add("mount", _mount_text(seen), True)
+                mounted = True
+            _add_data(action, req, box, seen, whole[action], add)
+            if action == data[-1] and not mounted and ("mount" in req.actions or seen.mounted):
+                add("mount", "mount it again, as it was", True)
+                mounted = True
         elif action == "release":
             add("release", "unmount, detach the loop device(s)" if seen.mounted or touches_fs
                 else "nothing mounted or mapped now")
@@ -175,8 +180,26 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
             add("up", "define the domain from the config through libvirt.xsl, start it"
                 if seen.domain_state == "undefined" else
                 "nothing: already running" if seen.running and not stops else "start the domain")
-    return Plan(box, tuple(steps), _verdict(req, box, seen, stops, touches_fs, whole_disk,
-                                            lock_wait))
+    return Plan(box, tuple(steps), _verdict(req, box, seen, stops, touches_fs,
+                                            bool(data) and all(whole.values()), lock_wait))
+
+
+#: Image formats that are whole disks (a qcow2 slot restores them as a new overlay).
+DISK_IMAGE_FORMATS = ("qcow2", "raw")
+
+
+def whole_disk(action: str, req: Request, seen: Observed) -> bool:
+    """Whether a store or restore works on the whole disk (no mount): with --disk-image; on a
+    qcow2 slot, a store without a format flag, and the restore of a disk image."""
+    if action not in ("store", "restore"):
+        return False
+    if req.disk_image:
+        return True
+    if seen.store_type != "qcow2":
+        return False
+    if action == "store":
+        return req.format is None
+    return seen.images.get(req.restore or "") in DISK_IMAGE_FORMATS
 
 
 def _add_verify(req: Request, seen: Observed, add: Callable[..., None]) -> None:
@@ -189,7 +212,7 @@ def _add_verify(req: Request, seen: Observed, add: Callable[..., None]) -> None:
             "read) before the slot is touched", True)
 
 
-def _add_data(action: str, req: Request, box: str, seen: Observed, whole_disk: bool,
+def _add_data(action: str, req: Request, box: str, seen: Observed, whole: bool,
               add: Callable[..., None]) -> None:
     fmt = req.format or "rsync"
     if action == "extract":
@@ -197,19 +220,17 @@ def _add_data(action: str, req: Request, box: str, seen: Observed, whole_disk: b
             add("extract", f"archive guest {t.directory} as {req.extract_name(t.name, box)} "
                 f"({fmt}) into the extracts store", item=i)
     elif action == "store":
-        what = "the whole disk" if whole_disk else f"the filesystem ({fmt})"
+        what = "the whole disk" if whole else f"the filesystem ({fmt})"
         add("store", f"write {what} as image {req.store_name(box)} under a temporary name, "
             "sync, put it in place atomically")
     elif action == "restore":
         name = req.restore or ""
         found = seen.images.get(name, MISSING)
-        if seen.store_type == "qcow2" and whole_disk:
+        if seen.store_type == "qcow2" and whole:
             add("restore", f"replace the slot's disk with a new qcow2 overlay on image {name}")
-        elif whole_disk:
+        elif whole:
             add("restore", f"write image {name} ({found}) over the whole disk (a reflink where "
                 "possible) and rename it into place")
-            if seen.mounted or "mount" in req.actions:
-                add("mount", "mount it again, as it was", True)
         elif found == "rsync":
             add("restore", f"mirror image {name} (rsync --delete)")
         else:
@@ -224,7 +245,7 @@ def _add_data(action: str, req: Request, box: str, seen: Observed, whole_disk: b
 
 
 def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bool,
-             whole_disk: bool, lock_wait: int) -> Optional[Verdict]:
+             all_whole: bool, lock_wait: int) -> Optional[Verdict]:
     """The exit code the real run ends with, when the observed state decides it."""
     disk_work = touches_fs or "release" in req.actions
     if disk_work and not seen.in_config:
@@ -250,7 +271,7 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
     if seen.running and not stops and "mount" in req.actions:
         return Verdict(EXIT_STATE, f"box '{box}': domain is {seen.domain_state}; add -d to shut "
                        "it down first (or -k to force it off)")
-    if seen.pinned and disk_work and not (whole_disk and seen.store_type == "qcow2"):
+    if seen.pinned and disk_work and not (all_whole and seen.store_type == "qcow2"):
         return Verdict(EXIT_CLEANUP, f"box '{box}': its disk is still mounted in another mount "
                        f"namespace: {seen.pinned}")
     if seen.incomplete and "up" in req.actions and req.restore is None:
@@ -268,6 +289,7 @@ def _mount_text(seen: Observed) -> str:
         return f"already mounted at {seen.mount}: check it is this slot's filesystem"
     via = {"kpartx": "a loop device at the partition's offset",
            "partition": "a loop device (or the block device itself)",
-           "lvm": "the logical volume", "qcow2": "a FUSE export of the qcow2 image"}.get(
+           "lvm": "the logical volume",
+           "qcow2": "a qemu-storage-daemon FUSE export and a loop device"}.get(
         seen.store_type or "", "?")
     return f"map {seen.disk} through {via}, mount it at {seen.mount}"

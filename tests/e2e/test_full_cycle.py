@@ -76,3 +76,50 @@ def test_guest_boots_from_a_fresh_qcow2_overlay(vmim, guest, domains, tmp_path, 
     assert "VMIM-FILE /marker: golden qcow2 base" in lines
     wait_for_state(domains, name, 5)
     assert "type='qcow2'" in domains.conn.lookupByName(name).XMLDesc(0)
+
+
+def test_guest_boots_from_a_tree_restored_into_a_qcow2_overlay(vmim, guest, domains, tmp_path,
+                                                               write_config):
+    """-r of a tgz into a qcow2 slot goes through its FUSE export into the overlay; the base
+    stays as it was, and the guest boots what was restored."""
+    import hashlib
+
+    from tests.integration import diskimages as di
+    from tests.rig import storage_daemons
+
+    def sha256(path):
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+
+    os.chmod(tmp_path, 0o755)
+    images = tmp_path / "images"
+    images.mkdir()
+    di.qcow2_golden(str(images / "base"), "golden qcow2 base", virtual="1G")
+    before = sha256(images / "base")
+    di.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(images / "base"), "-F", "qcow2",
+           str(tmp_path / "slot.qcow2"))
+    _tgz(images / "tree", {"marker": b"tree in the overlay\n"})
+    name = domains.track(domains.name("qtree"))
+    cfg = write_config(f"""\
+    [vmim.local]
+    vmimages = "{images}"
+    lockdir = "{tmp_path}/locks"
+    mount = "{tmp_path}/mnt"
+    virt_type = "qemu"
+    [vmim.vm.q]
+    HostName = "{name}"
+    HostDisk = "{tmp_path}/slot.qcow2"
+    partition = 1
+    memory = 262144
+    kernel = "{guest.kernel}"
+    initrd = "{guest.initrd}"
+    cmdline = "console=ttyS0 quiet vmim.mode=report"
+    serial_log = "{tmp_path}/console.log"
+    """)
+    r = vmim("-b", name, "-r", "tree", "-u", "--config", cfg)
+    assert r.code == 0, r
+    assert storage_daemons() == set()  # released before the boot
+    lines = wait_for_line(str(tmp_path / "console.log"), "VMIM-GUEST: poweroff")
+    assert "VMIM-FILE /marker: tree in the overlay" in lines
+    wait_for_state(domains, name, 5)
+    assert sha256(images / "base") == before

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from tests.integration import diskimages as di
+from tests.rig import storage_daemons
 from vmim.disk import loop, mounts
 
 
@@ -91,15 +92,18 @@ def test_store_flattens_a_qcow2_slot(vmim, rig):
     assert res.returncode == 0, res.stdout + res.stderr  # identical content
 
 
-def test_qcow2_slot_refuses_archives_and_file_level_actions(vmim, rig):
+def test_qcow2_slot_without_a_filesystem_refuses_trees_and_mounts(vmim, rig):
+    """A tree restore goes into the slot's filesystem (through its FUSE export); an empty disk
+    has none: refused, and the export is stopped again."""
     root, cfg, names, images = rig
     subprocess.run(["tar", "-czf", str(images / "tree.tgz"), "-C", str(root), "raw.img"],
                    check=True)
-    r = vmim("-b", names["q"], "-r", "tree.tgz", "--config", cfg)
-    assert r.code == 4 and "not a disk image this slot can use" in r.err
-    r = vmim("-b", names["q"], "--mount", "--config", cfg)
-    assert r.code == 7, r
-    assert "qemu-nbd" in r.err and "nbd module" in r.err
+    for argv in (["-r", "tree.tgz"], ["--mount"]):
+        r = vmim("-b", names["q"], *argv, "--config", cfg)
+        assert r.code == 4, r
+        assert "no filesystem found" in r.err
+    assert storage_daemons() == set()
+    assert mounts.mounted_at(str(root / "mnt" / names["q"])) is None
 
 
 def test_disk_image_store_and_restore_of_a_raw_slot(vmim, rig):

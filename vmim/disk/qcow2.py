@@ -3,7 +3,8 @@
 A `qcow2` slot's disk is an overlay on a base image in the image store: a restore makes a fresh
 overlay (constant time, whatever the disk's size) and renames it over the slot's disk; a store
 flattens the slot into a standalone image. A base that an overlay uses is never overwritten.
-File-level actions need the disk mapped through qemu-nbd and the kernel's nbd module.
+File-level actions (mount, trees, insert, extract) reach its filesystem through a
+qemu-storage-daemon FUSE export (vmim.disk.fuse): no nbd needed.
 
 Raw disk slots (image files) can store and restore the whole disk with `--disk-image`: a qcow2
 image in the store (or raw, with `disk_image_format = "raw"`). Restoring a raw image onto a slot
@@ -15,46 +16,61 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-from typing import Dict, List
+from typing import Dict, List, Optional, Union
 
 from vmim import process
+from vmim.archive import detect
 from vmim.config import Config, Slot
-from vmim.disk import SlotDisk, check_exists
-from vmim.errors import CommandError, HostEnvironmentError
-
-NBD_HINT = ("file-level actions (mount, trees, insert, extract) on a qcow2 slot need qemu-nbd "
-            "and the kernel's nbd module")
-
-
-def nbd_available() -> bool:
-    return shutil.which("qemu-nbd") is not None and os.path.exists("/dev/nbd0")
+from vmim.disk import SlotDisk, check_exists, fuse
+from vmim.disk.kpartx import PartitionOf
+from vmim.disk.partition import WholeDevice
+from vmim.errors import CommandError
 
 
 class Qcow2Disk(SlotDisk):
-    """A qcow2 slot: whole-disk actions work everywhere; file-level ones need nbd."""
+    """A qcow2 slot: whole-disk actions work on the image itself; file-level ones reach its
+    filesystem through a qemu-storage-daemon FUSE export (vmim.disk.fuse) and a loop device,
+    at partition N's offset when the slot names one."""
 
     @property
     def source(self) -> str:
         return self.slot.hostdisk or ""
 
-    def check(self) -> None:
-        check_exists(self.source, "HostDisk")
-        if not nbd_available():
-            missing = "qemu-nbd" if shutil.which("qemu-nbd") is None else "the nbd module (/dev/nbd0)"
-            raise HostEnvironmentError(f"box '{self.slot.name}': {NBD_HINT}, and this host lacks "
-                                       f"{missing}; -r and -s with qcow2 images need neither")
+    def describe(self) -> str:
+        if self.slot.partition is not None:
+            return f"{self.source} partition {self.slot.partition}"
+        return self.source
+
+    def _export(self) -> fuse.Export:
+        return fuse.export_for(self.source)
+
+    def _release_hint(self) -> str:
+        return f"vmimagemanager -b {self.slot.name} --release"
 
     def map(self, stack: contextlib.ExitStack) -> str:
-        self.check()
-        raise HostEnvironmentError(f"box '{self.slot.name}': mounting through nbd is not "
-                                   "supported yet")  # pragma: no cover - no nbd on test hosts
+        check_exists(self.source, "HostDisk")
+        exp = self._export()
+        fuse.start(exp)
+        stack.callback(fuse.stop, exp, self._release_hint())
+        inner: Union[WholeDevice, PartitionOf]
+        if self.slot.partition is not None:
+            inner = PartitionOf(exp.path, self.slot.partition, "loop", "qcow2 export")
+        else:
+            inner = WholeDevice(exp.path, "qcow2 export")
+        return inner.map(stack)
 
     def mapped_devices(self) -> List[str]:
-        return []
+        return [lo.device for lo in fuse.loops_on(self._export())]
 
     def unmap_all(self) -> List[str]:
-        return []
+        return fuse.stop(self._export(), self._release_hint())
+
+
+def is_disk_image(path: str, meta: Optional[dict]) -> bool:
+    """Whether an image in the store is a whole disk (qcow2 or raw), not a tree or an archive."""
+    if meta and meta.get("format") in ("qcow2", "raw"):
+        return True  # a raw disk image has no magic of its own: the store recorded it
+    return detect.detect(path).format in ("qcow2", "raw")
 
 
 def info_chain(path: str) -> List[dict]:

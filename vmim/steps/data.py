@@ -35,7 +35,7 @@ def verify(box: Box, step: Step, rec: StepResult) -> str:
     if box.req.restore is not None:
         name = box.req.restore
         st = box.store("vmimages")
-        if box.whole_disk:
+        if box.whole_disk_restore(st, name):
             box.proven[("image", 0)] = wholedisk.verify(box, st, name)
         else:
             box.proven[("image", 0)] = prove(st, name)
@@ -133,7 +133,7 @@ def store(box: Box, step: Step, rec: StepResult) -> str:
     st = box.store("vmimages")
     store_mod.validate_name(name)
     _refuse_base_in_use(box, st, name)
-    if box.whole_disk:
+    if box.whole_disk_store():
         return wholedisk.store(box, st, name, rec, _meta(box))
     root = _root(box)
     fmt = for_name(box.req.format or "rsync")
@@ -151,7 +151,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     name = box.req.restore
     assert name is not None
     proven = box.proven[("image", 0)]  # the plan's verify step came first
-    if box.whole_disk:
+    if isinstance(proven.fmt, wholedisk.DiskImageFormat):  # verify chose the whole disk
         return wholedisk.restore(box, name, proven, rec)
     st = box.store("vmimages")
     path, fmt = proven.path, proven.fmt
