@@ -137,7 +137,8 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
     whole = {a: whole_disk(a, req, seen) for a in data}
     stops = "kill" in req.actions or "down" in req.actions
     touches_fs = bool(data) or "mount" in req.actions
-    mounted = seen.mounted  # as the plan leaves the slot at each point
+    ready = False  # a step of this plan mounted the slot (or checked what is mounted)
+    mounted = seen.mounted  # whether the slot is mounted at this point of the plan
 
     for action in req.actions:
         if action == "kill":
@@ -151,8 +152,8 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
                 _add_verify(req, seen, add)
             if seen.running and not stops:
                 add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
-            add("mount", _mount_text(seen))
-            mounted = True
+            add("mount", _mount_text(seen, mounted))
+            ready = mounted = True
         elif action in DATA_ACTIONS:
             if action == data[0] and "mount" not in req.actions:
                 _add_verify(req, seen, add)
@@ -162,14 +163,14 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
                 # the disk file must not change under the copy (a qcow2 slot's export holds it)
                 add("release", "unmount, detach, stop an export: the whole disk is copied"
                     if mounted else "nothing mounted or mapped now", True)
-                mounted = False
-            elif not mounted:
-                add("mount", _mount_text(seen), True)
-                mounted = True
+                ready = mounted = False
+            elif not ready:
+                add("mount", _mount_text(seen, mounted), True)
+                ready = mounted = True
             _add_data(action, req, box, seen, whole[action], add)
             if action == data[-1] and not mounted and ("mount" in req.actions or seen.mounted):
                 add("mount", "mount it again, as it was", True)
-                mounted = True
+                ready = mounted = True
         elif action == "release":
             add("release", "unmount, detach the loop device(s)" if seen.mounted or touches_fs
                 else "nothing mounted or mapped now")
@@ -284,8 +285,8 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
 _KIND = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extract"}
 
 
-def _mount_text(seen: Observed) -> str:
-    if seen.mounted:
+def _mount_text(seen: Observed, mounted: bool) -> str:
+    if mounted:
         return f"already mounted at {seen.mount}: check it is this slot's filesystem"
     via = {"kpartx": "a loop device at the partition's offset",
            "partition": "a loop device (or the block device itself)",
