@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Sequence
 
 EXIT_OK = 0
@@ -15,6 +16,11 @@ EXIT_ENVIRONMENT = 7
 EXIT_CLEANUP = 8
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """A command as a shell would show it (for messages and logs; never run through a shell)."""
+    return " ".join(shlex.quote(str(a)) for a in argv)
 
 
 class VmimError(Exception):
@@ -63,8 +69,6 @@ class CommandError(VmimError):
     exit_code = EXIT_COMMAND
 
     def __init__(self, argv: Sequence[str], returncode: int, stderr_tail: str = ""):
-        from vmim.process import quote_argv
-
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr_tail = " ".join(stderr_tail.split())
@@ -79,8 +83,6 @@ class OutputWriteError(CommandError):
     command itself writes it."""
 
     def __init__(self, argv: Sequence[str], path: str, reason: str):
-        from vmim.process import quote_argv
-
         VmimError.__init__(self, f"cannot write the output of {quote_argv(argv)} to {path}: "
                                  f"{reason}")
         self.argv = list(argv)

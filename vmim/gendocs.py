@@ -89,7 +89,7 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
             also = [*k.aliases, *k.legacy]
             text = k.help + (f" Also: {', '.join(also)}." if also else "")
             if k.default not in (None, ()):
-                text += f" Default: {config._ini_value(k.default)}."
+                text += f" Default: {config.ini_value(k.default)}."
             if scope == "slot" and k.inherit:
                 text += " (inherit)"
             config_lines.append(_tp(k.ini, text))
@@ -173,9 +173,134 @@ def render_completion() -> str:
     return str(shtab.complete(parser, shell="bash"))
 
 
+# --------------------------------------------------------------------------- config
+
+
+def _type_text(k: config.Key) -> str:
+    if k.type == "choice":
+        return " | ".join(f'"{c}"' for c in k.choices)
+    return {"str": "string", "path": "absolute path", "int": "integer", "bool": "boolean",
+            "list": "list of strings"}[k.type]
+
+
+def _default_text(k: config.Key) -> str:
+    if k.default is None or k.default == ():
+        return "—"
+    return f"`{config.ini_value(k.default)}`"
+
+
+def render_reference() -> str:
+    """docs/config.md: the config reference, generated from the key table."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- generated from vmim/config.py KEYS by `make docs`; do not edit by hand -->",
+        "",
+        "The file is found at `--config PATH`, else `$VMIM_CFG`, else "
+        f"`{config.DEFAULT_CONFIG_PATH}`.",
+        "",
+        "**Current format** (0.3): a `[vmim.local]` section and one `[vmim.vm.NAME]` section per "
+        "slot (NAME is free text). Values are JSON (`\"text\"`, `1`, `[\"a\", \"b\"]`, `true`); a "
+        "bare unquoted value is taken as a string. Key names are case-insensitive. `%(key)s` "
+        "interpolation works as in Python's configparser; write a literal `%` as `%%`. "
+        "Slot keys marked *inherit* may also be set in `[vmim.local]`, as the default for every slot.",
+        "",
+        "**Legacy format** (0.2): a `[VmImageManager]` section with plain values and one section per "
+        "slot, which is a slot only when `vm_slot_enabled` is `yes`, `y`, `on` or `1`; HostName "
+        "defaults to the section name. Legacy spellings are read as the keys they became "
+        "(listed under *also*). `vmimagemanager --print-config` prints any configuration "
+        "in the current format.",
+        "",
+        "Unknown and obsolete keys are warned about (file, section, key) and ignored. Invalid "
+        "values, a slot without HostName, a HostName with `/` (or `.`, `..`), two slots with one "
+        "HostName, one disk or one mount point (or one mount point inside another's), and a "
+        "section or a key written twice (both lines are named) are errors: "
+        "all of them are reported together and the command exits with code 3.",
+        "",
+        "## `[vmim.local]`",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for k in config.KEYS:
+        if k.scope == "local":
+            out.append(_ref_row(k))
+    out += ["", "## Slot sections `[vmim.vm.NAME]`", "",
+            "| key | type | default | meaning |", "|---|---|---|---|"]
+    for k in config.KEYS:
+        if k.scope == "slot":
+            out.append(_ref_row(k))
+    out += ["", "## Obsolete keys (warned about, ignored)", "", "| key | why |", "|---|---|"]
+    for name, why in config.OBSOLETE_KEYS.items():
+        out.append(f"| `{name}` | {why} |")
+    return "\n".join(out) + "\n"
+
+
+def _ref_row(k: config.Key) -> str:
+    also = [*k.aliases, *k.legacy]
+    meaning = k.help
+    if also:
+        meaning += " *Also:* " + ", ".join(f"`{a}`" for a in also) + "."
+    if k.scope == "slot" and k.inherit:
+        meaning += " *inherit*"
+    return f"| `{k.ini}` | {_type_text(k)} | {_default_text(k)} | {meaning} |"
+
+
+def render_template() -> str:
+    """vmimagemanager.cfg.template: every key, commented, generated from the key table."""
+    out = [
+        "# vmimagemanager configuration template (generated from the key table by `make docs`).",
+        f"# Copy to {config.DEFAULT_CONFIG_PATH} and edit. Values are JSON: \"text\", 1, [\"a\"], true;",
+        "# a bare value is taken as a string. Every key is shown commented out with its default.",
+        "# docs/config.md explains each key.",
+        "",
+        f"[{config.LOCAL_SECTION}]",
+    ]
+    for k in config.KEYS:
+        if k.scope == "local" or (k.scope == "slot" and k.inherit):
+            out += _template_key(k)
+    out += [
+        "",
+        "# A slot whose disk image has a partition table; the root filesystem is partition 1.",
+        f"[{config.SLOT_PREFIX}1]",
+        'HostName = "web1"',
+        'HostDisk = "/var/lib/libvirt/images/web1.img"',
+        "partition = 1",
+        "",
+        "# A slot whose root filesystem is a whole device or file.",
+        f"[{config.SLOT_PREFIX}2]",
+        'HostName = "build2"',
+        'root = "/dev/vg0/build2-root"',
+        "",
+        "# Every slot key, commented out.",
+        f"#[{config.SLOT_PREFIX}example]",
+    ]
+    for k in config.KEYS:
+        if k.scope == "slot":
+            out += _template_key(k)
+    return "\n".join(out) + "\n"
+
+
+def _template_key(k: config.Key) -> List[str]:
+    lines = [f"# {line}" for line in _wrap(k.help, 88)]
+    if k.default is None or k.default == ():
+        example = {"str": '""', "path": '"/path"', "int": "1", "list": '["..."]',
+                   "bool": "false", "choice": f'"{k.choices[0]}"' if k.choices else '""'}[k.type]
+    else:
+        example = config.ini_value(k.default)
+    lines.append(f"#{k.ini} = {example}")
+    return lines
+
+
+def _wrap(text: str, width: int) -> List[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
 GENERATED = {
-    "docs/config.md": config.render_reference,
-    "vmimagemanager.cfg.template": config.render_template,
+    "docs/config.md": render_reference,
+    "vmimagemanager.cfg.template": render_template,
     "docs/vmimagemanager.1": render_man,
     "completions/vmimagemanager": render_completion,
 }

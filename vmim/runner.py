@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Dict, Optional, Tuple, Type
 
-from vmim import lock, process
+from vmim import lock, process, procscan
 from vmim.config import Config
 from vmim.domain import Hypervisor
 from vmim.errors import (
@@ -55,7 +55,7 @@ def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
             slot = cfg.slot(name)
             if slot is not None and slot.mount:
                 # what a run killed by SIGKILL left running would go on writing into the slot
-                process.reap_orphans([slot.mount])
+                procscan.reap_orphans([slot.mount])
             plan = plan_box(req, name, observe(cfg, hv, name, req))
             if plan.verdict is not None:
                 raise error_of(plan.verdict)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from vmim import process
+from vmim import process, procscan
 from vmim.archive import detect
 from vmim.errors import StateError, UsageError
 
@@ -241,10 +241,10 @@ class ImageStore:
         removed = []
         debris = sorted(n for n in os.listdir(self.directory)
                         if n.startswith((TMP_PREFIX, OLD_PREFIX))
-                        and not process.pid_alive(n.rsplit(".", 1)[-1]))
+                        and not procscan.pid_alive(n.rsplit(".", 1)[-1]))
         if debris:
             # a killed run's rsync or tar may still be writing there
-            process.reap_orphans([self.path(n) for n in debris])
+            procscan.reap_orphans([self.path(n) for n in debris])
         for n in debris:
             if n.startswith(OLD_PREFIX):  # a complete entry, set aside by a run killed next
                 name = _debris_of(n)

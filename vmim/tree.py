@@ -16,7 +16,7 @@ import os
 import stat
 from typing import List, Optional
 
-from vmim import process
+from vmim import process, procscan
 from vmim.errors import OperationError, StateError
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 MAX_LINKS = 40
 #: names vmimagemanager creates at the guest root while it works (staging, temporary)
 WORK_PREFIX = ".vmim-"
-#: the mark of a staging directory: the run that made it (process.owner_tag()). Only a
+#: the mark of a staging directory: the run that made it (procscan.owner_tag()). Only a
 #: directory with this mark, of a run that has ended, is ever removed as a leftover: a guest
 #: entry that merely has a .vmim- name is guest data.
 OWNER_XATTR = "user.vmim.owner"
@@ -206,7 +206,7 @@ def remove_stale_work(root: str) -> None:
     for n in os.listdir(root):
         if n.startswith(WORK_PREFIX):
             owner = _owner(os.path.join(root, n))
-            if owner is not None and process.owner_gone(owner):
+            if owner is not None and procscan.owner_gone(owner):
                 stale.append(os.path.join(root, n))
     if stale:
         log.info("removing what an interrupted run left in the guest: %s", ", ".join(stale))
@@ -228,7 +228,7 @@ def staging_dir(root: str, what: str, like: str) -> str:
         raise StateError(f"cannot make a staging directory at the guest root "
                          f"(/{os.path.basename(base)}.N all exist)")
     try:
-        os.setxattr(path, OWNER_XATTR, process.owner_tag().encode("ascii"), follow_symlinks=False)
+        os.setxattr(path, OWNER_XATTR, procscan.owner_tag().encode("ascii"), follow_symlinks=False)
     except OSError as exc:  # no user xattrs here: a leftover of this run stays (and is said)
         log.warning("cannot mark %s as this run's (%s): if the run is killed, remove it by hand",
                     path, exc.strerror)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from vmim import process
+from vmim import process, procscan
 from vmim.errors import CommandError, ToolMissingError
 
 
@@ -84,7 +84,7 @@ def test_commands_left_running_by_a_killed_run_are_stopped_by_the_next(tmp_path)
 
     def spawn(owner, cwd):
         return subprocess.Popen(["sleep", "60"], cwd=cwd,
-                                env={**os.environ, process.OWNER_ENV: owner})
+                                env={**os.environ, procscan.OWNER_ENV: owner})
 
     orphan = spawn("999999999:1", work)  # of a run that is gone, working in the debris
     with open("/proc/1/stat") as fh:  # pid 1 outlives any run: its children are not orphans
@@ -92,7 +92,7 @@ def test_commands_left_running_by_a_killed_run_are_stopped_by_the_next(tmp_path)
     adopted = spawn(init_tag, work)
     daemon = spawn("999999999:1", elsewhere)  # a helper daemon of a gone run, not in the way
     try:
-        stopped = process.reap_orphans([str(work)])
+        stopped = procscan.reap_orphans([str(work)])
         assert orphan.wait(timeout=5) == -9
         assert any(f"pid {orphan.pid} (sleep" in s for s in stopped)
         assert adopted.poll() is None and daemon.poll() is None
@@ -145,7 +145,7 @@ def test_the_next_store_stops_what_a_killed_run_left_writing_into_its_debris(tmp
     debris = tmp_path / f"{TMP_PREFIX}golden.{gone.pid}"
     debris.mkdir()
     writer = subprocess.Popen(["sleep", "60"], cwd=debris,
-                              env={**os.environ, process.OWNER_ENV: f"{gone.pid}:1"})
+                              env={**os.environ, procscan.OWNER_ENV: f"{gone.pid}:1"})
     try:
         assert ImageStore(str(tmp_path)).clean_debris() == [debris.name]
         assert writer.wait(timeout=5) == -9

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from vmim import process, tree
+from vmim import procscan, tree
 
 
 def _dead_pid():
@@ -22,7 +22,7 @@ def test_guest_entries_named_like_work_entries_are_guest_data(tmp_path):
     (tmp_path / ".vmim-cache.d" / "entry").write_text("cached")
     (tmp_path / f".vmim-restore.{dead}").mkdir()  # the guest's own, no marker
     (tmp_path / f".vmim-insert.{dead}").mkdir()  # marked by a run that lives (this one)
-    os.setxattr(tmp_path / f".vmim-insert.{dead}", tree.OWNER_XATTR, process.owner_tag().encode())
+    os.setxattr(tmp_path / f".vmim-insert.{dead}", tree.OWNER_XATTR, procscan.owner_tag().encode())
     # left by a run that was killed: the marker names a run that is gone
     stale = tmp_path / f".vmim-insert.{dead + 1}"
     stale.mkdir()
@@ -38,7 +38,7 @@ def test_a_staging_directory_is_marked_with_its_run_and_kept_while_that_run_live
     guest = tmp_path / "guest"
     guest.mkdir()
     staging = tree.staging_dir(str(guest), "insert", like=str(guest))
-    assert os.getxattr(staging, tree.OWNER_XATTR).decode() == process.owner_tag()
+    assert os.getxattr(staging, tree.OWNER_XATTR).decode() == procscan.owner_tag()
     tree.remove_stale_work(str(guest))  # a parallel job of this very run: not stale
     assert os.path.isdir(staging)
     with open(os.path.join(staging, "file"), "w") as fh:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from vmim import process
+from vmim import process, procscan
 from vmim.errors import CleanupError, CommandError
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,8 @@ def mount(device: str, mountpoint: str, fstype: str, options: Sequence[str] = ()
 
 def holders(mountpoint: str) -> List[str]:
     """Processes whose cwd, root, executable or open files lie under mountpoint."""
-    return [f"pid {pid} ({process.comm(pid)}: {', '.join(sorted(set(why)))})"
-            for pid, why in process.path_users(mountpoint).items()]
+    return [f"pid {pid} ({procscan.comm(pid)}: {', '.join(sorted(set(why)))})"
+            for pid, why in procscan.path_users(mountpoint).items()]
 
 
 def umount(target: str, *, release_hint: str) -> None:

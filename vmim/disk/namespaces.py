@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from vmim import process
+from vmim import procscan
 from vmim.disk import mounts
 
 
@@ -130,7 +130,7 @@ def mounts_elsewhere(devices: Iterable[str]) -> List[Holder]:
             continue
         pid = next((p for p in pids if domain_of(p)), pids[0])
         for m in mine:
-            held.append(Holder(pid, process.comm(str(pid)), domain_of(pid), m.target,
+            held.append(Holder(pid, procscan.comm(str(pid)), domain_of(pid), m.target,
                                devnos[m.devno]))
     return held
 

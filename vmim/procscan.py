@@ -1,0 +1,155 @@
+"""What /proc says of processes: start times and owner tags (which run started a command),
+process groups, the users of a path, and the commands a killed run left running."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Dict, List, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+#: Every child carries the pid and start time of the run that started it, so that a later run
+#: can find (and stop) what a run killed by SIGKILL left running: see reap_orphans().
+OWNER_ENV = "VMIM_OWNER"
+
+#: How long to wait for a stopped command's processes (forked helpers too) to be gone.
+GONE_TIMEOUT = 10.0
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The start time of a process (clock ticks since boot), which tells a pid's reuse apart."""
+    stat = _stat_fields(pid)
+    return stat[19] if stat else None
+
+
+def _stat_fields(pid: int) -> Optional[List[str]]:
+    """/proc/PID/stat after the command name: [state, ppid, pgrp, ...], or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def owner_tag() -> str:
+    """This run, as its commands carry it in OWNER_ENV: pid and start time."""
+    pid = os.getpid()
+    return f"{pid}:{_start_time(pid)}"
+
+
+def owner_gone(tag: str) -> bool:
+    """Whether the run an owner_tag() names has ended (its pid is gone, or is another process)."""
+    owner, _, started = tag.partition(":")
+    return not (owner.isdigit() and _start_time(int(owner)) == started)
+
+
+def group_members(pgid: int) -> List[int]:
+    """Live (not zombie) processes of a process group."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _stat_fields(int(name))
+            if stat and stat[2] == str(pgid) and stat[0] not in ("Z", "X"):
+                found.append(int(name))
+    return found
+
+
+def wait_gone(pids: Sequence[int], timeout: float = GONE_TIMEOUT) -> List[int]:
+    """Wait until none of pids is alive (zombies count as gone); return those still alive."""
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left:
+        left = [p for p in left if (_stat_fields(p) or ["X"])[0] not in ("Z", "X")]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    return left
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def path_users(top: str, pids: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
+    """Processes (all, or those of pids) whose working directory, root, executable or open files
+    lie under top: pid -> what of theirs does ("cwd", "root", "exe", "open file")."""
+    top = os.path.realpath(top)
+    found: Dict[str, List[str]] = {}
+    for pid in pids if pids is not None else os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        base = f"/proc/{pid}"
+        why: List[str] = []
+        for link in ("cwd", "root", "exe"):
+            try:
+                if _under(os.readlink(f"{base}/{link}"), top) and not (link == "root" and top == "/"):
+                    why.append(link)
+            except OSError:
+                pass
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                if _under(os.readlink(f"{base}/fd/{fd}"), top):
+                    why.append("open file")
+                    break
+            except OSError:
+                pass
+        if why:
+            found[pid] = why
+    return found
+
+
+def comm(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return "?"
+
+
+def reap_orphans(paths: Sequence[str]) -> List[str]:
+    """Stop the commands that runs killed by SIGKILL left running in or on `paths` (a slot's
+    mount point, a store's debris): they carry OWNER_ENV naming a run that is gone, and would go
+    on writing there while this run cleans up. Only processes using those paths are touched
+    (a helper daemon that a command started elsewhere is not). Returns what was stopped."""
+    orphans: Dict[str, str] = {}  # pid -> the run that started it
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+        except OSError:
+            continue
+        tag = next((e[len(OWNER_ENV) + 1:].decode("ascii", "replace") for e in environ
+                    if e.startswith(OWNER_ENV.encode() + b"=")), None)
+        if tag is None:
+            continue
+        if owner_gone(tag):
+            orphans[name] = tag.partition(":")[0]
+    in_the_way = {pid for top in paths for pid in path_users(top, list(orphans))}
+    victims: List[int] = []
+    described: List[str] = []
+    for pid in sorted(in_the_way, key=int):
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            continue
+        victims.append(int(pid))
+        described.append(f"pid {pid} ({comm(pid)}, of run {orphans[pid]})")
+    if victims:
+        wait_gone(victims)
+        log.warning("stopped what an interrupted run left running: %s", "; ".join(described))
+    return described
+
+
+def pid_alive(pid_text: str) -> bool:
+    """Whether a process with this pid (as text, from a file name) exists."""
+    return pid_text.isdigit() and os.path.exists(f"/proc/{pid_text}")
