@@ -73,3 +73,14 @@ def _no_config_from_environment(monkeypatch):
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def pytest_addoption(parser):
+    parser.addoption("--regenerate-output", action="store_true", default=False,
+                     help="rewrite the expected-output files (tests/plans/*.txt) from what the "
+                     "code produces now, instead of comparing with them; review the diff")
+
+
+@pytest.fixture
+def regenerate(request) -> bool:
+    return bool(request.config.getoption("--regenerate-output"))

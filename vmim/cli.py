@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--syslog", nargs="?", const="/dev/log", metavar="SOCKET",
                    help="also log every step to syslog (default socket /dev/log), for cron")
     g.add_argument("--json", action="store_true", help="machine-readable results on stdout")
-    g.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print each box's plan and change nothing; exit with the code the run "
+                   "would end with when the current state decides it (else 0)")
     g.add_argument("--timeout", type=_non_negative_int, metavar="S",
                    help="graceful shutdown timeout in seconds (default: the slot's timeout, 180)")
     g.add_argument("--lock-wait", type=_non_negative_int, default=0, metavar="S",
@@ -331,6 +333,8 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) 
     want_json = False
     doc: Dict[str, Any] = {"version": __version__}
     try:
+        want_json = "--json" in (sys.argv[1:] if argv is None else argv)  # before parsing:
+        # a usage error gets its JSON document too
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help and --version

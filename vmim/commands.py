@@ -89,8 +89,9 @@ def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List
         free = [r.name for r in listing.boxes(cfg, hv.domains()) if r.is_free]
         if not free:
             return [Plan(ANY_FREE, (Step("claim", "claim a free slot"),),
-                         Verdict(EXIT_LOCKED, f"no free slot: all {len(cfg.slots)} slots are "
-                                 "running, mounted or locked"))]
+                         Verdict(EXIT_LOCKED, f"no free slot: all {len(cfg.slots)} slots of "
+                                 f"{cfg.path} are running, mounted or locked; try again "
+                                 "later"))]
         boxes = free[:1]
     return [plan_box(req, box, observe(cfg, hv, box, req), lock_wait=lock_wait)
             for box in boxes]

@@ -137,6 +137,7 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
     whole = {a: whole_disk(a, req, seen) for a in data}
     stops = "kill" in req.actions or "down" in req.actions
     touches_fs = bool(data) or "mount" in req.actions
+    stopped = stops  # the plan stops the domain before its end
     ready = False  # a step of this plan mounted the slot (or checked what is mounted)
     mounted = seen.mounted  # whether the slot is mounted at this point of the plan
 
@@ -150,15 +151,14 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
         elif action == "mount":
             if data:  # what the data steps need is proven before anything is touched
                 _add_verify(req, seen, add)
-            if seen.running and not stops:
-                add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
-            add("mount", _mount_text(seen, mounted))
+            add("mount", _mount_text(seen, mounted))  # refused while the domain runs (no down)
             ready = mounted = True
         elif action in DATA_ACTIONS:
             if action == data[0] and "mount" not in req.actions:
                 _add_verify(req, seen, add)
                 if seen.running and not stops:
                     add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
+                    stopped = True
             if whole[action]:
                 # the disk file must not change under the copy (a qcow2 slot's export holds it)
                 add("release", "unmount, detach, stop an export: the whole disk is copied"
@@ -180,7 +180,7 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
                     if seen.mounted or touches_fs else "nothing mounted or mapped now", True)
             add("up", "define the domain from the config through libvirt.xsl, start it"
                 if seen.domain_state == "undefined" else
-                "nothing: already running" if seen.running and not stops else "start the domain")
+                "nothing: already running" if seen.running and not stopped else "start the domain")
     return Plan(box, tuple(steps), _verdict(req, box, seen, stops, touches_fs,
                                             bool(data) and all(whole.values()), lock_wait))
 
@@ -286,6 +286,8 @@ _KIND = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extract"}
 
 
 def _mount_text(seen: Observed, mounted: bool) -> str:
+    if not seen.in_config:
+        return "no slot in the config: nothing to mount"
     if mounted:
         return f"already mounted at {seen.mount}: check it is this slot's filesystem"
     via = {"kpartx": "a loop device at the partition's offset",

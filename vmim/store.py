@@ -93,8 +93,19 @@ def list_entries(directory: str) -> List[Entry]:
             continue  # a dangling symlink or an entry that vanished
         found = detect.detect(path)
         size = tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
-        out.append(Entry(name, directory, found.format, size, st.st_mtime))
+        mtime = st.st_mtime
+        if stat.S_ISDIR(st.st_mode):  # a tree's own mtime is its source root's: say when stored
+            mtime = _stored_time(ImageStore(directory).metadata(name)) or mtime
+        out.append(Entry(name, directory, found.format, size, mtime))
     return out
+
+
+def _stored_time(meta: Optional[dict]) -> Optional[float]:
+    """When the store recorded the entry as written (its metadata's "stored"), as a timestamp."""
+    try:
+        return datetime.strptime(str((meta or {})["stored"]), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (KeyError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- writing and finding
