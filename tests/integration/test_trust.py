@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tests.holes import data_blocks
 from tests.integration.test_images import FORMATS, _marker, run_ok
 from vmim.disk import loop, mounts
 
@@ -227,26 +228,6 @@ def test_cpio_store_of_a_file_of_4_gib_is_refused_before_writing(vmim, rig):
 # ------------------------------------------------------------------ holes, per format
 
 
-def _data_blocks(path, block=4096):
-    """Indexes of the blocks of a file that hold data (SEEK_DATA/SEEK_HOLE)."""
-    out = set()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.update(range(start // block, (end + block - 1) // block))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
-
-
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_what_each_format_keeps_of_holes(vmim, rig, fmt):
     """docs/images.md states it per format; this measures it.
@@ -265,14 +246,14 @@ def test_what_each_format_keeps_of_holes(vmim, rig, fmt):
         fh.write(bytes(64 * block))
         fh.flush()
         os.fsync(fh.fileno())
-    holes_before = _data_blocks(os.path.join(guest, "holes"))
+    holes_before = data_blocks(os.path.join(guest, "holes"))
     assert holes_before == set(range(0, 64, 4))
-    assert _data_blocks(os.path.join(guest, "zeros")) == set(range(64))
+    assert data_blocks(os.path.join(guest, "zeros")) == set(range(64))
     run_ok(vmim, rig, "-b", rig.names["ext4"], FORMATS[fmt], "-s", "holes", "--release")
     run_ok(vmim, rig, "-b", rig.names["xfs"], "-r", "holes", "--mount")
     xfs = rig.mnt("xfs")
-    assert _data_blocks(os.path.join(xfs, "holes")) == holes_before  # every format keeps holes
-    zeros_after = _data_blocks(os.path.join(xfs, "zeros"))
+    assert data_blocks(os.path.join(xfs, "holes")) == holes_before  # every format keeps holes
+    zeros_after = data_blocks(os.path.join(xfs, "zeros"))
     if fmt in ("cpio.bz2", "rsync"):
         assert zeros_after == set()  # zero blocks become holes
     else:

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from tests.holes import data_ranges
 from vmim.archive import CorruptArchive, UnsafeMember, UnsupportedVariant, newc, tar
 from vmim.archive.cpio import CpioFormat
 from vmim.archive.tar import TarFormat
@@ -185,26 +186,6 @@ def test_detection_does_not_call_odc_or_bin_cpio_a_usable_format(tree, tmp_path)
 # ------------------------------------------------------------------ holes
 
 
-def _data_ranges(path):
-    """The (start, end) ranges of a file that hold data, by SEEK_DATA/SEEK_HOLE."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
-
-
 def test_newc_unpack_makes_a_hole_of_every_zero_block_and_only_those(tmp_path):
     """newc has no hole map: the reader re-makes holes block by block (docs/images.md)."""
     src = tmp_path / "src"
@@ -218,7 +199,7 @@ def test_newc_unpack_makes_a_hole_of_every_zero_block_and_only_those(tmp_path):
     newc.extract(io.BytesIO(data), str(out))
     got = out / "f"
     assert got.read_bytes() == pattern + b"tail"
-    ranges = _data_ranges(str(got))
+    ranges = data_ranges(str(got))
     # every data block is data, every zero block a hole
     expected = [(i * block, i * block + block) for i in range(0, 30, 3)]
     assert ranges[:-1] == expected
