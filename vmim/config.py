@@ -23,6 +23,7 @@ from vmim.keys import (  # the key table
     OBSOLETE_KEYS,
     TRUE_WORDS,
     Key,
+    default,
 )
 
 log = logging.getLogger(__name__)
@@ -49,26 +50,26 @@ class Slot:
     swap: Optional[str] = None
     lvm_volume_group: Optional[str] = None
     lvm_volume: Optional[str] = None
-    mapper: str = "loop"
+    mapper: str = default("mapper")
     vmimages: Optional[str] = None
     vminserts: Optional[str] = None
     vmextracts: Optional[str] = None
     mac: Tuple[str, ...] = ()
     bridge: Optional[str] = None
-    memory: int = 2097152
-    vcpu: int = 1
+    memory: int = default("memory")
+    vcpu: int = default("vcpu")
     kernel: Optional[str] = None
     initrd: Optional[str] = None
     cmdline: Optional[str] = None
-    virt_type: str = "kvm"
+    virt_type: str = default("virt_type")
     serial_log: Optional[str] = None
     hosttransform: Optional[str] = None
-    timeout: int = 180
-    clear: str = "delete"
-    disk_image_format: str = "qcow2"
-    qcow2_compress: bool = False
-    sourceimage: bool = False
-    enabled: bool = True
+    timeout: int = default("timeout")
+    clear: str = default("clear")
+    disk_image_format: str = default("disk_image_format")
+    qcow2_compress: bool = default("qcow2_compress")
+    sourceimage: bool = default("sourceimage")
+    enabled: bool = default("enabled")
 
     @property
     def disk(self) -> Optional[str]:
@@ -90,10 +91,10 @@ class Slot:
 class Config:
     path: str
     format: str  # "current" or "legacy"
-    uri: str = "qemu:///system"
-    mount_prefix: str = "/mnt/vm/"
-    lockdir: str = "/run/lock/vmimagemanager"
-    statedir: str = "/var/lib/vmimagemanager"
+    uri: str = default("uri")
+    mount_prefix: str = default("mount_prefix")
+    lockdir: str = default("lockdir")
+    statedir: str = default("statedir")
     vmlist: Tuple[str, ...] = ()
     slots: Tuple[Slot, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -261,10 +262,10 @@ def parse(text: str, path: str = "<config>") -> Config:
     return Config(
         path=path,
         format=fmt,
-        uri=local_vals.get("uri", _key("uri").default),
-        mount_prefix=local_vals.get("mount_prefix", _key("mount_prefix").default),
-        lockdir=local_vals.get("lockdir", _key("lockdir").default),
-        statedir=local_vals.get("statedir", _key("statedir").default),
+        uri=local_vals.get("uri", default("uri")),
+        mount_prefix=local_vals.get("mount_prefix", default("mount_prefix")),
+        lockdir=local_vals.get("lockdir", default("lockdir")),
+        statedir=local_vals.get("statedir", default("statedir")),
         vmlist=tuple(local_vals.get("vmlist", ())),
         slots=tuple(slots),
         defaults=_defaults_view(slot_defaults),

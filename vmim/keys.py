@@ -151,3 +151,8 @@ for _k in KEYS:
     for _n in (_k.ini, *_k.aliases):
         _BY_SCOPE[_k.scope][_n.lower()] = _k
 _LEGACY_NAMES: Dict[str, Key] = {n.lower(): k for k in KEYS for n in k.legacy}
+
+
+def default(attr: str) -> Any:
+    """The default of the key whose attribute is attr: the one place defaults are written."""
+    return next(k.default for k in KEYS if k.attr == attr)
