@@ -17,7 +17,8 @@ EXIT_CODES = [
     ("1", "an operation failed"),
     ("2", "usage: the command line is wrong"),
     ("3", "the configuration is invalid or missing; every problem is listed"),
-    ("4", "state conflict: unknown box or image, domain running, disk busy, corrupt image"),
+    ("4", "state conflict: unknown box or image, domain running, disk busy, an image not proven "
+          "restorable (the slot untouched), -u on a slot whose restore did not finish"),
     ("5", "the slot is locked by another command, or no slot is free (retry later)"),
     ("6", "an external command failed"),
     ("7", "environment: a tool missing, not root, libvirt unreachable"),
@@ -25,6 +26,12 @@ EXIT_CODES = [
           "release it"),
     ("130, 143", "interrupted by SIGINT, or by SIGTERM or SIGHUP"),
 ]
+EXIT_NOTE = ("With --dry-run the command exits with the code the real run would end with when "
+             "the current state already decides it: 3 (the configuration lacks a store or disk "
+             "the request needs), 4 (an unknown or unusable image or insert, --mount on a running "
+             "domain, a slot mounted while its domain runs, -u on an incomplete slot), 5 (the "
+             "slot is locked, or no slot is free), 8 (its disk is mounted in another mount "
+             "namespace); else 0.")
 
 EXAMPLES = [
     ("List slots with their domain state, and images with their formats:",
@@ -102,7 +109,8 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
                      "[\\fIoptions\\fR]"),
         ("description", _roff(parser.description or "") + "\n.PP\n" + _roff(_SLOT_TEXT)),
         ("configuration", "\n".join(config_lines)),
-        ("exit status", "\n".join(_tp(code, text) for code, text in EXIT_CODES)),
+        ("exit status", "\n".join(_tp(code, text) for code, text in EXIT_CODES) + "\n.PP\n"
+         + _roff(EXIT_NOTE)),
         ("environment", "\n".join([
             _tp("VMIM_CFG", "Configuration file, when --config is not given."),
             _tp("VMIM_LOG_CONF", "logging.config file, when --log-config is not given.")])),
