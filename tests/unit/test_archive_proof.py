@@ -17,7 +17,7 @@ from tests.holes import data_ranges
 from vmim.archive import CorruptArchive, UnsafeMember, UnsupportedVariant, newc, tar
 from vmim.archive.cpio import CpioFormat
 from vmim.archive.tar import TarFormat
-from vmim.errors import StateError
+from vmim.errors import OperationError, StateError
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +204,97 @@ def test_newc_unpack_makes_a_hole_of_every_zero_block_and_only_those(tmp_path):
     expected = [(i * block, i * block + block) for i in range(0, 30, 3)]
     assert ranges[:-1] == expected
     assert ranges[-1][0] == 30 * block
+
+
+# ------------------------------------------------------------------ what the unpack would refuse
+
+
+def _tar_members(*members, fmt=None):
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt or tarfile.PAX_FORMAT) as tf:
+        for name, kind, extra in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(extra)
+                tf.addfile(info, io.BytesIO(extra))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                         "link": tarfile.LNKTYPE}[kind]
+            info.linkname = extra
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("members,why", [
+    ([("evil", "symlink", "/etc"), ("evil/passwd", "file", b"x")], "passes through"),
+    ([("a", "file", b"x"), ("a/b", "file", b"y")], "passes through"),
+    ([("d", "dir", ""), ("d/x", "file", b"x"), ("d", "file", b"y")], "replace a directory"),
+    ([("x", "link", "not-there")], "hard link"),
+], ids=["through a symlink", "through a file", "file over a directory", "dangling hard link"])
+def test_tar_members_gnu_tar_would_fail_on_are_refused(members, why, tmp_path):
+    data = _tar_members(*members)
+    with pytest.raises(UnsafeMember, match=why):
+        tar.check(io.BytesIO(data))
+    # and GNU tar does fail on them (or, for the symlink, is made to by its placeholder)
+    out = tmp_path / "x"
+    out.mkdir()
+    assert subprocess.run(["tar", "-x", "-C", str(out)], input=data,
+                          capture_output=True).returncode != 0
+
+
+def test_tar_sizes_that_are_negative_are_refused():
+    import tarfile
+
+    data = bytearray(_tar_members(("f", "file", b"")))
+    block = data[:512]
+    block[124:136] = b"\xff" * 10 + b"\xfe\x00"  # base-256: -512
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    data[:512] = block
+    with pytest.raises(CorruptArchive, match="negative"):
+        tar.check(io.BytesIO(bytes(data)))  # 1 seek back: it looped for ever
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("f")
+        info.pax_headers = {"size": "-512"}
+        tf.addfile(info, io.BytesIO(b""))
+    with pytest.raises(CorruptArchive, match="bad pax size"):
+        tar.check(io.BytesIO(buf.getvalue()))
+
+
+def test_a_lone_zero_block_at_the_end_is_accepted_as_gnu_tar_does():
+    data = _tar_members(("f", "file", b"x"), fmt=None)
+    end = 1024  # the header and the data block of "f"
+    assert tar.check(io.BytesIO(data[:end] + bytes(512))).members == 1
+
+
+def _newc_of(entries):
+    out = bytearray()
+    for ino, mode, nlink, name, body in entries + [(0, 0, 1, b"TRAILER!!!", b"")]:
+        fields = [ino, mode, 0, 0, nlink, 0, len(body), 0, 0, 0, 0, len(name) + 1, 0]
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + name + b"\0"
+        out += bytes(-len(out) % 4) + body + bytes(-(len(body)) % 4)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("entries,why", [
+    ([(1, 0o40755, 2, b"a", b""), (2, 0o100644, 1, b"a", b"x")], "replace a directory"),
+    ([(1, 0o120777, 1, b"evil", b"/etc"), (2, 0o100644, 1, b"evil/passwd", b"x")],
+     "passes through"),
+    ([(1, 0o100644, 1, b"a", b"x"), (2, 0o100644, 1, b"a/b", b"y")], "passes through"),
+    ([(7, 0o100644, 2, b"first", b""), (8, 0o100644, 1, b"first", b"other"),
+      (7, 0o100644, 2, b"second", b"data")], "hard link"),
+], ids=["file over a directory", "through a symlink", "through a file", "replaced link"])
+def test_newc_members_the_extractor_would_refuse_are_refused_up_front(entries, why, tmp_path):
+    data = _newc_of(entries)
+    with pytest.raises(UnsafeMember, match=why):
+        newc.check(io.BytesIO(data))
+    if why != "hard link":
+        with pytest.raises(OperationError):  # the extractor, half-way: what the check prevents
+            newc.extract(io.BytesIO(data), str(tmp_path))
+    else:  # the extractor links to whatever holds the name now: "first" would get "second"'s data
+        newc.extract(io.BytesIO(data), str(tmp_path))
+        assert (tmp_path / "first").read_bytes() != b"other"

@@ -69,8 +69,51 @@ class Summary:
     needs_bytes: Optional[int]
 
 
+class Layout:
+    """What an unpack into an empty directory has made so far, member by member: each path's
+    kind ("d" directory, "l" symlink, "f" anything else). The checkers use it to refuse up front
+    what the unpacker would refuse half-way, after the slot was cleared: a member through an
+    earlier symlink or file, a file over a directory, a hard link to a name not (or no longer)
+    there."""
+
+    NAMES = {"d": "directory", "l": "symlink", "f": "file"}
+
+    def __init__(self, what: str):
+        self.what = what  # "tar member", "cpio member"
+        self.kinds: Dict[Tuple[str, ...], str] = {(): "d"}
+        self.owner: Dict[Tuple[str, ...], object] = {}  # path -> the inode key it holds
+
+    @staticmethod
+    def parts(name: str) -> Tuple[str, ...]:
+        return tuple(p for p in name.split("/") if p not in ("", "."))
+
+    def add(self, name: str, kind: str, key: object = None) -> None:
+        parts = self.parts(name)
+        if not parts:
+            return  # the archive's root entry
+        for i in range(1, len(parts)):
+            k = self.kinds.setdefault(parts[:i], "d")  # a missing parent is made a directory
+            if k != "d":
+                raise UnsafeMember(f"{self.what} {name!r} passes through {'/'.join(parts[:i])!r}"
+                                   f", which an earlier member made a {self.NAMES[k]}")
+        if self.kinds.get(parts) == "d" and kind != "d":
+            raise UnsafeMember(f"{self.what} {name!r} would replace a directory")
+        self.kinds[parts] = kind
+        self.owner[parts] = key
+
+    def link(self, name: str, target: str, kinds: str = "f", key: object = None) -> None:
+        """A hard link name -> target: target must be there, of one of kinds (and hold key)."""
+        t = self.parts(target)
+        if self.kinds.get(t) not in tuple(kinds) or (key is not None and self.owner.get(t) != key):
+            raise UnsafeMember(f"{self.what} {name!r} is a hard link to {target!r}, which no "
+                               "earlier member left there")
+        self.add(name, self.kinds[t], self.owner.get(t))
+
+
 def skip(stream: IO[bytes], n: int) -> None:
     """Read past n bytes of stream (seek where it can: a short file shows at the next read)."""
+    if n < 0:
+        raise CorruptArchive("a negative size in the archive")
     if n and stream.seekable():
         stream.seek(n, 1)
         return

@@ -19,7 +19,14 @@ import os
 import stat
 from typing import IO, Dict, List, Tuple
 
-from vmim.archive import CorruptArchive, Summary, UnsafeMember, UnsupportedVariant, skip
+from vmim.archive import (
+    CorruptArchive,
+    Layout,
+    Summary,
+    UnsafeMember,
+    UnsupportedVariant,
+    skip,
+)
 from vmim.errors import OperationError
 
 HEADER = 110
@@ -260,13 +267,25 @@ def check(stream: IO[bytes]) -> Summary:
     """Read every header of a newc stream to its trailer, skipping the data, refusing what the
     extractor would refuse (unsafe names, unknown types): CorruptArchive or UnsafeMember."""
     members = 0
+    layout = Layout("cpio member")
+    links: Dict[Tuple[int, int, int], str] = {}  # as Extractor.links: the first name of an inode
     while True:
         h, name = read_header(stream)
         if name == TRAILER:
             return Summary(members, None)  # zero blocks become holes: sizes bound nothing
         _components(name)
-        if stat.S_IFMT(h["mode"]) not in _TYPES:
+        fmt = stat.S_IFMT(h["mode"])
+        if fmt not in _TYPES:
             raise CorruptArchive(f"cpio member {name!r} has an unknown type {oct(h['mode'])}")
+        text = name.decode("utf-8", "surrogateescape")
+        key = (h["devmajor"], h["devminor"], h["ino"])
+        if fmt == stat.S_IFREG and h["nlink"] > 1 and key in links:
+            layout.link(text, links[key], kinds="f", key=key)
+        else:
+            layout.add(text, "d" if fmt == stat.S_IFDIR else "l" if fmt == stat.S_IFLNK else "f",
+                       key)
+            if fmt == stat.S_IFREG and h["nlink"] > 1:
+                links[key] = text
         _skip(stream, h["filesize"])
         members += 1
 

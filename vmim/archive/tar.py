@@ -13,6 +13,7 @@ from typing import IO, Dict, List, Optional, Sequence
 from vmim import process
 from vmim.archive import (
     CorruptArchive,
+    Layout,
     StreamFormat,
     Summary,
     UnsafeMember,
@@ -99,21 +100,24 @@ def check(stream: IO[bytes]) -> Summary:
     is wrong or the marker is missing, UnsafeMember for a name GNU tar would refuse."""
     members = data = 0
     pending: Dict[str, str] = {}  # what pax or GNU long-name headers say of the next member
+    layout = Layout("tar member")
     while True:
         buf = stream.read(BLOCK)
         if len(buf) < BLOCK:
             raise CorruptArchive("tar archive ends without its end-of-archive marker "
                                  "(truncated?)" if members or buf else "empty tar archive")
         if buf == ZERO_BLOCK:
-            if stream.read(BLOCK) != ZERO_BLOCK:
-                raise CorruptArchive("tar archive ends early: one zero block without a second "
-                                     "(truncated?)")
+            second = stream.read(BLOCK)
+            if second not in (ZERO_BLOCK, b""):  # a lone zero block at the very end: GNU tar
+                raise CorruptArchive("tar archive has a zero block in the middle (corrupt?)")
             return Summary(members, data)
         try:
             info = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
         except tarfile.HeaderError as exc:
             raise CorruptArchive(f"corrupt tar header after {members} members ({exc})") from None
         size = info.size
+        if size < 0:
+            raise CorruptArchive(f"tar member {info.name!r} has a negative size")
         if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
             records = _pax_records(_read_exact(stream, size, "a pax header"))
             skip(stream, -size % BLOCK)
@@ -130,15 +134,23 @@ def check(stream: IO[bytes]) -> Summary:
             extended = buf[482]
             while extended:  # more sparse map blocks follow
                 extended = _read_exact(stream, BLOCK, "a sparse map")[504]
+        if info.type == b"M":  # GNU multi-volume continuation
+            raise CorruptArchive("a multi-volume tar archive (a continued member): it does not "
+                                 "unpack on its own")
         name = pending.get("GNU.sparse.name") or pending.get("path") or info.name
         _check_name(name, "name")
         if info.type == tarfile.LNKTYPE:
-            _check_name(pending.get("linkpath") or info.linkname, "hard link target")
+            target = pending.get("linkpath") or info.linkname
+            _check_name(target, "hard link target")
+            layout.link(name, target, kinds="fl")
+        else:
+            layout.add(name, "d" if info.type == tarfile.DIRTYPE else
+                       "l" if info.type == tarfile.SYMTYPE else "f")
         if "size" in pending:
-            try:
-                size = int(pending["size"])
-            except ValueError:
-                raise CorruptArchive("corrupt pax size record") from None
+            if not pending["size"].isdigit():  # GNU tar refuses the rest too
+                raise CorruptArchive(f"tar member {name!r} has a bad pax size "
+                                     f"{pending['size']!r}")
+            size = int(pending["size"])
         pending = {}
         if info.type not in _NO_DATA:
             skip(stream, size + -size % BLOCK)

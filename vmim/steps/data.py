@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -183,8 +184,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             os.utime(root, ns=(times.st_atime_ns, times.st_mtime_ns))
             clock.lap("transfer")
         if slot.sourceimage:
-            with open(os.path.join(root, "sourceimage"), "w") as fh:
-                fh.write(name + "\n")
+            _write_sourceimage(root, name)
         # No sync here: the release (umount) flushes the filesystem before any boot.
     except (VmimError, OSError) as exc:
         cause = exc if isinstance(exc, VmimError) else as_error(exc)
@@ -192,6 +192,26 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     incomplete.remove(box.cfg, slot)
     how = "mirrored" if fmt.is_tree else f"unpacked after clearing ({slot.clear})"
     return f"{name} ({fmt.name}) {how}"
+
+
+def _write_sourceimage(root: str, name: str) -> None:
+    """/sourceimage holding the image name, written inside the guest only: whatever the image
+    put there (a symlink to a host path, say) is replaced, never followed."""
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            if stat.S_ISDIR(os.lstat("sourceimage", dir_fd=dfd).st_mode):
+                raise StateError("the image has a directory at /sourceimage: it cannot hold the "
+                                 "image name (set sourceimage = false for this slot)")
+            os.unlink("sourceimage", dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        fd = os.open("sourceimage", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                     dir_fd=dfd)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(name + "\n")
+    finally:
+        os.close(dfd)
 
 
 def insert(box: Box, step: Step, rec: StepResult) -> str:
