@@ -11,12 +11,12 @@ import os
 from typing import Dict, List, Optional
 
 from vmim import incomplete, lock, store
-from vmim.archive import detect
 from vmim.config import Config, Slot
 from vmim.disk import qcow2
 from vmim.domain import Hypervisor
 from vmim.errors import StateError
 from vmim.plan import DATA_ACTIONS, MISSING, Observed, Request
+from vmim.steps import wholedisk
 from vmim.steps.data import find_usable
 
 
@@ -26,11 +26,13 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
     slot = cfg.slot(box)
     info = hv.domain(box)
     state = info.state if info else "undefined"
-    if slot is None:
-        return Observed(domain_state=state, in_config=False)
     held = lock.holder(cfg.lockdir, box)
     if held is not None and held.pid == os.getpid():
         held = None  # this run holds it (observing under its own lock)
+    locked_by = f"pid {held.pid} ({held.command})" if held else None
+    if slot is None:
+        return Observed(domain_state=state, in_config=False, locked_by=locked_by,
+                        root=os.geteuid() == 0)
     mark = incomplete.read(cfg, slot)
     images: Dict[str, str] = {}
     inserts: Dict[str, str] = {}
@@ -48,15 +50,13 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
             try:
                 if key == "vmimages" and (req.disk_image or slot.store_type == "qcow2" and
                                           qcow2.is_disk_image(st.find(name), st.metadata(name))):
-                    meta = st.metadata(name) or {}  # a raw disk has no magic: the store says
-                    recorded = str(meta.get("format"))
-                    found[name] = recorded if recorded in ("qcow2", "raw") else \
-                        detect.detect(st.find(name)).format
+                    found[name] = wholedisk.usable(slot, req.disk_image, st, name)
                 else:
                     found[name] = find_usable(st, name)[1].format
-            except StateError as exc:  # what the run's verify step would say
+            except (StateError, OSError) as exc:  # what the run's verify step would say
                 found[name] = MISSING if not os.path.lexists(st.path(name)) else "unknown"
-                unusable.append(str(exc))
+                unusable.append(str(exc) if isinstance(exc, StateError) else
+                                f"{st.kind} '{name}': {exc.strerror} ({exc.filename})")
     if req.store is not None and not slot.vmimages and "vmimages" not in missing:
         missing.append("vmimages")
     if req.extracts and not slot.vmextracts:
@@ -75,7 +75,8 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         inserts=inserts,
         missing_stores=tuple(missing),
         unusable=tuple(unusable),
-        locked_by=f"pid {held.pid} ({held.command})" if held else None,
+        locked_by=locked_by,
+        root=os.geteuid() == 0,
         incomplete=str(mark.get("image", "?")) if mark else None,
         pinned=_pinned(slot, req) if not mounted else None,
     )
@@ -84,7 +85,7 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
 def _pinned(slot: Slot, req: Request) -> Optional[str]:
     """Who holds the slot's disk mounted in another mount namespace (root, disk work only)."""
     if os.geteuid() != 0 or slot.store_type is None or not (
-            set(req.actions) & {"mount", "release", *DATA_ACTIONS}):
+            set(req.actions) & {"mount", "release", "up", *DATA_ACTIONS}):
         return None
     from vmim.disk import for_slot, namespaces
     from vmim.steps.mount import candidate_devices

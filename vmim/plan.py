@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from vmim.errors import EXIT_CLEANUP, EXIT_CONFIG, EXIT_LOCKED, EXIT_STATE
+from vmim.errors import EXIT_CLEANUP, EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_LOCKED, EXIT_STATE
 
 #: The fixed per-box pipeline, whatever the order of the flags.
 PIPELINE = ("kill", "down", "mount", "extract", "store", "restore", "insert", "release", "up")
@@ -73,6 +73,7 @@ class Observed:
     locked_by: Optional[str] = None  # "pid N (command)" when another command holds the slot
     incomplete: Optional[str] = None  # the image of a restore that did not finish
     pinned: Optional[str] = None  # who holds the slot's disk mounted in another namespace
+    root: bool = True  # whether the run is root (mounting and loop devices need it)
 
     @property
     def running(self) -> bool:
@@ -87,6 +88,7 @@ class Step:
     description: str
     implicit: bool = False
     item: int = 0  # extract, insert: which of the request's transfers
+    whole: bool = False  # verify, store, restore: the whole disk (plan.whole_disk), not the tree
 
     def as_dict(self) -> dict:
         return {"step": self.name, "description": self.description, "implicit": self.implicit}
@@ -130,8 +132,9 @@ class Plan:
 def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> Plan:
     """The steps box goes through for req in state seen, and the verdict when seen decides it."""
     steps: List[Step] = []
-    def add(name: str, text: str, implicit: bool = False, item: int = 0) -> None:
-        steps.append(Step(name, text, implicit, item))
+    def add(name: str, text: str, implicit: bool = False, item: int = 0,
+            whole: bool = False) -> None:
+        steps.append(Step(name, text, implicit, item, whole))
 
     data = [a for a in req.actions if a in DATA_ACTIONS]
     whole = {a: whole_disk(a, req, seen) for a in data}
@@ -150,12 +153,12 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
                 f"nothing: the domain is {seen.domain_state}")
         elif action == "mount":
             if data:  # what the data steps need is proven before anything is touched
-                _add_verify(req, seen, add)
+                _add_verify(req, seen, add, whole.get("restore", False))
             add("mount", _mount_text(seen, mounted))  # refused while the domain runs (no down)
             ready = mounted = True
         elif action in DATA_ACTIONS:
             if action == data[0] and "mount" not in req.actions:
-                _add_verify(req, seen, add)
+                _add_verify(req, seen, add, whole.get("restore", False))
                 if seen.running and not stops:
                     add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
                     stopped = True
@@ -181,8 +184,7 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
             add("up", "define the domain from the config through libvirt.xsl, start it"
                 if seen.domain_state == "undefined" else
                 "nothing: already running" if seen.running and not stopped else "start the domain")
-    return Plan(box, tuple(steps), _verdict(req, box, seen, stops, touches_fs,
-                                            bool(data) and all(whole.values()), lock_wait))
+    return Plan(box, tuple(steps), _verdict(req, box, seen, stops, touches_fs, lock_wait))
 
 
 #: Image formats that are whole disks (a qcow2 slot restores them as a new overlay).
@@ -203,14 +205,14 @@ def whole_disk(action: str, req: Request, seen: Observed) -> bool:
     return seen.images.get(req.restore or "") in DISK_IMAGE_FORMATS
 
 
-def _add_verify(req: Request, seen: Observed, add: Callable[..., None]) -> None:
+def _add_verify(req: Request, seen: Observed, add: Callable[..., None], whole: bool) -> None:
     names = []
     if req.restore is not None:
         names.append(f"image {req.restore} ({seen.images.get(req.restore, MISSING)})")
     names += [f"insert {t.name} ({seen.inserts.get(t.name, MISSING)})" for t in req.inserts]
     if names:
         add("verify", f"prove {', '.join(names)} restorable (recorded sha256, else a full "
-            "read) before the slot is touched", True)
+            "read) before the slot is touched", True, whole=whole)
 
 
 def _add_data(action: str, req: Request, box: str, seen: Observed, whole: bool,
@@ -223,15 +225,16 @@ def _add_data(action: str, req: Request, box: str, seen: Observed, whole: bool,
     elif action == "store":
         what = "the whole disk" if whole else f"the filesystem ({fmt})"
         add("store", f"write {what} as image {req.store_name(box)} under a temporary name, "
-            "sync, put it in place atomically")
+            "sync, put it in place atomically", whole=whole)
     elif action == "restore":
         name = req.restore or ""
         found = seen.images.get(name, MISSING)
         if seen.store_type == "qcow2" and whole:
-            add("restore", f"replace the slot's disk with a new qcow2 overlay on image {name}")
+            add("restore", f"replace the slot's disk with a new qcow2 overlay on image {name}",
+                whole=True)
         elif whole:
             add("restore", f"write image {name} ({found}) over the whole disk (a reflink where "
-                "possible) and rename it into place")
+                "possible) and rename it into place", whole=True)
         elif found == "rsync":
             add("restore", f"mirror image {name} (rsync --delete)")
         else:
@@ -246,19 +249,23 @@ def _add_data(action: str, req: Request, box: str, seen: Observed, whole: bool,
 
 
 def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bool,
-             all_whole: bool, lock_wait: int) -> Optional[Verdict]:
+             lock_wait: int) -> Optional[Verdict]:
     """The exit code the real run ends with, when the observed state decides it."""
     disk_work = touches_fs or "release" in req.actions
+    releases = disk_work or ("up" in req.actions and bool(seen.store_type))  # up releases first
+    if seen.locked_by and lock_wait == 0:  # the run takes the lock before anything else
+        return Verdict(EXIT_LOCKED, f"box '{box}' is locked by {seen.locked_by}; try again "
+                       "later or wait with --lock-wait S")
     if disk_work and not seen.in_config:
         return Verdict(EXIT_STATE, f"box '{box}' is a libvirt domain with no slot in the "
                        "config; disk actions need a [vmim.vm.NAME] section with its HostDisk "
                        "or root")
-    if seen.locked_by and lock_wait == 0:
-        return Verdict(EXIT_LOCKED, f"box '{box}' is locked by {seen.locked_by}; try again "
-                       "later or wait with --lock-wait S")
     if disk_work and not seen.store_type:
         return Verdict(EXIT_CONFIG, f"box '{box}' has no disk: set HostDisk (and partition) or "
                        "root in its section")
+    if releases and not seen.root:
+        return Verdict(EXIT_ENVIRONMENT, f"box '{box}': mounting and releasing its disk needs "
+                       "root (mounting and loop devices)")
     for key in seen.missing_stores:
         return Verdict(EXIT_CONFIG, f"box '{box}': no {_KIND[key]} store configured: set {key} "
                        "in [vmim.local] or in the slot's section")
@@ -272,7 +279,7 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
     if seen.running and not stops and "mount" in req.actions:
         return Verdict(EXIT_STATE, f"box '{box}': domain is {seen.domain_state}; add -d to shut "
                        "it down first (or -k to force it off)")
-    if seen.pinned and disk_work and not (all_whole and seen.store_type == "qcow2"):
+    if seen.pinned and releases:
         return Verdict(EXIT_CLEANUP, f"box '{box}': its disk is still mounted in another mount "
                        f"namespace: {seen.pinned}")
     if seen.incomplete and "up" in req.actions and req.restore is None:

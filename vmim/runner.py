@@ -27,7 +27,7 @@ from vmim.errors import (
 )
 from vmim.observe import observe
 from vmim.plan import Plan, Request, Verdict, plan_box
-from vmim.recorder import BoxResult, record
+from vmim.recorder import BoxResult, as_error, record
 from vmim.steps import Box, Options, registry
 from vmim.steps.mount import NOTHING_TO_RELEASE, is_mounted, release_slot
 
@@ -56,7 +56,12 @@ def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
             if slot is not None and slot.mount:
                 # what a run killed by SIGKILL left running would go on writing into the slot
                 procscan.reap_orphans([slot.mount])
-            plan = plan_box(req, name, observe(cfg, hv, name, req))
+            try:
+                plan = plan_box(req, name, observe(cfg, hv, name, req))
+            except VmimError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — this box fails, the others go on
+                raise as_error(exc) from exc
             if plan.verdict is not None:
                 raise error_of(plan.verdict)
             steps = registry()

@@ -259,3 +259,23 @@ def test_what_each_format_keeps_of_holes(vmim, rig, fmt):
     else:
         assert zeros_after == set(range(64))  # tar writes what was written
     run_ok(vmim, rig, "-b", rig.names["xfs"], "--release")
+
+
+def test_sourceimage_is_written_in_the_guest_even_over_a_symlink_to_a_host_file(vmim, rig,
+                                                                               tmp_path):
+    """The slot has sourceimage = true: an image whose /sourceimage is a symlink to a host file
+    made the restore write the image name into that host file (1.0 too)."""
+    host_file = tmp_path / "host-crontab"
+    host_file.write_text("host data\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("sourceimage")
+        info.type = tarfile.SYMTYPE
+        info.linkname = str(host_file)
+        tf.addfile(info)
+    (rig.images / "evil").write_bytes(_compress("gzip", buf.getvalue()))
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "-r", "evil", "--mount")
+    assert host_file.read_text() == "host data\n"
+    written = os.path.join(rig.mnt("ext4"), "sourceimage")
+    assert not os.path.islink(written) and open(written).read() == "evil\n"
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")

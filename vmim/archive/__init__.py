@@ -183,6 +183,7 @@ class StreamFormat(Format):
             with process.output_of([*decompressor(self.compression), image]) as stream:
                 return self.check(stream)
         except CommandError as exc:
+            process.check_cancelled()  # a signal stopped the decompressor: say that, not this
             raise StateError(f"image {image} is corrupt or truncated: {exc.stderr_tail}") from None
         except (CorruptArchive, UnsafeMember) as exc:
             raise StateError(f"image {image} cannot be restored: {exc}") from None

@@ -70,22 +70,6 @@ class Box:
                               f"[vmim.local] or [{slot.section}] of {self.cfg.path}")
         return store_mod.ImageStore(directory, kind)
 
-    def whole_disk_store(self) -> bool:
-        """As plan.whole_disk("store"): --disk-image, or a qcow2 slot and no format flag."""
-        slot = self.slot
-        return self.req.disk_image or (slot is not None and slot.store_type == "qcow2"
-                                       and self.req.format is None)
-
-    def whole_disk_restore(self, st: store_mod.ImageStore, name: str) -> bool:
-        """As plan.whole_disk("restore"): --disk-image, or a disk image into a qcow2 slot."""
-        from vmim.disk import qcow2
-
-        slot = self.slot
-        if self.req.disk_image:
-            return True
-        return slot is not None and slot.store_type == "qcow2" and \
-            qcow2.is_disk_image(st.find(name), st.metadata(name))
-
 
 StepFunction = Callable[[Box, Step, StepResult], str]
 

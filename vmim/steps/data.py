@@ -36,7 +36,7 @@ def verify(box: Box, step: Step, rec: StepResult) -> str:
     if box.req.restore is not None:
         name = box.req.restore
         st = box.store("vmimages")
-        if box.whole_disk_restore(st, name):
+        if step.whole:  # as the plan decided from what it observed
             box.proven[("image", 0)] = wholedisk.verify(box, st, name)
         else:
             box.proven[("image", 0)] = prove(st, name)
@@ -91,6 +91,7 @@ def find_usable(st: store_mod.ImageStore, name: str) -> Tuple[str, detect.Detect
     if not found.known:
         raise StateError(f"{st.kind} '{name}' in {st.directory} is not an image "
                          f"vmimagemanager can use ({found.description})")
+    for_detected(found, f"{st.kind} '{name}'")  # a disk image is not unpacked: exit 4 here too
     return path, found
 
 
@@ -134,7 +135,7 @@ def store(box: Box, step: Step, rec: StepResult) -> str:
     st = box.store("vmimages")
     store_mod.validate_name(name)
     _refuse_base_in_use(box, st, name)
-    if box.whole_disk_store():
+    if step.whole:
         return wholedisk.store(box, st, name, rec, _meta(box))
     root = _root(box)
     fmt = for_name(box.req.format or "rsync")

@@ -60,8 +60,8 @@ def store(box: Box, st: store_mod.ImageStore, name: str, rec: StepResult,
     return f"stored the whole disk as {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
 
 
-def verify(box: Box, st: store_mod.ImageStore, name: str) -> Proven:
-    slot = box.need_slot()
+def usable(slot: Slot, disk_image: bool, st: store_mod.ImageStore, name: str) -> str:
+    """The format of a whole-disk image this slot can take (StateError, exit 4, otherwise)."""
     path = st.find(name)
     meta = st.metadata(name)
     # A raw disk image has no magic of its own: what the store recorded says what it is.
@@ -71,6 +71,14 @@ def verify(box: Box, st: store_mod.ImageStore, name: str) -> Proven:
     if fmt_name not in wanted:
         raise StateError(f"image '{name}' is {fmt_name}, not a disk image this slot can "
                          f"use ({' or '.join(wanted)})")
+    if slot.store_type != "qcow2":
+        image_file_disk(slot)  # --disk-image writes over a disk file
+    return fmt_name
+
+
+def verify(box: Box, st: store_mod.ImageStore, name: str) -> Proven:
+    path = st.find(name)
+    fmt_name = usable(box.need_slot(), box.req.disk_image, st, name)
     if fmt_name == "qcow2":
         try:
             process.run(["qemu-img", "check", "-q", path])
