@@ -74,6 +74,11 @@ SCENARIOS = {
                                     _seen(store_type="partition", disk="/srv/web1.img",
                                           images={"golden": "raw"}))],
     "libvirt-only-up": [(_req("up"), Observed(domain_state="shut off", in_config=False))],
+    "libvirt-only-locked": [(_req("kill"), Observed(domain_state="running", in_config=False,
+                                                    locked_by="pid 42 (vmimagemanager)"))],
+    "not-root-up": [(_req("up"), _seen(root=False))],
+    "pinned-up": [(_req("up"), _seen(pinned="/dev/loop3 is mounted at /mnt/vm/web1 in the "
+                                     "mount namespace of pid 7 (qemu-system-x86)"))],
     "libvirt-only-mount": [(_req("mount"), Observed(domain_state="shut off", in_config=False))],
 }
 
