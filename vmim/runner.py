@@ -18,9 +18,11 @@ from vmim.domain import Hypervisor
 from vmim.errors import (
     EXIT_CLEANUP,
     EXIT_CONFIG,
+    EXIT_ENVIRONMENT,
     EXIT_LOCKED,
     CleanupError,
     ConfigError,
+    HostEnvironmentError,
     LockBusyError,
     StateError,
     VmimError,
@@ -34,6 +36,7 @@ from vmim.steps.mount import NOTHING_TO_RELEASE, is_mounted, release_slot
 log = logging.getLogger(__name__)
 
 _ERRORS: Dict[int, Type[VmimError]] = {EXIT_CONFIG: ConfigError, EXIT_LOCKED: LockBusyError,
+                                       EXIT_ENVIRONMENT: HostEnvironmentError,
                                        EXIT_CLEANUP: CleanupError}
 
 

@@ -107,3 +107,11 @@ def test_plan_matches_its_golden_file(name, regenerate):
 
 def test_every_golden_file_has_a_scenario():
     assert sorted(p.stem for p in PLANS.glob("*.txt")) == sorted(SCENARIOS)
+
+
+@pytest.mark.parametrize("code", [3, 4, 5, 7, 8])
+def test_a_verdict_ends_the_real_run_with_its_own_exit_code(code):
+    from vmim.plan import Verdict
+    from vmim.runner import error_of
+
+    assert error_of(Verdict(code, "why")).exit_code == code
