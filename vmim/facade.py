@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from vmim import digest, incomplete, lock, process, progress, tree, writeback
 from vmim import disk as disk_mod
-from vmim import incomplete, lock, process, progress, tree
 from vmim import store as store_mod
 from vmim.archive import detect, for_detected, for_name
 from vmim.config import Config, Slot
@@ -334,14 +334,11 @@ class SlotRunner:
 
     def _verified_image(self, st: store_mod.ImageStore, name: str) -> Any:
         """Find, detect and prove an image restorable before anything touches the slot: by the
-        sha256 this tool recorded, else by a full read of its structure. Returns the path, the
-        format and what the full read found (None when the checksum proved it)."""
+        digest this tool recorded (vmim.digest), else by a full read of its structure. Returns
+        the path, the format and what the full read found (None when the checksum proved it)."""
         path = st.find(name)
         meta = st.metadata(name)
-        checked = bool(meta and meta.get("sha256"))
-        if checked and store_mod.sha256_of(path) != meta["sha256"]:  # type: ignore[index]
-            raise StateError(f"{st.kind} '{name}' is corrupt: its sha256 differs from the one "
-                             "recorded when it was stored; the slot was not touched")
+        checked = digest.check_recorded(path, meta, f"{st.kind} '{name}'")  # BLAKE3 or sha256
         found = detect.detect(path)
         if not found.known and found.compression:
             raise StateError(f"{st.kind} '{name}' in {st.directory} is corrupt or truncated: "
@@ -498,7 +495,8 @@ class SlotRunner:
         incomplete.write(self.cfg, slot, name)  # durable before anything in the slot changes
         try:
             if fmt.is_tree:
-                with progress.watch(f"{self.box} restore", self.details["bytes"]):
+                with progress.watch(f"{self.box} restore", self.details["bytes"]), \
+                        writeback.pushed_to_disk(root):  # the disk writes during the transfer
                     fmt.mirror(path, root)
                 clock.lap("transfer")
             else:
@@ -508,7 +506,8 @@ class SlotRunner:
                     tree.clear(root)
                 clock.lap("clear")
                 staging = tree.staging_dir(root, "restore", like=root)
-                with progress.watch(f"{self.box} restore", self.details["bytes"]):
+                with progress.watch(f"{self.box} restore", self.details["bytes"]), \
+                        writeback.pushed_to_disk(root):  # the disk writes during the transfer
                     fmt.unpack(path, staging)
                 tree.merge(staging, root)
                 os.rmdir(staging)
