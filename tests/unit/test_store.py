@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from vmim import digest
 from vmim.archive import detect, for_name
 from vmim.errors import UsageError
 from vmim.store import OLD_PREFIX, TMP_PREFIX, ImageStore, validate_name
