@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the host
 
 #: the metadata keys of the digests this tool knows, the one preferred for checking first
 ALGORITHMS = ("blake3", "sha256")
-#: bytes read per step when hashing a file without mmap
+#: bytes read per step when hashing a whole file
 CHUNK = 4 * 1024 * 1024
 
 
@@ -71,18 +71,22 @@ def as_meta(value: str) -> Dict[str, str]:
 
 
 def of_file(path: str, algorithm: str) -> str:
-    """The hex digest of a whole file. BLAKE3 maps the file and hashes it on every core."""
+    """The hex digest of a whole file, read in CHUNK pieces into one buffer (memory stays
+    flat: mapping the whole file would count all of it in the RSS). BLAKE3 hashes each piece
+    on every core."""
     if algorithm == "blake3":
         assert _blake3 is not None
-        hasher = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
-        return str(hasher.update_mmap(path).hexdigest())
-    h = new(algorithm)
-    with open(path, "rb") as fh:
+        h = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+    else:
+        h = new(algorithm)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
         while True:
-            chunk = fh.read(CHUNK)
-            if not chunk:
+            n = fh.readinto(buf)
+            if not n:
                 return str(h.hexdigest())
-            h.update(chunk)
+            h.update(view[:n])
 
 
 def recorded(meta: Optional[Dict[str, Any]]) -> Optional[Tuple[str, str]]:
