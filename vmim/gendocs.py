@@ -107,7 +107,8 @@ def render_man() -> str:
             ".TP", _roff("/etc/vmimagemanager/libvirt.xsl"),
             _roff("An administrator's stylesheet for domain definition (else the shipped one)."),
             ".TP", _roff("/run/lock/vmimagemanager/BOX.lock"), "Per\\-slot locks (lockdir).",
-            ".TP", _roff("IMAGES/.vmim/NAME.json"), "Per\\-image metadata: format, size, sha256.",
+            ".TP", _roff("IMAGES/.vmim/NAME.json"),
+            "Per\\-image metadata: format, size, digest (BLAKE3 or sha256).",
             ".SH EXAMPLES"]
     for text, cmd in EXAMPLES:
         out += [".PP", _roff(text), ".PP", ".nf", ".RS", _roff(cmd), ".RE", ".fi"]
