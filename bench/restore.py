@@ -166,20 +166,24 @@ def restore_contenders(tools: List[Tool], image: str, decompress: str) -> dict:
             return laps
         return go
 
-    def bare() -> dict:
-        dev = shlex.quote(slot_device())
-        t = time.monotonic()
-        b.shell(f"umount {dst} && mkfs.ext4 -q -F -E nodiscard -L bench {dev} && "
-                f"mount -o noinit_itable {dev} {dst}")
-        t1 = time.monotonic()
-        b.shell(f"{decompress} {img} | tar -x -C {dst}")
-        t2 = time.monotonic()
-        b.shell(f"sync -f {dst}")
-        t3 = time.monotonic()
-        return {"mkfs": t1 - t, "unpack": t2 - t1, "sync (writeback left)": t3 - t2}
+    def bare(flags: str) -> Callable[[], dict]:
+        def go() -> dict:
+            dev = shlex.quote(slot_device())
+            t = time.monotonic()
+            b.shell(f"umount {dst} && mkfs.ext4 -q -F -E nodiscard -L bench {dev} && "
+                    f"mount -o noinit_itable {dev} {dst}")
+            t1 = time.monotonic()
+            b.shell(f"{decompress} {img} | tar -x -C {dst} {flags}")
+            t2 = time.monotonic()
+            b.shell(f"sync -f {dst}")
+            t3 = time.monotonic()
+            return {"mkfs": t1 - t, "unpack": t2 - t1, "sync (writeback left)": t3 - t2}
+        return go
 
     out: Dict[str, Callable[[], Optional[dict]]] = {t.label: by(t) for t in tools}
-    out[f"bare: mkfs; {decompress} | tar -x; sync"] = bare
+    out["bare with the tool's tar flags (xattrs, ACLs, owners)"] = bare(
+        " ".join(shlex.quote(f) for f in tar_mod.EXTRACT))
+    out[f"bare: mkfs; {decompress} | tar -x; sync"] = bare("")
     return out
 
 
