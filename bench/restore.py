@@ -308,7 +308,7 @@ def main() -> None:
     results["children peak RSS MiB"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     results["machine"] = b.machine()
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    out = os.path.join(HERE, "results", f"restore-latest{suffix}.json")
+    out = os.path.join(HERE, "results", f"latest-restore{suffix}.json")
     with open(out, "w") as fh:
         json.dump(results, fh, indent=1)
     print(f"peak RSS: {results['peak RSS MiB']}\nresults: {out}")
