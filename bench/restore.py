@@ -18,8 +18,9 @@ restore leaves behind is counted wherever it happens:
 `--base REV` adds the tool as it was at git revision REV (extracted with `git archive`) as a
 third contender, on the same images (their metadata gets a sha256 too, which that version
 checks). `--debian` uses, instead of the /usr corpus, a Debian 12 system (mmdebstrap of
-bookworm with systemd-sysv and linux-image-amd64, built once into WORK/debian12) on a slot
-of its own (WORK/deb.img).
+bookworm with systemd-sysv and linux-image-amd64, built once into WORK/debian12; needs the
+mmdebstrap package and Debian's mirror) on a slot of its own (WORK/deb.img). `make bench` runs
+this file twice: on the corpus, and with --debian (restore and store).
 Peak RSS of each vmimagemanager run is recorded (getrusage of the children).
 """
 
