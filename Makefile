@@ -60,6 +60,8 @@ demo-clean:
 # Benchmarks against the bare tools (see bench/run.py and docs/performance.md); not run by test.
 bench: host $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/restore.py
+	$(BIN)/python bench/restore.py --debian restore store
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -123,7 +123,7 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
                 "An administrator's stylesheet for domain definition (else the shipped one, "
                 "/usr/share/vmimagemanager/libvirt.xsl)."),
             _tp("/run/lock/vmimagemanager/BOX.lock", "Per-slot locks (lockdir)."),
-            _tp("IMAGES/.vmim/NAME.json", "Per-image metadata: format, size, sha256.")])),
+            _tp("IMAGES/.vmim/NAME.json", "Per-image metadata: format, size, digest (BLAKE3 or sha256).")])),
         ("examples", "\n".join(examples)),
         ("see also", "virsh(1), rsync(1), tar(1), cpio(1)"),
     ]

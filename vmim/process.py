@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -17,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, List, Optional, Sequence, Set
 
+from vmim import digest as digest_mod
 from vmim import procscan, progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
 
@@ -278,19 +278,20 @@ def _sync_file_range() -> Any:
 
 
 def _copy_hashing(src: Any, fd: int) -> str:
-    """Copy a pipe into fd, hashing what passes (sha256) and starting its writeback as it goes:
-    the checksum and most of the fsync of an image cost no second pass over it."""
+    """Copy a pipe into fd, hashing what passes (vmim.digest: BLAKE3, else sha256) and starting
+    its writeback as it goes: the checksum and most of the fsync of an image cost no second
+    pass over it. Returns the tagged digest ('ALGORITHM:HEX')."""
     try:
         fcntl.fcntl(src.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads
     except OSError:
         pass
     writeback = _sync_file_range()
-    digest = hashlib.sha256()
+    digest = digest_mod.new()
     written = synced = 0
     while True:
         chunk = os.read(src.fileno(), 1 << 20)
         if not chunk:
-            return digest.hexdigest()
+            return digest_mod.tagged(digest)
         digest.update(chunk)
         view = memoryview(chunk)
         while view:
@@ -316,7 +317,8 @@ def pipeline(
     stdout_path (else discarded). A failure names the stage that failed; a stage killed by
     SIGPIPE because a later stage died is not the one blamed. `watch_stage` is the stage
     whose reading a progress line follows. With `checksum` (and stdout_path), the output passes
-    through this process on its way to the file and its sha256 is returned.
+    through this process on its way to the file and its digest is returned ('ALGORITHM:HEX',
+    vmim.digest).
     """
     stages = [[str(a) for a in s] for s in stages]
     log.debug("+ %s", " | ".join(quote_argv(s) for s in stages))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from vmim import digest as digest_mod
 from vmim import process, procscan
 from vmim.archive import detect
 from vmim.errors import StateError, UsageError
@@ -179,13 +180,7 @@ def _fsync_path(path: str) -> None:
 
 
 def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(4 * 1024 * 1024)
-            if not chunk:
-                return h.hexdigest()
-            h.update(chunk)
+    return digest_mod.of_file(path, "sha256")
 
 
 class ImageStore:
@@ -298,7 +293,7 @@ class ImageStore:
                 _fsync_path(tmp)
                 meta.update(size=os.path.getsize(tmp))
                 if digest:  # archives are hashed as written; disk images are checked by qemu-img
-                    meta.update(sha256=digest)
+                    meta.update(digest_mod.as_meta(digest))
             self._put_in_place(tmp, final)
         except BaseException:
             if os.path.lexists(tmp):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 
 from tests.integration import diskimages as di
 from tests.integration import treecmp
+from vmim import digest
 from vmim.disk import loop, mounts
 
 FORMATS = {"rsync": "-y", "tgz": "-z", "cpio.bz2": "-w", "tar.zst": "--zstd"}
@@ -348,7 +350,50 @@ def test_corrupt_stored_archive_is_refused_before_the_slot_is_touched(vmim, rig,
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the bytes
     r = vmim("-b", rig.names["ext4"], "-r", "golden", "--config", rig.cfg)
     assert r.code == 4, r
-    assert "corrupt" in r.err and "sha256" in r.err
+    assert "corrupt" in r.err and f"{digest.preferred()} digest differs" in r.err
+    assert _marker(vmim, rig, "ext4") == "ext4 slot\n"
+
+
+def _as_stored_by_1_0(rig, name):
+    """Rewrite an image's metadata as 1.0 wrote it: its sha256, no other digest."""
+    path = rig.images / ".vmim" / f"{name}.json"
+    meta = json.loads(path.read_text())
+    for algorithm in digest.ALGORITHMS:
+        meta.pop(algorithm, None)
+    meta["sha256"] = hashlib.sha256((rig.images / name).read_bytes()).hexdigest()
+    path.write_text(json.dumps(meta))
+
+
+def test_an_image_with_the_sha256_of_1_0_still_verifies_and_restores(vmim, rig):
+    populate(vmim, rig)
+    run_ok(vmim, rig, "-b", rig.names["src"], "--zstd", "-s", "golden", "--release")
+    _as_stored_by_1_0(rig, "golden")
+    assert list(json.loads((rig.images / ".vmim" / "golden.json").read_text())) \
+        .count("sha256") == 1
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "-r", "golden")
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--mount")
+    try:
+        with open(os.path.join(rig.mnt("ext4"), "etc", "hostname")) as fh:
+            assert fh.read() == "guest\n"
+        with open(os.path.join(rig.mnt("ext4"), "marker")) as fh:
+            assert fh.read() != "ext4 slot\n"  # the source slot's
+    finally:
+        run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+
+
+def test_a_corrupt_image_of_1_0_is_refused_by_its_sha256(vmim, rig):
+    populate(vmim, rig)
+    run_ok(vmim, rig, "-b", rig.names["src"], "--zstd", "-s", "golden", "--release")
+    _as_stored_by_1_0(rig, "golden")
+    path = rig.images / "golden"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    st = os.stat(path)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = vmim("-b", rig.names["ext4"], "-r", "golden", "--config", rig.cfg)
+    assert r.code == 4, r
+    assert "corrupt" in r.err and "sha256 digest differs" in r.err
     assert _marker(vmim, rig, "ext4") == "ext4 slot\n"
 
 
@@ -470,7 +515,7 @@ def test_list_images_reads_metadata(vmim, rig):
     (entry,) = doc["images"]
     assert entry["format"] == "tar.zst" and entry["size"] == (rig.images / "golden").stat().st_size
     meta = json.loads((rig.images / ".vmim" / "golden.json").read_text())
-    assert meta["source_box"] == rig.names["src"] and len(meta["sha256"]) == 64
+    assert meta["source_box"] == rig.names["src"] and len(meta[digest.preferred()]) == 64
 
 
 def test_a_store_may_change_an_image_between_tree_and_archive(vmim, rig):

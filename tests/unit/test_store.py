@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from vmim import digest
 from vmim.archive import detect, for_name
 from vmim.errors import UsageError
 from vmim.store import OLD_PREFIX, TMP_PREFIX, ImageStore, validate_name
@@ -119,7 +120,7 @@ def test_a_long_image_name_stores_with_its_metadata(images, src, length):
     meta = _store(images, src, name, "tgz")
     assert meta["name"] == name
     store = ImageStore(str(images))
-    assert store.metadata(name)["sha256"] == meta["sha256"]
+    assert store.metadata(name)[digest.preferred()] == meta[digest.preferred()]
     assert sorted(os.listdir(images)) == [".vmim", name]
     _store(images, src, name, "rsync")  # over it, in another format
     assert os.path.isdir(images / name) and store.metadata(name)["format"] == "rsync"

@@ -9,8 +9,8 @@ import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from vmim import digest, incomplete, process, progress, tree, writeback
 from vmim import disk as disk_mod
-from vmim import incomplete, process, progress, tree
 from vmim import store as store_mod
 from vmim.archive import detect, for_detected, for_name
 from vmim.disk import mounts, qcow2
@@ -62,11 +62,9 @@ def prove(st: store_mod.ImageStore, name: str) -> Proven:
     """Find, detect and prove an image restorable: by the sha256 this tool recorded, else by a
     full read of its structure (StateError, exit 4, when it is not)."""
     path, found = find_usable(st, name)
-    meta = st.metadata(name)
-    checked = bool(meta and meta.get("sha256"))
-    if checked and store_mod.sha256_of(path) != meta["sha256"]:  # type: ignore[index]
-        raise StateError(f"{st.kind} '{name}' is corrupt: its sha256 differs from the one "
-                         "recorded when it was stored; the slot was not touched")
+    # by the digest this tool recorded (BLAKE3, or a 1.0 image's sha256) when this host can
+    # check it; a mismatch is exit 4 with the slot untouched
+    checked = digest.check_recorded(path, st.metadata(name), f"{st.kind} '{name}'")
     fmt = for_detected(found, f"{st.kind} '{name}'")
     for tool in fmt.unpack_tools():
         process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
@@ -79,11 +77,13 @@ def find_usable(st: store_mod.ImageStore, name: str) -> Tuple[str, detect.Detect
     when it is missing, and saying what it is when it is not an image this tool unpacks."""
     path = st.find(name)
     found = detect.detect(path)
-    meta = st.metadata(name) if not found.known else None
-    if meta and meta.get("sha256"):
+    meta = (st.metadata(name) if not found.known else None) or {}
+    recorded = digest.recorded(meta)
+    if recorded:
+        algorithm = recorded[0]
         raise StateError(f"{st.kind} '{name}' is corrupt: it is no longer the {meta.get('format')} "
-                         f"whose sha256 was recorded when it was stored ({found.description}); "
-                         "the slot was not touched")
+                         f"whose {algorithm} digest was recorded when it was stored "
+                         f"({found.description}); the slot was not touched")
     if not found.known and found.compression:
         raise StateError(f"{st.kind} '{name}' in {st.directory} is corrupt or truncated: "
                          f"{found.compression} data whose start cannot be read "
@@ -167,7 +167,8 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     incomplete.write(box.cfg, slot, name)  # durable before anything in the slot changes
     try:
         if fmt.is_tree:
-            with progress.watch(f"{box.name} restore", size):
+            with progress.watch(f"{box.name} restore", size), \
+                    writeback.pushed_to_disk(root):  # the disk writes during the transfer
                 fmt.mirror(path, root)
             clock.lap("transfer")
         else:
@@ -177,7 +178,8 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
                 tree.clear(root)
             clock.lap("clear")
             staging = tree.staging_dir(root, "restore", like=root)
-            with progress.watch(f"{box.name} restore", size):
+            with progress.watch(f"{box.name} restore", size), \
+                    writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
                 fmt.unpack(path, staging)
             tree.merge(staging, root)  # "/" takes the archive's "." metadata, times included
             times = os.stat(root)
