@@ -81,9 +81,10 @@ def find_usable(st: store_mod.ImageStore, name: str) -> Tuple[str, detect.Detect
     recorded = digest.recorded(meta)
     if recorded:
         algorithm = recorded[0]
-        raise StateError(f"{st.kind} '{name}' is corrupt: it is no longer the {meta.get('format')} "
-                         f"whose {algorithm} digest was recorded when it was stored "
-                         f"({found.description}); the slot was not touched")
+        raise StateError(f"{st.kind} '{name}' is corrupt: its {algorithm} digest differs from "
+                         "the one recorded when it was stored (it no longer reads as the "
+                         f"{meta.get('format')} it was: {found.description}); the slot was not "
+                         "touched")
     if not found.known and found.compression:
         raise StateError(f"{st.kind} '{name}' in {st.directory} is corrupt or truncated: "
                          f"{found.compression} data whose start cannot be read "
