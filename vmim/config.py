@@ -64,6 +64,16 @@ KEYS: Tuple[Key, ...] = (
         "Directory of what must survive a reboot: the mark of a slot whose restore did not "
         "finish (such a slot is not started until an image is restored into it).",
         default="/var/lib/vmimagemanager"),
+    Key("broker", "broker", "str", "local",
+        "AMQP URL of the fleet's RabbitMQ broker (`amqp://user:password@host:5672/vhost`, "
+        "`amqps://` for TLS). The worker serves it; a command with box actions or lists sends "
+        "them there instead of running them here (`--local` runs here). See docs/fleet.md."),
+    Key("broker_ca", "broker_ca", "path", "local",
+        "CA certificate file that the broker's TLS certificate must chain to (amqps)."),
+    Key("broker_cert", "broker_cert", "path", "local",
+        "Client certificate file presented to the broker (amqps), with broker_key."),
+    Key("broker_key", "broker_key", "path", "local",
+        "Private key file of broker_cert (amqps)."),
     Key("vmlist", "vmlist", "list", "local",
         "Accepted for compatibility with 0.3 configs and ignored: every [vmim.vm.*] "
         "section is a slot.", default=()),
@@ -231,6 +241,10 @@ class Config:
     mount_prefix: str = "/mnt/vm/"
     lockdir: str = "/run/lock/vmimagemanager"
     statedir: str = "/var/lib/vmimagemanager"
+    broker: Optional[str] = None
+    broker_ca: Optional[str] = None
+    broker_cert: Optional[str] = None
+    broker_key: Optional[str] = None
     vmlist: Tuple[str, ...] = ()
     slots: Tuple[Slot, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -383,6 +397,10 @@ def parse(text: str, path: str = "<config>") -> Config:
         mount_prefix=local_vals.get("mount_prefix", _key("mount_prefix").default),
         lockdir=local_vals.get("lockdir", _key("lockdir").default),
         statedir=local_vals.get("statedir", _key("statedir").default),
+        broker=local_vals.get("broker"),
+        broker_ca=local_vals.get("broker_ca"),
+        broker_cert=local_vals.get("broker_cert"),
+        broker_key=local_vals.get("broker_key"),
         vmlist=tuple(local_vals.get("vmlist", ())),
         slots=tuple(slots),
         defaults=_defaults_view(slot_defaults),
@@ -664,10 +682,13 @@ def render_config(cfg: Config) -> str:
     lines = [f"# effective configuration read from {cfg.path} ({cfg.format} format)", "",
              f"[{LOCAL_SECTION}]"]
     local_attrs = {"uri": cfg.uri, "mount_prefix": cfg.mount_prefix, "lockdir": cfg.lockdir,
-                   "statedir": cfg.statedir,
+                   "statedir": cfg.statedir, "broker": cfg.broker, "broker_ca": cfg.broker_ca,
+                   "broker_cert": cfg.broker_cert, "broker_key": cfg.broker_key,
                    "vmlist": cfg.vmlist}
     for k in KEYS:
         if k.scope == "local":
+            if local_attrs[k.attr] is None:
+                continue
             lines.append(f"{k.ini} = {_ini_value(local_attrs[k.attr])}")
         elif k.inherit and cfg.defaults.get(k.attr) is not None:
             lines.append(f"{k.ini} = {_ini_value(cfg.defaults[k.attr])}")
