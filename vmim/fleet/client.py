@@ -17,7 +17,6 @@ from vmim.errors import (
     HostEnvironmentError,
     LockBusyError,
     StateError,
-    VmimError,
 )
 from vmim.fleet import protocol
 from vmim.plan import Request
@@ -66,7 +65,7 @@ class Client:
         self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
                                        callbacks=[self._on_reply], no_ack=True, accept=["json"])
         self.consumer.consume()
-        self.reply_to = self.consumer.queues[0].name
+        self.reply_to: str = self.reply_q.name or ""
 
     def close(self) -> None:
         try:

@@ -117,7 +117,7 @@ def job_argv(args: argparse.Namespace, boxes: List[str]) -> List[str]:
                      ("--disk-image", args.disk_image)):
         if on:
             argv.append(flag)
-    for short, long, fmt, _text in FORMAT_FLAGS:
+    for _short, long, fmt, _text in FORMAT_FLAGS:
         if args.format == fmt:
             argv.append(long)
     if args.timeout is not None:

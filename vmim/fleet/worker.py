@@ -113,7 +113,7 @@ class Worker:
         self.spec = spec
         self.host = host
         self.journal = Journal(cfg.statedir)
-        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.events: queue.Queue[tuple] = queue.Queue()
         self.jobs: Dict[str, Job] = {}  # box → the fleet job on it (running or pending)
         self.waiting: Dict[str, Job] = {}  # box → a box-routed job waiting for the box
         self.stopping = False
