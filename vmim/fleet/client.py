@@ -65,7 +65,8 @@ class Client:
         self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
                                        callbacks=[self._on_reply], no_ack=True, accept=["json"])
         self.consumer.consume()
-        self.reply_to: str = self.reply_q.name or ""
+        bound = self.consumer.queues or [self.reply_q]  # the declared (server-named) queue
+        self.reply_to: str = str(bound[0].name)
 
     def close(self) -> None:
         try:
