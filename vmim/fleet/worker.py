@@ -149,10 +149,13 @@ class Worker:
                 delay = 1.0
                 self._serve()
                 break
-            except (OSError, EOFError) + _conn_errors() as exc:
-                log.warning("lost the broker at %s (%s)", self.spec.shown, exc)
+            except Exception as exc:  # noqa: BLE001 - whatever it was, start over
+                if isinstance(exc, (OSError, EOFError) + _conn_errors()):
+                    log.warning("lost the broker at %s (%s)", self.spec.shown, exc)
+                else:  # a bug: say so, with the traceback
+                    log.exception("worker %s: internal error; reconnecting", self.host)
                 self._drop_connection()
-                if self.stopping and not self.jobs:
+                if self.stopping:
                     break
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -338,11 +341,10 @@ class Worker:
         job = self._decode(body, message, any_free=True)
         if job is None or self._answered_from_journal(job):
             return
-        box = self._free_slot()
+        box = self._free_slot() if time.monotonic() >= self.any_paused_until else None
         if box is None:  # nothing really free: give it back for another worker
             message.requeue()
-            self.any_paused_until = time.monotonic() + RETRY_ANY
-            self._any(False)
+            self.any_paused_until = time.monotonic() + RETRY_ANY  # the main loop cancels
             return
         job.box = box
         job.argv = _with_box(job.argv, box)
@@ -373,8 +375,7 @@ class Worker:
         self.journal.begin(job.job_id, job.box, job.argv)
         job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True,
                                       name=f"job-{job.box}")
-        job.thread.start()
-        self._update_any()
+        job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
 
     def _run_job(self, job: Job) -> None:
         """In a job thread: run the command, stream its stderr, hand over the reply."""

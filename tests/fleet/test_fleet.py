@@ -1,0 +1,152 @@
+"""The fleet with a real RabbitMQ node and three workers on this machine (see conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from vmim.disk import mounts
+
+
+def is_mounted(path: str) -> bool:
+    return bool(mounts.mounted_at(path))
+
+
+def write_in(fleet, box: str, name: str, text: str) -> None:
+    """Write a file into box's filesystem through the fleet (mount, write, release)."""
+    r = fleet.vmim("-b", box, "--mount")
+    assert r.code == 0, r
+    with open(os.path.join(fleet.mount_of(box), name), "w") as fh:
+        fh.write(text)
+    r = fleet.vmim("-b", box, "--release")
+    assert r.code == 0, r
+
+
+def test_fleet_list_shows_every_box_with_its_host(fleet):
+    r = fleet.vmim("-l", "--json")
+    assert r.code == 0, r
+    doc = r.json()
+    got = {(b["host"], b["name"]) for b in doc["boxes"]}
+    assert got == {(h, f"{h}{s}") for h in ("h1", "h2", "h3") for s in "ab"}
+    assert doc["hosts"] == ["h1", "h2", "h3"]
+    text = fleet.vmim("-l", "-f")
+    assert text.code == 0, text
+    lines = text.out.splitlines()
+    assert lines[0].split()[:2] == ["HOST", "NAME"]
+    assert any(line.split()[:2] == ["h2", "h2b"] for line in lines)
+
+
+def test_store_and_restore_route_to_the_owning_host(fleet):
+    write_in(fleet, "h1b", "marker", "from h1b\n")
+    st = fleet.vmim("-b", "h1b", "-s", "gold", "--release", "--json")
+    assert st.code == 0, st
+    assert st.json()["host"] == "h1"
+    assert st.json()["results"][0]["host"] == "h1"
+    assert "store" in st.err  # the worker's step lines reach the client's stderr
+    images = fleet.vmim("-L", "--json")
+    assert images.code == 0, images
+    gold = [e for e in images.json()["images"] if e["name"] == "gold"]
+    assert len(gold) == 1 and sorted(gold[0]["hosts"]) == ["h1", "h2", "h3"]  # one shared store
+
+    rs = fleet.vmim("-b", "h2b", "-r", "gold", "--mount", "--json")
+    assert rs.code == 0, rs
+    assert rs.json()["host"] == "h2"
+    try:
+        with open(os.path.join(fleet.mount_of("h2b"), "marker")) as fh:
+            assert fh.read() == "from h1b\n"
+    finally:
+        rel = fleet.vmim("-b", "h2b", "--release")
+    assert rel.code == 0, rel
+    assert not is_mounted(fleet.mount_of("h2b"))
+
+
+def test_unknown_box_is_exit_4_at_once(fleet):
+    t = time.monotonic()
+    r = fleet.vmim("-b", "nosuchbox", "-u", "--lock-wait", "60")
+    assert r.code == 4, r
+    assert "unknown box 'nosuchbox'" in r.err
+    assert time.monotonic() - t < 10
+
+
+def test_concurrent_any_free_jobs_get_distinct_slots(fleet):
+    procs = [fleet.spawn("-b", "any-free", "--mount", "--lock-wait", "20") for _ in range(6)]
+    outs = [(p.wait(120), *p.communicate()) for p in procs]
+    try:
+        assert all(code == 0 for code, _o, _e in outs), outs
+        claimed = [o.splitlines()[0] for _c, o, _e in outs]
+        assert sorted(claimed) == sorted(f"{h}{s}" for h in ("h1", "h2", "h3") for s in "ab")
+        for box in claimed:
+            assert is_mounted(fleet.mount_of(box))
+        # every slot is taken now: one more waits its --lock-wait, then exit 5
+        t = time.monotonic()
+        more = fleet.vmim("-b", "any-free", "--mount", "--lock-wait", "2")
+        assert more.code == 5, more
+        assert "no worker took the job" in more.err
+        assert time.monotonic() - t < 15
+    finally:
+        released = [fleet.vmim("-b", f"{h}{s}", "--release") for h in ("h1", "h2", "h3")
+                    for s in "ab"]
+    assert all(r.code == 0 for r in released), released
+    assert not any(is_mounted(fleet.mount_of(f"{h}{s}")) for h in ("h1", "h2", "h3") for s in "ab")
+
+
+def test_job_of_a_killed_worker_is_done_when_it_is_back(fleet):
+    """kill -9 of a worker (and its job's command) mid-restore: the slot stays mounted; the
+    restarted worker releases it and runs the redelivered job; the client gets the result."""
+    r = fleet.vmim("-b", "h2a", "--mount")
+    assert r.code == 0, r
+    top = fleet.mount_of("h2a")
+    for i in range(60):
+        with open(os.path.join(top, f"blob{i}"), "wb") as fh:
+            fh.write(os.urandom(1 << 20))
+    with open(os.path.join(top, "marker"), "w") as fh:
+        fh.write("big\n")
+    assert fleet.vmim("-b", "h2a", "--release").code == 0
+    st = fleet.vmim("-b", "h2a", "-s", "big", "--release")
+    assert st.code == 0, st
+
+    client = fleet.spawn("-b", "h1a", "-r", "big", "--release", "--json", "--lock-wait", "60")
+    target = fleet.mount_of("h1a")
+    deadline = time.monotonic() + 60
+    while not is_mounted(target):
+        assert time.monotonic() < deadline, "the restore never mounted h1a"
+        assert client.poll() is None, client.communicate()
+        time.sleep(0.005)
+    fleet.kill9("h1")
+    assert is_mounted(target)  # the killed run's leftover
+    assert client.poll() is None  # the client waits for the job
+
+    fleet.start("h1")
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 0, (out, err)
+    doc = __import__("json").loads(out)
+    assert doc["host"] == "h1" and doc["results"][0]["box"] == "h1a"
+    assert "releasing box h1a" in fleet.log("h1")
+    assert not is_mounted(target)
+    check = fleet.vmim("-b", "h1a", "--mount")
+    assert check.code == 0, check
+    try:
+        with open(os.path.join(target, "marker")) as fh:
+            assert fh.read() == "big\n"
+    finally:
+        assert fleet.vmim("-b", "h1a", "--release").code == 0
+
+
+def test_worker_stops_on_sigterm_with_exit_0(fleet):
+    assert fleet.stop("h3") == 0
+    assert "worker h3 stopped" in fleet.log("h3")
+    fleet.start("h3")
+
+
+def test_unreachable_broker_is_exit_7(fleet):
+    import subprocess
+    import sys
+
+    from tests.fleet.broker import free_port
+    from tests.fleet.conftest import env
+
+    res = subprocess.run([sys.executable, "-m", "vmim", "--broker",
+                          f"amqp://guest:guest@127.0.0.1:{free_port()}//", "-b", "h1a", "-u"],
+                         capture_output=True, text=True, env=env(), timeout=60)
+    assert res.returncode == 7, res
+    assert "cannot reach the broker" in res.stderr and "guest:***@" in res.stderr
