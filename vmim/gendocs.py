@@ -34,6 +34,9 @@ EXAMPLES = [
     ("Take a free slot for a batch job, and pull its build results out afterwards:",
      "box=$(vmimagemanager -q -b any-free -r builder -u)\n"
      "vmimagemanager -q -b \"$box\" -d -e results-$box:/srv/build/out --release"),
+    ("Restore a box on whichever host of the fleet owns it, and list every host's slots:",
+     "vmimagemanager --broker amqps://ci@mq.example.org/ -b web7 -r golden -u\n"
+     "vmimagemanager --broker amqps://ci@mq.example.org/ -l"),
     ("Convert a 0.2 configuration to the current format:",
      "vmimagemanager --config old.cfg --print-config new.cfg"),
 ]
@@ -77,6 +80,20 @@ def render_man() -> str:
                     argparse._VersionAction, argparse._HelpAction))):
                 names += f" \\fI{_roff(str(a.metavar or a.dest.upper()))}\\fR"
             out += [".TP", names, _roff(a.help or "")]
+    from vmim.fleet.worker import build_parser as worker_parser
+
+    wp = worker_parser()
+    out += [".SH WORKER", ".B vmimagemanager worker", "[\\fIoptions\\fR]", ".PP",
+            _roff(wp.description or ""), ".PP",
+            _roff("Jobs arrive through RabbitMQ (see docs/fleet.md); each runs as the local "
+                  "command would, under the same per-slot lock, one job per slot at a time.")]
+    for a in wp._actions:
+        if a.help == argparse.SUPPRESS or not a.option_strings or a.dest == "help":
+            continue
+        names = ", ".join(f"\\fB{_roff(o)}\\fR" for o in a.option_strings)
+        if a.metavar:
+            names += f" \\fI{_roff(str(a.metavar))}\\fR"
+        out += [".TP", names, _roff(a.help or "")]
     out += [".SH CONFIGURATION",
             _roff(f"Read from --config PATH, else $VMIM_CFG, else {config.DEFAULT_CONFIG_PATH}. "
                   "The current format has a [vmim.local] section and one [vmim.vm.NAME] section "
@@ -100,6 +117,8 @@ def render_man() -> str:
         out += [".TP", f"\\fB{_roff(code)}\\fR", _roff(text)]
     out += [".SH ENVIRONMENT",
             ".TP", "\\fBVMIM_CFG\\fR", "Configuration file, when --config is not given.",
+            ".TP", "\\fBVMIM_BROKER\\fR", _roff("Broker URL of the fleet, when --broker is "
+                                                "not given (before broker in the config)."),
             ".TP", "\\fBVMIM_LOG_CONF\\fR", _roff("logging.config file, when --log-config is "
                                                   "not given."),
             ".SH FILES",
