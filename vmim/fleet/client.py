@@ -54,7 +54,7 @@ class Client:
         self.spec = spec
         self.conn = protocol.connection(spec)
         try:
-            self.conn.connect()
+            protocol.connect(self.conn)
         except Exception as exc:  # noqa: BLE001 - socket, AMQP and TLS errors alike
             raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
         self.channel = self.conn.channel()

@@ -87,6 +87,11 @@ def connection(spec: BrokerSpec, heartbeat: int = HEARTBEAT) -> Any:
                             transport_options={"confirm_publish": True})
 
 
+def connect(conn: Any) -> None:
+    """Connect now: one attempt and one immediate retry (kombu's connect() waits 2 s first)."""
+    conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, interval_max=0)
+
+
 def encode(body: Dict[str, Any]) -> str:
     return json.dumps(body, sort_keys=True)
 

@@ -188,7 +188,7 @@ class Worker:
         import kombu
 
         self.conn = protocol.connection(self.spec)
-        self.conn.connect()
+        protocol.connect(self.conn)
         channel = self.conn.channel()
         self.producer = kombu.Producer(channel, on_return=self._on_return)
         jobs = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
