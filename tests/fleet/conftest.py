@@ -101,7 +101,7 @@ class Fleet:
         self.configs[host] = path
         self.slots[host] = boxes
 
-    def start(self, host: str) -> subprocess.Popen:
+    def start(self, host: str, *extra: str) -> subprocess.Popen:
         logpath = os.path.join(self.root, f"worker-{host}.log")
         with open(logpath, "a") as fh:
             fh.write(f"--- start {time.time()}\n")
@@ -109,21 +109,29 @@ class Fleet:
         log = open(logpath, "ab")
         p = subprocess.Popen([sys.executable, "-m", "vmim", "worker", "--config",
                               self.configs[host], "--broker", self.broker.url, "--host-name",
-                              host], stderr=log, stdout=log, stdin=subprocess.DEVNULL,
+                              host, *extra], stderr=log, stdout=log, stdin=subprocess.DEVNULL,
                              env=env(), start_new_session=True)
         log.close()
         self.workers[host] = p
         self.logs[host] = logpath
-        deadline = time.monotonic() + 30
+        self.wait_log(host, f"worker {host}: ready", start_at)
+        return p
+
+    def wait_log(self, host: str, text: str, start_at: int = 0, timeout: float = 30) -> None:
+        p, logpath = self.workers[host], self.logs[host]
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with open(logpath) as fh:
                 fh.seek(start_at)
-                if f"worker {host}: ready" in fh.read():
-                    return p
+                if text in fh.read():
+                    return
             if p.poll() is not None:
                 break
             time.sleep(0.05)
-        raise AssertionError(f"worker {host} did not get ready:\n" + open(logpath).read())
+        raise AssertionError(f"worker {host} did not log {text!r}:\n" + open(logpath).read())
+
+    def log_size(self, host: str) -> int:
+        return os.path.getsize(self.logs[host])
 
     def log(self, host: str) -> str:
         with open(self.logs[host]) as fh:
@@ -142,6 +150,9 @@ class Fleet:
                 p.wait(10)
                 raise AssertionError(f"worker {host} did not stop on SIGTERM") from None
         return p.returncode
+
+    def signal_group(self, host: str, sig: int) -> None:
+        os.killpg(self.workers[host].pid, sig)
 
     def kill9(self, host: str) -> None:
         """SIGKILL the worker and every process of its session (its job's command too)."""
@@ -209,4 +220,8 @@ def fleet(tmp_path_factory, broker):
             except AssertionError:
                 pass
         left = [pid for s in pids for pid in _session_pids(s)]
+        for h in HOSTS:  # the shared mount bases the tool made (mounts.ensure_shared)
+            base = os.path.join(f.root, h, "mnt")
+            if os.path.ismount(base):
+                subprocess.run(["umount", "-l", base], capture_output=True)
         assert not left, f"worker processes left running: {left}"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import time
+
+import pytest
 
 from vmim.disk import mounts
 
@@ -90,9 +94,9 @@ def test_concurrent_any_free_jobs_get_distinct_slots(fleet):
     assert not any(is_mounted(fleet.mount_of(f"{h}{s}")) for h in ("h1", "h2", "h3") for s in "ab")
 
 
-def test_job_of_a_killed_worker_is_done_when_it_is_back(fleet):
-    """kill -9 of a worker (and its job's command) mid-restore: the slot stays mounted; the
-    restarted worker releases it and runs the redelivered job; the client gets the result."""
+@pytest.fixture(scope="module")
+def big(fleet):
+    """Image `big` (60 MiB in 60 files), stored from h2a: its restore takes a while."""
     r = fleet.vmim("-b", "h2a", "--mount")
     assert r.code == 0, r
     top = fleet.mount_of("h2a")
@@ -104,14 +108,23 @@ def test_job_of_a_killed_worker_is_done_when_it_is_back(fleet):
     assert fleet.vmim("-b", "h2a", "--release").code == 0
     st = fleet.vmim("-b", "h2a", "-s", "big", "--release")
     assert st.code == 0, st
+    return "big"
 
-    client = fleet.spawn("-b", "h1a", "-r", "big", "--release", "--json", "--lock-wait", "60")
-    target = fleet.mount_of("h1a")
+
+def wait_mounted(path: str, client) -> None:
     deadline = time.monotonic() + 60
-    while not is_mounted(target):
-        assert time.monotonic() < deadline, "the restore never mounted h1a"
+    while not is_mounted(path):
+        assert time.monotonic() < deadline, f"{path} was never mounted"
         assert client.poll() is None, client.communicate()
         time.sleep(0.005)
+
+
+def test_job_of_a_killed_worker_is_done_when_it_is_back(fleet, big):
+    """kill -9 of a worker (and its job's command) mid-restore: the slot stays mounted; the
+    restarted worker releases it and runs the redelivered job; the client gets the result."""
+    client = fleet.spawn("-b", "h1a", "-r", "big", "--release", "--json", "--lock-wait", "60")
+    target = fleet.mount_of("h1a")
+    wait_mounted(target, client)
     fleet.kill9("h1")
     assert is_mounted(target)  # the killed run's leftover
     assert client.poll() is None  # the client waits for the job
@@ -119,7 +132,7 @@ def test_job_of_a_killed_worker_is_done_when_it_is_back(fleet):
     fleet.start("h1")
     out, err = client.communicate(timeout=120)
     assert client.returncode == 0, (out, err)
-    doc = __import__("json").loads(out)
+    doc = json.loads(out)
     assert doc["host"] == "h1" and doc["results"][0]["box"] == "h1a"
     assert "releasing box h1a" in fleet.log("h1")
     assert not is_mounted(target)
@@ -150,3 +163,37 @@ def test_unreachable_broker_is_exit_7(fleet):
                          capture_output=True, text=True, env=env(), timeout=60)
     assert res.returncode == 7, res
     assert "cannot reach the broker" in res.stderr and "guest:***@" in res.stderr
+
+
+def test_a_frozen_worker_loses_its_job_to_another_and_aborts_its_copy(fleet, big):
+    """SIGSTOP of a worker and its job's command past the heartbeat: the broker hands the
+    any-free job to another worker, which does it; the frozen one, woken, aborts its copy
+    (the command cleans up: the slot is released) and serves again."""
+    fleet.stop("h1")
+    fleet.start("h1", "--heartbeat", "2")
+    others = ["h1b", "h2a", "h2b", "h3a", "h3b"]
+    for box in others:  # only h1a is free
+        assert fleet.vmim("-b", box, "--mount").code == 0
+    try:
+        client = fleet.spawn("-b", "any-free", "-r", big, "--release", "--json",
+                             "--lock-wait", "120")
+        wait_mounted(fleet.mount_of("h1a"), client)
+        at = fleet.log_size("h1")
+        fleet.signal_group("h1", signal.SIGSTOP)
+        try:
+            assert fleet.vmim("-b", "h2a", "--release").code == 0  # a slot for the handover
+            out, err = client.communicate(timeout=90)
+        finally:
+            fleet.signal_group("h1", signal.SIGCONT)
+        assert client.returncode == 0, (out, err)
+        doc = json.loads(out)
+        assert doc["host"] == "h2" and doc["claimed"] == "h2a", doc
+        fleet.wait_log("h1", "lost the broker", at)
+        fleet.wait_log("h1", "worker h1: ready", at)
+        deadline = time.monotonic() + 30
+        while is_mounted(fleet.mount_of("h1a")):
+            assert time.monotonic() < deadline, "the frozen worker's copy was not aborted"
+            time.sleep(0.1)
+    finally:
+        for box in others:
+            fleet.vmim("-b", box, "--release")

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="broker URL (else $VMIM_BROKER, else broker in the config)")
     p.add_argument("--host-name", metavar="NAME",
                    help="this host's name in the fleet (default: the machine's host name)")
+    p.add_argument("--heartbeat", type=int, default=protocol.HEARTBEAT, metavar="S",
+                   help="AMQP heartbeat in seconds (default %(default)s): a worker silent for "
+                   "about twice this loses its jobs to other workers, and aborts them itself")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     p.add_argument("--syslog", nargs="?", const="/dev/log", metavar="SOCKET",
@@ -98,7 +101,7 @@ def main(argv: List[str]) -> int:
             raise VmimError("no broker: give --broker URL, set $VMIM_BROKER, or broker in "
                             f"[vmim.local] of {cfg.path}")
         spec = protocol.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
-        worker = Worker(cfg, spec, args.host_name or socket.gethostname())
+        worker = Worker(cfg, spec, args.host_name or socket.gethostname(), args.heartbeat)
         return worker.run()
     except VmimError as exc:
         import sys
@@ -108,8 +111,10 @@ def main(argv: List[str]) -> int:
 
 
 class Worker:
-    def __init__(self, cfg: Any, spec: protocol.BrokerSpec, host: str):
+    def __init__(self, cfg: Any, spec: protocol.BrokerSpec, host: str,
+                 heartbeat: int = protocol.HEARTBEAT):
         self.cfg = cfg
+        self.heartbeat = heartbeat
         self.spec = spec
         self.host = host
         self.journal = Journal(cfg.statedir)
@@ -187,7 +192,7 @@ class Worker:
     def _connect(self) -> None:
         import kombu
 
-        self.conn = protocol.connection(self.spec)
+        self.conn = protocol.connection(self.spec, self.heartbeat)
         protocol.connect(self.conn)
         channel = self.conn.channel()
         self.producer = kombu.Producer(channel, on_return=self._on_return)
@@ -260,7 +265,7 @@ class Worker:
             except socket.timeout:
                 pass
             now = time.monotonic()
-            if now - last_beat > 1.0:
+            if now - last_beat > min(1.0, self.heartbeat / 4):
                 self.conn.heartbeat_check()
                 last_beat = now
             self._handle_events()
@@ -407,6 +412,8 @@ class Worker:
         if code < 0:  # killed by a signal: as the shell reports it
             code = 128 - code
         doc["host"] = self.host
+        if job.any_free:  # the child was given the claimed slot by name
+            doc["claimed"] = job.box
         self.events.put(("reply", job, {"type": "result", "host": self.host, "box": job.box,
                                         "exit_code": code, "doc": doc, "stderr": lines}))
 
