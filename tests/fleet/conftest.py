@@ -18,6 +18,7 @@ import pytest
 from tests.fleet import broker as broker_mod
 from tests.integration import diskimages as di
 from tests.rig import _traversable_tmp, no_leaks, skip_without_host  # noqa: F401
+from vmim.disk import mounts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOSTS = ("h1", "h2", "h3")
@@ -222,6 +223,6 @@ def fleet(tmp_path_factory, broker):
         left = [pid for s in pids for pid in _session_pids(s)]
         for h in HOSTS:  # the shared mount bases the tool made (mounts.ensure_shared)
             base = os.path.join(f.root, h, "mnt")
-            if os.path.ismount(base):
+            if mounts.mounted_at(base):  # a self-bind: os.path.ismount does not see it
                 subprocess.run(["umount", "-l", base], capture_output=True)
         assert not left, f"worker processes left running: {left}"

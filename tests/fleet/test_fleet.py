@@ -197,3 +197,43 @@ def test_a_frozen_worker_loses_its_job_to_another_and_aborts_its_copy(fleet, big
     finally:
         for box in others:
             fleet.vmim("-b", box, "--release")
+
+
+def test_jobs_survive_a_broker_restart_and_workers_reconnect(fleet, broker):
+    """A job waiting for its host (h3 is down) survives a broker restart; the waiting client
+    and the workers reconnect; h3, back, runs the job and the client gets its result."""
+    fleet.stop("h3")
+    client = fleet.spawn("-b", "h3b", "--mount", "--lock-wait", "300", "--json")
+    deadline = time.monotonic() + 30
+    while not _queued(broker, "vmim.host.h3.box.h3b"):
+        assert time.monotonic() < deadline, "the job never reached h3b's queue"
+        time.sleep(0.1)
+    at = {h: fleet.log_size(h) for h in ("h1", "h2")}
+    broker.stop_node()
+    broker.start()
+    try:
+        for h in ("h1", "h2"):
+            fleet.wait_log(h, f"worker {h}: ready", at[h], timeout=60)
+        time.sleep(2)  # the client too is back on its reply queue (it retries every 1 s)
+        fleet.start("h3")
+        out, err = client.communicate(timeout=90)
+        assert client.returncode == 0, (out, err)
+        assert "lost the broker" in err
+        assert json.loads(out)["host"] == "h3"
+        assert is_mounted(fleet.mount_of("h3b"))
+        lst = fleet.vmim("-l", "--json")
+        assert lst.code == 0, lst
+        assert sorted({b["host"] for b in lst.json()["boxes"]}) == ["h1", "h2", "h3"]
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        if "h3" not in fleet.workers:
+            fleet.start("h3")
+        fleet.vmim("-b", "h3b", "--release")
+    assert not is_mounted(fleet.mount_of("h3b"))
+
+
+def _queued(broker, queue: str) -> bool:
+    out = broker.ctl("list_queues", "name", "messages_ready").stdout
+    return any(line.split() == [queue, "1"] for line in out.splitlines())

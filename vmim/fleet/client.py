@@ -26,6 +26,7 @@ log = logging.getLogger("vmim.fleet.client")
 ACCEPT_GRACE = 5.0  # seconds past --lock-wait that a job may take to reach a worker
 LIST_WINDOW = 1.0  # seconds the live workers have to say they are there
 LIST_TIMEOUT = 120.0
+RECONNECT = 120.0  # seconds a waiting client waits for a lost broker to come back
 
 
 def broker_of(args: argparse.Namespace) -> Optional[protocol.BrokerSpec]:
@@ -57,16 +58,13 @@ class Client:
             protocol.connect(self.conn)
         except Exception as exc:  # noqa: BLE001 - socket, AMQP and TLS errors alike
             raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
-        self.channel = self.conn.channel()
         self.returned: List[Any] = []
-        self.producer = kombu.Producer(self.channel, on_return=self._on_return)
         self.inbox: List[Tuple[str, Dict[str, Any]]] = []
-        self.reply_q = kombu.Queue("", exclusive=True, auto_delete=True, durable=False)
-        self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
-                                       callbacks=[self._on_reply], no_ack=True, accept=["json"])
-        self.consumer.consume()
-        bound = self.consumer.queues or [self.reply_q]  # the declared (server-named) queue
-        self.reply_to: str = str(bound[0].name)
+        # named by the client, so that it can declare it again after a broker restart
+        self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
+        self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
+                                   durable=False)
+        self._reopen()
 
     def close(self) -> None:
         try:
@@ -84,13 +82,54 @@ class Client:
     def publish(self, body: Dict[str, Any], exchange: str, routing_key: str,
                 expiration: Optional[float] = None, mandatory: bool = True) -> bool:
         """Persistent, confirmed; False when no queue took it (mandatory)."""
+        import amqp
+
         self.returned = []
+        try:
+            self._publish(body, exchange, routing_key, expiration, mandatory)
+        except amqp.exceptions.NotFound:  # no worker has declared the exchange yet
+            self._reopen()
+            return False
+        return not self.returned
+
+    def _reopen(self) -> None:
+        """A channel error closes the channel: a new one, with a new reply queue."""
+        import kombu
+
+        self.channel = self.conn.channel()
+        self.producer = kombu.Producer(self.channel, on_return=self._on_return)
+        self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
+                                       callbacks=[self._on_reply], no_ack=True, accept=["json"])
+        self.consumer.consume()
+
+    def reconnect(self, patience: float = RECONNECT) -> None:
+        """The broker is gone: wait for it (a restart), then listen on the same reply queue."""
+        try:
+            self.conn.release()
+        except Exception:  # noqa: BLE001
+            pass
+        log.warning("lost the broker at %s; waiting up to %.0f s for it", self.spec.shown,
+                    patience)
+        until = time.monotonic() + patience
+        while True:
+            self.conn = protocol.connection(self.spec)
+            try:
+                protocol.connect(self.conn)
+                self._reopen()
+                log.info("connected to %s again", self.spec.shown)
+                return
+            except protocol.connection_errors():
+                if time.monotonic() >= until:
+                    raise
+                time.sleep(1.0)
+
+    def _publish(self, body: Dict[str, Any], exchange: str, routing_key: str,
+                 expiration: Optional[float], mandatory: bool) -> None:
         self.producer.publish(protocol.encode(body), exchange=exchange, routing_key=routing_key,
                               reply_to=self.reply_to, correlation_id=body.get("job_id"),
                               content_type="application/json", content_encoding="utf-8",
                               serializer=None, delivery_mode=2, mandatory=mandatory,
                               expiration=expiration)
-        return not self.returned
 
     def wait(self, until: Optional[float]) -> Optional[Tuple[str, Dict[str, Any]]]:
         """The next reply, or None when `until` (monotonic) has passed."""
@@ -103,8 +142,14 @@ class Client:
                 self.conn.drain_events(timeout=0.2 if until is None else max(0.01, min(0.2, until - now)))
             except socket.timeout:
                 pass
+            except protocol.connection_errors():
+                self.reconnect()
+                continue
             if now - last_beat > 1.0:
-                self.conn.heartbeat_check()
+                try:
+                    self.conn.heartbeat_check()
+                except protocol.connection_errors():
+                    self.reconnect()
                 last_beat = now
         return self.inbox.pop(0)
 
@@ -119,7 +164,7 @@ def run(args: argparse.Namespace, req: Request, spec: protocol.BrokerSpec,
         if req.lists:
             _run_lists(client, req.lists, doc, out, args.json)
         return code
-    except (OSError, EOFError) as exc:
+    except protocol.connection_errors() as exc:
         raise HostEnvironmentError(f"lost the broker at {spec.shown}: {exc}") from None
     finally:
         client.close()
@@ -227,8 +272,11 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], args: argparse.Names
 def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO,
                as_json: bool) -> None:
     corr = protocol.new_job_id()
-    client.publish({"v": protocol.VERSION, "job_id": corr, "lists": lists}, protocol.CONTROL, "",
-                   mandatory=False)
+    if not client.publish({"v": protocol.VERSION, "job_id": corr, "lists": lists},
+                          protocol.CONTROL, "", mandatory=False):
+        log.warning("no worker has ever started at %s", client.spec.shown)
+        _print_fleet_lists(lists, {}, doc, out, as_json)
+        return
     hosts: List[str] = []
     answers: Dict[str, Dict[str, Any]] = {}
     window = time.monotonic() + LIST_WINDOW
@@ -250,7 +298,7 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
     if missing:
         log.warning("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
     if not hosts:
-        log.warning("no worker answered at %s", client.spec.shown)
+        log.warning("no worker answered at %s within %.0f s", client.spec.shown, LIST_WINDOW)
     for host in sorted(answers):
         if answers[host].get("exit_code"):
             for line in answers[host].get("stderr", []):

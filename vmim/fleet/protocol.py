@@ -167,3 +167,17 @@ def child_env() -> Dict[str, str]:
     env = dict(os.environ)
     env.pop("VMIM_BROKER", None)
     return env
+
+
+def connection_errors() -> tuple:
+    """What a lost or refused broker connection raises (socket, AMQP and kombu errors)."""
+    errors: tuple = (OSError, EOFError)
+    try:
+        import amqp
+        import kombu.exceptions
+
+        errors += (amqp.exceptions.ConnectionError, amqp.exceptions.RecoverableConnectionError,
+                   kombu.exceptions.OperationalError, kombu.exceptions.ConnectionError)
+    except ImportError:  # pragma: no cover
+        pass
+    return errors

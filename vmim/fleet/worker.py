@@ -38,6 +38,7 @@ from vmim.fleet.journal import Journal
 log = logging.getLogger("vmim.fleet.worker")
 
 POLL = 0.05
+REDELIVER = 120.0  # seconds a result is offered to a client that is reconnecting
 RETRY_ANY = 1.0  # after giving back an any-free job (no slot really free): pause that long
 
 
@@ -129,6 +130,8 @@ class Worker:
         self.any_on = False
         self.any_paused_until = 0.0
         self.returned: List[Any] = []
+        self.undelivered: List[tuple] = []  # (until, reply_to, job_id, reply)
+        self.next_retry = 0.0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -155,7 +158,7 @@ class Worker:
                 self._serve()
                 break
             except Exception as exc:  # noqa: BLE001 - whatever it was, start over
-                if isinstance(exc, (OSError, EOFError) + _conn_errors()):
+                if isinstance(exc, protocol.connection_errors()):
                     log.warning("lost the broker at %s (%s)", self.spec.shown, exc)
                 else:  # a bug: say so, with the traceback
                     log.exception("worker %s: internal error; reconnecting", self.host)
@@ -270,6 +273,7 @@ class Worker:
                 last_beat = now
             self._handle_events()
             self._expire_waiting()
+            self._retry_replies()
             if not self.stopping:
                 self._update_any()
 
@@ -444,7 +448,10 @@ class Worker:
             self.journal.forget(job.job_id)
         else:
             self.journal.finish(job.job_id, job.box, reply)
-            self._send(job.reply_to, job.job_id, reply)
+            if not self._send(job.reply_to, job.job_id, reply, mandatory=True):
+                # the client is reconnecting (a broker restart): try again for a while
+                self.undelivered.append((time.monotonic() + REDELIVER, job.reply_to,
+                                         job.job_id, reply))
             job.message.ack()
             log.info("job %s: box %s: exit %s", job.job_id, job.box, reply.get("exit_code"))
         self.jobs.pop(job.box, None)
@@ -454,6 +461,22 @@ class Worker:
                 self._expired(waiting)
             else:
                 self._start(waiting)
+
+    def _retry_replies(self) -> None:
+        now = time.monotonic()
+        if now < self.next_retry or not self.undelivered:
+            return
+        self.next_retry = now + 1.0
+        keep = []
+        for until, reply_to, job_id, reply in self.undelivered:
+            if self._send(reply_to, job_id, reply, mandatory=True):
+                continue
+            if now < until:
+                keep.append((until, reply_to, job_id, reply))
+            else:
+                log.warning("job %s: its client did not come back; the result stays in the "
+                            "journal", job_id)
+        self.undelivered = keep
 
     def _expire_waiting(self) -> None:
         for box, job in list(self.waiting.items()):
@@ -533,14 +556,3 @@ def _with_box(argv: List[str], box: str) -> List[str]:
         if out[i] in ("-b", "--box") and out[i + 1] == "any-free":
             out[i + 1] = box
     return out
-
-
-def _conn_errors() -> tuple:
-    try:
-        import amqp
-        import kombu.exceptions
-
-        return (amqp.exceptions.ConnectionError, amqp.exceptions.ChannelError,
-                kombu.exceptions.OperationalError, kombu.exceptions.ConnectionError)
-    except ImportError:  # pragma: no cover
-        return ()
