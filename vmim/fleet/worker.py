@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-name", metavar="NAME",
                    help="this host's name in the fleet (default: the machine's host name)")
     p.add_argument("--heartbeat", type=int, default=protocol.HEARTBEAT, metavar="S",
-                   help="AMQP heartbeat in seconds (default %(default)s): a worker silent for "
+                   help=f"AMQP heartbeat in seconds (default {protocol.HEARTBEAT}): a worker silent for "
                    "about twice this loses its jobs to other workers, and aborts them itself")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
