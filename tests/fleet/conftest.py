@@ -84,11 +84,11 @@ class Fleet:
     def mount_of(self, box: str) -> str:
         return os.path.join(self.root, box[:2], "mnt", box)
 
-    def write_host(self, host: str, blank: str, big: str) -> None:
+    def write_host(self, host: str, blank: str, big: str, count: int = 2) -> None:
         d = os.path.join(self.root, host)
         os.makedirs(d, exist_ok=True)
         os.chmod(d, 0o755)
-        boxes = [f"{host}a", f"{host}b"]
+        boxes = [f"{host}{chr(ord('a') + i)}" for i in range(count)]
         lines = ["[vmim.local]", f'mount = "{d}/mnt"', f'lockdir = "{d}/locks"',
                  f'statedir = "{d}/state"', f'vmimages = "{self.images}"',
                  f'vminserts = "{self.inserts}"', 'vmemulator = "qemu:///system"']

@@ -35,8 +35,9 @@ class Journal:
                              "started": time.time(), "worker_pid": os.getpid()})
 
     def finish(self, job_id: str, box: str, reply: Dict[str, Any]) -> None:
+        started = (self.get(job_id) or {}).get("started")
         self._write(job_id, {"state": "done", "box": box, "reply": reply,
-                             "finished": time.time()})
+                             "started": started, "finished": time.time()})
 
     def forget(self, job_id: str) -> None:
         try:

@@ -2,10 +2,11 @@
 
 One queue per slot (`vmim.host.<host>.box.<box>`, bound to `box.<box>` on `vmim.jobs`),
 consumed with prefetch 1, so a slot runs one job at a time and the host's slots run at once;
-`vmim.any` is consumed only while a slot is free. Each job runs as the local command would, in
-a child process (vmim.fleet.child) under the same per-slot lock; the reply (the command's JSON
-document, its stderr lines, its exit code) is published before the job is acknowledged, and
-kept in the journal so that a redelivered job that had finished is answered, not re-run.
+`vmim.any` is consumed only while a slot is free (prefetch: the number of slots). Each job
+runs as the local command would, in a child process (vmim.fleet.child) under the same
+per-slot lock; the reply (the command's JSON document, its stderr lines, its exit code) is
+published before the job is acknowledged, and kept in the journal so that a redelivered job
+that had finished is answered, not re-run.
 
 All AMQP traffic happens in the main thread; job threads hand their events over a queue.
 """
@@ -207,6 +208,7 @@ class Worker:
                             routing_key=protocol.box_key(slot.name), durable=True)
             c = kombu.Consumer(channel, queues=[q], callbacks=[self._on_box_job],
                                prefetch_count=1, accept=["json"], no_ack=False)
+            c.qos(prefetch_count=1)  # per consumer (RabbitMQ): one job per slot at a time
             c.consume()
             self.box_consumers.append(c)
         anyq = kombu.Queue(protocol.ANY_QUEUE, jobs, routing_key=protocol.ANY_KEY, durable=True)
@@ -339,12 +341,15 @@ class Worker:
             self._reply_now(job, protocol_error(f"box {boxes} is not served by {self.host}"))
             return
         job.box = boxes[0]
+        # Reserve the slot before publishing anything: while a publish waits for its confirm,
+        # kombu runs the callbacks of new deliveries, and an any-free job must not pick it.
+        busy = job.box in self.jobs  # an any-free job of the fleet runs there: wait for it
+        (self.waiting if busy else self.jobs)[job.box] = job
         if not self._accept(job):
+            (self.waiting if busy else self.jobs).pop(job.box, None)
             return
-        if job.box in self.jobs:  # an any-free job of the fleet runs there: wait for it
-            self.waiting[job.box] = job
-            return
-        self._start(job)
+        if not busy:
+            self._start(job)
 
     def _on_any_job(self, body: Any, message: Any) -> None:
         job = self._decode(body, message, any_free=True)
@@ -357,7 +362,9 @@ class Worker:
             return
         job.box = box
         job.argv = _with_box(job.argv, box)
+        self.jobs[box] = job  # reserved before any publish (see _on_box_job)
         if not self._accept(job):
+            self.jobs.pop(box, None)
             return
         self._send(job.reply_to, job.job_id, {"type": "claimed", "box": box, "host": self.host})
         self._start(job)
@@ -504,6 +511,8 @@ class Worker:
         if on == self.any_on or self.any_consumer is None:
             return
         if on:
+            # up to one any-free job per slot; one that finds no slot really free goes back
+            self.any_consumer.qos(prefetch_count=max(1, len(self.cfg.slots)))
             self.any_consumer.consume()
         else:
             self.any_consumer.cancel()
