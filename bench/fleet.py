@@ -13,7 +13,6 @@ starts (the node, its epmd, the workers) is stopped at the end. Results: bench/r
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import platform
@@ -70,21 +69,11 @@ def concurrent_any_free(fleet: Fleet) -> Dict[str, object]:
     took = time.monotonic() - t
     codes = [code for code, _ in outs]
     claimed = [json.loads(o)["claimed"] for code, (o, _e) in outs if code == 0]
-    spans: Dict[str, List[tuple]] = {}
-    for h in HOSTS:
-        for path in glob.glob(os.path.join(fleet.root, h, "state", "fleet", "jobs", "*.json")):
-            with open(path) as fh:
-                e = json.load(fh)
-            if e.get("state") == "done" and e["reply"].get("doc", {}).get("claimed"):
-                spans.setdefault(e["box"], []).append((e["started"], e["finished"]))
-    overlaps = 0
-    for s in spans.values():
-        s.sort()
-        overlaps += sum(1 for a, b in zip(s, s[1:]) if b[0] < a[1])
+    overlaps = fleet.overlapping_jobs()
     per_slot = {box: claimed.count(box) for box in sorted(set(claimed))}
     return {"jobs": JOBS, "ok": codes.count(0), "exit_codes": sorted(set(codes)),
             "seconds": round(took, 1), "jobs_per_slot": per_slot,
-            "journal_jobs": sum(len(s) for s in spans.values()), "overlapping_jobs": overlaps}
+            "overlapping_jobs": overlaps}
 
 
 def main() -> None:

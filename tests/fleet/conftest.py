@@ -134,6 +134,23 @@ class Fleet:
     def log_size(self, host: str) -> int:
         return os.path.getsize(self.logs[host])
 
+    def overlapping_jobs(self) -> int:
+        """Any-free jobs that held a slot while another job of the fleet held it too, from the
+        workers' journals (start and end of each job)."""
+        import glob
+
+        spans: Dict[str, List[tuple]] = {}
+        for path in glob.glob(os.path.join(self.root, "h*", "state", "fleet", "jobs", "*.json")):
+            with open(path) as fh:
+                e = json.load(fh)
+            if e.get("state") == "done" and e.get("started"):
+                spans.setdefault(f"{e['box']}", []).append((e["started"], e["finished"]))
+        overlaps = 0
+        for s in spans.values():
+            s.sort()
+            overlaps += sum(1 for a, b in zip(s, s[1:]) if b[0] < a[1])
+        return overlaps
+
     def log(self, host: str) -> str:
         with open(self.logs[host]) as fh:
             return fh.read()

@@ -119,6 +119,19 @@ def wait_mounted(path: str, client) -> None:
         time.sleep(0.005)
 
 
+def test_many_any_free_jobs_never_share_a_slot(fleet):
+    """Twice as many short any-free jobs as slots, at once: all done, none on a slot another
+    job held (before the fix a worker gave one slot to two jobs while it waited for a
+    publisher confirm; the second then waited on the slot's lock)."""
+    procs = [fleet.spawn("-b", "any-free", "--mount", "--release", "--json",
+                         "--lock-wait", "120") for _ in range(12)]
+    outs = [(p.wait(180), *p.communicate()) for p in procs]
+    assert all(code == 0 for code, _o, _e in outs), outs
+    claimed = {json.loads(o)["claimed"] for _c, o, _e in outs}
+    assert len(claimed) > 3  # spread over the hosts' slots
+    assert fleet.overlapping_jobs() == 0
+
+
 def test_job_of_a_killed_worker_is_done_when_it_is_back(fleet, big):
     """kill -9 of a worker (and its job's command) mid-restore: the slot stays mounted; the
     restarted worker releases it and runs the redelivered job; the client gets the result."""
