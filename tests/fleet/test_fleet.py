@@ -250,3 +250,66 @@ def test_jobs_survive_a_broker_restart_and_workers_reconnect(fleet, broker):
 def _queued(broker, queue: str) -> bool:
     out = broker.ctl("list_queues", "name", "messages_ready").stdout
     return any(line.split() == [queue, "1"] for line in out.splitlines())
+
+
+def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path):
+    """The permissions of docs/fleet.md: a host user serves its own slots, is refused
+    (403) another host's queues and may not publish jobs; the client user may."""
+    import subprocess
+    import sys
+
+    from tests.fleet.conftest import env
+
+    host_perms = (r"^vmim\.host\.h9\..*|^vmim\.any$|^vmim\.jobs$|^vmim\.control(\.h9\..*)?$",
+                  r"^vmim\.host\.h9\..*|^vmim\.any$|^vmim\.control\.h9\..*|^amq\.default$",
+                  r"^vmim\.host\.h9\..*|^vmim\.any$|^vmim\.jobs$|^vmim\.control(\.h9\..*)?$")
+    client_perms = (r"^vmim\.reply\..*", r"^vmim\.(jobs|control)$|^amq\.default$",
+                    r"^vmim\.reply\..*")
+    for user, perms in (("h9", host_perms), ("ci", client_perms)):
+        assert broker.ctl("add_user", user, f"pw-{user}").returncode == 0
+        assert broker.ctl("set_permissions", "-p", "/", user, *perms).returncode == 0
+    url = {u: f"amqp://{u}:pw-{u}@127.0.0.1:{broker.port}//" for u in ("h9", "ci")}
+    disk = tmp_path / "p9a.img"
+    disk.write_bytes(b"")
+    cfg = tmp_path / "h9.cfg"
+    cfg.write_text(f'[vmim.local]\nlockdir = "{tmp_path}/locks"\nstatedir = "{tmp_path}/state"\n'
+                   f'[vmim.vm.p9a]\nHostName = "p9a"\nroot = "{disk}"\n')
+    logs = {name: tmp_path / f"{name}.log" for name in ("own", "other")}
+    workers = {}
+    try:
+        for name, host in (("own", "h9"), ("other", "h1")):
+            with open(logs[name], "w") as fh:
+                workers[name] = subprocess.Popen(
+                    [sys.executable, "-m", "vmim", "worker", "--config", str(cfg), "--broker",
+                     url["h9"], "--host-name", host], stderr=fh, stdout=fh, env=env(),
+                    start_new_session=True)
+        deadline = time.monotonic() + 30
+        while ("worker h9: ready" not in logs["own"].read_text()
+               or "ACCESS_REFUSED" not in logs["other"].read_text()):
+            assert time.monotonic() < deadline, (logs["own"].read_text(),
+                                                 logs["other"].read_text())
+            time.sleep(0.1)
+        assert "worker h1: ready" not in logs["other"].read_text()
+        assert "refused" in logs["other"].read_text()
+
+        def client(user, *argv):
+            return subprocess.run([sys.executable, "-m", "vmim", "--broker", url[user], *argv],
+                                  capture_output=True, text=True, env=env(), timeout=120)
+
+        lst = client("ci", "-l", "--json")
+        assert lst.returncode == 0, lst
+        assert ("h9", "p9a") in {(b["host"], b["name"]) for b in json.loads(lst.stdout)["boxes"]}
+        denied = client("h9", "-b", "h1a", "--mount")
+        assert denied.returncode == 7, denied
+        assert "refused" in denied.stderr and "ACCESS_REFUSED" in denied.stderr
+        assert not is_mounted(fleet.mount_of("h1a"))
+    finally:
+        for p in workers.values():
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        broker.ctl("delete_user", "h9")
+        broker.ctl("delete_user", "ci")

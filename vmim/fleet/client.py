@@ -53,18 +53,18 @@ class Client:
         import kombu
 
         self.spec = spec
-        self.conn = protocol.connection(spec)
-        try:
-            protocol.connect(self.conn)
-        except Exception as exc:  # noqa: BLE001 - socket, AMQP and TLS errors alike
-            raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
         self.returned: List[Any] = []
         self.inbox: List[Tuple[str, Dict[str, Any]]] = []
         # named by the client, so that it can declare it again after a broker restart
         self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
         self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
                                    durable=False)
-        self._reopen()
+        self.conn = protocol.connection(spec)
+        try:
+            protocol.connect(self.conn)
+            self._reopen()
+        except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
+            raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
 
     def close(self) -> None:
         try:
@@ -90,6 +90,10 @@ class Client:
         except amqp.exceptions.NotFound:  # no worker has declared the exchange yet
             self._reopen()
             return False
+        except protocol.refusals() as exc:
+            raise HostEnvironmentError(f"the broker at {self.spec.shown} refused: {exc}; "
+                                       "does this user have write permission on "
+                                       f"{exchange or 'amq.default'}?") from None
         return not self.returned
 
     def _reopen(self) -> None:

@@ -181,3 +181,13 @@ def connection_errors() -> tuple:
     except ImportError:  # pragma: no cover
         pass
     return errors
+
+
+def refusals() -> tuple:
+    """What a broker's refusal raises: 403 access refused, 404 not found and the like."""
+    try:
+        import amqp
+
+        return (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
+    except ImportError:  # pragma: no cover
+        return ()

@@ -159,7 +159,10 @@ class Worker:
                 self._serve()
                 break
             except Exception as exc:  # noqa: BLE001 - whatever it was, start over
-                if isinstance(exc, protocol.connection_errors()):
+                if isinstance(exc, protocol.refusals()):
+                    log.error("the broker at %s refused: %s (see the permissions in "
+                              "docs/fleet.md)", self.spec.shown, exc)
+                elif isinstance(exc, protocol.connection_errors()):
                     log.warning("lost the broker at %s (%s)", self.spec.shown, exc)
                 else:  # a bug: say so, with the traceback
                     log.exception("worker %s: internal error; reconnecting", self.host)
