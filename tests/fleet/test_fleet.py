@@ -313,3 +313,41 @@ def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path)
                 p.wait()
         broker.ctl("delete_user", "h9")
         broker.ctl("delete_user", "ci")
+
+
+def test_a_redelivered_finished_job_is_answered_from_the_journal(fleet, broker):
+    """A job whose id the worker's journal holds as done (it finished, and the worker died
+    before its acknowledgement reached the broker) is answered from the journal, not run."""
+    import kombu
+
+    from vmim.fleet import protocol
+    from vmim.fleet.journal import Journal
+
+    job_id = protocol.new_job_id()
+    argv = ["-b", "h2b", "--mount"]
+    kept = {"type": "result", "host": "h2", "box": "h2b", "exit_code": 0,
+            "doc": {"results": [{"box": "h2b", "from": "the journal"}], "host": "h2"},
+            "stderr": ["vmimagemanager: info: (as it was the first time)\n"]}
+    Journal(os.path.join(fleet.root, "h2", "state")).finish(job_id, "h2b", kept)
+    replies = []
+    with kombu.Connection(broker.url) as conn:
+        reply_q = kombu.Queue(f"vmim.reply.{job_id}", exclusive=True, auto_delete=True)
+        with kombu.Consumer(conn, queues=[reply_q], accept=["json"], no_ack=True,
+                            callbacks=[lambda body, m: replies.append(body)]):
+            kombu.Producer(conn).publish(
+                protocol.encode({"v": 1, "job_id": job_id, "argv": argv,
+                                 "deadline": time.time() + 30}),
+                exchange=protocol.JOBS, routing_key="box.h2b", reply_to=reply_q.name,
+                correlation_id=job_id, content_type="application/json",
+                content_encoding="utf-8", serializer=None, delivery_mode=2)
+            deadline = time.monotonic() + 30
+            while not replies:
+                assert time.monotonic() < deadline, "no reply"
+                try:
+                    conn.drain_events(timeout=0.5)
+                except TimeoutError:
+                    pass
+    body = replies[0] if isinstance(replies[0], dict) else json.loads(replies[0])
+    assert body == kept
+    assert not is_mounted(fleet.mount_of("h2b"))  # the job was not run again
+    assert "answering from the journal" in fleet.log("h2")
