@@ -64,6 +64,16 @@ def test_store_and_restore_route_to_the_owning_host(fleet):
     assert not is_mounted(fleet.mount_of("h2b"))
 
 
+def test_dry_run_and_print_xml_come_from_the_owning_host(fleet):
+    r = fleet.vmim("-b", "h3a", "-r", "gold", "-u", "--dry-run")
+    assert r.code == 0, r
+    assert r.out.startswith("box h3a:\n  1. ")
+    assert "restore" in r.out and r.out.endswith("(dry run: nothing was changed)\n")
+    x = fleet.vmim("-b", "h2a", "--print-xml", "--json")
+    assert x.code == 0, x
+    assert x.json()["host"] == "h2" and "<name>h2a</name>" in x.json()["xml"]["h2a"]
+
+
 def test_unknown_box_is_exit_4_at_once(fleet):
     t = time.monotonic()
     r = fleet.vmim("-b", "nosuchbox", "-u", "--lock-wait", "60")

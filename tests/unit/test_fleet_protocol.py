@@ -35,6 +35,12 @@ def test_a_job_may_not_carry_client_options(extra):
     assert "may not carry" in str(exc.value)
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h", "--version"])
+def test_a_job_cannot_end_the_worker_with_help_or_version(flag, capsys):
+    with pytest.raises(UsageError):
+        protocol.checked_argv(["-b", "web1", flag])
+
+
 def test_a_job_argv_must_be_strings():
     with pytest.raises(UsageError):
         protocol.checked_argv(["-b", 3])

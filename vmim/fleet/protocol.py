@@ -148,7 +148,10 @@ def checked_argv(argv: Any) -> List[str]:
 
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise UsageError("the job's argv is not a list of strings")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # --help, --version: they would print here and end the worker
+        raise UsageError("a fleet job may not carry --help or --version") from None
     defaults = build_parser().parse_args([])
     for name in CLIENT_ONLY:
         if getattr(args, name) != getattr(defaults, name):
