@@ -26,8 +26,8 @@ HEARTBEAT = 10  # seconds; the broker drops a silent peer after about twice this
 CONNECT_TIMEOUT = 5.0
 
 #: options that only make sense on the client, or that a job must not carry to a worker
-CLIENT_ONLY = ("config", "print_config", "log_config", "syslog", "broker", "local", "json",
-               "lock_wait")
+CLIENT_ONLY = ("config", "connect", "print_config", "log_config", "syslog", "broker", "local",
+               "json", "lock_wait")
 
 
 def box_key(box: str) -> str:
@@ -154,7 +154,7 @@ def checked_argv(argv: Any) -> List[str]:
         raise UsageError("a fleet job may not carry --help or --version") from None
     defaults = build_parser().parse_args([])
     for name in CLIENT_ONLY:
-        if getattr(args, name) != getattr(defaults, name):
+        if getattr(args, name, None) != getattr(defaults, name, None):
             raise UsageError(f"a fleet job may not carry --{name.replace('_', '-')}")
     return argv
 

@@ -60,7 +60,8 @@ class Job:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vmim.cli import PROG, _Parser
+    from vmim.cli import _Parser
+    from vmim.fleet.render import PROG
 
     p = _Parser(prog=f"{PROG} worker",
                 description="Serve this host's slots to the fleet: run the box actions and "
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: List[str]) -> int:
     from vmim import config as config_mod
-    from vmim.cli import PROG, setup_logging
+    from vmim.cli import setup_logging
+    from vmim.fleet.render import PROG
 
     try:
         args = build_parser().parse_args(argv)
@@ -550,7 +552,7 @@ class Worker:
 
 
 def protocol_error(message: str, code: int = EXIT_USAGE) -> Dict[str, Any]:
-    from vmim.cli import PROG
+    from vmim.fleet.render import PROG
 
     return {"type": "result", "exit_code": code, "stderr": [f"{PROG}: error: {message}\n"],
             "doc": {"error": {"message": message, "exit_code": code}}}
