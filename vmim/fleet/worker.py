@@ -23,13 +23,14 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from vmim.errors import (
     EXIT_ENVIRONMENT,
     EXIT_LOCKED,
     EXIT_OK,
+    EXIT_STATE,
     EXIT_USAGE,
     VmimError,
 )
@@ -55,8 +56,6 @@ class Job:
     proc: Optional[subprocess.Popen] = None
     thread: Optional[threading.Thread] = None
     aborted: bool = False
-    pending: bool = False  # waiting for its slot (a job of the fleet runs there)
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +122,7 @@ class Worker:
         self.host = host
         self.journal = Journal(cfg.statedir)
         self.events: queue.Queue[tuple] = queue.Queue()
-        self.jobs: Dict[str, Job] = {}  # box → the fleet job on it (running or pending)
+        self.jobs: Dict[str, Job] = {}  # box → the fleet job on it (running, or reserved)
         self.waiting: Dict[str, Job] = {}  # box → a box-routed job waiting for the box
         self.stopping = False
         self.conn: Any = None
@@ -343,7 +342,9 @@ class Worker:
             return
         boxes = _boxes_of(job.argv)
         if len(boxes) != 1 or self.cfg.slot(boxes[0]) is None:
-            self._reply_now(job, protocol_error(f"box {boxes} is not served by {self.host}"))
+            self._reply_now(job, protocol_error(
+                f"box {', '.join(boxes)} is not served by {self.host}: one box per job, "
+                "one of its own", EXIT_STATE))
             return
         job.box = boxes[0]
         # Reserve the slot before publishing anything: while a publish waits for its confirm,
