@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all host install test unit integration e2e lint docs demo demo-clean bench clean deb rpm
+.PHONY: all host install test unit integration e2e fleet lint docs demo demo-clean bench bench-fleet clean deb rpm
 
 all: install
 
@@ -32,6 +32,9 @@ integration: host $(STAMP)
 e2e: host $(STAMP)
 	$(BIN)/python -m pytest tests/e2e
 
+fleet: host $(STAMP)
+	$(BIN)/python -m pytest tests/fleet
+
 lint: $(STAMP)
 	$(BIN)/ruff check vmim tests
 	$(BIN)/mypy vmim
@@ -53,7 +56,11 @@ docs: $(STAMP)
 demo: host $(STAMP)
 	$(BIN)/python tools/demo.py
 
-demo-clean:
+demo-# The fleet's overhead per job and 50 concurrent any-free jobs (bench/fleet.py).
+bench-fleet: host $(STAMP)
+	$(BIN)/python bench/fleet.py
+
+clean:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python tools/demo.py --clean; \
 	else echo "nothing to clean: no .venv"; fi
 
@@ -62,6 +69,10 @@ bench: host $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/restore.py
 	$(BIN)/python bench/restore.py --debian restore store
+
+# The fleet's overhead per job and 50 concurrent any-free jobs (bench/fleet.py).
+bench-fleet: host $(STAMP)
+	$(BIN)/python bench/fleet.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

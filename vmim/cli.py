@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the domain XML that -u would define for a box libvirt does not know")
     g.add_argument("--disk-image", action="store_true",
                    help="store/restore the whole disk (qcow2 in the store) instead of the tree")
+    g = p.add_argument_group("fleet (many hosts through RabbitMQ: docs/fleet.md)")
+    g.add_argument("--broker", metavar="URL",
+                   help="send box actions and lists to the fleet's broker (amqp:// or amqps://) "
+                   "instead of running them here (else $VMIM_BROKER, else broker in the config); "
+                   f"'{PROG} worker --help' serves a host's slots")
+    g.add_argument("--local", action="store_true",
+                   help="run here even when a broker is configured")
     g.add_argument("--lvm", action="store_true", help=argparse.SUPPRESS)  # 0.3: parsed, ignored
     return p
 
@@ -328,6 +335,11 @@ def _install_signal_handlers() -> Dict[int, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:  # the fleet's worker: a command of its own (vmim/fleet/worker.py)
+        from vmim.fleet import worker
+
+        return worker.main(argv[1:])
     out = stdout or sys.stdout
     old_handlers = _install_signal_handlers()
     want_json = False

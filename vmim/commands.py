@@ -30,6 +30,12 @@ def run_command(args: argparse.Namespace, req: Request, doc: Dict[str, Any], out
     if args.lvm:
         log.warning("--lvm is ignored: set store_type = \"lvm\" for the slot in the config")
 
+    if not args.local and (req.boxes or req.lists):
+        from vmim.fleet import client
+
+        broker = client.broker_of(args)
+        if broker is not None:  # the fleet: the owning host's worker runs it
+            return client.run(args, req, broker, doc, out)
     cfg = config_mod.load(args.config)
     if args.print_config is not None:
         text = config_mod.render_config(cfg)

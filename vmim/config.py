@@ -95,6 +95,10 @@ class Config:
     mount_prefix: str = default("mount_prefix")
     lockdir: str = default("lockdir")
     statedir: str = default("statedir")
+    broker: Optional[str] = default("broker")
+    broker_ca: Optional[str] = default("broker_ca")
+    broker_cert: Optional[str] = default("broker_cert")
+    broker_key: Optional[str] = default("broker_key")
     vmlist: Tuple[str, ...] = ()
     slots: Tuple[Slot, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -266,6 +270,10 @@ def parse(text: str, path: str = "<config>") -> Config:
         mount_prefix=local_vals.get("mount_prefix", default("mount_prefix")),
         lockdir=local_vals.get("lockdir", default("lockdir")),
         statedir=local_vals.get("statedir", default("statedir")),
+        broker=local_vals.get("broker"),
+        broker_ca=local_vals.get("broker_ca"),
+        broker_cert=local_vals.get("broker_cert"),
+        broker_key=local_vals.get("broker_key"),
         vmlist=tuple(local_vals.get("vmlist", ())),
         slots=tuple(slots),
         defaults=_defaults_view(slot_defaults),
@@ -547,10 +555,13 @@ def render_config(cfg: Config) -> str:
     lines = [f"# effective configuration read from {cfg.path} ({cfg.format} format)", "",
              f"[{LOCAL_SECTION}]"]
     local_attrs = {"uri": cfg.uri, "mount_prefix": cfg.mount_prefix, "lockdir": cfg.lockdir,
-                   "statedir": cfg.statedir,
+                   "statedir": cfg.statedir, "broker": cfg.broker, "broker_ca": cfg.broker_ca,
+                   "broker_cert": cfg.broker_cert, "broker_key": cfg.broker_key,
                    "vmlist": cfg.vmlist}
     for k in KEYS:
         if k.scope == "local":
+            if local_attrs[k.attr] is None:
+                continue
             lines.append(f"{k.ini} = {ini_value(local_attrs[k.attr])}")
         elif k.inherit and cfg.defaults.get(k.attr) is not None:
             lines.append(f"{k.ini} = {ini_value(cfg.defaults[k.attr])}")

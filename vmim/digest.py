@@ -20,8 +20,11 @@ from vmim.errors import StateError
 
 log = logging.getLogger(__name__)
 
+_blake3: Any
 try:  # a kept library (PyPI: blake3); without it everything still works with sha256
-    import blake3 as _blake3
+    import blake3 as _blake3_module
+
+    _blake3 = _blake3_module
 except ImportError:  # pragma: no cover - depends on the host
     _blake3 = None
 

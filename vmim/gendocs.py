@@ -43,6 +43,9 @@ EXAMPLES = [
     ("Take a free slot for a batch job, and pull its build results out afterwards:",
      "box=$(vmimagemanager -q -b any-free -r builder -u)\n"
      "vmimagemanager -q -b \"$box\" -d -e results-$box:/srv/build/out --release"),
+    ("Restore a box on whichever host of the fleet owns it, and list every host's slots:",
+     "vmimagemanager --broker amqps://ci@mq.example.org/ -b web7 -r golden -u\n"
+     "vmimagemanager --broker amqps://ci@mq.example.org/ -l"),
     ("Convert a 0.2 configuration to the current format:",
      "vmimagemanager --config old.cfg --print-config new.cfg"),
 ]
@@ -111,8 +114,11 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
         ("configuration", "\n".join(config_lines)),
         ("exit status", "\n".join(_tp(code, text) for code, text in EXIT_CODES) + "\n.PP\n"
          + _roff(EXIT_NOTE)),
+        ("worker", _worker_section()),
         ("environment", "\n".join([
             _tp("VMIM_CFG", "Configuration file, when --config is not given."),
+            _tp("VMIM_BROKER", "Broker URL of the fleet, when --broker is not given (before "
+                "broker in the config)."),
             _tp("VMIM_LOG_CONF", "logging.config file, when --log-config is not given.")])),
         ("files", "\n".join([
             _tp(config.DEFAULT_CONFIG_PATH, "The configuration (a conffile of the package)."),
@@ -123,10 +129,28 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
                 "An administrator's stylesheet for domain definition (else the shipped one, "
                 "/usr/share/vmimagemanager/libvirt.xsl)."),
             _tp("/run/lock/vmimagemanager/BOX.lock", "Per-slot locks (lockdir)."),
-            _tp("IMAGES/.vmim/NAME.json", "Per-image metadata: format, size, digest (BLAKE3 or sha256).")])),
+            _tp("IMAGES/.vmim/NAME.json",
+                "Per-image metadata: format, size, digest (BLAKE3 or sha256).")])),
         ("examples", "\n".join(examples)),
         ("see also", "virsh(1), rsync(1), tar(1), cpio(1)"),
     ]
+
+
+def _worker_section() -> str:
+    """`vmimagemanager worker`: a command of its own, with its own parser."""
+    from vmim.fleet.worker import build_parser as worker_parser
+
+    wp = worker_parser()
+    lines = [".B vmimagemanager worker", "[\\fIoptions\\fR]", ".PP", _roff(wp.description or ""),
+             ".PP", _roff("Jobs arrive through RabbitMQ (see docs/fleet.md); each runs as the local "
+                          "command would, under the same per-slot lock, one job per slot at a "
+                          "time.")]
+    for a in wp._actions:
+        if a.help == argparse.SUPPRESS or not a.option_strings or a.dest == "help":
+            continue
+        names = ", ".join(a.option_strings) + (f" {a.metavar}" if a.metavar else "")
+        lines.append(_tp(names, a.help or ""))
+    return "\n".join(lines)
 
 
 def render_man() -> str:

@@ -45,6 +45,16 @@ KEYS: Tuple[Key, ...] = (
         "Directory of what must survive a reboot: the mark of a slot whose restore did not "
         "finish (such a slot is not started until an image is restored into it).",
         default="/var/lib/vmimagemanager"),
+    Key("broker", "broker", "str", "local",
+        "AMQP URL of the fleet's RabbitMQ broker (`amqp://user:password@host:5672/vhost`, "
+        "`amqps://` for TLS). The worker serves it; a command with box actions or lists sends "
+        "them there instead of running them here (`--local` runs here). See docs/fleet.md."),
+    Key("broker_ca", "broker_ca", "path", "local",
+        "CA certificate file that the broker's TLS certificate must chain to (amqps)."),
+    Key("broker_cert", "broker_cert", "path", "local",
+        "Client certificate file presented to the broker (amqps), with broker_key."),
+    Key("broker_key", "broker_key", "path", "local",
+        "Private key file of broker_cert (amqps)."),
     Key("vmlist", "vmlist", "list", "local",
         "Accepted for compatibility with 0.3 configs and ignored: every [vmim.vm.*] "
         "section is a slot.", default=()),

@@ -1,0 +1,245 @@
+"""Fleet tier: a private RabbitMQ node (tests/fleet/broker.py) and workers on this machine, each
+with its own config, slots, lock directory, mount base and state directory, as hosts h1, h2, h3
+sharing one image store (as over NFS). Needs root and libvirtd like the integration tier, and
+rabbitmq-server + kombu (`make test` installs both)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import pytest
+
+from tests.fleet import broker as broker_mod
+from tests.integration import diskimages as di
+from tests.rig import _traversable_tmp, no_leaks, skip_without_host  # noqa: F401
+from vmim.disk import mounts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HOSTS = ("h1", "h2", "h3")
+BIG = ("h1a", "h2a")  # slots large enough for the slow restore of the kill -9 test
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_without_host(items, os.path.dirname(__file__))
+    why = broker_mod.missing()
+    if why:
+        for item in items:
+            if str(item.fspath).startswith(os.path.dirname(__file__)):
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """A private RabbitMQ node for the session; always stopped with its epmd at the end."""
+    base = str(tmp_path_factory.mktemp("rabbit"))
+    b = broker_mod.Broker(base)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+class Run:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+    def __repr__(self) -> str:
+        return f"Run(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["VMIM_CFG"] = "/nonexistent/vmim.cfg"  # a client needs no config (no slots)
+    e.pop("VMIM_BROKER", None)
+    return e
+
+
+class Fleet:
+    """Hosts (configs, slots) and their worker processes."""
+
+    def __init__(self, root: str, broker: broker_mod.Broker):
+        self.root = root
+        self.broker = broker
+        self.images = os.path.join(root, "images")
+        self.inserts = os.path.join(root, "inserts")
+        self.configs: Dict[str, str] = {}
+        self.slots: Dict[str, List[str]] = {}
+        self.workers: Dict[str, subprocess.Popen] = {}
+        self.logs: Dict[str, str] = {}
+
+    def slot_disk(self, box: str) -> str:
+        return os.path.join(self.root, box[:2], box + ".img")
+
+    def mount_of(self, box: str) -> str:
+        return os.path.join(self.root, box[:2], "mnt", box)
+
+    def write_host(self, host: str, blank: str, big: str, count: int = 2) -> None:
+        d = os.path.join(self.root, host)
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o755)
+        boxes = [f"{host}{chr(ord('a') + i)}" for i in range(count)]
+        lines = ["[vmim.local]", f'mount = "{d}/mnt"', f'lockdir = "{d}/locks"',
+                 f'statedir = "{d}/state"', f'vmimages = "{self.images}"',
+                 f'vminserts = "{self.inserts}"', 'vmemulator = "qemu:///system"']
+        for box in boxes:
+            src = big if box in BIG else blank
+            subprocess.run(["cp", "--sparse=always", src, self.slot_disk(box)], check=True)
+            lines += [f"[vmim.vm.{box}]", f'HostName = "{box}"', f'root = "{self.slot_disk(box)}"']
+        path = os.path.join(d, "vmim.cfg")
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        self.configs[host] = path
+        self.slots[host] = boxes
+
+    def start(self, host: str, *extra: str) -> subprocess.Popen:
+        logpath = os.path.join(self.root, f"worker-{host}.log")
+        with open(logpath, "a") as fh:
+            fh.write(f"--- start {time.time()}\n")
+        start_at = os.path.getsize(logpath)
+        log = open(logpath, "ab")
+        p = subprocess.Popen([sys.executable, "-m", "vmim", "worker", "--config",
+                              self.configs[host], "--broker", self.broker.url, "--host-name",
+                              host, *extra], stderr=log, stdout=log, stdin=subprocess.DEVNULL,
+                             env=env(), start_new_session=True)
+        log.close()
+        self.workers[host] = p
+        self.logs[host] = logpath
+        self.wait_log(host, f"worker {host}: ready", start_at)
+        return p
+
+    def wait_log(self, host: str, text: str, start_at: int = 0, timeout: float = 30) -> None:
+        p, logpath = self.workers[host], self.logs[host]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(logpath) as fh:
+                fh.seek(start_at)
+                if text in fh.read():
+                    return
+            if p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"worker {host} did not log {text!r}:\n" + open(logpath).read())
+
+    def log_size(self, host: str) -> int:
+        return os.path.getsize(self.logs[host])
+
+    def overlapping_jobs(self) -> int:
+        """Any-free jobs that held a slot while another job of the fleet held it too, from the
+        workers' journals (start and end of each job)."""
+        import glob
+
+        spans: Dict[str, List[tuple]] = {}
+        for path in glob.glob(os.path.join(self.root, "h*", "state", "fleet", "jobs", "*.json")):
+            with open(path) as fh:
+                e = json.load(fh)
+            if e.get("state") == "done" and e.get("started"):
+                spans.setdefault(f"{e['box']}", []).append((e["started"], e["finished"]))
+        overlaps = 0
+        for s in spans.values():
+            s.sort()
+            overlaps += sum(1 for a, b in zip(s, s[1:]) if b[0] < a[1])
+        return overlaps
+
+    def log(self, host: str) -> str:
+        with open(self.logs[host]) as fh:
+            return fh.read()
+
+    def stop(self, host: str, timeout: float = 60) -> Optional[int]:
+        p = self.workers.pop(host, None)
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                return p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+                raise AssertionError(f"worker {host} did not stop on SIGTERM") from None
+        return p.returncode
+
+    def signal_group(self, host: str, sig: int) -> None:
+        os.killpg(self.workers[host].pid, sig)
+
+    def kill9(self, host: str) -> None:
+        """SIGKILL the worker and every process of its session (its job's command too)."""
+        p = self.workers.pop(host)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _session_pids(p.pid):
+            time.sleep(0.05)
+
+    def vmim(self, *argv: str, timeout: float = 120) -> Run:
+        """The command line as a client: --broker, no config of its own."""
+        res = subprocess.run([sys.executable, "-m", "vmim", "--broker", self.broker.url, *argv],
+                             capture_output=True, text=True, env=env(), timeout=timeout)
+        return Run(res.returncode, res.stdout, res.stderr)
+
+    def spawn(self, *argv: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "vmim", "--broker", self.broker.url,
+                                 *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env())
+
+    def local(self, host: str, *argv: str) -> Run:
+        res = subprocess.run([sys.executable, "-m", "vmim", "--local", "--config",
+                              self.configs[host], *argv], capture_output=True, text=True,
+                             env=env(), timeout=120)
+        return Run(res.returncode, res.stdout, res.stderr)
+
+
+def _session_pids(sid: int) -> List[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, broker):
+    root = tmp_path_factory.mktemp("fleet")
+    os.chmod(root, 0o755)
+    blank = str(root / "blank.img")
+    big = str(root / "big.img")
+    di.filesystem_image(blank, "ext4", 16, "blank")
+    di.filesystem_image(big, "ext4", 200, "big")
+    f = Fleet(str(root), broker)
+    os.makedirs(f.images)
+    os.makedirs(f.inserts)
+    for h in HOSTS:
+        f.write_host(h, blank, big)
+    try:
+        for h in HOSTS:
+            f.start(h)
+        yield f
+    finally:
+        pids = [p.pid for p in f.workers.values()]
+        for h in list(f.workers):
+            try:
+                f.stop(h)
+            except AssertionError:
+                pass
+        left = [pid for s in pids for pid in _session_pids(s)]
+        for h in HOSTS:  # the shared mount bases the tool made (mounts.ensure_shared)
+            base = os.path.join(f.root, h, "mnt")
+            if mounts.mounted_at(base):  # a self-bind: os.path.ismount does not see it
+                subprocess.run(["umount", "-l", base], capture_output=True)
+        assert not left, f"worker processes left running: {left}"

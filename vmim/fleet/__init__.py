@@ -1,0 +1,1 @@
+"""The fleet: box actions and lists sent through RabbitMQ to one worker per host (docs/fleet.md)."""

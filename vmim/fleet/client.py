@@ -1,0 +1,364 @@
+"""The client side of `--broker`: box actions go to the worker of the box's host, lists to
+every live worker; output, --json (with `host`) and exit codes are those of a local run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any, Dict, List, Optional, TextIO, Tuple
+
+from vmim.errors import (
+    EXIT_OK,
+    HostEnvironmentError,
+    LockBusyError,
+    StateError,
+)
+from vmim.fleet import protocol
+from vmim.plan import Request
+
+log = logging.getLogger("vmim.fleet.client")
+
+ACCEPT_GRACE = 5.0  # seconds past --lock-wait that a job may take to reach a worker
+LIST_WINDOW = 1.0  # seconds the live workers have to say they are there
+LIST_TIMEOUT = 120.0
+RECONNECT = 120.0  # seconds a waiting client waits for a lost broker to come back
+
+
+def broker_of(args: argparse.Namespace) -> Optional[protocol.BrokerSpec]:
+    """--broker, else $VMIM_BROKER, else broker in the config; None: run here."""
+    from vmim import config as config_mod
+    from vmim.errors import ConfigError
+
+    cfg = None
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError:
+        if not (args.broker or os.environ.get(protocol.ENV_BROKER)):
+            return None  # the local run reports the problem
+    url = args.broker or os.environ.get(protocol.ENV_BROKER) or (cfg.broker if cfg else None)
+    if not url:
+        return None
+    if cfg is not None:
+        return protocol.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
+    return protocol.BrokerSpec(url)
+
+
+class Client:
+    def __init__(self, spec: protocol.BrokerSpec):
+        import kombu
+
+        self.spec = spec
+        self.returned: List[Any] = []
+        self.inbox: List[Tuple[str, Dict[str, Any]]] = []
+        # named by the client, so that it can declare it again after a broker restart
+        self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
+        self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
+                                   durable=False)
+        self.conn = protocol.connection(spec)
+        try:
+            protocol.connect(self.conn)
+            self._reopen()
+        except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
+            raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self.conn.release()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
+        self.returned.append(routing_key)
+
+    def _on_reply(self, body: Any, message: Any) -> None:
+        data = body if isinstance(body, dict) else json.loads(body)
+        self.inbox.append((message.properties.get("correlation_id"), data))
+
+    def publish(self, body: Dict[str, Any], exchange: str, routing_key: str,
+                expiration: Optional[float] = None, mandatory: bool = True) -> bool:
+        """Persistent, confirmed; False when no queue took it (mandatory)."""
+        import amqp
+
+        self.returned = []
+        try:
+            self._publish(body, exchange, routing_key, expiration, mandatory)
+        except amqp.exceptions.NotFound:  # no worker has declared the exchange yet
+            self._reopen()
+            return False
+        except protocol.refusals() as exc:
+            raise HostEnvironmentError(f"the broker at {self.spec.shown} refused: {exc}; "
+                                       "does this user have write permission on "
+                                       f"{exchange or 'amq.default'}?") from None
+        return not self.returned
+
+    def _reopen(self) -> None:
+        """A channel error closes the channel: a new one, with a new reply queue."""
+        import kombu
+
+        self.channel = self.conn.channel()
+        self.producer = kombu.Producer(self.channel, on_return=self._on_return)
+        self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
+                                       callbacks=[self._on_reply], no_ack=True, accept=["json"])
+        self.consumer.consume()
+
+    def reconnect(self, patience: float = RECONNECT) -> None:
+        """The broker is gone: wait for it (a restart), then listen on the same reply queue."""
+        try:
+            self.conn.release()
+        except Exception:  # noqa: BLE001
+            pass
+        log.warning("lost the broker at %s; waiting up to %.0f s for it", self.spec.shown,
+                    patience)
+        until = time.monotonic() + patience
+        while True:
+            self.conn = protocol.connection(self.spec)
+            try:
+                protocol.connect(self.conn)
+                self._reopen()
+                log.info("connected to %s again", self.spec.shown)
+                return
+            except protocol.connection_errors():
+                if time.monotonic() >= until:
+                    raise
+                time.sleep(1.0)
+
+    def _publish(self, body: Dict[str, Any], exchange: str, routing_key: str,
+                 expiration: Optional[float], mandatory: bool) -> None:
+        self.producer.publish(protocol.encode(body), exchange=exchange, routing_key=routing_key,
+                              reply_to=self.reply_to, correlation_id=body.get("job_id"),
+                              content_type="application/json", content_encoding="utf-8",
+                              serializer=None, delivery_mode=2, mandatory=mandatory,
+                              expiration=expiration)
+
+    def wait(self, until: Optional[float]) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """The next reply, or None when `until` (monotonic) has passed."""
+        last_beat = time.monotonic()
+        while not self.inbox:
+            now = time.monotonic()
+            if until is not None and now >= until:
+                return None
+            try:
+                self.conn.drain_events(timeout=0.2 if until is None else max(0.01, min(0.2, until - now)))
+            except socket.timeout:
+                pass
+            except protocol.connection_errors():
+                self.reconnect()
+                continue
+            if now - last_beat > 1.0:
+                try:
+                    self.conn.heartbeat_check()
+                except protocol.connection_errors():
+                    self.reconnect()
+                last_beat = now
+        return self.inbox.pop(0)
+
+
+def run(args: argparse.Namespace, req: Request, spec: protocol.BrokerSpec,
+        doc: Dict[str, Any], out: TextIO) -> int:
+    client = Client(spec)
+    try:
+        code = EXIT_OK
+        if req.boxes and (req.actions or args.print_xml):
+            code = _run_jobs(client, args, req, doc, out)
+        if req.lists:
+            _run_lists(client, req.lists, doc, out, args.json)
+        return code
+    except protocol.connection_errors() as exc:
+        raise HostEnvironmentError(f"lost the broker at {spec.shown}: {exc}") from None
+    finally:
+        client.close()
+
+
+def _run_jobs(client: Client, args: argparse.Namespace, req: Request, doc: Dict[str, Any],
+              out: TextIO) -> int:
+    from vmim.cli import ANY_FREE
+
+    docs: List[Dict[str, Any]] = []
+    codes: List[int] = []
+    for box in req.boxes:
+        job_id = protocol.new_job_id()
+        body = {"v": protocol.VERSION, "job_id": job_id, "argv": protocol.job_argv(args, [box]),
+                "deadline": time.time() + args.lock_wait, "lock_wait": args.lock_wait,
+                "client": socket.gethostname()}
+        key = protocol.ANY_KEY if box == ANY_FREE else protocol.box_key(box)
+        if not client.publish(body, protocol.JOBS, key, expiration=float(args.lock_wait)):
+            if box == ANY_FREE:
+                raise StateError(f"no worker of the fleet at {client.spec.shown} serves "
+                                 f"-b {ANY_FREE} (no worker has started there yet)")
+            raise StateError(f"unknown box '{box}': no worker of the fleet at "
+                             f"{client.spec.shown} serves it (see --broker ... -l)")
+        result = _follow(client, job_id, box, args, out)
+        docs.append(result["doc"])
+        codes.append(int(result.get("exit_code", 1)))
+        if codes[-1] in (130, 143):
+            break
+    _merge(doc, docs, args, out)
+    bad = [c for c in codes if c]
+    return max(bad) if bad else EXIT_OK
+
+
+def _follow(client: Client, job_id: str, box: str, args: argparse.Namespace,
+            out: TextIO) -> Dict[str, Any]:
+    """Wait for the job's reply, echoing its log lines; exit 5 when nobody took it in time."""
+    accept_by: Optional[float] = time.monotonic() + args.lock_wait + ACCEPT_GRACE
+    while True:
+        got = client.wait(accept_by)
+        if got is None:
+            raise LockBusyError(
+                f"box '{box}': no worker took the job within {args.lock_wait} s "
+                "(its slot stayed busy, no slot was free, or its host is down); "
+                "try again later or wait with --lock-wait S")
+        corr, data = got
+        if corr != job_id:
+            continue
+        kind = data.get("type")
+        if kind == "accepted":
+            accept_by = None
+            log.debug("box %s: taken by %s", box, data.get("host"))
+        elif kind == "claimed":
+            if not args.json:
+                out.write(str(data.get("box")) + "\n")
+                out.flush()
+        elif kind == "log":
+            sys.stderr.write(str(data.get("line", "")))
+            sys.stderr.flush()
+        elif kind == "result":
+            if accept_by is not None:  # answered from a journal: its lines were not streamed
+                for line in data.get("stderr", []):
+                    sys.stderr.write(line)
+            data.setdefault("doc", {})["host"] = data.get("host")
+            return data
+
+
+def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], args: argparse.Namespace,
+           out: TextIO) -> None:
+    """One document as a local run makes it, every result carrying its host."""
+    from vmim.fleet.render import safe as _safe
+
+    results: List[Any] = []
+    for d in docs:
+        host = d.get("host")
+        for r in d.get("results", []):
+            r["host"] = host
+            results.append(r)
+        for key in ("claimed", "plan", "xml"):
+            if key in d:
+                if isinstance(d[key], dict) and isinstance(doc.get(key), dict):
+                    doc[key].update(d[key])
+                else:
+                    doc[key] = d[key]
+        if "error" in d:
+            doc["error"] = d["error"]
+    if results or any("results" in d for d in docs):
+        doc["results"] = results
+    hosts = [d.get("host") for d in docs]
+    if len(hosts) == 1:
+        doc["host"] = hosts[0]
+    else:
+        doc["hosts"] = hosts
+    if args.json:
+        return
+    for box, steps in doc.get("plan", {}).items():
+        out.write(f"box {_safe(box)}:\n")
+        for i, s in enumerate(steps, 1):
+            out.write(f"  {i}. {s.get('step')}: {s.get('description')}\n")
+    if "plan" in doc:
+        out.write("(dry run: nothing was changed)\n")
+    for text in doc.get("xml", {}).values():
+        out.write(text)
+
+
+def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO,
+               as_json: bool) -> None:
+    corr = protocol.new_job_id()
+    if not client.publish({"v": protocol.VERSION, "job_id": corr, "lists": lists},
+                          protocol.CONTROL, "", mandatory=False):
+        log.warning("no worker has ever started at %s", client.spec.shown)
+        _print_fleet_lists(lists, {}, doc, out, as_json)
+        return
+    hosts: List[str] = []
+    answers: Dict[str, Dict[str, Any]] = {}
+    window = time.monotonic() + LIST_WINDOW
+    final = time.monotonic() + LIST_TIMEOUT
+    while len(answers) < len(hosts) or time.monotonic() < window:
+        got = client.wait(window if time.monotonic() < window else final)
+        if got is None:
+            if time.monotonic() >= final:
+                break
+            continue
+        c, data = got
+        if c != corr:
+            continue
+        if data.get("type") == "here":
+            hosts.append(str(data.get("host")))
+        elif data.get("type") == "lists":
+            answers[str(data.get("host"))] = data
+    missing = [h for h in hosts if h not in answers]
+    if missing:
+        log.warning("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
+    if not hosts:
+        log.warning("no worker answered at %s within %.0f s", client.spec.shown, LIST_WINDOW)
+    for host in sorted(answers):
+        if answers[host].get("exit_code"):
+            for line in answers[host].get("stderr", []):
+                sys.stderr.write(f"{host}: {line}")
+    _print_fleet_lists(lists, answers, doc, out, as_json)
+
+
+def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
+                       doc: Dict[str, Any], out: TextIO, as_json: bool) -> None:
+    from vmim.fleet.render import safe as _safe
+    from vmim.fleet.render import table as _table
+    from vmim.progress import human_size
+
+    doc["hosts"] = sorted(answers)
+    for what in lists:
+        rows: List[Dict[str, Any]] = []
+        seen: Dict[Tuple, Dict[str, Any]] = {}
+        for host in sorted(answers):
+            for item in answers[host].get("doc", {}).get(what, []):
+                if what == "free":
+                    rows.append({"name": item, "host": host})
+                    continue
+                item = dict(item, host=host)
+                if what in ("images", "inserts"):  # a store shared by several hosts: once
+                    k = (item.get("name"), item.get("path"), item.get("size"), item.get("mtime"))
+                    if k in seen:
+                        seen[k]["hosts"].append(host)
+                        continue
+                    item["hosts"] = [host]
+                    seen[k] = item
+                rows.append(item)
+        if as_json:
+            if what == "free":
+                doc["free"] = [r["name"] for r in rows]
+                doc["free_by_host"] = {h: [r["name"] for r in rows if r["host"] == h]
+                                       for h in sorted(answers)}
+            else:
+                doc[what] = rows
+            continue
+        if what == "boxes":
+            _table(["HOST", "NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK"],
+                   [[r["host"], _safe(r["name"]), "yes" if r.get("in_config") else "no",
+                     r.get("domain", {}).get("state", "?"), "yes" if r.get("mounted") else "no",
+                     f"pid {r['locked']['pid']}" if r.get("locked") else "no",
+                     _safe(str(r.get("disk") or "-"))] for r in rows], out)
+        elif what == "free":
+            _table(["HOST", "NAME"], [[r["host"], _safe(r["name"])] for r in rows], out)
+        elif what == "locked":
+            _table(["HOST", "NAME", "PID", "COMMAND"],
+                   [[r["host"], _safe(r["name"]), str(r.get("pid")), _safe(str(r.get("command")))]
+                    for r in rows], out)
+        else:
+            _table(["HOST", "NAME", "FORMAT", "SIZE", "MODIFIED (UTC)", "DIRECTORY"],
+                   [[",".join(r["hosts"]), _safe(r["name"]), str(r.get("format")),
+                     human_size(int(r.get("size") or 0)),
+                     str(r.get("mtime") or r.get("modified") or "")[:16].replace("T", " "),
+                     _safe(str(r.get("directory")))] for r in rows], out)
+
+
