@@ -246,7 +246,7 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], args: argparse.Names
         for r in d.get("results", []):
             r["host"] = host
             results.append(r)
-        for key in ("claimed", "plan", "xml"):
+        for key in ("claimed", "plan", "xml", "expected_exit_code"):
             if key in d:
                 if isinstance(d[key], dict) and isinstance(doc.get(key), dict):
                     doc[key].update(d[key])
@@ -263,12 +263,19 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], args: argparse.Names
         doc["hosts"] = hosts
     if args.json:
         return
-    for box, steps in doc.get("plan", {}).items():
+    plans = doc.get("plan", {})
+    for box, plan in plans.items():  # as vmim.plan.Plan.text() prints it locally
         out.write(f"box {_safe(box)}:\n")
-        for i, s in enumerate(steps, 1):
-            out.write(f"  {i}. {s.get('step')}: {s.get('description')}\n")
-    if "plan" in doc:
-        out.write("(dry run: nothing was changed)\n")
+        for i, s in enumerate(plan.get("steps", []), 1):
+            implicit = " (implicit)" if s.get("implicit") else ""
+            out.write(f"  {i}. {s.get('step')}{implicit}: {s.get('description')}\n")
+        if plan.get("expected_error"):
+            out.write(f"  the run would fail (exit {plan.get('expected_exit_code')}): "
+                      f"{plan['expected_error']}\n")
+    if plans:
+        code = max((p.get("expected_exit_code", 0) for p in plans.values()), default=0)
+        out.write(f"(dry run: nothing was changed; the run would exit {code} here"
+                  f"{'' if code else ' unless something fails on the way'})\n")
     for text in doc.get("xml", {}).values():
         out.write(text)
 
