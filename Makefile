@@ -56,11 +56,7 @@ docs: $(STAMP)
 demo: host $(STAMP)
 	$(BIN)/python tools/demo.py
 
-demo-# The fleet's overhead per job and 50 concurrent any-free jobs (bench/fleet.py).
-bench-fleet: host $(STAMP)
-	$(BIN)/python bench/fleet.py
-
-clean:
+demo-clean:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python tools/demo.py --clean; \
 	else echo "nothing to clean: no .venv"; fi
 

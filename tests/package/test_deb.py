@@ -107,7 +107,16 @@ def test_package_metadata_names_debian_libraries(deb):
         assert name in depends
     recommends = subprocess.run(["dpkg-deb", "-f", str(deb), "Recommends"], capture_output=True,
                                 text=True, check=True).stdout
-    assert "libvirt-daemon-system" in recommends
+    assert "libvirt-daemon-system" in recommends and "python3-kombu" in recommends
+
+
+def test_the_fleet_worker_unit_is_shipped_not_enabled(chroot):
+    unit = chroot / "lib" / "systemd" / "system" / "vmimagemanager-worker.service"
+    assert "ExecStart=/usr/bin/vmimagemanager worker" in unit.read_text()
+    wants = chroot / "etc" / "systemd" / "system" / "multi-user.target.wants"
+    assert not (wants / "vmimagemanager-worker.service").exists()  # it needs `broker` first
+    res = in_chroot(chroot, "/usr/bin/vmimagemanager", "worker", "--help")
+    assert res.returncode == 0 and "--broker" in res.stdout, res
 
 
 def test_version_runs_from_usr_bin(chroot):
