@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Dict, Optional, Tuple, Type
 
-from vmim import lock, process, procscan
+from vmim import lease, lock, process, procscan
 from vmim.config import Config
 from vmim.domain import Hypervisor
 from vmim.errors import (
@@ -70,6 +70,7 @@ def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
             steps = registry()
             for step in plan.steps:
                 process.check_cancelled()
+                lease.check()  # a fleet job whose worker lost it stops here: never boots
                 with record(result, step.name, step.implicit) as rec:
                     rec.message = steps[step.name](box, step, rec)
     except VmimError as exc:

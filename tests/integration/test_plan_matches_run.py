@@ -132,3 +132,23 @@ def test_json_results_list_every_step_run_with_its_own_seconds(vmim, rig, domain
     assert down["seconds"] >= 1.0  # the guest ignored ACPI: forced off after --timeout 1
     assert steps[3]["seconds"] < down["seconds"] + 30 and "timings" in steps[3]
     assert set(steps[3]["timings"]) == {"clear", "transfer"}  # the shutdown is not in it
+
+
+def test_a_fleet_job_whose_lease_expired_stops_before_its_next_step(vmim, rig, tmp_path,
+                                                                    monkeypatch):
+    """A worker frozen past its heartbeat may have lost the job to another: its run must not
+    go on to mount, overwrite or boot anything."""
+    from vmim import lease
+
+    path = tmp_path / "lease"
+    lease.renew(str(path))
+    old = time.time() - 300
+    os.utime(path, (old, old))
+    monkeypatch.setenv(lease.ENV_LEASE, str(path))
+    monkeypatch.setenv(lease.ENV_TTL, "10")
+    r = vmim("-b", rig.names["ext4"], "--mount", "--config", rig.cfg)
+    assert r.code == 1 and "lease expired" in r.err, r
+    assert not os.path.ismount(rig.mnt("ext4"))
+    lease.renew(str(path))  # the worker still holds it: the job runs
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--mount")
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")

@@ -14,6 +14,7 @@ All AMQP traffic happens in the main thread; job threads hand their events over 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from vmim import lease
 from vmim.errors import (
     EXIT_ENVIRONMENT,
     EXIT_LOCKED,
@@ -275,8 +277,11 @@ class Worker:
                 pass
             now = time.monotonic()
             if now - last_beat > min(1.0, self.heartbeat / 4):
+                away = now - last_beat if last_beat else 0.0
                 self.conn.heartbeat_check()
                 last_beat = now
+                if away < self.heartbeat:  # not frozen past a heartbeat: the jobs are still ours
+                    self._renew_leases()
             self._handle_events()
             self._expire_waiting()
             self._retry_replies()
@@ -399,13 +404,30 @@ class Worker:
                                       name=f"job-{job.box}")
         job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
 
+    def _lease_path(self, job: Job) -> str:
+        directory = os.path.join(self.cfg.statedir, "fleet", "leases")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.path.join(directory, job.job_id)
+
+    def _renew_leases(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.proc is not None and job.proc.poll() is None:
+                try:
+                    lease.renew(self._lease_path(job))
+                except OSError as exc:
+                    log.warning("cannot renew the lease of job %s: %s", job.job_id, exc)
+
     def _run_job(self, job: Job) -> None:
         """In a job thread: run the command, stream its stderr, hand over the reply."""
         argv = protocol.child_command(job.argv, self.cfg.path, job.deadline - time.time())
         log.info("job %s: box %s: %s", job.job_id, job.box, " ".join(job.argv))
         try:
+            env = protocol.child_env()
+            env[lease.ENV_LEASE] = self._lease_path(job)  # stale: the job stops before a step
+            env[lease.ENV_TTL] = str(2 * self.heartbeat)  # when the broker hands it on
+            lease.renew(env[lease.ENV_LEASE])
             job.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        stdin=subprocess.DEVNULL, env=protocol.child_env())
+                                        stdin=subprocess.DEVNULL, env=env)
         except OSError as exc:
             self.events.put(("reply", job, protocol_error(f"cannot start the job: {exc}",
                                                           EXIT_ENVIRONMENT)))
@@ -422,6 +444,8 @@ class Worker:
             self.events.put(("log", job, line))
         reader.join()
         code = job.proc.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(self._lease_path(job))
         try:
             doc = json.loads(b"".join(out) or b"{}")
         except ValueError:
