@@ -57,6 +57,11 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
                 found[name] = MISSING if not os.path.lexists(st.path(name)) else "unknown"
                 unusable.append(str(exc) if isinstance(exc, StateError) else
                                 f"{st.kind} '{name}': {exc.strerror} ({exc.filename})")
+    if req.disk_image and slot.store_type != "qcow2" and req.store is not None:
+        try:
+            wholedisk.image_file_disk(slot)  # what the store step would refuse
+        except StateError as exc:
+            unusable.append(str(exc))
     if req.store is not None and not slot.vmimages and "vmimages" not in missing:
         missing.append("vmimages")
     if req.extracts and not slot.vmextracts:

@@ -152,3 +152,23 @@ def test_a_fleet_job_whose_lease_expired_stops_before_its_next_step(vmim, rig, t
     lease.renew(str(path))  # the worker still holds it: the job runs
     run_ok(vmim, rig, "-b", rig.names["ext4"], "--mount")
     run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+
+
+def test_disk_image_store_of_a_disk_that_is_no_file_is_refused_by_the_dry_run_too(
+        vmim, rig, write_config, domains):
+    name = domains.name("dev")
+    cfg = write_config(f"""\
+    [vmim.local]
+    mount = "{rig.root}/mnt"
+    lockdir = "{rig.root}/locks"
+    statedir = "{rig.root}/state"
+    vmimages = "{rig.images}"
+    [vmim.vm.dev]
+    HostName = "{name}"
+    root = "/dev/null"
+    """)
+    dry = vmim("-b", name, "--disk-image", "-s", "whole", "--dry-run", "--config", cfg)
+    real = vmim("-b", name, "--disk-image", "-s", "whole", "--config", cfg)
+    assert dry.code == real.code == 4, (dry, real)
+    assert "works on disk image files" in dry.out and "works on disk image files" in real.err
+    assert not (rig.images / "whole").exists()
