@@ -179,10 +179,6 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def sha256_of(path: str) -> str:
-    return digest_mod.of_file(path, "sha256")
-
-
 class ImageStore:
     """One store directory: images (or inserts) by name, written atomically, with metadata."""
 

@@ -238,7 +238,7 @@ def _follow(client: Client, job_id: str, box: str, args: argparse.Namespace,
 def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], args: argparse.Namespace,
            out: TextIO) -> None:
     """One document as a local run makes it, every result carrying its host."""
-    from vmim.fleet.render import safe as _safe
+    from vmim.output import safe as _safe
 
     results: List[Any] = []
     for d in docs:
@@ -319,8 +319,8 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
 
 def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
                        doc: Dict[str, Any], out: TextIO, as_json: bool) -> None:
-    from vmim.fleet.render import safe as _safe
-    from vmim.fleet.render import table as _table
+    from vmim.output import safe as _safe
+    from vmim.output import table as _table
     from vmim.progress import human_size
 
     doc["hosts"] = sorted(answers)

@@ -62,7 +62,7 @@ class Job:
 
 def build_parser() -> argparse.ArgumentParser:
     from vmim.cli import _Parser
-    from vmim.fleet.render import PROG
+    from vmim.output import PROG
 
     p = _Parser(prog=f"{PROG} worker",
                 description="Serve this host's slots to the fleet: run the box actions and "
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: List[str]) -> int:
     from vmim import config as config_mod
     from vmim.cli import setup_logging
-    from vmim.fleet.render import PROG
+    from vmim.output import PROG
 
     try:
         args = build_parser().parse_args(argv)
@@ -577,7 +577,7 @@ class Worker:
 
 
 def protocol_error(message: str, code: int = EXIT_USAGE) -> Dict[str, Any]:
-    from vmim.fleet.render import PROG
+    from vmim.output import PROG
 
     return {"type": "result", "exit_code": code, "stderr": [f"{PROG}: error: {message}\n"],
             "doc": {"error": {"message": message, "exit_code": code}}}
