@@ -21,11 +21,10 @@ from vmim.errors import (
     VmimError,
 )
 from vmim.output import PROG, undecodable_escaped
-from vmim.plan import BOX_PLACEHOLDER, PIPELINE, Request, Transfer
+from vmim.plan import ANY_FREE, BOX_PLACEHOLDER, PIPELINE, Request, Transfer
 
 log = logging.getLogger("vmim")
 
-ANY_FREE = "any-free"  # as vmim.commands.ANY_FREE, which start-up does not import
 ENV_LOG_CONFIG = "VMIM_LOG_CONF"
 
 FORMAT_FLAGS = (

@@ -13,13 +13,11 @@ from vmim.config import Config
 from vmim.domain import Hypervisor
 from vmim.errors import EXIT_LOCKED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, StateError, UsageError
 from vmim.output import PROG, print_lists, safe, undecodable_escaped
-from vmim.plan import DISK_ACTIONS, Plan, Request, Step, Verdict
+from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict
 from vmim.recorder import BoxResult
 from vmim.steps import Options
 
 log = logging.getLogger("vmim")
-
-ANY_FREE = "any-free"
 
 
 def run_command(args: argparse.Namespace, req: Request, doc: Dict[str, Any], out: TextIO) -> int:

@@ -15,7 +15,7 @@ from vmim.config import Config, Slot
 from vmim.disk import qcow2
 from vmim.domain import Hypervisor
 from vmim.errors import StateError
-from vmim.plan import DATA_ACTIONS, MISSING, Observed, Request
+from vmim.plan import DATA_ACTIONS, MISSING, STORE_KINDS, Observed, Request
 from vmim.steps import wholedisk
 from vmim.steps.data import find_usable
 
@@ -45,7 +45,7 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         if names and not directory:
             missing.append(key)
             continue
-        st = store.ImageStore(directory, "image" if key == "vmimages" else "insert")
+        st = store.ImageStore(directory, STORE_KINDS[key])
         for name in names:
             try:
                 if key == "vmimages" and (req.disk_image or slot.store_type == "qcow2" and

@@ -21,6 +21,10 @@ DISK_ACTIONS = ("mount", "extract", "store", "restore", "insert", "release")
 #: Steps that change or read the slot's filesystem: they stop the domain and mount it first.
 DATA_ACTIONS = ("extract", "store", "restore", "insert")
 BOX_PLACEHOLDER = "{box}"
+#: the store keys of a slot and what each holds
+STORE_KINDS = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extract"}
+#: -b any-free: claim one free slot (under its lock) and act on it
+ANY_FREE = "any-free"
 #: What an image or insert the plan looked for is when it is not there.
 MISSING = "missing"
 
@@ -267,7 +271,7 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
         return Verdict(EXIT_ENVIRONMENT, f"box '{box}': mounting and releasing its disk needs "
                        "root (mounting and loop devices)")
     for key in seen.missing_stores:
-        return Verdict(EXIT_CONFIG, f"box '{box}': no {_KIND[key]} store configured: set {key} "
+        return Verdict(EXIT_CONFIG, f"box '{box}': no {STORE_KINDS[key]} store configured: set {key} "
                        "in [vmim.local] or in the slot's section")
     if seen.unusable:
         return Verdict(EXIT_STATE, seen.unusable[0])
@@ -287,9 +291,6 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
                        "finish, so its filesystem is incomplete and it is not started; restore "
                        f"an image into it (vmimagemanager -b {box} -r NAME -u)")
     return None
-
-
-_KIND = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extract"}
 
 
 def _mount_text(seen: Observed, mounted: bool) -> str:

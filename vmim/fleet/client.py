@@ -176,7 +176,7 @@ def run(args: argparse.Namespace, req: Request, spec: protocol.BrokerSpec,
 
 def _run_jobs(client: Client, args: argparse.Namespace, req: Request, doc: Dict[str, Any],
               out: TextIO) -> int:
-    from vmim.cli import ANY_FREE
+    from vmim.plan import ANY_FREE
 
     docs: List[Dict[str, Any]] = []
     codes: List[int] = []

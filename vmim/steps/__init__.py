@@ -15,7 +15,7 @@ from vmim import store as store_mod
 from vmim.config import Config, Slot
 from vmim.domain import Hypervisor
 from vmim.errors import ConfigError, HostEnvironmentError, StateError
-from vmim.plan import Request, Step
+from vmim.plan import STORE_KINDS, Request, Step
 from vmim.recorder import StepResult
 
 
@@ -64,7 +64,7 @@ class Box:
     def store(self, key: str) -> store_mod.ImageStore:
         slot = self.need_slot()
         directory = getattr(slot, key)
-        kind = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extract"}[key]
+        kind = STORE_KINDS[key]
         if not directory:
             raise ConfigError(f"box '{slot.name}': no {kind} store configured: set {key} in "
                               f"[vmim.local] or [{slot.section}] of {self.cfg.path}")
