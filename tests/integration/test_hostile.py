@@ -15,12 +15,10 @@ command line on mounted slots.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import stat
 import subprocess
-import tarfile
 from typing import Dict, List, Tuple
 
 import pytest
@@ -30,6 +28,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not install
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from tests.archives import newc_of, tar_of  # noqa: E402
 from vmim import tree  # noqa: E402
 from vmim.archive import detect, for_detected  # noqa: E402
 from vmim.errors import VmimError  # noqa: E402
@@ -59,45 +58,23 @@ Member = Tuple[str, str, bytes]
 
 
 def _tar(members: List[Member]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for kind, name, extra in members:
-            info = tarfile.TarInfo(name)
-            info.mode = 0o755 if kind == "dir" else 0o644
-            if kind == "file":
-                info.size = len(extra)
-                tf.addfile(info, io.BytesIO(extra))
-                continue
-            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-                         "hardlink": tarfile.LNKTYPE}[kind]
-            info.linkname = extra.decode()
-            tf.addfile(info)
-    return buf.getvalue()
+    return tar_of((name, kind, extra) for kind, name, extra in members)
 
 
 def _newc(members: List[Member]) -> bytes:
-    out = bytearray()
-
-    def entry(ino: int, mode: int, nlink: int, name: bytes, data: bytes) -> None:
-        fields = [ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
-        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + name + b"\0")
-        out.extend(bytes(-len(out) % 4))
-        out.extend(data)
-        out.extend(bytes(-len(out) % 4))
-
+    entries = []
     for ino, (kind, name, extra) in enumerate(members, 1):
         raw = name.encode()
         if kind == "file":
-            entry(ino, stat.S_IFREG | 0o644, 1, raw, extra)
+            entries.append((ino, stat.S_IFREG | 0o644, 1, raw, extra))
         elif kind == "dir":
-            entry(ino, stat.S_IFDIR | 0o755, 2, raw, b"")
+            entries.append((ino, stat.S_IFDIR | 0o755, 2, raw, b""))
         elif kind == "symlink":
-            entry(ino, stat.S_IFLNK | 0o777, 1, raw, extra)
+            entries.append((ino, stat.S_IFLNK | 0o777, 1, raw, extra))
         else:  # cpio has no link member: two names with one inode, the data with the last
-            entry(1000 + ino, stat.S_IFREG | 0o644, 2, raw, b"")
-            entry(1000 + ino, stat.S_IFREG | 0o644, 2, extra, b"linked\n")
-    entry(0, 0, 1, b"TRAILER!!!", b"")
-    return bytes(out)
+            entries.append((1000 + ino, stat.S_IFREG | 0o644, 2, raw, b""))
+            entries.append((1000 + ino, stat.S_IFREG | 0o644, 2, extra, b"linked\n"))
+    return newc_of(entries)
 
 
 def _snapshot(top: str, skip: str) -> Dict[str, Tuple[int, str]]:

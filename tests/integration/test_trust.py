@@ -5,17 +5,16 @@ Real loop-mounted ext4 slots, the real GNU tar, cpio, find, rsync and compressor
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import pytest
 
+from tests.archives import tar_of
 from tests.holes import data_blocks
 from tests.integration.test_images import FORMATS, _marker, run_ok
 from vmim.disk import loop, mounts
@@ -87,13 +86,7 @@ def test_option_like_guest_names_are_paths_for_every_format(vmim, rig, tmp_path,
 
 
 def _tar_of(tree_files):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in tree_files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return tar_of((name, "file", data) for name, data in tree_files)
 
 
 def _cut_tar():
@@ -267,13 +260,8 @@ def test_sourceimage_is_written_in_the_guest_even_over_a_symlink_to_a_host_file(
     made the restore write the image name into that host file (1.0 too)."""
     host_file = tmp_path / "host-crontab"
     host_file.write_text("host data\n")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        info = tarfile.TarInfo("sourceimage")
-        info.type = tarfile.SYMTYPE
-        info.linkname = str(host_file)
-        tf.addfile(info)
-    (rig.images / "evil").write_bytes(_compress("gzip", buf.getvalue()))
+    image = tar_of([("sourceimage", "symlink", str(host_file))])
+    (rig.images / "evil").write_bytes(_compress("gzip", image))
     run_ok(vmim, rig, "-b", rig.names["ext4"], "-r", "evil", "--mount")
     assert host_file.read_text() == "host data\n"
     written = os.path.join(rig.mnt("ext4"), "sourceimage")

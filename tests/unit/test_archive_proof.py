@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from tests.archives import newc_of, tar_of
 from tests.holes import data_ranges
 from vmim.archive import CorruptArchive, UnsafeMember, UnsupportedVariant, newc, tar
 from vmim.archive.cpio import CpioFormat
@@ -212,26 +213,14 @@ def test_newc_unpack_makes_a_hole_of_every_zero_block_and_only_those(tmp_path):
 def _tar_members(*members, fmt=None):
     import tarfile
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt or tarfile.PAX_FORMAT) as tf:
-        for name, kind, extra in members:
-            info = tarfile.TarInfo(name)
-            if kind == "file":
-                info.size = len(extra)
-                tf.addfile(info, io.BytesIO(extra))
-                continue
-            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-                         "link": tarfile.LNKTYPE}[kind]
-            info.linkname = extra
-            tf.addfile(info)
-    return buf.getvalue()
+    return tar_of(members, fmt or tarfile.PAX_FORMAT)
 
 
 @pytest.mark.parametrize("members,why", [
     ([("evil", "symlink", "/etc"), ("evil/passwd", "file", b"x")], "passes through"),
     ([("a", "file", b"x"), ("a/b", "file", b"y")], "passes through"),
     ([("d", "dir", ""), ("d/x", "file", b"x"), ("d", "file", b"y")], "replace a directory"),
-    ([("x", "link", "not-there")], "hard link"),
+    ([("x", "hardlink", "not-there")], "hard link"),
 ], ids=["through a symlink", "through a file", "file over a directory", "dangling hard link"])
 def test_tar_members_gnu_tar_would_fail_on_are_refused(members, why, tmp_path):
     data = _tar_members(*members)
@@ -271,15 +260,6 @@ def test_a_lone_zero_block_at_the_end_is_accepted_as_gnu_tar_does():
     assert tar.check(io.BytesIO(data[:end] + bytes(512))).members == 1
 
 
-def _newc_of(entries):
-    out = bytearray()
-    for ino, mode, nlink, name, body in entries + [(0, 0, 1, b"TRAILER!!!", b"")]:
-        fields = [ino, mode, 0, 0, nlink, 0, len(body), 0, 0, 0, 0, len(name) + 1, 0]
-        out += b"070701" + b"".join(b"%08X" % f for f in fields) + name + b"\0"
-        out += bytes(-len(out) % 4) + body + bytes(-(len(body)) % 4)
-    return bytes(out)
-
-
 @pytest.mark.parametrize("entries,why", [
     ([(1, 0o40755, 2, b"a", b""), (2, 0o100644, 1, b"a", b"x")], "replace a directory"),
     ([(1, 0o120777, 1, b"evil", b"/etc"), (2, 0o100644, 1, b"evil/passwd", b"x")],
@@ -289,7 +269,7 @@ def _newc_of(entries):
       (7, 0o100644, 2, b"second", b"data")], "hard link"),
 ], ids=["file over a directory", "through a symlink", "through a file", "replaced link"])
 def test_newc_members_the_extractor_would_refuse_are_refused_up_front(entries, why, tmp_path):
-    data = _newc_of(entries)
+    data = newc_of(entries)
     with pytest.raises(UnsafeMember, match=why):
         newc.check(io.BytesIO(data))
     if why != "hard link":
