@@ -267,3 +267,14 @@ def test_sourceimage_is_written_in_the_guest_even_over_a_symlink_to_a_host_file(
     written = os.path.join(rig.mnt("ext4"), "sourceimage")
     assert not os.path.islink(written) and open(written).read() == "evil\n"
     run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+
+
+def test_a_restore_that_cannot_mark_the_slot_does_not_touch_it(vmim, rig):
+    """The mark must be on disk before the first change: without it (statedir unwritable) the
+    restore stops there, exit 7, the slot as it was."""
+    (rig.images / "good").write_bytes(_compress("gzip", _tar_of([("marker", b"good\n")])))
+    (rig.root / "state").write_text("a file where the state directory should be\n")
+    r = vmim("-b", rig.names["ext4"], "-r", "good", "--config", rig.cfg)
+    assert r.code == 7, r
+    assert "cannot write the restore mark" in r.err and "nothing in the slot was touched" in r.err
+    assert _marker(vmim, rig, "ext4") == "ext4 slot\n"
