@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import uuid
@@ -19,7 +20,8 @@ from typing import Iterator, List, Set
 import pytest
 
 URI = "qemu:///system"
-TEST_PREFIX = "vmim-test-"
+#: domain names of this test session: other sessions' and the host's domains are not ours
+TEST_PREFIX = f"vmim-test-{uuid.uuid4().hex[:6]}-"
 
 
 def _libvirt_reachable() -> str:
@@ -63,39 +65,32 @@ def _traversable_tmp(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ leak detection
+#
+# The check owns what this test session made, and only that: loop devices backed by files
+# under its temporary directory (or by the FUSE export of such a file), mounts there, domains
+# named with this session's prefix or whose definition names a file there, and
+# qemu-storage-daemons whose arguments do. A real hypervisor runs other VMs, mounts and loop
+# devices, and other test sessions run beside this one: the check neither reports nor touches
+# them.
 
 
-def _loops() -> Set[str]:
-    out = subprocess.run(["losetup", "--json", "--list"], capture_output=True, text=True).stdout
-    if not out.strip():
-        return set()
-    return {f"{d['name']} ({d.get('back-file')})" for d in json.loads(out).get("loopdevices", [])}
+def _owned_root() -> str:
+    return os.path.realpath(os.environ.get("VMIM_TEST_ROOT", "/nonexistent-vmim-test-root"))
 
 
-def _mounts() -> Set[str]:
-    found = set()
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split()
-            sep = fields.index("-")
-            found.add(f"{fields[sep + 2]} on {fields[4]}")
-    return found
+def _under(path: str, root: str) -> bool:
+    path = os.path.realpath(path) if path.startswith("/") else path
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _self_binds() -> List[str]:
-    """Directories bound onto themselves (mountinfo root == mount point): the shared mount bases
-    the tool makes under which it mounts slots (mounts.ensure_shared). They stay by design."""
-    found = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split()
-            if fields[3] != "/" and fields[3] == fields[4]:
-                found.append(fields[4])
-    return found
+def _mentions(text: str, root: str) -> bool:
+    return root in text
 
 
-def storage_daemons() -> Set[str]:
-    """qemu-storage-daemon processes (the FUSE exports of qcow2 slots), as 'PID ARGS'."""
+def storage_daemons(root: str = "") -> Set[str]:
+    """qemu-storage-daemon processes (the FUSE exports of qcow2 slots) whose arguments name a
+    file under root (default: this test session's directory), as 'PID ARGS'."""
+    root = root or _owned_root()
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -103,34 +98,103 @@ def storage_daemons() -> Set[str]:
                 argv = fh.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if os.path.basename(argv[0]) == "qemu-storage-daemon":
+        if os.path.basename(argv[0]) == "qemu-storage-daemon" and _mentions(" ".join(argv), root):
             found.add(f"{pid} {' '.join(argv[1:]).strip()}")
     return found
 
 
-def _running_domains() -> Set[str]:
+def _export_files(daemons: Set[str]) -> Set[str]:
+    """The export files (FUSE mount points) of the given daemons."""
+    found = set()
+    for d in daemons:
+        for m in re.finditer(r"mountpoint=((?:[^,]|,,)+)", d):
+            found.add(m.group(1).replace(",,", ","))
+    return found
+
+
+def _loops(root: str, exports: Set[str]) -> Set[str]:
+    out = subprocess.run(["losetup", "--json", "--list"], capture_output=True, text=True).stdout
+    if not out.strip():
+        return set()
+    found = set()
+    for d in json.loads(out).get("loopdevices", []):
+        back = (d.get("back-file") or "").removesuffix(" (deleted)")
+        if back and (_under(back, root) or back in exports):
+            found.add(f"{d['name']} ({back})")
+    return found
+
+
+def _mounts(root: str, exports: Set[str], loops: Set[str]) -> Set[str]:
+    devices = {lo.split(" ", 1)[0] for lo in loops}
+    found = set()
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            sep = fields.index("-")
+            src, point = fields[sep + 2], fields[4]
+            if _under(point, root) or point in exports or src in devices:
+                found.add(f"{src} on {point}")
+    return found
+
+
+def _self_binds(root: str) -> List[str]:
+    """Directories under root bound onto themselves (mountinfo root == mount point): the shared
+    mount bases the tool makes under which it mounts slots (mounts.ensure_shared)."""
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            if fields[3] != "/" and fields[3] == fields[4] and _under(fields[4], root):
+                found.append(fields[4])
+    return found
+
+
+def _running_domains(root: str) -> Set[str]:
     import libvirt
 
     conn = libvirt.open(URI)
     try:
-        return {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+        found = set()
+        for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                if d.name().startswith(TEST_PREFIX) or _mentions(d.XMLDesc(0), root):
+                    found.add(d.name())
+            except libvirt.libvirtError:
+                continue  # gone meanwhile
+        return found
     finally:
         conn.close()
 
 
+def _owned() -> tuple:
+    root = _owned_root()
+    daemons = storage_daemons(root)
+    exports = _export_files(daemons)
+    loops = _loops(root, exports)
+    return loops, _mounts(root, exports, loops), _running_domains(root), daemons
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_root(tmp_path_factory):
+    """This session's directory: everything the leak check owns lives under it."""
+    os.environ["VMIM_TEST_ROOT"] = str(os.path.realpath(tmp_path_factory.getbasetemp()))
+    yield
+
+
 @pytest.fixture(autouse=True)
-def no_leaks(request):
+def no_leaks(request, _test_root):
     """Fail a test that leaves a loop device, a mount, a running domain or a
-    qemu-storage-daemon behind."""
+    qemu-storage-daemon of this session behind."""
     if os.geteuid() != 0:
         yield
         return
-    before = (_loops(), _mounts(), _running_domains(), storage_daemons())
-    binds = set(_self_binds())
+    root = _owned_root()
+    before = _owned()
+    binds = set(_self_binds(root))
     yield
-    bases = [b for b in _self_binds() if b not in binds]  # made by the tool: not a leak
-    after = (_loops(), {m for m in _mounts() if m.split(" on ", 1)[1] not in bases},
-             _running_domains(), storage_daemons())
+    bases = [b for b in _self_binds(root) if b not in binds]  # made by the tool: not a leak
+    after = _owned()
+    after = (after[0], {m for m in after[1] if m.split(" on ", 1)[1] not in bases}, *after[2:])
     leaked: List[str] = []
     kinds = ("loop device", "mount", "running domain", "qemu-storage-daemon")
     for kind, b, a in zip(kinds, before, after):

@@ -9,7 +9,7 @@ import pytest
 from tests import guest as guest_mod
 from tests.guest import console_lines
 from tests.integration import diskimages as di
-from tests.rig import _traversable_tmp, domains, no_leaks, skip_without_host  # noqa: F401
+from tests.rig import _test_root, _traversable_tmp, domains, no_leaks, skip_without_host  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):

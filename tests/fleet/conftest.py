@@ -17,7 +17,7 @@ import pytest
 
 from tests.fleet import broker as broker_mod
 from tests.integration import diskimages as di
-from tests.rig import _traversable_tmp, no_leaks, skip_without_host  # noqa: F401
+from tests.rig import _test_root, _traversable_tmp, no_leaks, skip_without_host  # noqa: F401
 from vmim.disk import mounts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
