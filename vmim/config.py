@@ -365,7 +365,7 @@ def _convert_section(raw: Mapping[str, str], section: str, fmt: str, col: _Colle
             elif is_local and name in _BY_SCOPE["slot"] and not _BY_SCOPE["slot"][name].inherit:
                 col.warn(section, name, "is a per-slot key and has no default here; ignored")
             else:
-                col.warn(section, name, "unknown key ignored")
+                col.warn(section, name, "unknown key ignored" + _did_you_mean(name, is_local))
             continue
         if key.attr in seen:
             col.warn(section, name, f"also given as '{seen[key.attr]}'; this one wins")
@@ -378,6 +378,19 @@ def _convert_section(raw: Mapping[str, str], section: str, fmt: str, col: _Colle
             continue
         vals[key.attr] = value
     return vals
+
+
+def _did_you_mean(name: str, is_local: bool) -> str:
+    """'; did you mean HostDisk?' for a misspelt key (the key table's spelling), else ''."""
+    import difflib
+
+    spelling: Dict[str, str] = {}
+    for k in KEYS:
+        if k.scope == "slot" or is_local:
+            for n in (k.ini, *k.aliases):
+                spelling.setdefault(n.lower(), n)
+    close = difflib.get_close_matches(name.lower(), list(spelling), n=1, cutoff=0.75)
+    return f"; did you mean {spelling[close[0]]}?" if close else ""
 
 
 def _lookup(name: str, fmt: str, is_local: bool) -> Optional[Key]:

@@ -141,6 +141,21 @@ colour = "blue"
     assert cfg.slot("a").root == "/dev/vg/a"
 
 
+def test_a_misspelt_key_names_the_key_it_resembles():
+    cfg = config.parse("""\
+[vmim.local]
+vmimagse = "/srv/images"
+[vmim.vm.a]
+HostName = "a"
+HostDsik = "/srv/a.img"
+root = "/dev/vg/a"
+""", "/c.cfg")
+    assert "/c.cfg: [vmim.vm.a] hostdsik: unknown key ignored; did you mean HostDisk?" \
+        in cfg.warnings
+    assert "/c.cfg: [vmim.local] vmimagse: unknown key ignored; did you mean vmimages?" \
+        in cfg.warnings
+
+
 def test_store_type_derivation():
     cfg = config.parse("""\
 [vmim.vm.1]
