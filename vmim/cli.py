@@ -355,6 +355,8 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) 
         from vmim.commands import run_command
 
         code = run_command(args, make_request(args), doc, out)
+    except BrokenPipeError:  # the reader went away (| head): not an error, nothing more to say
+        return _reader_gone(code=0)
     except VmimError as exc:
         code = exc.exit_code
         _report(exc, doc)
@@ -368,11 +370,27 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) 
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-    if want_json:
-        doc["exit_code"] = code
-        json.dump(doc, out, indent=2, sort_keys=False)
-        out.write("\n")
-    out.flush()
+    try:
+        if want_json:
+            doc["exit_code"] = code
+            json.dump(doc, out, indent=2, sort_keys=False)
+            out.write("\n")
+        out.flush()
+    except BrokenPipeError:
+        return _reader_gone(code)
+    return code
+
+
+def _reader_gone(code: int) -> int:
+    """stdout's reader closed the pipe early (`vmimagemanager -l | head -1`): stop writing,
+    quietly, as other Unix tools do. stdout now points at /dev/null, so the interpreter's own
+    flush at exit cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (a test's StringIO): nothing to redirect
+        pass
     return code
 
 

@@ -413,3 +413,25 @@ def test_syslog_gets_the_steps_even_when_stderr_is_quiet(vmim, write_config, tmp
             while True:
                 received.append(server.recv(4096))
         assert any(b"would write the configuration" in m for m in received), received
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_reader_that_closed_the_pipe_early_is_not_an_error(tmp_path, json_flag):
+    """`vmimagemanager -L | head -1`: the reader is gone before the tool writes; it exits
+    quietly (no traceback, no error line), with the list's exit code."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(200):
+        (images / f"image-{i:03d}").mkdir()
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text(SIMPLE.format(images=images, inserts=tmp_path))
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written: every write fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "vmim", "--config", str(cfg), "-L",
+                               *json_flag], stdout=w, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+    finally:
+        os.close(w)
+    assert proc.stderr == ""
+    assert proc.returncode == 0
