@@ -56,13 +56,26 @@ def _import_libvirt() -> Any:
     return libvirt
 
 
+#: the sockets a system daemon listens on (monolithic libvirtd, modular virtqemud)
+SYSTEM_SOCKETS = ("/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock")
+
+
+def _daemon_listens(uri: str) -> bool:
+    """Whether the system daemon is there (its socket exists): then a non-root user who cannot
+    connect lacks the permission, whatever libvirt's own message says (without polkit it
+    talks of a missing system bus)."""
+    if "/system" not in uri or uri.startswith(("qemu+ssh", "qemu+tcp", "qemu+tls")):
+        return True  # not a local system socket: the old reading of the message stands
+    return any(os.path.exists(p) for p in SYSTEM_SOCKETS)
+
+
 def connect(uri: str) -> Hypervisor:
     libvirt = _import_libvirt()
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         message = exc.get_error_message() or ""
-        if os.geteuid() != 0 and "No such file" not in message:
+        if os.geteuid() != 0 and _daemon_listens(uri):
             # The daemon is there but refused a user: the socket is root's and the libvirt group's.
             advice = ("run vmimagemanager as root, or as a member of the 'libvirt' group "
                       "(adduser USER libvirt) for the lists; disk actions need root anyway")

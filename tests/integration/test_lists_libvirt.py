@@ -75,3 +75,30 @@ def test_restore_without_an_image_store_names_the_key(vmim, write_config, domain
     r = vmim("-b", name, "-r", "golden", "--config", path)
     assert r.code == 3, r
     assert "no image store configured: set vmimages" in r.err
+
+
+def test_a_user_without_access_to_the_running_daemon_is_told_what_is_missing(tmp_path):
+    """libvirtd runs; a non-root user outside the libvirt group cannot connect. The message
+    says root or the libvirt group, not 'is libvirtd running?' (libvirt's own text speaks of
+    a missing system bus)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run as another user")
+    os.chmod(tmp_path, 0o755)
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text('[vmim.local]\nvmemulator = "qemu:///system"\n')
+    os.chmod(cfg, 0o644)
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                          sys.executable, "-m", "vmim", "--config", str(cfg), "-l"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": top}, cwd="/")
+    assert res.returncode == 7, res.stderr
+    assert "as a member of the 'libvirt' group" in res.stderr
+    assert "is libvirtd running" not in res.stderr
