@@ -37,7 +37,23 @@ FORMAT_FLAGS = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{PROG} --help')")
+        raise UsageError(f"{message}{self._did_you_mean(message)} (see '{PROG} --help')")
+
+    def _did_you_mean(self, message: str) -> str:
+        """'; did you mean --list-images?' for a misspelt long option."""
+        import difflib
+
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        longs = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for word in message.split(": ", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, longs, n=1, cutoff=0.7) \
+                if flag.startswith("--") else []
+            if close:
+                hints.append(f"{close[0]} for {flag}")
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,6 +89,8 @@ def test_extract_directories_pair_by_position_with_names_lacking_a_dir():
     (["--jobs", "0", "-l"], "must be at least 1"),
     (["--timeout", "soon", "-l"], "whole number"),
     (["-l", "stray-positional"], "unrecognized arguments"),
+    (["--lst-images"], "did you mean --list-images for --lst-images?"),
+    (["-L", "--dryrun"], "did you mean --dry-run for --dryrun?"),
     (["--print-xml"], "--print-xml needs -b BOX"),
     (["-b", "a", "-b", "b", "-s", "golden"], "put {box} in the name"),
     (["-b", "a", "-b", "b", "-e", "logs:/var/log"], "put {box} in the name"),
