@@ -11,7 +11,7 @@ import configparser
 import json
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from vmim.errors import ConfigError
@@ -70,6 +70,9 @@ class Slot:
     qcow2_compress: bool = default("qcow2_compress")
     sourceimage: bool = default("sourceimage")
     enabled: bool = default("enabled")
+    #: a problem of the config that concerns this slot only (its mount point is another
+    #: slot's): warned at load; any action on the slot's disk is refused with it (exit 3)
+    conflict: Optional[str] = None
 
     @property
     def disk(self) -> Optional[str]:
@@ -257,7 +260,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         if slot is not None:
             slots.append(slot)
 
-    _check_slots(slots, col)
+    slots = _check_slots(slots, col)
     if col.errors:
         raise ConfigError(col.errors)
     for w in col.warnings:
@@ -521,18 +524,27 @@ def _build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Map
     return Slot(section=section, **{k: v for k, v in merged.items() if k in names})
 
 
-def _check_slots(slots: Sequence[Slot], col: _Collector) -> None:
+def _check_slots(slots: Sequence[Slot], col: _Collector) -> List[Slot]:
+    """Errors for what makes the config unusable; a warning, and the conflict recorded on
+    both slots, for two slots whose mount points overlap (configs of 0.3 have them: the other
+    slots of such a config still work)."""
     by_name: Dict[str, Slot] = {}
     by_disk: Dict[str, Slot] = {}
     by_mount: Dict[str, Slot] = {}
+    conflicts: Dict[str, str] = {}
     for s in slots:
         for mount, first in by_mount.items():
             if first.name != s.name and (_under(s.mount, mount) or _under(mount, s.mount)):
                 how = ("is also" if s.mount == mount else
                        "lies inside" if _under(s.mount, mount) else "contains")
-                col.error(s.section, "mount", f"'{s.mount}' {how} the mount point of slot "
-                          f"'{first.name}' ([{first.section}]); releasing one would unmount "
-                          "the other: give each slot its own")
+                problem = (f"[{s.section}] mount '{s.mount}' {how} the mount point of slot "
+                           f"'{first.name}' ([{first.section}]); releasing one would unmount "
+                           "the other: give each slot its own")
+                col.warn(s.section, "mount", f"'{s.mount}' {how} the mount point of slot "
+                         f"'{first.name}' ([{first.section}]); both are refused until each "
+                         "has its own")
+                conflicts.setdefault(s.name, f"{col.path}: {problem}")
+                conflicts.setdefault(first.name, f"{col.path}: {problem}")
                 break
         by_mount.setdefault(s.mount, s)
         other = by_name.get(s.name)
@@ -548,6 +560,7 @@ def _check_slots(slots: Sequence[Slot], col: _Collector) -> None:
                           f"disk '{disk}' is also the disk of slot '{other.name}' "
                           f"([{other.section}]); two slots cannot share a disk")
             by_disk[norm] = s
+    return [replace(s, conflict=conflicts[s.name]) if s.name in conflicts else s for s in slots]
 
 
 def _under(path: str, top: str) -> bool:

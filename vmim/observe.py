@@ -83,7 +83,8 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         locked_by=locked_by,
         root=os.geteuid() == 0,
         incomplete=str(mark.get("image", "?")) if mark else None,
-        pinned=_pinned(slot, req) if not mounted else None,
+        pinned=_pinned(slot, req) if not mounted and not slot.conflict else None,
+        conflict=slot.conflict,
     )
 
 

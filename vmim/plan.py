@@ -78,6 +78,7 @@ class Observed:
     incomplete: Optional[str] = None  # the image of a restore that did not finish
     pinned: Optional[str] = None  # who holds the slot's disk mounted in another namespace
     root: bool = True  # whether the run is root (mounting and loop devices need it)
+    conflict: Optional[str] = None  # the config's problem with this slot (a shared mount point)
 
     @property
     def running(self) -> bool:
@@ -267,6 +268,8 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
     if disk_work and not seen.store_type:
         return Verdict(EXIT_CONFIG, f"box '{box}' has no disk: set HostDisk (and partition) or "
                        "root in its section")
+    if releases and seen.conflict:
+        return Verdict(EXIT_CONFIG, f"box '{box}': {seen.conflict}")
     if releases and not seen.root:
         return Verdict(EXIT_ENVIRONMENT, f"box '{box}': mounting and releasing its disk needs "
                        "root (mounting and loop devices)")
