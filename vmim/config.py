@@ -215,7 +215,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{path}: malformed INI: {_one_line(str(exc))}") from None
 
     col = _Collector(path)
-    _check_duplicates(text, cp, col)
+    twice = _check_duplicates(text, cp, col)
     sections = cp.sections()
     current = [s for s in sections if s == LOCAL_SECTION or s.startswith(SLOT_PREFIX)]
     legacy = LEGACY_SECTION in sections
@@ -250,16 +250,24 @@ def parse(text: str, path: str = "<config>") -> Config:
 
     slot_defaults = {k: v for k, v in local_vals.items() if _key(k).scope == "slot"}
     slots: List[Slot] = []
+    used = {global_section}
     for s in slot_sections:
         raw = _read_section(cp, s, col)
         if not _enabled(raw, fmt):
             log.debug("%s: [%s] is not an enabled slot", path, s)
             continue
+        used.add(s)
         vals = _convert_section(raw, s, fmt, col, is_local=False)
         slot = _build_slot(s, fmt, vals, slot_defaults, local_vals, col)
         if slot is not None:
             slots.append(slot)
 
+    for section, key, msg in twice:  # in a section that is not used (0.2's [AvailalableHosts]
+        # lists hosts, some twice): nothing depends on which value wins
+        if section in used:
+            col.error(section, key, msg)
+        else:
+            col.warn(section, key, f"{msg.split(';')[0]} in a section that is not used")
     slots = _check_slots(slots, col)
     if col.errors:
         raise ConfigError(col.errors)
@@ -284,9 +292,12 @@ def parse(text: str, path: str = "<config>") -> Config:
     )
 
 
-def _check_duplicates(text: str, cp: configparser.ConfigParser, col: _Collector) -> None:
-    """A section or a key written twice (configparser would merge them silently): an error
-    naming both lines."""
+def _check_duplicates(text: str, cp: configparser.ConfigParser,
+                      col: _Collector) -> List[Tuple[str, str, str]]:
+    """A section written twice (configparser would merge them silently): an error naming both
+    lines. A key written twice in a section: returned as (section, key, message), an error
+    where the section is used."""
+    twice: List[Tuple[str, str, str]] = []
     sections: Dict[str, int] = {}
     keys: Dict[str, int] = {}
     section: Optional[str] = None
@@ -311,9 +322,10 @@ def _check_duplicates(text: str, cp: configparser.ConfigParser, col: _Collector)
         in_value = True
         key = cp.optionxform(m.group("option").rstrip())
         if key in keys:
-            col.error(section, key, f"written twice in this section (lines {keys[key]} and "
-                      f"{lineno}); keep one")
+            twice.append((section, key, f"written twice in this section (lines {keys[key]} and "
+                          f"{lineno}); keep one"))
         keys.setdefault(key, lineno)
+    return twice
 
 
 def _enabled(raw: Mapping[str, str], fmt: str) -> bool:

@@ -433,3 +433,31 @@ root = "/dev/vg/c"
     assert "[vmim.vm.b] mount '/mnt/shared' is also the mount point of slot 'a'" in r.out + r.err
     r = vmim("--config", str(path), "-b", "c", "--mount", "--dry-run")
     assert r.code == 0, r
+
+
+def test_an_entry_written_twice_in_a_section_that_is_not_used_is_a_warning():
+    """0.2 configs list hosts in [AvailalableHosts], some twice: nothing reads that section, so
+    the duplicate is a warning; in a slot section it stays an error."""
+    cfg = config.parse("""\
+[VmImageManager]
+vmimages = /srv/images
+[AvailalableHosts]
+h1 = yes
+h1 = yes
+[web1]
+vm_slot_enabled = yes
+root = /dev/vg/web1
+""", "/legacy.cfg")
+    assert any(w.startswith("/legacy.cfg: [AvailalableHosts] h1: written twice") and
+               "not used" in w for w in cfg.warnings), cfg.warnings
+    assert cfg.slot("web1").root == "/dev/vg/web1"
+    with pytest.raises(ConfigError) as exc:
+        config.parse("""\
+[VmImageManager]
+vmimages = /srv/images
+[web1]
+vm_slot_enabled = yes
+root = /dev/vg/web1
+root = /dev/vg/other
+""", "/legacy.cfg")
+    assert any("[web1] root: written twice" in p for p in exc.value.problems)
