@@ -124,9 +124,14 @@ KEYS: Tuple[Key, ...] = (
         "Seconds to wait for a graceful shutdown before forcing the domain off.",
         default=180, minimum=0),
     Key("clear", "clear", "choice", "slot",
-        "How an archive restore empties the filesystem first: `delete` its content, or "
-        "`mkfs` to re-make it with the same type, UUID and label.",
-        default="delete", choices=("delete", "mkfs")),
+        "How an archive restore empties the filesystem first: `auto` re-makes it when "
+        "vmimagemanager can make the same filesystem again (ext2/3/4 and xfs: the same UUID, "
+        "label, features, geometry and superblock defaults, read from it and tried on a file "
+        "first) and deletes its content otherwise; `delete` always deletes the content; "
+        "`mkfs` always re-makes it (the same filesystem where it can, else the type's "
+        "defaults with the same type, UUID and label). A restore's `--json` says which ran "
+        "and why.",
+        default="auto", choices=("auto", "delete", "mkfs")),
     Key("disk_image_format", "disk_image_format", "choice", "slot",
         "Format of images stored with --disk-image: `qcow2`, or `raw` (a raw image restores onto "
         "a slot on the same reflink-capable filesystem as a reflink copy: constant time).",

@@ -27,6 +27,15 @@ STORE_KINDS = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extrac
 ANY_FREE = "any-free"
 #: What an image or insert the plan looked for is when it is not there.
 MISSING = "missing"
+#: How a restore clears the filesystem, by the slot's clear (the run says which ran and why)
+CLEAR_PLANS = {
+    "auto": "re-make the filesystem if the same one can be made again (type, UUID, label, "
+            "features and geometry read from it, tried on a file first), else delete its "
+            "content",
+    "mkfs": "re-make the filesystem (the same one where it can, else same type, UUID and "
+            "label)",
+    "delete": "delete the filesystem's content",
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ class Observed:
     mount: Optional[str] = None
     mounted: bool = False
     store_type: Optional[str] = None
-    clear: str = "delete"
+    clear: str = "auto"
     timeout: int = 180
     images: Dict[str, str] = field(default_factory=dict)  # name → detected format, or MISSING
     inserts: Dict[str, str] = field(default_factory=dict)  # the same, in the inserts store
@@ -243,8 +252,7 @@ def _add_data(action: str, req: Request, box: str, seen: Observed, whole: bool,
         elif found == "rsync":
             add("restore", f"mirror image {name} (rsync --delete)")
         else:
-            how = "re-make the filesystem (same UUID and label)" if seen.clear == "mkfs" \
-                else "delete the filesystem's content"
+            how = CLEAR_PLANS[seen.clear]
             add("restore", f"mark the slot, {how}, unpack image {name} ({found}) into a "
                 "staging directory and move it into the guest, unmark the slot")
     elif action == "insert":

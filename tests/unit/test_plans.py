@@ -56,6 +56,8 @@ SCENARIOS = {
                       (_req("extract", "store", extracts=[Transfer("logs-{box}", "/var/log")],
                             store="{box}-snap", format="tar.zst"), _seen("running"))],
     "rsync-restore-mkfs": [(_req("restore", "up", restore="tree"), _seen(clear="mkfs"))],
+    "restore-clear-delete": [(_req("restore", restore="golden"), _seen(clear="delete"))],
+    "restore-clear-mkfs": [(_req("restore", restore="golden"), _seen(clear="mkfs"))],
     "incomplete-up": [(_req("up"), _seen(incomplete="golden"))],
     "shared-mount-point": [(_req("mount"), _seen(
         conflict="/etc/vmim.cfg: [vmim.vm.web2] mount '/mnt/vm/web1' is also the mount point "

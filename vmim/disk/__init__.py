@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Dict, List, Type
@@ -40,7 +41,9 @@ def probe_filesystem(device: str, what: str) -> Filesystem:
                           ok_codes=(0, 2))
     except CommandError as exc:
         raise StateError(f"{what}: cannot read a filesystem signature: {exc.stderr_tail}") from None
-    values = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    # export format escapes a value's shell-special characters (a space) with a backslash
+    values = {k: re.sub(r"\\(.)", r"\1", v) for k, v in
+              (line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)}
     fstype = values.get("TYPE", "")
     if not fstype:
         raise StateError(f"{what}: no filesystem found (unknown or corrupt); "

@@ -13,7 +13,7 @@ from vmim import digest, incomplete, process, progress, tree, writeback
 from vmim import disk as disk_mod
 from vmim import store as store_mod
 from vmim.archive import detect, for_detected, for_name
-from vmim.disk import mounts, qcow2
+from vmim.disk import mounts, qcow2, remake
 from vmim.errors import IncompleteError, StateError, VmimError
 from vmim.plan import Step
 from vmim.progress import human_size
@@ -173,8 +173,10 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
                 fmt.mirror(path, root)
             clock.lap("transfer")
         else:
-            if slot.clear == "mkfs":
-                _remake_filesystem(box)
+            choice = _choose_clear(box)
+            rec.details["clear"] = choice.as_dict()
+            if choice.method == "mkfs":
+                _remake_filesystem(box, choice)
             else:
                 tree.clear(root)
             clock.lap("clear")
@@ -194,7 +196,8 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
         cause = exc if isinstance(exc, VmimError) else as_error(exc)
         raise IncompleteError(f"restore of {name}{_full_note(root)}", cause) from None
     incomplete.remove(box.cfg, slot)
-    how = "mirrored" if fmt.is_tree else f"unpacked after clearing ({slot.clear})"
+    how = "mirrored" if fmt.is_tree else \
+        f"unpacked after clearing ({choice.method}: {choice.why})"
     return f"{name} ({fmt.name}) {how}"
 
 
@@ -233,24 +236,26 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
     return f"{t.name} ({proven.fmt.name}) at {t.directory}: {n} {'entry' if n == 1 else 'entries'}"
 
 
-def _remake_filesystem(box: Box) -> None:
-    """clear = "mkfs": make the filesystem anew with the same type, UUID and label."""
+def _choose_clear(box: Box) -> remake.Choice:
+    """How this restore clears the slot: the slot's clear, and for auto whether the
+    filesystem can be re-made the same (vmim.disk.remake reads it and tries)."""
+    slot = box.need_slot()
+    here = mounts.mounted_at(slot.mount)
+    assert here is not None
+    fs = disk_mod.probe_filesystem(here.source, f"box '{slot.name}'")
+    return remake.choose(slot.clear, here.source, fs, slot.mount)
+
+
+def _remake_filesystem(box: Box, choice: remake.Choice) -> None:
+    """Make the filesystem anew: the same one, or (clear = "mkfs" where it cannot be the
+    same) the type's defaults with the same type, UUID and label."""
     slot = box.need_slot()
     here = mounts.mounted_at(slot.mount)
     assert here is not None
     device = here.source
     fs = disk_mod.probe_filesystem(device, f"box '{slot.name}'")
     mounts.umount(slot.mount, release_hint=release_command(slot.name))
-    # No discard: trimming the whole device first would cost more than the restore saves.
-    if fs.type == "xfs":
-        argv = ["mkfs.xfs", "-q", "-f", "-K", "-m", f"uuid={fs.uuid}"]
-    elif fs.type == "btrfs":
-        argv = ["mkfs.btrfs", "-q", "-f", "--nodiscard", "-U", fs.uuid]
-    else:
-        argv = [f"mkfs.{fs.type}", "-q", "-F", "-E", "nodiscard", "-U", fs.uuid]
-    if fs.label:
-        argv += ["-L", fs.label]
-    process.run([*argv, device])
+    remake.remake(choice, fs, device)
     # ext4 would otherwise zero its inode tables in the background during the restore;
     # with noinit_itable that waits for the next mount (the guest's).
     options = [*fs.mount_options, *(["noinit_itable"] if fs.type == "ext4" else [])]

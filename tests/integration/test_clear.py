@@ -1,0 +1,215 @@
+"""The clear of an archive restore: with the default (`clear = "auto"`) the filesystem is
+re-made only when it comes back the same, field by field of `dumpe2fs -h` / `xfs_info` and the
+xfs superblock, and its content is deleted otherwise; the --json says which ran and why."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from tests.integration import diskimages as di
+
+MiB = 1024 * 1024
+
+#: what may differ after a re-make, named here and not taken from vmim: counts of used and
+#: free blocks and inodes, times, mount counts and mount state, and the journal's state that
+#: the kernel sets when it mounts (and the checksums over these)
+EXT_MAY_DIFFER = {
+    "Free blocks", "Free inodes", "Filesystem created", "Last mount time", "Last write time",
+    "Last checked", "Next check after", "Mount count", "Lifetime writes", "Last mounted on",
+    "Filesystem state", "Checksum", "Journal features", "Journal sequence", "Journal start",
+    "Journal checksum type", "Journal checksum",
+}
+XFS_SB_MAY_DIFFER = {"icount", "ifree", "fdblocks", "frextents", "lsn", "crc"}
+
+#: (type, size MiB, mkfs argv, tune2fs argv or None): filesystems with other than the defaults
+ODD = {
+    "ext4-small-inodes": ("ext4", 200, ["mkfs.ext4", "-q", "-F", "-I", "128", "-i", "8192",
+                                        "-m", "1", "-O", "^metadata_csum", "-L", "odd ext4"],
+                          None),
+    "ext4-tuned": ("ext4", 200, ["mkfs.ext4", "-q", "-F", "-b", "1024", "-J", "size=8",
+                                 "-E", "stride=8,stripe_width=16", "-e", "remount-ro",
+                                 "-O", "^huge_file,^dir_nlink,orphan_file"],
+                   ["tune2fs", "-o", "journal_data,^acl", "-E", "mount_opts=nodelalloc",
+                    "-c", "20", "-i", "2w", "-r", "1000", "-L", "tuned"]),
+    "ext3": ("ext3", 64, ["mkfs.ext3", "-q", "-F", "-T", "small", "-L", "old"], None),
+    "xfs-odd": ("xfs", 400, ["mkfs.xfs", "-q", "-f", "-m", "reflink=0,finobt=0",
+                             "-i", "size=1024", "-d", "agcount=5", "-L", "odd xfs"], None),
+}
+
+
+def _fields(text):
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and not key.startswith(" "):
+            out[key.strip()] = " ".join(value.split())
+    return out
+
+
+def ext_superblock(img):
+    return _fields(di.run("dumpe2fs", "-h", img))
+
+
+def xfs_superblock(img):
+    info = di.run("xfs_info", img).replace(img, "IMG")
+    sb = {}
+    for line in di.run("xfs_db", "-r", "-c", "sb 0", "-c", "print", img).splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep:
+            sb[key.strip()] = value.strip()
+    # the ATTR bit: set by XFS when an extended attribute is first written (the restore
+    # writes some), not by mkfs
+    sb["versionnum"] = hex(int(sb["versionnum"], 16) & ~0x10)
+    return info, sb
+
+
+def label_uuid(img):
+    return (di.run("blkid", "-p", "-s", "LABEL", "-o", "value", img).strip(),
+            di.run("blkid", "-p", "-s", "UUID", "-o", "value", img).strip())
+
+
+@pytest.fixture
+def slot(tmp_path, write_config, domains):
+    """One root-filesystem slot (tmp_path/slot.img, made by the test) and an image store
+    holding 'golden', a tgz of a small tree."""
+    os.chmod(tmp_path, 0o755)
+    images = tmp_path / "images"
+    images.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in (("etc/hostname", b"golden\n"), ("usr/share/doc/a", b"a" * 5000)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (images / "golden").write_bytes(buf.getvalue())
+    name = domains.name("clear")
+
+    class Slot:
+        img = str(tmp_path / "slot.img")
+        mnt = str(tmp_path / "mnt" / name)
+        box = name
+
+        def config(self, clear=None):
+            return write_config(f"""\
+            [vmim.local]
+            mount = "{tmp_path}/mnt"
+            lockdir = "{tmp_path}/locks"
+            statedir = "{tmp_path}/state"
+            vmimages = "{images}"
+            [vmim.vm.clear]
+            HostName = "{name}"
+            root = "{self.img}"
+            """ + (f'clear = "{clear}"\n' if clear else ""))
+
+        def make(self, size_mib, mkfs, tune=None):
+            di.sparse_file(self.img, size_mib * MiB)
+            di.run(*mkfs, self.img)
+            if tune:
+                di.run(*tune, self.img)
+
+    s = Slot()
+    yield s
+    subprocess.run([sys.executable, "-m", "vmim", "--config", s.config(), "-b", name,
+                    "--release"], capture_output=True)
+
+
+def restore(vmim, slot, cfg):
+    """Fill the slot with stale content, restore golden with --json; the restore's result."""
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    os.makedirs(os.path.join(slot.mnt, "stale"))
+    with open(os.path.join(slot.mnt, "stale", "file"), "w") as fh:
+        fh.write("old\n")
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "golden", "--mount", "--json")
+    assert r.code == 0, r
+    step = next(s for s in json.loads(r.out)["results"][0]["steps"] if s["step"] == "restore")
+    assert not os.path.exists(os.path.join(slot.mnt, "stale"))
+    with open(os.path.join(slot.mnt, "etc", "hostname")) as fh:
+        assert fh.read() == "golden\n"
+    r = vmim("--config", cfg, "-b", slot.box, "--release")
+    assert r.code == 0, r
+    return step
+
+
+@pytest.mark.parametrize("kind", sorted(ODD))
+def test_default_clear_re_makes_the_same_filesystem(vmim, slot, kind):
+    fstype, size, mkfs, tune = ODD[kind]
+    slot.make(size, mkfs, tune)
+    cfg = slot.config()  # clear not set: the default
+    vmim("--config", cfg, "-b", slot.box, "--mount")  # mounted once, as a used slot was
+    vmim("--config", cfg, "-b", slot.box, "--release")
+    if fstype == "xfs":
+        info_before, sb_before = xfs_superblock(slot.img)
+    else:
+        before = ext_superblock(slot.img)
+    names_before = label_uuid(slot.img)
+
+    step = restore(vmim, slot, cfg)
+    assert step["clear"]["method"] == "mkfs", step
+    assert f"the same {fstype} re-made" in step["clear"]["why"]
+    assert set(step["timings"]) == {"clear", "transfer"}
+    assert label_uuid(slot.img) == names_before
+    if fstype == "xfs":
+        info_after, sb_after = xfs_superblock(slot.img)
+        assert info_after == info_before
+        assert {k: v for k, v in sb_after.items() if k not in XFS_SB_MAY_DIFFER} == \
+            {k: v for k, v in sb_before.items() if k not in XFS_SB_MAY_DIFFER}
+    else:
+        after = ext_superblock(slot.img)
+        assert "Directory Hash Seed" in after
+        differ = {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
+                  if k not in EXT_MAY_DIFFER and before.get(k) != after.get(k)}
+        assert differ == {}
+        assert after["Filesystem created"] != before["Filesystem created"] or \
+            after["Free inodes"] != before["Free inodes"]  # it really was re-made
+
+
+def test_a_checksum_seed_mkfs_cannot_make_falls_back_to_delete(vmim, slot):
+    """An ext4 with metadata_csum_seed whose UUID was changed afterwards (as clones of one
+    image get): mke2fs derives the seed from the UUID, so it cannot make this one again."""
+    slot.make(64, ["mkfs.ext4", "-q", "-F", "-O", "metadata_csum_seed", "-L", "seeded"],
+              ["tune2fs", "-U", "random"])
+    cfg = slot.config()
+    before = ext_superblock(slot.img)
+    step = restore(vmim, slot, cfg)
+    assert step["clear"]["method"] == "delete", step
+    assert "cannot be re-made the same" in step["clear"]["why"]
+    assert "Checksum seed" in step["clear"]["why"]
+    assert "unpacked after clearing (delete" in step["message"]
+    after = ext_superblock(slot.img)
+    assert after["Filesystem created"] == before["Filesystem created"]  # not re-made
+    assert after["Checksum seed"] == before["Checksum seed"]
+
+
+def test_a_feature_mke2fs_refuses_falls_back_to_delete(vmim, slot):
+    """dir_prealloc (set with debugfs: a kernel mounts it, mke2fs does not make it)."""
+    slot.make(64, ["mkfs.ext4", "-q", "-F"], ["debugfs", "-w", "-R", "feature dir_prealloc"])
+    step = restore(vmim, slot, slot.config())
+    assert step["clear"]["method"] == "delete", step
+    assert "mke2fs refused" in step["clear"]["why"]
+    assert "dir_prealloc" in ext_superblock(slot.img)["Filesystem features"]
+
+
+def test_clear_delete_in_the_config_is_kept(vmim, slot):
+    slot.make(64, ["mkfs.ext4", "-q", "-F"])
+    before = ext_superblock(slot.img)
+    step = restore(vmim, slot, slot.config("delete"))
+    assert step["clear"] == {"method": "delete", "why": 'clear = "delete" in the config'}
+    assert ext_superblock(slot.img)["Filesystem created"] == before["Filesystem created"]
+
+
+def test_clear_mkfs_re_makes_even_what_it_cannot_make_the_same(vmim, slot):
+    slot.make(64, ["mkfs.ext4", "-q", "-F", "-O", "metadata_csum_seed", "-L", "seeded"],
+              ["tune2fs", "-U", "random"])
+    names = label_uuid(slot.img)
+    step = restore(vmim, slot, slot.config("mkfs"))
+    assert step["clear"]["method"] == "mkfs"
+    assert "its defaults, the same UUID and label" in step["clear"]["why"]
+    assert label_uuid(slot.img) == names
