@@ -182,7 +182,7 @@ def test_a_checksum_seed_mkfs_cannot_make_falls_back_to_delete(vmim, slot):
     assert step["clear"]["method"] == "delete", step
     assert "cannot be re-made the same" in step["clear"]["why"]
     assert "Checksum seed" in step["clear"]["why"]
-    assert "unpacked after clearing (delete" in step["message"]
+    assert "unpacked after clearing (delete): the ext4 filesystem cannot" in step["message"]
     after = ext_superblock(slot.img)
     assert after["Filesystem created"] == before["Filesystem created"]  # not re-made
     assert after["Checksum seed"] == before["Checksum seed"]
@@ -201,8 +201,38 @@ def test_clear_delete_in_the_config_is_kept(vmim, slot):
     slot.make(64, ["mkfs.ext4", "-q", "-F"])
     before = ext_superblock(slot.img)
     step = restore(vmim, slot, slot.config("delete"))
-    assert step["clear"] == {"method": "delete", "why": 'clear = "delete" in the config'}
+    assert step["clear"]["method"] == "delete"
+    assert step["clear"]["why"] == 'clear = "delete" in the config'
     assert ext_superblock(slot.img)["Filesystem created"] == before["Filesystem created"]
+
+
+def test_delete_runs_beside_the_unpack_when_both_trees_fit(vmim, slot):
+    """The old content is set aside and deleted while the image unpacks: the --json times
+    the wait for it as "delete" and says how long the deletion ran."""
+    slot.make(400, ["mkfs.ext4", "-q", "-F"])
+    cfg = slot.config("delete")
+    vmim("--config", cfg, "-b", slot.box, "--mount")
+    for i in range(300):
+        with open(os.path.join(slot.mnt, f"old{i}"), "w") as fh:
+            fh.write("old\n")
+    os.mkdir(os.path.join(slot.mnt, ".old-dotdir"))
+    step = restore(vmim, slot, cfg)
+    assert set(step["timings"]) == {"clear", "transfer", "delete"}, step
+    assert step["clear"]["delete_seconds"] >= 0
+    vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert sorted(os.listdir(slot.mnt)) == ["etc", "lost+found", "usr"]
+    vmim("--config", cfg, "-b", slot.box, "--release")
+
+
+def test_delete_runs_first_when_the_filesystem_has_no_room_for_both(vmim, slot):
+    slot.make(64, ["mkfs.ext4", "-q", "-F", "-m", "0"])
+    cfg = slot.config("delete")
+    vmim("--config", cfg, "-b", slot.box, "--mount")
+    with open(os.path.join(slot.mnt, "big"), "wb") as fh:  # more than half of it
+        fh.write(b"x" * 40 * MiB)
+    step = restore(vmim, slot, cfg)
+    assert set(step["timings"]) == {"clear", "transfer"}, step
+    assert "delete_seconds" not in step["clear"]
 
 
 def test_clear_mkfs_re_makes_even_what_it_cannot_make_the_same(vmim, slot):

@@ -9,7 +9,7 @@ import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from vmim import digest, incomplete, process, progress, tree, writeback
+from vmim import digest, incomplete, process, progress, trash, tree, writeback
 from vmim import disk as disk_mod
 from vmim import store as store_mod
 from vmim.archive import detect, for_detected, for_name
@@ -166,6 +166,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     root = _root(box)
     _check_room(root, proven.summary, name)
     incomplete.write(box.cfg, slot, name)  # durable before anything in the slot changes
+    deletion: Optional[trash.Deletion] = None
     try:
         if fmt.is_tree:
             with progress.watch(f"{box.name} restore", size), \
@@ -177,6 +178,8 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             rec.details["clear"] = choice.as_dict()
             if choice.method == "mkfs":
                 _remake_filesystem(box, choice)
+            elif trash.room_for_both(root, getattr(proven.summary, "needs_bytes", 0) or 0):
+                deletion = trash.Deletion(root)  # set aside, deleted while the image unpacks
             else:
                 tree.clear(root)
             clock.lap("clear")
@@ -184,20 +187,29 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
                 fmt.unpack(path, staging)
+            if deletion is not None and deletion.in_the_way(staging):
+                deletion.wait()
             tree.merge(staging, root)  # "/" takes the archive's "." metadata, times included
             times = os.stat(root)
             os.rmdir(staging)  # which changes the mtime of "/" again: put the archive's back
-            os.utime(root, ns=(times.st_atime_ns, times.st_mtime_ns))
             clock.lap("transfer")
+            if deletion is not None:
+                deletion.wait()  # its rm of the set-aside directory changes "/" too
+                rec.details["clear"]["delete_seconds"] = deletion.seconds
+                clock.lap("delete")
+            os.utime(root, ns=(times.st_atime_ns, times.st_mtime_ns))
         if slot.sourceimage:
             _write_sourceimage(root, name)
         # No sync here: the release (umount) flushes the filesystem before any boot.
     except (VmimError, OSError) as exc:
         cause = exc if isinstance(exc, VmimError) else as_error(exc)
         raise IncompleteError(f"restore of {name}{_full_note(root)}", cause) from None
+    finally:
+        if deletion is not None:
+            deletion.finish_quietly()
     incomplete.remove(box.cfg, slot)
     how = "mirrored" if fmt.is_tree else \
-        f"unpacked after clearing ({choice.method}: {choice.why})"
+        f"unpacked after clearing ({choice.method}): {choice.why}"
     return f"{name} ({fmt.name}) {how}"
 
 
