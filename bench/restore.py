@@ -1,7 +1,8 @@
 """`bench/restore.py`: restore (and store) against the bare tools, in one run, with the data
 on the disk at the end of every contender.
 
-    bench/restore.py [--base REV] [--debian] [SECTION...]     (sections: store restore cycle)
+    bench/restore.py [--base REV] [--debian] [SECTION...]
+    (sections: store store-tgz restore cycle)
 
 Each comparison runs its contenders alternately (A B C, C B A, ...) ROUNDS times on the slots
 and corpus of `make bench` (bench/run.py set-up), and reports medians, ratios to the bare
@@ -10,10 +11,14 @@ tools and the spread of every contender. Every restore contender starts from the
 the restored tree on the slot's disk (`sync -f` of the slot's filesystem), so the writeback a
 restore leaves behind is counted wherever it happens:
 
-- restore tar.zst: `vmimagemanager -r` vs `umount; mkfs.ext4; mount; zstd -dc | tar -x; sync`
+- restore tar.zst: `vmimagemanager -r` with the default config (no clear line: `auto`,
+  which re-makes this ext4) and with `clear = "delete"` vs
+  `umount; mkfs.ext4; mount; zstd -dc | tar -x; sync`
 - restore tgz: the same with `pigz -dc`
 - store tar.zst: `vmimagemanager --zstd -s` vs `tar | zstd -T0 > f; sync -f f`
-- cycle: `-b dst -r golden -u` on a running guest, with the phases of its --json timings
+- store tgz: `vmimagemanager -z -s` vs `tar | pigz > f; sync -f f`
+- cycle: `-b dst -r golden -u` on a running guest (default config), with the phases of its
+  --json timings
 
 `--base REV` adds the tool as it was at git revision REV (extracted with `git archive`) as a
 third contender, on the same images (their metadata gets a sha256 too, which that version
@@ -50,14 +55,17 @@ DEBIAN_DIR = os.path.join(b.WORK, "debian12")
 
 
 class Tool:
-    """One version of vmimagemanager: its package directory first on the path."""
+    """One version of vmimagemanager: its package directory first on the path, and the dst
+    slot's clear it runs with (None: no clear line, the default a user's config has)."""
 
-    def __init__(self, label: str, root: str):
+    def __init__(self, label: str, root: str, clear: Optional[str] = None):
         self.label = label
         self.root = root
+        self.clear = clear
         self.rss_kib: List[int] = []
 
     def run(self, *argv: str, json_out: bool = False) -> dict:
+        b.set_clear(self.clear)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (self.root, PYTHONPATH) if p))
         code = ("import resource, sys; from vmim.cli import main; rc = main(sys.argv[1:]); "
                 "sys.stderr.write('MAXRSS %d\\n' % "
@@ -188,12 +196,36 @@ def restore_contenders(tools: List[Tool], image: str, decompress: str) -> dict:
     return out
 
 
+def restore_tools(tools: List[Tool]) -> List[Tool]:
+    """The restore contenders of the tool: each version with the default config, and this
+    one with clear = "delete" too (what a slot whose filesystem cannot be re-made gets)."""
+    out = [tools[0], Tool(f"{tools[0].label}, clear = delete", tools[0].root, "delete")]
+    return out + tools[1:]
+
+
 def bench_restore(tools: List[Tool], suffix: str) -> None:
-    b.set_clear("mkfs")
     for image, fmt, decompress in ((f"bench{suffix}.zst", "tar.zst", "zstd -dc"),
                                    (f"bench{suffix}.tgz", "tgz", "pigz -dc")):
-        cont = restore_contenders(tools, image, decompress)
+        cont = restore_contenders(restore_tools(tools), image, decompress)
         compare(f"restore {fmt}{suffix}", cont, before=settle, bare=list(cont)[-1])
+
+
+def bench_store_tgz(tools: List[Tool], suffix: str, box: str) -> None:
+    src = shlex.quote(b.mnt(box))
+    out = shlex.quote(os.path.join(b.STORE, "bare"))
+    cont: Dict[str, Callable[[], Optional[dict]]] = {
+        t.label: (lambda t=t: t.run("-b", box, "-z", "-s", f"store-{t.label}") and None)
+        for t in tools}
+    flags = " ".join(shlex.quote(f) for f in tar_mod.CREATE)
+    cont["bare with the tool's tar flags (xattrs, ACLs, sparse)"] = lambda: b.shell(
+        f"tar -cf - -C {src} {flags} . | pigz -c > {out} && sync -f {out}")
+    cont["bare: tar | pigz; sync -f"] = lambda: b.shell(
+        f"tar -cf - -C {src} . | pigz -c > {out} && sync -f {out}")
+    compare(f"store tgz{suffix}", cont, before=lambda: subprocess.run(["sync"], check=True),
+            bare="bare: tar | pigz; sync -f")
+    for t in tools:
+        os.unlink(os.path.join(b.STORE, f"store-{t.label}"))
+    os.unlink(os.path.join(b.STORE, "bare"))
 
 
 def bench_store(tools: List[Tool], suffix: str, box: str) -> None:
@@ -216,7 +248,6 @@ def bench_store(tools: List[Tool], suffix: str, box: str) -> None:
 
 def bench_cycle(tools: List[Tool], suffix: str, tree_bytes: int) -> None:
     image = f"bench{suffix}.zst"
-    b.set_clear("mkfs")
     tools[0].run("-b", b.DST, "-r", image, "-u")
     runs: Dict[str, List[dict]] = {t.label: [] for t in tools}
     for r in range(b.ROUNDS):
@@ -269,7 +300,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="also run the tool as of this git revision")
     parser.add_argument("--debian", action="store_true", help="a Debian 12 system as the tree")
-    parser.add_argument("sections", nargs="*", default=["store", "restore", "cycle"])
+    parser.add_argument("sections", nargs="*",
+                        default=["store", "store-tgz", "restore", "cycle"])
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root")
@@ -293,9 +325,9 @@ def main() -> None:
                 add_sha256(name)
         b.vmim("-b", box, "--release")
         for section in args.sections:
-            if section == "store":
+            if section in ("store", "store-tgz"):
                 b.vmim("-b", box, "--mount")
-                bench_store(tools, suffix, box)
+                (bench_store if section == "store" else bench_store_tgz)(tools, suffix, box)
                 b.vmim("-b", box, "--release")
             elif section == "restore":
                 bench_restore(tools, suffix)

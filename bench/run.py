@@ -237,11 +237,13 @@ def bench_restore() -> None:
     set_clear("mkfs")
 
 
-def set_clear(how: str) -> None:
+def set_clear(how: Optional[str]) -> None:
+    """The dst slot's clear; None: no clear line, the default a user's config has."""
     text = open(CFG).read()
     head, sep, tail = text.partition("[vmim.vm.dst]\n")
     tail = "".join(line for line in tail.splitlines(True) if not line.startswith("clear ="))
-    open(CFG, "w").write(f'{head}{sep}clear = "{how}"\n{tail}')
+    line = f'clear = "{how}"\n' if how else ""
+    open(CFG, "w").write(f"{head}{sep}{line}{tail}")
 
 
 def change_one_percent(root: str, seed: int) -> int:
