@@ -123,11 +123,18 @@ def compare(key: str, contenders: Dict[str, Callable[[], Optional[dict]]],
             k: {p: statistics.median(x.get(p, 0.0) for x in v) for p in v[0]}
             for k, v in laps.items() if v}
     results[key] = entry
+    save_partial()
     print(f"{key}: " + ", ".join(
         f"{k} {v:.2f} s [{min(times[k]):.2f}-{max(times[k]):.2f}]"
         + (f" ({entry['ratio_to_bare'][k]:.2f}x)" if bare else "") for k, v in med.items()),
         flush=True)
     return med
+
+
+def save_partial() -> None:
+    """What is measured so far, in case a later contender fails (a shared machine)."""
+    with open(os.path.join(b.WORK, "partial-restore.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
 
 
 def phases(doc: dict) -> dict:
@@ -204,8 +211,11 @@ def restore_tools(tools: List[Tool]) -> List[Tool]:
 
 
 def bench_restore(tools: List[Tool], suffix: str) -> None:
+    only = os.environ.get("VMIM_BENCH_FORMATS", "tar.zst tgz").split()
     for image, fmt, decompress in ((f"bench{suffix}.zst", "tar.zst", "zstd -dc"),
                                    (f"bench{suffix}.tgz", "tgz", "pigz -dc")):
+        if fmt not in only:
+            continue
         cont = restore_contenders(restore_tools(tools), image, decompress)
         compare(f"restore {fmt}{suffix}", cont, before=settle, bare=list(cont)[-1])
 
