@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmim.disk import Filesystem, remake
+from vmim.errors import ToolMissingError
 
 RECORDED = Path(__file__).parent / "recorded"
 
@@ -85,3 +86,14 @@ def test_xfs_info_geometry_becomes_mkfs_xfs_arguments(monkeypatch):
     assert argv[argv.index("-d") + 1] == "agcount=4,size=1073741824"
     assert argv[argv.index("-l") + 1] == "internal,size=67108864,version=2"
     assert how.size == 1073741824
+
+
+@pytest.mark.parametrize("setting, method", [("auto", "delete"), ("mkfs", "mkfs")])
+def test_without_dumpe2fs_auto_deletes_and_mkfs_uses_the_defaults(monkeypatch, setting, method):
+    def missing(*a, **k):
+        raise ToolMissingError("dumpe2fs")
+
+    monkeypatch.setattr(remake.process, "run", missing)
+    choice = remake.choose(setting, "/dev/x", Filesystem("ext4", "u", ""), "/m")
+    assert choice.method == method and choice.remake is None
+    assert "required program 'dumpe2fs' was not found" in choice.why

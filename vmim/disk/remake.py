@@ -114,12 +114,18 @@ def choose(setting: str, device: str, fs: Filesystem, mountpoint: str) -> Choice
     try:
         how = plan_remake(fs, device, mountpoint)
         try_on_file(how)
+    except (ToolMissingError, OSError) as exc:  # no dumpe2fs, no room for the trial...
+        return _not_same(setting, fs, NotSame(f"it cannot be read and tried here: {exc}"))
     except NotSame as exc:
-        if setting == "mkfs":
-            return Choice("mkfs", f'clear = "mkfs": a new {fs.type} with its defaults, the '
-                          f"same UUID and label (not the same filesystem: {exc})")
-        return Choice("delete", f"the {fs.type} filesystem cannot be re-made the same: {exc}")
+        return _not_same(setting, fs, exc)
     return Choice("mkfs", f"the same {fs.type} re-made ({_summary(how)})", how)
+
+
+def _not_same(setting: str, fs: Filesystem, exc: Exception) -> Choice:
+    if setting == "mkfs":
+        return Choice("mkfs", f'clear = "mkfs": a new {fs.type} with its defaults, the '
+                      f"same UUID and label (not the same filesystem: {exc})")
+    return Choice("delete", f"the {fs.type} filesystem cannot be re-made the same: {exc}")
 
 
 def _summary(how: Remake) -> str:
