@@ -330,7 +330,15 @@ def test_template_names_every_key_and_is_a_valid_config():
     for k in KEYS:
         assert f"#{k.ini} = " in text, k.ini
     cfg = config.parse(text, "template")
-    assert cfg.slot_names == ["web1", "build2"]
+    assert cfg.slot_names == []  # a fresh install has no active slot
+    assert cfg.warnings == ()
+    # its example slots work once their '#' is removed
+    head, tail = text.split("# Every slot key", 1)
+    start = head.index("#[vmim.vm.1]")
+    examples = "\n".join(line[1:] if line.startswith(("#[", "#H", "#p", "#r")) else line
+                         for line in head[start:].splitlines())
+    enabled = head[:start] + examples + "\n# Every slot key" + tail
+    assert config.parse(enabled, "template").slot_names == ["web1", "build2"]
 
 
 def test_a_duplicate_section_or_key_names_both_places():
