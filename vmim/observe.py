@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
+from vmim import disk as disk_mod
 from vmim import incomplete, lock, store
 from vmim.config import Config, Slot
 from vmim.disk import qcow2
@@ -66,7 +67,16 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         missing.append("vmimages")
     if req.extracts and not slot.vmextracts:
         missing.append("vmextracts")
+    for key, wanted in (("vmimages", req.store is not None), ("vmextracts", bool(req.extracts))):
+        directory = getattr(slot, key)
+        if wanted and directory and not os.path.isdir(directory):  # what the store step says
+            unusable.append(f"{STORE_KINDS[key]} store {directory} does not exist; create it "
+                            "or fix the config")
     mounted = mounts.mounted_at(slot.mount) is not None
+    if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS}:
+        gone = disk_mod.missing_disk(slot)
+        if gone:  # what the mount step says
+            unusable.insert(0, gone)
     return Observed(
         domain_state=state,
         in_config=True,

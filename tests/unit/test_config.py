@@ -418,30 +418,31 @@ def test_two_slots_sharing_a_mount_point_are_warned_and_only_they_are_refused(vm
 vmemulator = "test:///default"
 [vmim.vm.a]
 HostName = "a"
-root = "/dev/vg/a"
+root = "{d}/a.img"
 mount = "/mnt/shared"
 [vmim.vm.b]
 HostName = "b"
-root = "/dev/vg/b"
+root = "{d}/b.img"
 mount = "/mnt/shared"
 [vmim.vm.c]
 HostName = "c"
-root = "/dev/vg/c"
+root = "{d}/c.img"
 """
-    cfg = config.parse(text, "/c.cfg")
+    for name in "abc":
+        (tmp_path / f"{name}.img").write_bytes(b"")
+    cfg = config.parse(text.format(d=tmp_path), "/c.cfg")
     assert any("[vmim.vm.b] mount: '/mnt/shared' is also the mount point of slot 'a'" in w
                for w in cfg.warnings)
     for name in ("a", "b"):
         assert "is also the mount point of slot 'a'" in (cfg.slot(name).conflict or "")
     assert cfg.slot("c").conflict is None
     path = tmp_path / "c.cfg"
-    path.write_text(text)
+    path.write_text(text.format(d=tmp_path))
     r = vmim("--config", str(path), "-b", "b", "--mount", "--dry-run")
     assert r.code == 3, r
     assert "[vmim.vm.b] mount '/mnt/shared' is also the mount point of slot 'a'" in r.out + r.err
     r = vmim("--config", str(path), "-b", "c", "--mount", "--dry-run")
     assert r.code == 0, r
-
 
 def test_an_entry_written_twice_in_a_section_that_is_not_used_is_a_warning():
     """0.2 configs list hosts in [AvailalableHosts], some twice: nothing reads that section, so
