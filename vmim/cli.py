@@ -181,6 +181,19 @@ def _split_transfer(text: str, flag: str) -> Tuple[str, Optional[str]]:
     return name, (directory if sep else None)
 
 
+def _check_names(req: Request) -> None:
+    """Image, insert and extract names are checked before anything else (exit 2): a name such
+    as ../x is refused before a slot is mounted or released."""
+    from vmim.store import validate_name
+
+    named = [("image", req.store), ("image", req.restore),
+             *(("insert", t.name) for t in req.inserts),
+             *(("extract", t.name) for t in req.extracts)]
+    for what, name in named:
+        if name:
+            validate_name(name.replace(BOX_PLACEHOLDER, "box"), what)
+
+
 def make_request(args: argparse.Namespace) -> Request:
     """Validate the parsed arguments into a Request (usage errors exit 2)."""
     req = Request()
@@ -220,6 +233,8 @@ def make_request(args: argparse.Namespace) -> Request:
             f"--extract-directory {pending[0]} has no -e NAME to pair with "
             "(each -e NAME without :DIR takes the next --extract-directory)"
         )
+
+    _check_names(req)
 
     wanted = {
         "kill": args.kill, "down": args.down, "mount": args.mount,

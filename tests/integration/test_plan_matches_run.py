@@ -181,3 +181,20 @@ def test_disk_image_store_of_a_disk_that_is_no_file_is_refused_by_the_dry_run_to
     assert dry.code == real.code == 4, (dry, real)
     assert "works on disk image files" in dry.out and "works on disk image files" in real.err
     assert not (rig.images / "whole").exists()
+
+
+@pytest.mark.parametrize("argv", [["-s", "../escape"], ["-r", "../golden"], ["-i", "../certs"],
+                                  ["-e", "../logs:/var/log"], ["-s", ".hidden"]])
+def test_a_bad_name_on_a_mounted_slot_is_refused_before_anything_is_touched(vmim, rig, argv):
+    """Checks that need no mount run first: the slot the user mounted stays mounted."""
+    box = rig.names["ext4"]
+    run_ok(vmim, rig, "-b", box, "--mount")
+    try:
+        (open(os.path.join(rig.mnt("ext4"), "user-file"), "w")).close()
+        r = vmim("-b", box, *argv, "--config", rig.cfg)
+        assert r.code == 2, r
+        assert "is not allowed" in r.err
+        assert os.path.ismount(rig.mnt("ext4"))
+        assert os.path.exists(os.path.join(rig.mnt("ext4"), "user-file"))
+    finally:
+        run_ok(vmim, rig, "-b", box, "--release")
