@@ -70,6 +70,7 @@ class Slot:
     qcow2_compress: bool = default("qcow2_compress")
     sourceimage: bool = default("sourceimage")
     enabled: bool = default("enabled")
+    disksize: Optional[int] = None
     #: a problem of the config that concerns this slot only (its mount point is another
     #: slot's): warned at load; any action on the slot's disk is refused with it (exit 3)
     conflict: Optional[str] = None
@@ -420,6 +421,26 @@ def _lookup(name: str, fmt: str, is_local: bool) -> Optional[Key]:
     return None
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: Any) -> Optional[int]:
+    """Bytes from 1073741824, "1G", "1 GiB", "512M", "1.5T" (powers of 1024), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if not isinstance(value, str):
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+    if not m:
+        return None
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return size if size > 0 else None
+
+
 def _convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
     """Return (True, value) — value None meaning 'not set' — or (False, error message)."""
     text = text.strip()
@@ -459,6 +480,13 @@ def _convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
         if key.minimum is not None and value < key.minimum:
             return False, f"must be at least {key.minimum}, got {value}"
         return True, value
+    if t == "size":
+        size = parse_size(value)
+        if size is None:
+            return False, f"expected a size such as \"20G\" or a number of bytes, got {json.dumps(value)}"
+        if key.minimum is not None and size < key.minimum:
+            return False, f"must be at least {key.minimum >> 20} MiB, got {json.dumps(value)}"
+        return True, size
     if t == "bool":
         if isinstance(value, bool):
             return True, value

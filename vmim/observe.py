@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 from vmim import disk as disk_mod
 from vmim import incomplete, lock, store
 from vmim.config import Config, Slot
+from vmim.disk import create as create_mod
 from vmim.disk import qcow2
 from vmim.domain import Hypervisor
 from vmim.errors import StateError
@@ -73,9 +74,18 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
             unusable.append(f"{STORE_KINDS[key]} store {directory} does not exist; create it "
                             "or fix the config")
     mounted = mounts.mounted_at(slot.mount) is not None
-    if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS}:
-        gone = disk_mod.missing_disk(slot)
-        if gone:  # what the mount step says
+    create: Optional[str] = None
+    if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS} and \
+            create_mod.is_missing_file(slot):
+        fstype, needs = create_mod.image_facts(slot, req.restore)
+        why = create_mod.refusal(slot, needs)
+        if why is None:  # the plan makes it first (disksize)
+            create = create_mod.describe(slot, fstype)
+        else:  # what the mount step says
+            unusable.insert(0, why)
+    elif not mounted and set(req.actions) & {"mount", *DATA_ACTIONS}:
+        gone = disk_mod.missing_disk(slot)  # a dangling symlink, say
+        if gone:
             unusable.insert(0, gone)
     return Observed(
         domain_state=state,
@@ -95,6 +105,7 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         incomplete=str(mark.get("image", "?")) if mark else None,
         pinned=_pinned(slot, req) if not mounted and not slot.conflict else None,
         conflict=slot.conflict,
+        create=create,
     )
 
 

@@ -79,6 +79,7 @@ class Observed:
     pinned: Optional[str] = None  # who holds the slot's disk mounted in another namespace
     root: bool = True  # whether the run is root (mounting and loop devices need it)
     conflict: Optional[str] = None  # the config's problem with this slot (a shared mount point)
+    create: Optional[str] = None  # the slot's disk is missing and will be made: how (disksize)
 
     @property
     def running(self) -> bool:
@@ -89,7 +90,7 @@ class Observed:
 class Step:
     """One step of a box's plan. `implicit`: not asked for, required by one that is."""
 
-    name: str  # kill, down, verify, mount, extract, store, restore, insert, release, up
+    name: str  # kill, down, verify, create, mount, extract, store, restore, insert, release, up
     description: str
     implicit: bool = False
     item: int = 0  # extract, insert: which of the request's transfers
@@ -148,6 +149,14 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
     stopped = stops  # the plan stops the domain before its end
     ready = False  # a step of this plan mounted the slot (or checked what is mounted)
     mounted = seen.mounted  # whether the slot is mounted at this point of the plan
+    created = False
+
+    def add_mount(implicit: bool) -> None:
+        nonlocal created
+        if seen.create and not created:
+            add("create", seen.create, True)
+            created = True
+        add("mount", _mount_text(seen, mounted), implicit)
 
     for action in req.actions:
         if action == "kill":
@@ -159,7 +168,7 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
         elif action == "mount":
             if data:  # what the data steps need is proven before anything is touched
                 _add_verify(req, seen, add, whole.get("restore", False))
-            add("mount", _mount_text(seen, mounted))  # refused while the domain runs (no down)
+            add_mount(False)  # refused while the domain runs (no down)
             ready = mounted = True
         elif action in DATA_ACTIONS:
             if action == data[0] and "mount" not in req.actions:
@@ -173,7 +182,7 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
                     if mounted else "nothing mounted or mapped now", True)
                 ready = mounted = False
             elif not ready:
-                add("mount", _mount_text(seen, mounted), True)
+                add_mount(True)
                 ready = mounted = True
             _add_data(action, req, box, seen, whole[action], add)
             if action == data[-1] and not mounted and ("mount" in req.actions or seen.mounted):

@@ -84,7 +84,7 @@ def registry() -> Dict[str, StepFunction]:
 
     return {
         "kill": power.kill, "down": power.down, "up": power.up,
-        "mount": mount.mount, "release": mount.release,
+        "create": mount.create, "mount": mount.mount, "release": mount.release,
         "verify": data.verify, "extract": data.extract, "store": data.store,
         "restore": data.restore, "insert": data.insert,
     }
