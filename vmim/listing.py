@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from vmim import incomplete, lock, store
 from vmim.config import Config, Slot
+from vmim.definition import drift_of
 from vmim.disk import missing_disk, mounts, qcow2
 from vmim.domain import UNDEFINED, DomainInfo
 
@@ -30,6 +31,7 @@ class BoxRow:
 
     is_free: bool
     disk_missing: bool = False  # the configured disk file or device is not there
+    drift: Tuple[str, ...] = ()  # how libvirt's definition differs from the config's
 
     def as_dict(self) -> dict:
         return {
@@ -41,6 +43,7 @@ class BoxRow:
             "store_type": self.store_type,
             "disk": self.disk,
             "disk_missing": self.disk_missing,
+            "definition_drift": list(self.drift),
             "mount": self.mount,
             "mounted": self.mounted,
             "locked": self.locked_by.as_dict() if self.locked_by else None,
@@ -56,8 +59,10 @@ def slot_is_free(slot: Slot, domain: Optional[DomainInfo], mounted: bool, locked
             and not mounted and not locked and missing_disk(slot) is None)
 
 
-def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]]) -> List[BoxRow]:
-    """Slots of the config and domains of libvirt; without libvirt, the config's slots only."""
+def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]],
+          definitions: Optional[Callable[[str], Optional[str]]] = None) -> List[BoxRow]:
+    """Slots of the config and domains of libvirt; without libvirt, the config's slots only.
+    definitions: libvirt's definition of a domain by name, to compare with the config's."""
     domains = domains or {}
     targets = {m.target for m in mounts.all_mounts()}
     rows: List[BoxRow] = []
@@ -83,6 +88,8 @@ def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]]) -> List[BoxRow]
             base=(qcow2.current_base(slot) or None) if slot and slot.store_type == "qcow2" else None,
             incomplete=incomplete.read(cfg, slot) if slot else None,
             disk_missing=gone,
+            drift=tuple(drift_of(slot, definitions(name)))
+            if slot and dom and definitions else (),
         ))
     return rows
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from vmim import incomplete
 from vmim.errors import StateError
 from vmim.plan import Step
 from vmim.recorder import StepResult
 from vmim.steps import Box
+
+log = logging.getLogger(__name__)
 
 
 def kill(box: Box, step: Step, rec: StepResult) -> str:
@@ -34,10 +38,14 @@ def up(box: Box, step: Step, rec: StepResult) -> str:
             raise StateError(f"box '{box.name}': {incomplete.describe(mark)}, so its "
                              "filesystem is incomplete and it is not started; restore an "
                              f"image into it (vmimagemanager -b {box.name} -r NAME -u)")
-    if box.hv.domain(box.name) is None:
-        from vmim import definition
+    from vmim import definition
 
+    if box.hv.domain(box.name) is None:
         box.hv.define(definition.domain_xml(box.need_slot()))
         done.append("defined from the config")
+    elif slot is not None:
+        diff = definition.drift_of(slot, box.hv.definition(box.name))
+        if diff:  # said, not acted on: the user's own changes to the domain may be why
+            log.warning("%s", definition.drift_line(box.name, diff))
     done.append(box.hv.start(box.name, vcpus=box.options.core, wait=box.options.start_wait))
     return "; ".join(done)
