@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-i", "--insert", action="append", default=[], metavar="NAME[:DIR]",
                    help="unpack insert NAME at guest directory DIR (default /); repeatable, in order")
     g.add_argument("--release", action="store_true", help="unmount and unmap the slot's disk")
+    g.add_argument("--redefine", action="store_true",
+                   help="replace libvirt's definition of the domain with the one the config "
+                   "makes through libvirt.xsl (the domain must be shut off)")
     g.add_argument("-u", "--up", action="store_true",
                    help="release, define the domain if libvirt lacks it, start it")
 
@@ -240,7 +243,7 @@ def make_request(args: argparse.Namespace) -> Request:
         "kill": args.kill, "down": args.down, "mount": args.mount,
         "extract": bool(req.extracts), "store": req.store is not None,
         "restore": req.restore is not None, "insert": bool(req.inserts),
-        "release": args.release, "up": args.up,
+        "release": args.release, "redefine": args.redefine, "up": args.up,
     }
     req.actions = [a for a in PIPELINE if wanted[a]]
     req.lists = [name for name, flag in (

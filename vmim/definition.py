@@ -179,3 +179,23 @@ def drift_of(slot: Slot, current_xml: Optional[str]) -> List[str]:
 def drift_line(box: str, diff: List[str]) -> str:
     return (f"box '{box}': libvirt's definition differs from the config ({'; '.join(diff)}); "
             "--redefine replaces it while the domain is shut off")
+
+
+def keeping_identity(wanted_xml: str, current_xml: Optional[str]) -> str:
+    """wanted_xml with the UUID of libvirt's current definition (libvirt replaces a definition
+    only under the same name and UUID)."""
+    if not current_xml:
+        return wanted_xml
+    from lxml import etree
+
+    current = etree.fromstring(current_xml.encode()).findtext("uuid")
+    if not current:
+        return wanted_xml
+    root = etree.fromstring(wanted_xml.encode())
+    el = root.find("uuid")
+    if el is None:
+        el = etree.Element("uuid")
+        name = root.find("name")
+        root.insert(root.index(name) + 1 if name is not None else 0, el)
+    el.text = current
+    return etree.tostring(root, encoding="unicode")

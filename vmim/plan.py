@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from vmim.errors import EXIT_CLEANUP, EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_LOCKED, EXIT_STATE
 
 #: The fixed per-box pipeline, whatever the order of the flags.
-PIPELINE = ("kill", "down", "mount", "extract", "store", "restore", "insert", "release", "up")
+PIPELINE = ("kill", "down", "mount", "extract", "store", "restore", "insert", "release",
+            "redefine", "up")
 #: Steps that mount or map the slot's disk: they need root.
 DISK_ACTIONS = ("mount", "extract", "store", "restore", "insert", "release")
 #: Steps that change or read the slot's filesystem: they stop the domain and mount it first.
@@ -90,7 +91,8 @@ class Observed:
 class Step:
     """One step of a box's plan. `implicit`: not asked for, required by one that is."""
 
-    name: str  # kill, down, verify, create, mount, extract, store, restore, insert, release, up
+    name: str  # kill, down, verify, create, mount, extract, store, restore, insert, release,
+    # redefine, up
     description: str
     implicit: bool = False
     item: int = 0  # extract, insert: which of the request's transfers
@@ -191,6 +193,10 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
         elif action == "release":
             add("release", "unmount, detach the loop device(s)" if seen.mounted or touches_fs
                 else "nothing mounted or mapped now")
+        elif action == "redefine":
+            add("redefine", "define the domain from the config through libvirt.xsl"
+                if seen.domain_state == "undefined" else
+                "replace libvirt's definition with the config's, through libvirt.xsl")
         elif action == "up":
             if seen.store_type and "release" not in req.actions:
                 add("release", "unmount, detach: never boot a disk mounted on the host"
@@ -292,6 +298,12 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
                        f"filesystem is mounted on the host at {seen.mount}: both may be writing "
                        "to it. Nothing else is done until that ends: force the domain off (-k) "
                        "and unmount it (--release), then check the filesystem")
+    if seen.running and not stops and "redefine" in req.actions:
+        return Verdict(EXIT_STATE, f"box '{box}': domain is {seen.domain_state}; --redefine "
+                       "replaces a definition only while the domain is shut off: add -d (or -k)")
+    if "redefine" in req.actions and not seen.in_config:
+        return Verdict(EXIT_STATE, f"box '{box}' is a libvirt domain with no slot in the "
+                       "config: there is no definition to replace it with")
     if seen.running and not stops and "mount" in req.actions:
         return Verdict(EXIT_STATE, f"box '{box}': domain is {seen.domain_state}; add -d to shut "
                        "it down first (or -k to force it off)")

@@ -83,7 +83,7 @@ def registry() -> Dict[str, StepFunction]:
     from vmim.steps import data, mount, power
 
     return {
-        "kill": power.kill, "down": power.down, "up": power.up,
+        "kill": power.kill, "down": power.down, "redefine": power.redefine, "up": power.up,
         "create": mount.create, "mount": mount.mount, "release": mount.release,
         "verify": data.verify, "extract": data.extract, "store": data.store,
         "restore": data.restore, "insert": data.insert,
