@@ -8,7 +8,7 @@ import os
 import re
 from typing import List, Tuple
 
-from vmim import __version__, config
+from vmim import __version__, config, keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,7 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
             _tp("/etc/vmimagemanager/libvirt.xsl",
                 "An administrator's stylesheet for domain definition (else the shipped one, "
                 "/usr/share/vmimagemanager/libvirt.xsl)."),
-            _tp("/run/lock/vmimagemanager/BOX.lock", "Per-slot locks (lockdir)."),
+            _tp(f"{keys.default('lockdir')}/BOX.lock", "Per-slot locks (lockdir)."),
             _tp("IMAGES/.vmim/NAME.json",
                 "Per-image metadata: format, size, digest (BLAKE3 or sha256).")])),
         ("examples", "\n".join(examples)),
