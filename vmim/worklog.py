@@ -151,6 +151,11 @@ class WorkLog:
             d = self._dir(create=False)
         except FileNotFoundError:
             return []
+        except OSError as exc:  # unusable (not a directory...): nothing is known to be ours
+            log.warning("box %s: cannot read the records of staging directories in %s (%s): "
+                        "what an interrupted run left in the guest stays", self.box,
+                        self.statedir, exc.strerror)
+            return []
         found: List[str] = []
         with d:
             records = self._records(d)
