@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from vmim import digest as digest_mod
 from vmim import process, procscan
 from vmim.archive import detect
-from vmim.errors import EXIT_COMMAND, StateError, UsageError, VmimError
+from vmim.errors import EXIT_COMMAND, CommandError, StateError, UsageError, VmimError
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class ImageStore:
                     meta.update(digest_mod.as_meta(digest))
             self._put_in_place(tmp, final)
         except BaseException as exc:
-            full = isinstance(exc, (VmimError, OSError)) and _out_of_space(self.directory, exc)
+            full = isinstance(exc, (CommandError, OSError)) and _out_of_space(self.directory, exc)
             if os.path.lexists(tmp):
                 subprocess.run(["rm", "-rf", "--", tmp], check=False)
             if full:
