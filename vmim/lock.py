@@ -96,7 +96,7 @@ def holder(lockdir: str, box: str) -> Optional[Holder]:
     """
     try:
         d = lock_dir(lockdir, create=False)
-    except (FileNotFoundError, PermissionError):
+    except OSError:  # missing, not a directory, not ours to read: nobody holds a lock there
         return None
     with d:
         try:

@@ -212,3 +212,10 @@ def test_files_are_created_new_and_never_read_through_symlinks(tmp_path):
             d.read("../secret")
         assert sorted(d.listdir()) == ["a", "link"]
         assert d.unlink("a") is True and d.unlink("a") is False
+
+
+def test_probing_a_lock_directory_that_is_missing_or_a_file_finds_no_holder(tmp_path):
+    assert lock.holder(str(tmp_path / "missing"), "web1") is None
+    assert not (tmp_path / "missing").exists()  # a probe creates nothing
+    (tmp_path / "file").write_text("not a directory\n")
+    assert lock.holder(str(tmp_path / "file"), "web1") is None
