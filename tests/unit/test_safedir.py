@@ -31,7 +31,7 @@ def public(tmp_path):
     """A directory like /run/lock or /tmp (root-owned, sticky, writable by all) that user nobody
     can reach, and a file of the test's own that an attacker would like root to overwrite."""
     for d in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
-        os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | 0o055)  # add search for others only
+        os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | 0o001)  # add search for others only
     run_lock = tmp_path / "run-lock"
     run_lock.mkdir()
     os.chmod(run_lock, 0o1777)
