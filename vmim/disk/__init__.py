@@ -11,10 +11,11 @@ import contextlib
 import os
 import stat
 from dataclasses import dataclass
-from typing import Dict, List, Type
+from typing import Dict, List, Optional, Type
 
 from vmim import process
 from vmim.config import Slot
+from vmim.disk import hold as hold_mod
 from vmim.errors import CommandError, ConfigError, StateError
 
 #: Filesystems vmimagemanager mounts as a slot's root.
@@ -76,6 +77,13 @@ class SlotDisk:
 
     def describe(self) -> str:
         return self.source
+
+    def hold(self, stack: contextlib.ExitStack) -> Optional[hold_mod.DiskHold]:
+        """Hold the disk as QEMU does while it is mapped (vmim.disk.hold): a domain started
+        meanwhile fails, and a disk some QEMU holds is refused (exit 4). The hold goes on
+        stack; it is returned so that a run leaving the slot mounted can hand it on."""
+        check_exists(self.source, "disk")
+        return stack.enter_context(hold_mod.hold_disk(self.source, "disk"))
 
     def map(self, stack: contextlib.ExitStack) -> str:
         """Map the disk; return the device holding the root filesystem. Undo goes on stack."""

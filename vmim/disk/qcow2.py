@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Union
 from vmim import process
 from vmim.archive import detect
 from vmim.config import Config, Slot
-from vmim.disk import SlotDisk, check_exists, fuse
+from vmim.disk import SlotDisk, check_exists, fuse, hold
 from vmim.disk.kpartx import PartitionOf
 from vmim.disk.partition import WholeDevice
 from vmim.errors import CommandError
@@ -46,6 +46,15 @@ class Qcow2Disk(SlotDisk):
 
     def _release_hint(self) -> str:
         return f"vmimagemanager -b {self.slot.name} --release"
+
+    def hold(self, stack: contextlib.ExitStack) -> Optional[hold.DiskHold]:
+        """The export daemon holds the image with QEMU's own locks once it runs (map), so a
+        domain started after that fails; this only refuses (exit 4) an image another process
+        holds now, naming it (an export a killed run left is undone before the map)."""
+        check_exists(self.source, "HostDisk")
+        ours = set(fuse.daemon_pids(self._export()))
+        hold.check_free(self.source, "qcow2 disk", ignore=lambda h: h.pid in ours)
+        return None
 
     def map(self, stack: contextlib.ExitStack) -> str:
         check_exists(self.source, "HostDisk")
