@@ -82,7 +82,8 @@ class SlotDisk:
         """Hold the disk as QEMU does while it is mapped (vmim.disk.hold): a domain started
         meanwhile fails, and a disk some QEMU holds is refused (exit 4). The hold goes on
         stack; it is returned so that a run leaving the slot mounted can hand it on."""
-        check_exists(self.source, "disk")
+        if not os.path.exists(self.source):
+            return None  # map() says what is missing, as each strategy knows it
         return stack.enter_context(hold_mod.hold_disk(self.source, "disk"))
 
     def map(self, stack: contextlib.ExitStack) -> str:

@@ -196,7 +196,8 @@ def check_free(path: str, what: str, *, ignore: Callable[[Holder], bool] = lambd
         return
     who = "; ".join(h.description for h in others if not ignore(h)) or \
         "a process that could not be found (in another mount or pid namespace?)"
-    raise StateError(f"{what} '{path}' is in use: {who} holds QEMU's lock on it (it denies "
+    raise StateError(f"{what} '{path}' is in use by another process: {who} holds QEMU's "
+                     f"lock on it (it denies "
                      f"{', '.join(denied)}): a running VM may be writing it, whatever libvirt "
                      "says; stop it first")
 
