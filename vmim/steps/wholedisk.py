@@ -36,8 +36,9 @@ def image_file_disk(slot: Slot) -> str:
     return disk
 
 
-def _convert_to(disk: str, out_format: str, compress: bool, tmp: str, _link: str) -> None:
-    qcow2.convert(disk, tmp, out_format, compress=compress)
+def _convert_to(disk: str, out_format: str, compress: bool, src_format: str, tmp: str,
+                _link: str) -> None:
+    qcow2.convert(disk, tmp, out_format, compress=compress, src_format=src_format)
 
 
 def _copy_raw_to(disk: str, tmp: str, _link: str) -> None:
@@ -49,10 +50,16 @@ def store(box: Box, st: store_mod.ImageStore, name: str, rec: StepResult,
     slot = box.need_slot()
     if slot.store_type == "qcow2":
         disk, fmt = slot.hostdisk or "", DiskImageFormat("qcow2")
+        # what it stands on is copied into the image: plain files only (a base restored
+        # from the store was checked then; the slot's first disk is the admin's)
+        qcow2.checked_chain(disk, None, f"box '{slot.name}': disk '{disk}'")
     else:  # the plan released the disk first: the file must not change under the copy
         disk, fmt = image_file_disk(slot), DiskImageFormat(slot.disk_image_format)
     if fmt.name == "qcow2":
-        writer = functools.partial(_convert_to, disk, "qcow2", slot.qcow2_compress)
+        # a raw slot's disk is the guest's to write: never probed (a qcow2 header it wrote
+        # would name a host file)
+        writer = functools.partial(_convert_to, disk, "qcow2", slot.qcow2_compress,
+                                   "qcow2" if slot.store_type == "qcow2" else "raw")
     else:
         writer = functools.partial(_copy_raw_to, disk)
     meta = st.write(name, fmt, writer, {**meta, "disk": disk})
@@ -73,15 +80,32 @@ def usable(slot: Slot, disk_image: bool, st: store_mod.ImageStore, name: str) ->
                          f"use ({' or '.join(wanted)})")
     if slot.store_type != "qcow2":
         image_file_disk(slot)  # --disk-image writes over a disk file
+    check_image(st, name, fmt_name)
     return fmt_name
+
+
+def check_image(st: store_mod.ImageStore, name: str, fmt_name: str) -> None:
+    """A whole-disk image may only name files in the image store: its backing files and data
+    files, level by level, before anything opens them (StateError, exit 4, naming the image and
+    the offending name). Whatever it names would otherwise become part of a slot's disk: read
+    by the guest, and a data file written by it."""
+    path = st.find(name)
+    what = f"image '{name}'"
+    store = os.path.realpath(st.directory)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, store]) != store or not os.path.isfile(real):
+        raise StateError(f"{what}: '{path}' leads to '{real}', not a file in the image store "
+                         f"{store}: refused")
+    if fmt_name == "qcow2":
+        qcow2.checked_chain(path, store, what)
 
 
 def verify(box: Box, st: store_mod.ImageStore, name: str) -> Proven:
     path = st.find(name)
-    fmt_name = usable(box.need_slot(), box.req.disk_image, st, name)
+    fmt_name = usable(box.need_slot(), box.req.disk_image, st, name)  # its chain checked
     if fmt_name == "qcow2":
         try:
-            process.run(["qemu-img", "check", "-q", path])
+            process.run(["qemu-img", "check", "-q", "-f", "qcow2", path])
         except CommandError as exc:
             raise StateError(f"image '{name}' is corrupt: {exc.stderr_tail}; the slot was "
                              "not touched") from None
@@ -91,6 +115,7 @@ def verify(box: Box, st: store_mod.ImageStore, name: str) -> Proven:
 def restore(box: Box, name: str, proven: Proven, rec: StepResult) -> str:
     slot = box.need_slot()
     path, fmt_name = proven.path, proven.fmt.name
+    check_image(box.store("vmimages"), name, fmt_name)  # as verified: nothing changed since
     rec.details.update(image=name, format=fmt_name, bytes=os.path.getsize(path))
     if slot.store_type == "qcow2":
         qcow2.make_overlay(path, slot.hostdisk or "")
@@ -102,7 +127,7 @@ def restore(box: Box, name: str, proven: Proven, rec: StepResult) -> str:
         if fmt_name == "raw":
             how = qcow2.copy_raw(path, tmp)
         else:
-            qcow2.convert(path, tmp, "raw")
+            qcow2.convert(path, tmp, "raw", src_format="qcow2")
             how = "converted to raw, sparse"
         os.chmod(tmp, stat.S_IMODE(os.stat(disk).st_mode))
         os.replace(tmp, disk)  # atomic: the old disk is intact until here
