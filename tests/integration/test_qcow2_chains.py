@@ -131,7 +131,7 @@ def test_a_raw_slot_whose_guest_wrote_a_qcow2_header_is_stored_as_raw(vmim, rig)
     evil = str(root / "header.qcow2")
     _create("-b", secret, "-F", "raw", evil, "64M")
     with open(evil, "rb") as src, open(root / "raw.img", "r+b") as dst:
-        dst.write(src.read(512))  # what a guest root can write to its own disk's first sector
+        dst.write(src.read(65536))  # its header cluster: a guest root may write its disk
     r = vmim("-b", names["r"], "-s", "stored", "--disk-image", "--config", cfg)
     assert r.code == 0, r
     out = subprocess.run(["qemu-img", "convert", "-O", "raw", str(images / "stored"),
