@@ -217,3 +217,61 @@ sys.exit(main(["--config", {slot.cfg!r}, "-b", {slot.name!r}, "--mount"]))
                         "--release"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert loop.loops_backed_by(slot.disk) == []
+
+
+@pytest.fixture
+def qslot(tmp_path, write_config, domains):
+    """A qcow2 slot: an overlay on `golden` (MBR, partition 1 ext4 /marker 'golden') in the
+    store, its domain defined with that overlay as a qcow2 disk."""
+    os.chmod(tmp_path, 0o755)
+    images = tmp_path / "images"
+    images.mkdir()
+    di.qcow2_golden(str(images / "golden"), "golden", virtual="64M")
+    disk = str(tmp_path / "slot.qcow2")
+    di.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(images / "golden"), "-F",
+           "qcow2", disk)
+    name = domains.name("qhold")
+    domains.conn.defineXML(f"""<domain type='qemu'><name>{name}</name>
+      <memory unit='MiB'>32</memory><vcpu>1</vcpu>
+      <os><type arch='x86_64' machine='pc'>hvm</type></os>
+      <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>""")
+    domains.names.append(name)
+    cfg = write_config(f"""\
+    [vmim.local]
+    vmimages = "{images}"
+    mount = "{tmp_path}/mnt"
+    lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
+    [vmim.vm.q]
+    HostName = "{name}"
+    HostDisk = "{disk}"
+    partition = 1
+    """)
+    s = Slot(tmp_path, cfg, name, disk, str(tmp_path / "mnt" / name))
+    yield s
+    subprocess.run([sys.executable, "-m", "vmim", "--config", cfg, "-b", name, "--release"],
+                   capture_output=True)
+
+
+def test_a_qcow2_slot_is_held_by_its_export_daemon(vmim, qslot, domains, monkeypatch):
+    """A qcow2 slot's export daemon takes QEMU's locks on the overlay: a domain started in the
+    window fails, and after --mount it keeps failing until --release."""
+    errors = []
+    real_mount = mounts.mount
+
+    def racing_mount(*args, **kwargs):
+        if not errors:
+            errors.append(start(domains, qslot.name) or "started")
+        return real_mount(*args, **kwargs)
+
+    monkeypatch.setattr(mounts, "mount", racing_mount)
+    r = vmim("-b", qslot.name, "--mount", "--config", qslot.cfg)
+    assert r.code == 0, r
+    assert errors and 'Failed to get "write" lock' in errors[0], errors
+    monkeypatch.setattr(mounts, "mount", real_mount)
+    assert 'Failed to get "write" lock' in start(domains, qslot.name)  # the command has ended
+    assert read(os.path.join(qslot.mnt, "marker")) == "golden\n"
+    assert vmim("-b", qslot.name, "--release", "--config", qslot.cfg).code == 0
+    assert start(domains, qslot.name) == ""
+    domains.conn.lookupByName(qslot.name).destroy()
