@@ -50,7 +50,7 @@ def _start_with_disk(rig, domains, key):
 
 SCENARIOS = ["off", "running", "running --mount", "mounted", "mounted and running",
              "mounted and running -k --release", "locked", "missing image", "missing insert",
-             "any-free, none free", "incomplete -u"]
+             "any-free, none free", "incomplete -u", "held by a QEMU libvirt does not know"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -92,6 +92,15 @@ def test_dry_run_exit_code_is_the_run_s(vmim, rig, domains, scenario):
             holder = _hold_locks(os.path.join(rig.root, "locks"), list(rig.names.values()))
             argv = ["-b", "any-free", "-r", "golden"]
             expected = 5
+        elif scenario == "held by a QEMU libvirt does not know":
+            holder = subprocess.Popen(["qemu-system-x86_64", "-S", "-nodefaults", "-display",
+                                       "none", "-machine", "pc,accel=tcg", "-m", "32", "-drive",
+                                       f"file={rig.disk('ext4')},format=raw,if=virtio"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 20
+            while not hold.holders(rig.disk("ext4")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            expected = 4
         elif scenario == "incomplete -u":
             state = rig.root / "state"
             state.mkdir(exist_ok=True)

@@ -86,6 +86,12 @@ class SlotDisk:
             return None  # map() says what is missing, as each strategy knows it
         return stack.enter_context(hold_mod.hold_disk(self.source, "disk"))
 
+    def check_free(self) -> None:
+        """Refuse (exit 4) a disk another process holds as QEMU does (vmim.disk.hold), except
+        this tool's own holder of a slot left mounted."""
+        if os.path.exists(self.source):
+            hold_mod.check_free(self.source, "disk", ignore=lambda h: h.ours)
+
     def map(self, stack: contextlib.ExitStack) -> str:
         """Map the disk; return the device holding the root filesystem. Undo goes on stack."""
         raise NotImplementedError

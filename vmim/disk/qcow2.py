@@ -56,9 +56,13 @@ class Qcow2Disk(SlotDisk):
         domain started after that fails; this only refuses (exit 4) an image another process
         holds now, naming it (an export a killed run left is undone before the map)."""
         check_exists(self.source, "HostDisk")
-        ours = set(fuse.daemon_pids(self._export()))
-        hold.check_free(self.source, "qcow2 disk", ignore=lambda h: h.pid in ours)
+        self.check_free()
         return None
+
+    def check_free(self) -> None:
+        if os.path.exists(self.source):
+            ours = set(fuse.daemon_pids(self._export()))  # its export, a killed run's too
+            hold.check_free(self.source, "qcow2 disk", ignore=lambda h: h.pid in ours)
 
     def map(self, stack: contextlib.ExitStack) -> str:
         check_exists(self.source, "HostDisk")
