@@ -275,3 +275,26 @@ def test_a_qcow2_slot_is_held_by_its_export_daemon(vmim, qslot, domains, monkeyp
     assert vmim("-b", qslot.name, "--release", "--config", qslot.cfg).code == 0
     assert start(domains, qslot.name) == ""
     domains.conn.lookupByName(qslot.name).destroy()
+
+
+def test_a_whole_disk_restore_holds_the_disk_it_replaces(vmim, slot, domains, monkeypatch):
+    """--disk-image does not map the disk but copies over it: held the same way meanwhile."""
+    from vmim.disk import qcow2
+
+    cfg = open(slot.cfg).read().replace("[vmim.vm.s]", 'disk_image_format = "raw"\n[vmim.vm.s]')
+    open(slot.cfg, "w").write(cfg)
+    assert vmim("-b", slot.name, "-s", "whole", "--disk-image", "--config", slot.cfg).code == 0
+    errors = []
+    real_copy = qcow2.copy_raw
+
+    def racing_copy(src, dest):
+        if not errors:
+            errors.append(start(domains, slot.name) or "started")
+        return real_copy(src, dest)
+
+    monkeypatch.setattr(qcow2, "copy_raw", racing_copy)
+    r = vmim("-b", slot.name, "-r", "whole", "--disk-image", "--config", slot.cfg)
+    assert r.code == 0, r
+    assert errors and 'Failed to get "write" lock' in errors[0], errors
+    assert domains.state(slot.name) == 5
+    assert fsck_clean(slot.disk)

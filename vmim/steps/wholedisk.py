@@ -3,20 +3,23 @@ over it (a new qcow2 overlay in constant time, or an atomic replace of a raw dis
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
+from vmim import disk as disk_mod
 from vmim import incomplete, process
 from vmim import store as store_mod
 from vmim.archive import detect
 from vmim.config import Slot
-from vmim.disk import qcow2
+from vmim.disk import hold, qcow2
 from vmim.errors import CommandError, StateError
 from vmim.progress import human_size
 from vmim.recorder import StepResult
 from vmim.steps import Box, Proven
+from vmim.steps.mount import check_domain_off
 
 
 class DiskImageFormat:
@@ -60,9 +63,11 @@ def store(box: Box, st: store_mod.ImageStore, name: str, rec: StepResult,
         # would name a host file)
         writer = functools.partial(_convert_to, disk, "qcow2", slot.qcow2_compress,
                                    "qcow2" if slot.store_type == "qcow2" else "raw")
+        meta = st.write(name, fmt, writer, {**meta, "disk": disk})  # qemu-img locks it
     else:
         writer = functools.partial(_copy_raw_to, disk)
-    meta = st.write(name, fmt, writer, {**meta, "disk": disk})
+        with held_off(box, slot, disk):  # cp does not lock
+            meta = st.write(name, fmt, writer, {**meta, "disk": disk})
     rec.details.update(image=name, format=fmt.name, bytes=meta["size"])
     return f"stored the whole disk as {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
 
@@ -112,16 +117,36 @@ def verify(box: Box, st: store_mod.ImageStore, name: str) -> Proven:
     return Proven(path, DiskImageFormat(fmt_name))
 
 
+@contextlib.contextmanager
+def held_off(box: Box, slot: Slot, disk: str) -> Iterator[None]:
+    """While a whole disk is copied or replaced: held as QEMU holds it (vmim.disk.hold), so a
+    domain started meanwhile fails, and its domain checked shut off under the hold."""
+    with contextlib.ExitStack() as stack:
+        if os.path.exists(disk):  # a qcow2 slot's first overlay has nothing to hold yet
+            stack.enter_context(hold.hold_disk(disk, "disk"))
+        check_domain_off(box.hv, slot, disk_mod.for_slot(slot))
+        yield
+
+
 def restore(box: Box, name: str, proven: Proven, rec: StepResult) -> str:
     slot = box.need_slot()
     path, fmt_name = proven.path, proven.fmt.name
     check_image(box.store("vmimages"), name, fmt_name)  # as verified: nothing changed since
     rec.details.update(image=name, format=fmt_name, bytes=os.path.getsize(path))
     if slot.store_type == "qcow2":
-        qcow2.make_overlay(path, slot.hostdisk or "")
+        with held_off(box, slot, slot.hostdisk or ""):  # the old overlay, until replaced
+            qcow2.make_overlay(path, slot.hostdisk or "")
         incomplete.remove(box.cfg, slot)  # the whole disk was replaced at once
         return f"{name}: the slot's disk is a new qcow2 overlay on it"
     disk = image_file_disk(slot)  # released by the plan's step before this one
+    with held_off(box, slot, disk):
+        how = _write_over(path, fmt_name, disk)
+    incomplete.remove(box.cfg, slot)
+    return f"{name} ({fmt_name}) written over the whole disk ({how})"
+
+
+def _write_over(path: str, fmt_name: str, disk: str) -> str:
+    """Write image path over a raw disk file: a copy under a temporary name, then a rename."""
     tmp = f"{disk}.vmim-tmp.{os.getpid()}"
     try:
         if fmt_name == "raw":
@@ -135,5 +160,4 @@ def restore(box: Box, name: str, proven: Proven, rec: StepResult) -> str:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
-    incomplete.remove(box.cfg, slot)
-    return f"{name} ({fmt_name}) written over the whole disk ({how})"
+    return how
