@@ -61,3 +61,23 @@ def test_a_backing_device_is_refused_even_without_a_store(tmp_path):
     create(tmp_path, "-u", "-b", "/dev/null", "-F", "raw", "img", "1M")
     with pytest.raises(StateError, match="not a regular file"):
         qcow2.checked_chain(str(tmp_path / "img"), None, "disk 'img'")
+
+
+def test_nothing_an_image_names_is_opened_before_its_check(tmp_path):
+    """A FIFO blocks whoever opens it: an image whose backing file and data file are FIFOs is
+    refused promptly, so qemu-img info (one file, no --backing-chain) opened neither."""
+    import signal
+
+    create(tmp_path, "-o", f"data_file={tmp_path / 'data'}", "with-data", "1M")
+    os.unlink(tmp_path / "data")
+    os.mkfifo(tmp_path / "data")
+    os.mkfifo(tmp_path / "back")
+    create(tmp_path, "-u", "-b", str(tmp_path / "back"), "-F", "raw", "with-back", "1M")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("something opened a FIFO"))
+    signal.alarm(30)
+    try:
+        for img in ("with-data", "with-back"):
+            with pytest.raises(StateError, match="not a regular file"):
+                qcow2.checked_chain(str(tmp_path / img), None, f"image '{img}'")
+    finally:
+        signal.alarm(0)
