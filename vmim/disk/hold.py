@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from vmim import procscan
+from vmim.disk import namespaces
 from vmim.errors import CleanupError, HostEnvironmentError, StateError
 
 log = logging.getLogger(__name__)
@@ -112,15 +113,6 @@ def _identity(path: str) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _cmdline(pid: int) -> List[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return []
-    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
-
-
 def _lock_ranges(pid: int, fd: str) -> List[Tuple[int, int]]:
     """The byte ranges of the OFD locks an open file carries (its fdinfo 'lock:' lines)."""
     ranges = []
@@ -137,16 +129,11 @@ def _lock_ranges(pid: int, fd: str) -> List[Tuple[int, int]]:
 
 
 def _describe(pid: int) -> Tuple[str, bool]:
-    argv = _cmdline(pid)
+    argv = procscan.cmdline(pid)
     name = os.path.basename(argv[0]) if argv else procscan.comm(str(pid))
     if name == HOLDER:
         return f"pid {pid} ({HOLDER}, a slot left mounted by --mount)", True
-    domain = ""
-    for i, arg in enumerate(argv[:-1]):
-        if arg == "-name":  # QEMU: -name guest=NAME,debug-threads=on (or just NAME)
-            value = argv[i + 1].split(",")[0]
-            domain = value[len("guest="):] if value.startswith("guest=") else value
-            break
+    domain = namespaces.domain_of(pid)  # a QEMU: -name guest=NAME,...
     return f"pid {pid} ({name}{f', domain {domain!r}' if domain else ''})", False
 
 
