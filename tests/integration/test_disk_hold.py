@@ -76,6 +76,22 @@ def start(domains, name):
     return ""
 
 
+def start_in_the_window(monkeypatch, module, function, domains, name):
+    """Start domain `name` from inside the tool, once, just before it calls module.function
+    (mount(8), a copy...): the race made deterministic. Returns the list that gets libvirt's
+    error (or "started")."""
+    errors = []
+    real = getattr(module, function)
+
+    def racing(*args, **kwargs):
+        if not errors:
+            errors.append(start(domains, name) or "started")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, function, racing)
+    return errors
+
+
 def fsck_clean(disk: str) -> bool:
     return subprocess.run(["e2fsck", "-fn", disk], capture_output=True).returncode == 0
 
@@ -89,15 +105,7 @@ def test_a_domain_started_between_the_plan_and_the_mount_fails_to_start(vmim, sl
                                                                         monkeypatch):
     """Finding 4: `virsh start` in the window after the plan saw the domain shut off. The start
     is made deterministic by doing it from inside the tool, just before mount(8)."""
-    errors = []
-    real_mount = mounts.mount
-
-    def racing_mount(*args, **kwargs):
-        if not errors:
-            errors.append(start(domains, slot.name) or "started")
-        return real_mount(*args, **kwargs)
-
-    monkeypatch.setattr(mounts, "mount", racing_mount)
+    errors = start_in_the_window(monkeypatch, mounts, "mount", domains, slot.name)
     r = vmim("-b", slot.name, "-r", "golden", "--release", "--config", slot.cfg)
     assert errors and 'Failed to get "write" lock' in errors[0], errors
     assert domains.state(slot.name) == 5  # shut off: it never ran on the mounted disk
@@ -257,19 +265,11 @@ def qslot(tmp_path, write_config, domains):
 def test_a_qcow2_slot_is_held_by_its_export_daemon(vmim, qslot, domains, monkeypatch):
     """A qcow2 slot's export daemon takes QEMU's locks on the overlay: a domain started in the
     window fails, and after --mount it keeps failing until --release."""
-    errors = []
-    real_mount = mounts.mount
-
-    def racing_mount(*args, **kwargs):
-        if not errors:
-            errors.append(start(domains, qslot.name) or "started")
-        return real_mount(*args, **kwargs)
-
-    monkeypatch.setattr(mounts, "mount", racing_mount)
+    errors = start_in_the_window(monkeypatch, mounts, "mount", domains, qslot.name)
     r = vmim("-b", qslot.name, "--mount", "--config", qslot.cfg)
     assert r.code == 0, r
     assert errors and 'Failed to get "write" lock' in errors[0], errors
-    monkeypatch.setattr(mounts, "mount", real_mount)
+    monkeypatch.undo()
     assert 'Failed to get "write" lock' in start(domains, qslot.name)  # the command has ended
     assert read(os.path.join(qslot.mnt, "marker")) == "golden\n"
     assert vmim("-b", qslot.name, "--release", "--config", qslot.cfg).code == 0
@@ -284,15 +284,7 @@ def test_a_whole_disk_restore_holds_the_disk_it_replaces(vmim, slot, domains, mo
     cfg = open(slot.cfg).read().replace("[vmim.vm.s]", 'disk_image_format = "raw"\n[vmim.vm.s]')
     open(slot.cfg, "w").write(cfg)
     assert vmim("-b", slot.name, "-s", "whole", "--disk-image", "--config", slot.cfg).code == 0
-    errors = []
-    real_copy = qcow2.copy_raw
-
-    def racing_copy(src, dest):
-        if not errors:
-            errors.append(start(domains, slot.name) or "started")
-        return real_copy(src, dest)
-
-    monkeypatch.setattr(qcow2, "copy_raw", racing_copy)
+    errors = start_in_the_window(monkeypatch, qcow2, "copy_raw", domains, slot.name)
     r = vmim("-b", slot.name, "-r", "whole", "--disk-image", "--config", slot.cfg)
     assert r.code == 0, r
     assert errors and 'Failed to get "write" lock' in errors[0], errors
