@@ -13,38 +13,17 @@ import subprocess
 import pytest
 
 from tests.integration import diskimages as di
-from tests.integration.test_disk_images import qemu_info, sha256
+from tests.integration.test_disk_images import qemu_info, rig, sha256  # noqa: F401
 
 
 @pytest.fixture
-def rig(tmp_path, write_config, domains):
-    """A store with `golden` (qcow2, partition 1 ext4 /marker 'golden'); a qcow2 slot `q` (an
-    overlay on golden) and a raw slot `r`; host files of the test's own outside the store."""
-    os.chmod(tmp_path, 0o755)
-    images = tmp_path / "images"
-    images.mkdir()
-    di.qcow2_golden(str(images / "golden"), "golden", virtual="64M",
-                    raw=str(tmp_path / "raw.img"))
-    di.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(images / "golden"), "-F",
-           "qcow2", str(tmp_path / "slot.qcow2"))
-    secret = tmp_path / "host-secret.raw"  # stands for /etc/shadow, a host disk...
+def chains(rig):  # noqa: F811 — the rig fixture of test_disk_images
+    """test_disk_images' rig (a store with `golden`, a qcow2 slot `q`, a raw slot `r`) and a
+    host file of the test's own outside the store, standing for /etc/shadow or a host disk."""
+    root, cfg, names, images = rig
+    secret = root / "host-secret.raw"
     secret.write_bytes(b"HOST SECRET\n" * 1024)
-    names = {"q": domains.name("qcow2"), "r": domains.name("raw")}
-    cfg = write_config(f"""\
-    [vmim.local]
-    vmimages = "{images}"
-    mount = "{tmp_path}/mnt"
-    lockdir = "{tmp_path}/locks"
-    statedir = "{tmp_path}/state"
-    [vmim.vm.q]
-    HostName = "{names['q']}"
-    HostDisk = "{tmp_path}/slot.qcow2"
-    [vmim.vm.r]
-    HostName = "{names['r']}"
-    HostDisk = "{tmp_path}/raw.img"
-    partition = 1
-    """)
-    return tmp_path, cfg, names, images, str(secret)
+    return root, cfg, names, images, str(secret)
 
 
 def _create(*argv: str) -> None:
@@ -87,8 +66,8 @@ KINDS = ["host-backing", "symlink-backing", "dotdot-backing", "data-file", "json
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_an_image_naming_a_file_outside_the_store_is_refused(vmim, rig, kind):
-    root, cfg, names, images, secret = rig
+def test_an_image_naming_a_file_outside_the_store_is_refused(vmim, chains, kind):
+    root, cfg, names, images, secret = chains
     offending = hostile(images, root, secret, kind)
     slot_sum, raw_sum = sha256(root / "slot.qcow2"), sha256(root / "raw.img")
     for box, flags in ((names["q"], []), (names["r"], ["--disk-image"]),
@@ -98,15 +77,13 @@ def test_an_image_naming_a_file_outside_the_store_is_refused(vmim, rig, kind):
         assert f"image '{kind}'" in r.err and offending in r.err, r
         assert "refused" in r.err
     assert sha256(root / "slot.qcow2") == slot_sum and sha256(root / "raw.img") == raw_sum
-    assert os.path.realpath(qemu_info(str(root / "slot.qcow2"))["full-backing-filename"]) == \
-        str(images / "golden")
     assert sorted(p for p in os.listdir(root) if ".vmim-tmp" in p) == []
     r = vmim("-b", names["q"], "-r", kind, "--dry-run", "--config", cfg)
     assert r.code == 4 and offending in r.out + r.err, r
 
 
-def test_a_chain_inside_the_store_still_works(vmim, rig):
-    root, cfg, names, images, _ = rig
+def test_a_chain_inside_the_store_still_works(vmim, chains):
+    root, cfg, names, images, _ = chains
     _create("-b", "golden", "-F", "qcow2", str(images / "child"))  # relative, inside
     r = vmim("-b", names["q"], "-r", "child", "--config", cfg)
     assert r.code == 0, r
@@ -124,10 +101,10 @@ def test_a_chain_inside_the_store_still_works(vmim, rig):
     assert r.code == 4 and "is the base of the qcow2 overlay" in r.err, r
 
 
-def test_a_raw_slot_whose_guest_wrote_a_qcow2_header_is_stored_as_raw(vmim, rig):
+def test_a_raw_slot_whose_guest_wrote_a_qcow2_header_is_stored_as_raw(vmim, chains):
     """A raw disk is the guest's to write: a qcow2 header naming a host file at its start
     must not be probed as qcow2 when the disk is stored (--disk-image)."""
-    root, cfg, names, images, secret = rig
+    root, cfg, names, images, secret = chains
     evil = str(root / "header.qcow2")
     _create("-b", secret, "-F", "raw", evil, "64M")
     with open(evil, "rb") as src, open(root / "raw.img", "r+b") as dst:
