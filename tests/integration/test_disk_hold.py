@@ -59,6 +59,7 @@ def slot(tmp_path, write_config, domains):
     yield s
     subprocess.run([sys.executable, "-m", "vmim", "--config", cfg, "-b", name, "--release"],
                    capture_output=True)
+    assert hold.holders(disk) == []  # no holder process outlives the test
 
 
 def start(domains, name):
@@ -260,6 +261,7 @@ def qslot(tmp_path, write_config, domains):
     yield s
     subprocess.run([sys.executable, "-m", "vmim", "--config", cfg, "-b", name, "--release"],
                    capture_output=True)
+    assert hold.holders(disk) == []  # no holder process outlives the test
 
 
 def test_a_qcow2_slot_is_held_by_its_export_daemon(vmim, qslot, domains, monkeypatch):
