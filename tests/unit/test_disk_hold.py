@@ -84,14 +84,15 @@ def test_the_hold_denies_what_qemu_wants_and_ends_with_it(disk):
 
 
 def test_a_holder_process_keeps_the_hold_and_is_ours(disk):
+    if os.geteuid() != 0:
+        pytest.skip("a holder process is the tool's only when root runs it")
     with hold.hold_disk(disk, "disk") as held:
         pid = hold.keep(held)
     try:
         deadline = time.monotonic() + 5
         while not hold.our_holders(disk) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if os.geteuid() == 0:
-            assert hold.our_holders(disk) == [pid]
+        assert hold.our_holders(disk) == [pid]
         (h,) = hold.holders(disk)
         assert h.pid == pid and h.ours and hold.HOLDER in h.description
         assert os.readlink(f"/proc/{pid}/cwd") == "/"

@@ -128,10 +128,17 @@ def _lock_ranges(pid: int, fd: str) -> List[Tuple[int, int]]:
     return ranges
 
 
+def _uid(pid: int) -> Optional[int]:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
 def _describe(pid: int) -> Tuple[str, bool]:
     argv = procscan.cmdline(pid)
     name = os.path.basename(argv[0]) if argv else procscan.comm(str(pid))
-    if name == HOLDER:
+    if name == HOLDER and _uid(pid) == 0:  # a user's process of that name is not ours
         return f"pid {pid} ({HOLDER}, a slot left mounted by --mount)", True
     domain = namespaces.domain_of(pid)  # a QEMU: -name guest=NAME,...
     return f"pid {pid} ({name}{f', domain {domain!r}' if domain else ''})", False
@@ -209,15 +216,7 @@ def hold_disk(path: str, what: str) -> Iterator[DiskHold]:
 
 def our_holders(path: str) -> List[int]:
     """The holder processes (HOLDER, root) keeping path held for a slot left mounted."""
-    found = []
-    for h in holders(path):
-        if h.ours:
-            try:
-                if os.stat(f"/proc/{h.pid}").st_uid == 0:
-                    found.append(h.pid)
-            except OSError:
-                pass
-    return found
+    return [h.pid for h in holders(path) if h.ours]
 
 
 def keep(hold: DiskHold) -> int:
