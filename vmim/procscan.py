@@ -106,6 +106,16 @@ def path_users(top: str, pids: Optional[Sequence[str]] = None) -> Dict[str, List
     return found
 
 
+def cmdline(pid: int) -> List[str]:
+    """A process's command line ([] when it is gone, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
+
+
 def comm(pid: str) -> str:
     try:
         with open(f"/proc/{pid}/comm") as fh:
