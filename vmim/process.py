@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, List, Optional, Sequence, Set
+from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
 from vmim import digest as digest_mod
 from vmim import procscan, progress
@@ -234,18 +234,31 @@ def _broken_pipe(code: int) -> bool:
     return code in (-signal.SIGPIPE, 128 + signal.SIGPIPE)
 
 
+#: how long stages before a failed one may take to end on their own (see _wait_stages)
+BLAME_GRACE = 0.5
+
+
 def _wait_stages(procs: Sequence[subprocess.Popen]) -> Optional[int]:
     """Wait for every stage of a pipeline; return the index of the stage to blame, or None.
 
     The first stage that fails on its own (not of SIGPIPE because a later one died) is blamed
-    and the others are stopped at once: a stage waiting for input that a failed stage's forked
-    helper still holds open would otherwise wait for that helper."""
+    and the others are stopped: a stage waiting for input that a failed stage's forked helper
+    still holds open would otherwise wait for that helper. Stages before the failed one get
+    BLAME_GRACE seconds to end first: a decompressor that closes its output and then reports
+    the damage it found has a reader that fails of the short input a moment before it."""
     delay = 0.001
     while True:
         codes = [p.poll() for p in procs]
         culprit = next((i for i, c in enumerate(codes) if c not in (None, 0) and
                         not _broken_pipe(c)), None)
         if culprit is not None:
+            deadline = time.monotonic() + BLAME_GRACE
+            while (any(p.poll() is None for p in procs[:culprit])
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+            codes = [p.poll() for p in procs]
+            culprit = next(i for i, c in enumerate(codes) if c not in (None, 0) and
+                           not _broken_pipe(c))
             for p in procs:
                 stop(p)
             return culprit
@@ -310,6 +323,7 @@ def pipeline(
     cwd: Optional[str] = None,
     watch_stage: int = 0,
     checksum: bool = False,
+    reader: Optional[Callable[[IO[bytes]], None]] = None,
 ) -> Optional[str]:
     """Run stages connected by pipes (stage 1 | stage 2 | ...) and check every exit status.
 
@@ -318,7 +332,9 @@ def pipeline(
     SIGPIPE because a later stage died is not the one blamed. `watch_stage` is the stage
     whose reading a progress line follows. With `checksum` (and stdout_path), the output passes
     through this process on its way to the file and its digest is returned ('ALGORITHM:HEX',
-    vmim.digest).
+    vmim.digest). With `reader` (and no stdout_path), the last stage's output is given to
+    reader, which reads it to its end in this process (a listing to check, say); when reader
+    raises, every stage is stopped and its error goes on.
     """
     stages = [[str(a) for a in s] for s in stages]
     log.debug("+ %s", " | ".join(quote_argv(s) for s in stages))
@@ -338,7 +354,8 @@ def pipeline(
                 last = i == len(stages) - 1
                 try:
                     p = popen(argv, stdin=prev,
-                              stdout=fout if last and not hashing else subprocess.PIPE,
+                              stdout=fout if last and not hashing and reader is None
+                              else subprocess.PIPE,
                               stderr=stderr_files[i], cwd=cwd)
                 finally:
                     if prev not in (fin, subprocess.DEVNULL) and prev is not None:
@@ -355,6 +372,11 @@ def pipeline(
                 except OSError as exc:  # a full disk
                     raise OutputWriteError(stages[-1], str(stdout_path),
                                            exc.strerror or str(exc)) from None
+            if reader is not None:
+                output = procs[-1].stdout
+                assert output is not None
+                with output:
+                    reader(output)
             blamed = _wait_stages(procs)
         except BaseException:
             for p in procs:

@@ -89,8 +89,11 @@ class Layout:
 
     def add(self, name: str, kind: str, key: object = None) -> None:
         parts = self.parts(name)
-        if not parts:
-            return  # the archive's root entry
+        if not parts:  # the archive's root entry: the directory it is unpacked into
+            if kind != "d":
+                raise UnsafeMember(f"{self.what} {name!r} is a {self.NAMES[kind]} that would "
+                                   "replace the directory the archive is unpacked into")
+            return
         for i in range(1, len(parts)):
             k = self.kinds.setdefault(parts[:i], "d")  # a missing parent is made a directory
             if k != "d":
@@ -170,6 +173,16 @@ class StreamFormat(Format):
         """Read the container's structure from stream to its end marker (no writes)."""
         raise NotImplementedError
 
+    def read_structure(self, image: str) -> Summary:
+        """Read the whole image once, decompressing it, and check() what it holds."""
+        from vmim import process
+
+        if not self.compression:
+            with open(image, "rb") as fh:
+                return self.check(fh)
+        with process.output_of([*decompressor(self.compression), image]) as stream:
+            return self.check(stream)
+
     def verify(self, image: str) -> Summary:
         """Read the whole image once: the compression's own integrity check, and every member
         header to the archive's end marker (used when no sha256 was recorded)."""
@@ -177,11 +190,7 @@ class StreamFormat(Format):
         from vmim.errors import CommandError
 
         try:
-            if not self.compression:
-                with open(image, "rb") as fh:
-                    return self.check(fh)
-            with process.output_of([*decompressor(self.compression), image]) as stream:
-                return self.check(stream)
+            return self.read_structure(image)
         except CommandError as exc:
             process.check_cancelled()  # a signal stopped the decompressor: say that, not this
             raise StateError(f"image {image} is corrupt or truncated: {exc.stderr_tail}") from None
