@@ -30,15 +30,18 @@ def tar_of(members: Iterable[TarMember], fmt: int = tarfile.PAX_FORMAT) -> bytes
     return buf.getvalue()
 
 
-#: (ino, mode, nlink, name, body) of one newc entry
-NewcEntry = Tuple[int, int, int, bytes, bytes]
+#: (ino, mode, nlink, name, body) of one newc entry, optionally (rdevmajor, rdevminor) last
+NewcEntry = Union[Tuple[int, int, int, bytes, bytes], Tuple[int, int, int, bytes, bytes,
+                                                             Tuple[int, int]]]
 
 
 def newc_of(entries: Iterable[NewcEntry]) -> bytes:
     """A newc stream of these entries and its trailer."""
     out = bytearray()
-    for ino, mode, nlink, name, body in [*entries, (0, 0, 1, b"TRAILER!!!", b"")]:
-        fields = [ino, mode, 0, 0, nlink, 0, len(body), 0, 0, 0, 0, len(name) + 1, 0]
+    for entry in [*entries, (0, 0, 1, b"TRAILER!!!", b"")]:
+        ino, mode, nlink, name, body = entry[:5]
+        rdev = entry[5] if len(entry) > 5 else (0, 0)  # type: ignore[misc]
+        fields = [ino, mode, 0, 0, nlink, 0, len(body), 0, 0, *rdev, len(name) + 1, 0]
         out += b"070701" + b"".join(b"%08X" % f for f in fields) + name + b"\0"
         out += bytes(-len(out) % 4)
         out += body
