@@ -387,3 +387,116 @@ def pipeline(
         stderr_files[blamed].seek(0)
         tail = stderr_files[blamed].read()[-STDERR_TAIL:].decode("utf-8", "replace")
     raise CommandError(stages[blamed], procs[blamed].returncode, tail)
+
+
+@dataclass(frozen=True)
+class Sink:
+    """One command of fan_out(): it reads the stream on its stdin; `reader` reads (in a thread
+    of this process) its stdout, or its stderr when `read` is "stderr" (stdout then goes to
+    /dev/null, which a reader of seekable output needs)."""
+
+    argv: Sequence[str]
+    reader: Callable[[IO[bytes]], None]
+    read: str = "stdout"
+    ok_codes: Sequence[int] = (0,)
+
+
+def _drain(sink: Sink, stream: IO[bytes], proc: subprocess.Popen, failed: List[BaseException]
+           ) -> None:
+    try:
+        with stream:
+            sink.reader(stream)
+    except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread
+        failed.append(exc)
+        stop(proc)  # its writer sees a broken pipe and goes on with the others
+
+
+def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Sink]) -> None:
+    """Read stdin_path once (through source, a decompressor, when given) and give the stream to
+    every sink at once: one read and one decompression for several readers of an image.
+
+    Every exit status is checked: CommandError names the command that failed (the source
+    first: a damaged stream makes its readers fail too). When a reader raises, every command
+    is stopped and that error goes on."""
+    argvs = [[str(a) for a in s.argv] for s in sinks]
+    shown = quote_argv(list(source)) + " | " if source else f"< {stdin_path} "
+    log.debug("+ %stee %s", shown, " ".join(f">({quote_argv(a)})" for a in argvs))
+    procs: List[subprocess.Popen] = []
+    failed: List[BaseException] = []
+    with contextlib.ExitStack() as stack:
+        fin = stack.enter_context(open(stdin_path, "rb"))
+        src: Optional[subprocess.Popen] = None
+        src_err = stack.enter_context(tempfile.TemporaryFile())
+        errs = [stack.enter_context(tempfile.TemporaryFile()) for _ in sinks]
+        threads: List[threading.Thread] = []
+        try:
+            if source:
+                src = popen([str(a) for a in source], stdin=fin, stdout=subprocess.PIPE,
+                            stderr=src_err)
+                stack.enter_context(track(src))
+                assert src.stdout is not None
+                feed = stack.enter_context(src.stdout)
+            else:
+                feed = fin
+            for sink, argv, err in zip(sinks, argvs, errs):
+                on_stderr = sink.read == "stderr"
+                p = popen(argv, stdin=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL if on_stderr else subprocess.PIPE,
+                          stderr=subprocess.PIPE if on_stderr else err)
+                procs.append(p)
+                stack.enter_context(track(p, progress_too=False))
+                out = p.stderr if on_stderr else p.stdout
+                assert out is not None
+                t = threading.Thread(target=_drain, args=(sink, out, p, failed), daemon=True)
+                t.start()
+                threads.append(t)
+            cut_short = not _feed(feed, [p.stdin for p in procs], failed)
+            for t in threads:
+                t.join()
+            if src is not None:
+                if cut_short:  # nobody reads on: the rest of the stream is of no use
+                    stop(src)
+                src.wait()
+            codes = [p.wait() for p in procs]
+        except BaseException:
+            for p in [*procs, *([src] if src else [])]:
+                stop(p)
+            raise
+        if failed:
+            raise failed[0]
+        if src is not None and src.returncode != 0 and not cut_short:
+            src_err.seek(0)
+            raise CommandError(list(source or ()), src.returncode,
+                               src_err.read()[-STDERR_TAIL:].decode("utf-8", "replace"))
+        for sink, argv, code, err in zip(sinks, argvs, codes, errs):
+            if code not in sink.ok_codes:
+                err.seek(0)
+                raise CommandError(argv, code,
+                                   err.read()[-STDERR_TAIL:].decode("utf-8", "replace"))
+
+
+def _feed(feed: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
+          failed: List[BaseException]) -> bool:
+    """Copy feed into every stdin until it ends (True), or no one reads, or a reader failed
+    (False)."""
+    open_ = [s for s in stdins if s is not None]
+    try:
+        while open_ and not failed:
+            chunk = os.read(feed.fileno(), 1 << 20)
+            if not chunk:
+                return True
+            for s in list(open_):
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(s.fileno(), view):]
+                except BrokenPipeError:  # that one stopped reading: its status will say why
+                    open_.remove(s)
+        return False
+    finally:
+        for stdin in stdins:
+            if stdin is not None:
+                try:
+                    stdin.close()
+                except BrokenPipeError:
+                    pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
 from vmim.errors import OperationError, StateError
 
@@ -78,10 +78,14 @@ class Layout:
 
     NAMES = {"d": "directory", "l": "symlink", "f": "file"}
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, rmdir_empty: bool = False):
         self.what = what  # "tar member", "cpio member"
+        #: GNU tar removes an empty directory that a later member replaces; the newc
+        #: extractor replaces no directory
+        self.rmdir_empty = rmdir_empty
         self.kinds: Dict[Tuple[str, ...], str] = {(): "d"}
         self.owner: Dict[Tuple[str, ...], object] = {}  # path -> the inode key it holds
+        self.nonempty: Set[Tuple[str, ...]] = set()  # directories something was put in
 
     @staticmethod
     def parts(name: str) -> Tuple[str, ...]:
@@ -99,14 +103,19 @@ class Layout:
             if k != "d":
                 raise UnsafeMember(f"{self.what} {name!r} passes through {'/'.join(parts[:i])!r}"
                                    f", which an earlier member made a {self.NAMES[k]}")
-        if self.kinds.get(parts) == "d" and kind != "d":
+        if self.kinds.get(parts) == "d" and kind != "d" and \
+                (parts in self.nonempty or not self.rmdir_empty):
             raise UnsafeMember(f"{self.what} {name!r} would replace a directory")
+        self.nonempty.update(parts[:i] for i in range(1, len(parts)))
         self.kinds[parts] = kind
         self.owner[parts] = key
 
     def link(self, name: str, target: str, kinds: str = "f", key: object = None) -> None:
-        """A hard link name -> target: target must be there, of one of kinds (and hold key)."""
+        """A hard link name -> target: target must be there, of one of kinds (and hold key).
+        A link of a name to itself, when the name is there, changes nothing (GNU tar)."""
         t = self.parts(target)
+        if t == self.parts(name) and t in self.kinds:
+            return
         if self.kinds.get(t) not in tuple(kinds) or (key is not None and self.owner.get(t) != key):
             raise UnsafeMember(f"{self.what} {name!r} is a hard link to {target!r}, which no "
                                "earlier member left there")

@@ -167,6 +167,9 @@ class Extractor:
                 self._skip(stream, size)
                 self.dir_times.append((b"/".join(parts), h["mtime"]))
             elif fmt == stat.S_IFLNK:
+                if not size:
+                    raise UnsafeMember(f"cpio member {name!r} is a symlink to nothing (it "
+                                       "cannot be made)")
                 target = _read_exact(stream, size)
                 self._skip(stream, _pad(size), exact=True)
                 os.symlink(target, leaf, dir_fd=dfd)
@@ -350,6 +353,9 @@ def check(stream: IO[bytes]) -> Summary:
         if not parts and fmt != stat.S_IFDIR:
             raise UnsafeMember(f"cpio member {name!r} is not a directory and would replace "
                                "the directory the archive is unpacked into")
+        if fmt == stat.S_IFLNK and not h["filesize"] and parts:
+            raise UnsafeMember(f"cpio member {name!r} is a symlink to nothing (it cannot be "
+                               "made)")
         text = name.decode("utf-8", "surrogateescape")
         key = group_key(h)
         if key is not None and key in links:

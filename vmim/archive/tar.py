@@ -1,9 +1,11 @@
 """tar streams, compressed with gzip (pigz), zstd, bzip2 or xz, or not at all.
 
 Written and unpacked by GNU tar, and proven by it: before the slot is cleared, `prove` has GNU
-tar read every header of the image with the unpack's own options (`--list` instead of
-`--extract`: the same header decoding, pax and global pax records, GNU long names and sparse
-maps, numeric ranges), so that what GNU tar would refuse is refused while the slot is intact.
+tar read every header of the image with the unpack's own options (`--diff` against an empty
+directory instead of `--extract`: the same header decoding and the same framing, pax and
+global pax records, GNU long names and sparse maps, numeric ranges), so that what GNU tar
+would refuse is refused while the slot is intact (one exception, stricter: a member of a type
+GNU tar does not know is an error for --diff, a warning for --extract).
 What only an unpack onto a filesystem shows (a member through an earlier symlink, a file over
 a directory or over the root, a hard link to a name not there) is checked on GNU tar's own
 listing by vmim.archive.Layout, and so is the end-of-archive marker, which GNU tar does not
@@ -12,8 +14,11 @@ require (an archive cut at a member boundary would restore half a tree without a
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
-from typing import IO, List, Optional, Sequence, Tuple
+import tempfile
+from typing import IO, List, Optional, Sequence, Set, Tuple
 
 from vmim import process
 from vmim.archive import (
@@ -35,11 +40,19 @@ CREATE = ["--format=posix", "--numeric-owner", *XATTRS,
 #: would otherwise end the unpack there, with exit 0 and the rest of the tree missing.
 EXTRACT = ["--numeric-owner", "--same-owner", "--preserve-permissions", "--ignore-zeros",
            *XATTRS]
-#: The proof: the unpack's options, listing instead of extracting, one line per header in a
-#: form read back exactly (C-quoted names, the block each starts at, zero blocks and the end).
-PROVE = ["--list", "--file=-", "--verbose", "--block-number", "--full-time",
-         "--quoting-style=c", *EXTRACT]
-
+#: The proof: two readings of the image by GNU tar with the unpack's own options, writing
+#: nothing, each listing every header in a form read back exactly (C-quoted names, the block
+#: each starts at, zero blocks and the end). --extract --to-stdout (the data to /dev/null)
+#: reads regular and sparse files' data as the unpack does (a sparse map that claims more
+#: data than the member holds makes it read on into the next members); --diff against an
+#: empty directory reads on from the block after a symlink, hard link, device node or FIFO
+#: as the unpack does (--list and --to-stdout skip the data such a member claims in its size
+#: field or a pax record). The two listings must be the same: then the unpack reads the very
+#: members they list.
+LISTING = ["--file=-", "--verbose", "--verbose", "--block-number", "--full-time",
+           "--quoting-style=c", *EXTRACT]
+PROVE_DATA = ["tar", "--extract", "--to-stdout", *LISTING]
+PROVE_LINKS = ["tar", "--diff", *LISTING]
 
 class TarFormat(StreamFormat):
     def write(self, src_root: str, paths: Sequence[str], dest: str,
@@ -75,28 +88,63 @@ def prove(image: str, compression: Optional[str]) -> Summary:
     would, writing nothing; its listing goes through the layout check. CorruptArchive when GNU
     tar refuses the archive or its end-of-archive marker is missing, UnsafeMember for what the
     unpack onto a filesystem would refuse, CommandError when the decompressor fails."""
-    stages = [decompressor(compression)] if compression else []
-    stages.append(["tar", *PROVE])
     listing = Listing()
+    data = _Echo()
+    empty = tempfile.mkdtemp(prefix="vmim-proof-")  # what --diff compares with: nothing
     try:
-        process.pipeline(stages, stdin_path=image, reader=listing.read)
+        process.fan_out(image, decompressor(compression) if compression else None, [
+            process.Sink(PROVE_DATA, data.read, read="stderr"),
+            # --diff exits 1 for "differs": nothing is there to compare with
+            process.Sink([*PROVE_LINKS, f"--directory={empty}"], listing.read, ok_codes=(0, 1)),
+        ])
     except CommandError as exc:
         if exc.argv[0] != "tar":
             raise
-        raise CorruptArchive(refusal(exc.stderr_tail)) from None
+        said = exc.stderr_tail if exc.argv[:2] == PROVE_LINKS[:2] else " ".join(data.said)
+        raise CorruptArchive(refusal(said)) from None
+    finally:
+        os.rmdir(empty)
+    if (data.lines, data.digest.digest()) != (listing.lines, listing.digest.digest()):
+        raise CorruptArchive("GNU tar would unpack other members than it lists (a symlink, hard "
+                             "link, device node or FIFO that claims data, or a sparse map that "
+                             "does not match the data there)")
     return listing.summary()
+
+
+class _Echo:
+    """The listing that --extract --to-stdout writes on stderr among its messages: only its
+    digest is kept, to compare with the listing --diff writes, and the messages."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.lines = 0
+        self.said: List[str] = []
+
+    def read(self, err: IO[bytes]) -> None:
+        for raw in err:
+            if raw.startswith(b"block "):
+                self.digest.update(raw)
+                self.lines += 1
+            elif len(self.said) < 20:
+                self.said.append(raw.decode("utf-8", "replace").strip())
 
 
 def refusal(stderr: str) -> str:
     """What GNU tar said (its messages on one line, as CommandError keeps them), as the reason
     an image cannot be restored."""
     said = [f"tar: {m.strip()}" for m in stderr.split("tar: ") if m.strip() and
-            "Exiting with failure status" not in m and "not recoverable" not in m]
+            not any(n in m for n in _NOISE)]
     shown = "; ".join(said[:3]) or "no message"
     if any("Unexpected EOF" in line for line in said):
         return f"the tar archive ends early, inside a member (truncated?): {shown}"
     return f"GNU tar refuses it: {shown}"
 
+
+#: what GNU tar says on the way that is not why it failed (--diff finds nothing to compare
+#: with; --to-stdout cannot truncate /dev/null)
+_NOISE = ("Exiting with failure status", "not recoverable", "Warning: Cannot stat",
+          "Warning: Cannot readlink", "Warning: Cannot truncate", "Removing leading",
+          "Substituting `.'")
 
 _ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34,
             "?": 63, "'": 39}
@@ -134,7 +182,7 @@ def _quoted(line: str, at: int) -> Tuple[str, int]:
 
 
 class _Unreadable(Exception):
-    """A line of GNU tar's listing that is not what PROVE makes it write."""
+    """A line of GNU tar's listing that is not what LISTING makes it write."""
 
 
 _LINE = re.compile(r"block (\d+): (\*\* (?:Block of NULs|End of File) \*\*|\S{10}.*)")
@@ -145,18 +193,29 @@ _KINDS = {"d": "d", "l": "l", "-": "f", "c": "f", "b": "f", "p": "f", "s": "f", 
 
 
 class Listing:
-    """GNU tar's verbose listing (PROVE), line by line, into a Layout and a Summary."""
+    """GNU tar's verbose listing (LISTING), line by line, into a Layout and a Summary."""
 
     def __init__(self) -> None:
-        self.layout = Layout("tar member")
+        self.layout = Layout("tar member", rmdir_empty=True)
+        #: symlinks GNU tar makes only at the end (absolute or with ".."), a placeholder file
+        #: meanwhile: a member that takes such a name is dropped or fails then, depending on
+        #: whether its inode got the placeholder's number
+        self.delayed: Set[Tuple[str, ...]] = set()
         self.members = 0
         self.needs = 0
         self.ended = False  # the last thing before the end of the stream was a zero block
         self.pending: Optional[Tuple[int, int]] = None  # (block, size) of the last file
         self.unread = ""  # the first line not understood (GNU tar failing half-way writes one)
+        self.digest = hashlib.sha256()  # of every line, to compare with _Echo's
+        self.lines = 0
 
     def read(self, out: IO[bytes]) -> None:
         for raw in out:
+            if raw.startswith(b'"'):
+                continue  # what --diff found different: "NAME": ... (C-quoted, so never a
+                # line of its own that starts otherwise)
+            self.digest.update(raw)
+            self.lines += 1
             line = raw.rstrip(b"\n").decode("ascii", "backslashreplace")
             if self.unread:
                 continue  # GNU tar's own exit status will say why; else summary() refuses
@@ -179,12 +238,15 @@ class Listing:
         if not m:
             raise _Unreadable(line)
         block, rest = int(m.group(1)), m.group(2)
-        self._block(block)
         if rest == "** Block of NULs **":
+            self._block(block)
             self.ended = True
             return
         if rest == "** End of File **":
+            self._block(block)
             return
+        block -= 1  # --diff numbers a member by the block after its header
+        self._block(block)
         self.ended = False
         quote = rest.find('"')
         fields = rest[:quote].split()
@@ -192,12 +254,15 @@ class Listing:
             raise _Unreadable(line)
         letter = fields[0][0]
         name, after = _quoted(rest, quote)
+        _check_name(name, "name")  # GNU tar checks it first, whatever the type
         if letter == "V":  # a volume label: not unpacked
             return
+        if Layout.parts(name) in self.delayed:
+            raise UnsafeMember(f"tar member {name!r} takes the name of a symlink GNU tar makes "
+                               "only at the end of the unpack (it would fail, or drop it)")
         if letter == "M":
             raise CorruptArchive(f"tar member {name!r} is continued from another volume (a "
                                  "multi-volume archive): it does not unpack on its own")
-        _check_name(name, "name")
         self.members += 1
         if letter == "h":
             if not rest.startswith(' link to "', after):
@@ -211,11 +276,15 @@ class Listing:
             raise CorruptArchive(f"tar member {name!r} is of a type the unpack does not know "
                                  f"({letter!r} in GNU tar's listing)")
         size = fields[2]
-        if kind == "d" and size not in ("0", ""):
-            # a regular file whose name ends in "/": GNU tar makes a directory of it and then
-            # reads its data as headers
-            raise UnsafeMember(f"tar member {name!r} is a directory that carries data (GNU tar "
-                               "would fail on it)")
+        if letter == "l":
+            if not rest.startswith(' -> "', after):
+                raise _Unreadable(line)
+            target, _ = _quoted(rest, after + len(" -> "))
+            if not target:
+                raise UnsafeMember(f"tar member {name!r} is a symlink to nothing (GNU tar "
+                                   "cannot make it)")
+            if target.startswith("/") or ".." in target.split("/"):
+                self.delayed.add(Layout.parts(name))
         self.layout.add(name, kind)
         if letter in "-C?" and size.isdigit():
             self.pending = (block, int(size))
