@@ -412,8 +412,9 @@ def _drain(sink: Sink, stream: IO[bytes], proc: subprocess.Popen, failed: List[B
 
 
 def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Sink]) -> None:
-    """Read stdin_path once (through source, a decompressor, when given) and give the stream to
-    every sink at once: one read and one decompression for several readers of an image.
+    """Read stdin_path once through source (a decompressor) and give the stream to every sink
+    at once: one decompression for several readers of an image. Without source, every sink
+    reads stdin_path itself, at its own pace (a reader that seeks past data can).
 
     Every exit status is checked: CommandError names the command that failed (the source
     first: a damaged stream makes its readers fail too). When a reader raises, every command
@@ -437,10 +438,11 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
                 assert src.stdout is not None
                 feed = stack.enter_context(src.stdout)
             else:
-                feed = fin
+                feed = None
             for sink, argv, err in zip(sinks, argvs, errs):
                 on_stderr = sink.read == "stderr"
-                p = popen(argv, stdin=subprocess.PIPE,
+                own = stack.enter_context(open(stdin_path, "rb")) if src is None else None
+                p = popen(argv, stdin=subprocess.PIPE if own is None else own,
                           stdout=subprocess.DEVNULL if on_stderr else subprocess.PIPE,
                           stderr=subprocess.PIPE if on_stderr else err)
                 procs.append(p)
@@ -450,7 +452,7 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
                 t = threading.Thread(target=_drain, args=(sink, out, p, failed), daemon=True)
                 t.start()
                 threads.append(t)
-            cut_short = not _feed(feed, [p.stdin for p in procs], failed)
+            cut_short = feed is not None and not _feed(feed, [p.stdin for p in procs], failed)
             for t in threads:
                 t.join()
             if src is not None:
@@ -480,6 +482,11 @@ def _feed(feed: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
     """Copy feed into every stdin until it ends (True), or no one reads, or a reader failed
     (False)."""
     open_ = [s for s in stdins if s is not None]
+    for s in [feed, *open_]:
+        try:
+            fcntl.fcntl(s.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
+        except OSError:
+            pass  # not a pipe (an image read directly), or the system's limit is lower
     try:
         while open_ and not failed:
             chunk = os.read(feed.fileno(), 1 << 20)

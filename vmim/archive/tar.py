@@ -153,6 +153,8 @@ _ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92
 def unquote_c(text: str) -> str:
     """A name as GNU tar's --quoting-style=c shows it (without its quotes), back to the name
     (bytes that are not UTF-8 as surrogate escapes, as everywhere in vmim)."""
+    if "\\" not in text:
+        return text  # printable ASCII as it is: most names
     out = bytearray()
     i = 0
     while i < len(text):
@@ -171,14 +173,16 @@ def unquote_c(text: str) -> str:
     return out.decode("utf-8", "surrogateescape")
 
 
+#: a C-quoted string: its text between the quotes, escapes included
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
 def _quoted(line: str, at: int) -> Tuple[str, int]:
     """The C-quoted string starting at line[at] (a double quote): (its text, the index after)."""
-    i = at + 1
-    while i < len(line) and line[i] != '"':
-        i += 2 if line[i] == "\\" else 1
-    if i >= len(line):
+    m = _QUOTED.match(line, at)
+    if m is None:
         raise _Unreadable(line)
-    return unquote_c(line[at + 1:i]), i + 1
+    return unquote_c(m.group(1)), m.end()
 
 
 class _Unreadable(Exception):
