@@ -89,7 +89,11 @@ def loop(tmp_path):
         st = os.stat(dev)
         yield (os.major(st.st_rdev), os.minor(st.st_rdev)), backing
     finally:
-        subprocess.run(["losetup", "-d", dev], check=True)
+        # only ours, and only while it is still ours (losetup -j: what is over our file)
+        attached = subprocess.run(["losetup", "-j", str(backing), "-O", "NAME", "-n"],
+                                  capture_output=True, text=True).stdout.split()
+        if dev in attached:
+            subprocess.run(["losetup", "-d", dev], check=True)
 
 
 def _extract_in_child(data: bytes, out) -> subprocess.CompletedProcess:
