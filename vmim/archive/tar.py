@@ -100,6 +100,7 @@ def prove(image: str, compression: Optional[str]) -> Summary:
     except CommandError as exc:
         if exc.argv[0] != "tar":
             raise
+        process.check_cancelled()  # a signal stopped GNU tar: say that, not this
         said = exc.stderr_tail if exc.argv[:2] == PROVE_LINKS[:2] else " ".join(data.said)
         raise CorruptArchive(refusal(said)) from None
     finally:
