@@ -1,15 +1,16 @@
 """tar streams, compressed with gzip (pigz), zstd, bzip2 or xz, or not at all.
 
 Written and unpacked by GNU tar, and proven by it: before the slot is cleared, `prove` has GNU
-tar read every header of the image with the unpack's own options (`--diff` against an empty
-directory instead of `--extract`: the same header decoding and the same framing, pax and
-global pax records, GNU long names and sparse maps, numeric ranges), so that what GNU tar
-would refuse is refused while the slot is intact (one exception, stricter: a member of a type
-GNU tar does not know is an error for --diff, a warning for --extract).
-What only an unpack onto a filesystem shows (a member through an earlier symlink, a file over
-a directory or over the root, a hard link to a name not there) is checked on GNU tar's own
-listing by vmim.archive.Layout, and so is the end-of-archive marker, which GNU tar does not
-require (an archive cut at a member boundary would restore half a tree without a word).
+tar read every header of the image with the unpack's own options, writing nothing (see
+PROVE_DATA and PROVE_LINKS: two readings from one decompression, which between them read every
+member as --extract does): the same header decoding and framing, pax and global pax records,
+GNU long names and sparse maps, numeric ranges. What GNU tar would refuse is so refused while
+the slot is intact (one exception, stricter: a member of a type GNU tar does not know is an
+error for --diff, a warning for --extract). What only an unpack onto a filesystem shows (a
+member through an earlier symlink, a file over a directory that is not empty or over the root,
+a hard link to a name not there) is checked on GNU tar's own listing by vmim.archive.Layout,
+and so is the end-of-archive marker, which GNU tar does not require (an archive cut at a member
+boundary would restore half a tree without a word).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ LISTING = ["--file=-", "--verbose", "--verbose", "--block-number", "--full-time"
            "--quoting-style=c", *EXTRACT]
 PROVE_DATA = ["tar", "--extract", "--to-stdout", *LISTING]
 PROVE_LINKS = ["tar", "--diff", *LISTING]
+
 
 class TarFormat(StreamFormat):
     def write(self, src_root: str, paths: Sequence[str], dest: str,
