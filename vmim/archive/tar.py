@@ -283,6 +283,8 @@ class Listing:
             raise CorruptArchive(f"tar member {name!r} is of a type the unpack does not know "
                                  f"({letter!r} in GNU tar's listing)")
         size = fields[2]
+        if letter == "C" and name.endswith("/"):
+            kind = "d"  # as a regular file's, a name ending in "/" makes it a directory
         if letter == "l":
             if not rest.startswith(' -> "', after):
                 raise _Unreadable(line)
