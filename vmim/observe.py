@@ -76,7 +76,7 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
     mounted = mounts.mounted_at(slot.mount) is not None
     create: Optional[str] = None
     if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS} and \
-            create_mod.is_missing_file(slot):
+            slot.store_type != "lvm" and create_mod.is_missing_file(slot):  # an LV: its own word
         fstype, needs = create_mod.image_facts(slot, req.restore)
         why = create_mod.refusal(slot, needs)
         if why is None:  # the plan makes it first (disksize)

@@ -110,7 +110,7 @@ def _hostile_guest(root: str, host: str, layout: str) -> None:
         os.makedirs(os.path.join(root, "etc"))
         with open(os.path.join(root, "etc", "passwd"), "w") as fh:
             fh.write("root:x:0:0::/root:/bin/sh\n")
-    os.makedirs(os.path.join(root, "var"))
+    os.makedirs(os.path.join(root, "var"), exist_ok=True)  # host may be under /var/tmp
     os.symlink("/run", os.path.join(root, "var", "run"))  # absolute: the guest's /run
     os.symlink(host, os.path.join(root, "lnk"))  # absolute, naming a real host directory
     os.symlink("../../..", os.path.join(root, "up"))
