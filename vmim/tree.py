@@ -6,6 +6,10 @@ starts again at the guest's root (a guest `var/run -> /run` means the guest's /r
 the host's) and `..` stops at it. Archives are never unpacked in place: they go to a fresh
 staging directory on the guest's filesystem, and `merge` moves the entries into the guest
 with renames, following guest directory symlinks only as the guest would.
+
+merge, target_dir and copy_dir_metadata run in the sandbox (vmim.guestwork), with the guest
+root at /slot: even a bug here cannot reach a host file. remove and clear run `rm` there too.
+This process itself only makes and marks staging directories at the guest root.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def makedirs(root: str, guest_path: str) -> str:
     return path
 
 
-def _copy_dir_metadata(src: str, dst: str) -> None:
+def copy_dir_metadata(src: str, dst: str) -> None:
     st = os.lstat(src)
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
@@ -123,7 +127,7 @@ def merge(staging: str, root: str, dest: str = "/") -> int:
     started it as a copy of the target's, so only an archive entry for "." changes it."""
     target = target_dir(root, dest)
     moved = _merge_dir(staging, target, root)
-    _copy_dir_metadata(staging, target)
+    copy_dir_metadata(staging, target)
     return moved
 
 
@@ -176,16 +180,28 @@ def _rename_in(src: str, dst: str, root: str, guest_rel: str) -> None:
                              f"does not exist{via}") from None
 
 
-def remove(paths: List[str]) -> None:
-    """rm -rf, never crossing into other filesystems, in batches."""
-    for i in range(0, len(paths), 512):
-        process.run(["rm", "-rf", "--one-file-system", "--", *paths[i:i + 512]])
+#: where the sandbox shows the guest's root
+GUEST = "/slot"
+
+
+def remove(root: str, names: List[str]) -> None:
+    """rm -rf of entries at the guest root, never crossing into other filesystems, in batches,
+    in the sandbox (seeing the guest root only)."""
+    from vmim import sandbox
+
+    for name in names:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"not a name at the guest root: {name!r}")
+    for i in range(0, len(names), 512):
+        paths = [f"{GUEST}/{n}" for n in names[i:i + 512]]
+        process.run(sandbox.command(["rm", "-rf", "--one-file-system", "--", *paths],
+                                    [sandbox.Bind(root, GUEST, writable=True)]))
 
 
 def clear(root: str) -> int:
     """Delete the guest's whole content (dotfiles too), keeping lost+found at the root only."""
     names = [n for n in os.listdir(root) if n != "lost+found"]
-    remove([os.path.join(root, n) for n in names])
+    remove(root, names)
     return len(names)
 
 
@@ -210,12 +226,13 @@ def remove_stale_work(root: str) -> None:
                 stale.append(os.path.join(root, n))
     if stale:
         log.info("removing what an interrupted run left in the guest: %s", ", ".join(stale))
-        remove(stale)
+        remove(root, [os.path.basename(p) for p in stale])
 
 
-def staging_dir(root: str, what: str, like: str) -> str:
+def staging_dir(root: str, what: str, like: Optional[str] = None) -> str:
     """A fresh directory at the guest root to unpack into, with the metadata of directory
-    `like` (the merge target), so that an archive without a "." entry changes none of it."""
+    `like` (the merge target), so that an archive without a "." entry changes none of it
+    (without `like`: see guestwork's "prepare", which does that in the sandbox)."""
     base = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
     path = base
     for n in range(1, 1000):
@@ -232,5 +249,25 @@ def staging_dir(root: str, what: str, like: str) -> str:
     except OSError as exc:  # no user xattrs here: a leftover of this run stays (and is said)
         log.warning("cannot mark %s as this run's (%s): if the run is killed, remove it by hand",
                     path, exc.strerror)
-    _copy_dir_metadata(like, path)
+    if like is not None:
+        copy_dir_metadata(like, path)
     return path
+
+
+def merge_contained(staging: str, root: str, dest: str = "/") -> int:
+    """merge(), run in the sandbox: it sees the guest root (at /slot) and nothing else.
+    staging is a directory at the guest root (staging_dir())."""
+    from vmim import guestwork, sandbox
+
+    return int(guestwork.call("merge", {"staging": f"{GUEST}/{os.path.basename(staging)}",
+                                        "root": GUEST, "dest": dest},
+                              [sandbox.Bind(root, GUEST, writable=True)]))
+
+
+def prepare_contained(staging: str, root: str, dest: str) -> None:
+    """In the sandbox: make guest directory dest when missing, and give staging its metadata."""
+    from vmim import guestwork, sandbox
+
+    guestwork.call("prepare", {"staging": f"{GUEST}/{os.path.basename(staging)}",
+                               "root": GUEST, "dest": dest},
+                   [sandbox.Bind(root, GUEST, writable=True)])

@@ -1,8 +1,10 @@
 """tar streams, compressed with gzip (pigz), zstd, bzip2 or xz, or not at all.
 
-Written and unpacked by GNU tar. `check` reads a stream's structure, every header to the
-end-of-archive marker, without writing anything: restore proves an image with it before the
-slot is cleared (GNU tar itself lists an archive cut at a member boundary without a word).
+Written and unpacked by GNU tar, in the sandbox (vmim.sandbox): it sees the slot (or the
+staging directory) at a fixed name and nothing else of the host; the (de)compressor, which
+reads or writes the image file in the store, runs outside. `check` reads a stream's structure,
+every header to the end-of-archive marker, without writing anything: restore proves an image
+with it before the slot is cleared (GNU tar itself lists an archive cut at a member boundary without a word).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import tarfile
 from typing import IO, Dict, List, Optional, Sequence
 
-from vmim import process
+from vmim import process, sandbox
 from vmim.archive import (
     CorruptArchive,
     Layout,
@@ -27,16 +29,22 @@ XATTRS = ["--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_ACL_*"
 CREATE = ["--format=posix", "--numeric-owner", *XATTRS,
           "--sparse", "--one-file-system", "--pax-option=delete=atime,delete=ctime"]
 EXTRACT = ["--numeric-owner", "--same-owner", "--preserve-permissions", *XATTRS]
+#: a restore keeps the slot's own lost+found (its filesystem's): the archive's, at its root
+#: only, is not unpacked (what `tar -C /mnt -cf x.tar .` makes holds one)
+SKIP_LOST_FOUND = ["--anchored", "--exclude=./lost+found", "--exclude=lost+found"]
+#: where the sandbox shows the tree archived from, and the directory unpacked into
+SOURCE = "/slot"
+TARGET = "/dest"
 
 
 class TarFormat(StreamFormat):
     def write(self, src_root: str, paths: Sequence[str], dest: str,
               link_dest: str = "") -> Optional[str]:
-        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={src_root}", *CREATE]
+        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={SOURCE}", *CREATE]
         if list(paths) == ["."]:
             argv += ["--anchored", "--exclude=./lost+found"]
         argv += ["--", *paths]
-        stages = [argv]
+        stages: List[List[str]] = [sandbox.command(argv, [sandbox.Bind(src_root, SOURCE)])]
         if self.compression:
             stages.append(compressor(self.compression))
         return process.pipeline(stages, stdout_path=dest, checksum=True)
@@ -44,8 +52,11 @@ class TarFormat(StreamFormat):
     def unpack_tools(self) -> List[str]:
         return [*super().unpack_tools(), "tar"]
 
-    def unpack(self, image: str, staging: str) -> None:
-        untar = ["tar", "--extract", "--file=-", f"--directory={staging}", *EXTRACT]
+    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+        untar = sandbox.command(
+            ["tar", "--extract", "--file=-", f"--directory={TARGET}", *EXTRACT,
+             *(SKIP_LOST_FOUND if restore else [])],
+            [sandbox.Bind(staging, TARGET, writable=True)])
         if self.compression:
             process.pipeline([decompressor(self.compression), untar], stdin_path=image)
         else:

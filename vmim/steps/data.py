@@ -181,8 +181,9 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             staging = tree.staging_dir(root, "restore", like=root)
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
-                fmt.unpack(path, staging)
-            tree.merge(staging, root)  # "/" takes the archive's "." metadata, times included
+                fmt.unpack(path, staging, restore=True)
+            # "/" takes the archive's "." metadata, times included
+            tree.merge_contained(staging, root)
             times = os.stat(root)
             os.rmdir(staging)  # which changes the mtime of "/" again: put the archive's back
             os.utime(root, ns=(times.st_atime_ns, times.st_mtime_ns))
@@ -222,13 +223,14 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
     root = _root(box)
     t = box.req.inserts[step.item]
     proven = box.proven[("insert", step.item)]
-    staging = tree.staging_dir(root, "insert", like=tree.target_dir(root, t.directory))
+    staging = tree.staging_dir(root, "insert")
     try:
+        tree.prepare_contained(staging, root, t.directory)
         proven.fmt.unpack(proven.path, staging)
-        n = tree.merge(staging, root, t.directory)
+        n = tree.merge_contained(staging, root, t.directory)
     finally:
         if os.path.lexists(staging):
-            tree.remove([staging])
+            tree.remove(root, [os.path.basename(staging)])
     rec.details.update(name=t.name, directory=t.directory, format=proven.fmt.name)
     return f"{t.name} ({proven.fmt.name}) at {t.directory}: {n} {'entry' if n == 1 else 'entries'}"
 
