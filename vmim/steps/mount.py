@@ -82,6 +82,8 @@ def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot) -> str:
     here = mounts.mounted_at(slot.mount)
     if here is not None:
         if any(m.mount_id == here.mount_id for m in ours):
+            if mounts.restrict(here, disk_mod.SLOT_OPTIONS):  # mounted by hand, or by 1.x
+                return f"already mounted at {slot.mount}; remounted {','.join(disk_mod.SLOT_OPTIONS)}"
             return f"already mounted at {slot.mount}"
         raise StateError(f"box '{slot.name}': {slot.mount} already has another filesystem "
                          f"mounted ({here.source}); unmount it or set the slot's mount")
