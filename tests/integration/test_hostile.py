@@ -150,13 +150,14 @@ def _attempt(top, kind: str, how: str, layout: str, members: List[Member]) -> No
         if how == "restore":
             tree.clear(guest)
         dest = "/" if how == "restore" else "/lnk/sub"
-        staging = tree.staging_dir(guest, how, like=tree.target_dir(guest, dest))
+        staging = tree.staging_dir(guest, how)  # as steps/data.py: the guest's part sandboxed
         try:
-            fmt.unpack(str(image), staging)
-            tree.merge(staging, guest, dest)
+            tree.prepare_contained(staging, guest, dest)
+            fmt.unpack(str(image), staging, restore=how == "restore")
+            tree.merge_contained(staging, guest, dest)
         finally:
             if os.path.lexists(staging):
-                tree.remove([staging])
+                tree.remove(guest, [os.path.basename(staging)])
     except VmimError:
         pass  # refused or failed cleanly: what matters is below
     after = _snapshot(str(top), guest)

@@ -281,3 +281,43 @@ def test_a_plain_tar_of_a_root_filesystem_restores_keeping_the_slots_lost_found(
         run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
     fsck = subprocess.run(["e2fsck", "-fn", rig.disk("ext4")], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+# ------------------------------------------------------------------ typed errors come back
+
+
+def test_the_newc_extractors_errors_come_back_from_the_sandbox_as_themselves(tmp_path):
+    from vmim.archive import CorruptArchive, UnsafeMember
+    from vmim.archive.cpio import CpioFormat
+
+    fmt = CpioFormat(None, "cpio")
+    cases = {
+        "unsafe": (newc_of([(1, stat.S_IFREG | 0o644, 1, b"../x", b"x")]), UnsafeMember,
+                   "cpio member b'../x' is absolute or contains '..'"),
+        "cut": (newc_of([(1, stat.S_IFREG | 0o644, 1, b"f", b"x" * 100)])[:150], CorruptArchive,
+                "cpio archive ends early"),
+    }
+    for name, (data, cls, words) in cases.items():
+        image = tmp_path / name
+        image.write_bytes(data)
+        staging = tmp_path / f"staging-{name}"
+        staging.mkdir()
+        with pytest.raises(cls) as info:
+            fmt.unpack(str(image), str(staging))
+        assert type(info.value) is cls and words in str(info.value)
+        assert info.value.exit_code == 1
+
+
+def test_a_merge_error_in_the_sandbox_is_the_same_message(tmp_path):
+    from vmim import tree
+    from vmim.errors import OperationError
+
+    guest = tmp_path / "guest"
+    (guest / "x").mkdir(parents=True)
+    (guest / "x" / "sub").mkdir()
+    staging = tree.staging_dir(str(guest), "insert", like=str(guest))
+    with open(os.path.join(staging, "x"), "w") as fh:
+        fh.write("a file over a directory\n")
+    with pytest.raises(OperationError) as info:
+        tree.merge_contained(staging, str(guest))
+    assert str(info.value) == "cannot put a file at /x in the guest: a directory is there"
