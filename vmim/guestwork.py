@@ -14,10 +14,12 @@ from __future__ import annotations
 import errno
 import json
 import sys
-import tempfile
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
-from vmim import errors, sandbox
+from vmim import errors
+
+if TYPE_CHECKING:
+    from vmim.sandbox import Bind
 
 
 #: errors that cross the sandbox boundary as themselves (an allow-list: a name from the child
@@ -42,7 +44,12 @@ def _extract_newc(req: Dict[str, Any]) -> int:
 def _merge(req: Dict[str, Any]) -> int:
     from vmim import tree
 
-    return tree.merge(req["staging"], req["root"], req["dest"])
+    moved = tree.merge(req["staging"], req["root"], req["dest"])
+    if req.get("remove_staging"):
+        import shutil
+
+        shutil.rmtree(req["staging"])  # what is left: directories merged into existing ones
+    return moved
 
 
 def _prepare(req: Dict[str, Any]) -> None:
@@ -82,12 +89,14 @@ def child(argv: List[str]) -> int:
 # ------------------------------------------------------------------ the call (outside)
 
 
-def call(op: str, payload: Dict[str, Any], binds: Sequence[sandbox.Bind], *,
+def call(op: str, payload: Dict[str, Any], binds: Sequence[Bind], *,
          feed: Sequence[Sequence[str]] = (), stdin_path: Optional[str] = None) -> Any:
     """Run operation op in the sandbox and return its result, or raise its error. `feed` are
     stages (run here, outside) whose output is the operation's stdin; the first reads
     stdin_path."""
-    from vmim import process
+    import tempfile
+
+    from vmim import process, sandbox
 
     inner = sandbox.python("vmim.guestwork", [op, json.dumps(payload)], binds)
     with tempfile.TemporaryFile() as out:

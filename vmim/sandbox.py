@@ -148,6 +148,6 @@ def python(module: str, args: Sequence[str], binds: Sequence[Bind], *,
     package = os.path.dirname(os.path.abspath(vmim.__file__))
     here = os.path.realpath(sys.executable)
     interpreter = here if (here + "/").startswith(SYSTEM + "/") else "/usr/bin/python3"
-    return command([interpreter, "-s", "-B", "-m", module, *args],
+    return command([interpreter, "-s", "-S", "-B", "-m", module, *args],
                    [*binds, Bind(package, f"{LIBRARY}/vmim")], cwd=cwd,
                    env={"PYTHONPATH": LIBRARY, "PYTHONDONTWRITEBYTECODE": "1"})

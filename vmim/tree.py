@@ -20,7 +20,6 @@ import os
 import stat
 from typing import List, Optional
 
-from vmim import process, procscan
 from vmim.errors import OperationError, StateError
 
 log = logging.getLogger(__name__)
@@ -187,7 +186,7 @@ GUEST = "/slot"
 def remove(root: str, names: List[str]) -> None:
     """rm -rf of entries at the guest root, never crossing into other filesystems, in batches,
     in the sandbox (seeing the guest root only)."""
-    from vmim import sandbox
+    from vmim import process, sandbox
 
     for name in names:
         if "/" in name or name in ("", ".", ".."):
@@ -218,6 +217,8 @@ def _owner(path: str) -> Optional[str]:
 def remove_stale_work(root: str) -> None:
     """Staging directories a killed run left at the guest root: those marked by a run of this
     tool that has ended, and nothing else."""
+    from vmim import procscan
+
     stale = []
     for n in os.listdir(root):
         if n.startswith(WORK_PREFIX):
@@ -233,6 +234,8 @@ def staging_dir(root: str, what: str, like: Optional[str] = None) -> str:
     """A fresh directory at the guest root to unpack into, with the metadata of directory
     `like` (the merge target), so that an archive without a "." entry changes none of it
     (without `like`: see guestwork's "prepare", which does that in the sandbox)."""
+    from vmim import procscan
+
     base = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
     path = base
     for n in range(1, 1000):
@@ -254,13 +257,16 @@ def staging_dir(root: str, what: str, like: Optional[str] = None) -> str:
     return path
 
 
-def merge_contained(staging: str, root: str, dest: str = "/") -> int:
+def merge_contained(staging: str, root: str, dest: str = "/", *,
+                    remove_staging: bool = False) -> int:
     """merge(), run in the sandbox: it sees the guest root (at /slot) and nothing else.
-    staging is a directory at the guest root (staging_dir())."""
+    staging is a directory at the guest root (staging_dir()); with remove_staging, what the
+    merge left of it (the directories merged into existing ones) goes too, in the same run."""
     from vmim import guestwork, sandbox
 
     return int(guestwork.call("merge", {"staging": f"{GUEST}/{os.path.basename(staging)}",
-                                        "root": GUEST, "dest": dest},
+                                        "root": GUEST, "dest": dest,
+                                        "remove_staging": remove_staging},
                               [sandbox.Bind(root, GUEST, writable=True)]))
 
 

@@ -227,7 +227,7 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
     try:
         tree.prepare_contained(staging, root, t.directory)
         proven.fmt.unpack(proven.path, staging)
-        n = tree.merge_contained(staging, root, t.directory)
+        n = tree.merge_contained(staging, root, t.directory, remove_staging=True)
     finally:
         if os.path.lexists(staging):
             tree.remove(root, [os.path.basename(staging)])
