@@ -43,6 +43,11 @@ CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSE
                 "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_MKNOD": 27, "CAP_SETFCAP": 31}
 #: where the vmim package is seen inside (for the Python programs run there)
 LIBRARY = "/vmim-lib"
+#: the fixed names binds take inside (what procscan looks for in a leftover sandbox)
+PLACES = ("/slot", "/dest", "/image", "/store")
+#: bwrap runs under `setpriv --pdeathsig KILL`: when vmimagemanager dies (kill -9), so does
+#: bwrap, and with it (--die-with-parent) everything in the sandbox, whose mounts then go
+SETPRIV = "setpriv"
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,13 @@ def _bwrap() -> str:
     return path
 
 
+def _setpriv() -> str:
+    path = shutil.which(SETPRIV)
+    if path is None:
+        raise ToolMissingError(SETPRIV, "it is part of util-linux")
+    return path
+
+
 def _inside_path(tool: str) -> str:
     """The full path of a program the sandbox runs: it must live under /usr."""
     if tool.startswith("/"):
@@ -111,7 +123,8 @@ def command(argv: Sequence[str], binds: Sequence[Bind], *, cwd: Optional[str] = 
     """argv to run in the sandbox, seeing `binds` and nothing else of the host; `cwd` is a
     path inside. The first word is found on the sandbox's PATH (under /usr)."""
     argv = [str(a) for a in argv]
-    out = Sandboxed([_bwrap(), "--ro-bind", SYSTEM, SYSTEM])
+    out = Sandboxed([_setpriv(), "--pdeathsig", "KILL", "--", _bwrap(), "--ro-bind", SYSTEM,
+                     SYSTEM])
     for name, target in USR_LINKS.items():
         if os.path.lexists(os.path.join(SYSTEM, target[len("usr/"):])):
             out += ["--symlink", target, name]
@@ -122,8 +135,8 @@ def command(argv: Sequence[str], binds: Sequence[Bind], *, cwd: Optional[str] = 
     for cap in capabilities():
         out += ["--cap-add", cap]
     for b in binds:
-        if not b.inside.startswith("/") or b.inside.rstrip("/") in ("", "/usr", "/dev", "/proc",
-                                                                    "/tmp"):
+        if not b.inside.startswith("/") or not (b.inside in PLACES or
+                                                b.inside.startswith(LIBRARY + "/")):
             raise ValueError(f"sandbox: bad place for a bind: {b.inside!r}")
         out += ["--bind" if b.writable else "--ro-bind", b.source, b.inside]
     variables = {"PATH": PATH, "LC_ALL": "C", procscan.OWNER_ENV: procscan.owner_tag(),

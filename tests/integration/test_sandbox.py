@@ -39,14 +39,14 @@ def test_the_sandbox_sees_no_host_path(tmp_path):
     script = (
         "for p in /root /work /home /etc/passwd /etc /var /run /tmp/pt-sandbox "
         f"{tmp_path} {tmp_path}/beside; do test -e $p && echo VISIBLE $p; done; "
-        "cat /seen/file; "
+        "cat /image/file; "
         "touch /usr/vmim-sandbox-probe 2>/dev/null && echo WROTE /usr; "
-        "touch /seen/new 2>/dev/null && echo WROTE /seen; "
+        "touch /image/new 2>/dev/null && echo WROTE /image; "
         "for d in /dev/*; do test -b $d && echo BLOCK $d; done; "
         "cat /proc/net/dev | tail -n +3 | cut -d: -f1; "
         "ls /proc | grep -c '^[0-9]'"
     )
-    r = process.run(sandbox.command(["sh", "-c", script], [sandbox.Bind(str(mine), "/seen")]),
+    r = process.run(sandbox.command(["sh", "-c", script], [sandbox.Bind(str(mine), "/image")]),
                     capture=True)
     lines = r.stdout.split()
     assert "VISIBLE" not in lines, r.stdout

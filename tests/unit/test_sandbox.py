@@ -10,6 +10,7 @@ from vmim import sandbox
 @pytest.fixture(autouse=True)
 def _bwrap_anywhere(monkeypatch):
     monkeypatch.setattr(sandbox, "_bwrap", lambda: "/usr/bin/bwrap")
+    monkeypatch.setattr(sandbox, "_setpriv", lambda: "/usr/bin/setpriv")
 
 
 def _pairs(argv, option):
@@ -27,7 +28,9 @@ def test_only_usr_and_the_named_binds_come_from_the_host():
         assert flag in argv
     assert "--unshare-user" not in argv  # root stays root: owners, device nodes, xattrs
     assert argv[argv.index("--cap-drop") + 1] == "ALL"
-    assert argv[argv.index("--") + 1:] == ["/usr/bin/tar", "--extract"]
+    assert argv[:5] == ["/usr/bin/setpriv", "--pdeathsig", "KILL", "--", "/usr/bin/bwrap"]
+    last = len(argv) - 1 - argv[::-1].index("--")
+    assert argv[last + 1:] == ["/usr/bin/tar", "--extract"]
     assert sandbox.shown(argv) == ["tar", "--extract"]
 
 
@@ -39,7 +42,8 @@ def test_capabilities_are_only_those_of_the_bounding_set(monkeypatch):
         ["CAP_CHOWN", "CAP_MKNOD"]
 
 
-@pytest.mark.parametrize("inside", ["/", "/usr", "/usr/", "relative", "/proc", "/dev", "/tmp"])
+@pytest.mark.parametrize("inside", ["/", "/usr", "/usr/", "relative", "/proc", "/dev", "/tmp",
+                                    "/etc", "/slot/sub"])
 def test_a_bind_never_hides_the_sandbox_own_trees(inside):
     with pytest.raises(ValueError):
         sandbox.command(["true"], [sandbox.Bind("/x", inside)])
