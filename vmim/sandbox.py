@@ -43,8 +43,11 @@ CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSE
                 "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_MKNOD": 27, "CAP_SETFCAP": 31}
 #: where the vmim package is seen inside (for the Python programs run there)
 LIBRARY = "/vmim-lib"
-#: the fixed names binds take inside (what procscan looks for in a leftover sandbox)
-PLACES = ("/slot", "/dest", "/image", "/store")
+#: the fixed names binds take inside: the guest tree (a slot's root, or the tree archived), the
+#: directory unpacked into, an image, an image store's directory
+SLOT, DEST, IMAGE, STORE = "/slot", "/dest", "/image", "/store"
+#: all of them (what procscan looks for in a leftover sandbox)
+PLACES = (SLOT, DEST, IMAGE, STORE)
 #: bwrap runs under `setpriv --pdeathsig KILL`: when vmimagemanager dies (kill -9), so does
 #: bwrap, and with it (--die-with-parent) everything in the sandbox, whose mounts then go
 SETPRIV = "setpriv"

@@ -179,7 +179,7 @@ def _rename_in(src: str, dst: str, root: str, guest_rel: str) -> None:
                              f"does not exist{via}") from None
 
 
-#: where the sandbox shows the guest's root
+#: where the sandbox shows the guest's root (vmim.sandbox.SLOT)
 GUEST = "/slot"
 
 

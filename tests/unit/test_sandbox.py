@@ -62,3 +62,9 @@ def test_a_program_outside_usr_is_refused(tmp_path):
 
 def test_plain_argv_is_shown_as_it_is():
     assert sandbox.shown(["rsync", "-a"]) == ["rsync", "-a"]
+
+
+def test_the_guest_root_has_one_name_inside():
+    from vmim import tree
+
+    assert tree.GUEST == sandbox.SLOT  # tree keeps its own copy: the child imports it lightly

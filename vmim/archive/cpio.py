@@ -19,10 +19,6 @@ from vmim.errors import StateError
 
 log = logging.getLogger(__name__)
 
-#: where the sandbox shows the tree archived from, and the directory unpacked into
-SOURCE = "/slot"
-TARGET = "/dest"
-
 
 class CpioFormat(StreamFormat):
     cannot_carry = ("xattrs", "POSIX ACLs")
@@ -34,11 +30,11 @@ class CpioFormat(StreamFormat):
         if list(paths) == ["."]:
             find += ["-path", "./lost+found", "-prune", "-o"]
         find.append("-print0")
-        guest = [sandbox.Bind(src_root, SOURCE)]
+        guest = [sandbox.Bind(src_root, sandbox.SLOT)]
         stages: List[List[str]] = [
-            sandbox.command(find, guest, cwd=SOURCE),
+            sandbox.command(find, guest, cwd=sandbox.SLOT),
             sandbox.command(["cpio", "--create", "--null", "--format=newc", "--quiet"], guest,
-                            cwd=SOURCE)]
+                            cwd=sandbox.SLOT)]
         if self.compression:
             stages.append(compressor(self.compression))
         return process.pipeline(stages, stdout_path=dest, watch_stage=1,  # cpio reads
@@ -46,8 +42,8 @@ class CpioFormat(StreamFormat):
 
     def unpack(self, image: str, staging: str, restore: bool = False) -> None:
         log.debug("(newc extractor of %s into %s, in the sandbox)", image, staging)
-        guestwork.call("extract-newc", {"root": TARGET, "skip": ["lost+found"] if restore else []},
-                       [sandbox.Bind(staging, TARGET, writable=True)],
+        guestwork.call("extract-newc", {"root": sandbox.DEST, "skip": ["lost+found"] if restore else []},
+                       [sandbox.Bind(staging, sandbox.DEST, writable=True)],
                        feed=[decompressor(self.compression)] if self.compression else [],
                        stdin_path=image)
 

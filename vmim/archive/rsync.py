@@ -17,10 +17,7 @@ from vmim.errors import StateError
 # archive mode, hard links, ACLs, xattrs, sparse files, numeric owners; XFS shows its ACLs
 # a second time as trusted.SGI_ACL_* xattrs, which -A carries already.
 FLAGS = ["-aHAXS", "--numeric-ids", "--filter=-x trusted.SGI_ACL_*"]
-#: fixed names inside the sandbox
-GUEST = "/slot"
-IMAGE = "/image"
-STORE = "/store"
+GUEST, IMAGE, STORE = sandbox.SLOT, sandbox.IMAGE, sandbox.STORE  # inside the sandbox
 
 
 class RsyncFormat(Format):

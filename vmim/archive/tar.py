@@ -32,19 +32,16 @@ EXTRACT = ["--numeric-owner", "--same-owner", "--preserve-permissions", *XATTRS]
 #: a restore keeps the slot's own lost+found (its filesystem's): the archive's, at its root
 #: only, is not unpacked (what `tar -C /mnt -cf x.tar .` makes holds one)
 SKIP_LOST_FOUND = ["--anchored", "--exclude=./lost+found", "--exclude=lost+found"]
-#: where the sandbox shows the tree archived from, and the directory unpacked into
-SOURCE = "/slot"
-TARGET = "/dest"
 
 
 class TarFormat(StreamFormat):
     def write(self, src_root: str, paths: Sequence[str], dest: str,
               link_dest: str = "") -> Optional[str]:
-        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={SOURCE}", *CREATE]
+        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={sandbox.SLOT}", *CREATE]
         if list(paths) == ["."]:
             argv += ["--anchored", "--exclude=./lost+found"]
         argv += ["--", *paths]
-        stages: List[List[str]] = [sandbox.command(argv, [sandbox.Bind(src_root, SOURCE)])]
+        stages: List[List[str]] = [sandbox.command(argv, [sandbox.Bind(src_root, sandbox.SLOT)])]
         if self.compression:
             stages.append(compressor(self.compression))
         return process.pipeline(stages, stdout_path=dest, checksum=True)
@@ -54,9 +51,9 @@ class TarFormat(StreamFormat):
 
     def unpack(self, image: str, staging: str, restore: bool = False) -> None:
         untar = sandbox.command(
-            ["tar", "--extract", "--file=-", f"--directory={TARGET}", *EXTRACT,
+            ["tar", "--extract", "--file=-", f"--directory={sandbox.DEST}", *EXTRACT,
              *(SKIP_LOST_FOUND if restore else [])],
-            [sandbox.Bind(staging, TARGET, writable=True)])
+            [sandbox.Bind(staging, sandbox.DEST, writable=True)])
         if self.compression:
             process.pipeline([decompressor(self.compression), untar], stdin_path=image)
         else:
