@@ -12,6 +12,11 @@ restore what a filesystem holds: owners, modes, device nodes, file capabilities,
 xattrs (CAP_SYS_ADMIN), reserved blocks. bwrap makes every bind nodev and nosuid: a device
 node an archive creates cannot be opened in the sandbox.
 
+bwrap itself runs under `setpriv --pdeathsig KILL` (util-linux): a vmimagemanager killed by
+SIGKILL takes its sandboxes with it (the kernel sends the signal when the thread that started
+the command ends; vmimagemanager's threads wait for their commands), and --die-with-parent
+takes what runs inside; a leftover that escaped that is found by procscan.reap_orphans().
+
 Not `--new-session`: process.popen() already starts each command in a session of its own,
 without a controlling terminal, and keeping the sandboxed program in that session's process
 group lets process.stop() kill it and wait until it is gone.
