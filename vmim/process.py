@@ -95,6 +95,9 @@ def run(
     inherited only when the caller wants it (it is not: stdout is for results), so it
     goes to DEVNULL, and stderr is kept for the error message.
     """
+    from vmim.sandbox import shown
+
+    name = shown(argv)  # a sandboxed command is named as itself in messages
     argv = [str(a) for a in argv]
     log.debug("+ %s", quote_argv(argv))
     proc = popen(
@@ -111,15 +114,15 @@ def run(
         except subprocess.TimeoutExpired:
             stop(proc)
             proc.communicate()
-            raise CommandError(argv, -1, f"timed out after {timeout} s") from None
+            raise CommandError(name, -1, f"timed out after {timeout} s") from None
         except BaseException:
             stop(proc)
             raise
     stderr = stderr or ""
     if proc.returncode not in ok_codes:
         stop(proc)  # what it forked may outlive it (a stage killed by cancel_all())
-        raise CommandError(argv, proc.returncode, stderr[-STDERR_TAIL:])
-    return Result(argv, proc.returncode, stdout or "", stderr)
+        raise CommandError(name, proc.returncode, stderr[-STDERR_TAIL:])
+    return Result(name, proc.returncode, stdout or "", stderr)
 
 
 # --------------------------------------------------------------------------- cancellation
@@ -320,6 +323,7 @@ def pipeline(
     *,
     stdin_path: Optional[str] = None,
     stdout_path: Optional[str] = None,
+    stdout_fd: Optional[int] = None,
     cwd: Optional[str] = None,
     watch_stage: int = 0,
     checksum: bool = False,
@@ -334,8 +338,14 @@ def pipeline(
     through this process on its way to the file and its digest is returned ('ALGORITHM:HEX',
     vmim.digest). With `reader` (and no stdout_path), the last stage's output is given to
     reader, which reads it to its end in this process (a listing to check, say); when reader
-    raises, every stage is stopped and its error goes on.
+    raises, every stage is stopped and its error goes on. Or stdout goes to stdout_fd, an open file.
+
+    A stage made by vmim.sandbox.command() runs in the sandbox; messages name its own command
+    (tar, cpio), not bwrap.
     """
+    from vmim.sandbox import shown
+
+    names = [shown(s) for s in stages]  # what a failure blames
     stages = [[str(a) for a in s] for s in stages]
     log.debug("+ %s", " | ".join(quote_argv(s) for s in stages))
     if cwd is not None and not os.path.isdir(cwd):
@@ -344,7 +354,7 @@ def pipeline(
     with contextlib.ExitStack() as files:
         fin: Any = files.enter_context(open(stdin_path, "rb")) if stdin_path else subprocess.DEVNULL
         fout: Any = files.enter_context(open(stdout_path, "wb")) if stdout_path \
-            else subprocess.DEVNULL
+            else stdout_fd if stdout_fd is not None else subprocess.DEVNULL
         stderr_files = [files.enter_context(tempfile.TemporaryFile()) for _ in stages]
         try:
             prev: Any = fin
@@ -370,7 +380,7 @@ def pipeline(
                     with output:
                         digest = _copy_hashing(output, fout.fileno())
                 except OSError as exc:  # a full disk
-                    raise OutputWriteError(stages[-1], str(stdout_path),
+                    raise OutputWriteError(names[-1], str(stdout_path),
                                            exc.strerror or str(exc)) from None
             if reader is not None:
                 output = procs[-1].stdout
@@ -386,7 +396,7 @@ def pipeline(
             return digest
         stderr_files[blamed].seek(0)
         tail = stderr_files[blamed].read()[-STDERR_TAIL:].decode("utf-8", "replace")
-    raise CommandError(stages[blamed], procs[blamed].returncode, tail)
+    raise CommandError(names[blamed], procs[blamed].returncode, tail)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,15 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
         if owner_gone(tag):
             orphans[name] = tag.partition(":")[0]
     in_the_way = {pid for top in paths for pid in path_users(top, list(orphans))}
+    devnos = set()
+    for top in paths:
+        try:
+            devnos.add(os.stat(top).st_dev)
+        except OSError:
+            pass
+    # a sandboxed command (vmim.sandbox) names host paths only through its binds
+    in_the_way |= {pid for pid in orphans if pid not in in_the_way and
+                   devnos & sandbox_binds(pid)}
     victims: List[int] = []
     described: List[str] = []
     for pid in sorted(in_the_way, key=int):
@@ -158,6 +167,24 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
         wait_gone(victims)
         log.warning("stopped what an interrupted run left running: %s", "; ".join(described))
     return described
+
+
+def sandbox_binds(pid: str) -> set:
+    """The filesystems (st_dev) that a process in the sandbox of guest data sees through its
+    binds (/slot, /dest ...: sandbox.PLACES); empty for any other process."""
+    from vmim.sandbox import PLACES
+
+    found = set()
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split(" ")
+                if len(fields) > 4 and fields[4] in PLACES:
+                    major, minor = fields[2].split(":")
+                    found.add(os.makedev(int(major), int(minor)))
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 def pid_alive(pid_text: str) -> bool:

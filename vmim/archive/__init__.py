@@ -150,8 +150,10 @@ class Format:
         the image's sha256 when it was computed on the way (archives)."""
         raise NotImplementedError
 
-    def unpack(self, image: str, staging: str) -> None:
-        """Unpack the image into the empty directory staging."""
+    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+        """Unpack the image into the empty directory staging, in the sandbox. For a restore
+        (the image is a whole root filesystem) the archive's lost+found at its root is left
+        out: the slot keeps its filesystem's own."""
         raise NotImplementedError
 
     def verify(self, image: str) -> Optional[Summary]:

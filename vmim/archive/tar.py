@@ -11,6 +11,10 @@ member through an earlier symlink, a file over a directory that is not empty or 
 a hard link to a name not there) is checked on GNU tar's own listing by vmim.archive.Layout,
 and so is the end-of-archive marker, which GNU tar does not require (an archive cut at a member
 boundary would restore half a tree without a word).
+
+It runs in the sandbox (vmim.sandbox) when it writes or reads a slot: it sees the slot (or
+the staging directory) at a fixed name and nothing else of the host; the (de)compressor, which
+reads or writes the image file in the store, runs outside.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import re
 import tempfile
 from typing import IO, List, Optional, Sequence, Set, Tuple
 
-from vmim import process
+from vmim import process, sandbox
 from vmim.archive import (
     CorruptArchive,
     Layout,
@@ -54,16 +58,19 @@ LISTING = ["--file=-", "--verbose", "--verbose", "--block-number", "--full-time"
            "--quoting-style=c", *EXTRACT]
 PROVE_DATA = ["tar", "--extract", "--to-stdout", *LISTING]
 PROVE_LINKS = ["tar", "--diff", *LISTING]
+#: a restore keeps the slot's own lost+found (its filesystem's): the archive's, at its root
+#: only, is not unpacked (what `tar -C /mnt -cf x.tar .` makes holds one)
+SKIP_LOST_FOUND = ["--anchored", "--exclude=./lost+found", "--exclude=lost+found"]
 
 
 class TarFormat(StreamFormat):
     def write(self, src_root: str, paths: Sequence[str], dest: str,
               link_dest: str = "") -> Optional[str]:
-        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={src_root}", *CREATE]
+        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={sandbox.SLOT}", *CREATE]
         if list(paths) == ["."]:
             argv += ["--anchored", "--exclude=./lost+found"]
         argv += ["--", *paths]
-        stages = [argv]
+        stages: List[List[str]] = [sandbox.command(argv, [sandbox.Bind(src_root, sandbox.SLOT)])]
         if self.compression:
             stages.append(compressor(self.compression))
         return process.pipeline(stages, stdout_path=dest, checksum=True)
@@ -71,8 +78,11 @@ class TarFormat(StreamFormat):
     def unpack_tools(self) -> List[str]:
         return [*super().unpack_tools(), "tar"]
 
-    def unpack(self, image: str, staging: str) -> None:
-        untar = ["tar", "--extract", "--file=-", f"--directory={staging}", *EXTRACT]
+    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+        untar = sandbox.command(
+            ["tar", "--extract", "--file=-", f"--directory={sandbox.DEST}", *EXTRACT,
+             *(SKIP_LOST_FOUND if restore else [])],
+            [sandbox.Bind(staging, sandbox.DEST, writable=True)])
         if self.compression:
             process.pipeline([decompressor(self.compression), untar], stdin_path=image)
         else:

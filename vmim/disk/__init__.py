@@ -18,6 +18,9 @@ from vmim.config import Slot
 from vmim.disk import hold as hold_mod
 from vmim.errors import CommandError, ConfigError, StateError
 
+#: how every slot's filesystem is mounted while the tool works in it
+SLOT_OPTIONS = ("nodev", "nosuid")
+
 #: Filesystems vmimagemanager mounts as a slot's root.
 SUPPORTED_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs")
 
@@ -30,8 +33,10 @@ class Filesystem:
 
     @property
     def mount_options(self) -> List[str]:
+        # nodev, nosuid: the guest's device nodes (and what an image or insert creates) cannot
+        # be opened on the host, its setuid programs do not run with the host's privileges.
         # Clones of one image share a UUID; XFS refuses a second one without nouuid.
-        return ["nouuid"] if self.type == "xfs" else []
+        return [*SLOT_OPTIONS, *(["nouuid"] if self.type == "xfs" else [])]
 
 
 def probe_filesystem(device: str, what: str) -> Filesystem:

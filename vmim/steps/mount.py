@@ -101,6 +101,8 @@ def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot, holds: contextlib.ExitSt
     if here is not None and any(m.mount_id == here.mount_id for m in ours):
         _hold(d, holds, held)  # a --mount's holder process holds it too: it acts for us
         check_domain_off(hv, slot, d)
+        if mounts.restrict(here, disk_mod.SLOT_OPTIONS):  # mounted by hand, or by 1.x
+            return f"already mounted at {slot.mount}; remounted {','.join(disk_mod.SLOT_OPTIONS)}"
         return f"already mounted at {slot.mount}"
     check_domain_off(hv, slot, d)  # the plain refusal first, before anything is held
     if here is not None:
