@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-i", "--insert", action="append", default=[], metavar="NAME[:DIR]",
                    help="unpack insert NAME at guest directory DIR (default /); repeatable, in order")
     g.add_argument("--release", action="store_true", help="unmount and unmap the slot's disk")
+    g.add_argument("--redefine", action="store_true",
+                   help="replace libvirt's definition of the domain with the one the config "
+                   "makes through libvirt.xsl (the domain must be shut off)")
     g.add_argument("-u", "--up", action="store_true",
                    help="release, define the domain if libvirt lacks it, start it")
 
@@ -181,6 +184,19 @@ def _split_transfer(text: str, flag: str) -> Tuple[str, Optional[str]]:
     return name, (directory if sep else None)
 
 
+def _check_names(req: Request) -> None:
+    """Image, insert and extract names are checked before anything else (exit 2): a name such
+    as ../x is refused before a slot is mounted or released."""
+    from vmim.store import validate_name
+
+    named = [("image", req.store), ("image", req.restore),
+             *(("insert", t.name) for t in req.inserts),
+             *(("extract", t.name) for t in req.extracts)]
+    for what, name in named:
+        if name:
+            validate_name(name.replace(BOX_PLACEHOLDER, "box"), what)
+
+
 def make_request(args: argparse.Namespace) -> Request:
     """Validate the parsed arguments into a Request (usage errors exit 2)."""
     req = Request()
@@ -221,11 +237,13 @@ def make_request(args: argparse.Namespace) -> Request:
             "(each -e NAME without :DIR takes the next --extract-directory)"
         )
 
+    _check_names(req)
+
     wanted = {
         "kill": args.kill, "down": args.down, "mount": args.mount,
         "extract": bool(req.extracts), "store": req.store is not None,
         "restore": req.restore is not None, "insert": bool(req.inserts),
-        "release": args.release, "up": args.up,
+        "release": args.release, "redefine": args.redefine, "up": args.up,
     }
     req.actions = [a for a in PIPELINE if wanted[a]]
     req.lists = [name for name, flag in (

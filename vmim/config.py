@@ -70,6 +70,7 @@ class Slot:
     qcow2_compress: bool = default("qcow2_compress")
     sourceimage: bool = default("sourceimage")
     enabled: bool = default("enabled")
+    disksize: Optional[int] = None
     #: a problem of the config that concerns this slot only (its mount point is another
     #: slot's): warned at load; any action on the slot's disk is refused with it (exit 3)
     conflict: Optional[str] = None
@@ -420,6 +421,26 @@ def _lookup(name: str, fmt: str, is_local: bool) -> Optional[Key]:
     return None
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: Any) -> Optional[int]:
+    """Bytes from 1073741824, "1G", "1 GiB", "512M", "1.5T" (powers of 1024), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if not isinstance(value, str):
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+    if not m:
+        return None
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return size if size > 0 else None
+
+
 def _convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
     """Return (True, value) — value None meaning 'not set' — or (False, error message)."""
     text = text.strip()
@@ -459,6 +480,13 @@ def _convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
         if key.minimum is not None and value < key.minimum:
             return False, f"must be at least {key.minimum}, got {value}"
         return True, value
+    if t == "size":
+        size = parse_size(value)
+        if size is None:
+            return False, f"expected a size such as \"20G\" or a number of bytes, got {json.dumps(value)}"
+        if key.minimum is not None and size < key.minimum:
+            return False, f"must be at least {key.minimum >> 20} MiB, got {json.dumps(value)}"
+        return True, size
     if t == "bool":
         if isinstance(value, bool):
             return True, value
@@ -537,42 +565,49 @@ def _build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Map
 
 
 def _check_slots(slots: Sequence[Slot], col: _Collector) -> List[Slot]:
-    """Errors for what makes the config unusable; a warning, and the conflict recorded on
-    both slots, for two slots whose mount points overlap (configs of 0.3 have them: the other
-    slots of such a config still work)."""
+    """Two slots that would step on each other — one HostName in two sections, one disk, or
+    overlapping mount points — are a warning at load, and each such slot carries the conflict
+    and is refused when acted on (exit 3). Configs of 0.3 and 0.2 have them (0.3 merged two
+    sections of one HostName silently): the other slots of such a config still work."""
     by_name: Dict[str, Slot] = {}
     by_disk: Dict[str, Slot] = {}
     by_mount: Dict[str, Slot] = {}
     conflicts: Dict[str, str] = {}
+    kept: List[Slot] = []
+
+    def conflict(s: Slot, key: str, first: Slot, what: str, remedy: str) -> None:
+        col.warn(s.section, key, f"{what}; {'both are' if first.name != s.name else 'it is'} "
+                 "refused until each has its own")
+        for name in (s.name, first.name):
+            conflicts.setdefault(name, f"{col.path}: [{s.section}] {key} {what}; {remedy}")
+
     for s in slots:
+        other = by_name.get(s.name)
+        if other is not None:  # one slot of that name: the first section's, refused
+            conflict(s, "HostName", other, f"'{s.name}' is also the HostName of "
+                     f"[{other.section}]", "give each slot its own, or remove one section")
+            continue
+        by_name[s.name] = s
         for mount, first in by_mount.items():
             if first.name != s.name and (_under(s.mount, mount) or _under(mount, s.mount)):
                 how = ("is also" if s.mount == mount else
                        "lies inside" if _under(s.mount, mount) else "contains")
-                problem = (f"[{s.section}] mount '{s.mount}' {how} the mount point of slot "
-                           f"'{first.name}' ([{first.section}]); releasing one would unmount "
-                           "the other: give each slot its own")
-                col.warn(s.section, "mount", f"'{s.mount}' {how} the mount point of slot "
-                         f"'{first.name}' ([{first.section}]); both are refused until each "
-                         "has its own")
-                conflicts.setdefault(s.name, f"{col.path}: {problem}")
-                conflicts.setdefault(first.name, f"{col.path}: {problem}")
+                conflict(s, "mount", first, f"'{s.mount}' {how} the mount point of slot "
+                         f"'{first.name}' ([{first.section}])",
+                         "releasing one would unmount the other: give each slot its own")
                 break
         by_mount.setdefault(s.mount, s)
-        other = by_name.get(s.name)
-        if other is not None:
-            col.error(s.section, "HostName", f"'{s.name}' is also the HostName of [{other.section}]")
-        by_name[s.name] = s
         disk = s.disk
         if disk:
             norm = os.path.normpath(disk)
             other = by_disk.get(norm)
             if other is not None:
-                col.error(s.section, "HostDisk" if s.hostdisk else "root",
-                          f"disk '{disk}' is also the disk of slot '{other.name}' "
-                          f"([{other.section}]); two slots cannot share a disk")
-            by_disk[norm] = s
-    return [replace(s, conflict=conflicts[s.name]) if s.name in conflicts else s for s in slots]
+                conflict(s, "HostDisk" if s.hostdisk else "root", other,
+                         f"disk '{disk}' is also the disk of slot '{other.name}' "
+                         f"([{other.section}])", "two slots cannot share a disk")
+            by_disk.setdefault(norm, s)
+        kept.append(s)
+    return [replace(s, conflict=conflicts[s.name]) if s.name in conflicts else s for s in kept]
 
 
 def _under(path: str, top: str) -> bool:

@@ -157,6 +157,17 @@ class Hypervisor:
     def _state(self, dom: Any) -> str:
         return STATE_NAMES.get(dom.state()[0], "no state")
 
+    def definition(self, name: str) -> Optional[str]:
+        """libvirt's persistent definition of a domain (the inactive XML), None when it has
+        none or cannot say."""
+        try:
+            dom = self._find(name)
+            if dom is None:
+                return None
+            return str(dom.XMLDesc(self.libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except self.libvirt.libvirtError:
+            return None
+
     def define(self, xml: str) -> None:
         try:
             self.conn.defineXML(xml)

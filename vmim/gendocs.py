@@ -8,7 +8,7 @@ import os
 import re
 from typing import List, Tuple
 
-from vmim import __version__, config
+from vmim import __version__, config, keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,8 +20,10 @@ EXIT_CODES = [
     ("4", "state conflict: unknown box or image, domain running, disk busy, an image not proven "
           "restorable (the slot untouched), -u on a slot whose restore did not finish"),
     ("5", "the slot is locked by another command, or no slot is free (retry later)"),
-    ("6", "an external command failed"),
-    ("7", "environment: a tool missing, not root, libvirt unreachable"),
+    ("6", "an external command failed; also a store that fills the store's filesystem (the "
+          "previous image of that name is kept)"),
+    ("7", "environment: a tool missing, not root, libvirt unreachable, a lock or state "
+          "directory another user could write"),
     ("8", "cleanup incomplete: something is still mounted or mapped; the message says how to "
           "release it"),
     ("130, 143", "interrupted by SIGINT, or by SIGTERM or SIGHUP"),
@@ -128,7 +130,7 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
             _tp("/etc/vmimagemanager/libvirt.xsl",
                 "An administrator's stylesheet for domain definition (else the shipped one, "
                 "/usr/share/vmimagemanager/libvirt.xsl)."),
-            _tp("/run/lock/vmimagemanager/BOX.lock", "Per-slot locks (lockdir)."),
+            _tp(f"{keys.default('lockdir')}/BOX.lock", "Per-slot locks (lockdir)."),
             _tp("IMAGES/.vmim/NAME.json",
                 "Per-image metadata: format, size, digest (BLAKE3 or sha256).")])),
         ("examples", "\n".join(examples)),
@@ -212,7 +214,7 @@ def _type_text(k: config.Key) -> str:
     if k.type == "choice":
         return " | ".join(f'"{c}"' for c in k.choices)
     return {"str": "string", "path": "absolute path", "int": "integer", "bool": "boolean",
-            "list": "list of strings"}[k.type]
+            "list": "list of strings", "size": "size (\"20G\" or bytes)"}[k.type]
 
 
 def _default_text(k: config.Key) -> str:
@@ -293,16 +295,19 @@ def render_template() -> str:
             out += _template_key(k)
     out += [
         "",
+        "# Slots: none is active until you write one (`vmimagemanager -l` lists the host's",
+        "# libvirt domains meanwhile). Two examples; remove the '#' of a section and its keys.",
+        "#",
         "# A slot whose disk image has a partition table; the root filesystem is partition 1.",
-        f"[{config.SLOT_PREFIX}1]",
-        'HostName = "web1"',
-        'HostDisk = "/var/lib/libvirt/images/web1.img"',
-        "partition = 1",
+        f"#[{config.SLOT_PREFIX}1]",
+        '#HostName = "web1"',
+        '#HostDisk = "/var/lib/libvirt/images/web1.img"',
+        "#partition = 1",
         "",
         "# A slot whose root filesystem is a whole device or file.",
-        f"[{config.SLOT_PREFIX}2]",
-        'HostName = "build2"',
-        'root = "/dev/vg0/build2-root"',
+        f"#[{config.SLOT_PREFIX}2]",
+        '#HostName = "build2"',
+        '#root = "/dev/vg0/build2-root"',
         "",
         "# Every slot key, commented out.",
         f"#[{config.SLOT_PREFIX}example]",
@@ -316,7 +321,7 @@ def render_template() -> str:
 def _template_key(k: config.Key) -> List[str]:
     lines = [f"# {line}" for line in _wrap(k.help, 88)]
     if k.default is None or k.default == ():
-        example = {"str": '""', "path": '"/path"', "int": "1", "list": '["..."]',
+        example = {"str": '""', "path": '"/path"', "int": "1", "size": '"20G"', "list": '["..."]',
                    "bool": "false", "choice": f'"{k.choices[0]}"' if k.choices else '""'}[k.type]
     else:
         example = config.ini_value(k.default)

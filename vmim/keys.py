@@ -40,10 +40,16 @@ KEYS: Tuple[Key, ...] = (
         "Directory under which each slot is mounted as <mount>/<HostName> "
         "when the slot sets no `mount` of its own.", default="/mnt/vm/"),
     Key("lockdir", "lockdir", "path", "local",
-        "Directory holding the per-slot lock files.", default="/run/lock/vmimagemanager"),
+        "Directory holding the per-slot lock files. It and every directory above it must be "
+        "owned by root and writable by no other user (a parent such as /run/lock may be "
+        "sticky): else every box action is refused (exit 7). Up to 1.0 the default was "
+        "/run/lock/vmimagemanager, where any user could create it first.",
+        default="/run/vmimagemanager/locks"),
     Key("statedir", "statedir", "path", "local",
         "Directory of what must survive a reboot: the mark of a slot whose restore did not "
-        "finish (such a slot is not started until an image is restored into it).",
+        "finish (such a slot is not started until an image is restored into it), the record "
+        "of the staging directories a run makes in a guest, the fleet worker's journal. Like "
+        "lockdir it must be owned by root and writable by no other user (exit 7 otherwise).",
         default="/var/lib/vmimagemanager"),
     Key("broker", "broker", "str", "local",
         "AMQP URL of the fleet's RabbitMQ broker (`amqp://user:password@host:5672/vhost`, "
@@ -81,6 +87,12 @@ KEYS: Tuple[Key, ...] = (
         inherit=False),
     Key("swap", "swap", "path", "slot", "Swap device given to the domain (never touched).",
         inherit=False),
+    Key("disksize", "disksize", "size", "slot",
+        "Size of the slot's disk when vmimagemanager makes it: a HostDisk or root *file* "
+        "that does not exist yet is created by the first action that needs it (sparse; "
+        "with `partition = 1`, an MBR table with that one partition; the filesystem of the "
+        "image being restored, else ext4). Bytes, or a size such as \"20G\" (K, M, G, T: "
+        "powers of 1024). Block devices are never created.", minimum=16 << 20),
     Key("lvm_volume_group", "LvmVolumeGroup", "str", "slot",
         "LVM volume group of the slot's logical volume (store_type lvm)."),
     Key("lvm_volume", "LvmVolume", "str", "slot",

@@ -8,8 +8,9 @@ deletes it in a thread while the image is unpacked into the staging directory; t
 waits for it after the merge, and the wait is the restore's "delete" timing. Without that
 room it is deleted first, as before.
 
-The directory is made like a staging directory (tree.staging_dir: marked with this run's
-owner tag), so a run killed halfway leaves nothing that the next mount does not remove.
+The directory is made like a staging directory (tree.staging_dir: recorded on the host,
+vmim.worklog), so a run killed halfway leaves nothing that the next mount does not remove;
+the `rm` runs in the sandbox, as every removal in the guest does (tree.remove).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from typing import Optional
 
-from vmim import tree
+from vmim import tree, worklog
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,10 @@ def room_for_both(root: str, needs_bytes: int = 0) -> bool:
 class Deletion:
     """The old content of root, set aside and being deleted by a thread."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, records: worklog.WorkLog):
         self.root = root
-        self.path = tree.staging_dir(root, "trash", like=root)
+        self.records = records
+        self.path = tree.staging_dir(root, "trash", like=root, records=records)
         self.seconds = 0.0  # how long the deletion ran (beside the unpack)
         self.error: Optional[BaseException] = None
         self._waited = False
@@ -59,7 +61,7 @@ class Deletion:
     def _run(self) -> None:
         started = time.monotonic()
         try:
-            tree.remove([self.path])
+            tree.remove_staging(self.path, self.records)
         except BaseException as exc:  # noqa: BLE001 — handed to the restore by wait()
             self.error = exc
         self.seconds = round(time.monotonic() - started, 3)

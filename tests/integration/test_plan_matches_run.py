@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.integration.test_images import run_ok
+from vmim.disk import hold
 
 
 def _hold_locks(lockdir, boxes):
@@ -49,7 +50,8 @@ def _start_with_disk(rig, domains, key):
 
 SCENARIOS = ["off", "running", "running --mount", "mounted", "mounted and running",
              "mounted and running -k --release", "locked", "missing image", "missing insert",
-             "any-free, none free", "incomplete -u"]
+             "any-free, none free", "incomplete -u", "missing disk", "missing image store",
+             "held by a QEMU libvirt does not know"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -70,6 +72,9 @@ def test_dry_run_exit_code_is_the_run_s(vmim, rig, domains, scenario):
             argv += ["--release"]
         elif scenario.startswith("mounted and running"):
             run_ok(vmim, rig, "-b", box, "--mount")
+            # the disk hold makes a start fail; the unsafe state needs a slot whose holder is
+            # gone (mounted by a run that was killed, or by an older version)
+            hold.stop_holders(rig.disk("ext4"), "test")
             _start_with_disk(rig, domains, "ext4")  # the unsafe state: both may write
             if scenario.endswith("--release"):
                 argv = ["-b", box, "-k", "--release"]
@@ -88,12 +93,27 @@ def test_dry_run_exit_code_is_the_run_s(vmim, rig, domains, scenario):
             holder = _hold_locks(os.path.join(rig.root, "locks"), list(rig.names.values()))
             argv = ["-b", "any-free", "-r", "golden"]
             expected = 5
+        elif scenario == "held by a QEMU libvirt does not know":
+            holder = subprocess.Popen(["qemu-system-x86_64", "-S", "-nodefaults", "-display",
+                                       "none", "-machine", "pc,accel=tcg", "-m", "32", "-drive",
+                                       f"file={rig.disk('ext4')},format=raw,if=virtio"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 20
+            while not hold.holders(rig.disk("ext4")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            expected = 4
         elif scenario == "incomplete -u":
             state = rig.root / "state"
             state.mkdir(exist_ok=True)
             (state / f"{box}.incomplete").write_text(json.dumps(
                 {"box": box, "disk": rig.disk("ext4"), "image": "golden", "started": "then"}))
             argv, expected = ["-b", box, "-u"], 4
+        elif scenario == "missing disk":
+            os.rename(rig.disk("ext4"), rig.disk("ext4") + ".away")
+            argv, expected = ["-b", box, "--mount"], 4
+        elif scenario == "missing image store":
+            os.rename(rig.images, str(rig.images) + ".away")
+            argv, expected = ["-b", box, "-s", "snap"], 4
         dry = vmim(*argv, "--dry-run", "--json", "--config", rig.cfg)
         doc = json.loads(dry.out)
         assert dry.code == expected, dry
@@ -116,6 +136,9 @@ def test_dry_run_exit_code_is_the_run_s(vmim, rig, domains, scenario):
                 pass
         time.sleep(0.1)
         vmim("-b", box, "--release", "--config", rig.cfg)
+        for path in (rig.disk("ext4"), str(rig.images)):
+            if os.path.exists(path + ".away"):
+                os.rename(path + ".away", path)
 
 
 def test_json_results_list_every_step_run_with_its_own_seconds(vmim, rig, domains):
@@ -172,3 +195,20 @@ def test_disk_image_store_of_a_disk_that_is_no_file_is_refused_by_the_dry_run_to
     assert dry.code == real.code == 4, (dry, real)
     assert "works on disk image files" in dry.out and "works on disk image files" in real.err
     assert not (rig.images / "whole").exists()
+
+
+@pytest.mark.parametrize("argv", [["-s", "../escape"], ["-r", "../golden"], ["-i", "../certs"],
+                                  ["-e", "../logs:/var/log"], ["-s", ".hidden"]])
+def test_a_bad_name_on_a_mounted_slot_is_refused_before_anything_is_touched(vmim, rig, argv):
+    """Checks that need no mount run first: the slot the user mounted stays mounted."""
+    box = rig.names["ext4"]
+    run_ok(vmim, rig, "-b", box, "--mount")
+    try:
+        (open(os.path.join(rig.mnt("ext4"), "user-file"), "w")).close()
+        r = vmim("-b", box, *argv, "--config", rig.cfg)
+        assert r.code == 2, r
+        assert "is not allowed" in r.err
+        assert os.path.ismount(rig.mnt("ext4"))
+        assert os.path.exists(os.path.join(rig.mnt("ext4"), "user-file"))
+    finally:
+        run_ok(vmim, rig, "-b", box, "--release")

@@ -59,6 +59,9 @@ SCENARIOS = {
     "restore-clear-delete": [(_req("restore", restore="golden"), _seen(clear="delete"))],
     "restore-clear-mkfs": [(_req("restore", restore="golden"), _seen(clear="mkfs"))],
     "incomplete-up": [(_req("up"), _seen(incomplete="golden"))],
+    "create-disk": [(_req("restore", "up", restore="golden"), _seen(
+        "undefined", create="make /srv/web1.img: a sparse 20.0 GiB raw file, an MBR partition "
+        "table with partition 1, an ext4 filesystem"))],
     "shared-mount-point": [(_req("mount"), _seen(
         conflict="/etc/vmim.cfg: [vmim.vm.web2] mount '/mnt/vm/web1' is also the mount point "
                  "of slot 'web1' ([vmim.vm.web1]); releasing one would unmount the other: "
@@ -86,6 +89,9 @@ SCENARIOS = {
     "pinned-up": [(_req("up"), _seen(pinned="/dev/loop3 is mounted at /mnt/vm/web1 in the "
                                      "mount namespace of pid 7 (qemu-system-x86)"))],
     "libvirt-only-mount": [(_req("mount"), Observed(domain_state="shut off", in_config=False))],
+    "held-by-qemu": [(_req("restore", "up", restore="golden"),
+                      _seen(held_by="disk '/srv/web1.img' is in use by another process: pid 7 "
+                            "(qemu-system-x86_64, domain 'web2') holds QEMU's lock on it"))],
 }
 
 

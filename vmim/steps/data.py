@@ -9,7 +9,7 @@ import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from vmim import digest, incomplete, process, progress, trash, tree, writeback
+from vmim import digest, incomplete, process, progress, trash, tree, worklog, writeback
 from vmim import disk as disk_mod
 from vmim import store as store_mod
 from vmim.archive import detect, for_detected, for_name
@@ -143,8 +143,11 @@ def store(box: Box, step: Step, rec: StepResult) -> str:
     fmt.check_tree(root, f"box {box.name}: store {name}")
     vfs = os.statvfs(root)
     used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
-    with progress.watch(f"{box.name} store", used):
-        meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, ["."]), _meta(box))
+    here = mounts.mounted_at(root)
+    facts = {"filesystem": here.fstype if here else None, "filesystem_used": used}
+    with progress.watch(f"{box.name} store", used):  # facts: what a disk made for it needs
+        meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, ["."]),
+                        _meta(box, **facts))
     rec.details.update(image=name, format=fmt.name, bytes=meta["size"])
     return f"stored as {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
 
@@ -176,22 +179,26 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
         else:
             choice = _choose_clear(box)
             rec.details["clear"] = choice.as_dict()
+            records = worklog.WorkLog.of(box.cfg, slot)
             if choice.method == "mkfs":
                 _remake_filesystem(box, choice)
             elif trash.room_for_both(root, getattr(proven.summary, "needs_bytes", 0) or 0):
-                deletion = trash.Deletion(root)  # set aside, deleted while the image unpacks
+                # set aside, deleted while the image unpacks
+                deletion = trash.Deletion(root, records)
             else:
                 tree.clear(root)
             clock.lap("clear")
-            staging = tree.staging_dir(root, "restore", like=root)
+            staging = tree.staging_dir(root, "restore", like=root, records=records)
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
-                fmt.unpack(path, staging)
+                fmt.unpack(path, staging, restore=True)
             if deletion is not None and deletion.in_the_way(staging):
                 deletion.wait()
-            tree.merge(staging, root)  # "/" takes the archive's "." metadata, times included
+            # "/" takes the archive's "." metadata, times included
+            tree.merge_contained(staging, root)
             times = os.stat(root)
             os.rmdir(staging)  # which changes the mtime of "/" again: put the archive's back
+            records.forget(os.path.basename(staging))
             clock.lap("transfer")
             if deletion is not None:
                 deletion.wait()  # its rm of the set-aside directory changes "/" too
@@ -237,13 +244,14 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
     root = _root(box)
     t = box.req.inserts[step.item]
     proven = box.proven[("insert", step.item)]
-    staging = tree.staging_dir(root, "insert", like=tree.target_dir(root, t.directory))
+    records = worklog.WorkLog.of(box.cfg, box.need_slot())
+    staging = tree.staging_dir(root, "insert", records=records)
     try:
+        tree.prepare_contained(staging, root, t.directory)
         proven.fmt.unpack(proven.path, staging)
-        n = tree.merge(staging, root, t.directory)
+        n = tree.merge_contained(staging, root, t.directory, remove_staging=True)
     finally:
-        if os.path.lexists(staging):
-            tree.remove([staging])
+        tree.remove_staging(staging, records)
     rec.details.update(name=t.name, directory=t.directory, format=proven.fmt.name)
     return f"{t.name} ({proven.fmt.name}) at {t.directory}: {n} {'entry' if n == 1 else 'entries'}"
 
