@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any, Dict, NoReturn, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
 from vmim import __version__
 from vmim.errors import (
@@ -20,6 +20,7 @@ from vmim.errors import (
     UsageError,
     VmimError,
 )
+from vmim.invocation import BoxRun, Invocation, RunOptions
 from vmim.output import PROG, undecodable_escaped
 from vmim.plan import ANY_FREE, BOX_PLACEHOLDER, PIPELINE, Request, Transfer
 
@@ -183,27 +184,29 @@ def _split_transfer(text: str, flag: str) -> Tuple[str, Optional[str]]:
 
 def make_request(args: argparse.Namespace) -> Request:
     """Validate the parsed arguments into a Request (usage errors exit 2)."""
-    req = Request()
+    boxes: List[str] = []
     for name in args.box:
         if not name:
             raise UsageError("-b needs a box name")
-        if name not in req.boxes:
-            req.boxes.append(name)
+        if name not in boxes:
+            boxes.append(name)
 
     if len(args.store) > 1:
         raise UsageError("-s/--store is given more than once; store one image per command")
     if len(args.restore) > 1:
         raise UsageError("-r/--restore is given more than once; restore one image per command")
-    req.store = args.store[0] if args.store else None
-    req.restore = args.restore[0] if args.restore else None
-    for flag, value in (("-s", req.store), ("-r", req.restore)):
+    store = args.store[0] if args.store else None
+    restore = args.restore[0] if args.restore else None
+    for flag, value in (("-s", store), ("-r", restore)):
         if value is not None and not value:
             raise UsageError(f"{flag} needs an image name")
 
+    inserts = []
     for text in args.insert:
         name, directory = _split_transfer(text, "-i")
-        req.inserts.append(Transfer(name, directory or "/"))
+        inserts.append(Transfer(name, directory or "/"))
 
+    extracts = []
     pending = list(args.extract_directory)
     for text in args.extract:
         name, directory = _split_transfer(text, "-e")
@@ -214,7 +217,7 @@ def make_request(args: argparse.Namespace) -> Request:
                     "or add --extract-directory DIR"
                 )
             directory = pending.pop(0)
-        req.extracts.append(Transfer(name, directory))
+        extracts.append(Transfer(name, directory))
     if pending:
         raise UsageError(
             f"--extract-directory {pending[0]} has no -e NAME to pair with "
@@ -223,16 +226,18 @@ def make_request(args: argparse.Namespace) -> Request:
 
     wanted = {
         "kill": args.kill, "down": args.down, "mount": args.mount,
-        "extract": bool(req.extracts), "store": req.store is not None,
-        "restore": req.restore is not None, "insert": bool(req.inserts),
+        "extract": bool(extracts), "store": store is not None,
+        "restore": restore is not None, "insert": bool(inserts),
         "release": args.release, "up": args.up,
     }
-    req.actions = [a for a in PIPELINE if wanted[a]]
-    req.lists = [name for name, flag in (
-        ("boxes", args.list_boxes), ("images", args.list_images), ("inserts", args.list_inserts),
-        ("free", args.list_free), ("locked", args.list_locked)) if flag]
-    req.format = args.format
-    req.disk_image = args.disk_image
+    req = Request(
+        boxes=tuple(boxes), actions=tuple(a for a in PIPELINE if wanted[a]),
+        lists=tuple(name for name, flag in (
+            ("boxes", args.list_boxes), ("images", args.list_images),
+            ("inserts", args.list_inserts), ("free", args.list_free),
+            ("locked", args.list_locked)) if flag),
+        store=store, restore=restore, inserts=tuple(inserts), extracts=tuple(extracts),
+        format=args.format, disk_image=args.disk_image)
     if args.disk_image and (req.inserts or req.extracts):
         raise UsageError("--disk-image stores and restores whole disks: it does not go with -i or -e")
     if args.disk_image and req.store is None and req.restore is None:
@@ -259,6 +264,18 @@ def make_request(args: argparse.Namespace) -> Request:
         log.warning("format option %s has no effect without -s or -e "
                     "(restore and insert detect the format)", req.format)
     return req
+
+
+def make_invocation(args: argparse.Namespace) -> Invocation:
+    """The whole command line as typed values: the request, the options of its run, and what
+    only this machine decides (config, logging, broker). Nothing below cli.py sees `args`."""
+    options = RunOptions(dry_run=args.dry_run, print_xml=args.print_xml, json=args.json,
+                         jobs=args.jobs, lock_wait=args.lock_wait, timeout=args.timeout,
+                         core=args.core, verbose=args.verbose, quiet=args.quiet)
+    return Invocation(BoxRun(make_request(args), options), config=args.config,
+                      connect=args.connect, print_config=args.print_config,
+                      log_config=args.log_config, syslog=args.syslog, broker=args.broker,
+                      local=args.local, lvm=args.lvm)
 
 
 # --------------------------------------------------------------------------- logging
@@ -355,22 +372,31 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) 
         from vmim.fleet import worker
 
         return worker.main(argv[1:])
+    want_json = "--json" in argv  # before parsing: a usage error gets its JSON document too
+
+    def parse() -> Invocation:
+        return make_invocation(build_parser().parse_args(argv))
+
+    return run_invocation(parse, stdout, want_json)
+
+
+def run_invocation(get: Callable[[], Invocation], stdout: Optional[TextIO] = None,
+                   want_json: bool = False) -> int:
+    """Run the invocation `get()` returns (from the command line, or a fleet worker's child
+    from its stdin): errors become one line on stderr and an exit code, --json a document."""
     out = stdout or sys.stdout
     old_handlers = _install_signal_handlers()
-    want_json = False
     doc: Dict[str, Any] = {"version": __version__}
     try:
-        want_json = "--json" in (sys.argv[1:] if argv is None else argv)  # before parsing:
-        # a usage error gets its JSON document too
         try:
-            args = build_parser().parse_args(argv)
+            inv = get()
         except SystemExit as exc:  # --help and --version
             return int(exc.code or 0)
-        want_json = args.json
-        setup_logging(args.verbose, args.quiet, args.log_config, args.syslog)
+        want_json = inv.options.json
+        setup_logging(inv.options.verbose, inv.options.quiet, inv.log_config, inv.syslog)
         from vmim.commands import run_command
 
-        code = run_command(args, make_request(args), doc, out)
+        code = run_command(inv, doc, out)
     except BrokenPipeError:  # the reader went away (| head): not an error, nothing more to say
         return _reader_gone(code=0)
     except VmimError as exc:

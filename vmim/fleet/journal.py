@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 KEEP_SECONDS = 7 * 24 * 3600
 
@@ -30,8 +30,9 @@ class Journal:
             os.fsync(fh.fileno())
         os.replace(tmp, self._path(job_id))
 
-    def begin(self, job_id: str, box: str, argv: List[str]) -> None:
-        self._write(job_id, {"state": "running", "box": box, "argv": argv,
+    def begin(self, job_id: str, box: str, run: Any) -> None:
+        """The job is about to run (`run`: what it asked for, as a plain value)."""
+        self._write(job_id, {"state": "running", "box": box, "run": run,
                              "started": time.time(), "worker_pid": os.getpid()})
 
     def finish(self, job_id: str, box: str, reply: Dict[str, Any]) -> None:

@@ -3,10 +3,16 @@
 One queue per slot (`vmim.host.<host>.box.<box>`, bound to `box.<box>` on `vmim.jobs`),
 consumed with prefetch 1, so a slot runs one job at a time and the host's slots run at once;
 `vmim.any` is consumed only while a slot is free (prefetch: the number of slots). Each job
-runs as the local command would, in a child process (vmim.fleet.child) under the same
-per-slot lock; the reply (the command's JSON document, its stderr lines, its exit code) is
-published before the job is acknowledged, and kept in the journal so that a redelivered job
-that had finished is answered, not re-run.
+runs as the local command would, in a child process (vmim.fleet.child, which gets the typed
+run on stdin) under the same per-slot lock; the reply (the command's JSON document, its
+stderr lines, its exit code) is published before the job is acknowledged, and kept in the
+journal so that a redelivered job that had finished is answered, not re-run.
+
+A message is read only through vmim.fleet.protocol (typed, allow-listed, bounded): whatever
+does not decode is refused — answered with an error when it names a client's reply queue —
+and acknowledged, so that it never comes back, never stops the worker and never touches the
+jobs it runs. A job on the shared any-free queue is an any-free job; a job on a slot's queue
+is a job for that slot; the worker acts on its own slots only.
 
 All AMQP traffic happens in the main thread; job threads hand their events over a queue.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -24,33 +31,38 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Tuple
 
 from vmim import lease
 from vmim.errors import (
     EXIT_ENVIRONMENT,
+    EXIT_FAILED,
     EXIT_LOCKED,
     EXIT_OK,
-    EXIT_STATE,
     EXIT_USAGE,
+    ProtocolError,
     VmimError,
 )
 from vmim.fleet import protocol
 from vmim.fleet.journal import Journal
+from vmim.invocation import BoxRun, RunOptions
+from vmim.plan import ANY_FREE, Request
 
 log = logging.getLogger("vmim.fleet.worker")
 
 POLL = 0.05
 REDELIVER = 120.0  # seconds a result is offered to a client that is reconnecting
 RETRY_ANY = 1.0  # after giving back an any-free job (no slot really free): pause that long
+ACCEPT_GRACE = 5.0  # a client waits that long past its deadline for its job to be taken
+RECOVER_WAIT = 60  # seconds a recovering release waits for the slot's lock (a dying child)
 
 
 @dataclass
 class Job:
     job_id: str
-    box: str
-    argv: List[str]
+    box: str  # the slot it runs on (an any-free job: once claimed)
+    run: BoxRun  # as the client sent it: no boxes
     reply_to: str
     message: Any
     deadline: float
@@ -136,6 +148,9 @@ class Worker:
         self.returned: List[Any] = []
         self.undelivered: List[tuple] = []  # (until, reply_to, job_id, reply)
         self.next_retry = 0.0
+        self.ping = max(1.0, min(5.0, heartbeat / 2))  # "running" to the clients, this often
+        self.silence = 3.0 * heartbeat + 5  # a client gives a job up after that long unheard
+        self.next_ping = 0.0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -179,7 +194,9 @@ class Worker:
         return EXIT_OK
 
     def recover(self) -> None:
-        """Release what a killed predecessor left: every slot whose job was still running."""
+        """Before serving: release what a killed predecessor left — every slot whose job was
+        still running — the same release a local `-b BOX --release` does. It waits a while
+        for the slot's lock: the killed job's own command may still be cleaning up."""
         for job_id, e in self.journal.entries().items():
             if e.get("state") != "running":
                 continue
@@ -189,15 +206,35 @@ class Worker:
                 continue
             log.warning("job %s on box %s was cut short by a killed worker: releasing box %s",
                         job_id, box, box)
-            res = subprocess.run(protocol.child_command(["-b", box, "--release"],
-                                                        self.cfg.path, 0),
-                                 capture_output=True, text=True, env=protocol.child_env())
-            for line in res.stderr.splitlines():
+            run = BoxRun(Request(boxes=(box,), actions=("release",)),
+                         RunOptions(json=True, lock_wait=RECOVER_WAIT))
+            res = self._run_child(run, capture=True)
+            for line in res.stderr.decode("utf-8", "replace").splitlines():
                 log.info("release %s: %s", box, line)
             if res.returncode != 0:
-                log.error("box %s: release after a killed worker failed (exit %d)", box,
-                          res.returncode)
+                log.error("box %s: release after a killed worker failed (exit %d); the worker "
+                          "serves the box anyway: its next job's command releases it first "
+                          "or fails clearly", box, res.returncode)
             self.journal.forget(job_id)  # a redelivery runs the job again, from the start
+
+    def _run_child(self, run: BoxRun, capture: bool = False,
+                   env: Optional[Dict[str, str]] = None) -> Any:
+        """The child for one run (vmim.fleet.child): the typed run on its stdin, as JSON.
+        capture: run it to its end (CompletedProcess); else the started Popen."""
+        data = json.dumps(run.to_dict()).encode()
+        argv = protocol.child_command(self.cfg.path)
+        env = env or protocol.child_env()
+        if capture:
+            return subprocess.run(argv, input=data, capture_output=True, env=env)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.PIPE, env=env)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(data)
+            proc.stdin.close()
+        except OSError:  # the child died at once: its exit code and stderr say why
+            pass
+        return proc
 
     def _connect(self) -> None:
         import kombu
@@ -209,23 +246,24 @@ class Worker:
         jobs = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
         control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
         self.box_consumers = []
-        for slot in self.cfg.slots:
+        for slot in self.cfg.slots:  # raw messages (on_message): protocol.decode_* reads them
             q = kombu.Queue(protocol.box_queue(self.host, slot.name), jobs,
                             routing_key=protocol.box_key(slot.name), durable=True)
-            c = kombu.Consumer(channel, queues=[q], callbacks=[self._on_box_job],
-                               prefetch_count=1, accept=["json"], no_ack=False)
+            c = kombu.Consumer(channel, queues=[q],
+                               on_message=functools.partial(self._on_message, slot.name),
+                               prefetch_count=1, no_ack=False)
             c.qos(prefetch_count=1)  # per consumer (RabbitMQ): one job per slot at a time
             c.consume()
             self.box_consumers.append(c)
         anyq = kombu.Queue(protocol.ANY_QUEUE, jobs, routing_key=protocol.ANY_KEY, durable=True)
-        self.any_consumer = kombu.Consumer(channel, queues=[anyq], callbacks=[self._on_any_job],
-                                           prefetch_count=1, accept=["json"], no_ack=False,
-                                           auto_declare=True)
+        self.any_consumer = kombu.Consumer(channel, queues=[anyq],
+                                           on_message=functools.partial(self._on_message, None),
+                                           prefetch_count=1, no_ack=False, auto_declare=True)
         self.any_on = False
         ctlq = kombu.Queue(f"vmim.control.{self.host}.{protocol.new_job_id()[:8]}", control,
                            exclusive=True, auto_delete=True, durable=False)
-        self.ctl_consumer = kombu.Consumer(channel, queues=[ctlq], callbacks=[self._on_control],
-                                           accept=["json"], no_ack=True)
+        self.ctl_consumer = kombu.Consumer(channel, queues=[ctlq], on_message=self._on_control,
+                                           no_ack=True)
         self.ctl_consumer.consume()
         self._update_any()
 
@@ -282,6 +320,9 @@ class Worker:
                 last_beat = now
                 if away < self.heartbeat:  # not frozen past a heartbeat: the jobs are still ours
                     self._renew_leases()
+            if now >= self.next_ping:
+                self.next_ping = now + self.ping
+                self._ping()
             self._handle_events()
             self._expire_waiting()
             self._retry_replies()
@@ -293,33 +334,85 @@ class Worker:
     def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
         self.returned.append(routing_key)
 
-    def _send(self, reply_to: str, job_id: str, body: Dict[str, Any],
+    def _send(self, reply_to: str, corr: Optional[str], reply: protocol.Reply,
               mandatory: bool = False) -> bool:
         """Publish to a client's reply queue; False when the client is gone (mandatory)."""
         self.returned = []
-        self.producer.publish(protocol.encode(body), exchange="", routing_key=reply_to,
-                              correlation_id=job_id, content_type="application/json",
+        self.producer.publish(reply.encode(), exchange="", routing_key=reply_to,
+                              correlation_id=corr, content_type="application/json",
                               content_encoding="utf-8", mandatory=mandatory, serializer=None)
         return not self.returned
 
+    def _ping(self) -> None:
+        """Word to the clients of the jobs this worker holds (running or waiting for their
+        slot), so that a client can tell a long job from a worker that died."""
+        for job in [*self.jobs.values(), *self.waiting.values()]:
+            if not job.aborted:
+                self._send(job.reply_to, job.job_id,
+                           protocol.Reply("running", self.host, box=job.box))
+
     # ------------------------------------------------------------------ jobs
 
-    def _decode(self, body: Any, message: Any, any_free: bool) -> Optional[Job]:
+    def _on_message(self, queue_box: Optional[str], message: Any) -> None:
+        """A delivery on a slot's queue (queue_box) or on the any-free queue (None). Whatever
+        it holds, it ends acknowledged, requeued for another worker or taken as a job; a
+        bug here refuses the one message, it does not stop the worker or its jobs."""
         try:
-            data = body if isinstance(body, dict) else json.loads(body)
-            if data.get("v") != protocol.VERSION or not protocol.valid_job_id(data.get("job_id")):
-                raise ValueError("not a version-1 job")
-            argv = protocol.checked_argv(data.get("argv"))
-            reply_to = message.properties.get("reply_to")
-            if not reply_to:
-                raise ValueError("no reply_to")
-        except (ValueError, TypeError, VmimError, AttributeError) as exc:
-            log.error("dropping a malformed job: %s", exc)
-            message.reject(requeue=False)
-            return None
-        deadline = float(data.get("deadline") or time.time())
-        return Job(job_id=data["job_id"], box="", argv=argv, reply_to=reply_to,
-                   message=message, deadline=deadline, any_free=any_free)
+            self._take(queue_box, message)
+        except protocol.connection_errors():
+            raise  # the broker is gone: the main loop reconnects
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the worker
+            log.exception("worker %s: internal error on a message; refusing it", self.host)
+            if not message.acknowledged:
+                self._refuse(message, f"internal error in the worker: {exc!r}", EXIT_FAILED)
+
+    def _refuse(self, message: Any, why: str, code: int = EXIT_USAGE) -> None:
+        """Answer (when the message names a client's reply queue) and acknowledge."""
+        props = getattr(message, "properties", None) or {}
+        reply_to = protocol.usable_reply_to(props.get("reply_to"))
+        corr = props.get("correlation_id")
+        corr = corr if protocol.valid_job_id(corr) else None
+        log.error("refusing a job%s: %s", f" ({corr})" if corr else "", why)
+        if reply_to is not None:
+            self._send(reply_to, corr, protocol.error_result(f"the fleet job was refused: {why}",
+                                                             self.host, code))
+        message.ack()
+
+    def _take(self, queue_box: Optional[str], message: Any) -> None:
+        try:
+            msg = protocol.decode_job(message.body)
+        except ProtocolError as exc:
+            self._refuse(message, str(exc))
+            return
+        reply_to = protocol.usable_reply_to(message.properties.get("reply_to"))
+        if reply_to is None:
+            log.error("dropping job %s: its reply_to is not a client's reply queue "
+                      "(vmim.reply.<id>)", msg.job_id)
+            message.ack()
+            return
+        if queue_box is None and msg.box != ANY_FREE:
+            self._refuse(message, f"a job on the shared queue {protocol.ANY_QUEUE} is an "
+                         f"{ANY_FREE} job; this one names box '{msg.box[:80]}'")
+            return
+        if queue_box is not None and msg.box != queue_box:
+            self._refuse(message, f"a job for box '{msg.box[:80]}' came on the queue of box "
+                         f"'{queue_box}'")
+            return
+        job = Job(job_id=msg.job_id, box="" if queue_box is None else queue_box, run=msg.run,
+                  reply_to=reply_to, message=message, deadline=msg.deadline,
+                  any_free=queue_box is None)
+        if self._answered_from_journal(job):
+            return
+        if not message.delivery_info.get("redelivered") and \
+                time.time() > job.deadline + ACCEPT_GRACE:
+            self._reply_now(job, protocol.error_result(
+                "no worker took the job before its client's --lock-wait passed", self.host,
+                EXIT_LOCKED))
+            return
+        if job.any_free:
+            self._take_any(job)
+        else:
+            self._take_box(job)
 
     def _answered_from_journal(self, job: Job) -> bool:
         entry = self.journal.get(job.job_id)
@@ -327,31 +420,26 @@ class Worker:
             return False
         log.info("job %s was done already (box %s): answering from the journal",
                  job.job_id, entry.get("box"))
-        self._send(job.reply_to, job.job_id, entry["reply"])
+        try:
+            reply = protocol.decode_journal_reply(entry.get("reply"))
+        except ProtocolError as exc:
+            reply = protocol.error_result(f"the job's journal entry is unreadable: {exc}",
+                                          self.host, EXIT_FAILED)
+        self._send(job.reply_to, job.job_id, reply)
         job.message.ack()
         return True
 
     def _accept(self, job: Job) -> bool:
         """Tell the client who took the job; a client that gave up has no queue any more: the
         job is then dropped (acknowledged, not run)."""
-        body: Dict[str, Any] = {"type": "accepted", "host": self.host, "box": job.box}
-        if self._send(job.reply_to, job.job_id, body, mandatory=True):
+        accepted = protocol.Reply("accepted", self.host, box=job.box, silence=self.silence)
+        if self._send(job.reply_to, job.job_id, accepted, mandatory=True):
             return True
         log.warning("job %s for box %s: its client is gone; not running it", job.job_id, job.box)
         job.message.ack()
         return False
 
-    def _on_box_job(self, body: Any, message: Any) -> None:
-        job = self._decode(body, message, any_free=False)
-        if job is None or self._answered_from_journal(job):
-            return
-        boxes = _boxes_of(job.argv)
-        if len(boxes) != 1 or self.cfg.slot(boxes[0]) is None:
-            self._reply_now(job, protocol_error(
-                f"box {', '.join(boxes)} is not served by {self.host}: one box per job, "
-                "one of its own", EXIT_STATE))
-            return
-        job.box = boxes[0]
+    def _take_box(self, job: Job) -> None:
         # Reserve the slot before publishing anything: while a publish waits for its confirm,
         # kombu runs the callbacks of new deliveries, and an any-free job must not pick it.
         busy = job.box in self.jobs  # an any-free job of the fleet runs there: wait for it
@@ -362,22 +450,17 @@ class Worker:
         if not busy:
             self._start(job)
 
-    def _on_any_job(self, body: Any, message: Any) -> None:
-        job = self._decode(body, message, any_free=True)
-        if job is None or self._answered_from_journal(job):
-            return
+    def _take_any(self, job: Job) -> None:
         box = self._free_slot() if time.monotonic() >= self.any_paused_until else None
         if box is None:  # nothing really free: give it back for another worker
-            message.requeue()
+            job.message.requeue()
             self.any_paused_until = time.monotonic() + RETRY_ANY  # the main loop cancels
             return
         job.box = box
-        job.argv = _with_box(job.argv, box)
-        self.jobs[box] = job  # reserved before any publish (see _on_box_job)
+        self.jobs[box] = job  # reserved before any publish (see _take_box)
         if not self._accept(job):
             self.jobs.pop(box, None)
             return
-        self._send(job.reply_to, job.job_id, {"type": "claimed", "box": box, "host": self.host})
         self._start(job)
 
     def _free_slot(self) -> Optional[str]:
@@ -399,7 +482,7 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         self.jobs[job.box] = job
-        self.journal.begin(job.job_id, job.box, job.argv)
+        self.journal.begin(job.job_id, job.box, job.run.to_dict(protocol.JOB_REQUEST_FIELDS))
         job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True,
                                       name=f"job-{job.box}")
         job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
@@ -418,48 +501,64 @@ class Worker:
                     log.warning("cannot renew the lease of job %s: %s", job.job_id, exc)
 
     def _run_job(self, job: Job) -> None:
-        """In a job thread: run the command, stream its stderr, hand over the reply."""
-        argv = protocol.child_command(job.argv, self.cfg.path, job.deadline - time.time())
-        log.info("job %s: box %s: %s", job.job_id, job.box, " ".join(job.argv))
+        """In a job thread: run the job and hand its reply to the main loop — always, even
+        when the worker fails to run it (the slot's reservation ends with the reply)."""
+        try:
+            reply = self._run_command(job)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the client gets an answer
+            log.exception("job %s: box %s: the worker failed to run it", job.job_id, job.box)
+            reply = replace(protocol.error_result(f"the worker failed to run the job: {exc!r}",
+                                                  self.host, EXIT_FAILED), box=job.box)
+        self.events.put(("reply", job, reply))
+
+    def _run_command(self, job: Job) -> protocol.Reply:
+        """The child for the job's slot: its stderr streamed to the client, its JSON doc and
+        exit code the reply. The run is the client's request for this slot only, with the
+        lock wait that is left of the client's deadline."""
+        left = max(0, min(int(job.deadline - time.time()), 7 * 24 * 3600))
+        run = BoxRun(replace(job.run.request, boxes=(job.box,), lists=()),
+                     replace(job.run.options, json=True, jobs=1, lock_wait=left))
+        log.info("job %s: box %s: %s", job.job_id, job.box,
+                 ", ".join(run.request.actions) or "print-xml")
         try:
             env = protocol.child_env()
             env[lease.ENV_LEASE] = self._lease_path(job)  # stale: the job stops before a step
             env[lease.ENV_TTL] = str(2 * self.heartbeat)  # when the broker hands it on
             lease.renew(env[lease.ENV_LEASE])
-            job.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        stdin=subprocess.DEVNULL, env=env)
+            job.proc = self._run_child(run, env=env)
         except OSError as exc:
-            self.events.put(("reply", job, protocol_error(f"cannot start the job: {exc}",
-                                                          EXIT_ENVIRONMENT)))
-            return
-        assert job.proc.stdout is not None and job.proc.stderr is not None
+            return replace(protocol.error_result(f"cannot start the job: {exc}", self.host,
+                                                 EXIT_ENVIRONMENT), box=job.box)
+        proc = job.proc
+        stdout = proc.stdout
+        assert stdout is not None and proc.stderr is not None
         out: List[bytes] = []
-        reader = threading.Thread(target=lambda: out.append(job.proc.stdout.read()),  # type: ignore[union-attr]
-                                  daemon=True)
+        reader = threading.Thread(target=lambda: out.append(stdout.read()), daemon=True)
         reader.start()
         lines: List[str] = []
-        for raw in job.proc.stderr:
+        for raw in proc.stderr:
             line = raw.decode("utf-8", "replace")
             lines.append(line)
             self.events.put(("log", job, line))
         reader.join()
-        code = job.proc.wait()
+        code = proc.wait()
         with contextlib.suppress(OSError):
             os.unlink(self._lease_path(job))
         try:
             doc = json.loads(b"".join(out) or b"{}")
         except ValueError:
             doc = {}
+        if not isinstance(doc, dict):
+            doc = {}
         if code < 0:  # killed by a signal: as the shell reports it
             code = 128 - code
         doc["host"] = self.host
-        if job.any_free:  # the child was given the claimed slot by name
+        if job.any_free:  # the slot claimed for it
             doc["claimed"] = job.box
-        self.events.put(("reply", job, {"type": "result", "host": self.host, "box": job.box,
-                                        "exit_code": code, "doc": doc, "stderr": lines}))
+        return protocol.Reply("result", self.host, box=job.box, exit_code=min(code, 255),
+                              doc=doc, stderr=tuple(lines))
 
-    def _reply_now(self, job: Job, reply: Dict[str, Any]) -> None:
-        reply["host"] = self.host
+    def _reply_now(self, job: Job, reply: protocol.Reply) -> None:
         self._send(job.reply_to, job.job_id, reply)
         job.message.ack()
 
@@ -472,7 +571,9 @@ class Worker:
             kind = event[0]
             if kind == "log":
                 _, job, line = event
-                self._send(job.reply_to, job.job_id, {"type": "log", "line": line})
+                if not job.aborted:
+                    self._send(job.reply_to, job.job_id,
+                               protocol.Reply("log", self.host, box=job.box, line=line))
             elif kind == "reply":
                 _, job, reply = event
                 self._finish(job, reply)
@@ -480,18 +581,19 @@ class Worker:
                 _, reply_to, corr, reply = event
                 self._send(reply_to, corr, reply)
 
-    def _finish(self, job: Job, reply: Dict[str, Any]) -> None:
+    def _finish(self, job: Job, reply: protocol.Reply) -> None:
         if job.aborted:  # the broker was lost: the job may run elsewhere; say nothing
             self.journal.forget(job.job_id)
         else:
-            self.journal.finish(job.job_id, job.box, reply)
+            self.journal.finish(job.job_id, job.box, reply.as_dict())
             if not self._send(job.reply_to, job.job_id, reply, mandatory=True):
                 # the client is reconnecting (a broker restart): try again for a while
                 self.undelivered.append((time.monotonic() + REDELIVER, job.reply_to,
                                          job.job_id, reply))
             job.message.ack()
-            log.info("job %s: box %s: exit %s", job.job_id, job.box, reply.get("exit_code"))
-        self.jobs.pop(job.box, None)
+            log.info("job %s: box %s: exit %s", job.job_id, job.box, reply.exit_code)
+        if self.jobs.get(job.box) is job:
+            self.jobs.pop(job.box, None)
         waiting = self.waiting.pop(job.box, None)
         if waiting is not None:
             if time.time() > waiting.deadline:
@@ -522,9 +624,9 @@ class Worker:
                 self._expired(job)
 
     def _expired(self, job: Job) -> None:
-        self._reply_now(job, protocol_error(
+        self._reply_now(job, replace(protocol.error_result(
             f"box '{job.box}' is busy with another job of the fleet; try again later or wait "
-            "with --lock-wait S", EXIT_LOCKED))
+            "with --lock-wait S", self.host, EXIT_LOCKED), box=job.box))
 
     def _terminate(self, job: Job) -> None:
         job.aborted = True
@@ -550,48 +652,39 @@ class Worker:
 
     # ------------------------------------------------------------------ fleet lists
 
-    def _on_control(self, body: Any, message: Any) -> None:
+    def _on_control(self, message: Any) -> None:
+        """A list request on the vmim.control fanout (no acknowledgement: a fanout copy is
+        this worker's own). One that does not decode is ignored, with a line in the log."""
         try:
-            data = body if isinstance(body, dict) else json.loads(body)
-            lists = [w for w in data.get("lists", []) if w in
-                     ("boxes", "images", "inserts", "free", "locked")]
-            reply_to = message.properties.get("reply_to")
-            corr = message.properties.get("correlation_id")
-        except (ValueError, TypeError, AttributeError):
+            req = protocol.decode_list_request(message.body)
+            reply_to = protocol.usable_reply_to(message.properties.get("reply_to"))
+            if reply_to is None:
+                raise ProtocolError("its reply_to is not a client's reply queue")
+        except ProtocolError as exc:
+            log.warning("ignoring a list request: %s", exc)
             return
-        if not reply_to or not lists:
+        except Exception:  # noqa: BLE001 - one bad message must not stop the worker
+            log.exception("worker %s: internal error on a list request; ignoring it", self.host)
             return
-        self._send(reply_to, corr, {"type": "here", "host": self.host})
-        threading.Thread(target=self._run_list, args=(lists, reply_to, corr), daemon=True).start()
+        self._send(reply_to, req.job_id, protocol.Reply("here", self.host))
+        threading.Thread(target=self._run_list, args=(req.lists, reply_to, req.job_id),
+                         daemon=True).start()
 
-    def _run_list(self, lists: List[str], reply_to: str, corr: str) -> None:
-        argv = protocol.child_command(protocol.list_argv(lists), self.cfg.path, 0)
-        res = subprocess.run(argv, capture_output=True, env=protocol.child_env())
+    def _run_list(self, lists: Tuple[str, ...], reply_to: str, corr: str) -> None:
         try:
-            doc = json.loads(res.stdout or b"{}")
-        except ValueError:
-            doc = {}
-        self.events.put(("list", reply_to, corr, {
-            "type": "lists", "host": self.host, "exit_code": res.returncode, "doc": doc,
-            "stderr": res.stderr.decode("utf-8", "replace").splitlines(True)}))
-
-
-def protocol_error(message: str, code: int = EXIT_USAGE) -> Dict[str, Any]:
-    from vmim.output import PROG
-
-    return {"type": "result", "exit_code": code, "stderr": [f"{PROG}: error: {message}\n"],
-            "doc": {"error": {"message": message, "exit_code": code}}}
-
-
-def _boxes_of(argv: List[str]) -> List[str]:
-    from vmim.cli import build_parser
-
-    return list(build_parser().parse_args(argv).box)
-
-
-def _with_box(argv: List[str], box: str) -> List[str]:
-    out = list(argv)
-    for i in range(len(out) - 1):
-        if out[i] in ("-b", "--box") and out[i + 1] == "any-free":
-            out[i + 1] = box
-    return out
+            res = self._run_child(BoxRun(Request(lists=lists), RunOptions(json=True)),
+                                  capture=True)
+            try:
+                doc = json.loads(res.stdout or b"{}")
+            except ValueError:
+                doc = {}
+            reply = protocol.Reply("lists", self.host, exit_code=min(res.returncode, 255) if
+                                   res.returncode >= 0 else 128 - res.returncode,
+                                   doc=doc if isinstance(doc, dict) else {},
+                                   stderr=tuple(res.stderr.decode("utf-8", "replace")
+                                                .splitlines(True)))
+        except Exception as exc:  # noqa: BLE001 - the client gets an answer, whatever happened
+            log.exception("worker %s: the lists failed", self.host)
+            reply = protocol.Reply("lists", self.host, exit_code=EXIT_FAILED,
+                                   stderr=(f"the worker failed to make the lists: {exc!r}\n",))
+        self.events.put(("list", reply_to, corr, reply))
