@@ -42,7 +42,7 @@ def main(argv: List[str]) -> int:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
-    from vmim.cli import run_invocation
+    from vmim.frontend import run_invocation
 
     if len(argv) != 2 or argv[0] != "--config":
         sys.stderr.write("usage: python -m vmim.fleet.child --config WORKER_CFG < RUN.json\n")

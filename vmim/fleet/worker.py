@@ -73,10 +73,10 @@ class Job:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vmim.cli import _Parser
+    from vmim.frontend import ArgParser
     from vmim.output import PROG
 
-    p = _Parser(prog=f"{PROG} worker",
+    p = ArgParser(prog=f"{PROG} worker",
                 description="Serve this host's slots to the fleet: run the box actions and "
                 "lists that clients send through RabbitMQ (docs/fleet.md). Runs in the "
                 "foreground; SIGTERM stops taking jobs, lets the running ones finish, exits 0.")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: List[str]) -> int:
     from vmim import config as config_mod
-    from vmim.cli import setup_logging
+    from vmim.frontend import setup_logging
     from vmim.output import PROG
 
     try:
