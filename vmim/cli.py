@@ -251,10 +251,10 @@ def make_invocation(args: argparse.Namespace) -> Invocation:
 
 def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["worker"]:  # the fleet's worker: a command of its own (vmim/fleet/worker.py)
-        from vmim.fleet import worker
+    if argv[:1] == ["worker"]:  # the fleet's worker: a command of its own (vmim/fleet/service.py)
+        from vmim.fleet import service
 
-        return worker.main(argv[1:])
+        return service.main(argv[1:])
     want_json = "--json" in argv  # before parsing: a usage error gets its JSON document too
 
     def parse() -> Invocation:

@@ -84,26 +84,32 @@ def test_a_client_whose_worker_dies_for_good_gets_a_clear_error(fleet, big):
 def test_an_any_free_client_prints_one_name_the_slot_that_ran_the_job(fleet, big):
     """`box=$(vmimagemanager -q -b any-free ...)`: one line, the slot that ran the job, even
     when the first worker that claimed a slot was killed and another one ran the job."""
-    for box in OTHERS:  # only h1a is free
-        assert fleet.vmim("-b", box, "--mount").code == 0
+    import contextlib
+
+    from vmim.lock import slot_lock
+
     client = None
-    try:
-        client = fleet.spawn("-q", "-b", "any-free", "-r", big, "--release",
-                             "--lock-wait", "60")
-        wait_mounted(fleet.mount_of("h1a"), client)
-        fleet.kill9("h1")  # mid-restore: the job goes back to vmim.any
-        assert fleet.vmim("-b", "h2a", "--release").code == 0  # a slot for the handover
-        out, err = client.communicate(timeout=120)
-        assert client.returncode == 0, (out, err)
-        assert out == "h2a\n", (out, err)
-        fleet.start("h1")
-        _ready_after_release(fleet.log("h1"), "h1a")
-        assert not is_mounted(fleet.mount_of("h1a"))
-    finally:
-        if client is not None and client.poll() is None:
-            client.kill()
-            client.communicate()
-        if "h1" not in fleet.workers:
+    with contextlib.ExitStack() as held:
+        locks = {}
+        for box in OTHERS:  # only h1a is free: the others are locked, as by a local command
+            locks[box] = held.enter_context(contextlib.ExitStack())
+            locks[box].enter_context(slot_lock(os.path.join(fleet.root, box[:2], "locks"), box))
+        try:
+            client = fleet.spawn("-q", "-b", "any-free", "-r", big, "--release",
+                                 "--lock-wait", "60")
+            wait_mounted(fleet.mount_of("h1a"), client)
+            fleet.kill9("h1")  # mid-restore: the job goes back to vmim.any
+            locks["h2a"].close()  # a slot for the handover
+            out, err = client.communicate(timeout=120)
+            assert client.returncode == 0, (out, err)
+            assert out == "h2a\n", (out, err)
+            held.close()
             fleet.start("h1")
-        for box in OTHERS:
-            fleet.vmim("-b", box, "--release")
+            _ready_after_release(fleet.log("h1"), "h1a")
+            assert not is_mounted(fleet.mount_of("h1a"))
+        finally:
+            if client is not None and client.poll() is None:
+                client.kill()
+                client.communicate()
+            if "h1" not in fleet.workers:
+                fleet.start("h1")

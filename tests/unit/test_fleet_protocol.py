@@ -10,7 +10,7 @@ import pytest
 
 from vmim.cli import build_parser, make_invocation
 from vmim.errors import ProtocolError, UsageError
-from vmim.fleet import protocol
+from vmim.fleet import protocol, transport
 from vmim.fleet.journal import Journal
 from vmim.invocation import OPTION_FIELDS, BoxRun, RunOptions
 from vmim.plan import REQUEST_FIELDS, Request
@@ -36,7 +36,7 @@ def test_a_job_carries_the_same_request(argv):
     client = [*argv, "--broker", "amqp://x//", "--json", "--lock-wait", "9", "--config", "/c.cfg"]
     job = job_of(*client)
     body = job.encode()
-    got = protocol.decode_job(body)
+    got = protocol.decode_job(body, job.box)
     assert got == job
     assert replace(got.run.request, boxes=invocation(*argv).request.boxes) == \
         invocation(*argv).request
@@ -83,7 +83,7 @@ def _body(**change):
 @pytest.mark.parametrize("where", ["", "request.", "options."])
 def test_a_job_may_not_carry_client_options(field, where):
     with pytest.raises(ProtocolError) as exc:
-        protocol.decode_job(_body(**{where + field: "/etc/other.cfg"}))
+        protocol.decode_job(_body(**{where + field: "/etc/other.cfg"}), "web1")
     assert "unknown field" in str(exc.value)
 
 
@@ -126,8 +126,21 @@ def test_a_job_may_not_carry_client_options(field, where):
 ])
 def test_a_malformed_job_is_a_protocol_error(body, words):
     with pytest.raises(ProtocolError) as exc:
-        protocol.decode_job(body)
+        protocol.decode_job(body, "web1")
     assert words in str(exc.value)
+
+
+def test_a_jobs_box_is_the_box_of_its_queue():
+    """A job on the shared any-free queue is an any-free job, a job on a slot's queue is
+    for that slot: by construction, whatever the message says."""
+    assert protocol.decode_job(job_of("-b", "x", "-u", box="any-free").encode(),
+                               "any-free").box == "any-free"
+    for box, queue, words in (("web1", "any-free", "is an any-free job"),
+                              ("any-free", "web1", "came on the queue of box 'web1'"),
+                              ("web2", "web1", "came on the queue of box 'web1'")):
+        with pytest.raises(ProtocolError) as exc:
+            protocol.decode_job(job_of("-b", "x", "-u", box=box).encode(), queue)
+        assert words in str(exc.value)
 
 
 def test_a_list_request_is_read_strictly():
@@ -180,7 +193,7 @@ def test_a_job_thread_that_fails_still_answers_and_frees_the_slot(tmp_path, monk
     from vmim.fleet import worker as worker_mod
 
     cfg = SimpleNamespace(statedir=str(tmp_path), slots=[], slot_names=["web1"], path="/c")
-    w = worker_mod.Worker(cfg, protocol.BrokerSpec("amqp://x//"), "h1")
+    w = worker_mod.Worker(cfg, transport.BrokerSpec("amqp://x//"), "h1")
     sent = []
     monkeypatch.setattr(w, "_send", lambda reply_to, corr, reply, mandatory=False:
                         sent.append(reply) or True)
@@ -199,11 +212,11 @@ def test_a_job_thread_that_fails_still_answers_and_frees_the_slot(tmp_path, monk
     w._handle_events()
     assert sent and sent[-1].type == "result" and sent[-1].exit_code == 1
     assert "embedded null byte" in sent[-1].stderr[0]
-    assert acks == [1] and "web1" not in w.jobs
+    assert acks == [1] and "web1" not in w.slots.running
 
 
 def test_broker_url_is_shown_without_its_password():
-    spec = protocol.BrokerSpec("amqps://host1:s3cret@mq.example.org:5671/fleet")
+    spec = transport.BrokerSpec("amqps://host1:s3cret@mq.example.org:5671/fleet")
     assert spec.shown == "amqps://host1:***@mq.example.org:5671/fleet"
     assert "s3cret" not in spec.shown
 
@@ -211,7 +224,7 @@ def test_broker_url_is_shown_without_its_password():
 def test_tls_files_need_an_amqps_url():
     pytest.importorskip("kombu")
     with pytest.raises(UsageError) as exc:
-        protocol.connection(protocol.BrokerSpec("amqp://mq//", ca="/etc/ca.pem"))
+        transport.connection(transport.BrokerSpec("amqp://mq//", ca="/etc/ca.pem"))
     assert "amqps://" in str(exc.value)
 
 

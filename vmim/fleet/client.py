@@ -18,7 +18,7 @@ from vmim.errors import (
     ProtocolError,
     StateError,
 )
-from vmim.fleet import protocol
+from vmim.fleet import protocol, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
 from vmim.plan import Request
 
@@ -34,7 +34,7 @@ JOB_TTL = 24 * 3600.0  # seconds a job may stay in the broker past --lock-wait: 
 SILENCE = 35.0  # seconds without word about a taken job, when the worker does not say
 
 
-def broker_of(inv: Invocation) -> Optional[protocol.BrokerSpec]:
+def broker_of(inv: Invocation) -> Optional[transport.BrokerSpec]:
     """--broker, else $VMIM_BROKER, else broker in the config; None: run here."""
     from vmim import config as config_mod
     from vmim.errors import ConfigError
@@ -49,24 +49,23 @@ def broker_of(inv: Invocation) -> Optional[protocol.BrokerSpec]:
     if not url:
         return None
     if cfg is not None:
-        return protocol.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
-    return protocol.BrokerSpec(url)
+        return transport.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
+    return transport.BrokerSpec(url)
 
 
 class Client:
-    def __init__(self, spec: protocol.BrokerSpec):
+    def __init__(self, spec: transport.BrokerSpec):
         import kombu
 
         self.spec = spec
-        self.returned: List[Any] = []
         self.inbox: List[Tuple[str, protocol.Reply]] = []
         # named by the client, so that it can declare it again after a broker restart
         self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
         self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
                                    durable=False)
-        self.conn = protocol.connection(spec)
+        self.conn = transport.connection(spec)
         try:
-            protocol.connect(self.conn)
+            transport.connect(self.conn)
             self._reopen()
         except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
             raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
@@ -76,9 +75,6 @@ class Client:
             self.conn.release()
         except Exception:  # noqa: BLE001
             pass
-
-    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
-        self.returned.append(routing_key)
 
     def _on_reply(self, message: Any) -> None:
         try:
@@ -93,24 +89,25 @@ class Client:
         """Persistent, confirmed; False when no queue took it (mandatory)."""
         import amqp
 
-        self.returned = []
         try:
-            self._publish(body, job_id, exchange, routing_key, expiration, mandatory)
+            return self.publisher.publish(body, exchange=exchange, routing_key=routing_key,
+                                          reply_to=self.reply_to, correlation_id=job_id,
+                                          mandatory=mandatory, expiration=expiration,
+                                          persistent=True)
         except amqp.exceptions.NotFound:  # no worker has declared the exchange yet
             self._reopen()
             return False
-        except protocol.refusals() as exc:
+        except transport.refusals() as exc:
             raise HostEnvironmentError(f"the broker at {self.spec.shown} refused: {exc}; "
                                        "does this user have write permission on "
                                        f"{exchange or 'amq.default'}?") from None
-        return not self.returned
 
     def _reopen(self) -> None:
         """A channel error closes the channel: a new one, with a new reply queue."""
         import kombu
 
         self.channel = self.conn.channel()
-        self.producer = kombu.Producer(self.channel, on_return=self._on_return)
+        self.publisher = transport.Publisher(self.channel)
         self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
                                        on_message=self._on_reply, no_ack=True)
         self.consumer.consume()
@@ -125,24 +122,17 @@ class Client:
                     patience)
         until = time.monotonic() + patience
         while True:
-            self.conn = protocol.connection(self.spec)
+            self.conn = transport.connection(self.spec)
             try:
-                protocol.connect(self.conn)
+                transport.connect(self.conn)
                 self._reopen()
                 log.info("connected to %s again", self.spec.shown)
                 return
-            except protocol.connection_errors():
+            except transport.connection_errors():
                 if time.monotonic() >= until:
                     raise
                 time.sleep(1.0)
 
-    def _publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
-                 expiration: Optional[float], mandatory: bool) -> None:
-        self.producer.publish(body, exchange=exchange, routing_key=routing_key,
-                              reply_to=self.reply_to, correlation_id=job_id,
-                              content_type="application/json", content_encoding="utf-8",
-                              serializer=None, delivery_mode=2, mandatory=mandatory,
-                              expiration=expiration)
 
     def wait(self, until: Optional[float]) -> Optional[Tuple[str, protocol.Reply]]:
         """The next reply, or None when `until` (monotonic) has passed."""
@@ -155,19 +145,19 @@ class Client:
                 self.conn.drain_events(timeout=0.2 if until is None else max(0.01, min(0.2, until - now)))
             except socket.timeout:
                 pass
-            except protocol.connection_errors():
+            except transport.connection_errors():
                 self.reconnect()
                 continue
             if now - last_beat > 1.0:
                 try:
                     self.conn.heartbeat_check()
-                except protocol.connection_errors():
+                except transport.connection_errors():
                     self.reconnect()
                 last_beat = now
         return self.inbox.pop(0)
 
 
-def run(inv: Invocation, spec: protocol.BrokerSpec, doc: Dict[str, Any], out: TextIO) -> int:
+def run(inv: Invocation, spec: transport.BrokerSpec, doc: Dict[str, Any], out: TextIO) -> int:
     client = Client(spec)
     req, opts = inv.request, inv.options
     try:
@@ -177,7 +167,7 @@ def run(inv: Invocation, spec: protocol.BrokerSpec, doc: Dict[str, Any], out: Te
         if req.lists:
             _run_lists(client, list(req.lists), doc, out, opts.json)
         return code
-    except protocol.connection_errors() as exc:
+    except transport.connection_errors() as exc:
         raise HostEnvironmentError(f"lost the broker at {spec.shown}: {exc}") from None
     finally:
         client.close()

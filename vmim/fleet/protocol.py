@@ -1,6 +1,6 @@
-"""What travels through the broker: names of exchanges and queues, the connection (TLS,
-heartbeat), and every message, as typed values with `encode()` and a strict `decode_*()`.
-This is the only module that knows message shapes.
+"""What travels through the broker: names of exchanges and queues, and every message, as
+typed values with `encode()` and a strict `decode_*()`. This is the only module that knows
+message shapes (the connection itself is vmim.fleet.transport's).
 
 Version history (the "v" of every message; a worker refuses another version, with an error
 result the client prints):
@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
-from urllib.parse import urlsplit, urlunsplit
 
-from vmim.errors import EXIT_USAGE, HostEnvironmentError, ProtocolError, UsageError
+from vmim.errors import EXIT_USAGE, ProtocolError
 from vmim.fields import Fields, check_string
 from vmim.invocation import BoxRun
-from vmim.plan import LISTS, REQUEST_FIELDS
+from vmim.plan import ANY_FREE, LISTS, REQUEST_FIELDS
 
 VERSION = 2
 MAX_MESSAGE = 64 * 1024  # bytes: a job is a few hundred; anything near this is not a job
@@ -43,7 +41,6 @@ ANY_QUEUE = "vmim.any"
 ANY_KEY = "any"
 ENV_BROKER = "VMIM_BROKER"
 HEARTBEAT = 10  # seconds; the broker drops a silent peer after about twice this
-CONNECT_TIMEOUT = 5.0
 
 def box_key(box: str) -> str:
     return f"box.{box}"
@@ -61,50 +58,6 @@ def new_job_id() -> str:
 
 def valid_job_id(job_id: Any) -> bool:
     return isinstance(job_id, str) and re.fullmatch(r"[0-9a-f]{32}", job_id) is not None
-
-
-@dataclass(frozen=True)
-class BrokerSpec:
-    url: str
-    ca: Optional[str] = None
-    cert: Optional[str] = None
-    key: Optional[str] = None
-
-    @property
-    def shown(self) -> str:
-        """The URL without its password, for messages."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-
-
-def connection(spec: BrokerSpec, heartbeat: int = HEARTBEAT) -> Any:
-    """A kombu connection with publisher confirms (a mandatory publish that no queue takes
-    comes back before the confirm) and, for amqps://, TLS with the configured CA/cert/key."""
-    try:
-        import kombu
-    except ImportError:
-        raise HostEnvironmentError("the fleet needs the Python package kombu "
-                                   "(Debian: python3-kombu; pip install kombu)") from None
-    ssl_opt: Any = None
-    if spec.url.startswith("amqps://"):
-        ctx = ssl.create_default_context(cafile=spec.ca)
-        if spec.cert:
-            ctx.load_cert_chain(spec.cert, spec.key)
-        ssl_opt = ctx
-    elif spec.ca or spec.cert:
-        raise UsageError(f"broker_ca/broker_cert are set but the broker URL {spec.shown} is not "
-                         "amqps://")
-    return kombu.Connection(spec.url, heartbeat=heartbeat, ssl=ssl_opt,
-                            connect_timeout=CONNECT_TIMEOUT,
-                            transport_options={"confirm_publish": True})
-
-
-def connect(conn: Any) -> None:
-    """Connect now: one attempt and one immediate retry (kombu's connect() waits 2 s first)."""
-    conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, interval_max=0)
 
 
 #: what of a Request a job carries: one box is the job's own field; lists are not jobs
@@ -178,8 +131,10 @@ class Job:
                         "request": run["request"], "options": run["options"]})
 
 
-def decode_job(body: Any) -> Job:
-    """A job as a worker accepts it, or ProtocolError (VersionError) saying why not."""
+def decode_job(body: Any, queue: str) -> Job:
+    """A job as a worker accepts it from the queue of box `queue` (ANY_FREE: the shared
+    queue), or ProtocolError (VersionError) saying why not. Its box must be the queue's: a
+    job on the shared queue is an any-free job, a job on a slot's queue is for that slot."""
     data = _loads(body, "the job")
     f = Fields(data, "the job", JOB_FIELDS)
     f.string("type", required=True, choices=("job",))
@@ -187,6 +142,11 @@ def decode_job(body: Any) -> Job:
     if not valid_job_id(job_id):
         raise ProtocolError("the job's job_id is not 32 hexadecimal digits")
     box = f.string("box", required=True, max_len=MAX_NAME)
+    if box != queue and queue == ANY_FREE:
+        raise ProtocolError(f"a job on the shared queue {ANY_QUEUE} is an {ANY_FREE} job; "
+                            f"this one names box '{box[:80]}'")
+    if box != queue:
+        raise ProtocolError(f"a job for box '{box[:80]}' came on the queue of box '{queue}'")
     run = BoxRun.from_dict({"request": f.object("request"), "options": f.object("options")},
                            JOB_REQUEST_FIELDS, "the job")
     if not run.request.actions and not run.options.print_xml:
@@ -288,27 +248,3 @@ def child_env() -> Dict[str, str]:
     env = dict(os.environ)
     env.pop(ENV_BROKER, None)
     return env
-
-
-def connection_errors() -> tuple:
-    """What a lost or refused broker connection raises (socket, AMQP and kombu errors)."""
-    errors: tuple = (OSError, EOFError)
-    try:
-        import amqp
-        import kombu.exceptions
-
-        errors += (amqp.exceptions.ConnectionError, amqp.exceptions.RecoverableConnectionError,
-                   kombu.exceptions.OperationalError, kombu.exceptions.ConnectionError)
-    except ImportError:  # pragma: no cover
-        pass
-    return errors
-
-
-def refusals() -> tuple:
-    """What a broker's refusal raises: 403 access refused, 404 not found and the like."""
-    try:
-        import amqp
-
-        return (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
-    except ImportError:  # pragma: no cover
-        return ()

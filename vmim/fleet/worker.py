@@ -19,22 +19,16 @@ All AMQP traffic happens in the main thread; job threads hand their events over 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
-import json
 import logging
-import os
 import queue
 import signal
 import socket
-import subprocess
 import threading
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import replace
+from typing import Any, List, Optional, Tuple
 
-from vmim import lease
 from vmim.errors import (
     EXIT_ENVIRONMENT,
     EXIT_FAILED,
@@ -42,12 +36,13 @@ from vmim.errors import (
     EXIT_OK,
     EXIT_USAGE,
     ProtocolError,
-    VmimError,
 )
-from vmim.fleet import protocol
+from vmim.fleet import protocol, transport
+from vmim.fleet.children import Children
 from vmim.fleet.journal import Journal
-from vmim.invocation import BoxRun, RunOptions
-from vmim.plan import ANY_FREE, Request
+from vmim.fleet.scheduler import Job, Slots
+from vmim.invocation import BoxRun
+from vmim.plan import ANY_FREE
 
 log = logging.getLogger("vmim.fleet.worker")
 
@@ -55,109 +50,39 @@ POLL = 0.05
 REDELIVER = 120.0  # seconds a result is offered to a client that is reconnecting
 RETRY_ANY = 1.0  # after giving back an any-free job (no slot really free): pause that long
 ACCEPT_GRACE = 5.0  # a client waits that long past its deadline for its job to be taken
-RECOVER_WAIT = 60  # seconds a recovering release waits for the slot's lock (a dying child)
-
-
-@dataclass
-class Job:
-    job_id: str
-    box: str  # the slot it runs on (an any-free job: once claimed)
-    run: BoxRun  # as the client sent it: no boxes
-    reply_to: str
-    message: Any
-    deadline: float
-    any_free: bool = False
-    proc: Optional[subprocess.Popen] = None
-    thread: Optional[threading.Thread] = None
-    aborted: bool = False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from vmim.frontend import ArgParser
-    from vmim.output import PROG
-
-    p = ArgParser(prog=f"{PROG} worker",
-                description="Serve this host's slots to the fleet: run the box actions and "
-                "lists that clients send through RabbitMQ (docs/fleet.md). Runs in the "
-                "foreground; SIGTERM stops taking jobs, lets the running ones finish, exits 0.")
-    p.add_argument("-c", "--config", metavar="PATH",
-                   help="config file (else $VMIM_CFG, else /etc/vmimagemanager/vmimagemanager.cfg)")
-    p.add_argument("--broker", metavar="URL",
-                   help="broker URL (else $VMIM_BROKER, else broker in the config)")
-    p.add_argument("--host-name", metavar="NAME",
-                   help="this host's name in the fleet (default: the machine's host name)")
-    p.add_argument("--heartbeat", type=int, default=protocol.HEARTBEAT, metavar="S",
-                   help=f"AMQP heartbeat in seconds (default {protocol.HEARTBEAT}): a worker silent for "
-                   "about twice this loses its jobs to other workers, and aborts them itself")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    p.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
-    p.add_argument("--syslog", nargs="?", const="/dev/log", metavar="SOCKET",
-                   help="also log to syslog (default socket /dev/log)")
-    return p
-
-
-def main(argv: List[str]) -> int:
-    from vmim import config as config_mod
-    from vmim.frontend import setup_logging
-    from vmim.output import PROG
-
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except VmimError as exc:
-        import sys
-
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return EXIT_USAGE
-    try:
-        setup_logging(args.verbose, args.quiet, None, args.syslog)
-        cfg = config_mod.load(args.config)
-        url = args.broker or os.environ.get(protocol.ENV_BROKER) or cfg.broker
-        if not url:
-            raise VmimError("no broker: give --broker URL, set $VMIM_BROKER, or broker in "
-                            f"[vmim.local] of {cfg.path}")
-        spec = protocol.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
-        worker = Worker(cfg, spec, args.host_name or socket.gethostname(), args.heartbeat)
-        return worker.run()
-    except VmimError as exc:
-        import sys
-
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return exc.exit_code if exc.exit_code != 1 else EXIT_USAGE
 
 
 class Worker:
-    def __init__(self, cfg: Any, spec: protocol.BrokerSpec, host: str,
+    def __init__(self, cfg: Any, spec: transport.BrokerSpec, host: str,
                  heartbeat: int = protocol.HEARTBEAT):
         self.cfg = cfg
         self.heartbeat = heartbeat
         self.spec = spec
         self.host = host
         self.journal = Journal(cfg.statedir)
+        self.children = Children(cfg.path, cfg.statedir, 2 * heartbeat)
         self.events: queue.Queue[tuple] = queue.Queue()
-        self.jobs: Dict[str, Job] = {}  # box → the fleet job on it (running, or reserved)
-        self.waiting: Dict[str, Job] = {}  # box → a box-routed job waiting for the box
+        self.slots = Slots(cfg.slot_names)
         self.stopping = False
         self.conn: Any = None
-        self.producer: Any = None
+        self.publisher: Any = None
         self.box_consumers: List[Any] = []
         self.any_consumer: Any = None
         self.any_on = False
         self.any_paused_until = 0.0
-        self.returned: List[Any] = []
         self.undelivered: List[tuple] = []  # (until, reply_to, job_id, reply)
         self.next_retry = 0.0
         self.ping = max(1.0, min(5.0, heartbeat / 2))  # "running" to the clients, this often
         self.silence = 3.0 * heartbeat + 5  # a client gives a job up after that long unheard
         self.next_ping = 0.0
+        self.last_beat = 0.0
 
     # ------------------------------------------------------------------ life cycle
 
     def _on_term(self, signum: int, _frame: Any) -> None:
         if self.stopping:  # a second SIGTERM: abort the running jobs (they clean up)
             log.warning("second %s: aborting the running jobs", signal.Signals(signum).name)
-            for job in list(self.jobs.values()):
+            for job in list(self.slots.running.values()):
                 self._terminate(job)
         self.stopping = True
 
@@ -177,10 +102,10 @@ class Worker:
                 self._serve()
                 break
             except Exception as exc:  # noqa: BLE001 - whatever it was, start over
-                if isinstance(exc, protocol.refusals()):
+                if isinstance(exc, transport.refusals()):
                     log.error("the broker at %s refused: %s (see the permissions in "
                               "docs/fleet.md)", self.spec.shown, exc)
-                elif isinstance(exc, protocol.connection_errors()):
+                elif isinstance(exc, transport.connection_errors()):
                     log.warning("lost the broker at %s (%s)", self.spec.shown, exc)
                 else:  # a bug: say so, with the traceback
                     log.exception("worker %s: internal error; reconnecting", self.host)
@@ -194,55 +119,16 @@ class Worker:
         return EXIT_OK
 
     def recover(self) -> None:
-        """Before serving: release what a killed predecessor left — every slot whose job was
-        still running — the same release a local `-b BOX --release` does. It waits a while
-        for the slot's lock: the killed job's own command may still be cleaning up."""
-        for job_id, e in self.journal.entries().items():
-            if e.get("state") != "running":
-                continue
-            box = str(e.get("box"))
-            if self.cfg.slot(box) is None:
-                self.journal.forget(job_id)
-                continue
-            log.warning("job %s on box %s was cut short by a killed worker: releasing box %s",
-                        job_id, box, box)
-            run = BoxRun(Request(boxes=(box,), actions=("release",)),
-                         RunOptions(json=True, lock_wait=RECOVER_WAIT))
-            res = self._run_child(run, capture=True)
-            for line in res.stderr.decode("utf-8", "replace").splitlines():
-                log.info("release %s: %s", box, line)
-            if res.returncode != 0:
-                log.error("box %s: release after a killed worker failed (exit %d); the worker "
-                          "serves the box anyway: its next job's command releases it first "
-                          "or fails clearly", box, res.returncode)
-            self.journal.forget(job_id)  # a redelivery runs the job again, from the start
-
-    def _run_child(self, run: BoxRun, capture: bool = False,
-                   env: Optional[Dict[str, str]] = None) -> Any:
-        """The child for one run (vmim.fleet.child): the typed run on its stdin, as JSON.
-        capture: run it to its end (CompletedProcess); else the started Popen."""
-        data = json.dumps(run.to_dict()).encode()
-        argv = protocol.child_command(self.cfg.path)
-        env = env or protocol.child_env()
-        if capture:
-            return subprocess.run(argv, input=data, capture_output=True, env=env)
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.PIPE, env=env)
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(data)
-            proc.stdin.close()
-        except OSError:  # the child died at once: its exit code and stderr say why
-            pass
-        return proc
+        """Before serving: release what a killed predecessor left (vmim.fleet.children)."""
+        self.children.recover(self.journal, lambda box: self.cfg.slot(box) is not None)
 
     def _connect(self) -> None:
         import kombu
 
-        self.conn = protocol.connection(self.spec, self.heartbeat)
-        protocol.connect(self.conn)
+        self.conn = transport.connection(self.spec, self.heartbeat)
+        transport.connect(self.conn)
         channel = self.conn.channel()
-        self.producer = kombu.Producer(channel, on_return=self._on_return)
+        self.publisher = transport.Publisher(channel)
         jobs = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
         control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
         self.box_consumers = []
@@ -257,7 +143,7 @@ class Worker:
             self.box_consumers.append(c)
         anyq = kombu.Queue(protocol.ANY_QUEUE, jobs, routing_key=protocol.ANY_KEY, durable=True)
         self.any_consumer = kombu.Consumer(channel, queues=[anyq],
-                                           on_message=functools.partial(self._on_message, None),
+                                           on_message=functools.partial(self._on_message, ANY_FREE),
                                            prefetch_count=1, no_ack=False, auto_declare=True)
         self.any_on = False
         ctlq = kombu.Queue(f"vmim.control.{self.host}.{protocol.new_job_id()[:8]}", control,
@@ -270,96 +156,96 @@ class Worker:
     def _drop_connection(self) -> None:
         """The broker is gone: every unacknowledged job may go to another worker now, so the
         running ones are aborted (their command cleans up as after SIGTERM) and forgotten."""
-        for job in list(self.jobs.values()):
+        running = list(self.slots.running.values())
+        for job in running:
             if job.proc is not None:
                 self._terminate(job)
-        for job in list(self.jobs.values()):
+        for job in running:
             if job.thread is not None:
                 job.thread.join()
-        for job in list(self.jobs.values()):
+        for job in running:
             self.journal.forget(job.job_id)
-        self.jobs.clear()
-        self.waiting.clear()
+        self.slots.clear()
         while not self.events.empty():
             self.events.get_nowait()
+        self._close()
+
+    def _close(self) -> None:
         try:
             if self.conn is not None:
                 self.conn.release()
-        except Exception:  # noqa: BLE001 - the connection is already broken
+        except Exception:  # noqa: BLE001 - the connection may be broken already
             pass
         self.conn = None
 
-    def _close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.release()
-            except Exception:  # noqa: BLE001
-                pass
-            self.conn = None
-
     def _serve(self) -> None:
         cancelled = False
-        last_beat = 0.0
+        self.last_beat = 0.0
         while True:
             if self.stopping and not cancelled:
-                log.info("stopping: no new jobs; %d running", len(self.jobs))
+                log.info("stopping: no new jobs; %d running", len(self.slots.running))
                 for c in self.box_consumers:
                     c.cancel()
                 self._any(False)
                 cancelled = True
-            if self.stopping and not self.jobs and not self.waiting:
+            if self.stopping and not self.slots.busy():
                 return
             try:
                 self.conn.drain_events(timeout=POLL)
             except socket.timeout:
                 pass
+            self._tick()
             now = time.monotonic()
-            if now - last_beat > min(1.0, self.heartbeat / 4):
-                away = now - last_beat if last_beat else 0.0
-                self.conn.heartbeat_check()
-                last_beat = now
-                if away < self.heartbeat:  # not frozen past a heartbeat: the jobs are still ours
-                    self._renew_leases()
             if now >= self.next_ping:
                 self.next_ping = now + self.ping
                 self._ping()
             self._handle_events()
-            self._expire_waiting()
+            for job in self.slots.expired(time.time()):
+                self._expired(job)
             self._retry_replies()
             if not self.stopping:
                 self._update_any()
 
-    # ------------------------------------------------------------------ publishing
+    def _tick(self) -> None:
+        """The heartbeat to the broker and the running jobs' leases, when due: from the main
+        loop and before each delivery (a burst of messages is handled inside one
+        drain_events and must starve neither). A worker frozen past a heartbeat renews
+        nothing: its jobs may be another worker's now."""
+        now = time.monotonic()
+        if now - self.last_beat <= min(1.0, self.heartbeat / 4):
+            return
+        away = now - self.last_beat if self.last_beat else 0.0
+        self.conn.heartbeat_check()
+        self.last_beat = now
+        if away < self.heartbeat:
+            self._renew_leases()
 
-    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
-        self.returned.append(routing_key)
+    # ------------------------------------------------------------------ publishing
 
     def _send(self, reply_to: str, corr: Optional[str], reply: protocol.Reply,
               mandatory: bool = False) -> bool:
         """Publish to a client's reply queue; False when the client is gone (mandatory)."""
-        self.returned = []
-        self.producer.publish(reply.encode(), exchange="", routing_key=reply_to,
-                              correlation_id=corr, content_type="application/json",
-                              content_encoding="utf-8", mandatory=mandatory, serializer=None)
-        return not self.returned
+        return bool(self.publisher.publish(reply.encode(), routing_key=reply_to,
+                                           correlation_id=corr, mandatory=mandatory))
 
     def _ping(self) -> None:
         """Word to the clients of the jobs this worker holds (running or waiting for their
         slot), so that a client can tell a long job from a worker that died."""
-        for job in [*self.jobs.values(), *self.waiting.values()]:
+        for job in self.slots.held():
             if not job.aborted:
                 self._send(job.reply_to, job.job_id,
                            protocol.Reply("running", self.host, box=job.box))
 
     # ------------------------------------------------------------------ jobs
 
-    def _on_message(self, queue_box: Optional[str], message: Any) -> None:
-        """A delivery on a slot's queue (queue_box) or on the any-free queue (None). Whatever
+    def _on_message(self, queue_box: str, message: Any) -> None:
+        """A delivery on a slot's queue (queue_box) or on the any-free queue (ANY_FREE). Whatever
         it holds, it ends acknowledged, requeued for another worker or taken as a job; a
         bug here refuses the one message, it does not stop the worker or its jobs."""
         try:
+            self._tick()
             self._take(queue_box, message)
-        except protocol.connection_errors():
+        except transport.connection_errors():
             raise  # the broker is gone: the main loop reconnects
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the worker
             log.exception("worker %s: internal error on a message; refusing it", self.host)
@@ -378,9 +264,9 @@ class Worker:
                                                              self.host, code))
         message.ack()
 
-    def _take(self, queue_box: Optional[str], message: Any) -> None:
+    def _take(self, queue_box: str, message: Any) -> None:
         try:
-            msg = protocol.decode_job(message.body)
+            msg = protocol.decode_job(message.body, queue_box)
         except ProtocolError as exc:
             self._refuse(message, str(exc))
             return
@@ -390,17 +276,10 @@ class Worker:
                       "(vmim.reply.<id>)", msg.job_id)
             message.ack()
             return
-        if queue_box is None and msg.box != ANY_FREE:
-            self._refuse(message, f"a job on the shared queue {protocol.ANY_QUEUE} is an "
-                         f"{ANY_FREE} job; this one names box '{msg.box[:80]}'")
-            return
-        if queue_box is not None and msg.box != queue_box:
-            self._refuse(message, f"a job for box '{msg.box[:80]}' came on the queue of box "
-                         f"'{queue_box}'")
-            return
-        job = Job(job_id=msg.job_id, box="" if queue_box is None else queue_box, run=msg.run,
+        any_free = msg.box == ANY_FREE
+        job = Job(job_id=msg.job_id, box="" if any_free else msg.box, run=msg.run,
                   reply_to=reply_to, message=message, deadline=msg.deadline,
-                  any_free=queue_box is None)
+                  any_free=any_free)
         if self._answered_from_journal(job):
             return
         if not message.delivery_info.get("redelivered") and \
@@ -440,63 +319,38 @@ class Worker:
         return False
 
     def _take_box(self, job: Job) -> None:
-        # Reserve the slot before publishing anything: while a publish waits for its confirm,
-        # kombu runs the callbacks of new deliveries, and an any-free job must not pick it.
-        busy = job.box in self.jobs  # an any-free job of the fleet runs there: wait for it
-        (self.waiting if busy else self.jobs)[job.box] = job
+        now = self.slots.hold(job)  # reserved before any publish (see vmim.fleet.scheduler)
         if not self._accept(job):
-            (self.waiting if busy else self.jobs).pop(job.box, None)
+            self.slots.drop(job)
             return
-        if not busy:
+        if now:
             self._start(job)
 
     def _take_any(self, job: Job) -> None:
-        box = self._free_slot() if time.monotonic() >= self.any_paused_until else None
+        box = self.children.free_slot(self.cfg, self.slots.idle()) \
+            if time.monotonic() >= self.any_paused_until else None
         if box is None:  # nothing really free: give it back for another worker
             job.message.requeue()
             self.any_paused_until = time.monotonic() + RETRY_ANY  # the main loop cancels
             return
-        job.box = box
-        self.jobs[box] = job  # reserved before any publish (see _take_box)
+        self.slots.claim(job, box)  # reserved before any publish
         if not self._accept(job):
-            self.jobs.pop(box, None)
+            self.slots.drop(job)
             return
         self._start(job)
 
-    def _free_slot(self) -> Optional[str]:
-        from vmim import domain, listing
-
-        try:
-            hv = domain.connect(self.cfg.uri)
-        except VmimError as exc:
-            log.error("cannot judge free slots: %s", exc)
-            return None
-        try:
-            rows = listing.boxes(self.cfg, hv.domains())
-        finally:
-            hv.close()
-        for r in rows:
-            if r.is_free and r.name not in self.jobs and r.name not in self.waiting:
-                return r.name
-        return None
-
     def _start(self, job: Job) -> None:
-        self.jobs[job.box] = job
+        self.slots.running[job.box] = job
         self.journal.begin(job.job_id, job.box, job.run.to_dict(protocol.JOB_REQUEST_FIELDS))
         job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True,
                                       name=f"job-{job.box}")
         job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
 
-    def _lease_path(self, job: Job) -> str:
-        directory = os.path.join(self.cfg.statedir, "fleet", "leases")
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.path.join(directory, job.job_id)
-
     def _renew_leases(self) -> None:
-        for job in list(self.jobs.values()):
+        for job in list(self.slots.running.values()):
             if job.proc is not None and job.proc.poll() is None:
                 try:
-                    lease.renew(self._lease_path(job))
+                    self.children.renew_lease(job.job_id)
                 except OSError as exc:
                     log.warning("cannot renew the lease of job %s: %s", job.job_id, exc)
 
@@ -520,43 +374,21 @@ class Worker:
                      replace(job.run.options, json=True, jobs=1, lock_wait=left))
         log.info("job %s: box %s: %s", job.job_id, job.box,
                  ", ".join(run.request.actions) or "print-xml")
+
+        def started(proc: Any) -> None:
+            job.proc = proc
+
         try:
-            env = protocol.child_env()
-            env[lease.ENV_LEASE] = self._lease_path(job)  # stale: the job stops before a step
-            env[lease.ENV_TTL] = str(2 * self.heartbeat)  # when the broker hands it on
-            lease.renew(env[lease.ENV_LEASE])
-            job.proc = self._run_child(run, env=env)
+            code, doc, lines = self.children.run_job(
+                job.job_id, run, started, lambda line: self.events.put(("log", job, line)))
         except OSError as exc:
             return replace(protocol.error_result(f"cannot start the job: {exc}", self.host,
                                                  EXIT_ENVIRONMENT), box=job.box)
-        proc = job.proc
-        stdout = proc.stdout
-        assert stdout is not None and proc.stderr is not None
-        out: List[bytes] = []
-        reader = threading.Thread(target=lambda: out.append(stdout.read()), daemon=True)
-        reader.start()
-        lines: List[str] = []
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace")
-            lines.append(line)
-            self.events.put(("log", job, line))
-        reader.join()
-        code = proc.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(self._lease_path(job))
-        try:
-            doc = json.loads(b"".join(out) or b"{}")
-        except ValueError:
-            doc = {}
-        if not isinstance(doc, dict):
-            doc = {}
-        if code < 0:  # killed by a signal: as the shell reports it
-            code = 128 - code
         doc["host"] = self.host
         if job.any_free:  # the slot claimed for it
             doc["claimed"] = job.box
-        return protocol.Reply("result", self.host, box=job.box, exit_code=min(code, 255),
-                              doc=doc, stderr=tuple(lines))
+        return protocol.Reply("result", self.host, box=job.box, exit_code=code, doc=doc,
+                              stderr=tuple(lines))
 
     def _reply_now(self, job: Job, reply: protocol.Reply) -> None:
         self._send(job.reply_to, job.job_id, reply)
@@ -592,9 +424,7 @@ class Worker:
                                          job.job_id, reply))
             job.message.ack()
             log.info("job %s: box %s: exit %s", job.job_id, job.box, reply.exit_code)
-        if self.jobs.get(job.box) is job:
-            self.jobs.pop(job.box, None)
-        waiting = self.waiting.pop(job.box, None)
+        waiting = self.slots.done(job)
         if waiting is not None:
             if time.time() > waiting.deadline:
                 self._expired(waiting)
@@ -617,12 +447,6 @@ class Worker:
                             "journal", job_id)
         self.undelivered = keep
 
-    def _expire_waiting(self) -> None:
-        for box, job in list(self.waiting.items()):
-            if time.time() > job.deadline:
-                del self.waiting[box]
-                self._expired(job)
-
     def _expired(self, job: Job) -> None:
         self._reply_now(job, replace(protocol.error_result(
             f"box '{job.box}' is busy with another job of the fleet; try again later or wait "
@@ -636,8 +460,7 @@ class Worker:
     # ------------------------------------------------------------------ any-free
 
     def _update_any(self) -> None:
-        free = [s for s in self.cfg.slot_names if s not in self.jobs and s not in self.waiting]
-        self._any(bool(free) and time.monotonic() >= self.any_paused_until)
+        self._any(bool(self.slots.idle()) and time.monotonic() >= self.any_paused_until)
 
     def _any(self, on: bool) -> None:
         if on == self.any_on or self.any_consumer is None:
@@ -671,20 +494,4 @@ class Worker:
                          daemon=True).start()
 
     def _run_list(self, lists: Tuple[str, ...], reply_to: str, corr: str) -> None:
-        try:
-            res = self._run_child(BoxRun(Request(lists=lists), RunOptions(json=True)),
-                                  capture=True)
-            try:
-                doc = json.loads(res.stdout or b"{}")
-            except ValueError:
-                doc = {}
-            reply = protocol.Reply("lists", self.host, exit_code=min(res.returncode, 255) if
-                                   res.returncode >= 0 else 128 - res.returncode,
-                                   doc=doc if isinstance(doc, dict) else {},
-                                   stderr=tuple(res.stderr.decode("utf-8", "replace")
-                                                .splitlines(True)))
-        except Exception as exc:  # noqa: BLE001 - the client gets an answer, whatever happened
-            log.exception("worker %s: the lists failed", self.host)
-            reply = protocol.Reply("lists", self.host, exit_code=EXIT_FAILED,
-                                   stderr=(f"the worker failed to make the lists: {exc!r}\n",))
-        self.events.put(("list", reply_to, corr, reply))
+        self.events.put(("list", reply_to, corr, self.children.lists(lists, self.host)))
