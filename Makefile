@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml
 install: host $(STAMP)
 	@echo "installed: $(BIN)/vmimagemanager"
 
+# Each run gets a temporary directory of its own (not pytest-of-root, whose mode another pytest
+# run resets to 0700, which QEMU, running as libvirt-qemu, then cannot enter); it is removed
+# when every test passed, and kept for a look when one failed.
+TESTTMP ?= /var/tmp
+
 test: host $(STAMP) lint
-	$(BIN)/python -m pytest tests
+	@d=$$(mktemp -d $(TESTTMP)/vmim-tests.XXXXXX) && chmod 755 $$d && \
+	  echo "test files in $$d" && \
+	  $(BIN)/python -m pytest --basetemp=$$d/run tests && rm -rf --one-file-system $$d
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-i", "--insert", action="append", default=[], metavar="NAME[:DIR]",
                    help="unpack insert NAME at guest directory DIR (default /); repeatable, in order")
     g.add_argument("--release", action="store_true", help="unmount and unmap the slot's disk")
+    g.add_argument("--redefine", action="store_true",
+                   help="replace libvirt's definition of the domain with the one the config "
+                   "makes through libvirt.xsl (the domain must be shut off)")
     g.add_argument("-u", "--up", action="store_true",
                    help="release, define the domain if libvirt lacks it, start it")
 
@@ -153,6 +156,19 @@ def _split_transfer(text: str, flag: str) -> Tuple[str, Optional[str]]:
     return name, (directory if sep else None)
 
 
+def _check_names(req: Request) -> None:
+    """Image, insert and extract names are checked before anything else (exit 2): a name such
+    as ../x is refused before a slot is mounted or released."""
+    from vmim.store import validate_name
+
+    named = [("image", req.store), ("image", req.restore),
+             *(("insert", t.name) for t in req.inserts),
+             *(("extract", t.name) for t in req.extracts)]
+    for what, name in named:
+        if name:
+            validate_name(name.replace(BOX_PLACEHOLDER, "box"), what)
+
+
 def make_request(args: argparse.Namespace) -> Request:
     """Validate the parsed arguments into a Request (usage errors exit 2)."""
     boxes: List[str] = []
@@ -199,7 +215,7 @@ def make_request(args: argparse.Namespace) -> Request:
         "kill": args.kill, "down": args.down, "mount": args.mount,
         "extract": bool(extracts), "store": store is not None,
         "restore": restore is not None, "insert": bool(inserts),
-        "release": args.release, "up": args.up,
+        "release": args.release, "redefine": args.redefine, "up": args.up,
     }
     req = Request(
         boxes=tuple(boxes), actions=tuple(a for a in PIPELINE if wanted[a]),
@@ -209,6 +225,7 @@ def make_request(args: argparse.Namespace) -> Request:
             ("locked", args.list_locked)) if flag),
         store=store, restore=restore, inserts=tuple(inserts), extracts=tuple(extracts),
         format=args.format, disk_image=args.disk_image)
+    _check_names(req)
     if args.disk_image and (req.inserts or req.extracts):
         raise UsageError("--disk-image stores and restores whole disks: it does not go with -i or -e")
     if args.disk_image and req.store is None and req.restore is None:

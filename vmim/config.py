@@ -11,7 +11,7 @@ import configparser
 import json
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from vmim.errors import ConfigError
@@ -70,6 +70,10 @@ class Slot:
     qcow2_compress: bool = default("qcow2_compress")
     sourceimage: bool = default("sourceimage")
     enabled: bool = default("enabled")
+    disksize: Optional[int] = None
+    #: a problem of the config that concerns this slot only (its mount point is another
+    #: slot's): warned at load; any action on the slot's disk is refused with it (exit 3)
+    conflict: Optional[str] = None
 
     @property
     def disk(self) -> Optional[str]:
@@ -212,7 +216,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{path}: malformed INI: {_one_line(str(exc))}") from None
 
     col = _Collector(path)
-    _check_duplicates(text, cp, col)
+    twice = _check_duplicates(text, cp, col)
     sections = cp.sections()
     current = [s for s in sections if s == LOCAL_SECTION or s.startswith(SLOT_PREFIX)]
     legacy = LEGACY_SECTION in sections
@@ -247,17 +251,25 @@ def parse(text: str, path: str = "<config>") -> Config:
 
     slot_defaults = {k: v for k, v in local_vals.items() if _key(k).scope == "slot"}
     slots: List[Slot] = []
+    used = {global_section}
     for s in slot_sections:
         raw = _read_section(cp, s, col)
         if not _enabled(raw, fmt):
             log.debug("%s: [%s] is not an enabled slot", path, s)
             continue
+        used.add(s)
         vals = _convert_section(raw, s, fmt, col, is_local=False)
         slot = _build_slot(s, fmt, vals, slot_defaults, local_vals, col)
         if slot is not None:
             slots.append(slot)
 
-    _check_slots(slots, col)
+    for section, key, msg in twice:  # in a section that is not used (0.2's [AvailalableHosts]
+        # lists hosts, some twice): nothing depends on which value wins
+        if section in used:
+            col.error(section, key, msg)
+        else:
+            col.warn(section, key, f"{msg.split(';')[0]} in a section that is not used")
+    slots = _check_slots(slots, col)
     if col.errors:
         raise ConfigError(col.errors)
     for w in col.warnings:
@@ -281,9 +293,12 @@ def parse(text: str, path: str = "<config>") -> Config:
     )
 
 
-def _check_duplicates(text: str, cp: configparser.ConfigParser, col: _Collector) -> None:
-    """A section or a key written twice (configparser would merge them silently): an error
-    naming both lines."""
+def _check_duplicates(text: str, cp: configparser.ConfigParser,
+                      col: _Collector) -> List[Tuple[str, str, str]]:
+    """A section written twice (configparser would merge them silently): an error naming both
+    lines. A key written twice in a section: returned as (section, key, message), an error
+    where the section is used."""
+    twice: List[Tuple[str, str, str]] = []
     sections: Dict[str, int] = {}
     keys: Dict[str, int] = {}
     section: Optional[str] = None
@@ -308,9 +323,10 @@ def _check_duplicates(text: str, cp: configparser.ConfigParser, col: _Collector)
         in_value = True
         key = cp.optionxform(m.group("option").rstrip())
         if key in keys:
-            col.error(section, key, f"written twice in this section (lines {keys[key]} and "
-                      f"{lineno}); keep one")
+            twice.append((section, key, f"written twice in this section (lines {keys[key]} and "
+                          f"{lineno}); keep one"))
         keys.setdefault(key, lineno)
+    return twice
 
 
 def _enabled(raw: Mapping[str, str], fmt: str) -> bool:
@@ -405,6 +421,26 @@ def _lookup(name: str, fmt: str, is_local: bool) -> Optional[Key]:
     return None
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: Any) -> Optional[int]:
+    """Bytes from 1073741824, "1G", "1 GiB", "512M", "1.5T" (powers of 1024), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if not isinstance(value, str):
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+    if not m:
+        return None
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return size if size > 0 else None
+
+
 def _convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
     """Return (True, value) — value None meaning 'not set' — or (False, error message)."""
     text = text.strip()
@@ -444,6 +480,13 @@ def _convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
         if key.minimum is not None and value < key.minimum:
             return False, f"must be at least {key.minimum}, got {value}"
         return True, value
+    if t == "size":
+        size = parse_size(value)
+        if size is None:
+            return False, f"expected a size such as \"20G\" or a number of bytes, got {json.dumps(value)}"
+        if key.minimum is not None and size < key.minimum:
+            return False, f"must be at least {key.minimum >> 20} MiB, got {json.dumps(value)}"
+        return True, size
     if t == "bool":
         if isinstance(value, bool):
             return True, value
@@ -521,18 +564,27 @@ def _build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Map
     return Slot(section=section, **{k: v for k, v in merged.items() if k in names})
 
 
-def _check_slots(slots: Sequence[Slot], col: _Collector) -> None:
+def _check_slots(slots: Sequence[Slot], col: _Collector) -> List[Slot]:
+    """Errors for what makes the config unusable; a warning, and the conflict recorded on
+    both slots, for two slots whose mount points overlap (configs of 0.3 have them: the other
+    slots of such a config still work)."""
     by_name: Dict[str, Slot] = {}
     by_disk: Dict[str, Slot] = {}
     by_mount: Dict[str, Slot] = {}
+    conflicts: Dict[str, str] = {}
     for s in slots:
         for mount, first in by_mount.items():
             if first.name != s.name and (_under(s.mount, mount) or _under(mount, s.mount)):
                 how = ("is also" if s.mount == mount else
                        "lies inside" if _under(s.mount, mount) else "contains")
-                col.error(s.section, "mount", f"'{s.mount}' {how} the mount point of slot "
-                          f"'{first.name}' ([{first.section}]); releasing one would unmount "
-                          "the other: give each slot its own")
+                problem = (f"[{s.section}] mount '{s.mount}' {how} the mount point of slot "
+                           f"'{first.name}' ([{first.section}]); releasing one would unmount "
+                           "the other: give each slot its own")
+                col.warn(s.section, "mount", f"'{s.mount}' {how} the mount point of slot "
+                         f"'{first.name}' ([{first.section}]); both are refused until each "
+                         "has its own")
+                conflicts.setdefault(s.name, f"{col.path}: {problem}")
+                conflicts.setdefault(first.name, f"{col.path}: {problem}")
                 break
         by_mount.setdefault(s.mount, s)
         other = by_name.get(s.name)
@@ -548,6 +600,7 @@ def _check_slots(slots: Sequence[Slot], col: _Collector) -> None:
                           f"disk '{disk}' is also the disk of slot '{other.name}' "
                           f"([{other.section}]); two slots cannot share a disk")
             by_disk[norm] = s
+    return [replace(s, conflict=conflicts[s.name]) if s.name in conflicts else s for s in slots]
 
 
 def _under(path: str, top: str) -> bool:

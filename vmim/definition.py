@@ -116,3 +116,86 @@ def _first_error(exc: Exception) -> str:
 
 def domain_xml(slot: Slot, stylesheet: Optional[str] = None) -> str:
     return transform(describe(slot), stylesheet or find_stylesheet(slot))
+
+
+#: what the config decides of a definition, compared with what libvirt has (drift)
+_DRIFT_FIELDS = (("type", "domain type"), ("memory", "memory"), ("vcpu", "vcpus"),
+                 ("os/kernel", "kernel"), ("os/initrd", "initrd"), ("os/cmdline", "cmdline"),
+                 ("disk", "disk"))
+
+
+def _facts(xml: str) -> dict:
+    from lxml import etree
+
+    root = etree.fromstring(xml.encode())
+    facts = {"type": root.get("type")}
+    mem = root.find("memory")
+    if mem is not None and mem.text:
+        unit = (mem.get("unit") or "KiB").lower()
+        scale = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024,
+                 "m": 1024, "mib": 1024, "mb": 1e6 / 1024, "g": 1 << 20, "gib": 1 << 20,
+                 "gb": 1e9 / 1024}.get(unit, 1)
+        facts["memory"] = int(int(mem.text) * scale)
+    vcpu = root.find("vcpu")
+    facts["vcpu"] = int(vcpu.text) if vcpu is not None and vcpu.text else None
+    for key in ("kernel", "initrd", "cmdline"):
+        el = root.find(f"os/{key}")
+        facts[f"os/{key}"] = el.text if el is not None else None
+    src = root.find("devices/disk[@device='disk']/source")
+    facts["disk"] = (src.get("file") or src.get("dev")) if src is not None else None
+    return facts
+
+
+def drift(wanted_xml: str, current_xml: str) -> List[str]:
+    """How libvirt's definition differs from what the config would define, field by field
+    ("memory 524288 KiB, the config says 262144 KiB"); [] when they agree."""
+    want, have = _facts(wanted_xml), _facts(current_xml)
+    out = []
+    for key, label in _DRIFT_FIELDS:
+        if want.get(key) != have.get(key):
+            unit = " KiB" if key == "memory" else ""
+            out.append(f"{label} {_shown(have.get(key))}{unit if have.get(key) else ''}, "
+                       f"the config says {_shown(want.get(key))}{unit if want.get(key) else ''}")
+    return out
+
+
+def _shown(value: object) -> str:
+    return "none" if value in (None, "") else str(value)
+
+
+def drift_of(slot: Slot, current_xml: Optional[str]) -> List[str]:
+    """drift() of the slot's generated definition against libvirt's; [] when either is not
+    to be had (a config that cannot define the domain says so when it is defined)."""
+    from vmim.errors import VmimError
+
+    if not current_xml:
+        return []
+    try:
+        return drift(domain_xml(slot), current_xml)
+    except (VmimError, ValueError):
+        return []
+
+
+def drift_line(box: str, diff: List[str]) -> str:
+    return (f"box '{box}': libvirt's definition differs from the config ({'; '.join(diff)}); "
+            "--redefine replaces it while the domain is shut off")
+
+
+def keeping_identity(wanted_xml: str, current_xml: Optional[str]) -> str:
+    """wanted_xml with the UUID of libvirt's current definition (libvirt replaces a definition
+    only under the same name and UUID)."""
+    if not current_xml:
+        return wanted_xml
+    from lxml import etree
+
+    current = etree.fromstring(current_xml.encode()).findtext("uuid")
+    if not current:
+        return wanted_xml
+    root = etree.fromstring(wanted_xml.encode())
+    el = root.find("uuid")
+    if el is None:
+        el = etree.Element("uuid")
+        name = root.find("name")
+        root.insert(root.index(name) + 1 if name is not None else 0, el)
+    el.text = current
+    return etree.tostring(root, encoding="unicode")

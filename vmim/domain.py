@@ -64,8 +64,14 @@ def _daemon_listens(uri: str) -> bool:
     """Whether the system daemon is there (its socket exists): then a non-root user who cannot
     connect lacks the permission, whatever libvirt's own message says (without polkit it
     talks of a missing system bus)."""
-    if "/system" not in uri or uri.startswith(("qemu+ssh", "qemu+tcp", "qemu+tls")):
-        return True  # not a local system socket: the old reading of the message stands
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    given = parse_qs(parts.query).get("socket")
+    if given:
+        return os.path.exists(given[0])
+    if parts.hostname or "+" in parts.scheme and not parts.scheme.endswith("+unix"):
+        return True  # a remote daemon: it answered or not, nothing local to look at
     return any(os.path.exists(p) for p in SYSTEM_SOCKETS)
 
 
@@ -150,6 +156,17 @@ class Hypervisor:
 
     def _state(self, dom: Any) -> str:
         return STATE_NAMES.get(dom.state()[0], "no state")
+
+    def definition(self, name: str) -> Optional[str]:
+        """libvirt's persistent definition of a domain (the inactive XML), None when it has
+        none or cannot say."""
+        try:
+            dom = self._find(name)
+            if dom is None:
+                return None
+            return str(dom.XMLDesc(self.libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except self.libvirt.libvirtError:
+            return None
 
     def define(self, xml: str) -> None:
         try:

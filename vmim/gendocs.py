@@ -212,7 +212,7 @@ def _type_text(k: config.Key) -> str:
     if k.type == "choice":
         return " | ".join(f'"{c}"' for c in k.choices)
     return {"str": "string", "path": "absolute path", "int": "integer", "bool": "boolean",
-            "list": "list of strings"}[k.type]
+            "list": "list of strings", "size": "size (\"20G\" or bytes)"}[k.type]
 
 
 def _default_text(k: config.Key) -> str:
@@ -293,16 +293,19 @@ def render_template() -> str:
             out += _template_key(k)
     out += [
         "",
+        "# Slots: none is active until you write one (`vmimagemanager -l` lists the host's",
+        "# libvirt domains meanwhile). Two examples; remove the '#' of a section and its keys.",
+        "#",
         "# A slot whose disk image has a partition table; the root filesystem is partition 1.",
-        f"[{config.SLOT_PREFIX}1]",
-        'HostName = "web1"',
-        'HostDisk = "/var/lib/libvirt/images/web1.img"',
-        "partition = 1",
+        f"#[{config.SLOT_PREFIX}1]",
+        '#HostName = "web1"',
+        '#HostDisk = "/var/lib/libvirt/images/web1.img"',
+        "#partition = 1",
         "",
         "# A slot whose root filesystem is a whole device or file.",
-        f"[{config.SLOT_PREFIX}2]",
-        'HostName = "build2"',
-        'root = "/dev/vg0/build2-root"',
+        f"#[{config.SLOT_PREFIX}2]",
+        '#HostName = "build2"',
+        '#root = "/dev/vg0/build2-root"',
         "",
         "# Every slot key, commented out.",
         f"#[{config.SLOT_PREFIX}example]",
@@ -316,7 +319,7 @@ def render_template() -> str:
 def _template_key(k: config.Key) -> List[str]:
     lines = [f"# {line}" for line in _wrap(k.help, 88)]
     if k.default is None or k.default == ():
-        example = {"str": '""', "path": '"/path"', "int": "1", "list": '["..."]',
+        example = {"str": '""', "path": '"/path"', "int": "1", "size": '"20G"', "list": '["..."]',
                    "bool": "false", "choice": f'"{k.choices[0]}"' if k.choices else '""'}[k.type]
     else:
         example = config.ini_value(k.default)

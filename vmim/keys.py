@@ -81,6 +81,12 @@ KEYS: Tuple[Key, ...] = (
         inherit=False),
     Key("swap", "swap", "path", "slot", "Swap device given to the domain (never touched).",
         inherit=False),
+    Key("disksize", "disksize", "size", "slot",
+        "Size of the slot's disk when vmimagemanager makes it: a HostDisk or root *file* "
+        "that does not exist yet is created by the first action that needs it (sparse; "
+        "with `partition = 1`, an MBR table with that one partition; the filesystem of the "
+        "image being restored, else ext4). Bytes, or a size such as \"20G\" (K, M, G, T: "
+        "powers of 1024). Block devices are never created.", minimum=16 << 20),
     Key("lvm_volume_group", "LvmVolumeGroup", "str", "slot",
         "LVM volume group of the slot's logical volume (store_type lvm)."),
     Key("lvm_volume", "LvmVolume", "str", "slot",

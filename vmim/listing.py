@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from vmim import incomplete, lock, store
 from vmim.config import Config, Slot
-from vmim.disk import mounts, qcow2
+from vmim.definition import drift_of
+from vmim.disk import missing_disk, mounts, qcow2
 from vmim.domain import UNDEFINED, DomainInfo
 
 
@@ -29,6 +30,8 @@ class BoxRow:
     incomplete: Optional[dict]  # the mark of a restore that did not finish (vmim.incomplete)
 
     is_free: bool
+    disk_missing: bool = False  # the configured disk file or device is not there
+    drift: Tuple[str, ...] = ()  # how libvirt's definition differs from the config's
 
     def as_dict(self) -> dict:
         return {
@@ -39,6 +42,8 @@ class BoxRow:
                        "persistent": self.persistent},
             "store_type": self.store_type,
             "disk": self.disk,
+            "disk_missing": self.disk_missing,
+            "definition_drift": list(self.drift),
             "mount": self.mount,
             "mounted": self.mounted,
             "locked": self.locked_by.as_dict() if self.locked_by else None,
@@ -48,14 +53,16 @@ class BoxRow:
 
 
 def slot_is_free(slot: Slot, domain: Optional[DomainInfo], mounted: bool, locked: bool) -> bool:
-    """Free for work: a configured disk, the domain shut off or not defined, not mounted, not
-    locked. The one definition behind -f, -b any-free and its dry run."""
+    """Free for work: a configured disk that is there, the domain shut off or not defined, not
+    mounted, not locked. The one definition behind -f, -b any-free and its dry run."""
     return (slot.store_type is not None and (domain is None or domain.is_shut_off)
-            and not mounted and not locked)
+            and not mounted and not locked and missing_disk(slot) is None)
 
 
-def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]]) -> List[BoxRow]:
-    """Slots of the config and domains of libvirt; without libvirt, the config's slots only."""
+def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]],
+          definitions: Optional[Callable[[str], Optional[str]]] = None) -> List[BoxRow]:
+    """Slots of the config and domains of libvirt; without libvirt, the config's slots only.
+    definitions: libvirt's definition of a domain by name, to compare with the config's."""
     domains = domains or {}
     targets = {m.target for m in mounts.all_mounts()}
     rows: List[BoxRow] = []
@@ -64,6 +71,7 @@ def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]]) -> List[BoxRow]
         dom = domains.get(name)
         mounted = bool(slot and os.path.realpath(slot.mount) in targets)
         held = lock.holder(cfg.lockdir, name)
+        gone = bool(slot and missing_disk(slot))
         rows.append(BoxRow(
             name=name,
             in_config=slot is not None,
@@ -72,13 +80,16 @@ def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]]) -> List[BoxRow]
             persistent=dom.persistent if dom else None,
             store_type=slot.store_type if slot else None,
             disk=slot.disk if slot else None,
-            disk_text=slot.describe_disk() if slot else "-",
+            disk_text=(slot.describe_disk() + (" (missing)" if gone else "")) if slot else "-",
             mount=slot.mount if slot else None,
             mounted=mounted,
             locked_by=held,
             is_free=slot is not None and slot_is_free(slot, dom, mounted, held is not None),
             base=(qcow2.current_base(slot) or None) if slot and slot.store_type == "qcow2" else None,
             incomplete=incomplete.read(cfg, slot) if slot else None,
+            disk_missing=gone,
+            drift=tuple(drift_of(slot, definitions(name)))
+            if slot and dom and definitions else (),
         ))
     return rows
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
+from vmim import disk as disk_mod
 from vmim import incomplete, lock, store
 from vmim.config import Config, Slot
+from vmim.disk import create as create_mod
 from vmim.disk import qcow2
 from vmim.domain import Hypervisor
 from vmim.errors import StateError
@@ -66,7 +68,25 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         missing.append("vmimages")
     if req.extracts and not slot.vmextracts:
         missing.append("vmextracts")
+    for key, wanted in (("vmimages", req.store is not None), ("vmextracts", bool(req.extracts))):
+        directory = getattr(slot, key)
+        if wanted and directory and not os.path.isdir(directory):  # what the store step says
+            unusable.append(f"{STORE_KINDS[key]} store {directory} does not exist; create it "
+                            "or fix the config")
     mounted = mounts.mounted_at(slot.mount) is not None
+    create: Optional[str] = None
+    if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS} and \
+            create_mod.is_missing_file(slot):
+        fstype, needs = create_mod.image_facts(slot, req.restore)
+        why = create_mod.refusal(slot, needs)
+        if why is None:  # the plan makes it first (disksize)
+            create = create_mod.describe(slot, fstype)
+        else:  # what the mount step says
+            unusable.insert(0, why)
+    elif not mounted and set(req.actions) & {"mount", *DATA_ACTIONS}:
+        gone = disk_mod.missing_disk(slot)  # a dangling symlink, say
+        if gone:
+            unusable.insert(0, gone)
     return Observed(
         domain_state=state,
         in_config=True,
@@ -83,7 +103,9 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         locked_by=locked_by,
         root=os.geteuid() == 0,
         incomplete=str(mark.get("image", "?")) if mark else None,
-        pinned=_pinned(slot, req) if not mounted else None,
+        pinned=_pinned(slot, req) if not mounted and not slot.conflict else None,
+        conflict=slot.conflict,
+        create=create,
     )
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Optional, Sequence, TextIO
 
 from vmim.config import Config
+from vmim.definition import drift_line
 from vmim.domain import Hypervisor
 from vmim.plan import Request
 from vmim.progress import human_size
+
+log = logging.getLogger(__name__)
 
 PROG = "vmimagemanager"
 
@@ -43,7 +47,11 @@ def print_lists(req: Request, cfg: Config, hv: Optional[Hypervisor], as_json: bo
     from vmim import listing
 
     if {"boxes", "free", "locked"} & set(req.lists):  # computed once for every list of boxes
-        rows = listing.boxes(cfg, hv.domains() if hv is not None else None)
+        rows = listing.boxes(cfg, hv.domains() if hv is not None else None,
+                             hv.definition if hv is not None and "boxes" in req.lists else None)
+        for r in rows:
+            if r.drift:
+                log.warning("%s", drift_line(r.name, list(r.drift)))
     for what in req.lists:
         if what == "boxes":
             if as_json:

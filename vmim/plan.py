@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from vmim.errors import EXIT_CLEANUP, EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_LOCKED, EXIT_STATE
 
 #: The fixed per-box pipeline, whatever the order of the flags.
-PIPELINE = ("kill", "down", "mount", "extract", "store", "restore", "insert", "release", "up")
+PIPELINE = ("kill", "down", "mount", "extract", "store", "restore", "insert", "release",
+            "redefine", "up")
 #: Steps that mount or map the slot's disk: they need root.
 DISK_ACTIONS = ("mount", "extract", "store", "restore", "insert", "release")
 #: Steps that change or read the slot's filesystem: they stop the domain and mount it first.
@@ -128,6 +129,8 @@ class Observed:
     incomplete: Optional[str] = None  # the image of a restore that did not finish
     pinned: Optional[str] = None  # who holds the slot's disk mounted in another namespace
     root: bool = True  # whether the run is root (mounting and loop devices need it)
+    conflict: Optional[str] = None  # the config's problem with this slot (a shared mount point)
+    create: Optional[str] = None  # the slot's disk is missing and will be made: how (disksize)
 
     @property
     def running(self) -> bool:
@@ -138,7 +141,8 @@ class Observed:
 class Step:
     """One step of a box's plan. `implicit`: not asked for, required by one that is."""
 
-    name: str  # kill, down, verify, mount, extract, store, restore, insert, release, up
+    name: str  # kill, down, verify, create, mount, extract, store, restore, insert, release,
+    # redefine, up
     description: str
     implicit: bool = False
     item: int = 0  # extract, insert: which of the request's transfers
@@ -197,6 +201,14 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
     stopped = stops  # the plan stops the domain before its end
     ready = False  # a step of this plan mounted the slot (or checked what is mounted)
     mounted = seen.mounted  # whether the slot is mounted at this point of the plan
+    created = False
+
+    def add_mount(implicit: bool) -> None:
+        nonlocal created
+        if seen.create and not created:
+            add("create", seen.create, True)
+            created = True
+        add("mount", _mount_text(seen, mounted), implicit)
 
     for action in req.actions:
         if action == "kill":
@@ -208,7 +220,7 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
         elif action == "mount":
             if data:  # what the data steps need is proven before anything is touched
                 _add_verify(req, seen, add, whole.get("restore", False))
-            add("mount", _mount_text(seen, mounted))  # refused while the domain runs (no down)
+            add_mount(False)  # refused while the domain runs (no down)
             ready = mounted = True
         elif action in DATA_ACTIONS:
             if action == data[0] and "mount" not in req.actions:
@@ -222,7 +234,7 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
                     if mounted else "nothing mounted or mapped now", True)
                 ready = mounted = False
             elif not ready:
-                add("mount", _mount_text(seen, mounted), True)
+                add_mount(True)
                 ready = mounted = True
             _add_data(action, req, box, seen, whole[action], add)
             if action == data[-1] and not mounted and ("mount" in req.actions or seen.mounted):
@@ -231,6 +243,10 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
         elif action == "release":
             add("release", "unmount, detach the loop device(s)" if seen.mounted or touches_fs
                 else "nothing mounted or mapped now")
+        elif action == "redefine":
+            add("redefine", "define the domain from the config through libvirt.xsl"
+                if seen.domain_state == "undefined" else
+                "replace libvirt's definition with the config's, through libvirt.xsl")
         elif action == "up":
             if seen.store_type and "release" not in req.actions:
                 add("release", "unmount, detach: never boot a disk mounted on the host"
@@ -317,6 +333,8 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
     if disk_work and not seen.store_type:
         return Verdict(EXIT_CONFIG, f"box '{box}' has no disk: set HostDisk (and partition) or "
                        "root in its section")
+    if releases and seen.conflict:
+        return Verdict(EXIT_CONFIG, f"box '{box}': {seen.conflict}")
     if releases and not seen.root:
         return Verdict(EXIT_ENVIRONMENT, f"box '{box}': mounting and releasing its disk needs "
                        "root (mounting and loop devices)")
@@ -330,6 +348,12 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
                        f"filesystem is mounted on the host at {seen.mount}: both may be writing "
                        "to it. Nothing else is done until that ends: force the domain off (-k) "
                        "and unmount it (--release), then check the filesystem")
+    if seen.running and not stops and "redefine" in req.actions:
+        return Verdict(EXIT_STATE, f"box '{box}': domain is {seen.domain_state}; --redefine "
+                       "replaces a definition only while the domain is shut off: add -d (or -k)")
+    if "redefine" in req.actions and not seen.in_config:
+        return Verdict(EXIT_STATE, f"box '{box}' is a libvirt domain with no slot in the "
+                       "config: there is no definition to replace it with")
     if seen.running and not stops and "mount" in req.actions:
         return Verdict(EXIT_STATE, f"box '{box}': domain is {seen.domain_state}; add -d to shut "
                        "it down first (or -k to force it off)")

@@ -123,3 +123,40 @@ def test_guest_boots_from_a_tree_restored_into_a_qcow2_overlay(vmim, guest, doma
     assert "VMIM-FILE /marker: tree in the overlay" in lines
     wait_for_state(domains, name, 5)
     assert sha256(images / "base") == before
+
+
+def test_a_slot_from_its_config_alone_boots(vmim, guest, domains, tmp_path, write_config):
+    """Three lines of slot config and no disk: -r golden -u makes the disk (disksize), restores
+    into it, defines the domain through libvirt.xsl and boots it."""
+    os.chmod(tmp_path, 0o755)  # QEMU runs as libvirt-qemu
+    images = tmp_path / "images"
+    images.mkdir()
+    _tgz(images / "golden", {"marker": b"made from the config alone\n"})
+    name = domains.track(domains.name("new"))
+    disk = tmp_path / "disks" / "new.img"
+    disk.parent.mkdir()
+    os.chmod(disk.parent, 0o755)
+    cfg = write_config(f"""\
+    [vmim.local]
+    vmimages = "{images}"
+    lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
+    mount = "{tmp_path}/mnt"
+    virt_type = "qemu"
+    memory = 262144
+    kernel = "{guest.kernel}"
+    initrd = "{guest.initrd}"
+    cmdline = "console=ttyS0 quiet vmim.mode=report vmim.report=/marker"
+    [vmim.vm.new]
+    HostName = "{name}"
+    HostDisk = "{disk}"
+    partition = 1
+    disksize = "64M"
+    serial_log = "{tmp_path}/console.log"
+    """)
+    assert not disk.exists()
+    r = vmim("-b", name, "-r", "golden", "-u", "--config", cfg)
+    assert r.code == 0, r
+    lines = wait_for_line(str(tmp_path / "console.log"), "VMIM-GUEST: poweroff")
+    assert "VMIM-FILE /marker: made from the config alone" in lines
+    wait_for_state(domains, name, 5)

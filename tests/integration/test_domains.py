@@ -113,4 +113,25 @@ def test_existing_domains_are_never_redefined(vmim, write_config, tmp_path, doma
     assert r.code == 0, r
     xml = domains.conn.lookupByName(name).XMLDesc(0)
     assert "<memory unit='KiB'>49152</memory>" in xml  # its own 48 MiB, not the config's
+    assert "differs from the config" in r.err and "memory 49152 KiB" in r.err  # but said
     assert vmim("-b", name, "-k", "--config", cfg).code == 0
+
+
+def test_redefine_replaces_a_drifted_definition_only_while_shut_off(vmim, write_config,
+                                                                    tmp_path, domains):
+    name = domains.define(domains.name("redef"), memory_mib=48, start=True)
+    cfg = _slot_config(write_config, tmp_path, name)
+    (tmp_path / "a.img").write_bytes(b"\0" * 1024)
+    dry = vmim("-b", name, "--redefine", "--dry-run", "--config", cfg)
+    r = vmim("-b", name, "--redefine", "--config", cfg)
+    assert r.code == dry.code == 4, (dry, r)
+    assert "only while the domain is shut off" in r.err
+    assert "<memory unit='KiB'>49152</memory>" in domains.conn.lookupByName(name).XMLDesc(0)
+    r = vmim("-b", name, "-k", "--redefine", "--json", "--config", cfg)
+    assert r.code == 0, r
+    xml = domains.conn.lookupByName(name).XMLDesc(0)
+    assert "<memory unit='KiB'>65536</memory>" in xml and "/boot/vmlinuz-test" in xml
+    step = json.loads(r.out)["results"][0]["steps"][-1]
+    assert step["step"] == "redefine" and "memory 49152 KiB" in step["message"]
+    r = vmim("-l", "--config", cfg)
+    assert "differs from the config" not in r.err

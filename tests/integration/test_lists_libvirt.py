@@ -24,8 +24,8 @@ def test_list_boxes_unites_config_and_libvirt_with_states(vmim, write_config, do
     assert r.code == 0, r
     rows = {row[0]: row for row in table_rows(r.out)}
     assert rows[only_libvirt][1:] == ("no", "running", "no", "no", "-", "-", "no")
-    assert rows[both][1:] == ("yes", "shut off", "no", "no", "/srv/disks/both.img (partition 1)",
-                              "-", "no")
+    assert rows[both][1:] == ("yes", "shut off", "no", "no",
+                              "/srv/disks/both.img (partition 1) (missing)", "-", "no")
     assert rows[only_config][1:3] == ("yes", "undefined")
 
     doc = json.loads(vmim("-l", "--json", "--config", path).out)
@@ -102,3 +102,28 @@ def test_a_user_without_access_to_the_running_daemon_is_told_what_is_missing(tmp
     assert res.returncode == 7, res.stderr
     assert "as a member of the 'libvirt' group" in res.stderr
     assert "is libvirtd running" not in res.stderr
+
+
+def test_a_definition_that_drifted_from_the_config_is_said_in_one_line(vmim, write_config,
+                                                                       domains):
+    """libvirt's definition differs from what the config would define (here: memory, domain
+    type): -l says so in one line per box and in --json; a box that agrees says nothing."""
+    drifted = domains.define(domains.name("drift"), memory_mib=48)
+    path = write_config(f"""\
+    [vmim.local]
+    vmemulator = "qemu:///system"
+    virt_type = "qemu"
+    [vmim.vm.0]
+    HostName = "{drifted}"
+    root = "/srv/disks/drift.img"
+    memory = 262144
+    """)
+    r = vmim("-l", "--config", path)
+    assert r.code == 0, r
+    lines = [line for line in r.err.splitlines() if "differs from the config" in line]
+    assert len(lines) == 1, r.err
+    assert f"box '{drifted}'" in lines[0] and "memory 49152 KiB, the config says 262144 KiB" \
+        in lines[0] and "--redefine" in lines[0]
+    doc = json.loads(vmim("-l", "--json", "--config", path).out)
+    box = next(b for b in doc["boxes"] if b["name"] == drifted)
+    assert any(d.startswith("memory 49152 KiB") for d in box["definition_drift"])

@@ -49,7 +49,7 @@ def _start_with_disk(rig, domains, key):
 
 SCENARIOS = ["off", "running", "running --mount", "mounted", "mounted and running",
              "mounted and running -k --release", "locked", "missing image", "missing insert",
-             "any-free, none free", "incomplete -u"]
+             "any-free, none free", "incomplete -u", "missing disk", "missing image store"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -94,6 +94,12 @@ def test_dry_run_exit_code_is_the_run_s(vmim, rig, domains, scenario):
             (state / f"{box}.incomplete").write_text(json.dumps(
                 {"box": box, "disk": rig.disk("ext4"), "image": "golden", "started": "then"}))
             argv, expected = ["-b", box, "-u"], 4
+        elif scenario == "missing disk":
+            os.rename(rig.disk("ext4"), rig.disk("ext4") + ".away")
+            argv, expected = ["-b", box, "--mount"], 4
+        elif scenario == "missing image store":
+            os.rename(rig.images, str(rig.images) + ".away")
+            argv, expected = ["-b", box, "-s", "snap"], 4
         dry = vmim(*argv, "--dry-run", "--json", "--config", rig.cfg)
         doc = json.loads(dry.out)
         assert dry.code == expected, dry
@@ -116,6 +122,9 @@ def test_dry_run_exit_code_is_the_run_s(vmim, rig, domains, scenario):
                 pass
         time.sleep(0.1)
         vmim("-b", box, "--release", "--config", rig.cfg)
+        for path in (rig.disk("ext4"), str(rig.images)):
+            if os.path.exists(path + ".away"):
+                os.rename(path + ".away", path)
 
 
 def test_json_results_list_every_step_run_with_its_own_seconds(vmim, rig, domains):
@@ -172,3 +181,20 @@ def test_disk_image_store_of_a_disk_that_is_no_file_is_refused_by_the_dry_run_to
     assert dry.code == real.code == 4, (dry, real)
     assert "works on disk image files" in dry.out and "works on disk image files" in real.err
     assert not (rig.images / "whole").exists()
+
+
+@pytest.mark.parametrize("argv", [["-s", "../escape"], ["-r", "../golden"], ["-i", "../certs"],
+                                  ["-e", "../logs:/var/log"], ["-s", ".hidden"]])
+def test_a_bad_name_on_a_mounted_slot_is_refused_before_anything_is_touched(vmim, rig, argv):
+    """Checks that need no mount run first: the slot the user mounted stays mounted."""
+    box = rig.names["ext4"]
+    run_ok(vmim, rig, "-b", box, "--mount")
+    try:
+        (open(os.path.join(rig.mnt("ext4"), "user-file"), "w")).close()
+        r = vmim("-b", box, *argv, "--config", rig.cfg)
+        assert r.code == 2, r
+        assert "is not allowed" in r.err
+        assert os.path.ismount(rig.mnt("ext4"))
+        assert os.path.exists(os.path.join(rig.mnt("ext4"), "user-file"))
+    finally:
+        run_ok(vmim, rig, "-b", box, "--release")

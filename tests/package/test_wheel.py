@@ -63,3 +63,15 @@ def test_pip_installed_command_runs_and_names_its_template(wheel, tmp_path):
     assert res.returncode == 3, res
     template = venv / "share" / "vmimagemanager" / "vmimagemanager.cfg.template"
     assert f"copy the template {template} there" in res.stderr
+
+
+def test_setup_py_answers_as_the_original_s_did():
+    """Users of 0.3 ran `python setup.py --version`: setup.py and setup.cfg describe the same
+    package as pyproject.toml."""
+    res = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == __version__
+    res = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.stdout.strip().splitlines()[-1] == "vmimagemanager"

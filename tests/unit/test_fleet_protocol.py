@@ -52,7 +52,8 @@ LOCAL_ONLY = {"help", "version", "config", "connect", "print_config", "log_confi
 #: how the carried ones are named in the typed values
 CARRIED = {"box": "boxes", "kill": "actions", "down": "actions", "mount": "actions",
            "extract": "extracts", "extract_directory": "extracts", "store": "store",
-           "restore": "restore", "insert": "inserts", "release": "actions", "up": "actions",
+           "restore": "restore", "insert": "inserts", "release": "actions",
+           "redefine": "actions", "up": "actions",
            "list_boxes": "lists", "list_images": "lists", "list_inserts": "lists",
            "list_free": "lists", "list_locked": "lists", "format": "format",
            "disk_image": "disk_image", **{k: k for k in OPTION_FIELDS}}

@@ -6,8 +6,9 @@ from vmim import config
 from vmim.domain import DomainInfo
 from vmim.listing import slot_is_free
 
-CFG = config.parse('[vmim.vm.a]\nHostName = "a"\nroot = "/d/a.img"\n'
-                   '[vmim.vm.b]\nHostName = "b"\n', "/x.cfg")
+CFG = config.parse('[vmim.vm.a]\nHostName = "a"\nroot = "/dev/null"\n'  # a disk that is there
+                   '[vmim.vm.b]\nHostName = "b"\n'
+                   '[vmim.vm.c]\nHostName = "c"\nroot = "/nonexistent/c.img"\n', "/x.cfg")
 
 
 def dom(state):
@@ -23,3 +24,4 @@ def test_free_means_disk_configured_domain_off_not_mounted_not_locked():
     assert not slot_is_free(a, None, mounted=True, locked=False)
     assert not slot_is_free(a, None, mounted=False, locked=True)
     assert not slot_is_free(CFG.slot("b"), None, mounted=False, locked=False)  # no disk
+    assert not slot_is_free(CFG.slot("c"), None, mounted=False, locked=False)  # disk not there

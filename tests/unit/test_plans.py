@@ -57,6 +57,13 @@ SCENARIOS = {
                             store="{box}-snap", format="tar.zst"), _seen("running"))],
     "rsync-restore-mkfs": [(_req("restore", "up", restore="tree"), _seen(clear="mkfs"))],
     "incomplete-up": [(_req("up"), _seen(incomplete="golden"))],
+    "create-disk": [(_req("restore", "up", restore="golden"), _seen(
+        "undefined", create="make /srv/web1.img: a sparse 20.0 GiB raw file, an MBR partition "
+        "table with partition 1, an ext4 filesystem"))],
+    "shared-mount-point": [(_req("mount"), _seen(
+        conflict="/etc/vmim.cfg: [vmim.vm.web2] mount '/mnt/vm/web1' is also the mount point "
+                 "of slot 'web1' ([vmim.vm.web1]); releasing one would unmount the other: "
+                 "give each slot its own"))],
     "incomplete-restore-up": [(_req("restore", "up", restore="golden"),
                                _seen(incomplete="golden"))],
     "pinned": [(_req("mount"), _seen(pinned="/dev/loop3 is mounted at /mnt/vm/web1 in the mount "

@@ -11,7 +11,7 @@ import contextlib
 import os
 import stat
 from dataclasses import dataclass
-from typing import Dict, List, Type
+from typing import Dict, List, Optional, Type
 
 from vmim import process
 from vmim.config import Slot
@@ -49,6 +49,16 @@ def probe_filesystem(device: str, what: str) -> Filesystem:
         raise StateError(f"{what}: holds a '{fstype}' filesystem, not a root filesystem "
                          f"vmimagemanager mounts ({', '.join(SUPPORTED_FILESYSTEMS)})")
     return Filesystem(fstype, values.get("UUID", ""), values.get("LABEL", ""))
+
+
+def missing_disk(slot: Slot) -> Optional[str]:
+    """"HostDisk '/x.img' does not exist" when the slot's disk file or device is not there (a
+    logical volume is looked for by its strategy when mapping: not here)."""
+    if not slot.disk or slot.store_type == "lvm":
+        return None
+    if os.path.lexists(slot.disk):
+        return None
+    return f"{'HostDisk' if slot.hostdisk else 'root'} '{slot.disk}' does not exist"
 
 
 def check_exists(path: str, what: str) -> os.stat_result:

@@ -83,8 +83,8 @@ def registry() -> Dict[str, StepFunction]:
     from vmim.steps import data, mount, power
 
     return {
-        "kill": power.kill, "down": power.down, "up": power.up,
-        "mount": mount.mount, "release": mount.release,
+        "kill": power.kill, "down": power.down, "redefine": power.redefine, "up": power.up,
+        "create": mount.create, "mount": mount.mount, "release": mount.release,
         "verify": data.verify, "extract": data.extract, "store": data.store,
         "restore": data.restore, "insert": data.insert,
     }

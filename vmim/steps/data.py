@@ -143,8 +143,11 @@ def store(box: Box, step: Step, rec: StepResult) -> str:
     fmt.check_tree(root, f"box {box.name}: store {name}")
     vfs = os.statvfs(root)
     used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
-    with progress.watch(f"{box.name} store", used):
-        meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, ["."]), _meta(box))
+    here = mounts.mounted_at(root)
+    facts = {"filesystem": here.fstype if here else None, "filesystem_used": used}
+    with progress.watch(f"{box.name} store", used):  # facts: what a disk made for it needs
+        meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, ["."]),
+                        _meta(box, **facts))
     rec.details.update(image=name, format=fmt.name, bytes=meta["size"])
     return f"stored as {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
 

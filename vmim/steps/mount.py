@@ -66,6 +66,19 @@ def check_domain_off(hv: Hypervisor, slot: Slot, d: disk_mod.SlotDisk) -> None:
                          f"{', '.join(repr(u) for u in users)}")
 
 
+def create(box: Box, step: Step, rec: StepResult) -> str:
+    """Make the slot's missing disk (disksize): the plan puts this before its mount."""
+    from vmim.disk import create as create_mod
+
+    slot = box.need_slot()
+    require_root("making a disk")
+    fstype, _needs = create_mod.image_facts(slot, box.req.restore)
+    done = create_mod.create(slot, fstype)
+    rec.details.update(disk=slot.disk, bytes=slot.disksize, filesystem=fstype or
+                       create_mod.DEFAULT_FS)
+    return done
+
+
 def mount(box: Box, step: Step, rec: StepResult) -> str:
     slot = box.need_slot()
     require_root("--mount")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from vmim import incomplete
 from vmim.errors import StateError
 from vmim.plan import Step
 from vmim.recorder import StepResult
 from vmim.steps import Box
+
+log = logging.getLogger(__name__)
 
 
 def kill(box: Box, step: Step, rec: StepResult) -> str:
@@ -24,6 +28,25 @@ def down(box: Box, step: Step, rec: StepResult) -> str:
     return box.hv.shutdown(box.name, timeout)
 
 
+def redefine(box: Box, step: Step, rec: StepResult) -> str:
+    """Replace libvirt's definition with the config's (the domain must be shut off)."""
+    from vmim import definition
+
+    slot = box.need_slot()
+    info = box.hv.domain(box.name)
+    if info is not None and not info.is_shut_off:
+        raise StateError(f"box '{box.name}': domain is {info.state}; --redefine replaces a "
+                         "definition only while the domain is shut off: add -d (or -k)")
+    current = box.hv.definition(box.name) if info else None
+    diff = definition.drift_of(slot, current)
+    box.hv.define(definition.keeping_identity(definition.domain_xml(slot), current))
+    rec.details.update(changed=diff)
+    if info is None:
+        return "defined from the config"
+    return f"redefined from the config ({'; '.join(diff)})" if diff else \
+        "redefined from the config (it already agreed)"
+
+
 def up(box: Box, step: Step, rec: StepResult) -> str:
     """Start the domain (its disk was released by the plan's step before this one)."""
     done = []
@@ -34,10 +57,14 @@ def up(box: Box, step: Step, rec: StepResult) -> str:
             raise StateError(f"box '{box.name}': {incomplete.describe(mark)}, so its "
                              "filesystem is incomplete and it is not started; restore an "
                              f"image into it (vmimagemanager -b {box.name} -r NAME -u)")
-    if box.hv.domain(box.name) is None:
-        from vmim import definition
+    from vmim import definition
 
+    if box.hv.domain(box.name) is None:
         box.hv.define(definition.domain_xml(box.need_slot()))
         done.append("defined from the config")
+    elif slot is not None and "redefine" not in box.req.actions:
+        diff = definition.drift_of(slot, box.hv.definition(box.name))
+        if diff:  # said, not acted on: the user's own changes to the domain may be why
+            log.warning("%s", definition.drift_line(box.name, diff))
     done.append(box.hv.start(box.name, vcpus=box.options.core, wait=box.options.start_wait))
     return "; ".join(done)

@@ -1,0 +1,40 @@
+"""The definition drift: what libvirt has against what the config would define."""
+
+from __future__ import annotations
+
+from vmim import config
+from vmim.definition import domain_xml, drift
+
+CFG = """\
+[vmim.vm.a]
+HostName = "a"
+root = "/srv/a.img"
+virt_type = "{virt}"
+memory = {memory}
+kernel = "/boot/vmlinuz"
+"""
+
+
+def _xml(virt="qemu", memory=262144):
+    cfg = config.parse(CFG.format(virt=virt, memory=memory), "/c.cfg")
+    return domain_xml(cfg.slot("a"))
+
+
+def test_the_same_config_has_no_drift():
+    assert drift(_xml(), _xml()) == []
+
+
+def test_each_differing_field_is_named_with_both_values():
+    diff = drift(_xml("qemu", 262144), _xml("kvm", 524288))
+    assert "domain type kvm, the config says qemu" in diff
+    assert "memory 524288 KiB, the config says 262144 KiB" in diff
+    assert len(diff) == 2
+
+
+def test_units_are_compared_not_spelled():
+    current = _xml().replace("<memory unit=\"KiB\">262144</memory>",
+                             "<memory unit=\"MiB\">256</memory>")
+    current = current.replace("<memory unit='KiB'>262144</memory>",
+                              "<memory unit='MiB'>256</memory>")
+    assert "256" in current
+    assert drift(_xml(), current) == []
