@@ -261,6 +261,17 @@ def wait_mounted(path: str, client) -> None:
         time.sleep(0.005)
 
 
+def marker_of(fleet, box: str) -> str:
+    """The text of /marker in box's filesystem, read through the fleet (mount, read, release)."""
+    check = fleet.vmim("-b", box, "--mount")
+    assert check.code == 0, check
+    try:
+        with open(os.path.join(fleet.mount_of(box), "marker")) as fh:
+            return fh.read()
+    finally:
+        assert fleet.vmim("-b", box, "--release").code == 0
+
+
 @pytest.fixture(scope="module")
 def big(fleet):
     """Image `big` (60 MiB in 60 files), stored from h2a: its restore takes a while."""
