@@ -14,7 +14,7 @@ from vmim.domain import Hypervisor
 from vmim.errors import EXIT_LOCKED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, StateError, UsageError
 from vmim.invocation import Invocation
 from vmim.output import PROG, print_lists, safe, undecodable_escaped
-from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict
+from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict, dry_run_summary
 from vmim.recorder import BoxResult
 from vmim.steps import Options
 
@@ -115,8 +115,7 @@ def print_plans(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int, as_js
         return code
     for p in plans:
         out.write(p.text())
-    out.write(f"(dry run: nothing was changed; the run would exit {code} here"
-              f"{'' if code else ' unless something fails on the way'})\n")
+    out.write(dry_run_summary(code))
     return code
 
 

@@ -186,6 +186,21 @@ class Plan:
                          f"{self.verdict.message}")
         return "\n".join(lines) + "\n"
 
+    @classmethod
+    def from_dict(cls, box: str, data: Dict[str, Any]) -> Plan:
+        """The plan as_dict() describes (a fleet worker's dry run), to print it with text()."""
+        steps = tuple(Step(str(s.get("step")), str(s.get("description")),
+                           bool(s.get("implicit"))) for s in data.get("steps", []))
+        verdict = Verdict(int(data.get("expected_exit_code") or 0),
+                          str(data["expected_error"])) if data.get("expected_error") else None
+        return cls(box, steps, verdict)
+
+
+def dry_run_summary(code: int) -> str:
+    """The last line of --dry-run: the code the run would exit with here."""
+    return (f"(dry run: nothing was changed; the run would exit {code} here"
+            f"{'' if code else ' unless something fails on the way'})\n")
+
 
 def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> Plan:
     """The steps box goes through for req in state seen, and the verdict when seen decides it."""

@@ -292,3 +292,15 @@ def test_worker_without_a_broker_is_a_usage_error(vmim, monkeypatch, write_confi
     r = vmim("worker", "--config", cfg)
     assert r.code == 2, r
     assert "no broker" in r.err
+
+
+def test_a_fleet_dry_run_prints_the_plan_as_a_local_one():
+    """The worker sends Plan.as_dict(); the client prints it with the same Plan.text()."""
+    from vmim.plan import Plan, Step, Verdict, dry_run_summary
+
+    plan = Plan("web1", (Step("down", "shut the domain down", True),
+                         Step("restore", "restore golden")),
+                Verdict(4, "image 'golden' is not in the store"))
+    assert Plan.from_dict("web1", plan.as_dict()).text() == plan.text()
+    assert Plan.from_dict("web2", Plan("web2", ()).as_dict()) == Plan("web2", ())
+    assert dry_run_summary(0).endswith("unless something fails on the way)\n")

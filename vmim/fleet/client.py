@@ -20,7 +20,7 @@ from vmim.errors import (
 )
 from vmim.fleet import protocol, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
-from vmim.plan import Request
+from vmim.plan import Plan, Request, dry_run_summary
 
 log = logging.getLogger("vmim.fleet.client")
 
@@ -251,7 +251,6 @@ def _follow(client: Client, job: protocol.Job, lock_wait: int) -> protocol.Reply
 def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], as_json: bool,
            out: TextIO) -> None:
     """One document as a local run makes it, every result carrying its host."""
-    from vmim.output import safe as _safe
 
     results: List[Any] = []
     for d in docs:
@@ -277,18 +276,11 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], as_json: bool,
     if as_json:
         return
     plans = doc.get("plan", {})
-    for box, plan in plans.items():  # as vmim.plan.Plan.text() prints it locally
-        out.write(f"box {_safe(box)}:\n")
-        for i, s in enumerate(plan.get("steps", []), 1):
-            implicit = " (implicit)" if s.get("implicit") else ""
-            out.write(f"  {i}. {s.get('step')}{implicit}: {s.get('description')}\n")
-        if plan.get("expected_error"):
-            out.write(f"  the run would fail (exit {plan.get('expected_exit_code')}): "
-                      f"{plan['expected_error']}\n")
+    for box, plan in plans.items():  # as a local dry run prints them
+        out.write(Plan.from_dict(box, plan).text())
     if plans:
-        code = max((p.get("expected_exit_code", 0) for p in plans.values()), default=0)
-        out.write(f"(dry run: nothing was changed; the run would exit {code} here"
-                  f"{'' if code else ' unless something fails on the way'})\n")
+        out.write(dry_run_summary(max((p.get("expected_exit_code", 0)
+                                       for p in plans.values()), default=0)))
     for text in doc.get("xml", {}).values():
         out.write(text)
 
@@ -364,11 +356,17 @@ def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
                 doc[what] = rows
             continue
         if what == "boxes":
-            _table(["HOST", "NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK"],
+            # the columns of the local table (vmim.output.print_lists), HOST first
+            _table(["HOST", "NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE",
+                    "INCOMPLETE"],
                    [[r["host"], _safe(r["name"]), "yes" if r.get("in_config") else "no",
                      r.get("domain", {}).get("state", "?"), "yes" if r.get("mounted") else "no",
                      f"pid {r['locked']['pid']}" if r.get("locked") else "no",
-                     _safe(str(r.get("disk") or "-"))] for r in rows], out)
+                     _safe(str(r.get("disk") or "-")
+                           + (" (missing)" if r.get("disk_missing") else "")),
+                     _safe(str(r.get("base") or "-")),
+                     f"restore of {_safe(str((r.get('incomplete') or {}).get('image')))}"
+                     if r.get("incomplete") else "no"] for r in rows], out)
         elif what == "free":
             _table(["HOST", "NAME"], [[r["host"], _safe(r["name"])] for r in rows], out)
         elif what == "locked":
