@@ -8,7 +8,7 @@ import os
 import re
 from typing import List, Tuple
 
-from vmim import __version__, config
+from vmim import __version__, config, keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,8 +20,10 @@ EXIT_CODES = [
     ("4", "state conflict: unknown box or image, domain running, disk busy, an image not proven "
           "restorable (the slot untouched), -u on a slot whose restore did not finish"),
     ("5", "the slot is locked by another command, or no slot is free (retry later)"),
-    ("6", "an external command failed"),
-    ("7", "environment: a tool missing, not root, libvirt unreachable"),
+    ("6", "an external command failed; also a store that fills the store's filesystem (the "
+          "previous image of that name is kept)"),
+    ("7", "environment: a tool missing, not root, libvirt unreachable, a lock or state "
+          "directory another user could write"),
     ("8", "cleanup incomplete: something is still mounted or mapped; the message says how to "
           "release it"),
     ("130, 143", "interrupted by SIGINT, or by SIGTERM or SIGHUP"),
@@ -128,7 +130,7 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
             _tp("/etc/vmimagemanager/libvirt.xsl",
                 "An administrator's stylesheet for domain definition (else the shipped one, "
                 "/usr/share/vmimagemanager/libvirt.xsl)."),
-            _tp("/run/lock/vmimagemanager/BOX.lock", "Per-slot locks (lockdir)."),
+            _tp(f"{keys.default('lockdir')}/BOX.lock", "Per-slot locks (lockdir)."),
             _tp("IMAGES/.vmim/NAME.json",
                 "Per-image metadata: format, size, digest (BLAKE3 or sha256).")])),
         ("examples", "\n".join(examples)),

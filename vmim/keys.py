@@ -40,10 +40,16 @@ KEYS: Tuple[Key, ...] = (
         "Directory under which each slot is mounted as <mount>/<HostName> "
         "when the slot sets no `mount` of its own.", default="/mnt/vm/"),
     Key("lockdir", "lockdir", "path", "local",
-        "Directory holding the per-slot lock files.", default="/run/lock/vmimagemanager"),
+        "Directory holding the per-slot lock files. It and every directory above it must be "
+        "owned by root and writable by no other user (a parent such as /run/lock may be "
+        "sticky): else every box action is refused (exit 7). Up to 1.0 the default was "
+        "/run/lock/vmimagemanager, where any user could create it first.",
+        default="/run/vmimagemanager/locks"),
     Key("statedir", "statedir", "path", "local",
         "Directory of what must survive a reboot: the mark of a slot whose restore did not "
-        "finish (such a slot is not started until an image is restored into it).",
+        "finish (such a slot is not started until an image is restored into it), the record "
+        "of the staging directories a run makes in a guest, the fleet worker's journal. Like "
+        "lockdir it must be owned by root and writable by no other user (exit 7 otherwise).",
         default="/var/lib/vmimagemanager"),
     Key("broker", "broker", "str", "local",
         "AMQP URL of the fleet's RabbitMQ broker (`amqp://user:password@host:5672/vhost`, "

@@ -1,4 +1,7 @@
-"""Per-slot locks: an flock on <lockdir>/<box>.lock, released by the kernel when the holder dies."""
+"""Per-slot locks: an flock on <lockdir>/<box>.lock, released by the kernel when the holder dies.
+
+The lock directory is a safedir: verified from / down (no other user can write it or replace
+a part of its path) and its lock files are opened without following symlinks."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 from urllib.parse import quote
 
+from vmim import safedir
 from vmim.errors import HostEnvironmentError, LockBusyError
 
 log = logging.getLogger(__name__)
@@ -29,14 +33,25 @@ class Holder:
         return {"pid": self.pid, "command": self.command}
 
 
+def lock_name(box: str) -> str:
+    return quote(box, safe="") + ".lock"
+
+
 def lock_path(lockdir: str, box: str) -> str:
-    return os.path.join(lockdir, quote(box, safe="") + ".lock")
+    return os.path.join(lockdir, lock_name(box))
+
+
+def lock_dir(lockdir: str, *, create: bool = True) -> safedir.SafeDir:
+    """The verified lock directory (UnsafeDirectoryError, exit 7, when another user could write
+    it); FileNotFoundError when it is missing and not to be created."""
+    return safedir.open_dir(lockdir, what="lock directory", key="lockdir",
+                            mode=0o755 if create else None)
 
 
 def _open(lockdir: str, box: str) -> int:
     try:
-        os.makedirs(lockdir, mode=0o755, exist_ok=True)
-        return os.open(lock_path(lockdir, box), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with lock_dir(lockdir) as d:
+            return d.open(lock_name(box), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise HostEnvironmentError(
             f"cannot open the lock file of box '{box}' in {lockdir}: {exc.strerror} "
@@ -80,34 +95,50 @@ def holder(lockdir: str, box: str) -> Optional[Holder]:
     make a concurrent command's non-blocking attempt fail as if the slot were busy.
     """
     try:
-        st = os.stat(lock_path(lockdir, box))
-        with open("/proc/locks") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
+        d = lock_dir(lockdir, create=False)
+    except OSError:  # missing, not a directory, not ours to read: nobody holds a lock there
         return None
-    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    for line in lines:
-        fields = line.split()
-        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
-            continue  # a waiter, or another kind of lock
+    with d:
         try:
-            major, minor, ino = fields[5].split(":")
-            if (int(major, 16), int(minor, 16), int(ino)) != want:
+            st = d.lstat(lock_name(box))
+            with open("/proc/locks") as fh:
+                lines = fh.read().splitlines()
+        except OSError:
+            return None
+        want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        for line in lines:
+            fields = line.split()
+            if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+                continue  # a waiter, or another kind of lock
+            try:
+                major, minor, ino = fields[5].split(":")
+                if (int(major, 16), int(minor, 16), int(ino)) != want:
+                    continue
+                pid = int(fields[4])
+            except ValueError:
                 continue
-            pid = int(fields[4])
-        except ValueError:
-            continue
-        return Holder(pid, _command_of(pid, lockdir, box))
+            return Holder(pid, _command_of(pid, _record(d, box)))
     return None
 
 
-def _command_of(pid: int, lockdir: str, box: str) -> str:
-    """The holder's command line, as it recorded it in the lock file (else from /proc)."""
+def _record(d: safedir.SafeDir, box: str) -> bytes:
+    """What the holder wrote in the lock file (its pid and command line)."""
     try:
-        with open(lock_path(lockdir, box), "rb") as fh:
-            pid_text, _, command = fh.read(4096).decode("utf-8", "replace").partition("\n")
-        if pid_text.strip() == str(pid):
-            return command.strip()
+        fd = d.open(lock_name(box), os.O_RDONLY)
+    except (OSError, safedir.UnsafeDirectoryError):
+        return b""
+    try:
+        return os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+
+
+def _command_of(pid: int, record: bytes) -> str:
+    """The holder's command line, as it recorded it in the lock file (else from /proc)."""
+    pid_text, _, command = record.decode("utf-8", "replace").partition("\n")
+    if pid_text.strip() == str(pid):
+        return command.strip()
+    try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             return fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
     except OSError:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from vmim import digest as digest_mod
 from vmim import process, procscan
 from vmim.archive import detect
-from vmim.errors import StateError, UsageError
+from vmim.errors import EXIT_COMMAND, CommandError, StateError, UsageError, VmimError
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,33 @@ def _exchange(a: str, b: str) -> bool:
     return True
 
 
+class StoreFullError(VmimError):
+    """The store's filesystem filled up while an entry was written: exit 6, as when the command
+    writing it fails (which is how it shows), with a message that says so."""
+
+    exit_code = EXIT_COMMAND
+
+
+#: less free space than this after a failed write: the store's filesystem was full
+FULL_MARGIN = 1 << 20
+
+
+def _out_of_space(directory: str, exc: BaseException) -> bool:
+    """Whether a failed write into directory failed for want of space (or inodes): the error
+    says so, or the filesystem is (still, before the temporary entry goes) all but full. Some
+    writers (rsync) report only a broken pipe or an I/O error."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    try:
+        vfs = os.statvfs(directory)
+    except OSError:
+        return False
+    return vfs.f_bfree * vfs.f_frsize < FULL_MARGIN or (vfs.f_files > 0 and vfs.f_ffree == 0)
+
+
 def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -279,6 +306,7 @@ class ImageStore:
         final = self.path(name)
         tmp = self.path(_work_name(TMP_PREFIX, name))
         link_dest = final if fmt.is_tree and os.path.isdir(final) and not os.path.islink(final) else ""
+        previous = os.path.lexists(final)
         try:
             digest = writer(tmp, link_dest)
             if fmt.is_tree:
@@ -291,9 +319,17 @@ class ImageStore:
                 if digest:  # archives are hashed as written; disk images are checked by qemu-img
                     meta.update(digest_mod.as_meta(digest))
             self._put_in_place(tmp, final)
-        except BaseException:
+        except BaseException as exc:
+            full = isinstance(exc, (CommandError, OSError)) and _out_of_space(self.directory, exc)
             if os.path.lexists(tmp):
                 subprocess.run(["rm", "-rf", "--", tmp], check=False)
+            if full:
+                kept = (f"the previous {self.kind} '{name}' is kept as it was" if previous
+                        else f"no {self.kind} '{name}' was made")
+                raise StoreFullError(
+                    f"{self.kind} store {self.directory} is full: storing '{name}' needs more "
+                    f"room than it has; {kept} and nothing of this store is left; free space "
+                    f"there or store elsewhere, then try again ({exc})") from None
             raise
         meta.update(name=name, format=fmt.name, mtime_ns=os.stat(final).st_mtime_ns)
         try:

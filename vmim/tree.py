@@ -14,9 +14,9 @@ import errno
 import logging
 import os
 import stat
-from typing import List, Optional
+from typing import List
 
-from vmim import process, procscan
+from vmim import process, worklog
 from vmim.errors import OperationError, StateError
 
 log = logging.getLogger(__name__)
@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 MAX_LINKS = 40
 #: names vmimagemanager creates at the guest root while it works (staging, temporary)
 WORK_PREFIX = ".vmim-"
-#: the mark of a staging directory: the run that made it (procscan.owner_tag()). Only a
-#: directory with this mark, of a run that has ended, is ever removed as a leftover: a guest
-#: entry that merely has a .vmim- name is guest data.
+#: the mark 1.x put on its staging directories. The guest's root can set it too, so it proves
+#: nothing: what the tool made is recorded on the host (vmim.worklog). Never copied to the guest.
 OWNER_XATTR = "user.vmim.owner"
 
 
@@ -189,48 +188,48 @@ def clear(root: str) -> int:
     return len(names)
 
 
-def _owner(path: str) -> Optional[str]:
-    """The run that made staging directory path (its mark), or None: not ours."""
-    try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            return None
-        return os.getxattr(path, OWNER_XATTR, follow_symlinks=False).decode("ascii")
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def remove_stale_work(root: str) -> None:
-    """Staging directories a killed run left at the guest root: those marked by a run of this
-    tool that has ended, and nothing else."""
-    stale = []
-    for n in os.listdir(root):
-        if n.startswith(WORK_PREFIX):
-            owner = _owner(os.path.join(root, n))
-            if owner is not None and procscan.owner_gone(owner):
-                stale.append(os.path.join(root, n))
+def remove_stale_work(root: str, records: worklog.WorkLog) -> None:
+    """Staging directories a killed run left at the guest root: those the host's record
+    (worklog) names, made by a run of this tool that has ended, and nothing else. A name or
+    an xattr the guest can write proves nothing."""
+    stale = records.stale(root)
     if stale:
         log.info("removing what an interrupted run left in the guest: %s", ", ".join(stale))
-        remove(stale)
+        remove([os.path.join(root, n) for n in stale])
+        for n in stale:
+            records.forget(n)
 
 
-def staging_dir(root: str, what: str, like: str) -> str:
+def staging_dir(root: str, what: str, like: str, *, records: worklog.WorkLog) -> str:
     """A fresh directory at the guest root to unpack into, with the metadata of directory
-    `like` (the merge target), so that an archive without a "." entry changes none of it."""
+    `like` (the merge target), so that an archive without a "." entry changes none of it.
+    Recorded on the host (records) before it is used; remove it with remove_staging()."""
     base = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
-    path = base
-    for n in range(1, 1000):
+    for n in range(0, 1000):
+        path = f"{base}.{n}" if n else base
+        if os.path.lexists(path):
+            continue  # a guest entry of that name: guest data, left alone
+        records.begin(os.path.basename(path))  # on the host before it is in the guest
         try:
             os.mkdir(path, 0o700)
             break
-        except FileExistsError:  # a guest entry of that name: guest data, left alone
-            path = f"{base}.{n}"
+        except FileExistsError:
+            records.forget(os.path.basename(path))
     else:
         raise StateError(f"cannot make a staging directory at the guest root "
                          f"(/{os.path.basename(base)}.N all exist)")
     try:
-        os.setxattr(path, OWNER_XATTR, procscan.owner_tag().encode("ascii"), follow_symlinks=False)
-    except OSError as exc:  # no user xattrs here: a leftover of this run stays (and is said)
-        log.warning("cannot mark %s as this run's (%s): if the run is killed, remove it by hand",
-                    path, exc.strerror)
+        records.made(root, os.path.basename(path))
+    except BaseException:
+        os.rmdir(path)  # unrecorded, it would never be known as ours
+        records.forget(os.path.basename(path))
+        raise
     _copy_dir_metadata(like, path)
     return path
+
+
+def remove_staging(path: str, records: worklog.WorkLog) -> None:
+    """Remove a staging directory (whatever is left in it), then its record."""
+    if os.path.lexists(path):
+        remove([path])
+    records.forget(os.path.basename(path))

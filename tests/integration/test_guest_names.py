@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
+from urllib.parse import quote
+
+import pytest
 
 from tests.integration import test_images
 from tests.integration.test_images import run_ok
-from vmim import tree
+from vmim import procscan
 
 # the slots of the images tier
 blank_images, rig = test_images.blank_images, test_images.rig
@@ -25,26 +30,126 @@ def _tar(path, members):
             t.addfile(info, io.BytesIO(content))
 
 
-def test_an_insert_keeps_guest_entries_named_like_ours_and_removes_a_killed_runs(vmim, rig):
-    _tar(rig.inserts / "certs", {"etc/cert.pem": b"cert\n"})
-    run_ok(vmim, rig, "-b", rig.names["ext4"], "--mount")
-    guest = rig.mnt("ext4")
-    os.makedirs(os.path.join(guest, ".vmim-cache.d"))
-    os.makedirs(os.path.join(guest, ".vmim-restore.12345"))
-    with open(os.path.join(guest, ".vmim-keys"), "w") as fh:
-        fh.write("guest keys\n")
+def _slow_tgz(path):
+    """An archive that takes a moment to unpack."""
+    with tarfile.open(path, "w:gz") as t:
+        for i in range(800):
+            data = os.urandom(64 << 10)
+            info = tarfile.TarInfo(f"d/f{i}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+def _kill_when_staging(cfg, argv, mnt, prefix, record=None):
+    """Run the command and SIGKILL it once its staging directory is in the guest (and, given
+    the record's directory, once its record is complete); its name."""
+    proc = subprocess.Popen([sys.executable, "-m", "vmim", "--config", cfg, *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    mine = f"{prefix}{proc.pid}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.isdir(mnt) and mine in os.listdir(mnt) and (
+                record is None or '"ino"' in _read(record / f"{mine}.json")):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return mine
+        time.sleep(0.01)
+    proc.kill()
+    _, err = proc.communicate()
+    pytest.fail(f"{argv} never made its staging directory: {err}")
+
+
+def _read(path):
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _guest_marks_its_own(guest):
+    """Guest entries named like ours, some carrying the staging mark of 1.x (a user.* xattr,
+    which the guest's root can set) naming a run that has ended."""
     gone = subprocess.Popen(["true"])
     gone.wait()
-    stale = os.path.join(guest, f".vmim-insert.{gone.pid}")
-    os.mkdir(stale)
-    os.setxattr(stale, tree.OWNER_XATTR, f"{gone.pid}:1".encode())  # a run that has ended
-    run_ok(vmim, rig, "-b", rig.names["ext4"], "-i", "certs")
-    names = os.listdir(guest)
-    assert {".vmim-cache.d", ".vmim-restore.12345", ".vmim-keys"} <= set(names)
+    os.makedirs(os.path.join(guest, ".vmim-cache.d"))
+    with open(os.path.join(guest, ".vmim-keys"), "w") as fh:
+        fh.write("guest keys\n")
+    for name in (".vmim-cache", ".vmim-restore.1234", f".vmim-insert.{gone.pid}"):
+        os.makedirs(os.path.join(guest, name, "data"))
+        with open(os.path.join(guest, name, "data", "file"), "w") as fh:
+            fh.write(f"guest data of {name}\n")
+        os.setxattr(os.path.join(guest, name), "user.vmim.owner", f"{gone.pid}:1".encode())
+    return sorted(n for n in os.listdir(guest) if n.startswith(".vmim-"))
+
+
+def _records(rig, box):
+    d = rig.root / "state" / "staging" / quote(box, safe="")
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def test_guest_entries_carrying_the_old_owner_mark_are_guest_data(vmim, rig):
+    """Finding 9: the leftover mark was a user.* xattr, which the guest sets at will: a guest
+    /.vmim-cache with it naming an ended run was deleted by the next --mount."""
+    _tar(rig.inserts / "certs", {"etc/cert.pem": b"cert\n"})
+    box = rig.names["ext4"]
+    run_ok(vmim, rig, "-b", box, "--mount")
+    guest = rig.mnt("ext4")
+    ours = _guest_marks_its_own(guest)
+    run_ok(vmim, rig, "-b", box, "--release")
+    run_ok(vmim, rig, "-b", box, "--mount")  # what removes a killed run's leftovers
+    run_ok(vmim, rig, "-b", box, "-i", "certs")
+    assert sorted(n for n in os.listdir(guest) if n.startswith(".vmim-")) == ours
+    for name in (".vmim-cache", ".vmim-restore.1234"):
+        with open(os.path.join(guest, name, "data", "file")) as fh:
+            assert fh.read() == f"guest data of {name}\n"
     assert open(os.path.join(guest, ".vmim-keys")).read() == "guest keys\n"
-    assert not os.path.exists(stale)
     assert open(os.path.join(guest, "etc", "cert.pem")).read() == "cert\n"
-    run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+    assert _records(rig, box) == []  # the insert's staging came and went with its record
+    run_ok(vmim, rig, "-b", box, "--release")
+
+
+@pytest.mark.parametrize("how", ["insert", "restore"])
+def test_a_killed_runs_staging_goes_and_guest_entries_named_like_it_stay(vmim, rig, how):
+    box = rig.names["ext4"]
+    _slow_tgz(rig.inserts / "slow")
+    _slow_tgz(rig.images / "slow")
+    run_ok(vmim, rig, "-b", box, "--mount")
+    guest = rig.mnt("ext4")
+    ours = _guest_marks_its_own(guest)
+    argv = ["-b", box, "-i", "slow"] if how == "insert" else ["-b", box, "-r", "slow"]
+    if how == "restore":  # the restore clears the guest first: its entries come after
+        ours = []
+    killed = _kill_when_staging(rig.cfg, argv, guest, f".vmim-{how}.")
+    if how == "restore":
+        ours = [n for n in _guest_marks_its_own(guest) if n != killed]
+    assert os.path.isdir(os.path.join(guest, killed))
+    assert killed + ".json" in _records(rig, box)  # recorded on the host, before use
+    run_ok(vmim, rig, "-b", box, "--release")  # what the killed run left mounted
+    run_ok(vmim, rig, "-b", box, "--mount")
+    names = sorted(n for n in os.listdir(guest) if n.startswith(".vmim-"))
+    assert names == ours  # the killed run's staging is gone, the guest's look-alikes stay
+    assert _records(rig, box) == []
+    run_ok(vmim, rig, "-b", box, "--release")
+
+
+def test_a_record_does_not_delete_a_guest_entry_made_later_under_the_same_name(vmim, rig):
+    """The killed run's staging removed by hand, the guest makes a directory of that name:
+    the record names another inode, so the directory stays and the record goes."""
+    box = rig.names["ext4"]
+    _slow_tgz(rig.inserts / "slow")
+    run_ok(vmim, rig, "-b", box, "--mount")
+    guest = rig.mnt("ext4")
+    records = rig.root / "state" / "staging" / quote(box, safe="")
+    killed = _kill_when_staging(rig.cfg, ["-b", box, "-i", "slow"], guest, ".vmim-insert.",
+                                records)
+    procscan.reap_orphans([guest])  # its tar, still writing
+    subprocess.run(["rm", "-rf", "--", os.path.join(guest, killed)], check=True)
+    os.makedirs(os.path.join(guest, killed, "data"))
+    run_ok(vmim, rig, "-b", box, "--release")
+    run_ok(vmim, rig, "-b", box, "--mount")
+    assert os.path.isdir(os.path.join(guest, killed, "data"))
+    assert _records(rig, box) == []
+    run_ok(vmim, rig, "-b", box, "--release")
 
 
 def test_an_insert_through_a_dangling_guest_symlink_names_the_guest_path(vmim, rig):

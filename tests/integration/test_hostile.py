@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tests.archives import newc_of, tar_of  # noqa: E402
-from vmim import tree  # noqa: E402
+from vmim import tree, worklog  # noqa: E402
 from vmim.archive import detect, for_detected  # noqa: E402
 from vmim.errors import VmimError  # noqa: E402
 
@@ -150,13 +150,14 @@ def _attempt(top, kind: str, how: str, layout: str, members: List[Member]) -> No
         if how == "restore":
             tree.clear(guest)
         dest = "/" if how == "restore" else "/lnk/sub"
-        staging = tree.staging_dir(guest, how, like=tree.target_dir(guest, dest))
+        records = worklog.WorkLog(f"{top}-state", "hostile", guest)  # outside the snapshot
+        staging = tree.staging_dir(guest, how, like=tree.target_dir(guest, dest),
+                                   records=records)
         try:
             fmt.unpack(str(image), staging)
             tree.merge(staging, guest, dest)
         finally:
-            if os.path.lexists(staging):
-                tree.remove([staging])
+            tree.remove_staging(staging, records)
     except VmimError:
         pass  # refused or failed cleanly: what matters is below
     after = _snapshot(str(top), guest)

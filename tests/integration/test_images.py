@@ -560,3 +560,51 @@ def test_a_missing_decompressor_is_found_before_the_slot_is_touched(vmim, rig, t
     assert "the slot was not touched" in r.err
     monkeypatch.undo()
     assert _marker(vmim, rig, "ext4") == "ext4 slot\n"
+
+
+DISK_IMAGE = "qcow2 (--disk-image)"
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, DISK_IMAGE])
+def test_a_full_image_store_keeps_the_previous_image_leaves_nothing_and_says_so(vmim, rig,
+                                                                                  tmp_path, fmt):
+    """Finding 10: a store that fills the image store's filesystem, in every format, over an
+    image of that name: exit 6 (the writing command failed), the message says the store is
+    full, the previous image and its metadata as they were, no temporary entry left."""
+    flags = ["--disk-image"] if fmt == DISK_IMAGE else [FORMATS[fmt]]
+    box = rig.names["src"]
+    store_img = tmp_path / "store.img"
+    di.filesystem_image(str(store_img), "ext4", 32, "store")
+    with di.attached(str(store_img)) as dev, di.mounted(dev) as small_store:
+        os.chmod(small_store, 0o755)
+        os.unlink(os.path.join(small_store, "marker"))
+        cfg = open(rig.cfg).read().replace(f'vmimages = "{rig.images}"',
+                                           f'vmimages = "{small_store}"')
+        open(rig.cfg, "w").write(cfg)
+        run_ok(vmim, rig, "-b", box, "--mount")
+        with open(os.path.join(rig.mnt("src"), "small"), "wb") as fh:
+            fh.write(os.urandom(1 << 20))
+        run_ok(vmim, rig, "-b", box, *flags, "-s", "golden", "--release")
+        golden = os.path.join(small_store, "golden")
+        snap = treecmp.snapshot(golden) if fmt == "rsync" else open(golden, "rb").read()
+        meta = open(os.path.join(small_store, ".vmim", "golden.json"), "rb").read()
+        listing = sorted(os.listdir(small_store))
+        run_ok(vmim, rig, "-b", box, "--mount")
+        with open(os.path.join(rig.mnt("src"), "big"), "wb") as fh:
+            fh.write(os.urandom(48 << 20))  # more than the store's filesystem holds
+        r = vmim("-b", box, *flags, "-s", "golden", "--release", "--config", rig.cfg)
+        assert sorted(os.listdir(small_store)) == listing  # no temporary entry
+        assert os.listdir(os.path.join(small_store, ".vmim")) == ["golden.json"]
+        assert open(os.path.join(small_store, ".vmim", "golden.json"), "rb").read() == meta
+        after = treecmp.snapshot(golden) if fmt == "rsync" else open(golden, "rb").read()
+        assert after == snap
+        assert r.code == 6, r
+        assert f"image store {small_store} is full" in r.err, r
+        assert "Traceback" not in r.err
+        assert mounts.mounted_at(rig.mnt("src")) is None  # released after the failure
+        # the image is still good: it restores
+        restore = ["--disk-image"] if fmt == DISK_IMAGE else []
+        run_ok(vmim, rig, "-b", box, *restore, "-r", "golden", "--mount")
+        assert os.path.getsize(os.path.join(rig.mnt("src"), "small")) == 1 << 20
+        assert not os.path.exists(os.path.join(rig.mnt("src"), "big"))
+        run_ok(vmim, rig, "-b", box, "--release")

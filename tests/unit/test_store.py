@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import subprocess
@@ -12,8 +13,8 @@ import pytest
 
 from vmim import digest
 from vmim.archive import detect, for_name
-from vmim.errors import UsageError
-from vmim.store import OLD_PREFIX, TMP_PREFIX, ImageStore, validate_name
+from vmim.errors import CommandError, UsageError
+from vmim.store import OLD_PREFIX, TMP_PREFIX, ImageStore, StoreFullError, validate_name
 
 
 @pytest.fixture
@@ -147,3 +148,36 @@ def test_a_store_whose_metadata_cannot_be_written_still_succeeds(images, src, ca
     assert meta["name"] == "golden"
     assert _is_complete_image(images / "golden")
     assert "metadata" in caplog.text and "full read" in caplog.text
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     CommandError(["rsync"], 11, "Broken pipe (32)")])
+def test_a_store_that_runs_out_of_space_says_the_store_is_full(images, src, monkeypatch,
+                                                               failure):
+    """ENOSPC, or a writer that only says 'broken pipe' on a store whose filesystem is full."""
+    _store(images, src, "golden", "tgz")
+    before = sorted(os.listdir(images)), (images / "golden").read_bytes()
+
+    def failing(tmp, _link):
+        open(tmp, "wb").close()
+        raise failure
+
+    class Full:  # what statvfs says of a full filesystem
+        f_bfree, f_frsize, f_files, f_ffree = 0, 4096, 100, 50
+
+    monkeypatch.setattr(os, "statvfs", lambda _d: Full())
+    with pytest.raises(StoreFullError) as err:
+        ImageStore(str(images)).write("golden", for_name("tgz"), failing, {})
+    assert err.value.exit_code == 6
+    assert f"image store {images} is full" in str(err.value)
+    assert "the previous image 'golden' is kept" in str(err.value)
+    assert (sorted(os.listdir(images)), (images / "golden").read_bytes()) == before
+
+
+def test_a_store_failing_with_room_to_spare_is_not_called_full(images, src):
+    def failing(tmp, _link):
+        raise CommandError(["tar"], 2, "Cannot stat: Permission denied")
+
+    with pytest.raises(CommandError) as err:
+        ImageStore(str(images)).write("golden", for_name("tgz"), failing, {})
+    assert not isinstance(err.value, StoreFullError) and "full" not in str(err.value)

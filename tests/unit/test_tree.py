@@ -1,11 +1,37 @@
-"""The guest's tree seen from the host: what the tool leaves at the guest root, and only that."""
+"""The guest's tree seen from the host: what the tool leaves at the guest root, and only that.
+
+A staging directory is the tool's when the host's record (vmim.worklog, in the state directory)
+says so: name, inode and generation, made by a run that has ended. Nothing the guest can write
+(a name, an xattr) makes an entry the tool's."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+import textwrap
 
-from vmim import procscan, tree
+import pytest
+
+from vmim import tree, worklog
+
+
+@pytest.fixture
+def guest(tmp_path):
+    g = tmp_path / "guest"
+    g.mkdir()
+    return g
+
+
+@pytest.fixture
+def log(tmp_path):
+    return worklog.WorkLog(str(tmp_path / "state"), "web1", "/dev/vdb-of-web1")
+
+
+def _records(log):
+    d = os.path.join(log.statedir, "staging", "web1")
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
 def _dead_pid():
@@ -14,45 +40,87 @@ def _dead_pid():
     return p.pid
 
 
-def test_guest_entries_named_like_work_entries_are_guest_data(tmp_path):
-    """Only staging directories marked by a run of this tool that is gone are removed."""
+def _killed_run_staging(guest, log, what="insert"):
+    """What a run killed (SIGKILL) while it unpacked leaves: its staging, half full, recorded."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        from vmim import tree, worklog
+        log = worklog.WorkLog({log.statedir!r}, {log.box!r}, {log.disk!r})
+        staging = tree.staging_dir({str(guest)!r}, {what!r}, like={str(guest)!r}, records=log)
+        open(os.path.join(staging, "half-unpacked"), "w").write("x")
+        print(os.path.basename(staging), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.returncode == -9, r
+    return r.stdout.strip()
+
+
+def test_guest_entries_named_like_ours_or_carrying_the_old_mark_are_guest_data(guest, log):
+    """Finding 9: the mark was the user.vmim.owner xattr, which the guest's root can set."""
     dead = _dead_pid()
-    (tmp_path / ".vmim-keys").write_text("secret")
-    (tmp_path / ".vmim-cache.d").mkdir()
-    (tmp_path / ".vmim-cache.d" / "entry").write_text("cached")
-    (tmp_path / f".vmim-restore.{dead}").mkdir()  # the guest's own, no marker
-    (tmp_path / f".vmim-insert.{dead}").mkdir()  # marked by a run that lives (this one)
-    os.setxattr(tmp_path / f".vmim-insert.{dead}", tree.OWNER_XATTR, procscan.owner_tag().encode())
-    # left by a run that was killed: the marker names a run that is gone
-    stale = tmp_path / f".vmim-insert.{dead + 1}"
-    stale.mkdir()
-    (stale / "half-unpacked").write_text("x")
-    os.setxattr(stale, tree.OWNER_XATTR, f"{dead}:12345".encode())
-    tree.remove_stale_work(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted([
-        ".vmim-keys", ".vmim-cache.d", f".vmim-restore.{dead}", f".vmim-insert.{dead}"])
-    assert (tmp_path / ".vmim-cache.d" / "entry").read_text() == "cached"
+    (guest / ".vmim-keys").write_text("secret")
+    for name in (".vmim-cache", ".vmim-cache.d", f".vmim-restore.{dead}", ".vmim-insert.1234"):
+        (guest / name).mkdir()
+        (guest / name / "entry").write_text("cached")
+        os.setxattr(guest / name, tree.OWNER_XATTR, f"{dead}:12345".encode())
+    before = sorted(os.listdir(guest))
+    tree.remove_stale_work(str(guest), log)
+    assert sorted(os.listdir(guest)) == before
+    assert (guest / ".vmim-cache" / "entry").read_text() == "cached"
 
 
-def test_a_staging_directory_is_marked_with_its_run_and_kept_while_that_run_lives(tmp_path):
-    guest = tmp_path / "guest"
-    guest.mkdir()
-    staging = tree.staging_dir(str(guest), "insert", like=str(guest))
-    assert os.getxattr(staging, tree.OWNER_XATTR).decode() == procscan.owner_tag()
-    tree.remove_stale_work(str(guest))  # a parallel job of this very run: not stale
+def test_a_killed_runs_staging_is_removed_by_its_record_and_nothing_else(guest, log):
+    killed = _killed_run_staging(guest, log)
+    assert killed.startswith(".vmim-insert.") and (guest / killed / "half-unpacked").exists()
+    assert _records(log) == [killed + ".json"]
+    (guest / ".vmim-insert.1").mkdir()  # the guest's
+    tree.remove_stale_work(str(guest), log)
+    assert sorted(os.listdir(guest)) == [".vmim-insert.1"]
+    assert _records(log) == []
+
+
+def test_a_record_never_removes_another_entry_of_that_name(guest, log):
+    """The killed run's staging went another way and the guest made one of that name: another
+    inode, so it stays, and the record that no longer names anything goes."""
+    killed = _killed_run_staging(guest, log)
+    subprocess.run(["rm", "-rf", "--", str(guest / killed)], check=True)
+    (guest / killed).mkdir()
+    (guest / killed / "guest-file").write_text("guest")
+    tree.remove_stale_work(str(guest), log)
+    assert (guest / killed / "guest-file").read_text() == "guest"
+    assert _records(log) == []
+
+
+def test_a_record_of_another_disk_does_not_apply(guest, log):
+    killed = _killed_run_staging(guest, log)
+    other = worklog.WorkLog(log.statedir, log.box, "/dev/another-disk")  # the config changed
+    tree.remove_stale_work(str(guest), other)
+    assert (guest / killed).is_dir() and _records(log) == []
+
+
+def test_a_staging_directory_is_recorded_before_use_and_kept_while_its_run_lives(guest, log):
+    staging = tree.staging_dir(str(guest), "insert", like=str(guest), records=log)
+    name = os.path.basename(staging)
+    (rec,) = _records(log)
+    entry = json.loads(open(os.path.join(log.statedir, "staging", "web1", rec)).read())
+    assert entry["name"] == name and entry["ino"] == os.stat(staging).st_ino
+    assert entry["disk"] == log.disk
+    tree.remove_stale_work(str(guest), log)  # a parallel job of this very run: not stale
     assert os.path.isdir(staging)
     with open(os.path.join(staging, "file"), "w") as fh:
         fh.write("inserted\n")
     tree.merge(staging, str(guest))
-    os.rmdir(staging)
-    assert (guest / "file").read_text() == "inserted\n"
-    # the marker stays with the staging directory: the guest root does not take it
-    assert tree.OWNER_XATTR not in os.listxattr(guest)
+    tree.remove_staging(staging, log)
+    assert os.listdir(guest) == ["file"] and _records(log) == []
+    assert tree.OWNER_XATTR not in os.listxattr(guest)  # no mark given to the guest
 
 
-def test_a_guest_entry_with_the_staging_name_is_left_alone(tmp_path):
-    (tmp_path / f".vmim-insert.{os.getpid()}").write_text("guest data")
-    staging = tree.staging_dir(str(tmp_path), "insert", like=str(tmp_path))
-    assert staging != str(tmp_path / f".vmim-insert.{os.getpid()}")
-    assert (tmp_path / f".vmim-insert.{os.getpid()}").read_text() == "guest data"
-    os.rmdir(staging)
+def test_a_guest_entry_with_the_staging_name_is_left_alone(guest, log):
+    (guest / f".vmim-insert.{os.getpid()}").write_text("guest data")
+    staging = tree.staging_dir(str(guest), "insert", like=str(guest), records=log)
+    assert staging != str(guest / f".vmim-insert.{os.getpid()}")
+    assert (guest / f".vmim-insert.{os.getpid()}").read_text() == "guest data"
+    tree.remove_staging(staging, log)
+    assert os.listdir(guest) == [f".vmim-insert.{os.getpid()}"] and _records(log) == []

@@ -9,7 +9,7 @@ import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from vmim import digest, incomplete, process, progress, tree, writeback
+from vmim import digest, incomplete, process, progress, tree, worklog, writeback
 from vmim import disk as disk_mod
 from vmim import store as store_mod
 from vmim.archive import detect, for_detected, for_name
@@ -181,13 +181,15 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             else:
                 tree.clear(root)
             clock.lap("clear")
-            staging = tree.staging_dir(root, "restore", like=root)
+            records = worklog.WorkLog.of(box.cfg, slot)
+            staging = tree.staging_dir(root, "restore", like=root, records=records)
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
                 fmt.unpack(path, staging)
             tree.merge(staging, root)  # "/" takes the archive's "." metadata, times included
             times = os.stat(root)
             os.rmdir(staging)  # which changes the mtime of "/" again: put the archive's back
+            records.forget(os.path.basename(staging))
             os.utime(root, ns=(times.st_atime_ns, times.st_mtime_ns))
             clock.lap("transfer")
         if slot.sourceimage:
@@ -225,13 +227,14 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
     root = _root(box)
     t = box.req.inserts[step.item]
     proven = box.proven[("insert", step.item)]
-    staging = tree.staging_dir(root, "insert", like=tree.target_dir(root, t.directory))
+    records = worklog.WorkLog.of(box.cfg, box.need_slot())
+    staging = tree.staging_dir(root, "insert", like=tree.target_dir(root, t.directory),
+                               records=records)
     try:
         proven.fmt.unpack(proven.path, staging)
         n = tree.merge(staging, root, t.directory)
     finally:
-        if os.path.lexists(staging):
-            tree.remove([staging])
+        tree.remove_staging(staging, records)
     rec.details.update(name=t.name, directory=t.directory, format=proven.fmt.name)
     return f"{t.name} ({proven.fmt.name}) at {t.directory}: {n} {'entry' if n == 1 else 'entries'}"
 

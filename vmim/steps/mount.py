@@ -10,7 +10,7 @@ import stat
 from typing import List, Set
 
 from vmim import disk as disk_mod
-from vmim import tree
+from vmim import tree, worklog
 from vmim.config import Config, Slot
 from vmim.disk import mounts, namespaces
 from vmim.domain import Hypervisor
@@ -83,7 +83,8 @@ def mount(box: Box, step: Step, rec: StepResult) -> str:
     slot = box.need_slot()
     require_root("--mount")
     message = mount_slot(box.cfg, box.hv, slot)
-    tree.remove_stale_work(slot.mount)  # what a killed run left in the guest
+    # what a killed run left in the guest, as the host recorded it
+    tree.remove_stale_work(slot.mount, worklog.WorkLog.of(box.cfg, slot))
     return message
 
 
