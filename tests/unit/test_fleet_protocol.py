@@ -304,3 +304,31 @@ def test_a_fleet_dry_run_prints_the_plan_as_a_local_one():
     assert Plan.from_dict("web1", plan.as_dict()).text() == plan.text()
     assert Plan.from_dict("web2", Plan("web2", ()).as_dict()) == Plan("web2", ())
     assert dry_run_summary(0).endswith("unless something fails on the way)\n")
+
+
+def test_the_journal_and_leases_live_in_verified_directories(tmp_path):
+    """A state directory another user may write is refused (exit 7), and a symlink planted
+    for a job's journal entry is replaced, never written through."""
+    import os
+
+    from vmim.fleet.children import Children
+    from vmim.safedir import UnsafeDirectoryError
+
+    open_state = tmp_path / "open"
+    open_state.mkdir()
+    os.chmod(open_state, 0o777)
+    job = protocol.new_job_id()
+    with pytest.raises(UnsafeDirectoryError):
+        Journal(str(open_state)).begin(job, "web1", {})
+    with pytest.raises(UnsafeDirectoryError):
+        Children("/c", str(open_state), 20).renew_lease(job)
+    state = tmp_path / "state"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    Journal(str(state)).begin(protocol.new_job_id(), "web1", {})  # makes fleet/jobs
+    (state / "fleet" / "jobs" / f"{job}.json").symlink_to(victim)
+    Journal(str(state)).begin(job, "web1", {})
+    assert victim.read_text() == "precious\n"
+    assert Journal(str(state)).get(job)["box"] == "web1"
+    Children("/c", str(state), 20).renew_lease(job)
+    assert os.path.isfile(state / "fleet" / "leases" / job)

@@ -14,7 +14,7 @@ import subprocess
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from vmim import lease
+from vmim import lease, safedir
 from vmim.errors import EXIT_FAILED, VmimError
 from vmim.fleet import protocol
 from vmim.invocation import BoxRun, RunOptions
@@ -83,13 +83,30 @@ class Children:
 
     # ------------------------------------------------------------------ jobs and leases
 
+    def _lease_dir(self) -> safedir.SafeDir:
+        """<statedir>/fleet/leases, verified (vmim.safedir): root's, nobody else's to write."""
+        with safedir.open_dir(self.statedir, what="state directory", key="statedir",
+                              mode=0o755) as top:
+            with top.subdir("fleet", 0o700) as fleet:
+                return fleet.subdir("leases", 0o700)
+
     def lease_path(self, job_id: str) -> str:
-        directory = os.path.join(self.statedir, "fleet", "leases")
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.path.join(directory, job_id)
+        return os.path.join(self.statedir, "fleet", "leases", job_id)
 
     def renew_lease(self, job_id: str) -> None:
-        lease.renew(self.lease_path(job_id))
+        """The job is still ours: touch its lease (made when missing, never through a
+        symlink)."""
+        with self._lease_dir() as d:
+            fd = d.open(job_id, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.utime(fd)
+            finally:
+                os.close(fd)
+
+    def _drop_lease(self, job_id: str) -> None:
+        with contextlib.suppress(OSError, FileNotFoundError):
+            with self._lease_dir() as d:
+                d.unlink(job_id)
 
     def run_job(self, job_id: str, run: BoxRun, started: Callable[[subprocess.Popen], None],
                 on_line: Callable[[str], None]) -> Tuple[int, Dict[str, Any], List[str]]:
@@ -98,7 +115,7 @@ class Children:
         env = protocol.child_env()
         env[lease.ENV_LEASE] = self.lease_path(job_id)  # stale: the job stops before a step
         env[lease.ENV_TTL] = str(self.lease_ttl)  # (the broker may have handed it on)
-        lease.renew(env[lease.ENV_LEASE])
+        self.renew_lease(job_id)
         proc = self.start(run, env)
         started(proc)
         stdout, stderr = proc.stdout, proc.stderr
@@ -113,8 +130,7 @@ class Children:
             on_line(line)
         reader.join()
         code = proc.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(self.lease_path(job_id))
+        self._drop_lease(job_id)
         return exit_code(code), _document(b"".join(out)), lines
 
     # ------------------------------------------------------------------ the host's state

@@ -36,6 +36,7 @@ from vmim.errors import (
     EXIT_OK,
     EXIT_USAGE,
     ProtocolError,
+    VmimError,
 )
 from vmim.fleet import protocol, transport
 from vmim.fleet.children import Children
@@ -351,7 +352,7 @@ class Worker:
             if job.proc is not None and job.proc.poll() is None:
                 try:
                     self.children.renew_lease(job.job_id)
-                except OSError as exc:
+                except (OSError, VmimError) as exc:  # the job stops at its next step
                     log.warning("cannot renew the lease of job %s: %s", job.job_id, exc)
 
     def _run_job(self, job: Job) -> None:
