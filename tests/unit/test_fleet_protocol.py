@@ -164,7 +164,8 @@ def test_replies_round_trip():
     r = protocol.Reply("result", "h1", box="web1", exit_code=4, doc={"results": []},
                        stderr=("a\n",))
     assert protocol.decode_reply(r.encode()) == r
-    assert protocol.decode_journal_reply(r.as_dict()) == r
+    assert protocol.decode_journal_reply(r.as_dict(), "h1") == r
+    assert protocol.decode_journal_reply(["x"], "h1").exit_code == 1
     err = protocol.error_result("no", "h1")
     assert err.exit_code == 2 and err.doc["error"]["message"] == "no"
 

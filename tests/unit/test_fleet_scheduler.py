@@ -44,3 +44,14 @@ def test_waiting_jobs_expire_at_their_deadline():
     assert s.expired(now=60.0) == [late] and s.waiting == {}
     s.clear()
     assert not s.busy() and s.idle() == ["web1"]
+
+
+def test_an_undelivered_result_is_offered_again_until_its_patience_is_spent():
+    from vmim.fleet.scheduler import Undelivered
+
+    u = Undelivered(patience=10.0)
+    u.add("q", "a" * 32, "reply", now=0.0)
+    item = u.due(now=0.5)[0]
+    assert u.due(now=0.6) == []  # once a second
+    assert u.keep(item, now=5.0) and u.due(now=5.0) == [item]
+    assert not u.keep(item, now=11.0) and u.due(now=12.0) == []

@@ -220,18 +220,23 @@ def decode_reply(body: Any) -> Reply:
                  f.number("silence", low=0, high=1e7, required=False))
 
 
-def decode_journal_reply(data: Any) -> Reply:
-    """A result as the journal keeps it (written by this worker: of this version or 1's)."""
-    if not isinstance(data, dict):
-        raise ProtocolError("the journal's reply is not an object")
-    return decode_reply(json.dumps(dict(data, v=VERSION)))
+def decode_journal_reply(data: Any, host: str) -> Reply:
+    """A result as the journal keeps it (written by this worker: of this version or 1's); an
+    entry that does not read is an error result."""
+    try:
+        if not isinstance(data, dict):
+            raise ProtocolError("not an object")
+        return decode_reply(json.dumps(dict(data, v=VERSION)))
+    except ProtocolError as exc:
+        return error_result(f"the job's journal entry is unreadable: {exc}", host, 1)
 
 
-def error_result(message: str, host: str, code: int = EXIT_USAGE) -> Reply:
+def error_result(message: str, host: str, code: int = EXIT_USAGE, box: str = "") -> Reply:
     """A result for a job that did not run: the message as the local command prints it."""
     from vmim.output import PROG
 
-    return Reply("result", host, exit_code=code, stderr=(f"{PROG}: error: {message}\n",),
+    return Reply("result", host, box=box, exit_code=code,
+                 stderr=(f"{PROG}: error: {message}\n",),
                  doc={"error": {"message": message, "exit_code": code}})
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from vmim.invocation import BoxRun
 
@@ -84,3 +84,31 @@ class Slots:
     def clear(self) -> None:
         self.running.clear()
         self.waiting.clear()
+
+
+class Undelivered:
+    """Results whose client was away when they were sent (a broker restart: its reply queue
+    is being declared again), offered again every second for `patience` seconds."""
+
+    def __init__(self, patience: float):
+        self.patience = patience
+        self.items: List[Tuple[float, str, str, Any]] = []  # (until, reply_to, job_id, reply)
+        self.next_try = 0.0
+
+    def add(self, reply_to: str, job_id: str, reply: Any, now: float) -> None:
+        self.items.append((now + self.patience, reply_to, job_id, reply))
+
+    def due(self, now: float) -> List[Tuple[float, str, str, Any]]:
+        """The results to offer again now, taken out (keep() puts one back)."""
+        if now < self.next_try or not self.items:
+            return []
+        self.next_try = now + 1.0
+        items, self.items = self.items, []
+        return items
+
+    def keep(self, item: Tuple[float, str, str, Any], now: float) -> bool:
+        """Put an item back, unless its patience is spent (False)."""
+        if now < item[0]:
+            self.items.append(item)
+            return True
+        return False

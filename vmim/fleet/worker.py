@@ -19,6 +19,7 @@ All AMQP traffic happens in the main thread; job threads hand their events over 
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import queue
@@ -27,7 +28,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from typing import Any, List, Optional, Tuple
+from typing import Any, Deque, List, Optional, Tuple
 
 from vmim.errors import (
     EXIT_ENVIRONMENT,
@@ -41,7 +42,7 @@ from vmim.errors import (
 from vmim.fleet import protocol, transport
 from vmim.fleet.children import Children
 from vmim.fleet.journal import Journal
-from vmim.fleet.scheduler import Job, Slots
+from vmim.fleet.scheduler import Job, Slots, Undelivered
 from vmim.invocation import BoxRun
 from vmim.plan import ANY_FREE
 
@@ -63,6 +64,7 @@ class Worker:
         self.journal = Journal(cfg.statedir)
         self.children = Children(cfg.path, cfg.statedir, 2 * heartbeat)
         self.events: queue.Queue[tuple] = queue.Queue()
+        self.inbox: Deque[Tuple[Optional[str], Any]] = collections.deque()  # deliveries
         self.slots = Slots(cfg.slot_names)
         self.stopping = False
         self.conn: Any = None
@@ -71,8 +73,7 @@ class Worker:
         self.any_consumer: Any = None
         self.any_on = False
         self.any_paused_until = 0.0
-        self.undelivered: List[tuple] = []  # (until, reply_to, job_id, reply)
-        self.next_retry = 0.0
+        self.undelivered = Undelivered(REDELIVER)
         self.ping = max(1.0, min(5.0, heartbeat / 2))  # "running" to the clients, this often
         self.silence = 3.0 * heartbeat + 5  # a client gives a job up after that long unheard
         self.next_ping = 0.0
@@ -137,19 +138,20 @@ class Worker:
             q = kombu.Queue(protocol.box_queue(self.host, slot.name), jobs,
                             routing_key=protocol.box_key(slot.name), durable=True)
             c = kombu.Consumer(channel, queues=[q],
-                               on_message=functools.partial(self._on_message, slot.name),
+                               on_message=functools.partial(self._queue, slot.name),
                                prefetch_count=1, no_ack=False)
             c.qos(prefetch_count=1)  # per consumer (RabbitMQ): one job per slot at a time
             c.consume()
             self.box_consumers.append(c)
         anyq = kombu.Queue(protocol.ANY_QUEUE, jobs, routing_key=protocol.ANY_KEY, durable=True)
         self.any_consumer = kombu.Consumer(channel, queues=[anyq],
-                                           on_message=functools.partial(self._on_message, ANY_FREE),
+                                           on_message=functools.partial(self._queue, ANY_FREE),
                                            prefetch_count=1, no_ack=False, auto_declare=True)
         self.any_on = False
         ctlq = kombu.Queue(f"vmim.control.{self.host}.{protocol.new_job_id()[:8]}", control,
                            exclusive=True, auto_delete=True, durable=False)
-        self.ctl_consumer = kombu.Consumer(channel, queues=[ctlq], on_message=self._on_control,
+        self.ctl_consumer = kombu.Consumer(channel, queues=[ctlq],
+                                           on_message=functools.partial(self._queue, None),
                                            no_ack=True)
         self.ctl_consumer.consume()
         self._update_any()
@@ -169,6 +171,7 @@ class Worker:
         self.slots.clear()
         while not self.events.empty():
             self.events.get_nowait()
+        self.inbox.clear()  # unacknowledged: the broker hands them out again
         self._close()
 
     def _close(self) -> None:
@@ -200,6 +203,7 @@ class Worker:
             if now >= self.next_ping:
                 self.next_ping = now + self.ping
                 self._ping()
+            self._handle_inbox()
             self._handle_events()
             for job in self.slots.expired(time.time()):
                 self._expired(job)
@@ -208,10 +212,8 @@ class Worker:
                 self._update_any()
 
     def _tick(self) -> None:
-        """The heartbeat to the broker and the running jobs' leases, when due: from the main
-        loop and before each delivery (a burst of messages is handled inside one
-        drain_events and must starve neither). A worker frozen past a heartbeat renews
-        nothing: its jobs may be another worker's now."""
+        """The heartbeat to the broker and the running jobs' leases, when due. A worker frozen
+        past a heartbeat renews nothing: its jobs may be another worker's now."""
         now = time.monotonic()
         if now - self.last_beat <= min(1.0, self.heartbeat / 4):
             return
@@ -239,12 +241,27 @@ class Worker:
 
     # ------------------------------------------------------------------ jobs
 
+    def _queue(self, queue_box: Optional[str], message: Any) -> None:
+        """kombu's callback for every delivery: only queued here, handled by the main loop.
+        A publish waits for the broker's confirm, and while it waits kombu delivers; a publish
+        made from such a callback would wait inside the outer one, which then may never see
+        its own confirm (the broker confirms several at once) and stop the worker."""
+        self.inbox.append((queue_box, message))
+
+    def _handle_inbox(self) -> None:
+        while self.inbox:
+            queue_box, message = self.inbox.popleft()
+            self._tick()  # a burst must starve neither the heartbeat nor the leases
+            if queue_box is None:
+                self._on_control(message)
+            else:
+                self._on_message(queue_box, message)
+
     def _on_message(self, queue_box: str, message: Any) -> None:
         """A delivery on a slot's queue (queue_box) or on the any-free queue (ANY_FREE). Whatever
         it holds, it ends acknowledged, requeued for another worker or taken as a job; a
         bug here refuses the one message, it does not stop the worker or its jobs."""
         try:
-            self._tick()
             self._take(queue_box, message)
         except transport.connection_errors():
             raise  # the broker is gone: the main loop reconnects
@@ -300,13 +317,7 @@ class Worker:
             return False
         log.info("job %s was done already (box %s): answering from the journal",
                  job.job_id, entry.get("box"))
-        try:
-            reply = protocol.decode_journal_reply(entry.get("reply"))
-        except ProtocolError as exc:
-            reply = protocol.error_result(f"the job's journal entry is unreadable: {exc}",
-                                          self.host, EXIT_FAILED)
-        self._send(job.reply_to, job.job_id, reply)
-        job.message.ack()
+        self._reply_now(job, protocol.decode_journal_reply(entry.get("reply"), self.host))
         return True
 
     def _accept(self, job: Job) -> bool:
@@ -343,8 +354,7 @@ class Worker:
     def _start(self, job: Job) -> None:
         self.slots.running[job.box] = job
         self.journal.begin(job.job_id, job.box, job.run.to_dict(protocol.JOB_REQUEST_FIELDS))
-        job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True,
-                                      name=f"job-{job.box}")
+        job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True)
         job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
 
     def _renew_leases(self) -> None:
@@ -362,8 +372,8 @@ class Worker:
             reply = self._run_command(job)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the client gets an answer
             log.exception("job %s: box %s: the worker failed to run it", job.job_id, job.box)
-            reply = replace(protocol.error_result(f"the worker failed to run the job: {exc!r}",
-                                                  self.host, EXIT_FAILED), box=job.box)
+            reply = protocol.error_result(f"the worker failed to run the job: {exc!r}",
+                                          self.host, EXIT_FAILED, job.box)
         self.events.put(("reply", job, reply))
 
     def _run_command(self, job: Job) -> protocol.Reply:
@@ -383,8 +393,8 @@ class Worker:
             code, doc, lines = self.children.run_job(
                 job.job_id, run, started, lambda line: self.events.put(("log", job, line)))
         except OSError as exc:
-            return replace(protocol.error_result(f"cannot start the job: {exc}", self.host,
-                                                 EXIT_ENVIRONMENT), box=job.box)
+            return protocol.error_result(f"cannot start the job: {exc}", self.host,
+                                         EXIT_ENVIRONMENT, job.box)
         doc["host"] = self.host
         if job.any_free:  # the slot claimed for it
             doc["claimed"] = job.box
@@ -421,8 +431,7 @@ class Worker:
             self.journal.finish(job.job_id, job.box, reply.as_dict())
             if not self._send(job.reply_to, job.job_id, reply, mandatory=True):
                 # the client is reconnecting (a broker restart): try again for a while
-                self.undelivered.append((time.monotonic() + REDELIVER, job.reply_to,
-                                         job.job_id, reply))
+                self.undelivered.add(job.reply_to, job.job_id, reply, time.monotonic())
             job.message.ack()
             log.info("job %s: box %s: exit %s", job.job_id, job.box, reply.exit_code)
         waiting = self.slots.done(job)
@@ -434,24 +443,17 @@ class Worker:
 
     def _retry_replies(self) -> None:
         now = time.monotonic()
-        if now < self.next_retry or not self.undelivered:
-            return
-        self.next_retry = now + 1.0
-        keep = []
-        for until, reply_to, job_id, reply in self.undelivered:
-            if self._send(reply_to, job_id, reply, mandatory=True):
-                continue
-            if now < until:
-                keep.append((until, reply_to, job_id, reply))
-            else:
+        for item in self.undelivered.due(now):
+            _until, reply_to, job_id, reply = item
+            if not self._send(reply_to, job_id, reply, mandatory=True) and \
+                    not self.undelivered.keep(item, now):
                 log.warning("job %s: its client did not come back; the result stays in the "
                             "journal", job_id)
-        self.undelivered = keep
 
     def _expired(self, job: Job) -> None:
-        self._reply_now(job, replace(protocol.error_result(
+        self._reply_now(job, protocol.error_result(
             f"box '{job.box}' is busy with another job of the fleet; try again later or wait "
-            "with --lock-wait S", self.host, EXIT_LOCKED), box=job.box))
+            "with --lock-wait S", self.host, EXIT_LOCKED, job.box))
 
     def _terminate(self, job: Job) -> None:
         job.aborted = True
