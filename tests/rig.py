@@ -103,6 +103,26 @@ def storage_daemons(root: str = "") -> Set[str]:
     return found
 
 
+def disk_holders(root: str = "") -> Set[str]:
+    """vmimagemanager-hold processes (a slot left mounted by --mount) holding a file under
+    root (default: this test session's directory), as 'PID FILE'."""
+    root = root or _owned_root()
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv0 = fh.read().split(b"\0")[0]
+            if os.path.basename(argv0) != b"vmimagemanager-hold":
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if _under(target, root):
+                    found.add(f"{pid} {target}")
+        except OSError:
+            continue
+    return found
+
+
 def _export_files(daemons: Set[str]) -> Set[str]:
     """The export files (FUSE mount points) of the given daemons."""
     found = set()
@@ -171,7 +191,8 @@ def _owned() -> tuple:
     daemons = storage_daemons(root)
     exports = _export_files(daemons)
     loops = _loops(root, exports)
-    return loops, _mounts(root, exports, loops), _running_domains(root), daemons
+    return loops, _mounts(root, exports, loops), _running_domains(root), daemons, \
+        disk_holders(root)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -183,8 +204,8 @@ def _test_root(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_leaks(request, _test_root):
-    """Fail a test that leaves a loop device, a mount, a running domain or a
-    qemu-storage-daemon of this session behind."""
+    """Fail a test that leaves a loop device, a mount, a running domain, a
+    qemu-storage-daemon or a disk holder of this session behind."""
     if os.geteuid() != 0:
         yield
         return
@@ -196,13 +217,14 @@ def no_leaks(request, _test_root):
     after = _owned()
     after = (after[0], {m for m in after[1] if m.split(" on ", 1)[1] not in bases}, *after[2:])
     leaked: List[str] = []
-    kinds = ("loop device", "mount", "running domain", "qemu-storage-daemon")
+    kinds = ("loop device", "mount", "running domain", "qemu-storage-daemon", "disk holder")
     for kind, b, a in zip(kinds, before, after):
         leaked += [f"{kind}: {x}" for x in sorted(a - b)]
     if leaked:
         _clean_up(after[1] - before[1], after[0] - before[0], after[2] - before[2])
-        for daemon in after[3] - before[3]:  # after the loops: it unmounts its export itself
-            subprocess.run(["kill", daemon.split(" ", 1)[0]], capture_output=True)
+        for proc in (after[3] - before[3]) | (after[4] - before[4]):  # after the loops: a
+            # daemon unmounts its export itself
+            subprocess.run(["kill", proc.split(" ", 1)[0]], capture_output=True)
     for base in sorted(bases, key=len, reverse=True):  # leave the host as it was
         subprocess.run(["umount", "-l", base], capture_output=True)
     if leaked:

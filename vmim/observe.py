@@ -76,7 +76,7 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
     mounted = mounts.mounted_at(slot.mount) is not None
     create: Optional[str] = None
     if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS} and \
-            create_mod.is_missing_file(slot):
+            slot.store_type != "lvm" and create_mod.is_missing_file(slot):  # an LV: its own word
         fstype, needs = create_mod.image_facts(slot, req.restore)
         why = create_mod.refusal(slot, needs)
         if why is None:  # the plan makes it first (disksize)
@@ -104,9 +104,31 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         root=os.geteuid() == 0,
         incomplete=str(mark.get("image", "?")) if mark else None,
         pinned=_pinned(slot, req) if not mounted and not slot.conflict else None,
+        held_by=_held_by(hv, slot, req) if not mounted and not create else None,
         conflict=slot.conflict,
         create=create,
     )
+
+
+def _held_by(hv: Hypervisor, slot: Slot, req: Request) -> Optional[str]:
+    """Why the mount would refuse the slot's disk: another process holds QEMU's lock bytes on
+    it (vmim.disk.hold), whatever libvirt says of the domain (root, disk work only). A running
+    domain libvirt names as the disk's user is left to the mount step, which says so."""
+    if os.geteuid() != 0 or slot.store_type is None or not (
+            set(req.actions) & {"mount", *DATA_ACTIONS}):
+        return None
+    from vmim.disk import for_slot
+
+    try:
+        d = for_slot(slot)
+        if hv.disk_users(d.source):
+            return None
+        d.check_free()
+    except StateError as exc:
+        return str(exc)
+    except Exception:  # noqa: BLE001 — observing must not fail; the step itself checks again
+        return None
+    return None
 
 
 def _pinned(slot: Slot, req: Request) -> Optional[str]:

@@ -128,6 +128,7 @@ class Observed:
     locked_by: Optional[str] = None  # "pid N (command)" when another command holds the slot
     incomplete: Optional[str] = None  # the image of a restore that did not finish
     pinned: Optional[str] = None  # who holds the slot's disk mounted in another namespace
+    held_by: Optional[str] = None  # why the slot's disk is in use: a process holds QEMU's lock
     root: bool = True  # whether the run is root (mounting and loop devices need it)
     conflict: Optional[str] = None  # the config's problem with this slot (a shared mount point)
     create: Optional[str] = None  # the slot's disk is missing and will be made: how (disksize)
@@ -372,6 +373,8 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
     if seen.running and not stops and "mount" in req.actions:
         return Verdict(EXIT_STATE, f"box '{box}': domain is {seen.domain_state}; add -d to shut "
                        "it down first (or -k to force it off)")
+    if seen.held_by and touches_fs and not seen.running:  # a running domain is stopped first
+        return Verdict(EXIT_STATE, f"box '{box}': {seen.held_by}")
     if seen.pinned and releases:
         return Verdict(EXIT_CLEANUP, f"box '{box}': its disk is still mounted in another mount "
                        f"namespace: {seen.pinned}")

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, List, Optional, Sequence, Set
+from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
 from vmim import digest as digest_mod
 from vmim import procscan, progress
@@ -95,6 +95,9 @@ def run(
     inherited only when the caller wants it (it is not: stdout is for results), so it
     goes to DEVNULL, and stderr is kept for the error message.
     """
+    from vmim.sandbox import shown
+
+    name = shown(argv)  # a sandboxed command is named as itself in messages
     argv = [str(a) for a in argv]
     log.debug("+ %s", quote_argv(argv))
     proc = popen(
@@ -111,15 +114,15 @@ def run(
         except subprocess.TimeoutExpired:
             stop(proc)
             proc.communicate()
-            raise CommandError(argv, -1, f"timed out after {timeout} s") from None
+            raise CommandError(name, -1, f"timed out after {timeout} s") from None
         except BaseException:
             stop(proc)
             raise
     stderr = stderr or ""
     if proc.returncode not in ok_codes:
         stop(proc)  # what it forked may outlive it (a stage killed by cancel_all())
-        raise CommandError(argv, proc.returncode, stderr[-STDERR_TAIL:])
-    return Result(argv, proc.returncode, stdout or "", stderr)
+        raise CommandError(name, proc.returncode, stderr[-STDERR_TAIL:])
+    return Result(name, proc.returncode, stdout or "", stderr)
 
 
 # --------------------------------------------------------------------------- cancellation
@@ -234,18 +237,31 @@ def _broken_pipe(code: int) -> bool:
     return code in (-signal.SIGPIPE, 128 + signal.SIGPIPE)
 
 
+#: how long stages before a failed one may take to end on their own (see _wait_stages)
+BLAME_GRACE = 0.5
+
+
 def _wait_stages(procs: Sequence[subprocess.Popen]) -> Optional[int]:
     """Wait for every stage of a pipeline; return the index of the stage to blame, or None.
 
     The first stage that fails on its own (not of SIGPIPE because a later one died) is blamed
-    and the others are stopped at once: a stage waiting for input that a failed stage's forked
-    helper still holds open would otherwise wait for that helper."""
+    and the others are stopped: a stage waiting for input that a failed stage's forked helper
+    still holds open would otherwise wait for that helper. Stages before the failed one get
+    BLAME_GRACE seconds to end first: a decompressor that closes its output and then reports
+    the damage it found has a reader that fails of the short input a moment before it."""
     delay = 0.001
     while True:
         codes = [p.poll() for p in procs]
         culprit = next((i for i, c in enumerate(codes) if c not in (None, 0) and
                         not _broken_pipe(c)), None)
         if culprit is not None:
+            deadline = time.monotonic() + BLAME_GRACE
+            while (any(p.poll() is None for p in procs[:culprit])
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+            codes = [p.poll() for p in procs]
+            culprit = next(i for i, c in enumerate(codes) if c not in (None, 0) and
+                           not _broken_pipe(c))
             for p in procs:
                 stop(p)
             return culprit
@@ -307,9 +323,11 @@ def pipeline(
     *,
     stdin_path: Optional[str] = None,
     stdout_path: Optional[str] = None,
+    stdout_fd: Optional[int] = None,
     cwd: Optional[str] = None,
     watch_stage: int = 0,
     checksum: bool = False,
+    reader: Optional[Callable[[IO[bytes]], None]] = None,
 ) -> Optional[str]:
     """Run stages connected by pipes (stage 1 | stage 2 | ...) and check every exit status.
 
@@ -318,8 +336,16 @@ def pipeline(
     SIGPIPE because a later stage died is not the one blamed. `watch_stage` is the stage
     whose reading a progress line follows. With `checksum` (and stdout_path), the output passes
     through this process on its way to the file and its digest is returned ('ALGORITHM:HEX',
-    vmim.digest).
+    vmim.digest). With `reader` (and no stdout_path), the last stage's output is given to
+    reader, which reads it to its end in this process (a listing to check, say); when reader
+    raises, every stage is stopped and its error goes on. Or stdout goes to stdout_fd, an open file.
+
+    A stage made by vmim.sandbox.command() runs in the sandbox; messages name its own command
+    (tar, cpio), not bwrap.
     """
+    from vmim.sandbox import shown
+
+    names = [shown(s) for s in stages]  # what a failure blames
     stages = [[str(a) for a in s] for s in stages]
     log.debug("+ %s", " | ".join(quote_argv(s) for s in stages))
     if cwd is not None and not os.path.isdir(cwd):
@@ -328,7 +354,7 @@ def pipeline(
     with contextlib.ExitStack() as files:
         fin: Any = files.enter_context(open(stdin_path, "rb")) if stdin_path else subprocess.DEVNULL
         fout: Any = files.enter_context(open(stdout_path, "wb")) if stdout_path \
-            else subprocess.DEVNULL
+            else stdout_fd if stdout_fd is not None else subprocess.DEVNULL
         stderr_files = [files.enter_context(tempfile.TemporaryFile()) for _ in stages]
         try:
             prev: Any = fin
@@ -338,7 +364,8 @@ def pipeline(
                 last = i == len(stages) - 1
                 try:
                     p = popen(argv, stdin=prev,
-                              stdout=fout if last and not hashing else subprocess.PIPE,
+                              stdout=fout if last and not hashing and reader is None
+                              else subprocess.PIPE,
                               stderr=stderr_files[i], cwd=cwd)
                 finally:
                     if prev not in (fin, subprocess.DEVNULL) and prev is not None:
@@ -353,8 +380,13 @@ def pipeline(
                     with output:
                         digest = _copy_hashing(output, fout.fileno())
                 except OSError as exc:  # a full disk
-                    raise OutputWriteError(stages[-1], str(stdout_path),
+                    raise OutputWriteError(names[-1], str(stdout_path),
                                            exc.strerror or str(exc)) from None
+            if reader is not None:
+                output = procs[-1].stdout
+                assert output is not None
+                with output:
+                    reader(output)
             blamed = _wait_stages(procs)
         except BaseException:
             for p in procs:
@@ -364,4 +396,124 @@ def pipeline(
             return digest
         stderr_files[blamed].seek(0)
         tail = stderr_files[blamed].read()[-STDERR_TAIL:].decode("utf-8", "replace")
-    raise CommandError(stages[blamed], procs[blamed].returncode, tail)
+    raise CommandError(names[blamed], procs[blamed].returncode, tail)
+
+
+@dataclass(frozen=True)
+class Sink:
+    """One command of fan_out(): it reads the stream on its stdin; `reader` reads (in a thread
+    of this process) its stdout, or its stderr when `read` is "stderr" (stdout then goes to
+    /dev/null, which a reader of seekable output needs)."""
+
+    argv: Sequence[str]
+    reader: Callable[[IO[bytes]], None]
+    read: str = "stdout"
+    ok_codes: Sequence[int] = (0,)
+
+
+def _drain(sink: Sink, stream: IO[bytes], proc: subprocess.Popen, failed: List[BaseException]
+           ) -> None:
+    try:
+        with stream:
+            sink.reader(stream)
+    except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread
+        failed.append(exc)
+        stop(proc)  # its writer sees a broken pipe and goes on with the others
+
+
+def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Sink]) -> None:
+    """Read stdin_path once through source (a decompressor) and give the stream to every sink
+    at once: one decompression for several readers of an image. Without source, every sink
+    reads stdin_path itself, at its own pace (a reader that seeks past data can).
+
+    Every exit status is checked: CommandError names the command that failed (the source
+    first: a damaged stream makes its readers fail too). When a reader raises, every command
+    is stopped and that error goes on."""
+    argvs = [[str(a) for a in s.argv] for s in sinks]
+    shown = quote_argv(list(source)) + " | " if source else f"< {stdin_path} "
+    log.debug("+ %stee %s", shown, " ".join(f">({quote_argv(a)})" for a in argvs))
+    procs: List[subprocess.Popen] = []
+    failed: List[BaseException] = []
+    with contextlib.ExitStack() as stack:
+        fin = stack.enter_context(open(stdin_path, "rb"))
+        src: Optional[subprocess.Popen] = None
+        src_err = stack.enter_context(tempfile.TemporaryFile())
+        errs = [stack.enter_context(tempfile.TemporaryFile()) for _ in sinks]
+        threads: List[threading.Thread] = []
+        try:
+            if source:
+                src = popen([str(a) for a in source], stdin=fin, stdout=subprocess.PIPE,
+                            stderr=src_err)
+                stack.enter_context(track(src))
+                assert src.stdout is not None
+                feed = stack.enter_context(src.stdout)
+            else:
+                feed = None
+            for sink, argv, err in zip(sinks, argvs, errs):
+                on_stderr = sink.read == "stderr"
+                own = stack.enter_context(open(stdin_path, "rb")) if src is None else None
+                p = popen(argv, stdin=subprocess.PIPE if own is None else own,
+                          stdout=subprocess.DEVNULL if on_stderr else subprocess.PIPE,
+                          stderr=subprocess.PIPE if on_stderr else err)
+                procs.append(p)
+                stack.enter_context(track(p, progress_too=False))
+                out = p.stderr if on_stderr else p.stdout
+                assert out is not None
+                t = threading.Thread(target=_drain, args=(sink, out, p, failed), daemon=True)
+                t.start()
+                threads.append(t)
+            cut_short = feed is not None and not _feed(feed, [p.stdin for p in procs], failed)
+            for t in threads:
+                t.join()
+            if src is not None:
+                if cut_short:  # nobody reads on: the rest of the stream is of no use
+                    stop(src)
+                src.wait()
+            codes = [p.wait() for p in procs]
+        except BaseException:
+            for p in [*procs, *([src] if src else [])]:
+                stop(p)
+            raise
+        if failed:
+            raise failed[0]
+        if src is not None and src.returncode != 0 and not cut_short:
+            src_err.seek(0)
+            raise CommandError(list(source or ()), src.returncode,
+                               src_err.read()[-STDERR_TAIL:].decode("utf-8", "replace"))
+        for sink, argv, code, err in zip(sinks, argvs, codes, errs):
+            if code not in sink.ok_codes:
+                err.seek(0)
+                raise CommandError(argv, code,
+                                   err.read()[-STDERR_TAIL:].decode("utf-8", "replace"))
+
+
+def _feed(feed: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
+          failed: List[BaseException]) -> bool:
+    """Copy feed into every stdin until it ends (True), or no one reads, or a reader failed
+    (False)."""
+    open_ = [s for s in stdins if s is not None]
+    for s in [feed, *open_]:
+        try:
+            fcntl.fcntl(s.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
+        except OSError:
+            pass  # not a pipe (an image read directly), or the system's limit is lower
+    try:
+        while open_ and not failed:
+            chunk = os.read(feed.fileno(), 1 << 20)
+            if not chunk:
+                return True
+            for s in list(open_):
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(s.fileno(), view):]
+                except BrokenPipeError:  # that one stopped reading: its status will say why
+                    open_.remove(s)
+        return False
+    finally:
+        for stdin in stdins:
+            if stdin is not None:
+                try:
+                    stdin.close()
+                except BrokenPipeError:
+                    pass

@@ -106,6 +106,16 @@ def path_users(top: str, pids: Optional[Sequence[str]] = None) -> Dict[str, List
     return found
 
 
+def cmdline(pid: int) -> List[str]:
+    """A process's command line ([] when it is gone, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
+
+
 def comm(pid: str) -> str:
     try:
         with open(f"/proc/{pid}/comm") as fh:
@@ -135,6 +145,15 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
         if owner_gone(tag):
             orphans[name] = tag.partition(":")[0]
     in_the_way = {pid for top in paths for pid in path_users(top, list(orphans))}
+    devnos = set()
+    for top in paths:
+        try:
+            devnos.add(os.stat(top).st_dev)
+        except OSError:
+            pass
+    # a sandboxed command (vmim.sandbox) names host paths only through its binds
+    in_the_way |= {pid for pid in orphans if pid not in in_the_way and
+                   devnos & sandbox_binds(pid)}
     victims: List[int] = []
     described: List[str] = []
     for pid in sorted(in_the_way, key=int):
@@ -148,6 +167,24 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
         wait_gone(victims)
         log.warning("stopped what an interrupted run left running: %s", "; ".join(described))
     return described
+
+
+def sandbox_binds(pid: str) -> set:
+    """The filesystems (st_dev) that a process in the sandbox of guest data sees through its
+    binds (/slot, /dest ...: sandbox.PLACES); empty for any other process."""
+    from vmim.sandbox import PLACES
+
+    found = set()
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split(" ")
+                if len(fields) > 4 and fields[4] in PLACES:
+                    major, minor = fields[2].split(":")
+                    found.add(os.makedev(int(major), int(minor)))
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 def pid_alive(pid_text: str) -> bool:

@@ -5,10 +5,11 @@ transfer nothing. Never shown when stderr is not a terminal (cron, Jenkins) or w
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 _local = threading.local()
 enabled = False  # set by the command line: a terminal, one box, no --json, no -q
@@ -25,7 +26,7 @@ def human_size(n: float) -> str:
     return ""
 
 
-def read_bytes(pid: int) -> Optional[int]:
+def _rchar(pid: int) -> Optional[int]:
     try:
         with open(f"/proc/{pid}/io") as fh:
             for line in fh:
@@ -34,6 +35,36 @@ def read_bytes(pid: int) -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def _descendants(pid: int) -> List[int]:
+    """pid's children, grandchildren...: a sandboxed command (vmim.sandbox) reads in the
+    program bwrap started, not in bwrap."""
+    parents: Dict[int, List[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(name))
+    found: List[int] = []
+    todo = [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def read_bytes(pid: int) -> Optional[int]:
+    """What the process pid and its descendants have read so far."""
+    own = _rchar(pid)
+    if own is None:
+        return None
+    return own + sum(filter(None, map(_rchar, _descendants(pid))))
 
 
 class _Watcher(threading.Thread):

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple, Type
 
 from vmim import lease, lock, process, procscan
 from vmim.config import Config
+from vmim.disk import hold
 from vmim.domain import Hypervisor
 from vmim.errors import (
     EXIT_CLEANUP,
@@ -76,7 +77,23 @@ def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
     except VmimError as exc:
         result.error = exc
         _release_after_failure(box, plan, result)
+    finally:
+        _keep_or_let_go(box)
     return result
+
+
+def _keep_or_let_go(box: Box) -> None:
+    """The run ends: a slot it leaves mounted (--mount, or a release that failed) stays held by
+    a holder process until --release (or -u) stops it; then this run's own hold is dropped."""
+    slot = box.slot
+    try:
+        if box.held and slot is not None and is_mounted(slot):
+            hold.keep_while_mounted(box.held, True)
+    except (VmimError, OSError) as exc:
+        log.error("box %s: its disk stays mounted but is no longer held against a domain "
+                  "start: %s", box.name, exc)
+    finally:
+        box.let_go()
 
 
 def _release_after_failure(box: Box, plan: Plan | None, result: BoxResult) -> None:

@@ -6,6 +6,10 @@ starts again at the guest's root (a guest `var/run -> /run` means the guest's /r
 the host's) and `..` stops at it. Archives are never unpacked in place: they go to a fresh
 staging directory on the guest's filesystem, and `merge` moves the entries into the guest
 with renames, following guest directory symlinks only as the guest would.
+
+merge, target_dir and copy_dir_metadata run in the sandbox (vmim.guestwork), with the guest
+root at /slot: even a bug here cannot reach a host file. remove and clear run `rm` there too.
+This process itself only makes and marks staging directories at the guest root.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import errno
 import logging
 import os
 import stat
-from typing import List
+from typing import List, Optional
 
-from vmim import process, worklog
+from vmim import worklog
 from vmim.errors import OperationError, StateError
 
 log = logging.getLogger(__name__)
@@ -93,7 +97,7 @@ def makedirs(root: str, guest_path: str) -> str:
     return path
 
 
-def _copy_dir_metadata(src: str, dst: str) -> None:
+def copy_dir_metadata(src: str, dst: str) -> None:
     st = os.lstat(src)
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
@@ -122,7 +126,7 @@ def merge(staging: str, root: str, dest: str = "/") -> int:
     started it as a copy of the target's, so only an archive entry for "." changes it."""
     target = target_dir(root, dest)
     moved = _merge_dir(staging, target, root)
-    _copy_dir_metadata(staging, target)
+    copy_dir_metadata(staging, target)
     return moved
 
 
@@ -175,16 +179,28 @@ def _rename_in(src: str, dst: str, root: str, guest_rel: str) -> None:
                              f"does not exist{via}") from None
 
 
-def remove(paths: List[str]) -> None:
-    """rm -rf, never crossing into other filesystems, in batches."""
-    for i in range(0, len(paths), 512):
-        process.run(["rm", "-rf", "--one-file-system", "--", *paths[i:i + 512]])
+#: where the sandbox shows the guest's root (vmim.sandbox.SLOT)
+GUEST = "/slot"
+
+
+def remove(root: str, names: List[str]) -> None:
+    """rm -rf of entries at the guest root, never crossing into other filesystems, in batches,
+    in the sandbox (seeing the guest root only)."""
+    from vmim import process, sandbox
+
+    for name in names:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"not a name at the guest root: {name!r}")
+    for i in range(0, len(names), 512):
+        paths = [f"{GUEST}/{n}" for n in names[i:i + 512]]
+        process.run(sandbox.command(["rm", "-rf", "--one-file-system", "--", *paths],
+                                    [sandbox.Bind(root, GUEST, writable=True)]))
 
 
 def clear(root: str) -> int:
     """Delete the guest's whole content (dotfiles too), keeping lost+found at the root only."""
     names = [n for n in os.listdir(root) if n != "lost+found"]
-    remove([os.path.join(root, n) for n in names])
+    remove(root, names)
     return len(names)
 
 
@@ -195,15 +211,17 @@ def remove_stale_work(root: str, records: worklog.WorkLog) -> None:
     stale = records.stale(root)
     if stale:
         log.info("removing what an interrupted run left in the guest: %s", ", ".join(stale))
-        remove([os.path.join(root, n) for n in stale])
+        remove(root, list(stale))
         for n in stale:
             records.forget(n)
 
 
-def staging_dir(root: str, what: str, like: str, *, records: worklog.WorkLog) -> str:
+def staging_dir(root: str, what: str, like: Optional[str] = None, *,
+                records: worklog.WorkLog) -> str:
     """A fresh directory at the guest root to unpack into, with the metadata of directory
-    `like` (the merge target), so that an archive without a "." entry changes none of it.
-    Recorded on the host (records) before it is used; remove it with remove_staging()."""
+    `like` (the merge target), so that an archive without a "." entry changes none of it
+    (without `like`: see guestwork's "prepare", which does that in the sandbox). Recorded on
+    the host (records) before it is used; remove it with remove_staging()."""
     base = os.path.join(root, f"{WORK_PREFIX}{what}.{os.getpid()}")
     for n in range(0, 1000):
         path = f"{base}.{n}" if n else base
@@ -224,12 +242,35 @@ def staging_dir(root: str, what: str, like: str, *, records: worklog.WorkLog) ->
         os.rmdir(path)  # unrecorded, it would never be known as ours
         records.forget(os.path.basename(path))
         raise
-    _copy_dir_metadata(like, path)
+    if like is not None:
+        copy_dir_metadata(like, path)
     return path
 
 
 def remove_staging(path: str, records: worklog.WorkLog) -> None:
     """Remove a staging directory (whatever is left in it), then its record."""
     if os.path.lexists(path):
-        remove([path])
+        remove(os.path.dirname(path), [os.path.basename(path)])
     records.forget(os.path.basename(path))
+
+
+def merge_contained(staging: str, root: str, dest: str = "/", *,
+                    remove_staging: bool = False) -> int:
+    """merge(), run in the sandbox: it sees the guest root (at /slot) and nothing else.
+    staging is a directory at the guest root (staging_dir()); with remove_staging, what the
+    merge left of it (the directories merged into existing ones) goes too, in the same run."""
+    from vmim import guestwork, sandbox
+
+    return int(guestwork.call("merge", {"staging": f"{GUEST}/{os.path.basename(staging)}",
+                                        "root": GUEST, "dest": dest,
+                                        "remove_staging": remove_staging},
+                              [sandbox.Bind(root, GUEST, writable=True)]))
+
+
+def prepare_contained(staging: str, root: str, dest: str) -> None:
+    """In the sandbox: make guest directory dest when missing, and give staging its metadata."""
+    from vmim import guestwork, sandbox
+
+    guestwork.call("prepare", {"staging": f"{GUEST}/{os.path.basename(staging)}",
+                               "root": GUEST, "dest": dest},
+                   [sandbox.Bind(root, GUEST, writable=True)])

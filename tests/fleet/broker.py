@@ -113,8 +113,11 @@ class Broker:
         for line in out.splitlines():
             pid, _, cmd = line.partition(" ")
             if pid.isdigit() and int(pid) not in self.epmd_pids:
-                with open(f"/proc/{pid}/environ", "rb") as fh:
-                    environ = fh.read().split(b"\0")
+                try:
+                    with open(f"/proc/{pid}/environ", "rb") as fh:
+                        environ = fh.read().split(b"\0")
+                except OSError:  # gone meanwhile (another test run's epmd, say)
+                    continue
                 if f"ERL_EPMD_PORT={self.epmd_port}".encode() in environ \
                         or f"-port {self.epmd_port}" in cmd:
                     self.epmd_pids.append(int(pid))

@@ -110,7 +110,7 @@ def _hostile_guest(root: str, host: str, layout: str) -> None:
         os.makedirs(os.path.join(root, "etc"))
         with open(os.path.join(root, "etc", "passwd"), "w") as fh:
             fh.write("root:x:0:0::/root:/bin/sh\n")
-    os.makedirs(os.path.join(root, "var"))
+    os.makedirs(os.path.join(root, "var"), exist_ok=True)  # host may be under /var/tmp
     os.symlink("/run", os.path.join(root, "var", "run"))  # absolute: the guest's /run
     os.symlink(host, os.path.join(root, "lnk"))  # absolute, naming a real host directory
     os.symlink("../../..", os.path.join(root, "up"))
@@ -151,11 +151,11 @@ def _attempt(top, kind: str, how: str, layout: str, members: List[Member]) -> No
             tree.clear(guest)
         dest = "/" if how == "restore" else "/lnk/sub"
         records = worklog.WorkLog(f"{top}-state", "hostile", guest)  # outside the snapshot
-        staging = tree.staging_dir(guest, how, like=tree.target_dir(guest, dest),
-                                   records=records)
+        staging = tree.staging_dir(guest, how, records=records)  # as steps/data.py
         try:
-            fmt.unpack(str(image), staging)
-            tree.merge(staging, guest, dest)
+            tree.prepare_contained(staging, guest, dest)
+            fmt.unpack(str(image), staging, restore=how == "restore")
+            tree.merge_contained(staging, guest, dest)
         finally:
             tree.remove_staging(staging, records)
     except VmimError:

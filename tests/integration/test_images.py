@@ -285,7 +285,7 @@ def test_absolute_directory_symlinks_in_the_guest_resolve_inside_it(vmim, rig, t
     run_ok(vmim, rig, "-b", rig.names["ext4"], "--mount")
     guest = rig.mnt("ext4")
     os.makedirs(guest + str(host_dir))  # the same path, inside the guest
-    os.makedirs(os.path.join(guest, "var"))
+    os.makedirs(os.path.join(guest, "var"), exist_ok=True)  # (a test dir under /var)
     os.symlink(str(host_dir), os.path.join(guest, "var", "run"))  # absolute guest symlink
     with tarfile.open(rig.inserts / "runfiles", "w:gz") as t:
         info = tarfile.TarInfo("var/run/daemon.pid")

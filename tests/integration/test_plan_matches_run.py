@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.integration.test_images import run_ok
+from vmim.disk import hold
 
 
 def _hold_locks(lockdir, boxes):
@@ -49,7 +50,8 @@ def _start_with_disk(rig, domains, key):
 
 SCENARIOS = ["off", "running", "running --mount", "mounted", "mounted and running",
              "mounted and running -k --release", "locked", "missing image", "missing insert",
-             "any-free, none free", "incomplete -u", "missing disk", "missing image store"]
+             "any-free, none free", "incomplete -u", "missing disk", "missing image store",
+             "held by a QEMU libvirt does not know"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -70,6 +72,9 @@ def test_dry_run_exit_code_is_the_run_s(vmim, rig, domains, scenario):
             argv += ["--release"]
         elif scenario.startswith("mounted and running"):
             run_ok(vmim, rig, "-b", box, "--mount")
+            # the disk hold makes a start fail; the unsafe state needs a slot whose holder is
+            # gone (mounted by a run that was killed, or by an older version)
+            hold.stop_holders(rig.disk("ext4"), "test")
             _start_with_disk(rig, domains, "ext4")  # the unsafe state: both may write
             if scenario.endswith("--release"):
                 argv = ["-b", box, "-k", "--release"]
@@ -88,6 +93,15 @@ def test_dry_run_exit_code_is_the_run_s(vmim, rig, domains, scenario):
             holder = _hold_locks(os.path.join(rig.root, "locks"), list(rig.names.values()))
             argv = ["-b", "any-free", "-r", "golden"]
             expected = 5
+        elif scenario == "held by a QEMU libvirt does not know":
+            holder = subprocess.Popen(["qemu-system-x86_64", "-S", "-nodefaults", "-display",
+                                       "none", "-machine", "pc,accel=tcg", "-m", "32", "-drive",
+                                       f"file={rig.disk('ext4')},format=raw,if=virtio"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 20
+            while not hold.holders(rig.disk("ext4")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            expected = 4
         elif scenario == "incomplete -u":
             state = rig.root / "state"
             state.mkdir(exist_ok=True)

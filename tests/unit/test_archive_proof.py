@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import tempfile
 
 import pytest
 
@@ -37,6 +38,14 @@ def tree(tmp_path_factory):
     return root
 
 
+def _check_tar(data: bytes):
+    """The proof of an uncompressed tar holding data (GNU tar reads it from a file)."""
+    with tempfile.NamedTemporaryFile() as fh:
+        fh.write(data)
+        fh.flush()
+        return tar.prove(fh.name, None)
+
+
 def _tar(tree, *options):
     return subprocess.run(["tar", "-c", "-C", str(tree), *options, "."], check=True,
                           capture_output=True).stdout
@@ -51,7 +60,7 @@ def test_whole_tar_archives_are_proven(tree, options):
                                "sparse"], check=True, capture_output=True).stdout
     else:
         data = _tar(tree, *options)
-    summary = tar.check(io.BytesIO(data))
+    summary = _check_tar(data)
     assert summary.members >= 4
     assert summary.needs_bytes is not None and summary.needs_bytes >= 300_000
 
@@ -70,21 +79,21 @@ def test_a_tar_cut_at_a_member_boundary_is_refused(tree):
     # GNU tar itself lists it without complaint: that is why 1.0 went ahead
     assert subprocess.run(["tar", "-t"], input=cut, capture_output=True).returncode == 0
     with pytest.raises(CorruptArchive, match="end-of-archive marker"):
-        tar.check(io.BytesIO(cut))
+        _check_tar(cut)
 
 
 def test_a_tar_cut_inside_a_member_or_a_header_is_refused(tree):
     data = _tar(tree, "--format=posix")
     for cut in (len(data) // 2, 700, 1536 + 100):
         with pytest.raises(CorruptArchive):
-            tar.check(io.BytesIO(data[:cut]))
+            _check_tar(data[:cut])
 
 
 def test_a_damaged_tar_header_is_refused(tree):
     data = bytearray(_tar(tree, "--format=posix"))
     data[0:4] = b"XXXX"  # the first header's name: its checksum no longer matches
-    with pytest.raises(CorruptArchive, match="corrupt tar header"):
-        tar.check(io.BytesIO(bytes(data)))
+    with pytest.raises(CorruptArchive, match="GNU tar refuses it: .*not look like a tar"):
+        _check_tar(bytes(data))
 
 
 def test_tar_members_with_dot_dot_are_refused_before_anything_happens(tmp_path):
@@ -96,15 +105,17 @@ def test_tar_members_with_dot_dot_are_refused_before_anything_happens(tmp_path):
         info.size = 2
         tf.addfile(info, io.BytesIO(b"x\n"))
     with pytest.raises(UnsafeMember, match=r"'\.\.'"):
-        tar.check(io.BytesIO(buf.getvalue()))
+        _check_tar(buf.getvalue())
     link = io.BytesIO()
     with tarfile.open(fileobj=link, mode="w", format=tarfile.GNU_FORMAT) as tf:
         info = tarfile.TarInfo("x")
         info.type = tarfile.LNKTYPE
         info.linkname = "../../etc/shadow"
         tf.addfile(info)
-    with pytest.raises(UnsafeMember, match="hard link target"):
-        tar.check(io.BytesIO(link.getvalue()))
+    # GNU tar strips the leading "../../" of a hard link's target: a link to etc/shadow of
+    # the archive, which is not there
+    with pytest.raises(UnsafeMember, match="hard link"):
+        _check_tar(link.getvalue())
 
 
 @pytest.mark.parametrize("compression,tool", [("gzip", "gzip"), ("zstd", "zstd")])
@@ -225,7 +236,7 @@ def _tar_members(*members, fmt=None):
 def test_tar_members_gnu_tar_would_fail_on_are_refused(members, why, tmp_path):
     data = _tar_members(*members)
     with pytest.raises(UnsafeMember, match=why):
-        tar.check(io.BytesIO(data))
+        _check_tar(data)
     # and GNU tar does fail on them (or, for the symlink, is made to by its placeholder)
     out = tmp_path / "x"
     out.mkdir()
@@ -242,22 +253,22 @@ def test_tar_sizes_that_are_negative_are_refused():
     block[148:156] = b" " * 8
     block[148:156] = b"%06o\0 " % sum(block)
     data[:512] = block
-    with pytest.raises(CorruptArchive, match="negative"):
-        tar.check(io.BytesIO(bytes(data)))  # 1 seek back: it looped for ever
+    with pytest.raises(CorruptArchive, match="out of off_t range"):
+        _check_tar(bytes(data))  # 1 seek back: it looped for ever
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         info = tarfile.TarInfo("f")
         info.pax_headers = {"size": "-512"}
         tf.addfile(info, io.BytesIO(b""))
-    with pytest.raises(CorruptArchive, match="bad pax size"):
-        tar.check(io.BytesIO(buf.getvalue()))
+    with pytest.raises(CorruptArchive, match="size=-512 is out of range"):
+        _check_tar(buf.getvalue())
 
 
 def test_a_lone_zero_block_at_the_end_is_accepted_as_gnu_tar_does():
     data = _tar_members(("f", "file", b"x"), fmt=None)
     end = 1024  # the header and the data block of "f"
-    assert tar.check(io.BytesIO(data[:end] + bytes(512))).members == 1
+    assert _check_tar(data[:end] + bytes(512)).members == 1
 
 
 @pytest.mark.parametrize("entries,why", [
@@ -272,9 +283,7 @@ def test_newc_members_the_extractor_would_refuse_are_refused_up_front(entries, w
     data = newc_of(entries)
     with pytest.raises(UnsafeMember, match=why):
         newc.check(io.BytesIO(data))
-    if why != "hard link":
-        with pytest.raises(OperationError):  # the extractor, half-way: what the check prevents
-            newc.extract(io.BytesIO(data), str(tmp_path))
-    else:  # the extractor links to whatever holds the name now: "first" would get "second"'s data
+    with pytest.raises(OperationError):  # the extractor, half-way: what the check prevents
         newc.extract(io.BytesIO(data), str(tmp_path))
-        assert (tmp_path / "first").read_bytes() != b"other"
+    if why == "hard link":  # and "first", the other member's now, kept its own data
+        assert (tmp_path / "first").read_bytes() == b"other"

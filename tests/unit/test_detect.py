@@ -90,6 +90,13 @@ def test_qcow2_disk_image(tmp_path):
     assert detect.detect(str(img)).format == "qcow2"
 
 
+def test_qemu_s_old_qcow_v1_is_not_qcow2(tmp_path):
+    need("qemu-img")
+    img = tmp_path / "old"
+    sh(["qemu-img", "create", "-q", "-f", "qcow", str(img), "16M"])
+    assert detect.detect(str(img)).format == "unknown"
+
+
 def test_raw_disk_with_partition_table(tmp_path):
     need("sfdisk")
     img = tmp_path / "disk"

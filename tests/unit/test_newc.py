@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import stat
 import subprocess
+import sys
 
 import pytest
 
+from tests.archives import newc_of
 from vmim.archive import newc
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("cpio") is None,
@@ -67,3 +70,161 @@ def test_dotdot_and_absolute_members_are_refused(tmp_path):
         with pytest.raises(newc.UnsafeMember):
             newc.extract(io.BytesIO(data), str(out))
     assert os.listdir(out) == []
+
+
+# ------------------------------------------------------------------ hard link groups (issue 20, 3)
+
+BLK, CHR, FIFO = stat.S_IFBLK | 0o600, stat.S_IFCHR | 0o600, stat.S_IFIFO | 0o600
+REG, LNK = stat.S_IFREG | 0o644, stat.S_IFLNK | 0o777
+
+
+@pytest.fixture
+def loop(tmp_path):
+    """A loop device of this test's own over a small file: (its (major, minor), the file)."""
+    backing = tmp_path / "backing"
+    backing.write_bytes(b"B" * 65536)
+    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        st = os.stat(dev)
+        yield (os.major(st.st_rdev), os.minor(st.st_rdev)), backing
+    finally:
+        # only ours, and only while it is still ours (losetup -j: what is over our file)
+        attached = subprocess.run(["losetup", "-j", str(backing), "-O", "NAME", "-n"],
+                                  capture_output=True, text=True).stdout.split()
+        if dev in attached:
+            subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def _extract_in_child(data: bytes, out) -> subprocess.CompletedProcess:
+    """newc.extract in a child process with a timeout: a hang is a failure, not a stuck run."""
+    image = out.parent / "insert.cpio"
+    image.write_bytes(data)
+    code = ("import sys; from vmim.archive import newc\n"
+            "with open(sys.argv[1], 'rb') as fh:\n"
+            "    try:\n"
+            "        newc.extract(fh, sys.argv[2])\n"
+            "    except newc.OperationError as exc:\n"
+            "        print(type(exc).__name__, exc, file=sys.stderr); sys.exit(3)\n")
+    try:
+        return subprocess.run([sys.executable, "-c", code, str(image), str(out)],
+                              capture_output=True, text=True, timeout=20,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    except subprocess.TimeoutExpired:
+        pytest.fail("the extractor hangs")
+
+
+def _proof(data: bytes):
+    try:
+        return newc.check(io.BytesIO(data))
+    except newc.OperationError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("kind", ["block device", "FIFO"])
+def test_a_group_name_replaced_by_a_node_is_never_opened(tmp_path, loop, kind):
+    """The attack: x is the first of a group, a device node (or FIFO) takes its name, and the
+    group's data member follows: the data went through x into the host's loop device."""
+    rdev, backing = loop
+    node = (8, BLK, 1, b"x", b"", rdev) if kind == "block device" else (8, FIFO, 1, b"x", b"")
+    data = newc_of([(7, REG, 2, b"x", b""), node, (7, REG, 2, b"y", b"PWNED" * 100)])
+    out = tmp_path / "out"
+    out.mkdir()
+    done = _extract_in_child(data, out)
+    assert done.returncode == 3 and "replaced" in done.stderr  # a clean error, no hang
+    assert backing.read_bytes() == b"B" * 65536
+    assert isinstance(_proof(data), newc.UnsafeMember)  # and the proof says so up front
+
+
+@pytest.mark.parametrize("kind", ["block device", "char device", "FIFO"])
+def test_a_group_whose_first_member_is_not_a_file_is_linked_never_opened(tmp_path, loop, kind):
+    """As GNU cpio: later members of the group are links to its first, whatever their own
+    type; the data a later member carries is not written anywhere."""
+    rdev, backing = loop
+    first = {"block device": (7, BLK, 2, b"d", b"", rdev), "char device": (7, CHR, 2, b"d", b"",
+                                                                           rdev),
+             "FIFO": (7, FIFO, 2, b"d", b"")}[kind]
+    data = newc_of([first, (7, REG, 2, b"e", b"PWNED" * 100), (7, first[1], 2, b"f", b"")])
+    assert _proof(data).members == 3
+    out = tmp_path / "out"
+    out.mkdir()
+    done = _extract_in_child(data, out)
+    assert done.returncode == 0, done.stderr
+    d, e, f = (os.lstat(out / n) for n in "def")
+    assert d.st_ino == e.st_ino == f.st_ino and d.st_nlink == 3
+    assert stat.S_IFMT(e.st_mode) == stat.S_IFMT(first[1])
+    if kind.endswith("device"):
+        assert (os.major(e.st_rdev), os.minor(e.st_rdev)) == rdev
+    assert backing.read_bytes() == b"B" * 65536
+    # and GNU cpio makes the same: one inode of the first member's type, nothing written
+    gnu = tmp_path / "gnu"
+    gnu.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], cwd=gnu, input=data, check=True, timeout=20)
+    g = [os.lstat(gnu / n) for n in "def"]
+    assert len({s.st_ino for s in g}) == 1 and stat.S_IFMT(g[1].st_mode) == stat.S_IFMT(first[1])
+    assert backing.read_bytes() == b"B" * 65536
+
+
+def test_symlinks_are_never_grouped_as_gnu_cpio_does_not(tmp_path, loop):
+    """GNU cpio makes each symlink from its own target, and a regular member with the same
+    inode number a file of its own: so does the extractor (never writing through the link)."""
+    _, backing = loop
+    data = newc_of([(7, LNK, 2, b"d", str(backing).encode()), (7, REG, 2, b"e", b"own\n")])
+    assert _proof(data).members == 2
+    for how in ("ours", "gnu"):
+        out = tmp_path / how
+        out.mkdir()
+        if how == "ours":
+            assert _extract_in_child(data, out).returncode == 0
+        else:
+            subprocess.run(["cpio", "-idm", "--quiet"], cwd=out, input=data, check=True,
+                           timeout=20)
+        assert os.readlink(out / "d") == str(backing)
+        assert (out / "e").read_bytes() == b"own\n" and not os.path.islink(out / "e")
+    assert backing.read_bytes() == b"B" * 65536
+
+
+@pytest.mark.parametrize("carrier", ["last", "first"])
+def test_a_group_of_regular_files_gets_its_data_from_whichever_member_carries_it(tmp_path,
+                                                                                 carrier):
+    body = b"data\n" * 1000
+    names = [b"a", b"sub/b", b"c"]
+    entries = [(1, stat.S_IFDIR | 0o755, 2, b"sub", b"")]
+    for i, n in enumerate(names):
+        carries = (i == len(names) - 1) if carrier == "last" else i == 0
+        entries.append((7, REG, 3, n, body if carries else b""))
+    data = newc_of(entries)
+    assert _proof(data).members == 4
+    out = tmp_path / "out"
+    out.mkdir()
+    assert newc.extract(io.BytesIO(data), str(out)) == 4
+    st = [os.lstat(out / n.decode()) for n in names]
+    assert len({s.st_ino for s in st}) == 1 and st[0].st_nlink == 3
+    assert (out / "a").read_bytes() == body
+
+
+def test_a_group_name_replaced_by_a_file_of_its_own_keeps_it(tmp_path):
+    """A later member that takes a group's second name is that name's owner: the group's data
+    member relinks the names still its own, not that one."""
+    data = newc_of([(7, REG, 3, b"a", b""), (7, REG, 3, b"b", b""), (8, REG, 1, b"b", b"own"),
+                    (7, REG, 3, b"c", b"group")])
+    assert _proof(data).members == 4
+    out = tmp_path / "out"
+    out.mkdir()
+    newc.extract(io.BytesIO(data), str(out))
+    assert (out / "a").read_bytes() == (out / "c").read_bytes() == b"group"
+    assert (out / "b").read_bytes() == b"own"
+
+
+@pytest.mark.parametrize("entries", [
+    [(7, REG, 2, b"a", b""), (7, REG, 2, b"a", b"x")],
+    [(1, LNK, 1, b".", b"/etc")],
+    [(1, REG, 1, b".", b"x")],
+], ids=["twice in a group", "root a symlink", "root a file"])
+def test_what_the_extractor_refuses_the_proof_refuses(tmp_path, entries):
+    data = newc_of(entries)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(newc.UnsafeMember):
+        newc.extract(io.BytesIO(data), str(out))
+    assert isinstance(_proof(data), newc.UnsafeMember)

@@ -87,6 +87,9 @@ SCENARIOS = {
     "pinned-up": [(_req("up"), _seen(pinned="/dev/loop3 is mounted at /mnt/vm/web1 in the "
                                      "mount namespace of pid 7 (qemu-system-x86)"))],
     "libvirt-only-mount": [(_req("mount"), Observed(domain_state="shut off", in_config=False))],
+    "held-by-qemu": [(_req("restore", "up", restore="golden"),
+                      _seen(held_by="disk '/srv/web1.img' is in use by another process: pid 7 "
+                            "(qemu-system-x86_64, domain 'web2') holds QEMU's lock on it"))],
 }
 
 

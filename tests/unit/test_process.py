@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
 
 import pytest
 
@@ -154,3 +156,79 @@ def test_the_next_store_stops_what_a_killed_run_left_writing_into_its_debris(tmp
     finally:
         writer.kill()
         writer.wait()
+
+
+# ------------------------------------------------------------------ fan_out
+
+
+def _collect(into):
+    def reader(stream):
+        into.append(stream.read())
+    return reader
+
+
+def test_fan_out_gives_one_decompression_to_every_reader(tmp_path):
+    data = os.urandom(3 << 20)
+    image = tmp_path / "image.gz"
+    image.write_bytes(subprocess.run(["gzip", "-c"], input=data, check=True,
+                                     capture_output=True).stdout)
+    counted, summed = [], []
+    process.fan_out(str(image), ["gzip", "-dc"], [
+        process.Sink(["wc", "-c"], _collect(counted)),
+        process.Sink(["sh", "-c", "sha256sum >&2"], _collect(summed), read="stderr"),
+    ])
+    assert int(counted[0]) == len(data)
+    assert summed[0].split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_fan_out_without_a_source_lets_each_reader_read_the_file(tmp_path):
+    image = tmp_path / "image"
+    image.write_bytes(b"x" * 100_000)
+    got = []
+    process.fan_out(str(image), None, [process.Sink(["wc", "-c"], _collect(got)),
+                                       process.Sink(["wc", "-c"], _collect(got))])
+    assert [int(g) for g in got] == [100_000, 100_000]
+
+
+def test_fan_out_blames_a_failing_source_before_its_readers(tmp_path):
+    image = tmp_path / "image.gz"
+    packed = subprocess.run(["gzip", "-c"], input=os.urandom(1 << 20), check=True,
+                            capture_output=True).stdout
+    image.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(CommandError) as err:
+        process.fan_out(str(image), ["gzip", "-dc"], [
+            process.Sink(["sh", "-c", "cat >/dev/null; exit 3"], _collect([]))])
+    assert err.value.argv[0] == "gzip"
+
+
+def test_fan_out_checks_every_readers_exit_status(tmp_path):
+    image = tmp_path / "image"
+    image.write_bytes(b"data")
+    process.fan_out(str(image), None, [process.Sink(["sh", "-c", "cat; exit 1"], _collect([]),
+                                                    ok_codes=(0, 1))])
+    with pytest.raises(CommandError, match="exit code 2"):
+        process.fan_out(str(image), ["cat"], [
+            process.Sink(["cat"], _collect([])),
+            process.Sink(["sh", "-c", "cat >/dev/null; exit 2"], _collect([]))])
+
+
+def test_fan_out_stops_everything_when_a_reader_fails(tmp_path):
+    image = tmp_path / "image"
+    image.write_bytes(os.urandom(8 << 20))
+
+    def refuse(stream):
+        stream.read(10)
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        process.fan_out(str(image), ["cat"], [process.Sink(["cat"], refuse),
+                                              process.Sink(["cat"], _collect([]))])
+
+
+def test_a_stage_that_reports_its_failure_after_closing_its_output_is_the_one_blamed():
+    """As a decompressor that finds the damage at the end: it closes its output (the next stage
+    fails of the short input at once) and only then exits with its own error."""
+    with pytest.raises(CommandError) as err:
+        process.pipeline([["sh", "-c", "exec 1>&-; sleep 0.2; exit 4"],
+                          ["sh", "-c", "cat >/dev/null; exit 5"]])
+    assert err.value.returncode == 4

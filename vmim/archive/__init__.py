@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
 from vmim.errors import OperationError, StateError
 
@@ -78,10 +78,14 @@ class Layout:
 
     NAMES = {"d": "directory", "l": "symlink", "f": "file"}
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, rmdir_empty: bool = False):
         self.what = what  # "tar member", "cpio member"
+        #: GNU tar removes an empty directory that a later member replaces; the newc
+        #: extractor replaces no directory
+        self.rmdir_empty = rmdir_empty
         self.kinds: Dict[Tuple[str, ...], str] = {(): "d"}
         self.owner: Dict[Tuple[str, ...], object] = {}  # path -> the inode key it holds
+        self.nonempty: Set[Tuple[str, ...]] = set()  # directories something was put in
 
     @staticmethod
     def parts(name: str) -> Tuple[str, ...]:
@@ -89,21 +93,29 @@ class Layout:
 
     def add(self, name: str, kind: str, key: object = None) -> None:
         parts = self.parts(name)
-        if not parts:
-            return  # the archive's root entry
+        if not parts:  # the archive's root entry: the directory it is unpacked into
+            if kind != "d":
+                raise UnsafeMember(f"{self.what} {name!r} is a {self.NAMES[kind]} that would "
+                                   "replace the directory the archive is unpacked into")
+            return
         for i in range(1, len(parts)):
             k = self.kinds.setdefault(parts[:i], "d")  # a missing parent is made a directory
             if k != "d":
                 raise UnsafeMember(f"{self.what} {name!r} passes through {'/'.join(parts[:i])!r}"
                                    f", which an earlier member made a {self.NAMES[k]}")
-        if self.kinds.get(parts) == "d" and kind != "d":
+        if self.kinds.get(parts) == "d" and kind != "d" and \
+                (parts in self.nonempty or not self.rmdir_empty):
             raise UnsafeMember(f"{self.what} {name!r} would replace a directory")
+        self.nonempty.update(parts[:i] for i in range(1, len(parts)))
         self.kinds[parts] = kind
         self.owner[parts] = key
 
     def link(self, name: str, target: str, kinds: str = "f", key: object = None) -> None:
-        """A hard link name -> target: target must be there, of one of kinds (and hold key)."""
+        """A hard link name -> target: target must be there, of one of kinds (and hold key).
+        A link of a name to itself, when the name is there, changes nothing (GNU tar)."""
         t = self.parts(target)
+        if t == self.parts(name) and t in self.kinds:
+            return
         if self.kinds.get(t) not in tuple(kinds) or (key is not None and self.owner.get(t) != key):
             raise UnsafeMember(f"{self.what} {name!r} is a hard link to {target!r}, which no "
                                "earlier member left there")
@@ -138,8 +150,10 @@ class Format:
         the image's sha256 when it was computed on the way (archives)."""
         raise NotImplementedError
 
-    def unpack(self, image: str, staging: str) -> None:
-        """Unpack the image into the empty directory staging."""
+    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+        """Unpack the image into the empty directory staging, in the sandbox. For a restore
+        (the image is a whole root filesystem) the archive's lost+found at its root is left
+        out: the slot keeps its filesystem's own."""
         raise NotImplementedError
 
     def verify(self, image: str) -> Optional[Summary]:
@@ -170,6 +184,16 @@ class StreamFormat(Format):
         """Read the container's structure from stream to its end marker (no writes)."""
         raise NotImplementedError
 
+    def read_structure(self, image: str) -> Summary:
+        """Read the whole image once, decompressing it, and check() what it holds."""
+        from vmim import process
+
+        if not self.compression:
+            with open(image, "rb") as fh:
+                return self.check(fh)
+        with process.output_of([*decompressor(self.compression), image]) as stream:
+            return self.check(stream)
+
     def verify(self, image: str) -> Summary:
         """Read the whole image once: the compression's own integrity check, and every member
         header to the archive's end marker (used when no sha256 was recorded)."""
@@ -177,11 +201,7 @@ class StreamFormat(Format):
         from vmim.errors import CommandError
 
         try:
-            if not self.compression:
-                with open(image, "rb") as fh:
-                    return self.check(fh)
-            with process.output_of([*decompressor(self.compression), image]) as stream:
-                return self.check(stream)
+            return self.read_structure(image)
         except CommandError as exc:
             process.check_cancelled()  # a signal stopped the decompressor: say that, not this
             raise StateError(f"image {image} is corrupt or truncated: {exc.stderr_tail}") from None

@@ -1,7 +1,9 @@
 """cpio (newc) streams, compressed with bzip2 (lbzip2), gzip, zstd or xz, or not at all.
 
 Written by GNU find | cpio; read by vmim.archive.newc, which, unlike GNU cpio, never follows
-a symlink an earlier member created. newc carries no xattrs and no ACLs.
+a symlink an earlier member created. newc carries no xattrs and no ACLs. find and cpio, and the
+newc extractor (vmim.guestwork), run in the sandbox (vmim.sandbox); the (de)compressor, which
+reads or writes the image file, outside.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import IO, Any, List, Optional, Sequence, Tuple
+from typing import IO, List, Optional, Sequence, Tuple
 
-from vmim import process
+from vmim import guestwork, process, sandbox
 from vmim.archive import StreamFormat, Summary, compressor, decompressor, newc
 from vmim.errors import StateError
 
@@ -28,21 +30,22 @@ class CpioFormat(StreamFormat):
         if list(paths) == ["."]:
             find += ["-path", "./lost+found", "-prune", "-o"]
         find.append("-print0")
-        stages = [find, ["cpio", "--create", "--null", "--format=newc", "--quiet"]]
+        guest = [sandbox.Bind(src_root, sandbox.SLOT)]
+        stages: List[List[str]] = [
+            sandbox.command(find, guest, cwd=sandbox.SLOT),
+            sandbox.command(["cpio", "--create", "--null", "--format=newc", "--quiet"], guest,
+                            cwd=sandbox.SLOT)]
         if self.compression:
             stages.append(compressor(self.compression))
-        return process.pipeline(stages, stdout_path=dest, cwd=src_root, watch_stage=1,  # cpio reads
+        return process.pipeline(stages, stdout_path=dest, watch_stage=1,  # cpio reads
                                 checksum=True)
 
-    def _open(self, image: str) -> Any:
-        if self.compression:
-            return process.output_of([*decompressor(self.compression), image])
-        return open(image, "rb")
-
-    def unpack(self, image: str, staging: str) -> None:
-        log.debug("(newc extractor of %s into %s)", image, staging)
-        with self._open(image) as stream:
-            newc.extract(stream, staging)
+    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+        log.debug("(newc extractor of %s into %s, in the sandbox)", image, staging)
+        guestwork.call("extract-newc", {"root": sandbox.DEST, "skip": ["lost+found"] if restore else []},
+                       [sandbox.Bind(staging, sandbox.DEST, writable=True)],
+                       feed=[decompressor(self.compression)] if self.compression else [],
+                       stdin_path=image)
 
     def check(self, stream: IO[bytes]) -> Summary:
         return newc.check(stream)

@@ -73,8 +73,8 @@ def _container(description: str) -> Optional[str]:
         return "tar"
     if "cpio archive" in d:
         return "cpio" if "(svr4 with" in d else "cpio-other"
-    if d.startswith("qemu qcow"):
-        return "qcow2"
+    if d.startswith("qemu qcow") and not d.startswith("qemu qcow image (v1)"):
+        return "qcow2"  # v2 and v3; QEMU's qcow (v1) is another format, never used
     if d.startswith("dos/mbr boot sector") or "partition table" in d or "filesystem data" in d \
             or d.startswith("btrfs filesystem"):
         return "raw"  # a disk or a filesystem image

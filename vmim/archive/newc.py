@@ -8,6 +8,14 @@ owners, modes (setuid, setgid, sticky), mtimes, hard links, symlinks, device nod
 newc has no hole map: every block of BLOCK zero bytes (aligned in the file) is written as a
 hole, so sparse files stay sparse, and allocated zero blocks become holes too.
 
+Nothing but a regular file this reader has just created (O_CREAT|O_EXCL|O_NOFOLLOW) is ever
+opened: device nodes, FIFOs, sockets and symlinks are made with mknod()/symlink(), and a hard
+link group (members sharing an inode number, nlink > 1) is made as GNU cpio makes it, with
+link() to its first member whatever that is (symlinks excepted, as in GNU cpio). When a later
+member of a group of regular files carries the data (GNU cpio writes it with the last name),
+it goes into a new file, to which the earlier names are then linked again: data never goes
+through a name an earlier member made, which a device node or a FIFO could have taken since.
+
 `check` walks a stream's headers to the trailer without writing anything: restore proves an
 image with it before the slot is cleared.
 """
@@ -60,10 +68,35 @@ def _components(name: bytes) -> List[bytes]:
     return parts
 
 
+#: what identifies a hard link group in a newc stream: (devmajor, devminor, ino)
+Key = Tuple[int, int, int]
+
+
+def group_key(h: Dict[str, int]) -> Key | None:
+    """The hard link group a member belongs to (None: a member of its own). Directories are
+    never linked (their link count counts their subdirectories), nor symlinks (as GNU cpio:
+    each is made from its own target)."""
+    if h["nlink"] < 2 or stat.S_IFMT(h["mode"]) in (stat.S_IFDIR, stat.S_IFLNK):
+        return None
+    return (h["devmajor"], h["devminor"], h["ino"])
+
+
+class _Group:
+    """A hard link group as made so far: its names (root-relative) and the inode they share
+    ((st_dev, st_ino), to see that no later member replaced one of them)."""
+
+    def __init__(self, name: bytes, inode: Tuple[int, int]):
+        self.names = [name]
+        self.inode = inode
+
+
 class Extractor:
     def __init__(self, root: str):
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        self.links: Dict[Tuple[int, int, int], bytes] = {}
+        self.groups: Dict[Key, _Group] = {}
+        #: the names of groups' members -> their group, until a later member takes the name
+        #: (inode numbers alone do not tell: a node made in a removed file's place may get its)
+        self.group_of: Dict[bytes, Key] = {}
         self.dir_times: List[Tuple[bytes, int]] = []
 
     def close(self) -> None:
@@ -106,6 +139,9 @@ class Extractor:
         parts = _components(name)
         size = h["filesize"]
         if not parts:  # the archive's root entry "."
+            if stat.S_IFMT(h["mode"]) != stat.S_IFDIR:
+                raise UnsafeMember(f"cpio member {name!r} is not a directory and would replace "
+                                   "the directory the archive is unpacked into")
             self._skip(stream, size)
             self.dir_times.append((b".", h["mtime"]))
             os.chown(self.root_fd, h["uid"], h["gid"])
@@ -115,9 +151,15 @@ class Extractor:
         fmt = stat.S_IFMT(mode)
         dfd = self._parent(parts)
         leaf = parts[-1]
+        key = group_key(h)
         try:
+            if key in self.groups and b"/".join(parts) in self.groups[key].names:
+                raise UnsafeMember(f"cpio member {name!r} comes twice in its hard link group")
             self._remove_existing(leaf, dfd, fmt == stat.S_IFDIR)
-            if fmt == stat.S_IFDIR:
+            self.group_of.pop(b"/".join(parts), None)
+            if key in self.groups:
+                self._link(h, key, parts, leaf, dfd, stream)
+            elif fmt == stat.S_IFDIR:
                 try:
                     os.mkdir(leaf, 0o700, dir_fd=dfd)
                 except FileExistsError:
@@ -125,42 +167,73 @@ class Extractor:
                 self._skip(stream, size)
                 self.dir_times.append((b"/".join(parts), h["mtime"]))
             elif fmt == stat.S_IFLNK:
+                if not size:
+                    raise UnsafeMember(f"cpio member {name!r} is a symlink to nothing (it "
+                                       "cannot be made)")
                 target = _read_exact(stream, size)
                 self._skip(stream, _pad(size), exact=True)
                 os.symlink(target, leaf, dir_fd=dfd)
             elif fmt == stat.S_IFREG:
-                self._regular(h, parts, leaf, dfd, stream)
+                self._create(h, leaf, dfd, stream)
             elif fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
                 self._skip(stream, size)
                 dev = os.makedev(h["rdevmajor"], h["rdevminor"])
                 os.mknod(leaf, fmt | 0o600, dev, dir_fd=dfd)
             else:
                 raise CorruptArchive(f"cpio member {name!r} has an unknown type {oct(fmt)}")
+            if key is not None and key not in self.groups:
+                st = os.lstat(leaf, dir_fd=dfd)
+                self.groups[key] = _Group(b"/".join(parts), (st.st_dev, st.st_ino))
+                self.group_of[b"/".join(parts)] = key
             os.chown(leaf, h["uid"], h["gid"], dir_fd=dfd, follow_symlinks=False)
-            if fmt != stat.S_IFLNK:
+            # what is there now, not what the header says (a linked member is its group's)
+            if not stat.S_ISLNK(os.lstat(leaf, dir_fd=dfd).st_mode):
                 os.chmod(leaf, stat.S_IMODE(mode), dir_fd=dfd)  # after chown: keeps setuid
-                os.utime(leaf, (h["mtime"], h["mtime"]), dir_fd=dfd)
-            else:
-                os.utime(leaf, (h["mtime"], h["mtime"]), dir_fd=dfd, follow_symlinks=False)
+            os.utime(leaf, (h["mtime"], h["mtime"]), dir_fd=dfd, follow_symlinks=False)
         finally:
             os.close(dfd)
 
-    def _regular(self, h: Dict[str, int], parts: List[bytes], leaf: bytes, dfd: int,
-                 stream: IO[bytes]) -> None:
-        size = h["filesize"]
-        key = (h["devmajor"], h["devminor"], h["ino"])
-        first = self.links.get(key) if h["nlink"] > 1 else None
-        if first is not None:
-            # A hard link: GNU cpio stores the data with one of the names only.
-            os.link(first, leaf, src_dir_fd=self.root_fd, dst_dir_fd=dfd, follow_symlinks=False)
-            if size:
-                fd = os.open(leaf, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, dir_fd=dfd)
-                self._write(fd, size, stream)
-            return
-        fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
-        self._write(fd, size, stream)
-        if h["nlink"] > 1:
-            self.links[key] = b"/".join(parts)
+    def _create(self, h: Dict[str, int], leaf: bytes, dfd: int, stream: IO[bytes]) -> None:
+        """A new regular file holding the member's data."""
+        fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                     dir_fd=dfd)
+        self._write(fd, h["filesize"], stream)
+
+    def _holds(self, name: bytes, key: Key) -> bool:
+        """name still holds the group's inode (no later member replaced it)."""
+        if self.group_of.get(name) != key:
+            return False
+        try:
+            st = os.lstat(name, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self.groups[key].inode
+
+    def _link(self, h: Dict[str, int], key: Key, parts: List[bytes], leaf: bytes, dfd: int,
+              stream: IO[bytes]) -> None:
+        """A later member of a hard link group: a link to the group's first name; with data
+        (a group of regular files), a new file to which the earlier names are linked again."""
+        group = self.groups[key]
+        if not self._holds(group.names[0], key):
+            raise UnsafeMember(f"cpio member {b'/'.join(parts)!r} is a hard link to "
+                               f"{group.names[0]!r}, which a later member replaced")
+        first = os.lstat(group.names[0], dir_fd=self.root_fd)
+        if h["filesize"] and stat.S_ISREG(first.st_mode) and \
+                stat.S_IFMT(h["mode"]) == stat.S_IFREG:
+            self._create(h, leaf, dfd, stream)
+            st = os.lstat(leaf, dir_fd=dfd)
+            for name in group.names:
+                if self._holds(name, key):  # else a later member took that name: its own
+                    os.unlink(name, dir_fd=self.root_fd)
+                    os.link(leaf, name, src_dir_fd=dfd, dst_dir_fd=self.root_fd,
+                            follow_symlinks=False)
+            group.inode = (st.st_dev, st.st_ino)
+        else:  # as GNU cpio: the member is the group's inode, whatever its own type says
+            self._skip(stream, h["filesize"])
+            os.link(group.names[0], leaf, src_dir_fd=self.root_fd, dst_dir_fd=dfd,
+                    follow_symlinks=False)
+        group.names.append(b"/".join(parts))
+        self.group_of[b"/".join(parts)] = key
 
     def _write(self, fd: int, size: int, stream: IO[bytes]) -> None:
         try:
@@ -241,8 +314,9 @@ def read_header(stream: IO[bytes]) -> Tuple[Dict[str, int], bytes]:
     return h, name
 
 
-def extract(stream: IO[bytes], root: str) -> int:
-    """Extract a newc stream into the directory root; return the number of members."""
+def extract(stream: IO[bytes], root: str, skip_root_names: Tuple[bytes, ...] = ()) -> int:
+    """Extract a newc stream into the directory root; return the number of members. Members
+    at or below skip_root_names (names at the archive's root: lost+found) are read past."""
     ex = Extractor(root)
     count = 0
     try:
@@ -250,6 +324,10 @@ def extract(stream: IO[bytes], root: str) -> int:
             h, name = read_header(stream)
             if name == TRAILER:
                 break
+            parts = _components(name)
+            if parts and parts[0] in skip_root_names:
+                _skip(stream, h["filesize"])
+                continue
             try:
                 ex.member(h, name, stream)
             except OSError as exc:  # a hard link to a name a later member replaced, ENOSPC...
@@ -268,24 +346,34 @@ def check(stream: IO[bytes]) -> Summary:
     extractor would refuse (unsafe names, unknown types): CorruptArchive or UnsafeMember."""
     members = 0
     layout = Layout("cpio member")
-    links: Dict[Tuple[int, int, int], str] = {}  # as Extractor.links: the first name of an inode
+    links: Dict[Key, List[str]] = {}  # as Extractor.groups: the names of a group, first first
     while True:
         h, name = read_header(stream)
         if name == TRAILER:
             return Summary(members, None)  # zero blocks become holes: sizes bound nothing
-        _components(name)
+        parts = _components(name)
         fmt = stat.S_IFMT(h["mode"])
         if fmt not in _TYPES:
             raise CorruptArchive(f"cpio member {name!r} has an unknown type {oct(h['mode'])}")
+        if not parts and fmt != stat.S_IFDIR:
+            raise UnsafeMember(f"cpio member {name!r} is not a directory and would replace "
+                               "the directory the archive is unpacked into")
+        if fmt == stat.S_IFLNK and not h["filesize"] and parts:
+            raise UnsafeMember(f"cpio member {name!r} is a symlink to nothing (it cannot be "
+                               "made)")
         text = name.decode("utf-8", "surrogateescape")
-        key = (h["devmajor"], h["devminor"], h["ino"])
-        if fmt == stat.S_IFREG and h["nlink"] > 1 and key in links:
-            layout.link(text, links[key], kinds="f", key=key)
+        key = group_key(h)
+        if key is not None and key in links:
+            if Layout.parts(text) in [Layout.parts(n) for n in links[key]]:
+                raise UnsafeMember(f"cpio member {name!r} comes twice in its hard link group")
+            # the group's inode, whatever this member's type says (kinds: all but directories)
+            layout.link(text, links[key][0], kinds="fl", key=key)
+            links[key].append(text)
         else:
             layout.add(text, "d" if fmt == stat.S_IFDIR else "l" if fmt == stat.S_IFLNK else "f",
                        key)
-            if fmt == stat.S_IFREG and h["nlink"] > 1:
-                links[key] = text
+            if key is not None:
+                links[key] = [text]
         _skip(stream, h["filesize"])
         members += 1
 

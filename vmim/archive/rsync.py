@@ -1,17 +1,23 @@
-"""rsync: an image is a directory tree mirroring the guest root."""
+"""rsync: an image is a directory tree mirroring the guest root.
+
+rsync runs in the sandbox (vmim.sandbox): it sees the guest tree, the image tree and, for a
+store that links to the previous image (--link-dest), the image store's directory, each at a
+fixed name, and nothing else of the host. (Hard links cannot cross two bind mounts, so a store
+with --link-dest sees the store directory, which holds both the new and the previous image.)"""
 
 from __future__ import annotations
 
 import os
 from typing import List, Optional, Sequence
 
-from vmim import process
+from vmim import process, sandbox
 from vmim.archive import Format
 from vmim.errors import StateError
 
 # archive mode, hard links, ACLs, xattrs, sparse files, numeric owners; XFS shows its ACLs
 # a second time as trusted.SGI_ACL_* xattrs, which -A carries already.
 FLAGS = ["-aHAXS", "--numeric-ids", "--filter=-x trusted.SGI_ACL_*"]
+GUEST, IMAGE, STORE = sandbox.SLOT, sandbox.IMAGE, sandbox.STORE  # inside the sandbox
 
 
 class RsyncFormat(Format):
@@ -21,25 +27,41 @@ class RsyncFormat(Format):
     def write(self, src_root: str, paths: Sequence[str], dest: str,
               link_dest: str = "") -> Optional[str]:
         argv: List[str] = ["rsync", *FLAGS, "--one-file-system"]
-        if link_dest:
-            argv.append(f"--link-dest={os.path.abspath(link_dest)}")
-        if list(paths) == ["."]:
-            argv += ["--exclude=/lost+found", f"{src_root}/", f"{dest}/"]
+        binds = [sandbox.Bind(src_root, GUEST)]
+        if link_dest:  # the new and the previous image share the store's directory
+            store = os.path.dirname(os.path.abspath(dest))
+            if os.path.dirname(os.path.abspath(link_dest)) != store:
+                raise ValueError("link_dest must sit beside dest")
+            binds.append(sandbox.Bind(store, STORE, writable=True))
+            argv.append(f"--link-dest={STORE}/{os.path.basename(link_dest)}")
+            inside = f"{STORE}/{os.path.basename(dest)}"
         else:
             os.makedirs(dest, exist_ok=True)
-            argv += ["--relative", *(f"{src_root}/./{p}" for p in paths), f"{dest}/"]
-        process.run(argv)
+            binds.append(sandbox.Bind(dest, IMAGE, writable=True))
+            inside = IMAGE
+        if list(paths) == ["."]:
+            argv += ["--exclude=/lost+found", f"{GUEST}/", f"{inside}/"]
+        else:
+            os.makedirs(dest, exist_ok=True)
+            argv += ["--relative", *(f"{GUEST}/./{p}" for p in paths), f"{inside}/"]
+        process.run(sandbox.command(argv, binds))
         return None
 
     def unpack_tools(self) -> List[str]:
         return ["rsync"]
 
-    def unpack(self, image: str, staging: str) -> None:
-        process.run(["rsync", *FLAGS, f"{image}/", f"{staging}/"])
+    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+        skip = ["--exclude=/lost+found"] if restore else []
+        process.run(sandbox.command(["rsync", *FLAGS, *skip, f"{IMAGE}/", f"{GUEST}/"],
+                                    [sandbox.Bind(image, IMAGE),
+                                     sandbox.Bind(staging, GUEST, writable=True)]))
 
     def mirror(self, image: str, target: str) -> None:
-        """Make target an exact copy of the image (restore): only the differences move."""
-        process.run(["rsync", *FLAGS, "--delete", "--exclude=/lost+found", f"{image}/", f"{target}/"])
+        """Make target an exact copy of the image (restore): only the differences move; the
+        slot's lost+found stays its filesystem's."""
+        process.run(sandbox.command(
+            ["rsync", *FLAGS, "--delete", "--exclude=/lost+found", f"{IMAGE}/", f"{GUEST}/"],
+            [sandbox.Bind(image, IMAGE), sandbox.Bind(target, GUEST, writable=True)]))
 
     def verify(self, image: str) -> None:
         if not os.path.isdir(image):

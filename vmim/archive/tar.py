@@ -1,16 +1,31 @@
 """tar streams, compressed with gzip (pigz), zstd, bzip2 or xz, or not at all.
 
-Written and unpacked by GNU tar. `check` reads a stream's structure, every header to the
-end-of-archive marker, without writing anything: restore proves an image with it before the
-slot is cleared (GNU tar itself lists an archive cut at a member boundary without a word).
+Written and unpacked by GNU tar, and proven by it: before the slot is cleared, `prove` has GNU
+tar read every header of the image with the unpack's own options, writing nothing (see
+PROVE_DATA and PROVE_LINKS: two readings from one decompression, which between them read every
+member as --extract does): the same header decoding and framing, pax and global pax records,
+GNU long names and sparse maps, numeric ranges. What GNU tar would refuse is so refused while
+the slot is intact (one exception, stricter: a member of a type GNU tar does not know is an
+error for --diff, a warning for --extract). What only an unpack onto a filesystem shows (a
+member through an earlier symlink, a file over a directory that is not empty or over the root,
+a hard link to a name not there) is checked on GNU tar's own listing by vmim.archive.Layout,
+and so is the end-of-archive marker, which GNU tar does not require (an archive cut at a member
+boundary would restore half a tree without a word).
+
+It runs in the sandbox (vmim.sandbox) when it writes or reads a slot: it sees the slot (or
+the staging directory) at a fixed name and nothing else of the host; the (de)compressor, which
+reads or writes the image file in the store, runs outside.
 """
 
 from __future__ import annotations
 
-import tarfile
-from typing import IO, Dict, List, Optional, Sequence
+import hashlib
+import os
+import re
+import tempfile
+from typing import IO, List, Optional, Sequence, Set, Tuple
 
-from vmim import process
+from vmim import process, sandbox
 from vmim.archive import (
     CorruptArchive,
     Layout,
@@ -19,24 +34,43 @@ from vmim.archive import (
     UnsafeMember,
     compressor,
     decompressor,
-    skip,
 )
+from vmim.errors import CommandError
 
 # XFS shows its POSIX ACLs a second time as trusted.SGI_ACL_*: --acls carries them already.
 XATTRS = ["--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_ACL_*", "--acls"]
 CREATE = ["--format=posix", "--numeric-owner", *XATTRS,
           "--sparse", "--one-file-system", "--pax-option=delete=atime,delete=ctime"]
-EXTRACT = ["--numeric-owner", "--same-owner", "--preserve-permissions", *XATTRS]
+#: --ignore-zeros: a lone zero block before more members (Java's plexus archiver writes them)
+#: would otherwise end the unpack there, with exit 0 and the rest of the tree missing.
+EXTRACT = ["--numeric-owner", "--same-owner", "--preserve-permissions", "--ignore-zeros",
+           *XATTRS]
+#: The proof: two readings of the image by GNU tar with the unpack's own options, writing
+#: nothing, each listing every header in a form read back exactly (C-quoted names, the block
+#: each starts at, zero blocks and the end). --extract --to-stdout (the data to /dev/null)
+#: reads regular and sparse files' data as the unpack does (a sparse map that claims more
+#: data than the member holds makes it read on into the next members); --diff against an
+#: empty directory reads on from the block after a symlink, hard link, device node or FIFO
+#: as the unpack does (--list and --to-stdout skip the data such a member claims in its size
+#: field or a pax record). The two listings must be the same: then the unpack reads the very
+#: members they list.
+LISTING = ["--file=-", "--verbose", "--verbose", "--block-number", "--full-time",
+           "--quoting-style=c", *EXTRACT]
+PROVE_DATA = ["tar", "--extract", "--to-stdout", *LISTING]
+PROVE_LINKS = ["tar", "--diff", *LISTING]
+#: a restore keeps the slot's own lost+found (its filesystem's): the archive's, at its root
+#: only, is not unpacked (what `tar -C /mnt -cf x.tar .` makes holds one)
+SKIP_LOST_FOUND = ["--anchored", "--exclude=./lost+found", "--exclude=lost+found"]
 
 
 class TarFormat(StreamFormat):
     def write(self, src_root: str, paths: Sequence[str], dest: str,
               link_dest: str = "") -> Optional[str]:
-        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={src_root}", *CREATE]
+        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={sandbox.SLOT}", *CREATE]
         if list(paths) == ["."]:
             argv += ["--anchored", "--exclude=./lost+found"]
         argv += ["--", *paths]
-        stages = [argv]
+        stages: List[List[str]] = [sandbox.command(argv, [sandbox.Bind(src_root, sandbox.SLOT)])]
         if self.compression:
             stages.append(compressor(self.compression))
         return process.pipeline(stages, stdout_path=dest, checksum=True)
@@ -44,115 +78,245 @@ class TarFormat(StreamFormat):
     def unpack_tools(self) -> List[str]:
         return [*super().unpack_tools(), "tar"]
 
-    def unpack(self, image: str, staging: str) -> None:
-        untar = ["tar", "--extract", "--file=-", f"--directory={staging}", *EXTRACT]
+    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+        untar = sandbox.command(
+            ["tar", "--extract", "--file=-", f"--directory={sandbox.DEST}", *EXTRACT,
+             *(SKIP_LOST_FOUND if restore else [])],
+            [sandbox.Bind(staging, sandbox.DEST, writable=True)])
         if self.compression:
             process.pipeline([decompressor(self.compression), untar], stdin_path=image)
         else:
             process.pipeline([untar], stdin_path=image)
 
-    def check(self, stream: IO[bytes]) -> Summary:
-        return check(stream)
+    def read_structure(self, image: str) -> Summary:
+        return prove(image, self.compression)
 
 
 BLOCK = 512
-ZERO_BLOCK = bytes(BLOCK)
-#: member types whose data follows their header (tarfile's rule: regular files, contiguous
-#: files, GNU sparse files; unknown types are skipped over as data too)
-_NO_DATA = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
-            tarfile.FIFOTYPE)
 
 
-def _read_exact(stream: IO[bytes], n: int, what: str) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise CorruptArchive(f"tar archive ends early, inside {what} (truncated?)")
-    return data
+def prove(image: str, compression: Optional[str]) -> Summary:
+    """GNU tar reads every header of image (decompressed on the way, once) as the unpack
+    would, writing nothing; its listing goes through the layout check. CorruptArchive when GNU
+    tar refuses the archive or its end-of-archive marker is missing, UnsafeMember for what the
+    unpack onto a filesystem would refuse, CommandError when the decompressor fails."""
+    listing = Listing()
+    data = _Echo()
+    empty = tempfile.mkdtemp(prefix="vmim-proof-")  # what --diff compares with: nothing
+    try:
+        process.fan_out(image, decompressor(compression) if compression else None, [
+            process.Sink(PROVE_DATA, data.read, read="stderr"),
+            # --diff exits 1 for "differs": nothing is there to compare with
+            process.Sink([*PROVE_LINKS, f"--directory={empty}"], listing.read, ok_codes=(0, 1)),
+        ])
+    except CommandError as exc:
+        if exc.argv[0] != "tar":
+            raise
+        process.check_cancelled()  # a signal stopped GNU tar: say that, not this
+        said = exc.stderr_tail if exc.argv[:2] == PROVE_LINKS[:2] else " ".join(data.said)
+        raise CorruptArchive(refusal(said)) from None
+    finally:
+        os.rmdir(empty)
+    if (data.lines, data.digest.digest()) != (listing.lines, listing.digest.digest()):
+        raise CorruptArchive("GNU tar would unpack other members than it lists (a symlink, hard "
+                             "link, device node or FIFO that claims data, or a sparse map that "
+                             "does not match the data there)")
+    return listing.summary()
 
 
-def _pax_records(data: bytes) -> Dict[str, str]:
-    """The key=value records of a pax extended header ("LEN key=value\n" each)."""
-    out: Dict[str, str] = {}
-    pos = 0
-    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise CorruptArchive("corrupt pax extended header") from None
-        record = data[space + 1:pos + length]
-        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
-            raise CorruptArchive("corrupt pax extended header")
-        key, _, value = record[:-1].partition(b"=")
-        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
+class _Echo:
+    """The listing that --extract --to-stdout writes on stderr among its messages: only its
+    digest is kept, to compare with the listing --diff writes, and the messages."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.lines = 0
+        self.said: List[str] = []
+
+    def read(self, err: IO[bytes]) -> None:
+        for raw in err:
+            if raw.startswith(b"block "):
+                self.digest.update(raw)
+                self.lines += 1
+            elif len(self.said) < 20:
+                self.said.append(raw.decode("utf-8", "replace").strip())
+
+
+def refusal(stderr: str) -> str:
+    """What GNU tar said (its messages on one line, as CommandError keeps them), as the reason
+    an image cannot be restored."""
+    said = [f"tar: {m.strip()}" for m in stderr.split("tar: ") if m.strip() and
+            not any(n in m for n in _NOISE)]
+    shown = "; ".join(said[:3]) or "no message"
+    if any("Unexpected EOF" in line for line in said):
+        return f"the tar archive ends early, inside a member (truncated?): {shown}"
+    return f"GNU tar refuses it: {shown}"
+
+
+#: what GNU tar says on the way that is not why it failed (--diff finds nothing to compare
+#: with; --to-stdout cannot truncate /dev/null)
+_NOISE = ("Exiting with failure status", "not recoverable", "Warning: Cannot stat",
+          "Warning: Cannot readlink", "Warning: Cannot truncate", "Removing leading",
+          "Substituting `.'")
+
+_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34,
+            "?": 63, "'": 39}
+
+
+def unquote_c(text: str) -> str:
+    """A name as GNU tar's --quoting-style=c shows it (without its quotes), back to the name
+    (bytes that are not UTF-8 as surrogate escapes, as everywhere in vmim)."""
+    if "\\" not in text:
+        return text  # printable ASCII as it is: most names
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out += c.encode("ascii")
+            i += 1
+        elif text[i + 1:i + 2].isdigit():
+            out.append(int(text[i + 1:i + 4], 8))
+            i += 4
+        elif text[i + 1:i + 2] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            raise _Unreadable(text)
+    return out.decode("utf-8", "surrogateescape")
+
+
+#: a C-quoted string: its text between the quotes, escapes included
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def _quoted(line: str, at: int) -> Tuple[str, int]:
+    """The C-quoted string starting at line[at] (a double quote): (its text, the index after)."""
+    m = _QUOTED.match(line, at)
+    if m is None:
+        raise _Unreadable(line)
+    return unquote_c(m.group(1)), m.end()
+
+
+class _Unreadable(Exception):
+    """A line of GNU tar's listing that is not what LISTING makes it write."""
+
+
+_LINE = re.compile(r"block (\d+): (\*\* (?:Block of NULs|End of File) \*\*|\S{10}.*)")
+#: the first letter of a member's mode in GNU tar's listing -> what the unpack makes of it
+#: (regular files, contiguous files, sparse files and unknown types are unpacked as files)
+_KINDS = {"d": "d", "l": "l", "-": "f", "c": "f", "b": "f", "p": "f", "s": "f", "C": "f",
+          "?": "f"}
+
+
+class Listing:
+    """GNU tar's verbose listing (LISTING), line by line, into a Layout and a Summary."""
+
+    def __init__(self) -> None:
+        self.layout = Layout("tar member", rmdir_empty=True)
+        #: symlinks GNU tar makes only at the end (absolute or with ".."), a placeholder file
+        #: meanwhile: a member that takes such a name is dropped or fails then, depending on
+        #: whether its inode got the placeholder's number
+        self.delayed: Set[Tuple[str, ...]] = set()
+        self.members = 0
+        self.needs = 0
+        self.ended = False  # the last thing before the end of the stream was a zero block
+        self.pending: Optional[Tuple[int, int]] = None  # (block, size) of the last file
+        self.unread = ""  # the first line not understood (GNU tar failing half-way writes one)
+        self.digest = hashlib.sha256()  # of every line, to compare with _Echo's
+        self.lines = 0
+
+    def read(self, out: IO[bytes]) -> None:
+        for raw in out:
+            if raw.startswith(b'"'):
+                continue  # what --diff found different: "NAME": ... (C-quoted, so never a
+                # line of its own that starts otherwise)
+            self.digest.update(raw)
+            self.lines += 1
+            line = raw.rstrip(b"\n").decode("ascii", "backslashreplace")
+            if self.unread:
+                continue  # GNU tar's own exit status will say why; else summary() refuses
+            try:
+                self.line(line)
+            except _Unreadable:
+                self.unread = line
+
+    def _block(self, block: int) -> None:
+        """The next header starts at block: the last file's data lies before it."""
+        if self.pending is not None:
+            start, size = self.pending
+            # its data blocks, less what its own extended headers and sparse map took: a
+            # lower bound of what it needs on disk (a sparse file stores no holes)
+            self.needs += min(size, max(0, block - start - 1) * BLOCK)
+            self.pending = None
+
+    def line(self, line: str) -> None:
+        m = _LINE.fullmatch(line)
+        if not m:
+            raise _Unreadable(line)
+        block, rest = int(m.group(1)), m.group(2)
+        if rest == "** Block of NULs **":
+            self._block(block)
+            self.ended = True
+            return
+        if rest == "** End of File **":
+            self._block(block)
+            return
+        block -= 1  # --diff numbers a member by the block after its header
+        self._block(block)
+        self.ended = False
+        quote = rest.find('"')
+        fields = rest[:quote].split()
+        if quote < 0 or len(fields) < 3:
+            raise _Unreadable(line)
+        letter = fields[0][0]
+        name, after = _quoted(rest, quote)
+        _check_name(name, "name")  # GNU tar checks it first, whatever the type
+        if letter == "V":  # a volume label: not unpacked
+            return
+        if Layout.parts(name) in self.delayed:
+            raise UnsafeMember(f"tar member {name!r} takes the name of a symlink GNU tar makes "
+                               "only at the end of the unpack (it would fail, or drop it)")
+        if letter == "M":
+            raise CorruptArchive(f"tar member {name!r} is continued from another volume (a "
+                                 "multi-volume archive): it does not unpack on its own")
+        self.members += 1
+        if letter == "h":
+            if not rest.startswith(' link to "', after):
+                raise _Unreadable(line)
+            target, _ = _quoted(rest, after + len(" link to "))
+            _check_name(target, "hard link target")
+            self.layout.link(name, target, kinds="fl")
+            return
+        kind = _KINDS.get(letter)
+        if kind is None:
+            raise CorruptArchive(f"tar member {name!r} is of a type the unpack does not know "
+                                 f"({letter!r} in GNU tar's listing)")
+        size = fields[2]
+        if letter == "C" and name.endswith("/"):
+            kind = "d"  # as a regular file's, a name ending in "/" makes it a directory
+        if letter == "l":
+            if not rest.startswith(' -> "', after):
+                raise _Unreadable(line)
+            target, _ = _quoted(rest, after + len(" -> "))
+            if not target:
+                raise UnsafeMember(f"tar member {name!r} is a symlink to nothing (GNU tar "
+                                   "cannot make it)")
+            if target.startswith("/") or ".." in target.split("/"):
+                self.delayed.add(Layout.parts(name))
+        self.layout.add(name, kind)
+        if letter in "-C?" and size.isdigit():
+            self.pending = (block, int(size))
+
+    def summary(self) -> Summary:
+        if self.unread:
+            raise CorruptArchive(f"cannot read GNU tar's listing of it: {self.unread!r}")
+        if not self.ended:
+            raise CorruptArchive("tar archive ends without its end-of-archive marker "
+                                 "(truncated?)" if self.members else "empty tar archive")
+        return Summary(self.members, self.needs)
 
 
 def _check_name(name: str, what: str) -> None:
     if ".." in name.split("/"):
         raise UnsafeMember(f"tar member {what} {name!r} contains '..' (GNU tar would refuse it)")
-
-
-def check(stream: IO[bytes]) -> Summary:
-    """Read every header of a tar stream (ustar, pax, GNU) to the end-of-archive marker (two
-    zero blocks), skipping the data; CorruptArchive when it is cut short, a header's checksum
-    is wrong or the marker is missing, UnsafeMember for a name GNU tar would refuse."""
-    members = data = 0
-    pending: Dict[str, str] = {}  # what pax or GNU long-name headers say of the next member
-    layout = Layout("tar member")
-    while True:
-        buf = stream.read(BLOCK)
-        if len(buf) < BLOCK:
-            raise CorruptArchive("tar archive ends without its end-of-archive marker "
-                                 "(truncated?)" if members or buf else "empty tar archive")
-        if buf == ZERO_BLOCK:
-            second = stream.read(BLOCK)
-            if second not in (ZERO_BLOCK, b""):  # a lone zero block at the very end: GNU tar
-                raise CorruptArchive("tar archive has a zero block in the middle (corrupt?)")
-            return Summary(members, data)
-        try:
-            info = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as exc:
-            raise CorruptArchive(f"corrupt tar header after {members} members ({exc})") from None
-        size = info.size
-        if size < 0:
-            raise CorruptArchive(f"tar member {info.name!r} has a negative size")
-        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
-            records = _pax_records(_read_exact(stream, size, "a pax header"))
-            skip(stream, -size % BLOCK)
-            if info.type != tarfile.XGLTYPE:
-                pending.update(records)
-            continue
-        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
-            text = _read_exact(stream, size, "a long name").rstrip(b"\0")
-            skip(stream, -size % BLOCK)
-            key = "path" if info.type == tarfile.GNUTYPE_LONGNAME else "linkpath"
-            pending[key] = text.decode("utf-8", "surrogateescape")
-            continue
-        if info.type == tarfile.GNUTYPE_SPARSE:
-            extended = buf[482]
-            while extended:  # more sparse map blocks follow
-                extended = _read_exact(stream, BLOCK, "a sparse map")[504]
-        if info.type == b"M":  # GNU multi-volume continuation
-            raise CorruptArchive("a multi-volume tar archive (a continued member): it does not "
-                                 "unpack on its own")
-        name = pending.get("GNU.sparse.name") or pending.get("path") or info.name
-        _check_name(name, "name")
-        if info.type == tarfile.LNKTYPE:
-            target = pending.get("linkpath") or info.linkname
-            _check_name(target, "hard link target")
-            layout.link(name, target, kinds="fl")
-        else:
-            layout.add(name, "d" if info.type == tarfile.DIRTYPE else
-                       "l" if info.type == tarfile.SYMTYPE else "f")
-        if "size" in pending:
-            if not pending["size"].isdigit():  # GNU tar refuses the rest too
-                raise CorruptArchive(f"tar member {name!r} has a bad pax size "
-                                     f"{pending['size']!r}")
-            size = int(pending["size"])
-        pending = {}
-        if info.type not in _NO_DATA:
-            skip(stream, size + -size % BLOCK)
-            data += size
-        members += 1

@@ -15,7 +15,11 @@ from typing import Dict, List, Optional, Type
 
 from vmim import process
 from vmim.config import Slot
+from vmim.disk import hold as hold_mod
 from vmim.errors import CommandError, ConfigError, StateError
+
+#: how every slot's filesystem is mounted while the tool works in it
+SLOT_OPTIONS = ("nodev", "nosuid")
 
 #: Filesystems vmimagemanager mounts as a slot's root.
 SUPPORTED_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs")
@@ -29,8 +33,10 @@ class Filesystem:
 
     @property
     def mount_options(self) -> List[str]:
+        # nodev, nosuid: the guest's device nodes (and what an image or insert creates) cannot
+        # be opened on the host, its setuid programs do not run with the host's privileges.
         # Clones of one image share a UUID; XFS refuses a second one without nouuid.
-        return ["nouuid"] if self.type == "xfs" else []
+        return [*SLOT_OPTIONS, *(["nouuid"] if self.type == "xfs" else [])]
 
 
 def probe_filesystem(device: str, what: str) -> Filesystem:
@@ -86,6 +92,20 @@ class SlotDisk:
 
     def describe(self) -> str:
         return self.source
+
+    def hold(self, stack: contextlib.ExitStack) -> Optional[hold_mod.DiskHold]:
+        """Hold the disk as QEMU does while it is mapped (vmim.disk.hold): a domain started
+        meanwhile fails, and a disk some QEMU holds is refused (exit 4). The hold goes on
+        stack; it is returned so that a run leaving the slot mounted can hand it on."""
+        if not os.path.exists(self.source):
+            return None  # map() says what is missing, as each strategy knows it
+        return stack.enter_context(hold_mod.hold_disk(self.source, "disk"))
+
+    def check_free(self) -> None:
+        """Refuse (exit 4) a disk another process holds as QEMU does (vmim.disk.hold), except
+        this tool's own holder of a slot left mounted."""
+        if os.path.exists(self.source):
+            hold_mod.check_free(self.source, "disk", ignore=lambda h: h.ours)
 
     def map(self, stack: contextlib.ExitStack) -> str:
         """Map the disk; return the device holding the root filesystem. Undo goes on stack."""

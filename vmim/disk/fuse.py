@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List
 
-from vmim import process
+from vmim import process, procscan
 from vmim.disk import loop, mounts
 from vmim.errors import CleanupError, CommandError, HostEnvironmentError, StateError
 
@@ -94,19 +94,10 @@ def fuse_mounts(exp: Export) -> List[mounts.Mount]:
             if m.target == exp.path and m.fstype.split(".")[0] == "fuse"]
 
 
-def _cmdline(pid: int) -> List[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return []
-    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
-
-
 def _exports(pid: int, exp: Export) -> bool:
     """Whether pid is a live qemu-storage-daemon exporting to exp.path (a zombie has no
     command line)."""
-    argv = _cmdline(pid)
+    argv = procscan.cmdline(pid)
     wanted = f"mountpoint={_opt(exp.path)},"
     return bool(argv) and os.path.basename(argv[0]) == DAEMON and any(wanted in a for a in argv)
 

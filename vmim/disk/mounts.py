@@ -37,6 +37,7 @@ class Mount:
     fstype: str
     source: str
     tags: Tuple[str, ...] = ()  # mountinfo's optional fields: shared:N, master:N, ...
+    options: Tuple[str, ...] = ()  # the per-mount options: rw, nodev, nosuid, ...
 
     @property
     def shared(self) -> bool:
@@ -60,6 +61,7 @@ def parse_mountinfo(text: str) -> List[Mount]:
             fstype=unescape(fields[sep + 1]),
             source=unescape(fields[sep + 2]),
             tags=tuple(fields[6:sep]),
+            options=tuple(fields[5].split(",")),
         ))
     return out
 
@@ -145,6 +147,15 @@ def mount(device: str, mountpoint: str, fstype: str, options: Sequence[str] = ()
     if options:
         argv += ["-o", ",".join(options)]
     process.run([*argv, "--", device, mountpoint])
+
+
+def restrict(m: Mount, options: Sequence[str]) -> bool:
+    """Give mount m the per-mount options it lacks (nodev, nosuid) by a remount; whether it
+    had to."""
+    missing = [o for o in options if o not in m.options]
+    if missing:
+        process.run(["mount", "-o", ",".join(["remount", *missing]), "--", m.target])
+    return bool(missing)
 
 
 def holders(mountpoint: str) -> List[str]:

@@ -7,12 +7,14 @@ in the record and returns what it did. It never calls another step: the runner w
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from vmim import store as store_mod
 from vmim.config import Config, Slot
+from vmim.disk.hold import DiskHold
 from vmim.domain import Hypervisor
 from vmim.errors import ConfigError, HostEnvironmentError, StateError
 from vmim.plan import STORE_KINDS, Request, Step
@@ -48,6 +50,15 @@ class Box:
     req: Request
     options: Options = Options()
     proven: Dict[Tuple[str, int], Proven] = field(default_factory=dict)  # ("image"|"insert", i)
+    #: the hold of the slot's disk while it is mapped (vmim.disk.hold), from the mount step
+    #: until the release step or the end of the run
+    holds: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    held: List[DiskHold] = field(default_factory=list)
+
+    def let_go(self) -> None:
+        """Drop the hold of the slot's disk (released, or the run ends)."""
+        self.held.clear()
+        self.holds.close()
 
     @property
     def slot(self) -> Optional[Slot]:

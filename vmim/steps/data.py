@@ -185,8 +185,9 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             staging = tree.staging_dir(root, "restore", like=root, records=records)
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
-                fmt.unpack(path, staging)
-            tree.merge(staging, root)  # "/" takes the archive's "." metadata, times included
+                fmt.unpack(path, staging, restore=True)
+            # "/" takes the archive's "." metadata, times included
+            tree.merge_contained(staging, root)
             times = os.stat(root)
             os.rmdir(staging)  # which changes the mtime of "/" again: put the archive's back
             records.forget(os.path.basename(staging))
@@ -228,11 +229,11 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
     t = box.req.inserts[step.item]
     proven = box.proven[("insert", step.item)]
     records = worklog.WorkLog.of(box.cfg, box.need_slot())
-    staging = tree.staging_dir(root, "insert", like=tree.target_dir(root, t.directory),
-                               records=records)
+    staging = tree.staging_dir(root, "insert", records=records)
     try:
+        tree.prepare_contained(staging, root, t.directory)
         proven.fmt.unpack(proven.path, staging)
-        n = tree.merge(staging, root, t.directory)
+        n = tree.merge_contained(staging, root, t.directory, remove_staging=True)
     finally:
         tree.remove_staging(staging, records)
     rec.details.update(name=t.name, directory=t.directory, format=proven.fmt.name)

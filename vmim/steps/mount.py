@@ -12,7 +12,8 @@ from typing import List, Set
 from vmim import disk as disk_mod
 from vmim import tree, worklog
 from vmim.config import Config, Slot
-from vmim.disk import mounts, namespaces
+from vmim.disk import hold, mounts, namespaces
+from vmim.disk.hold import DiskHold
 from vmim.domain import Hypervisor
 from vmim.errors import CleanupError, CommandError, StateError
 from vmim.plan import Step
@@ -82,32 +83,40 @@ def create(box: Box, step: Step, rec: StepResult) -> str:
 def mount(box: Box, step: Step, rec: StepResult) -> str:
     slot = box.need_slot()
     require_root("--mount")
-    message = mount_slot(box.cfg, box.hv, slot)
+    message = mount_slot(box.cfg, box.hv, slot, box.holds, box.held)
     # what a killed run left in the guest, as the host recorded it
     tree.remove_stale_work(slot.mount, worklog.WorkLog.of(box.cfg, slot))
     return message
 
 
-def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot) -> str:
+def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot, holds: contextlib.ExitStack,
+               held: List[DiskHold]) -> str:
+    """Map and mount the slot's filesystem, holding its disk as QEMU does (vmim.disk.hold) from
+    before the domain's state is checked until the release: a domain started meanwhile fails
+    to start instead of booting a mounted disk. The hold goes on holds (the box's)."""
     d = disk_mod.for_slot(slot)
-    check_domain_off(hv, slot, d)
     devices = candidate_devices(d)
     ours = mounts_of(devices)
     here = mounts.mounted_at(slot.mount)
+    if here is not None and any(m.mount_id == here.mount_id for m in ours):
+        _hold(d, holds, held)  # a --mount's holder process holds it too: it acts for us
+        check_domain_off(hv, slot, d)
+        if mounts.restrict(here, disk_mod.SLOT_OPTIONS):  # mounted by hand, or by 1.x
+            return f"already mounted at {slot.mount}; remounted {','.join(disk_mod.SLOT_OPTIONS)}"
+        return f"already mounted at {slot.mount}"
+    check_domain_off(hv, slot, d)  # the plain refusal first, before anything is held
     if here is not None:
-        if any(m.mount_id == here.mount_id for m in ours):
-            return f"already mounted at {slot.mount}"
         raise StateError(f"box '{slot.name}': {slot.mount} already has another filesystem "
                          f"mounted ({here.source}); unmount it or set the slot's mount")
     if ours:
         m = ours[0]
         raise StateError(f"box '{slot.name}': its filesystem is already mounted at "
                          f"{m.target} ({m.source}); unmount it first")
-    held = namespaces.mounts_elsewhere(devices)  # never map a disk mounted anywhere
-    if held:
+    held_elsewhere = namespaces.mounts_elsewhere(devices)  # never map a disk mounted anywhere
+    if held_elsewhere:
         raise CleanupError(f"box '{slot.name}': its disk is still mounted elsewhere; not "
-                           f"mapping it a second time: {namespaces.describe(held)}; then "
-                           "mount it again")
+                           f"mapping it a second time: {namespaces.describe(held_elsewhere)}; "
+                           "then mount it again")
     leftovers = d.unmap_all()  # mappings an interrupted run left, mounted nowhere
     if leftovers:
         log.warning("box %s: cleaned up after an interrupted run: %s", slot.name,
@@ -116,8 +125,11 @@ def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot) -> str:
     if still:
         raise CleanupError(f"box '{slot.name}': not mapping its disk a second time: still "
                            f"mapped by {', '.join(still)}")
+    _hold(d, holds, held)  # from here a domain start fails; a QEMU holding it is refused
+    check_domain_off(hv, slot, d)  # started before the hold: refused now
     with contextlib.ExitStack() as stack:
         device = d.map(stack)
+        check_domain_off(hv, slot, d)  # a qcow2 slot: held from the export daemon's start
         fs = disk_mod.probe_filesystem(device, f"box '{slot.name}': {d.describe()}")
         mounts.ensure_shared(mounts.mount_base(slot.mount, cfg.mount_prefix))
         os.makedirs(slot.mount, mode=0o755, exist_ok=True)
@@ -128,11 +140,22 @@ def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot) -> str:
                                f"{exc.stderr_tail} (is the {fs.type} filesystem of "
                                f"{d.describe()} damaged? check it with fsck)") from None
         stack.pop_all()
+    # Belt and braces, before the first write: a domain that runs now (a QEMU that does not
+    # lock, say) makes the run fail, and the failure releases the disk.
+    check_domain_off(hv, slot, d)
     return f"mounted {d.describe()} ({fs.type}) at {slot.mount}"
 
 
+def _hold(d: disk_mod.SlotDisk, holds: contextlib.ExitStack, held: List[DiskHold]) -> None:
+    h = d.hold(holds)
+    if h is not None:
+        held.append(h)
+
+
 def release(box: Box, step: Step, rec: StepResult) -> str:
-    return release_slot(box.need_slot())
+    message = release_slot(box.need_slot())
+    box.let_go()  # unmounted and unmapped: the domain may start again
+    return message
 
 
 def release_slot(slot: Slot) -> str:
@@ -160,4 +183,5 @@ def release_slot(slot: Slot) -> str:
         if left:
             raise CleanupError(f"box '{slot.name}': still mapped after release: "
                                f"{', '.join(left)}; run '{hint}' again")
+        undone += hold.stop_holders(d.source, hint)  # what kept a --mount's hold
     return "; ".join(undone) if undone else NOTHING_TO_RELEASE

@@ -1,0 +1,129 @@
+"""The Python code that reads or writes guest files, run in the sandbox (vmim.sandbox).
+
+The newc extractor, the merge of a staging directory into the guest and the preparation of an
+insert's target directory are this package's own code, not a program's: they run as
+`python3 -m vmim.guestwork OPERATION JSON` under bwrap, seeing only the slot (or the staging
+directory) at a fixed name, so that even a bug in them (in tree.resolve, say) cannot reach a
+host file. The request is one JSON object; the answer is one JSON line on stdout: the result,
+or the typed error the operation raised, which call() raises again here, message and exit code
+unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+
+from vmim import errors
+
+if TYPE_CHECKING:
+    from vmim.sandbox import Bind
+
+
+#: errors that cross the sandbox boundary as themselves (an allow-list: a name from the child
+#: never picks an arbitrary class here)
+def _error_classes() -> Dict[str, type]:
+    from vmim.archive import CorruptArchive, UnsafeMember, UnsupportedVariant
+
+    return {c.__name__: c for c in (errors.OperationError, errors.StateError, CorruptArchive,
+                                    UnsafeMember, UnsupportedVariant)}
+
+
+# ------------------------------------------------------------------ the operations (inside)
+
+
+def _extract_newc(req: Dict[str, Any]) -> int:
+    from vmim.archive import newc
+
+    return newc.extract(sys.stdin.buffer, req["root"],
+                        skip_root_names=tuple(n.encode() for n in req.get("skip", ())))
+
+
+def _merge(req: Dict[str, Any]) -> int:
+    from vmim import tree
+
+    moved = tree.merge(req["staging"], req["root"], req["dest"])
+    if req.get("remove_staging"):
+        import shutil
+
+        shutil.rmtree(req["staging"])  # what is left: directories merged into existing ones
+    return moved
+
+
+def _prepare(req: Dict[str, Any]) -> None:
+    """The insert's target directory, made in the guest when missing; the staging directory
+    takes its metadata (so an archive without a "." entry changes none of it)."""
+    from vmim import tree
+
+    tree.copy_dir_metadata(tree.target_dir(req["root"], req["dest"]), req["staging"])
+
+
+OPERATIONS: Dict[str, Callable[[Dict[str, Any]], Any]] = {
+    "extract-newc": _extract_newc, "merge": _merge, "prepare": _prepare,
+}
+
+
+def _answer(obj: Dict[str, Any], code: int) -> int:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+def child(argv: List[str]) -> int:
+    """The entry point inside the sandbox."""
+    op, payload = argv
+    try:
+        result = OPERATIONS[op](json.loads(payload))
+    except errors.VmimError as exc:
+        name = type(exc).__name__ if type(exc).__name__ in _error_classes() else "OperationError"
+        return _answer({"error": name, "message": str(exc)}, exc.exit_code)
+    except OSError as exc:
+        return _answer({"oserror": exc.errno, "strerror": exc.strerror,
+                        "filename": exc.filename if isinstance(exc.filename, str) else None},
+                       errors.EXIT_FAILED)
+    return _answer({"result": result}, 0)
+
+
+# ------------------------------------------------------------------ the call (outside)
+
+
+def call(op: str, payload: Dict[str, Any], binds: Sequence[Bind], *,
+         feed: Sequence[Sequence[str]] = (), stdin_path: Optional[str] = None) -> Any:
+    """Run operation op in the sandbox and return its result, or raise its error. `feed` are
+    stages (run here, outside) whose output is the operation's stdin; the first reads
+    stdin_path."""
+    import tempfile
+
+    from vmim import process, sandbox
+
+    inner = sandbox.python("vmim.guestwork", [op, json.dumps(payload)], binds)
+    with tempfile.TemporaryFile() as out:
+        try:
+            process.pipeline([*feed, inner], stdin_path=stdin_path, stdout_fd=out.fileno())
+            failure: Optional[errors.CommandError] = None
+        except errors.CommandError as exc:
+            failure = exc
+        out.seek(0)
+        lines = out.read().decode("utf-8", "replace").splitlines()
+    answer: Dict[str, Any] = {}
+    if lines:
+        try:
+            answer = json.loads(lines[-1])
+        except ValueError:
+            answer = {}
+    if failure is not None and failure.argv != sandbox.shown(inner):
+        raise failure  # a feeding stage failed (the decompressor): it says why
+    if "error" in answer:
+        cls = _error_classes().get(answer["error"], errors.OperationError)
+        raise cls(answer["message"])
+    if "oserror" in answer:
+        raise OSError(answer["oserror"] or errno.EIO, answer["strerror"], answer["filename"])
+    if failure is not None or "result" not in answer:
+        raise failure or errors.OperationError(f"{op} in the sandbox gave no answer")
+    return answer["result"]
+
+
+if __name__ == "__main__":
+    sys.exit(child(sys.argv[1:]))

@@ -1,0 +1,174 @@
+"""The sandbox of every process that reads or writes guest data (design §2, issue 20).
+
+`command(argv, binds)` wraps an argv so that it runs under bubblewrap in a private mount
+namespace that holds no host path but a read-only /usr (with the merged-usr links /bin, /lib,
+/lib64, /sbin), a minimal /dev without block devices, its own /proc, an empty /tmp, and
+exactly the binds the caller names, at fixed names (/slot, /image, /dest ...). A guest symlink
+or hard link then cannot name a host file: none is there. No network, and its own ipc, pid
+and uts namespaces; it dies with the command that started it.
+
+Root stays root inside (no user namespace), with only the capabilities an unpacker needs to
+restore what a filesystem holds: owners, modes, device nodes, file capabilities, trusted.*
+xattrs (CAP_SYS_ADMIN), reserved blocks. bwrap makes every bind nodev and nosuid: a device
+node an archive creates cannot be opened in the sandbox.
+
+bwrap itself runs under `setpriv --pdeathsig KILL` (util-linux): a vmimagemanager killed by
+SIGKILL takes its sandboxes with it (the kernel sends the signal when the thread that started
+the command ends; vmimagemanager's threads wait for their commands), and --die-with-parent
+takes what runs inside; a leftover that escaped that is found by procscan.reap_orphans().
+
+Not `--new-session`: process.popen() already starts each command in a session of its own,
+without a controlling terminal, and keeping the sandboxed program in that session's process
+group lets process.stop() kill it and wait until it is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from vmim import procscan
+from vmim.errors import ToolMissingError
+
+BWRAP = "bwrap"
+INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; " \
+               "Fedora/RHEL: dnf install bubblewrap): vmimagemanager runs every program that " \
+               "reads or writes guest data in its sandbox"
+
+#: the only host tree the sandbox sees (read-only)
+SYSTEM = "/usr"
+#: merged-usr links of Debian 12 and Fedora: name -> target inside /usr
+USR_LINKS = {"/bin": "usr/bin", "/sbin": "usr/sbin", "/lib": "usr/lib", "/lib64": "usr/lib64"}
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: what tar, cpio, rsync and the newc extractor need to write what a root filesystem holds
+CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4,
+                "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_MKNOD": 27, "CAP_SETFCAP": 31}
+#: where the vmim package is seen inside (for the Python programs run there)
+LIBRARY = "/vmim-lib"
+#: the fixed names binds take inside: the guest tree (a slot's root, or the tree archived), the
+#: directory unpacked into, an image, an image store's directory
+SLOT, DEST, IMAGE, STORE = "/slot", "/dest", "/image", "/store"
+#: all of them (what procscan looks for in a leftover sandbox)
+PLACES = (SLOT, DEST, IMAGE, STORE)
+#: bwrap runs under `setpriv --pdeathsig KILL`: when vmimagemanager dies (kill -9), so does
+#: bwrap, and with it (--die-with-parent) everything in the sandbox, whose mounts then go
+SETPRIV = "setpriv"
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path seen inside the sandbox at a fixed name."""
+
+    source: str
+    inside: str
+    writable: bool = False
+
+
+class Sandboxed(List[str]):
+    """The bwrap argv of a command; `shown` is the command itself, as messages name it."""
+
+    shown: List[str]
+
+
+def shown(argv: Sequence[str]) -> List[str]:
+    """The argv as messages name it: a sandboxed command's own argv, not bwrap's."""
+    return [str(a) for a in getattr(argv, "shown", argv)]
+
+
+def _bounding_set() -> int:
+    """This process's capability bounding set (a container may lack some)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapBnd:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def capabilities() -> List[str]:
+    """Those of CAPABILITIES this process may hand on. (bwrap 0.8 asked to add one outside
+    the bounding set keeps every capability instead: never ask it.)"""
+    have = _bounding_set()
+    return [name for name, bit in CAPABILITIES.items() if have >> bit & 1]
+
+
+def _bwrap() -> str:
+    path = shutil.which(BWRAP)
+    if path is None:
+        raise ToolMissingError(BWRAP, INSTALL_HINT)
+    return path
+
+
+def _setpriv() -> str:
+    path = shutil.which(SETPRIV)
+    if path is None:
+        raise ToolMissingError(SETPRIV, "it is part of util-linux")
+    return path
+
+
+def _inside_path(tool: str) -> str:
+    """The full path of a program the sandbox runs: it must live under /usr."""
+    if tool.startswith("/"):
+        path: Optional[str] = tool
+    else:
+        path = shutil.which(tool, path=PATH)
+    if path is None:
+        raise ToolMissingError(tool)
+    real = os.path.realpath(path)
+    if not (real + "/").startswith(SYSTEM + "/"):
+        raise ToolMissingError(tool, f"it is {real}, and the sandbox of guest data sees only "
+                               f"{SYSTEM}: install it there")
+    return path
+
+
+def command(argv: Sequence[str], binds: Sequence[Bind], *, cwd: Optional[str] = None,
+            env: Optional[dict] = None) -> Sandboxed:
+    """argv to run in the sandbox, seeing `binds` and nothing else of the host; `cwd` is a
+    path inside. The first word is found on the sandbox's PATH (under /usr)."""
+    argv = [str(a) for a in argv]
+    out = Sandboxed([_setpriv(), "--pdeathsig", "KILL", "--", _bwrap(), "--ro-bind", SYSTEM,
+                     SYSTEM])
+    for name, target in USR_LINKS.items():
+        if os.path.lexists(os.path.join(SYSTEM, target[len("usr/"):])):
+            out += ["--symlink", target, name]
+    out += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent",
+            "--cap-drop", "ALL"]
+    for cap in capabilities():
+        out += ["--cap-add", cap]
+    for b in binds:
+        if not b.inside.startswith("/") or not (b.inside in PLACES or
+                                                b.inside.startswith(LIBRARY + "/")):
+            raise ValueError(f"sandbox: bad place for a bind: {b.inside!r}")
+        out += ["--bind" if b.writable else "--ro-bind", b.source, b.inside]
+    variables = {"PATH": PATH, "LC_ALL": "C", procscan.OWNER_ENV: procscan.owner_tag(),
+                 **(env or {})}
+    out.append("--clearenv")
+    for key, value in variables.items():
+        out += ["--setenv", key, value]
+    if cwd is not None:
+        out += ["--chdir", cwd]
+    out += ["--", _inside_path(argv[0]), *argv[1:]]
+    out.shown = argv
+    return out
+
+
+def python(module: str, args: Sequence[str], binds: Sequence[Bind], *,
+           cwd: Optional[str] = None) -> Sandboxed:
+    """`python3 -m module args` in the sandbox, with this vmim package read-only at LIBRARY.
+
+    The interpreter is the one running now when it lives under /usr, else /usr/bin/python3."""
+    import vmim
+
+    package = os.path.dirname(os.path.abspath(vmim.__file__))
+    here = os.path.realpath(sys.executable)
+    interpreter = here if (here + "/").startswith(SYSTEM + "/") else "/usr/bin/python3"
+    return command([interpreter, "-s", "-S", "-B", "-m", module, *args],
+                   [*binds, Bind(package, f"{LIBRARY}/vmim")], cwd=cwd,
+                   env={"PYTHONPATH": LIBRARY, "PYTHONDONTWRITEBYTECODE": "1"})
