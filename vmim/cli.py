@@ -1,31 +1,24 @@
-"""Command line: argparse front end. The only place that prints errors and chooses exit codes."""
+"""Command line: the argparse front end. It parses the command line into one Invocation
+(typed: vmim/invocation.py) and hands it to vmim.frontend.run_invocation, the one place that
+turns errors into a line on stderr and an exit code."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import signal
 import sys
-import traceback
-from typing import Any, Dict, NoReturn, Optional, Sequence, TextIO, Tuple
+from typing import List, Optional, Sequence, TextIO, Tuple
 
 from vmim import __version__
 from vmim.errors import (
-    EXIT_FAILED,
-    EXIT_SIGINT,
-    ConfigError,
-    Interrupted,
     UsageError,
-    VmimError,
 )
-from vmim.output import PROG, undecodable_escaped
+from vmim.frontend import ArgParser, run_invocation
+from vmim.invocation import BoxRun, Invocation, RunOptions
+from vmim.output import PROG
 from vmim.plan import ANY_FREE, BOX_PLACEHOLDER, PIPELINE, Request, Transfer
 
 log = logging.getLogger("vmim")
-
-ENV_LOG_CONFIG = "VMIM_LOG_CONF"
 
 FORMAT_FLAGS = (
     ("-y", "--rsync", "rsync", "rsync tree (the default for store and extract)"),
@@ -35,29 +28,8 @@ FORMAT_FLAGS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}{self._did_you_mean(message)} (see '{PROG} --help')")
-
-    def _did_you_mean(self, message: str) -> str:
-        """'; did you mean --list-images?' for a misspelt long option."""
-        import difflib
-
-        if not message.startswith("unrecognized arguments: "):
-            return ""
-        longs = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-        hints = []
-        for word in message.split(": ", 1)[1].split():
-            flag = word.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, longs, n=1, cutoff=0.7) \
-                if flag.startswith("--") else []
-            if close:
-                hints.append(f"{close[0]} for {flag}")
-        return f"; did you mean {', '.join(hints)}?" if hints else ""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgParser(
         prog=PROG,
         description="Re-image libvirt virtual machines: stop a slot's domain, mount its root "
         "filesystem, store or restore an image, insert or extract archives, start it again. "
@@ -199,27 +171,29 @@ def _check_names(req: Request) -> None:
 
 def make_request(args: argparse.Namespace) -> Request:
     """Validate the parsed arguments into a Request (usage errors exit 2)."""
-    req = Request()
+    boxes: List[str] = []
     for name in args.box:
         if not name:
             raise UsageError("-b needs a box name")
-        if name not in req.boxes:
-            req.boxes.append(name)
+        if name not in boxes:
+            boxes.append(name)
 
     if len(args.store) > 1:
         raise UsageError("-s/--store is given more than once; store one image per command")
     if len(args.restore) > 1:
         raise UsageError("-r/--restore is given more than once; restore one image per command")
-    req.store = args.store[0] if args.store else None
-    req.restore = args.restore[0] if args.restore else None
-    for flag, value in (("-s", req.store), ("-r", req.restore)):
+    store = args.store[0] if args.store else None
+    restore = args.restore[0] if args.restore else None
+    for flag, value in (("-s", store), ("-r", restore)):
         if value is not None and not value:
             raise UsageError(f"{flag} needs an image name")
 
+    inserts = []
     for text in args.insert:
         name, directory = _split_transfer(text, "-i")
-        req.inserts.append(Transfer(name, directory or "/"))
+        inserts.append(Transfer(name, directory or "/"))
 
+    extracts = []
     pending = list(args.extract_directory)
     for text in args.extract:
         name, directory = _split_transfer(text, "-e")
@@ -230,27 +204,28 @@ def make_request(args: argparse.Namespace) -> Request:
                     "or add --extract-directory DIR"
                 )
             directory = pending.pop(0)
-        req.extracts.append(Transfer(name, directory))
+        extracts.append(Transfer(name, directory))
     if pending:
         raise UsageError(
             f"--extract-directory {pending[0]} has no -e NAME to pair with "
             "(each -e NAME without :DIR takes the next --extract-directory)"
         )
 
-    _check_names(req)
-
     wanted = {
         "kill": args.kill, "down": args.down, "mount": args.mount,
-        "extract": bool(req.extracts), "store": req.store is not None,
-        "restore": req.restore is not None, "insert": bool(req.inserts),
+        "extract": bool(extracts), "store": store is not None,
+        "restore": restore is not None, "insert": bool(inserts),
         "release": args.release, "redefine": args.redefine, "up": args.up,
     }
-    req.actions = [a for a in PIPELINE if wanted[a]]
-    req.lists = [name for name, flag in (
-        ("boxes", args.list_boxes), ("images", args.list_images), ("inserts", args.list_inserts),
-        ("free", args.list_free), ("locked", args.list_locked)) if flag]
-    req.format = args.format
-    req.disk_image = args.disk_image
+    req = Request(
+        boxes=tuple(boxes), actions=tuple(a for a in PIPELINE if wanted[a]),
+        lists=tuple(name for name, flag in (
+            ("boxes", args.list_boxes), ("images", args.list_images),
+            ("inserts", args.list_inserts), ("free", args.list_free),
+            ("locked", args.list_locked)) if flag),
+        store=store, restore=restore, inserts=tuple(inserts), extracts=tuple(extracts),
+        format=args.format, disk_image=args.disk_image)
+    _check_names(req)
     if args.disk_image and (req.inserts or req.extracts):
         raise UsageError("--disk-image stores and restores whole disks: it does not go with -i or -e")
     if args.disk_image and req.store is None and req.restore is None:
@@ -279,167 +254,30 @@ def make_request(args: argparse.Namespace) -> Request:
     return req
 
 
-# --------------------------------------------------------------------------- logging
-
-
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = undecodable_escaped(record.getMessage())
-        return f"{PROG}: {record.levelname.lower()}: {message}" + (
-            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
-
-
-def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
-                  syslog: Optional[str] = None) -> None:
-    log_config = log_config or os.environ.get(ENV_LOG_CONFIG) or None
-    if log_config:
-        if not os.path.isfile(log_config):
-            raise UsageError(f"logging configuration '{log_config}' was not found")
-        import logging.config as logging_config  # only when asked for: start-up stays light
-
-        try:
-            logging_config.fileConfig(log_config, disable_existing_loggers=False)
-        except Exception as exc:  # fileConfig raises anything from KeyError to ValueError
-            raise UsageError(f"logging configuration '{log_config}' is invalid: {exc!r}") from None
-        return
-    level_index = max(0, min(5, 1 - verbose + quiet))  # default INFO: one line per step
-    level = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL,
-             logging.CRITICAL + 10)[level_index]
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_vmim", False):
-            root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._vmim = True  # type: ignore[attr-defined]
-    handler.setFormatter(_Formatter())
-    handler.setLevel(level)
-    root.addHandler(handler)
-    root.setLevel(level)
-    if syslog:
-        import logging.handlers as logging_handlers
-
-        class SyslogHandler(logging_handlers.SysLogHandler):
-            """Syslog, given up (with one warning) at its first failure: a cron run without a
-            syslog daemon must not print a traceback for every line it logs."""
-
-            def handleError(self, record: logging.LogRecord) -> None:
-                logging.getLogger().removeHandler(self)
-                self.close()
-                exc = sys.exc_info()[1]
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                log.warning("cannot log to syslog at %s (%s); logging to stderr only", syslog, why)
-
-        class EscapingFormatter(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                return undecodable_escaped(super().format(record))
-
-        try:
-            sh = SyslogHandler(address=syslog)
-        except OSError as exc:
-            log.warning("cannot log to syslog at %s (%s); logging to stderr only", syslog,
-                        exc.strerror)
-            return
-        sh._vmim = True  # type: ignore[attr-defined]
-        sh.setFormatter(EscapingFormatter(f"{PROG}[{os.getpid()}]: %(levelname)s: %(message)s"))
-        sh.setLevel(min(level, logging.INFO))  # the steps, even when stderr stays quiet
-        root.addHandler(sh)
-        root.setLevel(min(level, logging.INFO))
-
-
-# --------------------------------------------------------------------------- output
-
-
-# --------------------------------------------------------------------------- main
-
-
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise Interrupted(signum)
-
-
-def _install_signal_handlers() -> Dict[int, Any]:
-    old: Dict[int, Any] = {}
-    # SIGINT too: as an Interrupted (a VmimError) it runs the same cleanup as a failed step.
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        try:
-            old[sig] = signal.signal(sig, _raise_interrupt)
-        except ValueError:  # not the main thread (tests calling main() from a thread)
-            pass
-    return old
+def make_invocation(args: argparse.Namespace) -> Invocation:
+    """The whole command line as typed values: the request, the options of its run, and what
+    only this machine decides (config, logging, broker). Nothing below cli.py sees `args`."""
+    options = RunOptions(dry_run=args.dry_run, print_xml=args.print_xml, json=args.json,
+                         jobs=args.jobs, lock_wait=args.lock_wait, timeout=args.timeout,
+                         core=args.core, verbose=args.verbose, quiet=args.quiet)
+    return Invocation(BoxRun(make_request(args), options), config=args.config,
+                      connect=args.connect, print_config=args.print_config,
+                      log_config=args.log_config, syslog=args.syslog, broker=args.broker,
+                      local=args.local, lvm=args.lvm)
 
 
 def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["worker"]:  # the fleet's worker: a command of its own (vmim/fleet/worker.py)
-        from vmim.fleet import worker
+    if argv[:1] == ["worker"]:  # the fleet's worker: a command of its own (vmim/fleet/service.py)
+        from vmim.fleet import service
 
-        return worker.main(argv[1:])
-    out = stdout or sys.stdout
-    old_handlers = _install_signal_handlers()
-    want_json = False
-    doc: Dict[str, Any] = {"version": __version__}
-    try:
-        want_json = "--json" in (sys.argv[1:] if argv is None else argv)  # before parsing:
-        # a usage error gets its JSON document too
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as exc:  # --help and --version
-            return int(exc.code or 0)
-        want_json = args.json
-        setup_logging(args.verbose, args.quiet, args.log_config, args.syslog)
-        from vmim.commands import run_command
+        return service.main(argv[1:])
+    want_json = "--json" in argv  # before parsing: a usage error gets its JSON document too
 
-        code = run_command(args, make_request(args), doc, out)
-    except BrokenPipeError:  # the reader went away (| head): not an error, nothing more to say
-        return _reader_gone(code=0)
-    except VmimError as exc:
-        code = exc.exit_code
-        _report(exc, doc)
-    except KeyboardInterrupt:
-        code = EXIT_SIGINT
-        _report(Interrupted(signal.SIGINT), doc)
-    except Exception as exc:  # a bug: say so, with the traceback
-        code = EXIT_FAILED
-        sys.stderr.write(f"{PROG}: internal error: {exc!r}\n{traceback.format_exc()}")
-        doc["error"] = {"message": f"internal error: {exc!r}", "exit_code": code}
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-    try:
-        if want_json:
-            doc["exit_code"] = code
-            json.dump(doc, out, indent=2, sort_keys=False)
-            out.write("\n")
-        out.flush()
-    except BrokenPipeError:
-        return _reader_gone(code)
-    return code
+    def parse() -> Invocation:
+        return make_invocation(build_parser().parse_args(argv))
 
-
-def _reader_gone(code: int) -> int:
-    """stdout's reader closed the pipe early (`vmimagemanager -l | head -1`): stop writing,
-    quietly, as other Unix tools do. stdout now points at /dev/null, so the interpreter's own
-    flush at exit cannot fail a second time."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # no real stdout (a test's StringIO): nothing to redirect
-        pass
-    return code
-
-
-def _report(exc: VmimError, doc: Dict[str, Any]) -> None:
-    if isinstance(exc, ConfigError) and len(exc.problems) > 1:
-        sys.stderr.write(f"{PROG}: error: the configuration has {len(exc.problems)} problems:\n")
-        for p in exc.problems:
-            sys.stderr.write(f"  {p}\n")
-    else:
-        sys.stderr.write(f"{PROG}: error: {undecodable_escaped(str(exc))}\n")
-    if logging.getLogger().isEnabledFor(logging.DEBUG):
-        traceback.print_exc(file=sys.stderr)
-    doc["error"] = {"message": str(exc), "exit_code": exc.exit_code, "type": type(exc).__name__}
-    if isinstance(exc, ConfigError):
-        doc["error"]["problems"] = exc.problems
+    return run_invocation(parse, stdout, want_json)
 
 
 def run() -> None:

@@ -3,49 +3,51 @@ the plans (--dry-run) or run the boxes, print the lists. cli.py parses and repor
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from typing import Any, Dict, List, TextIO
 
 from vmim.config import Config
 from vmim.domain import Hypervisor
 from vmim.errors import EXIT_LOCKED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, StateError, UsageError
+from vmim.invocation import Invocation
 from vmim.output import PROG, print_lists, safe, undecodable_escaped
-from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict
+from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict, dry_run_summary
 from vmim.recorder import BoxResult
 from vmim.steps import Options
 
 log = logging.getLogger("vmim")
 
 
-def run_command(args: argparse.Namespace, req: Request, doc: Dict[str, Any], out: TextIO) -> int:
+def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
     from vmim import config as config_mod
     from vmim import process
 
     process.reset_cancel()
-    if args.lvm:
+    req, opts = inv.request, inv.options
+    if inv.lvm:
         log.warning("--lvm is ignored: set store_type = \"lvm\" for the slot in the config")
 
-    if not args.local and (req.boxes or req.lists):
+    if not inv.local and (req.boxes or req.lists):
         from vmim.fleet import client
 
-        broker = client.broker_of(args)
+        broker = client.broker_of(inv)
         if broker is not None:  # the fleet: the owning host's worker runs it
-            return client.run(args, req, broker, doc, out)
-    cfg = config_mod.load(args.config)
-    if args.print_config is not None:
+            return client.run(inv, broker, doc, out)
+    cfg = config_mod.load(inv.config)
+    if inv.print_config is not None:
         text = config_mod.render_config(cfg)
-        if args.print_config == "-":
-            if not args.json:
+        if inv.print_config == "-":
+            if not opts.json:
                 out.write(text)
             else:
                 doc["config"] = text
-        elif args.dry_run:
-            log.info("dry run: would write the configuration to %s", args.print_config)
+        elif opts.dry_run:
+            log.info("dry run: would write the configuration to %s", inv.print_config)
         else:
-            write_file(args.print_config, text)
+            write_file(inv.print_config, text)
 
     disk_actions = [a for a in req.actions if a in DISK_ACTIONS]
     if disk_actions:
@@ -58,23 +60,23 @@ def run_command(args: argparse.Namespace, req: Request, doc: Dict[str, Any], out
         if req.boxes or {"boxes", "free"} & set(req.lists):
             from vmim import domain
 
-            hv = domain.connect(args.connect or cfg.uri)
+            hv = domain.connect(inv.connect or cfg.uri)
         if req.boxes:
             assert hv is not None
             check_boxes(req, cfg, hv)
-            if args.print_xml:
-                print_xml(req, cfg, hv, args.json, doc, out)
-            if req.actions and args.dry_run:
-                code = print_plans(req, cfg, hv, args.lock_wait, args.json, doc, out)
+            if opts.print_xml:
+                print_xml(req, cfg, hv, opts.json, doc, out)
+            if req.actions and opts.dry_run:
+                code = print_plans(req, cfg, hv, opts.lock_wait, opts.json, doc, out)
             elif req.actions:
                 from vmim import progress
 
-                progress.enabled = (sys.stderr.isatty() and not args.json and not args.quiet
-                                    and (len(req.boxes) == 1 or args.jobs == 1))
-                options = Options(lock_wait=args.lock_wait, timeout=args.timeout, core=args.core)
-                code = run_boxes(req, cfg, hv, options, doc, out, args.json, args.quiet > 0,
-                                 args.jobs)
-        print_lists(req, cfg, hv, args.json, doc, out)
+                progress.enabled = (sys.stderr.isatty() and not opts.json and not opts.quiet
+                                    and (len(req.boxes) == 1 or opts.jobs == 1))
+                options = Options(lock_wait=opts.lock_wait, timeout=opts.timeout, core=opts.core)
+                code = run_boxes(req, cfg, hv, options, doc, out, opts.json, opts.quiet > 0,
+                                 opts.jobs)
+        print_lists(req, cfg, hv, opts.json, doc, out)
     finally:
         if hv is not None:
             hv.close()
@@ -89,14 +91,14 @@ def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List
     from vmim.plan import plan_box
 
     boxes = req.boxes
-    if boxes == [ANY_FREE]:
+    if tuple(boxes) == (ANY_FREE,):
         free = [r.name for r in listing.boxes(cfg, hv.domains()) if r.is_free]
         if not free:
             return [Plan(ANY_FREE, (Step("claim", "claim a free slot"),),
                          Verdict(EXIT_LOCKED, f"no free slot: all {len(cfg.slots)} slots of "
                                  f"{cfg.path} are running, mounted or locked; try again "
                                  "later"))]
-        boxes = free[:1]
+        boxes = tuple(free[:1])
     return [plan_box(req, box, observe(cfg, hv, box, req), lock_wait=lock_wait)
             for box in boxes]
 
@@ -113,8 +115,7 @@ def print_plans(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int, as_js
         return code
     for p in plans:
         out.write(p.text())
-    out.write(f"(dry run: nothing was changed; the run would exit {code} here"
-              f"{'' if code else ' unless something fails on the way'})\n")
+    out.write(dry_run_summary(code))
     return code
 
 
@@ -163,13 +164,13 @@ def run_boxes(req: Request, cfg: Config, hv: Hypervisor, options: Options,
               jobs: int = 1) -> int:
     from vmim.runner import claim_free_slot, run_box
 
-    if req.boxes == [ANY_FREE]:
+    if req.boxes == (ANY_FREE,):
         box, held = claim_free_slot(cfg, hv)
         doc["claimed"] = box
         if not as_json:
             out.write(box + "\n")
             out.flush()
-        req.boxes = [box]
+        req = replace(req, boxes=(box,))
         with held:
             results = [run_box(cfg, box, hv, req, options, locked=True)]
     elif jobs > 1 and len(req.boxes) > 1:

@@ -39,6 +39,11 @@ class UsageError(VmimError):
     exit_code = EXIT_USAGE
 
 
+class ProtocolError(UsageError):
+    """A value that crossed a process boundary (a fleet message, a job's request) is not one
+    the receiver accepts: unknown field, wrong type, out of range (exit 2)."""
+
+
 class ConfigError(VmimError):
     """The configuration is invalid; carries every problem found (exit 3)."""
 

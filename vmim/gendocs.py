@@ -140,7 +140,7 @@ def _extra_sections(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
 
 def _worker_section() -> str:
     """`vmimagemanager worker`: a command of its own, with its own parser."""
-    from vmim.fleet.worker import build_parser as worker_parser
+    from vmim.fleet.service import build_parser as worker_parser
 
     wp = worker_parser()
     lines = [".B vmimagemanager worker", "[\\fIoptions\\fR]", ".PP", _roff(wp.description or ""),

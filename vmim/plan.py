@@ -10,7 +10,7 @@ with its code, and the real run stops with it before any step touches the slot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from vmim.errors import EXIT_CLEANUP, EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_LOCKED, EXIT_STATE
 
@@ -47,25 +47,75 @@ class Transfer:
     directory: str
 
 
-@dataclass
-class Request:
-    """What the command line asks for, validated."""
+#: what a request may ask for: the formats of store and extract, and the lists
+FORMATS = ("rsync", "tgz", "cpio.bz2", "tar.zst")
+LISTS = ("boxes", "images", "inserts", "free", "locked")
+#: the fields of Request.to_dict(); a fleet job carries them without boxes and lists
+REQUEST_FIELDS = ("boxes", "actions", "lists", "store", "restore", "inserts", "extracts",
+                  "format", "disk_image")
 
-    boxes: List[str] = field(default_factory=list)
-    actions: List[str] = field(default_factory=list)  # in PIPELINE order
-    lists: List[str] = field(default_factory=list)
+
+@dataclass(frozen=True)
+class Request:
+    """What the command line asks for, validated: a value (lists given are kept as tuples)
+    that crosses process boundaries as `to_dict()` and comes back with `from_dict()`."""
+
+    boxes: Tuple[str, ...] = ()
+    actions: Tuple[str, ...] = ()  # in PIPELINE order
+    lists: Tuple[str, ...] = ()
     store: Optional[str] = None
     restore: Optional[str] = None
-    inserts: List[Transfer] = field(default_factory=list)
-    extracts: List[Transfer] = field(default_factory=list)
+    inserts: Tuple[Transfer, ...] = ()
+    extracts: Tuple[Transfer, ...] = ()
     format: Optional[str] = None
     disk_image: bool = False  # --disk-image: store/restore the whole disk
+
+    def __post_init__(self) -> None:
+        for name in ("boxes", "actions", "lists", "inserts", "extracts"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def store_name(self, box: str) -> Optional[str]:
         return self.store.replace(BOX_PLACEHOLDER, box) if self.store is not None else None
 
     def extract_name(self, name: str, box: str) -> str:
         return name.replace(BOX_PLACEHOLDER, box)
+
+    def to_dict(self, fields: Sequence[str] = REQUEST_FIELDS) -> Dict[str, Any]:
+        d: Dict[str, Any] = {
+            "boxes": list(self.boxes), "actions": list(self.actions), "lists": list(self.lists),
+            "store": self.store, "restore": self.restore,
+            "inserts": [{"name": t.name, "directory": t.directory} for t in self.inserts],
+            "extracts": [{"name": t.name, "directory": t.directory} for t in self.extracts],
+            "format": self.format, "disk_image": self.disk_image}
+        return {k: v for k, v in d.items() if k in fields}
+
+    @classmethod
+    def from_dict(cls, data: Any, fields: Sequence[str] = REQUEST_FIELDS,
+                  what: str = "the request") -> Request:
+        """The request a dict describes, read strictly (vmim.fields): unknown fields, wrong
+        types, unknown actions, lists or formats are a ProtocolError. The actions come back
+        in PIPELINE order whatever order they were sent in."""
+        from vmim.fields import Fields
+
+        f = Fields(data, what, fields)
+
+        def transfers(key: str) -> Tuple[Transfer, ...]:
+            out = []
+            for i, item in enumerate(f.items(key)):
+                t = Fields(item, f"{what}: {key}[{i}]", ("name", "directory"))
+                out.append(Transfer(t.string("name", required=True),
+                                    t.string("directory", required=True)))
+            return tuple(out)
+
+        actions = set(f.strings("actions", choices=PIPELINE))
+        return cls(boxes=tuple(f.strings("boxes")),
+                   actions=tuple(a for a in PIPELINE if a in actions),
+                   lists=tuple(dict.fromkeys(f.strings("lists", choices=LISTS))),
+                   store=f.string("store", nullable=True),
+                   restore=f.string("restore", nullable=True),
+                   inserts=transfers("inserts"), extracts=transfers("extracts"),
+                   format=f.string("format", nullable=True, choices=FORMATS),
+                   disk_image=f.boolean("disk_image"))
 
 
 @dataclass(frozen=True)
@@ -145,6 +195,21 @@ class Plan:
             lines.append(f"  the run would fail (exit {self.verdict.exit_code}): "
                          f"{self.verdict.message}")
         return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_dict(cls, box: str, data: Dict[str, Any]) -> Plan:
+        """The plan as_dict() describes (a fleet worker's dry run), to print it with text()."""
+        steps = tuple(Step(str(s.get("step")), str(s.get("description")),
+                           bool(s.get("implicit"))) for s in data.get("steps", []))
+        verdict = Verdict(int(data.get("expected_exit_code") or 0),
+                          str(data["expected_error"])) if data.get("expected_error") else None
+        return cls(box, steps, verdict)
+
+
+def dry_run_summary(code: int) -> str:
+    """The last line of --dry-run: the code the run would exit with here."""
+    return (f"(dry run: nothing was changed; the run would exit {code} here"
+            f"{'' if code else ' unless something fails on the way'})\n")
 
 
 def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> Plan:

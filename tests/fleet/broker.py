@@ -28,18 +28,27 @@ def missing() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> List[int]:
+    """n distinct ports free now (all held open while they are picked), so that two test
+    sessions on one machine — each with its own node — do not collide."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Broker:
     def __init__(self, base: str, name: str = "vmimtest"):
         self.base = base
         self.node = f"{name}{os.getpid()}@localhost"
-        self.port = free_port()
-        self.dist_port = free_port()
-        self.epmd_port = free_port()
+        self.port, self.dist_port, self.epmd_port = free_ports(3)
         self.pidfile = os.path.join(base, "rabbit.pid")
         self.proc: Optional[subprocess.Popen] = None
         self.epmd_pids: List[int] = []

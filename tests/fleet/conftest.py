@@ -226,6 +226,10 @@ def fleet(tmp_path_factory, broker):
     os.makedirs(f.inserts)
     for h in HOSTS:
         f.write_host(h, blank, big)
+        # the shared mount base each worker's first mount would make (mounts.ensure_shared),
+        # made once here: a test's leak check then sees it as there before the test (not its
+        # own to unmount), and so does that of a test session that starts while this one runs
+        mounts.ensure_shared(os.path.join(f.root, h, "mnt"))
     try:
         for h in HOSTS:
             f.start(h)
@@ -243,3 +247,144 @@ def fleet(tmp_path_factory, broker):
             if mounts.mounted_at(base):  # a self-bind: os.path.ismount does not see it
                 subprocess.run(["umount", "-l", base], capture_output=True)
         assert not left, f"worker processes left running: {left}"
+
+
+def is_mounted(path: str) -> bool:
+    return bool(mounts.mounted_at(path))
+
+
+def wait_mounted(path: str, client) -> None:
+    deadline = time.monotonic() + 60
+    while not is_mounted(path):
+        assert time.monotonic() < deadline, f"{path} was never mounted"
+        assert client.poll() is None, client.communicate()
+        time.sleep(0.005)
+
+
+def marker_of(fleet, box: str) -> str:
+    """The text of /marker in box's filesystem, read through the fleet (mount, read, release)."""
+    check = fleet.vmim("-b", box, "--mount")
+    assert check.code == 0, check
+    try:
+        with open(os.path.join(fleet.mount_of(box), "marker")) as fh:
+            return fh.read()
+    finally:
+        assert fleet.vmim("-b", box, "--release").code == 0
+
+
+@pytest.fixture(scope="module")
+def big(fleet):
+    """Image `big` (60 MiB in 60 files), stored from h2a: its restore takes a while."""
+    r = fleet.vmim("-b", "h2a", "--mount")
+    assert r.code == 0, r
+    top = fleet.mount_of("h2a")
+    for i in range(60):
+        with open(os.path.join(top, f"blob{i}"), "wb") as fh:
+            fh.write(os.urandom(1 << 20))
+    with open(os.path.join(top, "marker"), "w") as fh:
+        fh.write("big\n")
+    assert fleet.vmim("-b", "h2a", "--release").code == 0
+    st = fleet.vmim("-b", "h2a", "-s", "big", "--release")
+    assert st.code == 0, st
+    return "big"
+
+
+#: the client user's permissions of docs/fleet.md: publish jobs and list requests, own its
+#: reply queues — and nothing else
+CLIENT_PERMS = (r"^vmim\.reply\..*", r"^vmim\.(jobs|control)$|^amq\.default$",
+                r"^vmim\.reply\..*")
+
+
+class Sender:
+    """A client that speaks to the broker with kombu directly, as a broker user with only the
+    client permissions of docs/fleet.md: it publishes whatever bytes it likes and collects
+    the replies sent to its reply queue, by correlation id."""
+
+    def __init__(self, url: str):
+        import kombu
+
+        self.conn = kombu.Connection(url)
+        self.conn.connect()
+        self.channel = self.conn.channel()
+        self.reply_to = f"vmim.reply.{os.urandom(16).hex()}"
+        q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True, durable=False)
+        self.replies: Dict[str, List[dict]] = {}
+        self.consumer = kombu.Consumer(self.channel, queues=[q], no_ack=True,
+                                       on_message=self._got)
+        self.consumer.consume()
+        self.producer = kombu.Producer(self.channel)
+
+    def _got(self, message) -> None:
+        try:
+            body = json.loads(message.body)
+        except ValueError:
+            body = {"undecodable": message.body}
+        corr = message.properties.get("correlation_id")
+        self.replies.setdefault(corr, []).append(body)
+
+    def send(self, body, exchange: str = "vmim.jobs", routing_key: str = "any",
+             corr: Optional[str] = None, reply_to: Optional[str] = "") -> str:
+        """Publish raw bytes (or a dict as JSON) as a client would; returns the correlation id."""
+        if corr is None and isinstance(body, dict) and isinstance(body.get("job_id"), str) \
+                and len(body["job_id"]) == 32:
+            corr = body["job_id"]  # as a real client does: the reply names the job
+        corr = corr or os.urandom(16).hex()
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        self.producer.publish(body, exchange=exchange, routing_key=routing_key,
+                              reply_to=self.reply_to if reply_to == "" else reply_to,
+                              correlation_id=corr, content_type="application/json",
+                              content_encoding="utf-8", serializer=None, delivery_mode=2)
+        return corr
+
+    def wait(self, corrs: List[str], timeout: float = 30) -> None:
+        """Until every correlation id has a final reply (a result), or the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(any(r.get("type") == "result" for r in self.replies.get(c, []))
+                   for c in corrs):
+                return
+            try:
+                self.conn.drain_events(timeout=0.2)
+            except (TimeoutError, OSError):
+                pass
+
+    def result(self, corr: str) -> Optional[dict]:
+        return next((r for r in self.replies.get(corr, []) if r.get("type") == "result"), None)
+
+    def close(self) -> None:
+        self.conn.release()
+
+
+@pytest.fixture
+def sender(broker):
+    """A Sender logged in as `mallory`, a broker user with the client permissions only."""
+    user = f"mallory{os.getpid()}"
+    assert broker.ctl("add_user", user, "pw-mallory").returncode == 0
+    try:
+        assert broker.ctl("set_permissions", "-p", "/", user, *CLIENT_PERMS).returncode == 0
+        s = Sender(f"amqp://{user}:pw-mallory@127.0.0.1:{broker.port}//")
+        try:
+            yield s
+        finally:
+            s.close()
+    finally:
+        broker.ctl("delete_user", user)
+
+
+def queue_depth(broker, queue: str, settle: float = 5.0) -> int:
+    """Messages in the queue, ready or delivered and not yet acknowledged (waiting up to
+    `settle` seconds for the count to reach 0: the broker's statistics lag a little)."""
+    deadline = time.monotonic() + settle
+    while True:
+        out = broker.ctl("list_queues", "name", "messages").stdout
+        n = 0
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                n = int(parts[1])
+        if n == 0 or time.monotonic() >= deadline:
+            return n
+        time.sleep(0.5)

@@ -7,13 +7,7 @@ import os
 import signal
 import time
 
-import pytest
-
-from vmim.disk import mounts
-
-
-def is_mounted(path: str) -> bool:
-    return bool(mounts.mounted_at(path))
+from tests.fleet.conftest import is_mounted, marker_of, wait_mounted
 
 
 def write_in(fleet, box: str, name: str, text: str) -> None:
@@ -106,31 +100,6 @@ def test_concurrent_any_free_jobs_get_distinct_slots(fleet):
     assert not any(is_mounted(fleet.mount_of(f"{h}{s}")) for h in ("h1", "h2", "h3") for s in "ab")
 
 
-@pytest.fixture(scope="module")
-def big(fleet):
-    """Image `big` (60 MiB in 60 files), stored from h2a: its restore takes a while."""
-    r = fleet.vmim("-b", "h2a", "--mount")
-    assert r.code == 0, r
-    top = fleet.mount_of("h2a")
-    for i in range(60):
-        with open(os.path.join(top, f"blob{i}"), "wb") as fh:
-            fh.write(os.urandom(1 << 20))
-    with open(os.path.join(top, "marker"), "w") as fh:
-        fh.write("big\n")
-    assert fleet.vmim("-b", "h2a", "--release").code == 0
-    st = fleet.vmim("-b", "h2a", "-s", "big", "--release")
-    assert st.code == 0, st
-    return "big"
-
-
-def wait_mounted(path: str, client) -> None:
-    deadline = time.monotonic() + 60
-    while not is_mounted(path):
-        assert time.monotonic() < deadline, f"{path} was never mounted"
-        assert client.poll() is None, client.communicate()
-        time.sleep(0.005)
-
-
 def test_many_any_free_jobs_never_share_a_slot(fleet):
     """Twice as many short any-free jobs as slots, at once: all done, none on a slot another
     job held (before the fix a worker gave one slot to two jobs while it waited for a
@@ -161,13 +130,7 @@ def test_job_of_a_killed_worker_is_done_when_it_is_back(fleet, big):
     assert doc["host"] == "h1" and doc["results"][0]["box"] == "h1a"
     assert "releasing box h1a" in fleet.log("h1")
     assert not is_mounted(target)
-    check = fleet.vmim("-b", "h1a", "--mount")
-    assert check.code == 0, check
-    try:
-        with open(os.path.join(target, "marker")) as fh:
-            assert fh.read() == "big\n"
-    finally:
-        assert fleet.vmim("-b", "h1a", "--release").code == 0
+    assert marker_of(fleet, "h1a") == "big\n"  # the image, whole
 
 
 def test_worker_stops_on_sigterm_with_exit_0(fleet):
@@ -334,9 +297,11 @@ def test_a_redelivered_finished_job_is_answered_from_the_journal(fleet, broker):
 
     from vmim.fleet import protocol
     from vmim.fleet.journal import Journal
+    from vmim.invocation import BoxRun
+    from vmim.plan import Request
 
     job_id = protocol.new_job_id()
-    argv = ["-b", "h2b", "--mount"]
+    job = protocol.Job(job_id, "h2b", time.time() + 30, BoxRun(Request(actions=("mount",))))
     kept = {"type": "result", "host": "h2", "box": "h2b", "exit_code": 0,
             "doc": {"results": [{"box": "h2b", "from": "the journal"}], "host": "h2"},
             "stderr": ["vmimagemanager: info: (as it was the first time)\n"]}
@@ -347,8 +312,7 @@ def test_a_redelivered_finished_job_is_answered_from_the_journal(fleet, broker):
         with kombu.Consumer(conn, queues=[reply_q], accept=["json"], no_ack=True,
                             callbacks=[lambda body, m: replies.append(body)]):
             kombu.Producer(conn).publish(
-                protocol.encode({"v": 1, "job_id": job_id, "argv": argv,
-                                 "deadline": time.time() + 30}),
+                job.encode(),
                 exchange=protocol.JOBS, routing_key="box.h2b", reply_to=reply_q.name,
                 correlation_id=job_id, content_type="application/json",
                 content_encoding="utf-8", serializer=None, delivery_mode=2)
@@ -360,6 +324,6 @@ def test_a_redelivered_finished_job_is_answered_from_the_journal(fleet, broker):
                 except TimeoutError:
                     pass
     body = replies[0] if isinstance(replies[0], dict) else json.loads(replies[0])
-    assert body == kept
+    assert {k: v for k, v in body.items() if k != "v"} == kept  # v: the protocol's version
     assert not is_mounted(fleet.mount_of("h2b"))  # the job was not run again
     assert "answering from the journal" in fleet.log("h2")

@@ -39,9 +39,9 @@ def test_every_design_flag_parses():
                 "--release", "--redefine", "-u", "-l", "-L", "--list-inserts", "-f", "-m", "--zstd",
                 "--config", "/x.cfg", "-v", "-q", "--json", "--dry-run", "--timeout", "30",
                 "--lock-wait", "10", "--core", "2", "--jobs", "3")
-    assert r.boxes == ["web1", "web2"]
-    assert r.actions == list(PIPELINE)
-    assert r.lists == ["boxes", "images", "inserts", "free", "locked"]
+    assert r.boxes == ("web1", "web2")
+    assert r.actions == PIPELINE
+    assert r.lists == ("boxes", "images", "inserts", "free", "locked")
     assert r.store == "snap-{box}" and r.restore == "golden"
     assert [(t.name, t.directory) for t in r.inserts] == [("certs", "/"), ("keys", "/root/.ssh")]
     assert [(t.name, t.directory) for t in r.extracts] == [("logs-{box}", "/var/log")]
@@ -57,7 +57,7 @@ def test_format_flags(flag, fmt):
 
 def test_pipeline_order_does_not_depend_on_flag_order():
     r = request("-u", "-i", "certs", "-r", "golden", "-b", "a", "-k")
-    assert r.actions == ["kill", "restore", "insert", "up"]
+    assert r.actions == ("kill", "restore", "insert", "up")
 
 
 def test_original_and_legacy_spellings():

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import replace
+
 import pytest
 
-from vmim.cli import build_parser, make_request
-from vmim.errors import UsageError
-from vmim.fleet import protocol
+from vmim.cli import build_parser, make_invocation
+from vmim.errors import ProtocolError, UsageError
+from vmim.fleet import protocol, transport
 from vmim.fleet.journal import Journal
+from vmim.invocation import OPTION_FIELDS, BoxRun, RunOptions
+from vmim.plan import REQUEST_FIELDS, Request
+
+
+def invocation(*argv: str):
+    return make_invocation(build_parser().parse_args(list(argv)))
+
+
+def job_of(*argv: str, box: str = "web1") -> protocol.Job:
+    inv = invocation(*argv)
+    run = BoxRun(replace(inv.request, boxes=(), lists=()), inv.options)
+    return protocol.Job(protocol.new_job_id(), box, time.time() + 30, run, "client1")
 
 
 @pytest.mark.parametrize("argv", [
@@ -16,46 +32,193 @@ from vmim.fleet.journal import Journal
     ["-b", "web1", "-s", "img-{box}", "-w", "--dry-run", "-q"],
     ["-b", "any-free", "--mount", "-v", "--disk-image", "-r", "disk"],
 ])
-def test_job_argv_carries_the_same_request(argv):
-    args = build_parser().parse_args([*argv, "--broker", "amqp://x//", "--json",
-                                      "--lock-wait", "9", "--config", "/c.cfg"])
-    job = protocol.job_argv(args, list(args.box))
-    again = build_parser().parse_args(job)
-    assert vars(make_request(again)) == vars(make_request(build_parser().parse_args(argv)))
-    assert "--broker" not in job and "--config" not in job and "--json" not in job
-    assert protocol.checked_argv(job) == job
+def test_a_job_carries_the_same_request(argv):
+    client = [*argv, "--broker", "amqp://x//", "--json", "--lock-wait", "9", "--config", "/c.cfg"]
+    job = job_of(*client)
+    body = job.encode()
+    got = protocol.decode_job(body, job.box)
+    assert got == job
+    assert replace(got.run.request, boxes=invocation(*argv).request.boxes) == \
+        invocation(*argv).request
+    assert got.run.options.lock_wait == 9
+    for word in (b"amqp://", b"/c.cfg", b"broker", b"config"):
+        assert word not in body
 
 
-@pytest.mark.parametrize("extra", [["--config", "/etc/other.cfg"], ["--print-config", "/etc/x"],
-                                   ["--log-config", "/tmp/l"], ["--syslog"],
-                                   ["--broker", "amqp://h//"], ["--local"]])
-def test_a_job_may_not_carry_client_options(extra):
-    with pytest.raises(UsageError) as exc:
-        protocol.checked_argv(["-b", "web1", "-u", *extra])
-    assert "may not carry" in str(exc.value)
+#: options of the command line that stay on the client, by construction: a job has no field
+#: for them (anything else is carried by the typed request or its options)
+LOCAL_ONLY = {"help", "version", "config", "connect", "print_config", "log_config", "syslog",
+              "broker", "local", "lvm"}
+#: how the carried ones are named in the typed values
+CARRIED = {"box": "boxes", "kill": "actions", "down": "actions", "mount": "actions",
+           "extract": "extracts", "extract_directory": "extracts", "store": "store",
+           "restore": "restore", "insert": "inserts", "release": "actions",
+           "redefine": "actions", "up": "actions",
+           "list_boxes": "lists", "list_images": "lists", "list_inserts": "lists",
+           "list_free": "lists", "list_locked": "lists", "format": "format",
+           "disk_image": "disk_image", **{k: k for k in OPTION_FIELDS}}
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h", "--version"])
-def test_a_job_cannot_end_the_worker_with_help_or_version(flag, capsys):
-    with pytest.raises(UsageError):
-        protocol.checked_argv(["-b", "web1", flag])
+def test_every_cli_option_is_carried_by_the_typed_request_or_stays_local():
+    dests = {a.dest for a in build_parser()._actions}
+    unknown = dests - LOCAL_ONLY - set(CARRIED)
+    assert not unknown, f"options neither carried by a job nor local-only: {unknown}"
+    for dest, name in CARRIED.items():
+        assert name in REQUEST_FIELDS or name in OPTION_FIELDS, (dest, name)
+    assert not LOCAL_ONLY & (set(REQUEST_FIELDS) | set(OPTION_FIELDS) | set(protocol.JOB_FIELDS))
 
 
-def test_a_job_argv_must_be_strings():
-    with pytest.raises(UsageError):
-        protocol.checked_argv(["-b", 3])
+def _body(**change):
+    body = json.loads(job_of("-b", "web1", "-u").encode())
+    for k, v in change.items():
+        if "." in k:
+            outer, inner = k.split(".")
+            body[outer][inner] = v
+        else:
+            body[k] = v
+    return json.dumps(body)
 
 
-def test_child_command_runs_the_local_cli_with_the_workers_config():
-    cmd = protocol.child_command(["-b", "web1", "-u"], "/etc/w.cfg", 12.7)
-    assert cmd[1:3] == ["-m", "vmim.fleet.child"]
-    assert cmd[3:] == ["-b", "web1", "-u", "--json", "--local", "--config", "/etc/w.cfg",
-                       "--lock-wait", "12"]
-    assert protocol.child_command([], "/c", -5)[-1] == "0"
+@pytest.mark.parametrize("field", ["config", "print_config", "log_config", "syslog", "broker",
+                                   "local", "argv"])
+@pytest.mark.parametrize("where", ["", "request.", "options."])
+def test_a_job_may_not_carry_client_options(field, where):
+    with pytest.raises(ProtocolError) as exc:
+        protocol.decode_job(_body(**{where + field: "/etc/other.cfg"}), "web1")
+    assert "unknown field" in str(exc.value)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"{not json", "not JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'"job"', "not a JSON object"),
+    (b"[" * 50000 + b"]" * 50000, "bytes, more than"),
+    (b"[" * 20000 + b"]" * 20000, "not JSON"),
+    (_body(v=1), "version 1; this worker speaks version 2"),
+    (_body(v=None), "version (none)"),
+    (_body(type="lists"), "not one of"),
+    (_body(deadline="soon"), "not a number"),
+    (_body(deadline=True), "not a number"),
+    (_body(deadline=1.0).replace('"deadline": 1.0', '"deadline": Infinity'), "Infinity"),
+    (_body(deadline=1.0).replace('"deadline": 1.0', '"deadline": NaN'), "NaN"),
+    (_body(deadline=1.0).replace('"deadline": 1.0', '"deadline": 1e999'), "outside"),
+    (_body(deadline=-5), "outside"),
+    (_body(job_id="../../etc/passwd"), "32 hexadecimal"),
+    (_body(box="a\0b"), "NUL byte"),
+    (_body(box="x" * 300), "longer than"),
+    (_body(**{"request.restore": "gold\0en"}), "NUL byte"),
+    (_body(**{"request.inserts": [{"name": "x" * 5000, "directory": "/"}]}), "longer than"),
+    (_body(**{"request.inserts": [{"name": "x", "directory": "/"}] * 65}), "more than 64"),
+    (_body(**{"request.inserts": [{"name": "x"}]}), "directory is missing"),
+    (_body(**{"request.inserts": ["x"]}), "not an object"),
+    (_body(**{"request.actions": "up"}), "not a list"),
+    (_body(**{"request.actions": ["up", "format-c"]}), "not one of"),
+    (_body(**{"request.actions": []}), "no action"),
+    (_body(**{"request.format": "zip"}), "not one of"),
+    (_body(**{"request.boxes": ["a", "b"]}), "unknown field"),
+    (_body(**{"request.lists": ["boxes"]}), "unknown field"),
+    (_body(**{"options.timeout": -1}), "outside"),
+    (_body(**{"options.lock_wait": 1.5}), "whole number"),
+    (_body(**{"options.core": True}), "whole number"),
+    (_body(**{"options.verbose": 50000}), "outside"),
+    (_body(**{"options.dry_run": "yes"}), "true or false"),
+    (_body(request=[]), "not an object"),
+])
+def test_a_malformed_job_is_a_protocol_error(body, words):
+    with pytest.raises(ProtocolError) as exc:
+        protocol.decode_job(body, "web1")
+    assert words in str(exc.value)
+
+
+def test_a_jobs_box_is_the_box_of_its_queue():
+    """A job on the shared any-free queue is an any-free job, a job on a slot's queue is
+    for that slot: by construction, whatever the message says."""
+    assert protocol.decode_job(job_of("-b", "x", "-u", box="any-free").encode(),
+                               "any-free").box == "any-free"
+    for box, queue, words in (("web1", "any-free", "is an any-free job"),
+                              ("any-free", "web1", "came on the queue of box 'web1'"),
+                              ("web2", "web1", "came on the queue of box 'web1'")):
+        with pytest.raises(ProtocolError) as exc:
+            protocol.decode_job(job_of("-b", "x", "-u", box=box).encode(), queue)
+        assert words in str(exc.value)
+
+
+def test_a_list_request_is_read_strictly():
+    req = protocol.ListRequest(protocol.new_job_id(), ("boxes", "free"))
+    assert protocol.decode_list_request(req.encode()) == req
+    for bad in (b"\x00", b"[]", json.dumps({"v": 2, "type": "lists", "job_id": req.job_id,
+                                             "lists": ["boxes", "/etc/passwd"]}).encode()):
+        with pytest.raises(ProtocolError):
+            protocol.decode_list_request(bad)
+
+
+def test_replies_go_only_to_client_reply_queues():
+    assert protocol.usable_reply_to("vmim.reply." + "a" * 32)
+    for bad in ("vmim.host.h2.box.h2a", "amq.rabbitmq.reply-to", "vmim.reply.x", None, 3,
+                "vmim.reply." + "a" * 32 + "\n"):
+        assert protocol.usable_reply_to(bad) is None
+
+
+def test_replies_round_trip():
+    r = protocol.Reply("result", "h1", box="web1", exit_code=4, doc={"results": []},
+                       stderr=("a\n",))
+    assert protocol.decode_reply(r.encode()) == r
+    assert protocol.decode_journal_reply(r.as_dict(), "h1") == r
+    assert protocol.decode_journal_reply(["x"], "h1").exit_code == 1
+    err = protocol.error_result("no", "h1")
+    assert err.exit_code == 2 and err.doc["error"]["message"] == "no"
+
+
+def test_child_command_runs_the_child_with_the_workers_config():
+    cmd = protocol.child_command("/etc/w.cfg")
+    assert cmd[1:] == ["-m", "vmim.fleet.child", "--config", "/etc/w.cfg"]
+
+
+def test_the_child_reads_the_typed_run_and_runs_it_here_with_the_workers_config():
+    from vmim.fleet.child import read_invocation
+
+    run = BoxRun(Request(boxes=("web1",), actions=("mount",)), RunOptions(lock_wait=3))
+    inv = read_invocation(json.dumps(run.to_dict()), "/etc/w.cfg")
+    assert inv.config == "/etc/w.cfg" and inv.local and inv.options.json
+    assert inv.request == run.request and inv.options.lock_wait == 3
+    with pytest.raises(ProtocolError):
+        read_invocation(json.dumps(dict(run.to_dict(), broker="amqp://x//")), "/c")
+
+
+def test_a_job_thread_that_fails_still_answers_and_frees_the_slot(tmp_path, monkeypatch):
+    """Whatever goes wrong in a job thread, the client gets a result, the message is
+    acknowledged and the slot's reservation ends (before: the thread died, the slot stayed
+    reserved for the worker's lifetime and the message unacknowledged)."""
+    from types import SimpleNamespace
+
+    from vmim.fleet import worker as worker_mod
+
+    cfg = SimpleNamespace(statedir=str(tmp_path), slots=[], slot_names=["web1"], path="/c")
+    w = worker_mod.Worker(cfg, transport.BrokerSpec("amqp://x//"), "h1")
+    sent = []
+    monkeypatch.setattr(w, "_send", lambda reply_to, corr, reply, mandatory=False:
+                        sent.append(reply) or True)
+
+    def broken(job):
+        raise ValueError("embedded null byte")
+
+    monkeypatch.setattr(w, "_run_command", broken)
+    acks = []
+    job = worker_mod.Job(job_id=protocol.new_job_id(), box="web1", run=BoxRun(),
+                         reply_to="vmim.reply." + "a" * 32,
+                         message=SimpleNamespace(ack=lambda: acks.append(1)),
+                         deadline=float("inf"))
+    w._start(job)
+    job.thread.join(10)
+    w._handle_events()
+    assert sent and sent[-1].type == "result" and sent[-1].exit_code == 1
+    assert "embedded null byte" in sent[-1].stderr[0]
+    assert acks == [1] and "web1" not in w.slots.running
 
 
 def test_broker_url_is_shown_without_its_password():
-    spec = protocol.BrokerSpec("amqps://host1:s3cret@mq.example.org:5671/fleet")
+    spec = transport.BrokerSpec("amqps://host1:s3cret@mq.example.org:5671/fleet")
     assert spec.shown == "amqps://host1:***@mq.example.org:5671/fleet"
     assert "s3cret" not in spec.shown
 
@@ -63,7 +226,7 @@ def test_broker_url_is_shown_without_its_password():
 def test_tls_files_need_an_amqps_url():
     pytest.importorskip("kombu")
     with pytest.raises(UsageError) as exc:
-        protocol.connection(protocol.BrokerSpec("amqp://mq//", ca="/etc/ca.pem"))
+        transport.connection(transport.BrokerSpec("amqp://mq//", ca="/etc/ca.pem"))
     assert "amqps://" in str(exc.value)
 
 
@@ -130,3 +293,43 @@ def test_worker_without_a_broker_is_a_usage_error(vmim, monkeypatch, write_confi
     r = vmim("worker", "--config", cfg)
     assert r.code == 2, r
     assert "no broker" in r.err
+
+
+def test_a_fleet_dry_run_prints_the_plan_as_a_local_one():
+    """The worker sends Plan.as_dict(); the client prints it with the same Plan.text()."""
+    from vmim.plan import Plan, Step, Verdict, dry_run_summary
+
+    plan = Plan("web1", (Step("down", "shut the domain down", True),
+                         Step("restore", "restore golden")),
+                Verdict(4, "image 'golden' is not in the store"))
+    assert Plan.from_dict("web1", plan.as_dict()).text() == plan.text()
+    assert Plan.from_dict("web2", Plan("web2", ()).as_dict()) == Plan("web2", ())
+    assert dry_run_summary(0).endswith("unless something fails on the way)\n")
+
+
+def test_the_journal_and_leases_live_in_verified_directories(tmp_path):
+    """A state directory another user may write is refused (exit 7), and a symlink planted
+    for a job's journal entry is replaced, never written through."""
+    import os
+
+    from vmim.fleet.children import Children
+    from vmim.safedir import UnsafeDirectoryError
+
+    open_state = tmp_path / "open"
+    open_state.mkdir()
+    os.chmod(open_state, 0o777)
+    job = protocol.new_job_id()
+    with pytest.raises(UnsafeDirectoryError):
+        Journal(str(open_state)).begin(job, "web1", {})
+    with pytest.raises(UnsafeDirectoryError):
+        Children("/c", str(open_state), 20).renew_lease(job)
+    state = tmp_path / "state"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    Journal(str(state)).begin(protocol.new_job_id(), "web1", {})  # makes fleet/jobs
+    (state / "fleet" / "jobs" / f"{job}.json").symlink_to(victim)
+    Journal(str(state)).begin(job, "web1", {})
+    assert victim.read_text() == "precious\n"
+    assert Journal(str(state)).get(job)["box"] == "web1"
+    Children("/c", str(state), 20).renew_lease(job)
+    assert os.path.isfile(state / "fleet" / "leases" / job)

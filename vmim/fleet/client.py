@@ -3,23 +3,24 @@ every live worker; output, --json (with `host`) and exit codes are those of a lo
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from vmim.errors import (
     EXIT_OK,
     HostEnvironmentError,
     LockBusyError,
+    ProtocolError,
     StateError,
 )
-from vmim.fleet import protocol
-from vmim.plan import Request
+from vmim.fleet import protocol, transport
+from vmim.invocation import BoxRun, Invocation, RunOptions
+from vmim.plan import Plan, Request, dry_run_summary
 
 log = logging.getLogger("vmim.fleet.client")
 
@@ -27,41 +28,44 @@ ACCEPT_GRACE = 5.0  # seconds past --lock-wait that a job may take to reach a wo
 LIST_WINDOW = 1.0  # seconds the live workers have to say they are there
 LIST_TIMEOUT = 120.0
 RECONNECT = 120.0  # seconds a waiting client waits for a lost broker to come back
+JOB_TTL = 24 * 3600.0  # seconds a job may stay in the broker past --lock-wait: long enough
+# for a redelivery (a killed worker's job keeps its expiry when it is requeued; RabbitMQ drops
+# it then), short enough that a queue of a host that never comes back does not grow forever.
+SILENCE = 35.0  # seconds without word about a taken job, when the worker does not say
 
 
-def broker_of(args: argparse.Namespace) -> Optional[protocol.BrokerSpec]:
+def broker_of(inv: Invocation) -> Optional[transport.BrokerSpec]:
     """--broker, else $VMIM_BROKER, else broker in the config; None: run here."""
     from vmim import config as config_mod
     from vmim.errors import ConfigError
 
     cfg = None
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(inv.config)
     except ConfigError:
-        if not (args.broker or os.environ.get(protocol.ENV_BROKER)):
+        if not (inv.broker or os.environ.get(protocol.ENV_BROKER)):
             return None  # the local run reports the problem
-    url = args.broker or os.environ.get(protocol.ENV_BROKER) or (cfg.broker if cfg else None)
+    url = inv.broker or os.environ.get(protocol.ENV_BROKER) or (cfg.broker if cfg else None)
     if not url:
         return None
     if cfg is not None:
-        return protocol.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
-    return protocol.BrokerSpec(url)
+        return transport.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
+    return transport.BrokerSpec(url)
 
 
 class Client:
-    def __init__(self, spec: protocol.BrokerSpec):
+    def __init__(self, spec: transport.BrokerSpec):
         import kombu
 
         self.spec = spec
-        self.returned: List[Any] = []
-        self.inbox: List[Tuple[str, Dict[str, Any]]] = []
+        self.inbox: List[Tuple[str, protocol.Reply]] = []
         # named by the client, so that it can declare it again after a broker restart
         self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
         self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
                                    durable=False)
-        self.conn = protocol.connection(spec)
+        self.conn = transport.connection(spec)
         try:
-            protocol.connect(self.conn)
+            transport.connect(self.conn)
             self._reopen()
         except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
             raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
@@ -72,38 +76,40 @@ class Client:
         except Exception:  # noqa: BLE001
             pass
 
-    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
-        self.returned.append(routing_key)
+    def _on_reply(self, message: Any) -> None:
+        try:
+            reply = protocol.decode_reply(message.body)
+        except ProtocolError as exc:  # a worker of another version, or not a worker at all
+            log.warning("ignoring a malformed reply: %s", exc)
+            return
+        self.inbox.append((message.properties.get("correlation_id"), reply))
 
-    def _on_reply(self, body: Any, message: Any) -> None:
-        data = body if isinstance(body, dict) else json.loads(body)
-        self.inbox.append((message.properties.get("correlation_id"), data))
-
-    def publish(self, body: Dict[str, Any], exchange: str, routing_key: str,
+    def publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
                 expiration: Optional[float] = None, mandatory: bool = True) -> bool:
         """Persistent, confirmed; False when no queue took it (mandatory)."""
         import amqp
 
-        self.returned = []
         try:
-            self._publish(body, exchange, routing_key, expiration, mandatory)
+            return self.publisher.publish(body, exchange=exchange, routing_key=routing_key,
+                                          reply_to=self.reply_to, correlation_id=job_id,
+                                          mandatory=mandatory, expiration=expiration,
+                                          persistent=True)
         except amqp.exceptions.NotFound:  # no worker has declared the exchange yet
             self._reopen()
             return False
-        except protocol.refusals() as exc:
+        except transport.refusals() as exc:
             raise HostEnvironmentError(f"the broker at {self.spec.shown} refused: {exc}; "
                                        "does this user have write permission on "
                                        f"{exchange or 'amq.default'}?") from None
-        return not self.returned
 
     def _reopen(self) -> None:
         """A channel error closes the channel: a new one, with a new reply queue."""
         import kombu
 
         self.channel = self.conn.channel()
-        self.producer = kombu.Producer(self.channel, on_return=self._on_return)
+        self.publisher = transport.Publisher(self.channel)
         self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
-                                       callbacks=[self._on_reply], no_ack=True, accept=["json"])
+                                       on_message=self._on_reply, no_ack=True)
         self.consumer.consume()
 
     def reconnect(self, patience: float = RECONNECT) -> None:
@@ -116,26 +122,19 @@ class Client:
                     patience)
         until = time.monotonic() + patience
         while True:
-            self.conn = protocol.connection(self.spec)
+            self.conn = transport.connection(self.spec)
             try:
-                protocol.connect(self.conn)
+                transport.connect(self.conn)
                 self._reopen()
                 log.info("connected to %s again", self.spec.shown)
                 return
-            except protocol.connection_errors():
+            except transport.connection_errors():
                 if time.monotonic() >= until:
                     raise
                 time.sleep(1.0)
 
-    def _publish(self, body: Dict[str, Any], exchange: str, routing_key: str,
-                 expiration: Optional[float], mandatory: bool) -> None:
-        self.producer.publish(protocol.encode(body), exchange=exchange, routing_key=routing_key,
-                              reply_to=self.reply_to, correlation_id=body.get("job_id"),
-                              content_type="application/json", content_encoding="utf-8",
-                              serializer=None, delivery_mode=2, mandatory=mandatory,
-                              expiration=expiration)
 
-    def wait(self, until: Optional[float]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    def wait(self, until: Optional[float]) -> Optional[Tuple[str, protocol.Reply]]:
         """The next reply, or None when `until` (monotonic) has passed."""
         last_beat = time.monotonic()
         while not self.inbox:
@@ -146,99 +145,112 @@ class Client:
                 self.conn.drain_events(timeout=0.2 if until is None else max(0.01, min(0.2, until - now)))
             except socket.timeout:
                 pass
-            except protocol.connection_errors():
+            except transport.connection_errors():
                 self.reconnect()
                 continue
             if now - last_beat > 1.0:
                 try:
                     self.conn.heartbeat_check()
-                except protocol.connection_errors():
+                except transport.connection_errors():
                     self.reconnect()
                 last_beat = now
         return self.inbox.pop(0)
 
 
-def run(args: argparse.Namespace, req: Request, spec: protocol.BrokerSpec,
-        doc: Dict[str, Any], out: TextIO) -> int:
+def run(inv: Invocation, spec: transport.BrokerSpec, doc: Dict[str, Any], out: TextIO) -> int:
     client = Client(spec)
+    req, opts = inv.request, inv.options
     try:
         code = EXIT_OK
-        if req.boxes and (req.actions or args.print_xml):
-            code = _run_jobs(client, args, req, doc, out)
+        if req.boxes and (req.actions or opts.print_xml):
+            code = _run_jobs(client, req, opts, doc, out)
         if req.lists:
-            _run_lists(client, req.lists, doc, out, args.json)
+            _run_lists(client, list(req.lists), doc, out, opts.json)
         return code
-    except protocol.connection_errors() as exc:
+    except transport.connection_errors() as exc:
         raise HostEnvironmentError(f"lost the broker at {spec.shown}: {exc}") from None
     finally:
         client.close()
 
 
-def _run_jobs(client: Client, args: argparse.Namespace, req: Request, doc: Dict[str, Any],
+def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any],
               out: TextIO) -> int:
     from vmim.plan import ANY_FREE
 
     docs: List[Dict[str, Any]] = []
     codes: List[int] = []
+    # one job per box; the worker's child always writes JSON, runs one box (jobs = 1)
+    run = BoxRun(replace(req, boxes=(), lists=()), replace(opts, json=True, jobs=1))
     for box in req.boxes:
-        job_id = protocol.new_job_id()
-        body = {"v": protocol.VERSION, "job_id": job_id, "argv": protocol.job_argv(args, [box]),
-                "deadline": time.time() + args.lock_wait, "lock_wait": args.lock_wait,
-                "client": socket.gethostname()}
+        job = protocol.Job(protocol.new_job_id(), box, time.time() + opts.lock_wait, run,
+                           socket.gethostname())
         key = protocol.ANY_KEY if box == ANY_FREE else protocol.box_key(box)
-        if not client.publish(body, protocol.JOBS, key, expiration=float(args.lock_wait)):
+        if not client.publish(job.encode(), job.job_id, protocol.JOBS, key,
+                              expiration=opts.lock_wait + JOB_TTL):
             if box == ANY_FREE:
                 raise StateError(f"no worker of the fleet at {client.spec.shown} serves "
                                  f"-b {ANY_FREE} (no worker has started there yet)")
             raise StateError(f"unknown box '{box}': no worker of the fleet at "
                              f"{client.spec.shown} serves it (see --broker ... -l)")
-        result = _follow(client, job_id, box, args, out)
-        docs.append(result["doc"])
-        codes.append(int(result.get("exit_code", 1)))
+        result = _follow(client, job, opts.lock_wait)
+        if box == ANY_FREE and result.box and not opts.json:
+            out.write(result.box + "\n")  # the slot that ran the job: one name, once
+            out.flush()
+        docs.append(dict(result.doc, host=result.host))
+        codes.append(result.exit_code)
         if codes[-1] in (130, 143):
             break
-    _merge(doc, docs, args, out)
+    _merge(doc, docs, opts.json, out)
     bad = [c for c in codes if c]
     return max(bad) if bad else EXIT_OK
 
 
-def _follow(client: Client, job_id: str, box: str, args: argparse.Namespace,
-            out: TextIO) -> Dict[str, Any]:
-    """Wait for the job's reply, echoing its log lines; exit 5 when nobody took it in time."""
-    accept_by: Optional[float] = time.monotonic() + args.lock_wait + ACCEPT_GRACE
+def _follow(client: Client, job: protocol.Job, lock_wait: int) -> protocol.Reply:
+    """Wait for the job's result, echoing its log lines. Exit 5 when no worker took it within
+    --lock-wait; exit 7 when the worker that took it goes silent (killed, frozen, cut off) and
+    no worker takes it up again in time: the client never waits forever."""
+    accept_by: Optional[float] = time.monotonic() + lock_wait + ACCEPT_GRACE
+    silent_by: Optional[float] = None
+    silence = SILENCE
+    taker: Optional[protocol.Reply] = None  # the last accepted: who runs the job now
     while True:
-        got = client.wait(accept_by)
+        got = client.wait(accept_by if silent_by is None else silent_by)
         if got is None:
-            raise LockBusyError(
-                f"box '{box}': no worker took the job within {args.lock_wait} s "
-                "(its slot stayed busy, no slot was free, or its host is down); "
-                "try again later or wait with --lock-wait S")
-        corr, data = got
-        if corr != job_id:
+            if taker is None:
+                raise LockBusyError(
+                    f"box '{job.box}': no worker took the job within {lock_wait} s "
+                    "(its slot stayed busy, no slot was free, or its host is down); "
+                    "try again later or wait with --lock-wait S")
+            raise HostEnvironmentError(
+                f"box '{job.box}': the worker of host {taker.host} that took the job (slot "
+                f"{taker.box}) went silent: no word for {max(silence, lock_wait):.0f} s (killed, "
+                "frozen or cut off from the broker) and no worker took the job up again; "
+                "it may have been cut short: see the slot with --broker ... -l, and run it "
+                "again (a worker that comes back does not run a job its client gave up)")
+        corr, reply = got
+        if corr != job.job_id:
             continue
-        kind = data.get("type")
-        if kind == "accepted":
-            accept_by = None
-            log.debug("box %s: taken by %s", box, data.get("host"))
-        elif kind == "claimed":
-            if not args.json:
-                out.write(str(data.get("box")) + "\n")
-                out.flush()
-        elif kind == "log":
-            sys.stderr.write(str(data.get("line", "")))
+        if reply.type == "accepted":
+            taker, accept_by = reply, None
+            silence = reply.silence or SILENCE
+            log.debug("box %s: taken by %s (slot %s)", job.box, reply.host, reply.box)
+        elif taker is not None and reply.host != taker.host:
+            continue  # a worker that lost the job to another one: not ours to listen to
+        if taker is not None:
+            silent_by = time.monotonic() + max(silence, lock_wait)
+        if reply.type == "log":
+            sys.stderr.write(reply.line)
             sys.stderr.flush()
-        elif kind == "result":
-            if accept_by is not None:  # answered from a journal: its lines were not streamed
-                for line in data.get("stderr", []):
+        elif reply.type == "result":
+            if taker is None:  # answered from a journal, or refused: its lines were not streamed
+                for line in reply.stderr:
                     sys.stderr.write(line)
-            data.setdefault("doc", {})["host"] = data.get("host")
-            return data
+            return reply
 
 
-def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], args: argparse.Namespace,
+def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], as_json: bool,
            out: TextIO) -> None:
     """One document as a local run makes it, every result carrying its host."""
-    from vmim.output import safe as _safe
 
     results: List[Any] = []
     for d in docs:
@@ -261,21 +273,14 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], args: argparse.Names
         doc["host"] = hosts[0]
     else:
         doc["hosts"] = hosts
-    if args.json:
+    if as_json:
         return
     plans = doc.get("plan", {})
-    for box, plan in plans.items():  # as vmim.plan.Plan.text() prints it locally
-        out.write(f"box {_safe(box)}:\n")
-        for i, s in enumerate(plan.get("steps", []), 1):
-            implicit = " (implicit)" if s.get("implicit") else ""
-            out.write(f"  {i}. {s.get('step')}{implicit}: {s.get('description')}\n")
-        if plan.get("expected_error"):
-            out.write(f"  the run would fail (exit {plan.get('expected_exit_code')}): "
-                      f"{plan['expected_error']}\n")
+    for box, plan in plans.items():  # as a local dry run prints them
+        out.write(Plan.from_dict(box, plan).text())
     if plans:
-        code = max((p.get("expected_exit_code", 0) for p in plans.values()), default=0)
-        out.write(f"(dry run: nothing was changed; the run would exit {code} here"
-                  f"{'' if code else ' unless something fails on the way'})\n")
+        out.write(dry_run_summary(max((p.get("expected_exit_code", 0)
+                                       for p in plans.values()), default=0)))
     for text in doc.get("xml", {}).values():
         out.write(text)
 
@@ -283,8 +288,8 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], args: argparse.Names
 def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO,
                as_json: bool) -> None:
     corr = protocol.new_job_id()
-    if not client.publish({"v": protocol.VERSION, "job_id": corr, "lists": lists},
-                          protocol.CONTROL, "", mandatory=False):
+    request = protocol.ListRequest(corr, tuple(lists))
+    if not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
         log.warning("no worker has ever started at %s", client.spec.shown)
         _print_fleet_lists(lists, {}, doc, out, as_json)
         return
@@ -298,13 +303,14 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
             if time.monotonic() >= final:
                 break
             continue
-        c, data = got
+        c, reply = got
         if c != corr:
             continue
-        if data.get("type") == "here":
-            hosts.append(str(data.get("host")))
-        elif data.get("type") == "lists":
-            answers[str(data.get("host"))] = data
+        if reply.type == "here":
+            hosts.append(reply.host)
+        elif reply.type == "lists":
+            answers[reply.host] = {"doc": reply.doc, "exit_code": reply.exit_code,
+                                   "stderr": list(reply.stderr)}
     missing = [h for h in hosts if h not in answers]
     if missing:
         log.warning("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
@@ -350,11 +356,17 @@ def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
                 doc[what] = rows
             continue
         if what == "boxes":
-            _table(["HOST", "NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK"],
+            # the columns of the local table (vmim.output.print_lists), HOST first
+            _table(["HOST", "NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE",
+                    "INCOMPLETE"],
                    [[r["host"], _safe(r["name"]), "yes" if r.get("in_config") else "no",
                      r.get("domain", {}).get("state", "?"), "yes" if r.get("mounted") else "no",
                      f"pid {r['locked']['pid']}" if r.get("locked") else "no",
-                     _safe(str(r.get("disk") or "-"))] for r in rows], out)
+                     _safe(str(r.get("disk") or "-")
+                           + (" (missing)" if r.get("disk_missing") else "")),
+                     _safe(str(r.get("base") or "-")),
+                     f"restore of {_safe(str((r.get('incomplete') or {}).get('image')))}"
+                     if r.get("incomplete") else "no"] for r in rows], out)
         elif what == "free":
             _table(["HOST", "NAME"], [[r["host"], _safe(r["name"])] for r in rows], out)
         elif what == "locked":

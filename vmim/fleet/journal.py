@@ -1,4 +1,5 @@
-"""The worker's per-job journal: one small JSON file per job id under <statedir>/fleet/jobs.
+"""The worker's per-job journal: one small JSON file per job id under <statedir>/fleet/jobs
+(a directory verified root's and nobody else's to write: vmim.safedir).
 
 `running` is written before the job's command starts, `done` (with the whole reply) before the
 reply is sent. A redelivered job that is `done` is answered from here instead of being run
@@ -9,29 +10,32 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
+
+from vmim import safedir
 
 KEEP_SECONDS = 7 * 24 * 3600
 
 
 class Journal:
     def __init__(self, statedir: str):
-        self.dir = os.path.join(statedir, "fleet", "jobs")
+        self.statedir = statedir
 
-    def _path(self, job_id: str) -> str:
-        return os.path.join(self.dir, job_id + ".json")
+    def _dir(self, *, create: bool = True) -> safedir.SafeDir:
+        """<statedir>/fleet/jobs, verified (vmim.safedir): root's, and nobody else's to write."""
+        top = safedir.open_dir(self.statedir, what="state directory", key="statedir",
+                               mode=0o755 if create else None)
+        with top:
+            with top.subdir("fleet", 0o700, create=create) as fleet:
+                return fleet.subdir("jobs", 0o700, create=create)
 
     def _write(self, job_id: str, entry: Dict[str, Any]) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        tmp = self._path(job_id) + f".tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(entry, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path(job_id))
+        with self._dir() as d:
+            d.write_atomic(job_id + ".json", json.dumps(entry).encode(), 0o600)
 
-    def begin(self, job_id: str, box: str, argv: List[str]) -> None:
-        self._write(job_id, {"state": "running", "box": box, "argv": argv,
+    def begin(self, job_id: str, box: str, run: Any) -> None:
+        """The job is about to run (`run`: what it asked for, as a plain value)."""
+        self._write(job_id, {"state": "running", "box": box, "run": run,
                              "started": time.time(), "worker_pid": os.getpid()})
 
     def finish(self, job_id: str, box: str, reply: Dict[str, Any]) -> None:
@@ -41,26 +45,29 @@ class Journal:
 
     def forget(self, job_id: str) -> None:
         try:
-            os.unlink(self._path(job_id))
+            with self._dir(create=False) as d:
+                d.unlink(job_id + ".json")
         except FileNotFoundError:
             pass
 
     def get(self, job_id: str) -> Optional[Dict[str, Any]]:
         try:
-            with open(self._path(job_id), encoding="utf-8") as fh:
-                entry = json.load(fh)
+            with self._dir(create=False) as d:
+                data = d.read(job_id + ".json")
+            entry = json.loads(data) if data is not None else None
         except (OSError, ValueError):
             return None
         return entry if isinstance(entry, dict) else None
 
     def entries(self) -> Dict[str, Dict[str, Any]]:
         try:
-            names = os.listdir(self.dir)
+            with self._dir(create=False) as d:
+                names = d.listdir()
         except FileNotFoundError:
             return {}
         out = {}
         for n in names:
-            if n.endswith(".json"):
+            if n.endswith(".json") and not n.startswith("."):
                 entry = self.get(n[:-5])
                 if entry is not None:
                     out[n[:-5]] = entry

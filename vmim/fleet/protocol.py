@@ -1,34 +1,46 @@
-"""What travels through the broker: names of exchanges and queues, the job message, the
-connection (TLS, heartbeat), and the job's command line rebuilt from the client's options."""
+"""What travels through the broker: names of exchanges and queues, and every message, as
+typed values with `encode()` and a strict `decode_*()`. This is the only module that knows
+message shapes (the connection itself is vmim.fleet.transport's).
+
+Version history (the "v" of every message; a worker refuses another version, with an error
+result the client prints):
+
+1  (1.x) a job was an argv: `{"v": 1, "job_id", "argv": [...], "deadline"}`, parsed again by
+   the worker and its child; replies `accepted`, `claimed`, `log`, `result`; lists
+   `{"v": 1, "job_id", "lists"}` answered by `here` and `lists`.
+2  a job is typed: `{"v": 2, "type": "job", "job_id", "box", "deadline", "client",
+   "request": Request.to_dict() without boxes and lists, "options": RunOptions.to_dict()}`,
+   read with an allow-list (vmim.fields): unknown fields, wrong types, NUL bytes, non-finite
+   or out-of-range numbers, oversized strings, lists or messages are refused. `box` is one
+   slot name, or `any-free` — the only box a job on the shared any-free queue may name.
+   Replies carry `v` and `host`: `accepted` (box, silence: the seconds of silence after which
+   the client may give the job up), `running` (sent while the job runs or waits, every few
+   seconds), `log`, `result`; `claimed` is gone (the result names the slot that ran the job).
+   A refused message is answered with a `result` of exit 2 when its reply_to is a client's
+   reply queue (`vmim.reply.<32 hex>`). Lists: `{"v": 2, "type": "lists", "job_id", "lists"}`.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
-import ssl
-import sys
 import uuid
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
-from vmim.errors import HostEnvironmentError, UsageError
+from vmim.errors import EXIT_USAGE, ProtocolError
+from vmim.fields import Fields, check_string
+from vmim.invocation import BoxRun
+from vmim.plan import ANY_FREE, LISTS, REQUEST_FIELDS
 
-VERSION = 1
+VERSION = 2
+MAX_MESSAGE = 64 * 1024  # bytes: a job is a few hundred; anything near this is not a job
 JOBS = "vmim.jobs"  # direct, durable: routing key box.<HostName>, or "any"
 CONTROL = "vmim.control"  # fanout: fleet lists
 ANY_QUEUE = "vmim.any"
 ANY_KEY = "any"
 ENV_BROKER = "VMIM_BROKER"
 HEARTBEAT = 10  # seconds; the broker drops a silent peer after about twice this
-CONNECT_TIMEOUT = 5.0
-
-#: options that only make sense on the client, or that a job must not carry to a worker
-CLIENT_ONLY = ("config", "connect", "print_config", "log_config", "syslog", "broker", "local",
-               "json", "lock_wait")
-
 
 def box_key(box: str) -> str:
     return f"box.{box}"
@@ -48,149 +60,196 @@ def valid_job_id(job_id: Any) -> bool:
     return isinstance(job_id, str) and re.fullmatch(r"[0-9a-f]{32}", job_id) is not None
 
 
+#: what of a Request a job carries: one box is the job's own field; lists are not jobs
+JOB_REQUEST_FIELDS = tuple(f for f in REQUEST_FIELDS if f not in ("boxes", "lists"))
+JOB_FIELDS = ("v", "type", "job_id", "box", "deadline", "client", "request", "options")
+REPLY_TYPES = ("accepted", "running", "log", "result", "here", "lists")
+REPLY_TO = re.compile(r"vmim\.reply\.[0-9a-f]{32}")
+MAX_NAME = 255  # a box or host name
+
+
+class VersionError(ProtocolError):
+    """A message of a protocol version this side does not speak."""
+
+
+def usable_reply_to(value: Any) -> Optional[str]:
+    """The reply queue of a message when it is a client's (vmim.reply.<32 hex>), else None:
+    a job cannot make a worker publish into any other queue."""
+    return value if isinstance(value, str) and REPLY_TO.fullmatch(value) else None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ProtocolError(f"the message holds {name}, which is not a number")
+
+
+def _loads(body: Any, what: str) -> Dict[str, Any]:
+    """A message body as a JSON object, refused before parsing when it is too large."""
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogatepass")
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{what} is not a message body")
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError(f"{what} is {len(body)} bytes, more than the {MAX_MESSAGE} a "
+                            "message may have")
+    try:
+        data = json.loads(bytes(body).decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError(f"{what} is not JSON ({str(exc)[:80]})") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what} is not a JSON object ({type(data).__name__})")
+    if data.get("v") != VERSION:
+        v = data.get("v")
+        raise VersionError(f"{what} is of protocol version {str(v)[:20] if v is not None else '(none)'}"
+                           f"; this worker speaks version {VERSION}: use a client of the "
+                           "same vmimagemanager release as the workers")
+    return data
+
+
+def _encode(body: Dict[str, Any]) -> bytes:
+    return json.dumps(dict(body, v=VERSION), sort_keys=True, allow_nan=False).encode()
+
+
 @dataclass(frozen=True)
-class BrokerSpec:
-    url: str
-    ca: Optional[str] = None
-    cert: Optional[str] = None
-    key: Optional[str] = None
+class Job:
+    """A box run for one box: a slot's name (routed to its queue), or ANY_FREE (the shared
+    queue; the worker that takes it picks one of its free slots)."""
 
-    @property
-    def shown(self) -> str:
-        """The URL without its password, for messages."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
+    job_id: str
+    box: str
+    deadline: float  # epoch seconds: until then the client waits for a worker to take it
+    run: BoxRun
+    client: str = ""
+
+    def encode(self) -> bytes:
+        run = self.run.to_dict(JOB_REQUEST_FIELDS)
+        return _encode({"type": "job", "job_id": self.job_id, "box": self.box,
+                        "deadline": self.deadline, "client": self.client,
+                        "request": run["request"], "options": run["options"]})
 
 
-def connection(spec: BrokerSpec, heartbeat: int = HEARTBEAT) -> Any:
-    """A kombu connection with publisher confirms (a mandatory publish that no queue takes
-    comes back before the confirm) and, for amqps://, TLS with the configured CA/cert/key."""
+def decode_job(body: Any, queue: str) -> Job:
+    """A job as a worker accepts it from the queue of box `queue` (ANY_FREE: the shared
+    queue), or ProtocolError (VersionError) saying why not. Its box must be the queue's: a
+    job on the shared queue is an any-free job, a job on a slot's queue is for that slot."""
+    data = _loads(body, "the job")
+    f = Fields(data, "the job", JOB_FIELDS)
+    f.string("type", required=True, choices=("job",))
+    job_id = f.string("job_id", required=True, max_len=64)
+    if not valid_job_id(job_id):
+        raise ProtocolError("the job's job_id is not 32 hexadecimal digits")
+    box = f.string("box", required=True, max_len=MAX_NAME)
+    if box != queue and queue == ANY_FREE:
+        raise ProtocolError(f"a job on the shared queue {ANY_QUEUE} is an {ANY_FREE} job; "
+                            f"this one names box '{box[:80]}'")
+    if box != queue:
+        raise ProtocolError(f"a job for box '{box[:80]}' came on the queue of box '{queue}'")
+    run = BoxRun.from_dict({"request": f.object("request"), "options": f.object("options")},
+                           JOB_REQUEST_FIELDS, "the job")
+    if not run.request.actions and not run.options.print_xml:
+        raise ProtocolError("the job asks for no action")
+    return Job(job_id, box, f.number("deadline", low=0, high=1e11), run,
+               f.string("client", "", max_len=MAX_NAME))
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    job_id: str
+    lists: Tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return _encode({"type": "lists", "job_id": self.job_id, "lists": list(self.lists)})
+
+
+def decode_list_request(body: Any) -> ListRequest:
+    f = Fields(_loads(body, "the list request"), "the list request",
+               ("v", "type", "job_id", "lists"))
+    f.string("type", required=True, choices=("lists",))
+    job_id = f.string("job_id", required=True, max_len=64)
+    if not valid_job_id(job_id):
+        raise ProtocolError("the list request's job_id is not 32 hexadecimal digits")
+    lists = tuple(dict.fromkeys(f.strings("lists", choices=LISTS)))
+    if not lists:
+        raise ProtocolError("the list request asks for no list")
+    return ListRequest(job_id, lists)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a worker sends to a client's reply queue (type: one of REPLY_TYPES)."""
+
+    type: str
+    host: str
+    box: str = ""
+    line: str = ""  # log
+    exit_code: int = 0  # result, lists
+    doc: Dict[str, Any] = field(default_factory=dict)  # result, lists: the JSON document
+    stderr: Tuple[str, ...] = ()  # result, lists: the command's stderr lines
+    silence: float = 0.0  # accepted: give the job up after that long without word
+
+    def encode(self) -> bytes:
+        body: Dict[str, Any] = {"type": self.type, "host": self.host}
+        if self.type in ("accepted", "running", "result"):
+            body["box"] = self.box
+        if self.type == "accepted":
+            body["silence"] = self.silence
+        if self.type == "log":
+            body["line"] = self.line
+        if self.type in ("result", "lists"):
+            body.update(exit_code=self.exit_code, doc=self.doc, stderr=list(self.stderr))
+        return _encode(body)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """As the journal keeps a result."""
+        return json.loads(self.encode())
+
+
+def decode_reply(body: Any) -> Reply:
+    """A worker's reply, as a client reads it (workers are trusted with results, not with
+    the shape of messages: a malformed one is a ProtocolError the client ignores)."""
+    f = Fields(_loads(body, "the reply"), "the reply",
+               ("v", "type", "host", "box", "line", "exit_code", "doc", "stderr", "silence"))
+    kind = f.string("type", required=True, choices=REPLY_TYPES)
+    stderr = tuple(check_string(x, "the reply: stderr", 1 << 20) for x in f.items("stderr", 1 << 16))
+    return Reply(kind, f.string("host", "", max_len=MAX_NAME), f.string("box", "", max_len=MAX_NAME),
+                 f.string("line", "", max_len=1 << 20),
+                 f.integer("exit_code", 0, low=0, high=255), f.object("doc"), stderr,
+                 f.number("silence", low=0, high=1e7, required=False))
+
+
+def decode_journal_reply(data: Any, host: str) -> Reply:
+    """A result as the journal keeps it (written by this worker: of this version or 1's); an
+    entry that does not read is an error result."""
     try:
-        import kombu
-    except ImportError:
-        raise HostEnvironmentError("the fleet needs the Python package kombu "
-                                   "(Debian: python3-kombu; pip install kombu)") from None
-    ssl_opt: Any = None
-    if spec.url.startswith("amqps://"):
-        ctx = ssl.create_default_context(cafile=spec.ca)
-        if spec.cert:
-            ctx.load_cert_chain(spec.cert, spec.key)
-        ssl_opt = ctx
-    elif spec.ca or spec.cert:
-        raise UsageError(f"broker_ca/broker_cert are set but the broker URL {spec.shown} is not "
-                         "amqps://")
-    return kombu.Connection(spec.url, heartbeat=heartbeat, ssl=ssl_opt,
-                            connect_timeout=CONNECT_TIMEOUT,
-                            transport_options={"confirm_publish": True})
+        if not isinstance(data, dict):
+            raise ProtocolError("not an object")
+        return decode_reply(json.dumps(dict(data, v=VERSION)))
+    except ProtocolError as exc:
+        return error_result(f"the job's journal entry is unreadable: {exc}", host, 1)
 
 
-def connect(conn: Any) -> None:
-    """Connect now: one attempt and one immediate retry (kombu's connect() waits 2 s first)."""
-    conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, interval_max=0)
+def error_result(message: str, host: str, code: int = EXIT_USAGE, box: str = "") -> Reply:
+    """A result for a job that did not run: the message as the local command prints it."""
+    from vmim.output import PROG
+
+    return Reply("result", host, box=box, exit_code=code,
+                 stderr=(f"{PROG}: error: {message}\n",),
+                 doc={"error": {"message": message, "exit_code": code}})
 
 
-def encode(body: Dict[str, Any]) -> str:
-    return json.dumps(body, sort_keys=True)
+def child_command(config: str) -> list:
+    """The worker's child for one run (vmim.fleet.child): the BoxRun comes on its stdin."""
+    import sys
 
-
-def job_argv(args: argparse.Namespace, boxes: List[str]) -> List[str]:
-    """The command line a worker runs for a job: the client's box actions and lists, without
-    the client-only options (the worker adds its own --config, --json and --lock-wait)."""
-    from vmim.cli import FORMAT_FLAGS
-
-    argv: List[str] = []
-    for b in boxes:
-        argv += ["-b", b]
-    for flag, on in (("-k", args.kill), ("-d", args.down), ("--mount", args.mount)):
-        if on:
-            argv.append(flag)
-    for e in args.extract:
-        argv += ["-e", e]
-    for d in args.extract_directory:
-        argv += ["--extract-directory", d]
-    for s in args.store:
-        argv += ["-s", s]
-    for r in args.restore:
-        argv += ["-r", r]
-    for i in args.insert:
-        argv += ["-i", i]
-    for flag, on in (("--release", args.release), ("-u", args.up),
-                     ("--dry-run", args.dry_run), ("--print-xml", args.print_xml),
-                     ("--disk-image", args.disk_image)):
-        if on:
-            argv.append(flag)
-    for _short, long, fmt, _text in FORMAT_FLAGS:
-        if args.format == fmt:
-            argv.append(long)
-    if args.timeout is not None:
-        argv += ["--timeout", str(args.timeout)]
-    if args.core is not None:
-        argv += ["--core", str(args.core)]
-    if args.jobs != 1:
-        argv += ["--jobs", str(args.jobs)]
-    argv += ["-v"] * args.verbose + ["-q"] * args.quiet
-    return argv
-
-
-def list_argv(lists: List[str]) -> List[str]:
-    flags = {"boxes": "-l", "images": "-L", "inserts": "--list-inserts", "free": "-f",
-             "locked": "-m"}
-    return [flags[w] for w in lists]
-
-
-def checked_argv(argv: Any) -> List[str]:
-    """A job's argv as a worker accepts it: strings that parse, with no client-only option
-    (a job must not choose the worker's config, write files or reconfigure logging)."""
-    from vmim.cli import build_parser
-
-    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise UsageError("the job's argv is not a list of strings")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit:  # --help, --version: they would print here and end the worker
-        raise UsageError("a fleet job may not carry --help or --version") from None
-    defaults = build_parser().parse_args([])
-    for name in CLIENT_ONLY:
-        if getattr(args, name, None) != getattr(defaults, name, None):
-            raise UsageError(f"a fleet job may not carry --{name.replace('_', '-')}")
-    return argv
-
-
-def child_command(argv: List[str], config: str, lock_wait: float) -> List[str]:
-    """The local command a worker runs for a job (vmim.fleet.child: `python -m vmim` that ends
-    with its worker)."""
-    return [sys.executable, "-m", "vmim.fleet.child", *argv, "--json", "--local",
-            "--config", config, "--lock-wait", str(max(0, int(lock_wait)))]
+    return [sys.executable, "-m", "vmim.fleet.child", "--config", config]
 
 
 def child_env() -> Dict[str, str]:
+    import os
+
     env = dict(os.environ)
-    env.pop("VMIM_BROKER", None)
+    env.pop(ENV_BROKER, None)
     return env
-
-
-def connection_errors() -> tuple:
-    """What a lost or refused broker connection raises (socket, AMQP and kombu errors)."""
-    errors: tuple = (OSError, EOFError)
-    try:
-        import amqp
-        import kombu.exceptions
-
-        errors += (amqp.exceptions.ConnectionError, amqp.exceptions.RecoverableConnectionError,
-                   kombu.exceptions.OperationalError, kombu.exceptions.ConnectionError)
-    except ImportError:  # pragma: no cover
-        pass
-    return errors
-
-
-def refusals() -> tuple:
-    """What a broker's refusal raises: 403 access refused, 404 not found and the like."""
-    try:
-        import amqp
-
-        return (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
-    except ImportError:  # pragma: no cover
-        return ()

@@ -3,146 +3,88 @@
 One queue per slot (`vmim.host.<host>.box.<box>`, bound to `box.<box>` on `vmim.jobs`),
 consumed with prefetch 1, so a slot runs one job at a time and the host's slots run at once;
 `vmim.any` is consumed only while a slot is free (prefetch: the number of slots). Each job
-runs as the local command would, in a child process (vmim.fleet.child) under the same
-per-slot lock; the reply (the command's JSON document, its stderr lines, its exit code) is
-published before the job is acknowledged, and kept in the journal so that a redelivered job
-that had finished is answered, not re-run.
+runs as the local command would, in a child process (vmim.fleet.child, which gets the typed
+run on stdin) under the same per-slot lock; the reply (the command's JSON document, its
+stderr lines, its exit code) is published before the job is acknowledged, and kept in the
+journal so that a redelivered job that had finished is answered, not re-run.
+
+A message is read only through vmim.fleet.protocol (typed, allow-listed, bounded): whatever
+does not decode is refused — answered with an error when it names a client's reply queue —
+and acknowledged, so that it never comes back, never stops the worker and never touches the
+jobs it runs. A job on the shared any-free queue is an any-free job; a job on a slot's queue
+is a job for that slot; the worker acts on its own slots only.
 
 All AMQP traffic happens in the main thread; job threads hand their events over a queue.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
+import collections
+import functools
 import logging
-import os
 import queue
 import signal
 import socket
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from dataclasses import replace
+from typing import Any, Deque, List, Optional, Tuple
 
-from vmim import lease
 from vmim.errors import (
     EXIT_ENVIRONMENT,
+    EXIT_FAILED,
     EXIT_LOCKED,
     EXIT_OK,
-    EXIT_STATE,
     EXIT_USAGE,
+    ProtocolError,
     VmimError,
 )
-from vmim.fleet import protocol
+from vmim.fleet import protocol, transport
+from vmim.fleet.children import Children
 from vmim.fleet.journal import Journal
+from vmim.fleet.scheduler import Job, Slots, Undelivered
+from vmim.invocation import BoxRun
+from vmim.plan import ANY_FREE
 
 log = logging.getLogger("vmim.fleet.worker")
 
 POLL = 0.05
 REDELIVER = 120.0  # seconds a result is offered to a client that is reconnecting
 RETRY_ANY = 1.0  # after giving back an any-free job (no slot really free): pause that long
-
-
-@dataclass
-class Job:
-    job_id: str
-    box: str
-    argv: List[str]
-    reply_to: str
-    message: Any
-    deadline: float
-    any_free: bool = False
-    proc: Optional[subprocess.Popen] = None
-    thread: Optional[threading.Thread] = None
-    aborted: bool = False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from vmim.cli import _Parser
-    from vmim.output import PROG
-
-    p = _Parser(prog=f"{PROG} worker",
-                description="Serve this host's slots to the fleet: run the box actions and "
-                "lists that clients send through RabbitMQ (docs/fleet.md). Runs in the "
-                "foreground; SIGTERM stops taking jobs, lets the running ones finish, exits 0.")
-    p.add_argument("-c", "--config", metavar="PATH",
-                   help="config file (else $VMIM_CFG, else /etc/vmimagemanager/vmimagemanager.cfg)")
-    p.add_argument("--broker", metavar="URL",
-                   help="broker URL (else $VMIM_BROKER, else broker in the config)")
-    p.add_argument("--host-name", metavar="NAME",
-                   help="this host's name in the fleet (default: the machine's host name)")
-    p.add_argument("--heartbeat", type=int, default=protocol.HEARTBEAT, metavar="S",
-                   help=f"AMQP heartbeat in seconds (default {protocol.HEARTBEAT}): a worker silent for "
-                   "about twice this loses its jobs to other workers, and aborts them itself")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    p.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
-    p.add_argument("--syslog", nargs="?", const="/dev/log", metavar="SOCKET",
-                   help="also log to syslog (default socket /dev/log)")
-    return p
-
-
-def main(argv: List[str]) -> int:
-    from vmim import config as config_mod
-    from vmim.cli import setup_logging
-    from vmim.output import PROG
-
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except VmimError as exc:
-        import sys
-
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return EXIT_USAGE
-    try:
-        setup_logging(args.verbose, args.quiet, None, args.syslog)
-        cfg = config_mod.load(args.config)
-        url = args.broker or os.environ.get(protocol.ENV_BROKER) or cfg.broker
-        if not url:
-            raise VmimError("no broker: give --broker URL, set $VMIM_BROKER, or broker in "
-                            f"[vmim.local] of {cfg.path}")
-        spec = protocol.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
-        worker = Worker(cfg, spec, args.host_name or socket.gethostname(), args.heartbeat)
-        return worker.run()
-    except VmimError as exc:
-        import sys
-
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return exc.exit_code if exc.exit_code != 1 else EXIT_USAGE
+ACCEPT_GRACE = 5.0  # a client waits that long past its deadline for its job to be taken
 
 
 class Worker:
-    def __init__(self, cfg: Any, spec: protocol.BrokerSpec, host: str,
+    def __init__(self, cfg: Any, spec: transport.BrokerSpec, host: str,
                  heartbeat: int = protocol.HEARTBEAT):
         self.cfg = cfg
         self.heartbeat = heartbeat
         self.spec = spec
         self.host = host
         self.journal = Journal(cfg.statedir)
+        self.children = Children(cfg.path, cfg.statedir, 2 * heartbeat)
         self.events: queue.Queue[tuple] = queue.Queue()
-        self.jobs: Dict[str, Job] = {}  # box → the fleet job on it (running, or reserved)
-        self.waiting: Dict[str, Job] = {}  # box → a box-routed job waiting for the box
+        self.inbox: Deque[Tuple[Optional[str], Any]] = collections.deque()  # deliveries
+        self.slots = Slots(cfg.slot_names)
         self.stopping = False
         self.conn: Any = None
-        self.producer: Any = None
+        self.publisher: Any = None
         self.box_consumers: List[Any] = []
         self.any_consumer: Any = None
         self.any_on = False
         self.any_paused_until = 0.0
-        self.returned: List[Any] = []
-        self.undelivered: List[tuple] = []  # (until, reply_to, job_id, reply)
-        self.next_retry = 0.0
+        self.undelivered = Undelivered(REDELIVER)
+        self.ping = max(1.0, min(5.0, heartbeat / 2))  # "running" to the clients, this often
+        self.silence = 3.0 * heartbeat + 5  # a client gives a job up after that long unheard
+        self.next_ping = 0.0
+        self.last_beat = 0.0
 
     # ------------------------------------------------------------------ life cycle
 
     def _on_term(self, signum: int, _frame: Any) -> None:
         if self.stopping:  # a second SIGTERM: abort the running jobs (they clean up)
             log.warning("second %s: aborting the running jobs", signal.Signals(signum).name)
-            for job in list(self.jobs.values()):
+            for job in list(self.slots.running.values()):
                 self._terminate(job)
         self.stopping = True
 
@@ -162,10 +104,10 @@ class Worker:
                 self._serve()
                 break
             except Exception as exc:  # noqa: BLE001 - whatever it was, start over
-                if isinstance(exc, protocol.refusals()):
+                if isinstance(exc, transport.refusals()):
                     log.error("the broker at %s refused: %s (see the permissions in "
                               "docs/fleet.md)", self.spec.shown, exc)
-                elif isinstance(exc, protocol.connection_errors()):
+                elif isinstance(exc, transport.connection_errors()):
                     log.warning("lost the broker at %s (%s)", self.spec.shown, exc)
                 else:  # a bug: say so, with the traceback
                     log.exception("worker %s: internal error; reconnecting", self.host)
@@ -179,147 +121,195 @@ class Worker:
         return EXIT_OK
 
     def recover(self) -> None:
-        """Release what a killed predecessor left: every slot whose job was still running."""
-        for job_id, e in self.journal.entries().items():
-            if e.get("state") != "running":
-                continue
-            box = str(e.get("box"))
-            if self.cfg.slot(box) is None:
-                self.journal.forget(job_id)
-                continue
-            log.warning("job %s on box %s was cut short by a killed worker: releasing box %s",
-                        job_id, box, box)
-            res = subprocess.run(protocol.child_command(["-b", box, "--release"],
-                                                        self.cfg.path, 0),
-                                 capture_output=True, text=True, env=protocol.child_env())
-            for line in res.stderr.splitlines():
-                log.info("release %s: %s", box, line)
-            if res.returncode != 0:
-                log.error("box %s: release after a killed worker failed (exit %d)", box,
-                          res.returncode)
-            self.journal.forget(job_id)  # a redelivery runs the job again, from the start
+        """Before serving: release what a killed predecessor left (vmim.fleet.children)."""
+        self.children.recover(self.journal, lambda box: self.cfg.slot(box) is not None)
 
     def _connect(self) -> None:
         import kombu
 
-        self.conn = protocol.connection(self.spec, self.heartbeat)
-        protocol.connect(self.conn)
+        self.conn = transport.connection(self.spec, self.heartbeat)
+        transport.connect(self.conn)
         channel = self.conn.channel()
-        self.producer = kombu.Producer(channel, on_return=self._on_return)
+        self.publisher = transport.Publisher(channel)
         jobs = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
         control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
         self.box_consumers = []
-        for slot in self.cfg.slots:
+        for slot in self.cfg.slots:  # raw messages (on_message): protocol.decode_* reads them
             q = kombu.Queue(protocol.box_queue(self.host, slot.name), jobs,
                             routing_key=protocol.box_key(slot.name), durable=True)
-            c = kombu.Consumer(channel, queues=[q], callbacks=[self._on_box_job],
-                               prefetch_count=1, accept=["json"], no_ack=False)
+            c = kombu.Consumer(channel, queues=[q],
+                               on_message=functools.partial(self._queue, slot.name),
+                               prefetch_count=1, no_ack=False)
             c.qos(prefetch_count=1)  # per consumer (RabbitMQ): one job per slot at a time
             c.consume()
             self.box_consumers.append(c)
         anyq = kombu.Queue(protocol.ANY_QUEUE, jobs, routing_key=protocol.ANY_KEY, durable=True)
-        self.any_consumer = kombu.Consumer(channel, queues=[anyq], callbacks=[self._on_any_job],
-                                           prefetch_count=1, accept=["json"], no_ack=False,
-                                           auto_declare=True)
+        self.any_consumer = kombu.Consumer(channel, queues=[anyq],
+                                           on_message=functools.partial(self._queue, ANY_FREE),
+                                           prefetch_count=1, no_ack=False, auto_declare=True)
         self.any_on = False
         ctlq = kombu.Queue(f"vmim.control.{self.host}.{protocol.new_job_id()[:8]}", control,
                            exclusive=True, auto_delete=True, durable=False)
-        self.ctl_consumer = kombu.Consumer(channel, queues=[ctlq], callbacks=[self._on_control],
-                                           accept=["json"], no_ack=True)
+        self.ctl_consumer = kombu.Consumer(channel, queues=[ctlq],
+                                           on_message=functools.partial(self._queue, None),
+                                           no_ack=True)
         self.ctl_consumer.consume()
         self._update_any()
 
     def _drop_connection(self) -> None:
         """The broker is gone: every unacknowledged job may go to another worker now, so the
         running ones are aborted (their command cleans up as after SIGTERM) and forgotten."""
-        for job in list(self.jobs.values()):
+        running = list(self.slots.running.values())
+        for job in running:
             if job.proc is not None:
                 self._terminate(job)
-        for job in list(self.jobs.values()):
+        for job in running:
             if job.thread is not None:
                 job.thread.join()
-        for job in list(self.jobs.values()):
+        for job in running:
             self.journal.forget(job.job_id)
-        self.jobs.clear()
-        self.waiting.clear()
+        self.slots.clear()
         while not self.events.empty():
             self.events.get_nowait()
+        self.inbox.clear()  # unacknowledged: the broker hands them out again
+        self._close()
+
+    def _close(self) -> None:
         try:
             if self.conn is not None:
                 self.conn.release()
-        except Exception:  # noqa: BLE001 - the connection is already broken
+        except Exception:  # noqa: BLE001 - the connection may be broken already
             pass
         self.conn = None
 
-    def _close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.release()
-            except Exception:  # noqa: BLE001
-                pass
-            self.conn = None
-
     def _serve(self) -> None:
         cancelled = False
-        last_beat = 0.0
+        self.last_beat = 0.0
         while True:
             if self.stopping and not cancelled:
-                log.info("stopping: no new jobs; %d running", len(self.jobs))
+                log.info("stopping: no new jobs; %d running", len(self.slots.running))
                 for c in self.box_consumers:
                     c.cancel()
                 self._any(False)
                 cancelled = True
-            if self.stopping and not self.jobs and not self.waiting:
+            if self.stopping and not self.slots.busy():
                 return
             try:
                 self.conn.drain_events(timeout=POLL)
             except socket.timeout:
                 pass
+            self._tick()
             now = time.monotonic()
-            if now - last_beat > min(1.0, self.heartbeat / 4):
-                away = now - last_beat if last_beat else 0.0
-                self.conn.heartbeat_check()
-                last_beat = now
-                if away < self.heartbeat:  # not frozen past a heartbeat: the jobs are still ours
-                    self._renew_leases()
+            if now >= self.next_ping:
+                self.next_ping = now + self.ping
+                self._ping()
+            self._handle_inbox()
             self._handle_events()
-            self._expire_waiting()
+            for job in self.slots.expired(time.time()):
+                self._expired(job)
             self._retry_replies()
             if not self.stopping:
                 self._update_any()
 
+    def _tick(self) -> None:
+        """The heartbeat to the broker and the running jobs' leases, when due. A worker frozen
+        past a heartbeat renews nothing: its jobs may be another worker's now."""
+        now = time.monotonic()
+        if now - self.last_beat <= min(1.0, self.heartbeat / 4):
+            return
+        away = now - self.last_beat if self.last_beat else 0.0
+        self.conn.heartbeat_check()
+        self.last_beat = now
+        if away < self.heartbeat:
+            self._renew_leases()
+
     # ------------------------------------------------------------------ publishing
 
-    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
-        self.returned.append(routing_key)
-
-    def _send(self, reply_to: str, job_id: str, body: Dict[str, Any],
+    def _send(self, reply_to: str, corr: Optional[str], reply: protocol.Reply,
               mandatory: bool = False) -> bool:
         """Publish to a client's reply queue; False when the client is gone (mandatory)."""
-        self.returned = []
-        self.producer.publish(protocol.encode(body), exchange="", routing_key=reply_to,
-                              correlation_id=job_id, content_type="application/json",
-                              content_encoding="utf-8", mandatory=mandatory, serializer=None)
-        return not self.returned
+        return bool(self.publisher.publish(reply.encode(), routing_key=reply_to,
+                                           correlation_id=corr, mandatory=mandatory))
+
+    def _ping(self) -> None:
+        """Word to the clients of the jobs this worker holds (running or waiting for their
+        slot), so that a client can tell a long job from a worker that died."""
+        for job in self.slots.held():
+            if not job.aborted:
+                self._send(job.reply_to, job.job_id,
+                           protocol.Reply("running", self.host, box=job.box))
 
     # ------------------------------------------------------------------ jobs
 
-    def _decode(self, body: Any, message: Any, any_free: bool) -> Optional[Job]:
+    def _queue(self, queue_box: Optional[str], message: Any) -> None:
+        """kombu's callback for every delivery: only queued here, handled by the main loop.
+        A publish waits for the broker's confirm, and while it waits kombu delivers; a publish
+        made from such a callback would wait inside the outer one, which then may never see
+        its own confirm (the broker confirms several at once) and stop the worker."""
+        self.inbox.append((queue_box, message))
+
+    def _handle_inbox(self) -> None:
+        while self.inbox:
+            queue_box, message = self.inbox.popleft()
+            self._tick()  # a burst must starve neither the heartbeat nor the leases
+            if queue_box is None:
+                self._on_control(message)
+            else:
+                self._on_message(queue_box, message)
+
+    def _on_message(self, queue_box: str, message: Any) -> None:
+        """A delivery on a slot's queue (queue_box) or on the any-free queue (ANY_FREE). Whatever
+        it holds, it ends acknowledged, requeued for another worker or taken as a job; a
+        bug here refuses the one message, it does not stop the worker or its jobs."""
         try:
-            data = body if isinstance(body, dict) else json.loads(body)
-            if data.get("v") != protocol.VERSION or not protocol.valid_job_id(data.get("job_id")):
-                raise ValueError("not a version-1 job")
-            argv = protocol.checked_argv(data.get("argv"))
-            reply_to = message.properties.get("reply_to")
-            if not reply_to:
-                raise ValueError("no reply_to")
-        except (ValueError, TypeError, VmimError, AttributeError) as exc:
-            log.error("dropping a malformed job: %s", exc)
-            message.reject(requeue=False)
-            return None
-        deadline = float(data.get("deadline") or time.time())
-        return Job(job_id=data["job_id"], box="", argv=argv, reply_to=reply_to,
-                   message=message, deadline=deadline, any_free=any_free)
+            self._take(queue_box, message)
+        except transport.connection_errors():
+            raise  # the broker is gone: the main loop reconnects
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the worker
+            log.exception("worker %s: internal error on a message; refusing it", self.host)
+            if not message.acknowledged:
+                self._refuse(message, f"internal error in the worker: {exc!r}", EXIT_FAILED)
+
+    def _refuse(self, message: Any, why: str, code: int = EXIT_USAGE) -> None:
+        """Answer (when the message names a client's reply queue) and acknowledge."""
+        props = getattr(message, "properties", None) or {}
+        reply_to = protocol.usable_reply_to(props.get("reply_to"))
+        corr = props.get("correlation_id")
+        corr = corr if protocol.valid_job_id(corr) else None
+        log.error("refusing a job%s: %s", f" ({corr})" if corr else "", why)
+        if reply_to is not None:
+            self._send(reply_to, corr, protocol.error_result(f"the fleet job was refused: {why}",
+                                                             self.host, code))
+        message.ack()
+
+    def _take(self, queue_box: str, message: Any) -> None:
+        try:
+            msg = protocol.decode_job(message.body, queue_box)
+        except ProtocolError as exc:
+            self._refuse(message, str(exc))
+            return
+        reply_to = protocol.usable_reply_to(message.properties.get("reply_to"))
+        if reply_to is None:
+            log.error("dropping job %s: its reply_to is not a client's reply queue "
+                      "(vmim.reply.<id>)", msg.job_id)
+            message.ack()
+            return
+        any_free = msg.box == ANY_FREE
+        job = Job(job_id=msg.job_id, box="" if any_free else msg.box, run=msg.run,
+                  reply_to=reply_to, message=message, deadline=msg.deadline,
+                  any_free=any_free)
+        if self._answered_from_journal(job):
+            return
+        if not message.delivery_info.get("redelivered") and \
+                time.time() > job.deadline + ACCEPT_GRACE:
+            self._reply_now(job, protocol.error_result(
+                "no worker took the job before its client's --lock-wait passed", self.host,
+                EXIT_LOCKED))
+            return
+        if job.any_free:
+            self._take_any(job)
+        else:
+            self._take_box(job)
 
     def _answered_from_journal(self, job: Job) -> bool:
         entry = self.journal.get(job.job_id)
@@ -327,139 +317,91 @@ class Worker:
             return False
         log.info("job %s was done already (box %s): answering from the journal",
                  job.job_id, entry.get("box"))
-        self._send(job.reply_to, job.job_id, entry["reply"])
-        job.message.ack()
+        self._reply_now(job, protocol.decode_journal_reply(entry.get("reply"), self.host))
         return True
 
     def _accept(self, job: Job) -> bool:
         """Tell the client who took the job; a client that gave up has no queue any more: the
         job is then dropped (acknowledged, not run)."""
-        body: Dict[str, Any] = {"type": "accepted", "host": self.host, "box": job.box}
-        if self._send(job.reply_to, job.job_id, body, mandatory=True):
+        accepted = protocol.Reply("accepted", self.host, box=job.box, silence=self.silence)
+        if self._send(job.reply_to, job.job_id, accepted, mandatory=True):
             return True
         log.warning("job %s for box %s: its client is gone; not running it", job.job_id, job.box)
         job.message.ack()
         return False
 
-    def _on_box_job(self, body: Any, message: Any) -> None:
-        job = self._decode(body, message, any_free=False)
-        if job is None or self._answered_from_journal(job):
-            return
-        boxes = _boxes_of(job.argv)
-        if len(boxes) != 1 or self.cfg.slot(boxes[0]) is None:
-            self._reply_now(job, protocol_error(
-                f"box {', '.join(boxes)} is not served by {self.host}: one box per job, "
-                "one of its own", EXIT_STATE))
-            return
-        job.box = boxes[0]
-        # Reserve the slot before publishing anything: while a publish waits for its confirm,
-        # kombu runs the callbacks of new deliveries, and an any-free job must not pick it.
-        busy = job.box in self.jobs  # an any-free job of the fleet runs there: wait for it
-        (self.waiting if busy else self.jobs)[job.box] = job
+    def _take_box(self, job: Job) -> None:
+        now = self.slots.hold(job)  # reserved before any publish (see vmim.fleet.scheduler)
         if not self._accept(job):
-            (self.waiting if busy else self.jobs).pop(job.box, None)
+            self.slots.drop(job)
             return
-        if not busy:
+        if now:
             self._start(job)
 
-    def _on_any_job(self, body: Any, message: Any) -> None:
-        job = self._decode(body, message, any_free=True)
-        if job is None or self._answered_from_journal(job):
-            return
-        box = self._free_slot() if time.monotonic() >= self.any_paused_until else None
+    def _take_any(self, job: Job) -> None:
+        box = self.children.free_slot(self.cfg, self.slots.idle()) \
+            if time.monotonic() >= self.any_paused_until else None
         if box is None:  # nothing really free: give it back for another worker
-            message.requeue()
+            job.message.requeue()
             self.any_paused_until = time.monotonic() + RETRY_ANY  # the main loop cancels
             return
-        job.box = box
-        job.argv = _with_box(job.argv, box)
-        self.jobs[box] = job  # reserved before any publish (see _on_box_job)
+        self.slots.claim(job, box)  # reserved before any publish
         if not self._accept(job):
-            self.jobs.pop(box, None)
+            self.slots.drop(job)
             return
-        self._send(job.reply_to, job.job_id, {"type": "claimed", "box": box, "host": self.host})
         self._start(job)
 
-    def _free_slot(self) -> Optional[str]:
-        from vmim import domain, listing
-
-        try:
-            hv = domain.connect(self.cfg.uri)
-        except VmimError as exc:
-            log.error("cannot judge free slots: %s", exc)
-            return None
-        try:
-            rows = listing.boxes(self.cfg, hv.domains())
-        finally:
-            hv.close()
-        for r in rows:
-            if r.is_free and r.name not in self.jobs and r.name not in self.waiting:
-                return r.name
-        return None
-
     def _start(self, job: Job) -> None:
-        self.jobs[job.box] = job
-        self.journal.begin(job.job_id, job.box, job.argv)
-        job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True,
-                                      name=f"job-{job.box}")
+        self.slots.running[job.box] = job
+        self.journal.begin(job.job_id, job.box, job.run.to_dict(protocol.JOB_REQUEST_FIELDS))
+        job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True)
         job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
 
-    def _lease_path(self, job: Job) -> str:
-        directory = os.path.join(self.cfg.statedir, "fleet", "leases")
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.path.join(directory, job.job_id)
-
     def _renew_leases(self) -> None:
-        for job in list(self.jobs.values()):
+        for job in list(self.slots.running.values()):
             if job.proc is not None and job.proc.poll() is None:
                 try:
-                    lease.renew(self._lease_path(job))
-                except OSError as exc:
+                    self.children.renew_lease(job.job_id)
+                except (OSError, VmimError) as exc:  # the job stops at its next step
                     log.warning("cannot renew the lease of job %s: %s", job.job_id, exc)
 
     def _run_job(self, job: Job) -> None:
-        """In a job thread: run the command, stream its stderr, hand over the reply."""
-        argv = protocol.child_command(job.argv, self.cfg.path, job.deadline - time.time())
-        log.info("job %s: box %s: %s", job.job_id, job.box, " ".join(job.argv))
+        """In a job thread: run the job and hand its reply to the main loop — always, even
+        when the worker fails to run it (the slot's reservation ends with the reply)."""
         try:
-            env = protocol.child_env()
-            env[lease.ENV_LEASE] = self._lease_path(job)  # stale: the job stops before a step
-            env[lease.ENV_TTL] = str(2 * self.heartbeat)  # when the broker hands it on
-            lease.renew(env[lease.ENV_LEASE])
-            job.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        stdin=subprocess.DEVNULL, env=env)
-        except OSError as exc:
-            self.events.put(("reply", job, protocol_error(f"cannot start the job: {exc}",
-                                                          EXIT_ENVIRONMENT)))
-            return
-        assert job.proc.stdout is not None and job.proc.stderr is not None
-        out: List[bytes] = []
-        reader = threading.Thread(target=lambda: out.append(job.proc.stdout.read()),  # type: ignore[union-attr]
-                                  daemon=True)
-        reader.start()
-        lines: List[str] = []
-        for raw in job.proc.stderr:
-            line = raw.decode("utf-8", "replace")
-            lines.append(line)
-            self.events.put(("log", job, line))
-        reader.join()
-        code = job.proc.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(self._lease_path(job))
-        try:
-            doc = json.loads(b"".join(out) or b"{}")
-        except ValueError:
-            doc = {}
-        if code < 0:  # killed by a signal: as the shell reports it
-            code = 128 - code
-        doc["host"] = self.host
-        if job.any_free:  # the child was given the claimed slot by name
-            doc["claimed"] = job.box
-        self.events.put(("reply", job, {"type": "result", "host": self.host, "box": job.box,
-                                        "exit_code": code, "doc": doc, "stderr": lines}))
+            reply = self._run_command(job)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the client gets an answer
+            log.exception("job %s: box %s: the worker failed to run it", job.job_id, job.box)
+            reply = protocol.error_result(f"the worker failed to run the job: {exc!r}",
+                                          self.host, EXIT_FAILED, job.box)
+        self.events.put(("reply", job, reply))
 
-    def _reply_now(self, job: Job, reply: Dict[str, Any]) -> None:
-        reply["host"] = self.host
+    def _run_command(self, job: Job) -> protocol.Reply:
+        """The child for the job's slot: its stderr streamed to the client, its JSON doc and
+        exit code the reply. The run is the client's request for this slot only, with the
+        lock wait that is left of the client's deadline."""
+        left = max(0, min(int(job.deadline - time.time()), 7 * 24 * 3600))
+        run = BoxRun(replace(job.run.request, boxes=(job.box,), lists=()),
+                     replace(job.run.options, json=True, jobs=1, lock_wait=left))
+        log.info("job %s: box %s: %s", job.job_id, job.box,
+                 ", ".join(run.request.actions) or "print-xml")
+
+        def started(proc: Any) -> None:
+            job.proc = proc
+
+        try:
+            code, doc, lines = self.children.run_job(
+                job.job_id, run, started, lambda line: self.events.put(("log", job, line)))
+        except OSError as exc:
+            return protocol.error_result(f"cannot start the job: {exc}", self.host,
+                                         EXIT_ENVIRONMENT, job.box)
+        doc["host"] = self.host
+        if job.any_free:  # the slot claimed for it
+            doc["claimed"] = job.box
+        return protocol.Reply("result", self.host, box=job.box, exit_code=code, doc=doc,
+                              stderr=tuple(lines))
+
+    def _reply_now(self, job: Job, reply: protocol.Reply) -> None:
         self._send(job.reply_to, job.job_id, reply)
         job.message.ack()
 
@@ -472,7 +414,9 @@ class Worker:
             kind = event[0]
             if kind == "log":
                 _, job, line = event
-                self._send(job.reply_to, job.job_id, {"type": "log", "line": line})
+                if not job.aborted:
+                    self._send(job.reply_to, job.job_id,
+                               protocol.Reply("log", self.host, box=job.box, line=line))
             elif kind == "reply":
                 _, job, reply = event
                 self._finish(job, reply)
@@ -480,19 +424,17 @@ class Worker:
                 _, reply_to, corr, reply = event
                 self._send(reply_to, corr, reply)
 
-    def _finish(self, job: Job, reply: Dict[str, Any]) -> None:
+    def _finish(self, job: Job, reply: protocol.Reply) -> None:
         if job.aborted:  # the broker was lost: the job may run elsewhere; say nothing
             self.journal.forget(job.job_id)
         else:
-            self.journal.finish(job.job_id, job.box, reply)
+            self.journal.finish(job.job_id, job.box, reply.as_dict())
             if not self._send(job.reply_to, job.job_id, reply, mandatory=True):
                 # the client is reconnecting (a broker restart): try again for a while
-                self.undelivered.append((time.monotonic() + REDELIVER, job.reply_to,
-                                         job.job_id, reply))
+                self.undelivered.add(job.reply_to, job.job_id, reply, time.monotonic())
             job.message.ack()
-            log.info("job %s: box %s: exit %s", job.job_id, job.box, reply.get("exit_code"))
-        self.jobs.pop(job.box, None)
-        waiting = self.waiting.pop(job.box, None)
+            log.info("job %s: box %s: exit %s", job.job_id, job.box, reply.exit_code)
+        waiting = self.slots.done(job)
         if waiting is not None:
             if time.time() > waiting.deadline:
                 self._expired(waiting)
@@ -501,30 +443,17 @@ class Worker:
 
     def _retry_replies(self) -> None:
         now = time.monotonic()
-        if now < self.next_retry or not self.undelivered:
-            return
-        self.next_retry = now + 1.0
-        keep = []
-        for until, reply_to, job_id, reply in self.undelivered:
-            if self._send(reply_to, job_id, reply, mandatory=True):
-                continue
-            if now < until:
-                keep.append((until, reply_to, job_id, reply))
-            else:
+        for item in self.undelivered.due(now):
+            _until, reply_to, job_id, reply = item
+            if not self._send(reply_to, job_id, reply, mandatory=True) and \
+                    not self.undelivered.keep(item, now):
                 log.warning("job %s: its client did not come back; the result stays in the "
                             "journal", job_id)
-        self.undelivered = keep
-
-    def _expire_waiting(self) -> None:
-        for box, job in list(self.waiting.items()):
-            if time.time() > job.deadline:
-                del self.waiting[box]
-                self._expired(job)
 
     def _expired(self, job: Job) -> None:
-        self._reply_now(job, protocol_error(
+        self._reply_now(job, protocol.error_result(
             f"box '{job.box}' is busy with another job of the fleet; try again later or wait "
-            "with --lock-wait S", EXIT_LOCKED))
+            "with --lock-wait S", self.host, EXIT_LOCKED, job.box))
 
     def _terminate(self, job: Job) -> None:
         job.aborted = True
@@ -534,8 +463,7 @@ class Worker:
     # ------------------------------------------------------------------ any-free
 
     def _update_any(self) -> None:
-        free = [s for s in self.cfg.slot_names if s not in self.jobs and s not in self.waiting]
-        self._any(bool(free) and time.monotonic() >= self.any_paused_until)
+        self._any(bool(self.slots.idle()) and time.monotonic() >= self.any_paused_until)
 
     def _any(self, on: bool) -> None:
         if on == self.any_on or self.any_consumer is None:
@@ -550,48 +478,23 @@ class Worker:
 
     # ------------------------------------------------------------------ fleet lists
 
-    def _on_control(self, body: Any, message: Any) -> None:
+    def _on_control(self, message: Any) -> None:
+        """A list request on the vmim.control fanout (no acknowledgement: a fanout copy is
+        this worker's own). One that does not decode is ignored, with a line in the log."""
         try:
-            data = body if isinstance(body, dict) else json.loads(body)
-            lists = [w for w in data.get("lists", []) if w in
-                     ("boxes", "images", "inserts", "free", "locked")]
-            reply_to = message.properties.get("reply_to")
-            corr = message.properties.get("correlation_id")
-        except (ValueError, TypeError, AttributeError):
+            req = protocol.decode_list_request(message.body)
+            reply_to = protocol.usable_reply_to(message.properties.get("reply_to"))
+            if reply_to is None:
+                raise ProtocolError("its reply_to is not a client's reply queue")
+        except ProtocolError as exc:
+            log.warning("ignoring a list request: %s", exc)
             return
-        if not reply_to or not lists:
+        except Exception:  # noqa: BLE001 - one bad message must not stop the worker
+            log.exception("worker %s: internal error on a list request; ignoring it", self.host)
             return
-        self._send(reply_to, corr, {"type": "here", "host": self.host})
-        threading.Thread(target=self._run_list, args=(lists, reply_to, corr), daemon=True).start()
+        self._send(reply_to, req.job_id, protocol.Reply("here", self.host))
+        threading.Thread(target=self._run_list, args=(req.lists, reply_to, req.job_id),
+                         daemon=True).start()
 
-    def _run_list(self, lists: List[str], reply_to: str, corr: str) -> None:
-        argv = protocol.child_command(protocol.list_argv(lists), self.cfg.path, 0)
-        res = subprocess.run(argv, capture_output=True, env=protocol.child_env())
-        try:
-            doc = json.loads(res.stdout or b"{}")
-        except ValueError:
-            doc = {}
-        self.events.put(("list", reply_to, corr, {
-            "type": "lists", "host": self.host, "exit_code": res.returncode, "doc": doc,
-            "stderr": res.stderr.decode("utf-8", "replace").splitlines(True)}))
-
-
-def protocol_error(message: str, code: int = EXIT_USAGE) -> Dict[str, Any]:
-    from vmim.output import PROG
-
-    return {"type": "result", "exit_code": code, "stderr": [f"{PROG}: error: {message}\n"],
-            "doc": {"error": {"message": message, "exit_code": code}}}
-
-
-def _boxes_of(argv: List[str]) -> List[str]:
-    from vmim.cli import build_parser
-
-    return list(build_parser().parse_args(argv).box)
-
-
-def _with_box(argv: List[str], box: str) -> List[str]:
-    out = list(argv)
-    for i in range(len(out) - 1):
-        if out[i] in ("-b", "--box") and out[i + 1] == "any-free":
-            out[i + 1] = box
-    return out
+    def _run_list(self, lists: Tuple[str, ...], reply_to: str, corr: str) -> None:
+        self.events.put(("list", reply_to, corr, self.children.lists(lists, self.host)))

@@ -1,0 +1,152 @@
+"""What a broker client may make a worker do (issue 20, finding 7): the fleet accepts typed,
+allow-listed jobs only. The hostile messages are published with kombu directly, by a broker
+user with only the client permissions of docs/fleet.md (conftest.Sender)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from tests.fleet.conftest import is_mounted, marker_of, queue_depth, wait_mounted
+from tests.rig import domains  # noqa: F401 - the fixture
+
+
+def job_id() -> str:
+    return os.urandom(16).hex()
+
+
+def v2_job(box: str, request=None, options=None, **fields) -> dict:
+    """A job of protocol version 2 (vmim/fleet/protocol.py), built by hand."""
+    body = {"v": 2, "type": "job", "job_id": job_id(), "box": box,
+            "deadline": time.time() + 30, "request": request or {"actions": ["mount"]},
+            "options": options or {}}
+    body.update(fields)
+    return body
+
+
+def v1_job(argv, deadline=None) -> dict:
+    """A job of version 1 (an argv), as 1.x clients sent them."""
+    return {"v": 1, "job_id": job_id(), "argv": argv,
+            "deadline": time.time() + 30 if deadline is None else deadline}
+
+
+def assert_refused(sender, corr: str, what: str) -> dict:
+    reply = sender.result(corr)
+    assert reply is not None, f"{what}: no reply ({sender.replies.get(corr)})"
+    assert reply["exit_code"] == 2, (what, reply)
+    assert reply["doc"]["error"]["message"], (what, reply)
+    assert not reply["doc"].get("results"), (what, reply)  # nothing ran
+    return reply
+
+
+def test_the_any_free_queue_takes_any_free_jobs_only(fleet, sender, domains):  # noqa: F811
+    """A job on vmim.any that names a box, several boxes or a domain that is not a slot is
+    refused, acknowledged and answered; no slot and no other domain of the host is touched."""
+    other = domains.define(domains.name("notaslot"), start=True)  # a VM of the host, no slot
+    sent = {
+        "v1 -k of a non-slot domain": sender.send(v1_job(["-b", other, "-k"])),
+        "v1 two boxes": sender.send(v1_job(["-b", "h3a", "-b", "h3b", "--mount"])),
+        "v2 a non-slot domain": sender.send(v2_job(other, {"actions": ["kill"]})),
+        "v2 a named slot": sender.send(v2_job("h3a")),
+        "v2 several boxes": sender.send(v2_job("any-free", {"actions": ["mount"],
+                                                            "boxes": ["h3a", "h3b"]})),
+        "v2 a box routed to another slot's queue": sender.send(v2_job("h3a"),
+                                                               routing_key="box.h3b"),
+    }
+    sender.wait(list(sent.values()))
+    for what, corr in sent.items():
+        assert_refused(sender, corr, what)
+    assert domains.state(other) == 1  # VIR_DOMAIN_RUNNING: not killed
+    assert not any(is_mounted(fleet.mount_of(f"{h}{s}")) for h in ("h1", "h2", "h3")
+                   for s in "ab")
+    assert queue_depth(fleet.broker, "vmim.any") == 0  # acknowledged, not redelivered
+    assert queue_depth(fleet.broker, "vmim.host.h3.box.h3b") == 0
+
+
+def hostile_messages(box_key: str):
+    """(what, body, routing key): malformed jobs of every kind, on the any-free queue and on
+    a slot's own queue."""
+    nul = v2_job("any-free", {"actions": ["restore"], "restore": "gold\u0000x"})
+    big = v1_job(["-b", "any-free", "--mount"] + ["-v"] * 50_000)  # 400 KB
+    big2 = v2_job("any-free", {"actions": ["mount", "insert"],
+                               "inserts": [{"name": "x" * 400_000, "directory": "/"}]})
+    out = []
+    for key in ("any", box_key):
+        box = "any-free" if key == "any" else box_key.split(".", 1)[1]
+        out += [
+            ("not JSON", b"{not json", key),
+            ("not UTF-8", b"\xff\xfe{}", key),
+            ("not an object", b"[1, 2, 3]", key),
+            ("a string", b'"job"', key),
+            ("unknown version", dict(v2_job(box), v=99), key),
+            ("no version", {k: v for k, v in v2_job(box).items() if k != "v"}, key),
+            ("non-numeric deadline", v2_job(box, deadline="soon"), key),
+            ("infinite deadline", json.dumps(v2_job(box, deadline=1.0))
+             .replace('"deadline": 1.0', '"deadline": Infinity'), key),
+            ("NaN deadline", json.dumps(v2_job(box, deadline=1.0))
+             .replace('"deadline": 1.0', '"deadline": NaN'), key),
+            ("huge deadline", json.dumps(v2_job(box, deadline=1.0))
+             .replace('"deadline": 1.0', '"deadline": 1e999'), key),
+            ("v1 non-numeric deadline", v1_job(["-b", box, "--mount"], "soon"), key),
+            ("v1 infinite deadline", v1_job(["-b", box, "--mount"], float("inf")), key),
+            ("v1 NUL byte", v1_job(["-b", box, "-r", "gold\u0000x"]), key),
+            ("NUL byte", dict(nul, box=box), key),
+            ("400 KB v1 argv", big, key),
+            ("400 KB string", dict(big2, box=box), key),
+            ("unknown field", v2_job(box, {"actions": ["mount"], "config": "/etc/x.cfg"}), key),
+            ("unknown option", v2_job(box, options={"config": "/etc/x.cfg"}), key),
+            ("wrong type", v2_job(box, {"actions": "mount"}), key),
+            ("unknown action", v2_job(box, {"actions": ["format-c"]}), key),
+            ("negative number", v2_job(box, options={"timeout": -1}), key),
+            ("a float for an int", v2_job(box, options={"lock_wait": 1.5}), key),
+            ("a bool for an int", v2_job(box, options={"core": True}), key),
+            ("a bad job id", v2_job(box, job_id="../../etc/passwd"), key),
+        ]
+    return out
+
+
+def test_malformed_jobs_are_refused_and_acknowledged_and_running_jobs_go_on(fleet, sender,
+                                                                             big):
+    """Every malformed job gets an answer (exit 2) and is acknowledged; the worker keeps its
+    connection and its running restore (which succeeds); a non-JSON message on the control
+    fanout changes nothing; the slots those jobs came for serve the next job."""
+    at = {h: fleet.log_size(h) for h in ("h1", "h2", "h3")}
+    client = fleet.spawn("-b", "h1a", "-r", big, "--release", "--json")
+    wait_mounted(fleet.mount_of("h1a"), client)
+    sender.send(b"\x00not json at all", exchange="vmim.control", routing_key="")
+    sender.send(b"[]", exchange="vmim.control", routing_key="")
+    sent = {f"{what} on {key}": sender.send(body, routing_key=key)
+            for what, body, key in hostile_messages("box.h1b")}
+    no_reply = sender.send(b"{not json", routing_key="box.h1b", reply_to=None)
+    bad_reply = sender.send(v2_job("h1b"), routing_key="box.h1b", reply_to="amq.rabbitmq.x")
+    sender.wait(list(sent.values()), timeout=60)
+    for what, corr in sent.items():
+        assert_refused(sender, corr, what)
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 0, (out, err)  # the running restore went on and succeeded
+    assert json.loads(out)["results"][0]["box"] == "h1a"
+    assert no_reply not in sender.replies and bad_reply not in sender.replies
+    for h in ("h1", "h2", "h3"):
+        log = fleet.log(h)[at[h]:]
+        assert "internal error" not in log and "lost the broker" not in log, log
+        assert fleet.workers[h].poll() is None
+    for q in ("vmim.any", "vmim.host.h1.box.h1b"):
+        assert queue_depth(fleet.broker, q) == 0  # acknowledged, not redelivered
+    # the slots the bad jobs came for are not reserved: the next job runs at once
+    r = fleet.vmim("-b", "h1b", "--mount", "--lock-wait", "10")
+    assert r.code == 0, r
+    assert fleet.vmim("-b", "h1b", "--release").code == 0
+    assert marker_of(fleet, "h1a") == "big\n"  # the restore is whole
+
+
+def test_a_reply_queue_that_is_not_a_clients_is_not_written(fleet, sender):
+    """reply_to must name a client reply queue (vmim.reply.*): a job cannot make a worker
+    publish into another queue (a host's slot queue, say) through the default exchange."""
+    corr = sender.send(v2_job("any-free"), reply_to="vmim.host.h2.box.h2a")
+    sender.wait([corr], timeout=3)
+    assert corr not in sender.replies
+    assert queue_depth(fleet.broker, "vmim.host.h2.box.h2a") == 0
+    assert queue_depth(fleet.broker, "vmim.any") == 0
+    assert not any(is_mounted(fleet.mount_of(f"{h}{s}")) for h in ("h1", "h2", "h3")
+                   for s in "ab")

@@ -1,0 +1,111 @@
+"""The broker connection, for the client and the worker alike: kombu with publisher confirms
+and, for amqps://, TLS; connecting with one quick retry; publishing that tells when a
+mandatory message came back (no queue took it: an unknown box, a client that is gone); and
+what a lost or refused connection raises."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any, List, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+from vmim.errors import HostEnvironmentError, UsageError
+from vmim.fleet.protocol import HEARTBEAT
+
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class BrokerSpec:
+    url: str
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+
+    @property
+    def shown(self) -> str:
+        """The URL without its password, for messages."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connection(spec: BrokerSpec, heartbeat: int = HEARTBEAT) -> Any:
+    """A kombu connection with publisher confirms (a mandatory publish that no queue takes
+    comes back before the confirm) and, for amqps://, TLS with the configured CA/cert/key."""
+    try:
+        import kombu
+    except ImportError:
+        raise HostEnvironmentError("the fleet needs the Python package kombu "
+                                   "(Debian: python3-kombu; pip install kombu)") from None
+    ssl_opt: Any = None
+    if spec.url.startswith("amqps://"):
+        ctx = ssl.create_default_context(cafile=spec.ca)
+        if spec.cert:
+            ctx.load_cert_chain(spec.cert, spec.key)
+        ssl_opt = ctx
+    elif spec.ca or spec.cert:
+        raise UsageError(f"broker_ca/broker_cert are set but the broker URL {spec.shown} is not "
+                         "amqps://")
+    return kombu.Connection(spec.url, heartbeat=heartbeat, ssl=ssl_opt,
+                            connect_timeout=CONNECT_TIMEOUT,
+                            transport_options={"confirm_publish": True})
+
+
+def connect(conn: Any) -> None:
+    """Connect now: one attempt and one immediate retry (kombu's connect() waits 2 s first)."""
+    conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, interval_max=0)
+
+
+class Publisher:
+    """A producer on a channel that knows whether its last mandatory publish came back."""
+
+    def __init__(self, channel: Any):
+        import kombu
+
+        self.returned: List[Any] = []
+        self.producer = kombu.Producer(channel, on_return=self._on_return)
+
+    def _on_return(self, exc: Any, exchange: Any, routing_key: Any, message: Any) -> None:
+        self.returned.append(routing_key)
+
+    def publish(self, body: bytes, *, routing_key: str, exchange: str = "",
+                mandatory: bool = False, reply_to: Optional[str] = None,
+                correlation_id: Optional[str] = None, expiration: Optional[float] = None,
+                persistent: bool = False) -> bool:
+        """Publish and wait for the broker's confirm; False when a mandatory message came
+        back (no queue is bound for it)."""
+        self.returned = []
+        self.producer.publish(body, exchange=exchange, routing_key=routing_key,
+                              reply_to=reply_to, correlation_id=correlation_id,
+                              content_type="application/json", content_encoding="utf-8",
+                              serializer=None, delivery_mode=2 if persistent else None,
+                              mandatory=mandatory, expiration=expiration)
+        return not self.returned
+
+
+def connection_errors() -> tuple:
+    """What a lost or refused broker connection raises (socket, AMQP and kombu errors)."""
+    errors: tuple = (OSError, EOFError)
+    try:
+        import amqp
+        import kombu.exceptions
+
+        errors += (amqp.exceptions.ConnectionError, amqp.exceptions.RecoverableConnectionError,
+                   kombu.exceptions.OperationalError, kombu.exceptions.ConnectionError)
+    except ImportError:  # pragma: no cover
+        pass
+    return errors
+
+
+def refusals() -> tuple:
+    """What a broker's refusal raises: 403 access refused, 404 not found and the like."""
+    try:
+        import amqp
+
+        return (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
+    except ImportError:  # pragma: no cover
+        return ()
