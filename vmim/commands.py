@@ -7,11 +7,20 @@ import logging
 import os
 import sys
 from dataclasses import replace
-from typing import Any, Dict, List, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from vmim.config import Config
 from vmim.domain import Hypervisor
-from vmim.errors import EXIT_LOCKED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, StateError, UsageError
+from vmim.errors import (
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ConfigError,
+    Interrupted,
+    StateError,
+    UsageError,
+)
 from vmim.invocation import Invocation
 from vmim.output import PROG, print_lists, safe, undecodable_escaped
 from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict, dry_run_summary
@@ -30,13 +39,20 @@ def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
     if inv.lvm:
         log.warning("--lvm is ignored: set store_type = \"lvm\" for the slot in the config")
 
+    cfg: Optional[Config] = None
+    problem: Optional[ConfigError] = None
+    try:
+        cfg = config_mod.load(inv.config)  # once: its warnings are said once
+    except ConfigError as exc:  # a client with --broker needs no config of its own
+        problem = exc
     if not inv.local and (req.boxes or req.lists):
         from vmim.fleet import client
 
-        broker = client.broker_of(inv)
+        broker = client.broker_of(inv, cfg)
         if broker is not None:  # the fleet: the owning host's worker runs it
             return client.run(inv, broker, doc, out)
-    cfg = config_mod.load(inv.config)
+    if problem is not None or cfg is None:
+        raise problem or ConfigError("no configuration")
     if inv.print_config is not None:
         text = config_mod.render_config(cfg)
         if inv.print_config == "-":

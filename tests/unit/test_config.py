@@ -502,3 +502,12 @@ root = /dev/vg/web1
 root = /dev/vg/other
 """, "/legacy.cfg")
     assert any("[web1] root: written twice" in p for p in exc.value.problems)
+
+
+def test_an_unknown_key_is_warned_once_per_run(vmim, tmp_path):
+    path = tmp_path / "c.cfg"
+    path.write_text(f'[vmim.local]\nvmimages = "{tmp_path}"\n[vmim.vm.a]\nHostName = "a"\n'
+                    f'HostDsik = "/srv/a.img"\nroot = "{tmp_path}/a.img"\n')
+    r = vmim("--config", str(path), "-L")
+    assert r.code == 0, r
+    assert r.err.count("hostdsik: unknown key ignored; did you mean HostDisk?") == 1, r.err

@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
+from vmim.config import Config
 from vmim.errors import (
     EXIT_OK,
     HostEnvironmentError,
@@ -34,17 +35,9 @@ JOB_TTL = 24 * 3600.0  # seconds a job may stay in the broker past --lock-wait: 
 SILENCE = 35.0  # seconds without word about a taken job, when the worker does not say
 
 
-def broker_of(inv: Invocation) -> Optional[transport.BrokerSpec]:
-    """--broker, else $VMIM_BROKER, else broker in the config; None: run here."""
-    from vmim import config as config_mod
-    from vmim.errors import ConfigError
-
-    cfg = None
-    try:
-        cfg = config_mod.load(inv.config)
-    except ConfigError:
-        if not (inv.broker or os.environ.get(protocol.ENV_BROKER)):
-            return None  # the local run reports the problem
+def broker_of(inv: Invocation, cfg: Optional[Config]) -> Optional[transport.BrokerSpec]:
+    """--broker, else $VMIM_BROKER, else broker in the config (cfg: the loaded config, None
+    when it could not be loaded); None: run here."""
     url = inv.broker or os.environ.get(protocol.ENV_BROKER) or (cfg.broker if cfg else None)
     if not url:
         return None
