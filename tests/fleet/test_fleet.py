@@ -273,6 +273,11 @@ def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path)
 
         lst = client("ci", "-l", "--json")
         assert lst.returncode == 0, lst
+        url["wrong"] = url["ci"].replace(":pw-ci@", ":not-the-password@")
+        wrong = client("wrong", "-l")
+        assert wrong.returncode == 7, wrong
+        assert "refused user ci: wrong password or permissions" in wrong.stderr
+        assert "cannot reach" not in wrong.stderr
         assert ("h9", "p9a") in {(b["host"], b["name"]) for b in json.loads(lst.stdout)["boxes"]}
         denied = client("h9", "-b", "h1a", "--mount")
         assert denied.returncode == 7, denied

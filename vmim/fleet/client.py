@@ -46,6 +46,12 @@ def broker_of(inv: Invocation, cfg: Optional[Config]) -> Optional[transport.Brok
     return transport.BrokerSpec(url)
 
 
+def _login_refused(exc: BaseException) -> bool:
+    """Whether the broker answered and refused the login (not: could not be reached)."""
+    refusals = transport.refusals()
+    return bool(refusals) and isinstance(exc, refusals) or "ACCESS_REFUSED" in str(exc)
+
+
 class Client:
     def __init__(self, spec: transport.BrokerSpec):
         import kombu
@@ -61,6 +67,13 @@ class Client:
             transport.connect(self.conn)
             self._reopen()
         except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
+            if _login_refused(exc):
+                from urllib.parse import urlsplit
+
+                user = urlsplit(spec.url).username or "guest"
+                raise HostEnvironmentError(
+                    f"the broker at {spec.shown} refused user {user}: wrong password or "
+                    f"permissions ({exc})") from None
             raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
 
     def close(self) -> None:
