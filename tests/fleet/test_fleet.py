@@ -332,3 +332,36 @@ def test_a_redelivered_finished_job_is_answered_from_the_journal(fleet, broker):
     assert {k: v for k, v in body.items() if k != "v"} == kept  # v: the protocol's version
     assert not is_mounted(fleet.mount_of("h2b"))  # the job was not run again
     assert "answering from the journal" in fleet.log("h2")
+
+
+def test_lists_with_no_live_worker_exit_7_with_the_reason(broker):
+    """A fleet where no worker runs: -l says so (exit 7); an empty list would read as 'no
+    slots'. A virtual host of its own stands for such a fleet."""
+    import subprocess
+    import sys
+
+    from tests.fleet.conftest import env
+
+    vhost = f"vmim-empty-{os.getpid()}"
+    assert broker.ctl("add_vhost", vhost).returncode == 0
+    try:
+        assert broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
+                          ).returncode == 0
+        url = broker.url[:-1] + vhost
+        for argv in (["-l"], ["-l", "--json"], ["-f"]):
+            res = subprocess.run([sys.executable, "-m", "vmim", "--broker", url, *argv],
+                                 capture_output=True, text=True, env=env(), timeout=120)
+            assert res.returncode == 7, res
+            assert "no worker has ever started at" in res.stderr, res.stderr
+        # a worker that started once and is gone: the exchange is there, nobody answers
+        import kombu
+
+        with kombu.Connection(url) as conn:
+            control = kombu.Exchange("vmim.control", "fanout", durable=True)
+            control(conn.default_channel).declare()
+        res = subprocess.run([sys.executable, "-m", "vmim", "--broker", url, "-l"],
+                             capture_output=True, text=True, env=env(), timeout=120)
+        assert res.returncode == 7, res
+        assert "no worker answered at" in res.stderr, res.stderr
+    finally:
+        broker.ctl("delete_vhost", vhost)

@@ -296,9 +296,8 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
     corr = protocol.new_job_id()
     request = protocol.ListRequest(corr, tuple(lists))
     if not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
-        log.warning("no worker has ever started at %s", client.spec.shown)
-        _print_fleet_lists(lists, {}, doc, out, as_json)
-        return
+        raise HostEnvironmentError(f"no worker has ever started at {client.spec.shown}: start "
+                                   "`vmimagemanager worker` on the hosts (docs/fleet.md)")
     hosts: List[str] = []
     answers: Dict[str, Dict[str, Any]] = {}
     window = time.monotonic() + LIST_WINDOW
@@ -320,8 +319,10 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
     missing = [h for h in hosts if h not in answers]
     if missing:
         log.warning("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
-    if not hosts:
-        log.warning("no worker answered at %s within %.0f s", client.spec.shown, LIST_WINDOW)
+    if not hosts:  # an empty list would say "no slots": it is "nobody to ask"
+        raise HostEnvironmentError(f"no worker answered at {client.spec.shown} within "
+                                   f"{LIST_WINDOW:.0f} s: are the workers running and "
+                                   "connected? (`vmimagemanager worker`, docs/fleet.md)")
     for host in sorted(answers):
         if answers[host].get("exit_code"):
             for line in answers[host].get("stderr", []):
