@@ -132,3 +132,21 @@ def test_a_disk_that_cannot_be_made_is_refused_before_anything_is_made(vmim, sit
     assert not os.path.exists(disk)
     assert [n for n in os.listdir(os.path.dirname(disk)) if ".vmim-new" in n] == [] \
         if os.path.isdir(os.path.dirname(disk)) else True
+
+
+def test_a_qcow2_slot_s_missing_disk_is_made_as_qcow2(vmim, site, tmp_path):
+    disk = str(tmp_path / "disks" / "new1.qcow2")
+    disk, cfg = site(extra='partition = 1\ndisksize = "64M"', disk=disk)
+    r = vmim("-b", "vmim-new1", "-r", "golden", "--release", "--config", cfg)
+    assert r.code == 0, r
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", disk],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 64 << 20
+    assert "backing-filename" not in info
+    r = vmim("-b", "vmim-new1", "--mount", "--config", cfg)
+    assert r.code == 0, r
+    try:
+        mnt = tmp_path / "mnt" / "vmim-new1"
+        assert (mnt / "etc" / "hostname").read_text() == "golden\n"
+    finally:
+        assert vmim("-b", "vmim-new1", "--release", "--config", cfg).code == 0
