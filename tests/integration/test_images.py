@@ -532,7 +532,7 @@ def test_an_unexpected_error_in_a_step_still_releases_the_slot(vmim, rig, monkey
 
     def broken(*_a, **_k):
         raise PermissionError(13, "Permission denied", "/simulated")
-    monkeypatch.setattr(tree, "clear", broken)
+    monkeypatch.setattr(tree, "staging_dir", broken)  # on every clear's way (auto, delete)
     populate(vmim, rig)
     run_ok(vmim, rig, "-b", rig.names["src"], "-z", "-s", "golden", "--release")
     r = vmim("-b", rig.names["ext4"], "-r", "golden", "--config", rig.cfg)
