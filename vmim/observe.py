@@ -75,18 +75,14 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
                             "or fix the config")
     mounted = mounts.mounted_at(slot.mount) is not None
     create: Optional[str] = None
-    if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS} and \
-            slot.store_type != "lvm" and create_mod.is_missing_file(slot):  # an LV: its own word
+    # a missing disk (an LV's strategy says its own word when mapping): made first, or refused
+    if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS} and disk_mod.missing_disk(slot):
         fstype, needs = create_mod.image_facts(slot, req.restore)
         why = create_mod.refusal(slot, needs)
         if why is None:  # the plan makes it first (disksize)
             create = create_mod.describe(slot, fstype)
         else:  # what the mount step says
             unusable.insert(0, why)
-    elif not mounted and set(req.actions) & {"mount", *DATA_ACTIONS}:
-        gone = disk_mod.missing_disk(slot)  # a dangling symlink, say
-        if gone:
-            unusable.insert(0, gone)
     return Observed(
         domain_state=state,
         in_config=True,

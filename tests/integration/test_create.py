@@ -94,6 +94,17 @@ def test_a_stored_image_s_filesystem_type_is_what_a_new_disk_gets(vmim, site, tm
     assert r.code == 0, r
     assert "an xfs filesystem" in r.err
     assert _fs_of(disk, 1 << 20).get("TYPE") == "xfs"
+    # a making that fails half-way (mkfs.xfs refuses 64 MiB) leaves nothing, under no name
+    small = tmp_path / "disks" / "small.img"
+    with open(cfg, "a") as fh:
+        fh.write(f'[vmim.vm.s]\nHostName = "vmim-small"\nroot = "{small}"\ndisksize = "64M"\n')
+    r = vmim("-b", "vmim-small", "-r", "from-xfs", "--config", cfg)
+    assert r.code == 6, r
+    assert "mkfs.xfs" in r.err
+    assert not small.exists()
+    assert not [n for n in os.listdir(small.parent) if ".vmim-new" in n]
+    assert not subprocess.run(["losetup", "-j", str(small)], capture_output=True,
+                              text=True).stdout
 
 
 @pytest.mark.parametrize("case", ["no disksize", "parent missing", "block device",

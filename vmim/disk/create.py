@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from typing import Optional, Tuple
 
 from vmim import process
@@ -96,9 +98,11 @@ def create(slot: Slot, fstype: Optional[str]) -> str:
     if fstype not in MKFS:
         raise StateError(f"cannot make a {fstype} filesystem on a new disk (only "
                          f"{', '.join(MKFS)})")
-    tmp = f"{path}.vmim-new.{os.getpid()}"
-    made = [tmp]
+    # Everything is made in a private directory beside the disk (mkdtemp: 0700, a new name):
+    # no other user can plant a name the tools below would follow, whoever may write there.
+    work = tempfile.mkdtemp(prefix=".vmim-new-disk.", dir=os.path.dirname(path) or "/")
     try:
+        tmp = os.path.join(work, "raw")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, slot.disksize or 0)
@@ -114,8 +118,7 @@ def create(slot: Slot, fstype: Optional[str]) -> str:
             process.run([*MKFS[fstype], device])
         final = tmp
         if slot.store_type == "qcow2":
-            final = f"{path}.vmim-new-qcow2.{os.getpid()}"
-            made.append(final)
+            final = os.path.join(work, "qcow2")
             process.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", tmp, final])
         os.link(final, path)  # never over a disk that appeared meanwhile
         _sync_dir(os.path.dirname(path) or "/")
@@ -123,9 +126,7 @@ def create(slot: Slot, fstype: Optional[str]) -> str:
         raise StateError(f"{_what(slot)} '{path}' appeared while it was being made; "
                          "nothing was replaced") from None
     finally:
-        for p in made:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+        shutil.rmtree(work, ignore_errors=True)
     log.info("made %s (%s, %s)", path, human_size(slot.disksize or 0), fstype)
     return describe(slot, fstype)
 
@@ -136,16 +137,3 @@ def _sync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def is_missing_file(slot: Slot) -> bool:
-    """Whether the slot's disk is a path where nothing is (not a dangling symlink either)."""
-    path = slot.disk
-    if not path:
-        return False
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        return True
-    return False
-
