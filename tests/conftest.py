@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
+import sys
 import textwrap
 from typing import List, Tuple
 
@@ -84,3 +87,21 @@ def pytest_addoption(parser):
 @pytest.fixture
 def regenerate(request) -> bool:
     return bool(request.config.getoption("--regenerate-output"))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def as_user(argv, cwd):
+    """Run argv as 'nobody' when we are root, else as ourselves."""
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to run as another user")
+        prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO, "LANG": "C.UTF-8"}
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import vmim.cli, libvirt"],
+                           capture_output=True, text=True, env=env, cwd=cwd)
+    if probe.returncode != 0:
+        pytest.skip(f"'nobody' cannot run this tree's Python: {probe.stderr.strip()[-200:]}")
+    return subprocess.run([*prefix, *argv], capture_output=True, text=True, env=env, cwd=cwd)

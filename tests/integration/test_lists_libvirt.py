@@ -82,23 +82,15 @@ def test_a_user_without_access_to_the_running_daemon_is_told_what_is_missing(tmp
     says root or the libvirt group, not 'is libvirtd running?' (libvirt's own text speaks of
     a missing system bus)."""
     import os
-    import shutil
-    import subprocess
     import sys
 
-    import pytest
+    from tests.conftest import as_user
 
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is needed to run as another user")
     os.chmod(tmp_path, 0o755)
     cfg = tmp_path / "c.cfg"
     cfg.write_text('[vmim.local]\nvmemulator = "qemu:///system"\n')
     os.chmod(cfg, 0o644)
-    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                          sys.executable, "-m", "vmim", "--config", str(cfg), "-l"],
-                         capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": top}, cwd="/")
+    res = as_user([sys.executable, "-m", "vmim", "--config", str(cfg), "-l"], "/")
     assert res.returncode == 7, res.stderr
     assert "as a member of the 'libvirt' group" in res.stderr
     assert "is libvirtd running" not in res.stderr

@@ -8,12 +8,12 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 
 import pytest
 
+from tests.conftest import as_user
 from vmim import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,22 +85,6 @@ def test_libvirt_domain_without_a_slot_is_named_as_such(vmim, slots_cfg):
 # ------------------------------------------------------------ a user libvirt turns away
 
 
-def _as_user(argv, cwd):
-    """Run argv as 'nobody' when we are root, else as ourselves."""
-    prefix = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv (util-linux) is needed to run as another user")
-        prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT, "LANG": "C.UTF-8"}
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import vmim.cli, libvirt"],
-                           capture_output=True, text=True, env=env, cwd=cwd)
-    if probe.returncode != 0:
-        pytest.skip(f"'nobody' cannot run this tree's Python: {probe.stderr.strip()[-200:]}")
-    return subprocess.run([*prefix, *argv], capture_output=True, text=True, env=env, cwd=cwd)
-
-
 @pytest.fixture
 def public_dir():
     """A directory 'nobody' can read (pytest's tmp_path is root's only)."""
@@ -126,7 +110,7 @@ def test_non_root_refused_by_libvirt_is_told_root_or_the_libvirt_group(public_di
         sock.listen(1)
         os.chmod(sock_path, 0o000 if os.geteuid() != 0 else 0o660)
         uri = f"qemu+unix:///system?socket={sock_path}"
-        res = _as_user([sys.executable, "-m", "vmim", "--config", _cfg(public_dir, uri), "-l"],
+        res = as_user([sys.executable, "-m", "vmim", "--config", _cfg(public_dir, uri), "-l"],
                        public_dir)
     assert res.returncode == 7, res
     assert "Permission denied" in res.stderr
@@ -136,7 +120,7 @@ def test_non_root_refused_by_libvirt_is_told_root_or_the_libvirt_group(public_di
 
 def test_non_root_without_a_daemon_is_told_to_start_libvirtd(public_dir):
     uri = f"qemu+unix:///system?socket={public_dir}/absent-sock"
-    res = _as_user([sys.executable, "-m", "vmim", "--config", _cfg(public_dir, uri), "-l"],
+    res = as_user([sys.executable, "-m", "vmim", "--config", _cfg(public_dir, uri), "-l"],
                    public_dir)
     assert res.returncode == 7, res
     assert "is libvirtd running?" in res.stderr and "--connect URI" in res.stderr
