@@ -425,20 +425,25 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(value: Any) -> Optional[int]:
-    """Bytes from 1073741824, "1G", "1 GiB", "512M", "1.5T" (powers of 1024), else None."""
+    """Bytes from 1073741824, "1G", "1 GiB", "512M", "1.5T" (powers of 1024), rounded up to
+    whole MiB, else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value > 0 else None
-    if not isinstance(value, str):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value
+    else:
         return None
     import re
 
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not m:
         return None
     size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    return size if size > 0 else None
+    if size <= 0:
+        return None
+    return -(-size // (1 << 20)) << 20  # whole MiB: partition tables and loop devices want it
 
 
 def _convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
@@ -527,6 +532,10 @@ def _build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Map
     if "/" in name or name in (".", "..") or "\0" in name:
         col.error(section, "HostName", f"{json.dumps(name)} is not a domain name (no '/', "
                   "not '.' or '..'): it names the slot's lock and mount point")
+        return None
+    if name == "any-free":  # -b any-free claims a free slot: a slot of that name is unreachable
+        col.error(section, "HostName", '"any-free" is the word -b uses to claim a free slot; '
+                  "give the slot another name")
         return None
 
     st = merged.get("store_type")

@@ -172,7 +172,7 @@ def drift_of(slot: Slot, current_xml: Optional[str]) -> List[str]:
         return []
     try:
         return drift(domain_xml(slot), current_xml)
-    except (VmimError, ValueError):
+    except (VmimError, ValueError, SyntaxError):  # lxml's XMLSyntaxError is a SyntaxError
         return []
 
 

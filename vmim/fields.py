@@ -88,7 +88,11 @@ class Fields:
         value = self.data[key]
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ProtocolError(f"{self._name(key)} is not a number")
-        if not math.isfinite(value) or not low <= value <= high:
+        try:  # an int beyond a float's range (10**400) overflows in isfinite
+            finite = math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite or not low <= value <= high:
             raise ProtocolError(f"{self._name(key)} = {value} is outside {low:g}..{high:g}")
         return float(value)
 

@@ -108,14 +108,45 @@ class Request:
             return tuple(out)
 
         actions = set(f.strings("actions", choices=PIPELINE))
-        return cls(boxes=tuple(f.strings("boxes")),
-                   actions=tuple(a for a in PIPELINE if a in actions),
-                   lists=tuple(dict.fromkeys(f.strings("lists", choices=LISTS))),
-                   store=f.string("store", nullable=True),
-                   restore=f.string("restore", nullable=True),
-                   inserts=transfers("inserts"), extracts=transfers("extracts"),
-                   format=f.string("format", nullable=True, choices=FORMATS),
-                   disk_image=f.boolean("disk_image"))
+        req = cls(boxes=tuple(f.strings("boxes")),
+                  actions=tuple(a for a in PIPELINE if a in actions),
+                  lists=tuple(dict.fromkeys(f.strings("lists", choices=LISTS))),
+                  store=f.string("store", nullable=True),
+                  restore=f.string("restore", nullable=True),
+                  inserts=transfers("inserts"), extracts=transfers("extracts"),
+                  format=f.string("format", nullable=True, choices=FORMATS),
+                  disk_image=f.boolean("disk_image"))
+        req.check(what)
+        return req
+
+    def check(self, what: str = "the request") -> None:
+        """What the command line makes sure of, for a request read from elsewhere (a fleet
+        job): each data action has what it works on and nothing else is given; names are
+        store names; --disk-image only with -s or -r. A ProtocolError otherwise, before
+        anything is touched."""
+        from vmim.errors import ProtocolError, UsageError
+        from vmim.store import validate_name
+
+        given = {"store": self.store is not None, "restore": self.restore is not None,
+                 "insert": bool(self.inserts), "extract": bool(self.extracts)}
+        for action, has in given.items():
+            if (action in self.actions) != has:
+                raise ProtocolError(f"{what}: action {action} and what it works on do not go "
+                                    "together")
+        if self.disk_image and (self.inserts or self.extracts or
+                                self.store is None and self.restore is None):
+            raise ProtocolError(f"{what}: disk_image goes with store or restore alone")
+        named = [("image", self.store), ("image", self.restore),
+                 *(("insert", t.name) for t in self.inserts),
+                 *(("extract", t.name) for t in self.extracts)]
+        try:
+            for kind, name in named:
+                if name is not None:
+                    validate_name(name.replace(BOX_PLACEHOLDER, "box"), kind)
+        except UsageError as exc:
+            raise ProtocolError(f"{what}: {exc}") from None
+        if any(not t.directory for t in (*self.inserts, *self.extracts)):
+            raise ProtocolError(f"{what}: a directory is empty")
 
 
 @dataclass(frozen=True)

@@ -511,3 +511,14 @@ def test_an_unknown_key_is_warned_once_per_run(vmim, tmp_path):
     r = vmim("--config", str(path), "-L")
     assert r.code == 0, r
     assert r.err.count("hostdsik: unknown key ignored; did you mean HostDisk?") == 1, r.err
+
+
+def test_disksize_is_whole_mib_and_any_free_is_no_slot_name():
+    from vmim.config import parse_size
+
+    assert parse_size("64M") == 64 << 20
+    assert parse_size("1.0001G") % (1 << 20) == 0 and parse_size("1.0001G") > 1 << 30
+    assert parse_size(True) is None and parse_size("lots") is None
+    with pytest.raises(ConfigError) as exc:
+        config.parse('[vmim.vm.a]\nHostName = "any-free"\nroot = "/d/a.img"\n', "/a.cfg")
+    assert "the word -b uses to claim a free slot" in str(exc.value)

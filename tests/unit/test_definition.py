@@ -38,3 +38,10 @@ def test_units_are_compared_not_spelled():
                               "<memory unit='MiB'>256</memory>")
     assert "256" in current
     assert drift(_xml(), current) == []
+
+
+def test_a_definition_that_does_not_read_is_no_drift_and_no_crash():
+    from vmim.definition import drift_of
+
+    cfg = config.parse(CFG.format(virt="qemu", memory=262144), "/c.cfg")
+    assert drift_of(cfg.slot("a"), "<domain><name>a</name") == []

@@ -124,6 +124,13 @@ def test_a_job_may_not_carry_client_options(field, where):
     (_body(**{"options.verbose": 50000}), "outside"),
     (_body(**{"options.dry_run": "yes"}), "true or false"),
     (_body(request=[]), "not an object"),
+    (_body(**{"request.actions": ["store"]}), "do not go together"),
+    (_body(**{"request.actions": ["restore"], "request.restore": "../x"}), "is not allowed"),
+    (_body(**{"request.actions": ["insert"],
+              "request.inserts": [{"name": "certs", "directory": ""}]}), "directory is empty"),
+    (_body(**{"request.actions": ["insert"], "request.disk_image": True,
+              "request.inserts": [{"name": "certs", "directory": "/"}]}), "disk_image"),
+    (_body(deadline=10 ** 400), "outside"),
 ])
 def test_a_malformed_job_is_a_protocol_error(body, words):
     with pytest.raises(ProtocolError) as exc:

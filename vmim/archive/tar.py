@@ -20,8 +20,8 @@ reads or writes the image file in the store, runs outside.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
+import shutil
 import tempfile
 from typing import IO, List, Optional, Sequence, Set, Tuple
 
@@ -116,7 +116,7 @@ def prove(image: str, compression: Optional[str]) -> Summary:
         said = exc.stderr_tail if exc.argv[:2] == PROVE_LINKS[:2] else " ".join(data.said)
         raise CorruptArchive(refusal(said)) from None
     finally:
-        os.rmdir(empty)
+        shutil.rmtree(empty, ignore_errors=True)  # never over the error being raised
     if (data.lines, data.digest.digest()) != (listing.lines, listing.digest.digest()):
         raise CorruptArchive("GNU tar would unpack other members than it lists (a symlink, hard "
                              "link, device node or FIFO that claims data, or a sparse map that "

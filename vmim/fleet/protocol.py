@@ -35,6 +35,9 @@ from vmim.plan import ANY_FREE, LISTS, REQUEST_FIELDS
 
 VERSION = 2
 MAX_MESSAGE = 64 * 1024  # bytes: a job is a few hundred; anything near this is not a job
+#: a worker's reply carries a whole result (lists of many images, -v's log lines): workers are
+#: trusted with results, and a result refused for its size would be a job lost
+MAX_REPLY = 16 * 1024 * 1024
 JOBS = "vmim.jobs"  # direct, durable: routing key box.<HostName>, or "any"
 CONTROL = "vmim.control"  # fanout: fleet lists
 ANY_QUEUE = "vmim.any"
@@ -82,14 +85,14 @@ def _refuse_constant(name: str) -> Any:
     raise ProtocolError(f"the message holds {name}, which is not a number")
 
 
-def _loads(body: Any, what: str) -> Dict[str, Any]:
-    """A message body as a JSON object, refused before parsing when it is too large."""
+def _loads(body: Any, what: str, limit: int = MAX_MESSAGE) -> Dict[str, Any]:
+    """A message body as a JSON object, refused before parsing when it is over limit."""
     if isinstance(body, str):
         body = body.encode("utf-8", "surrogatepass")
     if not isinstance(body, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"{what} is not a message body")
-    if len(body) > MAX_MESSAGE:
-        raise ProtocolError(f"{what} is {len(body)} bytes, more than the {MAX_MESSAGE} a "
+    if len(body) > limit:
+        raise ProtocolError(f"{what} is {len(body)} bytes, more than the {limit} a "
                             "message may have")
     try:
         data = json.loads(bytes(body).decode("utf-8"), parse_constant=_refuse_constant)
@@ -210,7 +213,7 @@ class Reply:
 def decode_reply(body: Any) -> Reply:
     """A worker's reply, as a client reads it (workers are trusted with results, not with
     the shape of messages: a malformed one is a ProtocolError the client ignores)."""
-    f = Fields(_loads(body, "the reply"), "the reply",
+    f = Fields(_loads(body, "the reply", MAX_REPLY), "the reply",
                ("v", "type", "host", "box", "line", "exit_code", "doc", "stderr", "silence"))
     kind = f.string("type", required=True, choices=REPLY_TYPES)
     stderr = tuple(check_string(x, "the reply: stderr", 1 << 20) for x in f.items("stderr", 1 << 16))
