@@ -66,8 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--redefine", action="store_true",
                    help="replace libvirt's definition of the domain with the one the config "
                    "makes through libvirt.xsl (the domain must be shut off)")
+    g.add_argument("--swap", action="store_true",
+                   help="make the image staged on the slot's standby disk the domain's disk "
+                   "(shut down first; -u swaps a staged image in by itself)")
     g.add_argument("-u", "--up", action="store_true",
-                   help="release, define the domain if libvirt lacks it, start it")
+                   help="release, define the domain if libvirt lacks it, start it; a slot "
+                   "with a staged image swaps it in first")
+    g.add_argument("--stage", action="store_true",
+                   help="-r and -i work on the slot's standby disk while its domain runs; "
+                   "the next -u swaps it in (docs/guide.md)")
 
     g = p.add_argument_group("lists")
     g.add_argument("-l", "--list-boxes", action="store_true",
@@ -215,7 +222,8 @@ def make_request(args: argparse.Namespace) -> Request:
         "kill": args.kill, "down": args.down, "mount": args.mount,
         "extract": bool(extracts), "store": store is not None,
         "restore": restore is not None, "insert": bool(inserts),
-        "release": args.release, "redefine": args.redefine, "up": args.up,
+        "release": args.release, "redefine": args.redefine, "swap": args.swap,
+        "up": args.up,
     }
     req = Request(
         boxes=tuple(boxes), actions=tuple(a for a in PIPELINE if wanted[a]),
@@ -224,8 +232,13 @@ def make_request(args: argparse.Namespace) -> Request:
             ("inserts", args.list_inserts), ("free", args.list_free),
             ("locked", args.list_locked)) if flag),
         store=store, restore=restore, inserts=tuple(inserts), extracts=tuple(extracts),
-        format=args.format, disk_image=args.disk_image)
+        format=args.format, disk_image=args.disk_image, stage=args.stage)
     _check_names(req)
+    problem = req.stage_problem()
+    if problem:
+        raise UsageError(problem)
+    if req.stage and ANY_FREE in req.boxes:
+        raise UsageError(f"--stage works on a named slot whose domain runs, not on -b {ANY_FREE}")
     if args.disk_image and (req.inserts or req.extracts):
         raise UsageError("--disk-image stores and restores whole disks: it does not go with -i or -e")
     if args.disk_image and req.store is None and req.restore is None:

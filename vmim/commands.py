@@ -103,8 +103,6 @@ def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List
     """The plan of every box, from the state observed now (the same observation and planning
     as the run; the run does them again under each slot's lock)."""
     from vmim import listing
-    from vmim.observe import observe
-    from vmim.plan import plan_box
 
     boxes = req.boxes
     if tuple(boxes) == (ANY_FREE,):
@@ -115,8 +113,22 @@ def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List
                                  f"{cfg.path} are running, mounted or locked; try again "
                                  "later"))]
         boxes = tuple(free[:1])
-    return [plan_box(req, box, observe(cfg, hv, box, req), lock_wait=lock_wait)
-            for box in boxes]
+    return [plan_of(req, cfg, hv, box, lock_wait) for box in boxes]
+
+
+def plan_of(req: Request, cfg: Config, hv: Hypervisor, box: str, lock_wait: int) -> Plan:
+    """One box's plan, on the disk its domain boots (vmim.standby): what the run does."""
+    from vmim import standby
+    from vmim.observe import observe
+    from vmim.plan import plan_box, plan_staged
+
+    cfg = standby.resolve(cfg, hv, box)
+    if req.stage:
+        spare = standby.standby_name(box)
+        return plan_staged(req, box, observe(cfg, hv, box, req.swapping()),
+                           observe(cfg, hv, spare, req.staging())
+                           if cfg.slot(spare) else None, lock_wait=lock_wait)
+    return plan_box(req, box, observe(cfg, hv, box, req), lock_wait=lock_wait)
 
 
 def print_plans(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int, as_json: bool,

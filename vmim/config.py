@@ -36,6 +36,10 @@ SLOT_PREFIX = "vmim.vm."
 LEGACY_SECTION = "VmImageManager"
 
 
+#: the standby disk of a slot is mounted at its mount point with this suffix
+STANDBY_MOUNT_SUFFIX = ".standby"
+
+
 @dataclass(frozen=True)
 class Slot:
     """One slot: a libvirt domain and the disk holding its root filesystem."""
@@ -71,6 +75,7 @@ class Slot:
     sourceimage: bool = default("sourceimage")
     enabled: bool = default("enabled")
     disksize: Optional[int] = None
+    standby: Optional[str] = None  # the second disk --stage restores into (vmim.standby)
     #: a problem of the config that concerns this slot only (its mount point is another
     #: slot's): warned at load; any action on the slot's disk is refused with it (exit 3)
     conflict: Optional[str] = None
@@ -81,6 +86,23 @@ class Slot:
         if self.store_type == "lvm" and not self.root and not self.hostdisk:
             return f"/dev/{self.lvm_volume_group}/{self.lvm_volume or self.name}"
         return self.hostdisk or self.root
+
+    @property
+    def standby_disk(self) -> Optional[str]:
+        """The slot's second disk, that --stage restores into (vmim.standby): the `standby`
+        key, else for a qcow2 slot the overlay NAME.standby.qcow2 beside HostDisk."""
+        if self.standby:
+            return self.standby
+        if self.store_type == "qcow2" and self.hostdisk:
+            stem = self.hostdisk[:-len(".qcow2")] if self.hostdisk.endswith(".qcow2") \
+                else self.hostdisk
+            return f"{stem}.standby.qcow2"
+        return None
+
+    @property
+    def standby_mount(self) -> str:
+        """Where the standby disk's filesystem is mounted while an image is staged into it."""
+        return self.mount + STANDBY_MOUNT_SUFFIX
 
     def describe_disk(self) -> str:
         disk = self.disk
@@ -561,6 +583,16 @@ def _build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Map
     elif st == "qcow2" and not merged.get("hostdisk"):
         col.error(section, "HostDisk", "store_type \"qcow2\" needs HostDisk")
 
+    standby = merged.get("standby")
+    if standby:
+        own = merged.get("hostdisk") or merged.get("root")
+        if st == "lvm" and not own:
+            col.error(section, "standby", "a slot on a logical volume named by LvmVolumeGroup "
+                      "has no standby: name both disks with root and standby")
+        elif own and os.path.normpath(standby) == os.path.normpath(own):
+            col.error(section, "standby", f"'{standby}' is the slot's own disk: the standby "
+                      "must be a second disk")
+        merged["standby"] = os.path.normpath(standby)
     if not merged.get("mount"):
         prefix = local_vals.get("mount_prefix", _key("mount_prefix").default)
         merged["mount"] = os.path.join(prefix, name)
@@ -597,23 +629,27 @@ def _check_slots(slots: Sequence[Slot], col: _Collector) -> List[Slot]:
                      f"[{other.section}]", "give each slot its own, or remove one section")
             continue
         by_name[s.name] = s
-        for mount, first in by_mount.items():
-            if first.name != s.name and (_under(s.mount, mount) or _under(mount, s.mount)):
-                how = ("is also" if s.mount == mount else
-                       "lies inside" if _under(s.mount, mount) else "contains")
-                conflict(s, "mount", first, f"'{s.mount}' {how} the mount point of slot "
-                         f"'{first.name}' ([{first.section}])",
-                         "releasing one would unmount the other: give each slot its own")
-                break
-        by_mount.setdefault(s.mount, s)
-        disk = s.disk
-        if disk:
+        mine = [("mount", s.mount)] + ([("standby", s.standby_mount)] if s.standby_disk else [])
+        for key, own in mine:
+            for mount, first in by_mount.items():
+                if first.name != s.name and (_under(own, mount) or _under(mount, own)):
+                    how = ("is also" if own == mount else
+                           "lies inside" if _under(own, mount) else "contains")
+                    conflict(s, key, first, f"'{own}' {how} the mount point of slot "
+                             f"'{first.name}' ([{first.section}])",
+                             "releasing one would unmount the other: give each slot its own")
+                    break
+        for _key, own in mine:
+            by_mount.setdefault(own, s)
+        for key, disk in (("HostDisk" if s.hostdisk else "root", s.disk),
+                          ("standby", s.standby_disk)):
+            if not disk:
+                continue
             norm = os.path.normpath(disk)
             other = by_disk.get(norm)
             if other is not None:
-                conflict(s, "HostDisk" if s.hostdisk else "root", other,
-                         f"disk '{disk}' is also the disk of slot '{other.name}' "
-                         f"([{other.section}])", "two slots cannot share a disk")
+                conflict(s, key, other, f"disk '{disk}' is also a disk of slot "
+                         f"'{other.name}' ([{other.section}])", "two slots cannot share a disk")
             by_disk.setdefault(norm, s)
         kept.append(s)
     return [replace(s, conflict=conflicts[s.name]) if s.name in conflicts else s for s in kept]

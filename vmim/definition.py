@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 from xml.etree import ElementTree as ET
 
 from vmim.config import Slot
@@ -141,9 +141,43 @@ def _facts(xml: str) -> dict:
     for key in ("kernel", "initrd", "cmdline"):
         el = root.find(f"os/{key}")
         facts[f"os/{key}"] = el.text if el is not None else None
-    src = root.find("devices/disk[@device='disk']/source")
-    facts["disk"] = (src.get("file") or src.get("dev")) if src is not None else None
+    facts["disk"] = _source_of(root)
     return facts
+
+
+def _source_of(root: Any) -> Optional[str]:
+    src = root.find("devices/disk[@device='disk']/source")
+    return (src.get("file") or src.get("dev")) if src is not None else None
+
+
+def disk_source(xml: str) -> Optional[str]:
+    """The file or device of a definition's first disk (the one the guest boots)."""
+    from lxml import etree
+
+    return _source_of(etree.fromstring(xml.encode()))
+
+
+def with_disk(xml: str, old: str, new: str) -> str:
+    """The definition with disk `old` replaced by `new` as the source of its first disk, and
+    nothing else changed but what that needs (the disk's type, file or block, and a
+    backing chain libvirt recorded for the old one)."""
+    from lxml import etree
+
+    root = etree.fromstring(xml.encode())
+    src = root.find("devices/disk[@device='disk']/source")
+    have = (src.get("file") or src.get("dev")) if src is not None else None
+    if src is None or have is None or os.path.normpath(have) != os.path.normpath(old):
+        raise StateError(f"the domain's definition names disk {have or 'none'}, not {old}: "
+                         "not changed")
+    disk = src.getparent()
+    block = _is_block(new)
+    for attr in ("file", "dev"):
+        src.attrib.pop(attr, None)
+    src.set("dev" if block else "file", new)
+    disk.set("type", "block" if block else "file")
+    for chain in disk.findall("backingStore"):
+        disk.remove(chain)
+    return etree.tostring(root, encoding="unicode")
 
 
 def drift(wanted_xml: str, current_xml: str) -> List[str]:

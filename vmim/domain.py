@@ -270,10 +270,12 @@ class Hypervisor:
                                  f"{exc.get_error_message()}") from None
 
     @_reported
-    def disk_users(self, path: str) -> List[str]:
-        """Names of active domains with a disk whose source is path (same file or device)."""
+    def disk_users(self, path: str, *, defined: bool = False) -> List[str]:
+        """Names of active domains (with `defined`, of every domain libvirt knows) with a disk
+        whose source is path (same file or device)."""
         users = []
-        for dom in self.conn.listAllDomains(self.libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        flags = 0 if defined else self.libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        for dom in self.conn.listAllDomains(flags):
             try:
                 xml = dom.XMLDesc(0)
             except self.libvirt.libvirtError:

@@ -87,6 +87,13 @@ KEYS: Tuple[Key, ...] = (
         inherit=False),
     Key("swap", "swap", "path", "slot", "Swap device given to the domain (never touched).",
         inherit=False),
+    Key("standby", "standby", "path", "slot",
+        "A second disk of the slot, of the same form as HostDisk or root (a file or a block "
+        "device; `partition` applies to both): `--stage` restores the next image into it while "
+        "the domain runs, and the next `-u` swaps it in (the domain's disk becomes the standby). "
+        "A qcow2 slot needs none: its standby is the overlay beside HostDisk "
+        "(NAME.standby.qcow2). See docs/guide.md, \"Re-image with one reboot\".",
+        inherit=False),
     Key("disksize", "disksize", "size", "slot",
         "Size of the slot's disk when vmimagemanager makes it: a HostDisk or root *file* "
         "that does not exist yet is created by the first action that needs it (sparse; "

@@ -6,11 +6,12 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from vmim import incomplete, lock, store
+from vmim import incomplete, lock, standby, store
 from vmim.config import Config, Slot
 from vmim.definition import drift_of
 from vmim.disk import missing_disk, mounts, qcow2
 from vmim.domain import UNDEFINED, DomainInfo
+from vmim.standby import Staged
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class BoxRow:
     is_free: bool
     disk_missing: bool = False  # the configured disk file or device is not there
     drift: Tuple[str, ...] = ()  # how libvirt's definition differs from the config's
+    standby: Optional[str] = None  # the standby disk (vmim.standby)
+    staged: Optional[Staged] = None  # what is staged on it
 
     def as_dict(self) -> dict:
         return {
@@ -49,6 +52,8 @@ class BoxRow:
             "locked": self.locked_by.as_dict() if self.locked_by else None,
             "base": self.base,
             "incomplete": self.incomplete,
+            "standby": self.standby,
+            "staged": self.staged.as_dict() if self.staged else None,
         }
 
 
@@ -69,6 +74,10 @@ def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]],
     for name in sorted(set(cfg.slot_names) | set(domains)):
         slot = cfg.slot(name)
         dom = domains.get(name)
+        spare = None
+        if slot is not None and slot.standby_disk:  # on its active disk (vmim.standby)
+            slot, spare = standby.resolve_slot(cfg, slot, definitions(name)
+                                               if definitions and dom else None)
         mounted = bool(slot and os.path.realpath(slot.mount) in targets)
         held = lock.holder(cfg.lockdir, name)
         gone = bool(slot and missing_disk(slot))
@@ -90,6 +99,8 @@ def boxes(cfg: Config, domains: Optional[Dict[str, DomainInfo]],
             disk_missing=gone,
             drift=tuple(drift_of(slot, definitions(name)))
             if slot and dom and definitions else (),
+            standby=spare.disk if spare else None,
+            staged=standby.staged(cfg, slot, spare) if slot and spare else None,
         ))
     return rows
 

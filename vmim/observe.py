@@ -8,10 +8,10 @@ of the slot's disk in other mount namespaces.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from vmim import disk as disk_mod
-from vmim import incomplete, lock, store
+from vmim import incomplete, lock, standby, store
 from vmim.config import Config, Slot
 from vmim.disk import create as create_mod
 from vmim.disk import qcow2
@@ -23,6 +23,7 @@ from vmim.steps.data import find_usable
 
 
 def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
+    """What the plan of req on box depends on; cfg as standby.resolve() gives it."""
     from vmim.disk import mounts
 
     slot = cfg.slot(box)
@@ -103,7 +104,25 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         held_by=_held_by(hv, slot, req) if not mounted and not create else None,
         conflict=slot.conflict,
         create=create,
+        **_standby_facts(cfg, hv, slot, req),
     )
+
+
+def _standby_facts(cfg: Config, hv: Hypervisor, slot: Slot, req: Request) -> Dict[str, Any]:
+    """standby, staged, staged_skip of a slot with a standby disk; attached of a standby."""
+    if standby.owner_of(slot.name) is not None:
+        if not set(req.actions) & {"mount", "release", *DATA_ACTIONS}:
+            return {}
+        users = hv.disk_users(str(slot.disk), defined=True)
+        return {"attached": f"its standby disk {slot.disk} is a disk of domain "
+                            f"{', '.join(repr(u) for u in users)}: not touched while a "
+                            "definition lists it"} if users else {}
+    spare = cfg.slot(standby.standby_name(slot.name))
+    if spare is None:
+        return {}
+    st = standby.staged(cfg, slot, spare)
+    return {"standby": spare.disk, "staged": st.image if st and st.ready else None,
+            "staged_skip": st.skip if st else None}
 
 
 def _held_by(hv: Hypervisor, slot: Slot, req: Request) -> Optional[str]:

@@ -58,13 +58,14 @@ def print_lists(req: Request, cfg: Config, hv: Optional[Hypervisor], as_json: bo
                 doc["boxes"] = [r.as_dict() for r in rows]
             else:
                 table(["NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE",
-                        "INCOMPLETE"],
+                        "INCOMPLETE", "STAGED"],
                        [[safe(r.name), "yes" if r.in_config else "no", r.state,
                          "yes" if r.mounted else "no",
                          f"pid {r.locked_by.pid}" if r.locked_by else "no",
                          safe(r.disk_text), safe(r.base or "-"),
                          f"restore of {safe(str(r.incomplete.get('image')))}"
-                         if r.incomplete else "no"] for r in rows], out)
+                         if r.incomplete else "no",
+                         safe(r.staged.text()) if r.staged else "-"] for r in rows], out)
         elif what == "free":
             free = [r.name for r in rows if r.is_free]
             if as_json:

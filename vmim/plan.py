@@ -9,23 +9,29 @@ with its code, and the real run stops with it before any step touches the slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from vmim.errors import EXIT_CLEANUP, EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_LOCKED, EXIT_STATE
+from vmim.request import (  # noqa: F401 — the request's vocabulary, as plan has always named it
+    ANY_FREE,
+    BOX_PLACEHOLDER,
+    FORMATS,
+    LISTS,
+    PIPELINE,
+    REQUEST_FIELDS,
+    STAGE_ACTIONS,
+    SWAP_ACTIONS,
+    Request,
+    Transfer,
+)
 
-#: The fixed per-box pipeline, whatever the order of the flags.
-PIPELINE = ("kill", "down", "mount", "extract", "store", "restore", "insert", "release",
-            "redefine", "up")
 #: Steps that mount or map the slot's disk: they need root.
 DISK_ACTIONS = ("mount", "extract", "store", "restore", "insert", "release")
 #: Steps that change or read the slot's filesystem: they stop the domain and mount it first.
 DATA_ACTIONS = ("extract", "store", "restore", "insert")
-BOX_PLACEHOLDER = "{box}"
 #: the store keys of a slot and what each holds
 STORE_KINDS = {"vmimages": "image", "vminserts": "insert", "vmextracts": "extract"}
-#: -b any-free: claim one free slot (under its lock) and act on it
-ANY_FREE = "any-free"
 #: What an image or insert the plan looked for is when it is not there.
 MISSING = "missing"
 #: How a restore clears the filesystem, by the slot's clear (the run says which ran and why)
@@ -37,116 +43,6 @@ CLEAR_PLANS = {
             "label)",
     "delete": "delete the filesystem's content",
 }
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """An insert or extract: an archive NAME and a directory inside the guest."""
-
-    name: str
-    directory: str
-
-
-#: what a request may ask for: the formats of store and extract, and the lists
-FORMATS = ("rsync", "tgz", "cpio.bz2", "tar.zst")
-LISTS = ("boxes", "images", "inserts", "free", "locked")
-#: the fields of Request.to_dict(); a fleet job carries them without boxes and lists
-REQUEST_FIELDS = ("boxes", "actions", "lists", "store", "restore", "inserts", "extracts",
-                  "format", "disk_image")
-
-
-@dataclass(frozen=True)
-class Request:
-    """What the command line asks for, validated: a value (lists given are kept as tuples)
-    that crosses process boundaries as `to_dict()` and comes back with `from_dict()`."""
-
-    boxes: Tuple[str, ...] = ()
-    actions: Tuple[str, ...] = ()  # in PIPELINE order
-    lists: Tuple[str, ...] = ()
-    store: Optional[str] = None
-    restore: Optional[str] = None
-    inserts: Tuple[Transfer, ...] = ()
-    extracts: Tuple[Transfer, ...] = ()
-    format: Optional[str] = None
-    disk_image: bool = False  # --disk-image: store/restore the whole disk
-
-    def __post_init__(self) -> None:
-        for name in ("boxes", "actions", "lists", "inserts", "extracts"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-
-    def store_name(self, box: str) -> Optional[str]:
-        return self.store.replace(BOX_PLACEHOLDER, box) if self.store is not None else None
-
-    def extract_name(self, name: str, box: str) -> str:
-        return name.replace(BOX_PLACEHOLDER, box)
-
-    def to_dict(self, fields: Sequence[str] = REQUEST_FIELDS) -> Dict[str, Any]:
-        d: Dict[str, Any] = {
-            "boxes": list(self.boxes), "actions": list(self.actions), "lists": list(self.lists),
-            "store": self.store, "restore": self.restore,
-            "inserts": [{"name": t.name, "directory": t.directory} for t in self.inserts],
-            "extracts": [{"name": t.name, "directory": t.directory} for t in self.extracts],
-            "format": self.format, "disk_image": self.disk_image}
-        return {k: v for k, v in d.items() if k in fields}
-
-    @classmethod
-    def from_dict(cls, data: Any, fields: Sequence[str] = REQUEST_FIELDS,
-                  what: str = "the request") -> Request:
-        """The request a dict describes, read strictly (vmim.fields): unknown fields, wrong
-        types, unknown actions, lists or formats are a ProtocolError. The actions come back
-        in PIPELINE order whatever order they were sent in."""
-        from vmim.fields import Fields
-
-        f = Fields(data, what, fields)
-
-        def transfers(key: str) -> Tuple[Transfer, ...]:
-            out = []
-            for i, item in enumerate(f.items(key)):
-                t = Fields(item, f"{what}: {key}[{i}]", ("name", "directory"))
-                out.append(Transfer(t.string("name", required=True),
-                                    t.string("directory", required=True)))
-            return tuple(out)
-
-        actions = set(f.strings("actions", choices=PIPELINE))
-        req = cls(boxes=tuple(f.strings("boxes")),
-                  actions=tuple(a for a in PIPELINE if a in actions),
-                  lists=tuple(dict.fromkeys(f.strings("lists", choices=LISTS))),
-                  store=f.string("store", nullable=True),
-                  restore=f.string("restore", nullable=True),
-                  inserts=transfers("inserts"), extracts=transfers("extracts"),
-                  format=f.string("format", nullable=True, choices=FORMATS),
-                  disk_image=f.boolean("disk_image"))
-        req.check(what)
-        return req
-
-    def check(self, what: str = "the request") -> None:
-        """What the command line makes sure of, for a request read from elsewhere (a fleet
-        job): each data action has what it works on and nothing else is given; names are
-        store names; --disk-image only with -s or -r. A ProtocolError otherwise, before
-        anything is touched."""
-        from vmim.errors import ProtocolError, UsageError
-        from vmim.store import validate_name
-
-        given = {"store": self.store is not None, "restore": self.restore is not None,
-                 "insert": bool(self.inserts), "extract": bool(self.extracts)}
-        for action, has in given.items():
-            if (action in self.actions) != has:
-                raise ProtocolError(f"{what}: action {action} and what it works on do not go "
-                                    "together")
-        if self.disk_image and (self.inserts or self.extracts or
-                                self.store is None and self.restore is None):
-            raise ProtocolError(f"{what}: disk_image goes with store or restore alone")
-        named = [("image", self.store), ("image", self.restore),
-                 *(("insert", t.name) for t in self.inserts),
-                 *(("extract", t.name) for t in self.extracts)]
-        try:
-            for kind, name in named:
-                if name is not None:
-                    validate_name(name.replace(BOX_PLACEHOLDER, "box"), kind)
-        except UsageError as exc:
-            raise ProtocolError(f"{what}: {exc}") from None
-        if any(not t.directory for t in (*self.inserts, *self.extracts)):
-            raise ProtocolError(f"{what}: a directory is empty")
 
 
 @dataclass(frozen=True)
@@ -172,6 +68,10 @@ class Observed:
     root: bool = True  # whether the run is root (mounting and loop devices need it)
     conflict: Optional[str] = None  # the config's problem with this slot (a shared mount point)
     create: Optional[str] = None  # the slot's disk is missing and will be made: how (disksize)
+    standby: Optional[str] = None  # the slot's standby disk (vmim.standby), if it has one
+    staged: Optional[str] = None  # the image staged on the standby, ready to be swapped in
+    staged_skip: Optional[str] = None  # why what is staged is not to be swapped in
+    attached: Optional[str] = None  # a standby: the domains whose definitions list it
 
     @property
     def running(self) -> bool:
@@ -188,9 +88,13 @@ class Step:
     implicit: bool = False
     item: int = 0  # extract, insert: which of the request's transfers
     whole: bool = False  # verify, store, restore: the whole disk (plan.whole_disk), not the tree
+    standby: bool = False  # a step of a staging: it works on the standby disk
 
     def as_dict(self) -> dict:
-        return {"step": self.name, "description": self.description, "implicit": self.implicit}
+        d = {"step": self.name, "description": self.description, "implicit": self.implicit}
+        if self.standby:
+            d["disk"] = "standby"
+        return d
 
 
 @dataclass(frozen=True)
@@ -220,7 +124,8 @@ class Plan:
 
     def text(self) -> str:
         lines = [f"box {self.box}:"]
-        lines += [f"  {i}. {s.name}{' (implicit)' if s.implicit else ''}: {s.description}"
+        lines += [f"  {i}. {s.name}{' (standby)' if s.standby else ''}"
+                  f"{' (implicit)' if s.implicit else ''}: {s.description}"
                   for i, s in enumerate(self.steps, 1)]
         if self.verdict:
             lines.append(f"  the run would fail (exit {self.verdict.exit_code}): "
@@ -231,7 +136,8 @@ class Plan:
     def from_dict(cls, box: str, data: Dict[str, Any]) -> Plan:
         """The plan as_dict() describes (a fleet worker's dry run), to print it with text()."""
         steps = tuple(Step(str(s.get("step")), str(s.get("description")),
-                           bool(s.get("implicit"))) for s in data.get("steps", []))
+                           bool(s.get("implicit")), standby=s.get("disk") == "standby")
+                      for s in data.get("steps", []))
         verdict = Verdict(int(data.get("expected_exit_code") or 0),
                           str(data["expected_error"])) if data.get("expected_error") else None
         return cls(box, steps, verdict)
@@ -251,6 +157,11 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
         steps.append(Step(name, text, implicit, item, whole))
 
     data = [a for a in req.actions if a in DATA_ACTIONS]
+    if "up" in req.actions and seen.staged and not data and "swap" not in req.actions:
+        req = replace(req, actions=tuple(a for a in PIPELINE if a in {*req.actions, "swap"}))
+        swap_implicit = True
+    else:
+        swap_implicit = False
     whole = {a: whole_disk(a, req, seen) for a in data}
     stops = "kill" in req.actions or "down" in req.actions
     touches_fs = bool(data) or "mount" in req.actions
@@ -303,14 +214,52 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
             add("redefine", "define the domain from the config through libvirt.xsl"
                 if seen.domain_state == "undefined" else
                 "replace libvirt's definition with the config's, through libvirt.xsl")
+        elif action == "swap":
+            if seen.running and not stopped:
+                add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
+                stopped = True
+            if seen.mounted and "release" not in req.actions:
+                add("release", "unmount, detach: the disk the domain leaves", True)
+                mounted = False
+            add("swap", f"make the standby disk {seen.standby} (image {seen.staged}, staged) "
+                f"the domain's disk in libvirt's definition; {seen.disk} becomes the standby",
+                swap_implicit)
         elif action == "up":
             if seen.store_type and "release" not in req.actions:
                 add("release", "unmount, detach: never boot a disk mounted on the host"
                     if seen.mounted or touches_fs else "nothing mounted or mapped now", True)
-            add("up", "define the domain from the config through libvirt.xsl, start it"
-                if seen.domain_state == "undefined" else
-                "nothing: already running" if seen.running and not stopped else "start the domain")
+            skipped = (f" (the staged image is not swapped in: {seen.staged_skip})"
+                       if seen.staged_skip and "swap" not in req.actions else "")
+            add("up", ("define the domain from the config through libvirt.xsl, start it"
+                       if seen.domain_state == "undefined" else
+                       "nothing: already running" if seen.running and not stopped else
+                       "start the domain") + skipped)
     return Plan(box, tuple(steps), _verdict(req, box, seen, stops, touches_fs, lock_wait))
+
+
+def plan_staged(req: Request, box: str, seen: Observed, spare: Optional[Observed], *,
+                lock_wait: int = 0) -> Plan:
+    """A --stage request: its restore and inserts on the standby disk (observed as `spare`,
+    the slot BOX/standby, None when the slot has none), then with -u the swap and the start
+    of the domain (observed as `seen`)."""
+    if spare is None:
+        return Plan(box, (), Verdict(EXIT_CONFIG if seen.in_config else EXIT_STATE,
+                                     f"box '{box}' has no standby disk: set standby in its "
+                                     "section (a second disk, as HostDisk or root)"))
+    first = plan_box(req.staging(), box + "/standby", spare, lock_wait=lock_wait)
+    steps = [replace(s, standby=True) for s in first.steps]
+    verdict = first.verdict
+    if verdict is None and req.restore is None and not seen.staged:
+        verdict = Verdict(EXIT_STATE, f"box '{box}': nothing staged to insert into"
+                          f"{': ' + seen.staged_skip if seen.staged_skip else ''}; stage an "
+                          "image with -r NAME --stage")
+    rest = req.swapping()
+    if rest.actions:  # after the staging, what it staged is ready
+        after = replace(seen, staged=req.restore or seen.staged, staged_skip=None)
+        second = plan_box(rest, box, after, lock_wait=lock_wait)
+        steps += second.steps
+        verdict = verdict or second.verdict
+    return Plan(box, tuple(steps), verdict)
 
 
 #: Image formats that are whole disks (a qcow2 slot restores them as a new overlay).
@@ -417,7 +366,16 @@ def _verdict(req: Request, box: str, seen: Observed, stops: bool, touches_fs: bo
     if seen.pinned and releases:
         return Verdict(EXIT_CLEANUP, f"box '{box}': its disk is still mounted in another mount "
                        f"namespace: {seen.pinned}")
-    if seen.incomplete and "up" in req.actions and req.restore is None:
+    if "swap" in req.actions and not seen.standby:
+        return Verdict(EXIT_CONFIG, f"box '{box}' has no standby disk: set standby in its "
+                       "section (a second disk, as HostDisk or root) to stage images into")
+    if "swap" in req.actions and not seen.staged:
+        return Verdict(EXIT_STATE, f"box '{box}': nothing to swap in: "
+                       f"{seen.staged_skip or 'no image is staged (stage one with -r NAME --stage)'}")
+    if seen.attached and disk_work:
+        return Verdict(EXIT_STATE, f"box '{box}': {seen.attached}")
+    if seen.incomplete and "up" in req.actions and req.restore is None and \
+            "swap" not in req.actions:
         return Verdict(EXIT_STATE, f"box '{box}': the restore of '{seen.incomplete}' did not "
                        "finish, so its filesystem is incomplete and it is not started; restore "
                        f"an image into it (vmimagemanager -b {box} -r NAME -u)")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Dict, Optional, Tuple, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
-from vmim import lease, lock, process, procscan
+from vmim import lease, lock, process, procscan, standby
 from vmim.config import Config
 from vmim.disk import hold
 from vmim.domain import Hypervisor
@@ -46,9 +46,13 @@ def error_of(verdict: Verdict) -> VmimError:
 
 
 def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
-            options: Optional[Options] = None, *, locked: bool = False) -> BoxResult:
-    """Run req on one box under its lock (already held by the caller when `locked`)."""
+            options: Optional[Options] = None, *, locked: bool = False,
+            on_plan: Optional[Callable[[Config], None]] = None) -> BoxResult:
+    """Run req on one box under its lock (already held by the caller when `locked`).
+    on_plan(cfg): called once the plan holds no verdict, before its first step."""
     options = options or Options()
+    if req.stage:
+        return _run_staged(cfg, name, hv, req, options)
     result = BoxResult(name)
     box = Box(cfg, name, hv, req, options)
     plan = None
@@ -56,6 +60,8 @@ def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
         with contextlib.ExitStack() as stack:
             if not locked:
                 stack.enter_context(lock.slot_lock(cfg.lockdir, name, options.lock_wait))
+            # the slot on the disk its domain boots (a slot with a standby has two)
+            box.cfg = cfg = standby.resolve(cfg, hv, name)
             slot = cfg.slot(name)
             if slot is not None and slot.mount:
                 # what a run killed by SIGKILL left running would go on writing into the slot
@@ -68,6 +74,8 @@ def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
                 raise as_error(exc) from exc
             if plan.verdict is not None:
                 raise error_of(plan.verdict)
+            if on_plan is not None:
+                on_plan(cfg)
             steps = registry()
             for step in plan.steps:
                 process.check_cancelled()
@@ -115,6 +123,52 @@ def _release_after_failure(box: Box, plan: Plan | None, result: BoxResult) -> No
             rec.message = f"after the failure: {rec.message}"
     except VmimError as exc:
         log.error("box %s: after the failure, the release failed too: %s", box.name, exc)
+
+
+def _run_staged(cfg: Config, name: str, hv: Hypervisor, req: Request,
+                options: Options) -> BoxResult:
+    """--stage: restore and insert into the standby disk under the standby's lock, the domain
+    running on (vmim.standby); then, with -u, swap it in under the slot's lock."""
+    result = BoxResult(name)
+    spare_name = standby.standby_name(name)
+    part: Optional[BoxResult] = None
+    try:
+        with lock.slot_lock(cfg.lockdir, spare_name, options.lock_wait):
+            rcfg = standby.resolve(cfg, hv, name)
+            slot, spare = rcfg.slot(name), rcfg.slot(spare_name)
+            if slot is None:
+                raise StateError(f"box '{name}' has no slot in {cfg.path}: there is no standby "
+                                 "disk to stage into")
+            if spare is None:
+                raise ConfigError(f"box '{name}' has no standby disk: set standby in "
+                                  f"[{slot.section}] (a second disk, as HostDisk or root)")
+            if req.restore is None:
+                st = standby.staged(rcfg, slot, spare)
+                if st is None or not st.ready:
+                    raise StateError(f"box '{name}': nothing staged to insert into"
+                                     f"{': ' + st.skip if st and st.skip else ''}; stage an "
+                                     "image with -r NAME --stage")
+
+            def begin(_cfg: Config) -> None:  # the plan holds: the standby is about to change
+                assert slot is not None and spare is not None
+                standby.begin(rcfg, slot, spare, req.restore, [t.name for t in req.inserts])
+
+            part = run_box(rcfg, spare_name, hv, req.staging(), options, locked=True,
+                           on_plan=begin)
+            if part.error is None:
+                standby.finish(rcfg, slot)
+    except VmimError as exc:
+        result.error = exc
+    if part is not None:
+        for step in part.steps:
+            step.details["disk"] = "standby"
+        result.steps += part.steps
+        result.error = result.error or part.error
+    if result.error is None and req.swapping().actions:
+        rest = run_box(cfg, name, hv, req.swapping(), options)
+        result.steps += rest.steps
+        result.error = rest.error
+    return result
 
 
 def claim_free_slot(cfg: Config, hv: Hypervisor) -> Tuple[str, contextlib.ExitStack]:

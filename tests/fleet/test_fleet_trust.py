@@ -10,6 +10,7 @@ import time
 
 from tests.fleet.conftest import is_mounted, marker_of, queue_depth, wait_mounted
 from tests.rig import domains  # noqa: F401 - the fixture
+from vmim.fleet import protocol
 
 
 def job_id() -> str:
@@ -17,8 +18,8 @@ def job_id() -> str:
 
 
 def v2_job(box: str, request=None, options=None, **fields) -> dict:
-    """A job of protocol version 2 (vmim/fleet/protocol.py), built by hand."""
-    body = {"v": 2, "type": "job", "job_id": job_id(), "box": box,
+    """A typed job of the protocol's version (2 and later: vmim/fleet/protocol.py), by hand."""
+    body = {"v": protocol.VERSION, "type": "job", "job_id": job_id(), "box": box,
             "deadline": time.time() + 30, "request": request or {"actions": ["mount"]},
             "options": options or {}}
     body.update(fields)

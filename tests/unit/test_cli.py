@@ -36,7 +36,8 @@ def request(*argv):
 def test_every_design_flag_parses():
     r = request("-b", "web1", "-b", "web2", "-k", "-d", "--mount", "-e", "logs-{box}:/var/log",
                 "-s", "snap-{box}", "-r", "golden", "-i", "certs", "-i", "keys:/root/.ssh",
-                "--release", "--redefine", "-u", "-l", "-L", "--list-inserts", "-f", "-m", "--zstd",
+                "--release", "--redefine", "--swap", "-u", "-l", "-L", "--list-inserts", "-f", "-m",
+                "--zstd",
                 "--config", "/x.cfg", "-v", "-q", "--json", "--dry-run", "--timeout", "30",
                 "--lock-wait", "10", "--core", "2", "--jobs", "3")
     assert r.boxes == ("web1", "web2")

@@ -265,7 +265,7 @@ root = "/d//x.img"
 HostName = "b"
 HostDisk = "/d/./x.img"
 """, "/s.cfg")
-    assert any("is also the disk of slot 'a'" in w for w in cfg.warnings), cfg.warnings
+    assert any("is also a disk of slot 'a'" in w for w in cfg.warnings), cfg.warnings
     assert "two slots cannot share a disk" in (cfg.slot("b").conflict or "")
     assert "two slots cannot share a disk" in (cfg.slot("a").conflict or "")
 

@@ -53,7 +53,7 @@ LOCAL_ONLY = {"help", "version", "config", "connect", "print_config", "log_confi
 CARRIED = {"box": "boxes", "kill": "actions", "down": "actions", "mount": "actions",
            "extract": "extracts", "extract_directory": "extracts", "store": "store",
            "restore": "restore", "insert": "inserts", "release": "actions",
-           "redefine": "actions", "up": "actions",
+           "redefine": "actions", "swap": "actions", "up": "actions", "stage": "stage",
            "list_boxes": "lists", "list_images": "lists", "list_inserts": "lists",
            "list_free": "lists", "list_locked": "lists", "format": "format",
            "disk_image": "disk_image", **{k: k for k in OPTION_FIELDS}}
@@ -95,7 +95,7 @@ def test_a_job_may_not_carry_client_options(field, where):
     (b'"job"', "not a JSON object"),
     (b"[" * 50000 + b"]" * 50000, "bytes, more than"),
     (b"[" * 20000 + b"]" * 20000, "not JSON"),
-    (_body(v=1), "version 1; this worker speaks version 2"),
+    (_body(v=1), "version 1; this worker speaks version 3"),
     (_body(v=None), "version (none)"),
     (_body(type="lists"), "not one of"),
     (_body(deadline="soon"), "not a number"),

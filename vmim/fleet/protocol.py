@@ -18,6 +18,9 @@ result the client prints):
    seconds), `log`, `result`; `claimed` is gone (the result names the slot that ran the job).
    A refused message is answered with a `result` of exit 2 when its reply_to is a client's
    reply queue (`vmim.reply.<32 hex>`). Lists: `{"v": 2, "type": "lists", "job_id", "lists"}`.
+3  the request may carry `stage` (--stage: restore and insert into the slot's standby disk
+   while its domain runs) and the action `swap`; a version 2 worker would refuse the field, so
+   the version says it first.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from vmim.fields import Fields, check_string
 from vmim.invocation import BoxRun
 from vmim.plan import ANY_FREE, LISTS, REQUEST_FIELDS
 
-VERSION = 2
+VERSION = 3
 MAX_MESSAGE = 64 * 1024  # bytes: a job is a few hundred; anything near this is not a job
 #: a worker's reply carries a whole result (lists of many images, -v's log lines): workers are
 #: trusted with results, and a result refused for its size would be a job lost

@@ -1,5 +1,6 @@
 """The steps a plan is made of, one module per family: power (kill, down, up), mount (mount,
-release), data (verify, extract, store, restore, insert), wholedisk (disk images).
+release), data (verify, extract, store, restore, insert), wholedisk (disk images), swap (the
+staged standby disk becomes the domain's).
 
 A step is a function `step(box, record) -> str`: it does its work on the box, puts its details
 in the record and returns what it did. It never calls another step: the runner walks the plan.
@@ -91,11 +92,11 @@ def require_root(what: str) -> None:
 
 
 def registry() -> Dict[str, StepFunction]:
-    from vmim.steps import data, mount, power
+    from vmim.steps import data, mount, power, swap
 
     return {
         "kill": power.kill, "down": power.down, "redefine": power.redefine, "up": power.up,
         "create": mount.create, "mount": mount.mount, "release": mount.release,
         "verify": data.verify, "extract": data.extract, "store": data.store,
-        "restore": data.restore, "insert": data.insert,
+        "restore": data.restore, "insert": data.insert, "swap": swap.swap,
     }
