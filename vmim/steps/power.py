@@ -67,4 +67,19 @@ def up(box: Box, step: Step, rec: StepResult) -> str:
         if diff:  # said, not acted on: the user's own changes to the domain may be why
             log.warning("%s", definition.drift_line(box.name, diff))
     done.append(box.hv.start(box.name, vcpus=box.options.core, wait=box.options.start_wait))
+    skipped = _staged_skip(box)
+    if skipped:
+        log.warning("box %s: %s", box.name, skipped)
+        done.append(skipped)
     return "; ".join(done)
+
+
+def _staged_skip(box: Box) -> str:
+    """Why the image staged on the slot's standby disk was not swapped in, or ""."""
+    from vmim import standby
+
+    slot, spare = box.slot, box.cfg.slot(standby.standby_name(box.name))
+    if slot is None or spare is None or "swap" in box.req.actions:
+        return ""
+    st = standby.staged(box.cfg, slot, spare)
+    return f"the staged image is not swapped in: {st.skip}" if st and st.skip else ""
