@@ -17,7 +17,7 @@ from vmim.disk import create as create_mod
 from vmim.disk import qcow2
 from vmim.domain import Hypervisor
 from vmim.errors import StateError
-from vmim.plan import DATA_ACTIONS, MISSING, STORE_KINDS, Observed, Request
+from vmim.plan import DATA_ACTIONS, DISK_IMAGE_FORMATS, MISSING, STORE_KINDS, Observed, Request
 from vmim.steps import wholedisk
 from vmim.steps.data import find_usable
 
@@ -77,7 +77,12 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
     mounted = mounts.mounted_at(slot.mount) is not None
     create: Optional[str] = None
     # a missing disk (an LV's strategy says its own word when mapping): made first, or refused
-    if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS} and disk_mod.missing_disk(slot):
+    # (a qcow2 slot restoring a disk image gets a new overlay: its old disk is not needed)
+    new_overlay = (slot.store_type == "qcow2" and req.restore is not None and
+                   images.get(req.restore) in DISK_IMAGE_FORMATS and
+                   not set(req.actions) & {"mount", "extract", "store", "insert"})
+    if not mounted and set(req.actions) & {"mount", *DATA_ACTIONS} and not new_overlay and \
+            disk_mod.missing_disk(slot):
         fstype, needs = create_mod.image_facts(slot, req.restore)
         why = create_mod.refusal(slot, needs)
         if why is None:  # the plan makes it first (disksize)

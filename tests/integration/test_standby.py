@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.integration import diskimages as di
+from tests.rig import storage_daemons
 from vmim.disk import hold, loop, mounts
 
 
@@ -280,3 +281,59 @@ def test_a_killed_staging_is_not_swapped_in(vmim, slot, domains):
     assert r.code == 0, r
     assert mounts.mounted_at(slot.mnt + ".standby") is None
     assert debugfs_cat(slot.standby, "/marker") == "golden\n"
+
+
+def test_a_qcow2_slot_stages_a_new_overlay_beside_the_running_one(vmim, tmp_path, write_config,
+                                                                   domains):
+    """No standby key: a qcow2 slot's standby is NAME.standby.qcow2. The staging makes a new
+    overlay there on the image (constant time) while the domain runs on the old one; the swap
+    points the domain at it and removes the old overlay when it was one on an image (a qcow2
+    disk of its own stays as the standby)."""
+    os.chmod(tmp_path, 0o755)
+    images = tmp_path / "images"
+    images.mkdir()
+    di.qcow2_golden(str(images / "golden"), "golden", raw=str(tmp_path / "raw.img"))
+    disk, spare = str(tmp_path / "slot.qcow2"), str(tmp_path / "slot.standby.qcow2")
+    di.run("qemu-img", "create", "-q", "-f", "qcow2", disk, "20G")
+    name = domains.name("q")
+    domains.conn.defineXML(f"""<domain type='qemu'><name>{name}</name>
+      <memory unit='MiB'>32</memory><vcpu>1</vcpu>
+      <os><type arch='x86_64' machine='pc'>hvm</type></os>
+      <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>""")
+    domains.names.append(name)
+    domains.conn.lookupByName(name).create()
+    cfg = write_config(f"""\
+    [vmim.local]
+    vmimages = "{images}"
+    mount = "{tmp_path}/mnt"
+    lockdir = "{tmp_path}/locks"
+    statedir = "{tmp_path}/state"
+    [vmim.vm.q]
+    HostName = "{name}"
+    HostDisk = "{disk}"
+    timeout = 1
+    """)
+    try:
+        r = vmim("-b", name, "-r", "golden", "--stage", "--config", cfg)
+        assert r.code == 0, r
+        assert domains.state(name) == 1
+        info = json.loads(di.run("qemu-img", "info", "--output=json", "-U", spare))
+        assert info["backing-filename"] == str(images / "golden")
+        assert "backing-filename" not in json.loads(
+            di.run("qemu-img", "info", "--output=json", "-U", disk))  # the running one
+        r = vmim("-b", name, "-u", "--config", cfg)
+        assert r.code == 0, r
+        assert domains.state(name) == 1 and source_of(domains, name) == spare
+        assert os.path.exists(disk)  # a disk of its own (no backing image): kept
+        row = boxes(vmim, type("S", (), {"cfg": cfg})())[name]
+        assert row["disk"] == spare and row["standby"] == disk and row["staged"] is None
+        # and back: the next staging makes the overlay at the first name again
+        r = vmim("-b", name, "-r", "golden", "--stage", "-u", "--config", cfg)
+        assert r.code == 0, r
+        assert source_of(domains, name) == disk and not os.path.exists(spare)
+    finally:
+        dom = domains.conn.lookupByName(name)
+        if dom.isActive():
+            dom.destroy()
+    assert storage_daemons(str(tmp_path)) == set()

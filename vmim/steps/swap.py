@@ -4,17 +4,23 @@ With the domain shut off (the plan puts a down before it) and the standby's lock
 staging runs), after checking again that what is staged is complete and current and that
 nothing holds the standby: libvirt's definition is changed in the source of its disk only,
 then the host's record follows. A domain libvirt does not know is defined by the up step from
-the config, on the disk the record names."""
+the config, on the disk the record names. A qcow2 slot's old overlay on an image is removed."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 from vmim import definition, lock, standby
-from vmim.disk import for_slot
+from vmim.config import Slot
+from vmim.disk import for_slot, qcow2
 from vmim.errors import ConfigError, StateError
 from vmim.plan import Step
 from vmim.recorder import StepResult
 from vmim.steps import Box
 from vmim.steps.mount import is_mounted
+
+log = logging.getLogger(__name__)
 
 
 def swap(box: Box, step: Step, rec: StepResult) -> str:
@@ -50,8 +56,23 @@ def swap(box: Box, step: Step, rec: StepResult) -> str:
             current = box.hv.definition(box.name) or ""
             box.hv.define(definition.with_disk(current, slot.disk, spare.disk))
         standby.swapped(cfg, box.name, spare.disk)
+        left = _drop_old_overlay(slot)
     box.cfg = standby.resolve(box.cfg, box.hv, box.name)  # the up step boots the new disk
     rec.details.update(image=staged.image, disk=spare.disk, standby=slot.disk,
                        staged=staged.finished)
     return (f"the domain's disk is now {spare.disk} (image {staged.image}, staged "
-            f"{staged.finished}); {slot.disk} is the standby")
+            f"{staged.finished}); {slot.disk} is the standby{left}")
+
+
+def _drop_old_overlay(slot: Slot) -> str:
+    """A qcow2 slot's old overlay on an image holds only what the guest wrote since: removed
+    (the next staging of a disk image makes a new one, in constant time). A qcow2 disk of its
+    own (a tree was restored into it) is kept as the standby."""
+    if slot.store_type != "qcow2" or not slot.disk or not qcow2.current_base(slot):
+        return ""
+    try:
+        os.unlink(slot.disk)
+    except OSError as exc:
+        log.warning("box %s: the old overlay %s stays: %s", slot.name, slot.disk, exc.strerror)
+        return ""
+    return " (its old overlay was removed)"
