@@ -23,6 +23,8 @@ from vmim.disk import mounts
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOSTS = ("h1", "h2", "h3")
 BIG = ("h1a", "h2a")  # slots large enough for the slow restore of the kill -9 test
+#: slots with a standby disk
+STANDBY = {"h3b"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -96,6 +98,10 @@ class Fleet:
             src = big if box in BIG else blank
             subprocess.run(["cp", "--sparse=always", src, self.slot_disk(box)], check=True)
             lines += [f"[vmim.vm.{box}]", f'HostName = "{box}"', f'root = "{self.slot_disk(box)}"']
+            if box in STANDBY:  # a second disk to stage images into (vmim.standby)
+                spare = self.slot_disk(box)[:-len(".img")] + ".standby.img"
+                subprocess.run(["cp", "--sparse=always", blank, spare], check=True)
+                lines.append(f'standby = "{spare}"')
         path = os.path.join(d, "vmim.cfg")
         with open(path, "w") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -365,3 +365,25 @@ def test_lists_with_no_live_worker_exit_7_with_the_reason(broker):
         assert "no worker answered at" in res.stderr, res.stderr
     finally:
         broker.ctl("delete_vhost", vhost)
+
+
+def test_a_staging_and_its_swap_travel_as_jobs(fleet):
+    """--stage and --swap through the broker: the owning host's worker stages into h3b's
+    standby disk (its active disk untouched) and swaps it in."""
+    write_in(fleet, "h3a", "marker", "staged through the fleet\n")
+    st = fleet.vmim("-b", "h3a", "-s", "fleet-staged", "--release")
+    assert st.code == 0, st
+    before = marker_of(fleet, "h3b")
+    r = fleet.vmim("-b", "h3b", "-r", "fleet-staged", "--stage", "--json")
+    assert r.code == 0, r
+    assert r.json()["host"] == "h3"
+    assert [s.get("disk") for s in r.json()["results"][0]["steps"]] == ["standby"] * 4
+    assert marker_of(fleet, "h3b") == before  # the active disk: untouched
+    row = [b for b in fleet.vmim("-l", "--json").json()["boxes"] if b["name"] == "h3b"][0]
+    assert row["staged"]["image"] == "fleet-staged" and row["staged"]["state"] == "ready"
+    table = fleet.vmim("-l").out.splitlines()
+    assert table[0].split()[-1] == "STAGED"
+    assert [line.split()[-1] for line in table if line.split()[1:2] == ["h3b"]] == ["fleet-staged"]
+    sw = fleet.vmim("-b", "h3b", "--swap")
+    assert sw.code == 0, sw
+    assert marker_of(fleet, "h3b") == "staged through the fleet\n"

@@ -365,7 +365,7 @@ def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
         if what == "boxes":
             # the columns of the local table (vmim.output.print_lists), HOST first
             _table(["HOST", "NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE",
-                    "INCOMPLETE"],
+                    "INCOMPLETE", "STAGED"],
                    [[r["host"], _safe(r["name"]), "yes" if r.get("in_config") else "no",
                      r.get("domain", {}).get("state", "?"), "yes" if r.get("mounted") else "no",
                      f"pid {r['locked']['pid']}" if r.get("locked") else "no",
@@ -373,7 +373,8 @@ def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
                            + (" (missing)" if r.get("disk_missing") else "")),
                      _safe(str(r.get("base") or "-")),
                      f"restore of {_safe(str((r.get('incomplete') or {}).get('image')))}"
-                     if r.get("incomplete") else "no"] for r in rows], out)
+                     if r.get("incomplete") else "no", _staged(r.get("staged"))]
+                    for r in rows], out)
         elif what == "free":
             _table(["HOST", "NAME"], [[r["host"], _safe(r["name"])] for r in rows], out)
         elif what == "locked":
@@ -388,3 +389,11 @@ def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
                      _safe(str(r.get("directory")))] for r in rows], out)
 
 
+def _staged(staged: Any) -> str:
+    """The STAGED column of a worker's row (as vmim.standby.Staged.text() draws it)."""
+    from vmim.output import safe
+
+    if not isinstance(staged, dict):
+        return "-"
+    image, state = safe(str(staged.get("image"))), str(staged.get("state"))
+    return image if state == "ready" else f"{image} ({safe(state)})"
