@@ -251,7 +251,8 @@ def test_a_swap_killed_at_any_instant_leaves_a_complete_disk_defined(vmim, slot,
     assert row["disk"] == slot.standby and row["staged"] is None, row
 
 
-def test_a_killed_staging_is_not_swapped_in(vmim, slot, domains):
+@pytest.mark.parametrize("release", [False, True])
+def test_a_killed_staging_is_not_swapped_in(vmim, slot, domains, release):
     """kill -9 in the middle of the unpack into the standby."""
     big = os.path.join(slot.images, ".tree-slow")
     os.makedirs(big)
@@ -276,6 +277,11 @@ def test_a_killed_staging_is_not_swapped_in(vmim, slot, domains):
     r = vmim("-b", slot.name, "-u", "--config", slot.cfg)
     assert r.code == 0, r
     assert source_of(domains, slot.name) == slot.disk
+    if release:  # --release of the slot releases what the killed staging left of its standby
+        assert mounts.mounted_at(slot.mnt + ".standby") is not None
+        r = vmim("-b", slot.name, "--release", "--config", slot.cfg)
+        assert r.code == 0 and mounts.mounted_at(slot.mnt + ".standby") is None, r
+        assert loop.loops_backed_by(slot.standby) == []
     # the next staging cleans up what the killed one left, and completes
     r = vmim("-b", slot.name, "-r", "golden", "--stage", "--config", slot.cfg)
     assert r.code == 0, r

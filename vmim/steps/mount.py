@@ -155,7 +155,26 @@ def _hold(d: disk_mod.SlotDisk, holds: contextlib.ExitStack, held: List[DiskHold
 def release(box: Box, step: Step, rec: StepResult) -> str:
     message = release_slot(box.need_slot())
     box.let_go()  # unmounted and unmapped: the domain may start again
-    return message
+    spare = _release_standby(box) if not step.implicit else ""
+    return f"{message}; standby: {spare}" if spare else message
+
+
+def _release_standby(box: Box) -> str:
+    """--release of a slot with a standby disk releases what a killed staging left of it too,
+    unless a staging runs now (it holds the standby's lock)."""
+    from vmim import lock, standby
+    from vmim.errors import LockBusyError
+
+    spare_name = standby.standby_name(box.name)
+    spare = box.cfg.slot(spare_name)
+    if spare is None:
+        return ""
+    try:
+        with lock.slot_lock(box.cfg.lockdir, spare_name, 0):
+            done = release_slot(spare)
+    except LockBusyError:
+        return "a staging runs: left to it"
+    return "" if done == NOTHING_TO_RELEASE else done
 
 
 def release_slot(slot: Slot) -> str:
