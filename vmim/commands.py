@@ -149,11 +149,11 @@ def print_plans(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int, as_js
 
 def print_xml(req: Request, cfg: Config, hv: Hypervisor, as_json: bool, doc: Dict[str, Any],
               out: TextIO) -> None:
-    from vmim import definition
+    from vmim import definition, standby
 
     xml: Dict[str, str] = {}
     for box in req.boxes:
-        slot = cfg.slot(box)
+        slot = standby.resolve(cfg, hv, box).slot(box)  # on the disk its domain boots
         if slot is None:
             what = "is a libvirt domain with" if hv.domain(box) is not None else "has"
             raise StateError(f"box '{box}' {what} no slot in {cfg.path}: there is no config to "

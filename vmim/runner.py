@@ -182,6 +182,7 @@ def claim_free_slot(cfg: Config, hv: Hypervisor) -> Tuple[str, contextlib.ExitSt
             stack.enter_context(lock.slot_lock(cfg.lockdir, slot.name, 0))
         except LockBusyError:
             continue
+        slot = standby.resolve(cfg, hv, slot.name).slot(slot.name) or slot  # its active disk
         if listing.slot_is_free(slot, hv.domain(slot.name), is_mounted(slot), locked=False):
             return slot.name, stack
         stack.close()
