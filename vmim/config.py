@@ -93,6 +93,8 @@ class Slot:
         key, else for a qcow2 slot the overlay NAME.standby.qcow2 beside HostDisk."""
         if self.standby:
             return self.standby
+        if "/" in self.name:  # BOX/standby, the standby of a slot as a slot: none of its own
+            return None
         if self.store_type == "qcow2" and self.hostdisk:
             stem = self.hostdisk[:-len(".qcow2")] if self.hostdisk.endswith(".qcow2") \
                 else self.hostdisk
