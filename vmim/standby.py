@@ -163,8 +163,9 @@ class Staged:
         return self.skip is None
 
     def text(self) -> str:
-        """The STAGED column of -l."""
-        return self.image if self.ready else f"{self.image} ({self.state})"
+        """The STAGED column of -l: the image and when it was staged, or why it is not ready."""
+        return f"{self.image} {(self.finished or '')[:16]}" if self.ready else \
+            f"{self.image} ({self.state})"
 
     def as_dict(self) -> dict:
         return {"image": self.image, "started": self.started, "finished": self.finished,

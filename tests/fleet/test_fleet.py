@@ -383,7 +383,8 @@ def test_a_staging_and_its_swap_travel_as_jobs(fleet):
     assert row["staged"]["image"] == "fleet-staged" and row["staged"]["state"] == "ready"
     table = fleet.vmim("-l").out.splitlines()
     assert table[0].split()[-1] == "STAGED"
-    assert [line.split()[-1] for line in table if line.split()[1:2] == ["h3b"]] == ["fleet-staged"]
+    row = [line.split() for line in table if line.split()[1:2] == ["h3b"]][0]
+    assert row[-2] == "fleet-staged" and row[-1].startswith(time.strftime("%Y-"))
     sw = fleet.vmim("-b", "h3b", "--swap")
     assert sw.code == 0, sw
     assert marker_of(fleet, "h3b") == "staged through the fleet\n"

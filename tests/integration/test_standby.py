@@ -111,8 +111,9 @@ def test_stage_while_the_domain_runs_then_up_swaps(vmim, slot, domains):
     row = boxes(vmim, slot)[slot.name]
     assert row["disk"] == slot.disk and row["standby"] == slot.standby
     assert row["staged"]["image"] == "golden" and row["staged"]["state"] == "ready"
-    text = vmim("-l", "--config", slot.cfg).out
-    assert "STAGED" in text and "golden" in text
+    text = vmim("-l", "--config", slot.cfg).out.splitlines()
+    assert text[0].split()[-1] == "STAGED"
+    assert text[1].split()[-2:] == ["golden", row["staged"]["finished"][:16]], text
 
     r = vmim("-b", slot.name, "-u", "--json", "--config", slot.cfg)
     assert r.code == 0, r

@@ -396,4 +396,5 @@ def _staged(staged: Any) -> str:
     if not isinstance(staged, dict):
         return "-"
     image, state = safe(str(staged.get("image"))), str(staged.get("state"))
-    return image if state == "ready" else f"{image} ({safe(state)})"
+    return f"{image} {safe(str(staged.get('finished') or ''))[:16]}" if state == "ready" \
+        else f"{image} ({safe(state)})"
