@@ -264,10 +264,11 @@ class Domains:
     def name(self, hint: str = "dom") -> str:
         return f"{TEST_PREFIX}{hint}-{uuid.uuid4().hex[:8]}"
 
-    def define(self, name: str, *, memory_mib: int = 32, start: bool = False, disk: str = "") -> str:
+    def define(self, name: str, *, memory_mib: int = 32, start: bool = False, disk: str = "",
+               fmt: str = "raw") -> str:
         disk_xml = ""
         if disk:
-            disk_xml = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+            disk_xml = (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
                         f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>")
         xml = f"""<domain type='qemu'>
   <name>{name}</name>

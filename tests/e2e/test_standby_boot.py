@@ -3,21 +3,12 @@ image is staged into its standby disk, and the next -u boots it — raw and qcow
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 
 from tests.e2e.conftest import wait_for_line, wait_for_state
+from tests.e2e.test_full_cycle import _tgz
 from tests.guest import console_lines
 from tests.integration import diskimages as di
-
-
-def _tgz(path, files):
-    with tarfile.open(path, "w:gz") as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
 
 
 def _partitioned(path: str, marker: str) -> None:

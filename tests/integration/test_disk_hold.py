@@ -239,13 +239,7 @@ def qslot(tmp_path, write_config, domains):
     disk = str(tmp_path / "slot.qcow2")
     di.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(images / "golden"), "-F",
            "qcow2", disk)
-    name = domains.name("qhold")
-    domains.conn.defineXML(f"""<domain type='qemu'><name>{name}</name>
-      <memory unit='MiB'>32</memory><vcpu>1</vcpu>
-      <os><type arch='x86_64' machine='pc'>hvm</type></os>
-      <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>""")
-    domains.names.append(name)
+    name = domains.define(domains.name("qhold"), disk=disk, fmt="qcow2")
     cfg = write_config(f"""\
     [vmim.local]
     vmimages = "{images}"

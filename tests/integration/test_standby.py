@@ -313,14 +313,7 @@ def test_a_qcow2_slot_stages_a_new_overlay_beside_the_running_one(vmim, tmp_path
     di.qcow2_golden(str(images / "golden"), "golden", raw=str(tmp_path / "raw.img"))
     disk, spare = str(tmp_path / "slot.qcow2"), str(tmp_path / "slot.standby.qcow2")
     di.run("qemu-img", "create", "-q", "-f", "qcow2", disk, "20G")
-    name = domains.name("q")
-    domains.conn.defineXML(f"""<domain type='qemu'><name>{name}</name>
-      <memory unit='MiB'>32</memory><vcpu>1</vcpu>
-      <os><type arch='x86_64' machine='pc'>hvm</type></os>
-      <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>""")
-    domains.names.append(name)
-    domains.conn.lookupByName(name).create()
+    name = domains.define(domains.name("q"), disk=disk, fmt="qcow2", start=True)
     cfg = write_config(f"""\
     [vmim.local]
     vmimages = "{images}"
