@@ -23,9 +23,9 @@ def test_list_boxes_unites_config_and_libvirt_with_states(vmim, write_config, do
     r = vmim("-l", "--config", path)
     assert r.code == 0, r
     rows = {row[0]: row for row in table_rows(r.out)}
-    assert rows[only_libvirt][1:] == ("no", "running", "no", "no", "-", "-", "no")
+    assert rows[only_libvirt][1:] == ("no", "running", "no", "no", "-", "-", "no", "-")
     assert rows[both][1:] == ("yes", "shut off", "no", "no",
-                              "/srv/disks/both.img (partition 1) (missing)", "-", "no")
+                              "/srv/disks/both.img (partition 1) (missing)", "-", "no", "-")
     assert rows[only_config][1:3] == ("yes", "undefined")
 
     doc = json.loads(vmim("-l", "--json", "--config", path).out)
