@@ -1,5 +1,5 @@
 """The configuration's key table: every key once, with its type, scope, default and help.
-It drives parsing (vmim.config), --print-config, the template and the config reference."""
+It drives parsing (vmim.config, vmim.configread), --print-config, the template and the config reference."""
 
 from __future__ import annotations
 
@@ -180,11 +180,13 @@ OBSOLETE_KEYS = {
     "snapshot": "not used",
 }
 
-_BY_SCOPE: Dict[str, Dict[str, Key]] = {"local": {}, "slot": {}}
+#: scope ("local", "slot") -> lower-case name or alias as written in a section -> its key
+BY_SCOPE: Dict[str, Dict[str, Key]] = {"local": {}, "slot": {}}
 for _k in KEYS:
     for _n in (_k.ini, *_k.aliases):
-        _BY_SCOPE[_k.scope][_n.lower()] = _k
-_LEGACY_NAMES: Dict[str, Key] = {n.lower(): k for k in KEYS for n in k.legacy}
+        BY_SCOPE[_k.scope][_n.lower()] = _k
+#: lower-case 0.2 name -> its key (the legacy format's other spellings)
+LEGACY_NAMES: Dict[str, Key] = {n.lower(): k for k in KEYS for n in k.legacy}
 
 
 def default(attr: str) -> Any:

@@ -53,9 +53,8 @@ def test_the_fleet_imports_nothing_from_the_command_line():
     assert not bad, bad
 
 
-#: known before this test, left to their owners (issue 21): no new ones
-KNOWN_PRIVATE = {("vmim.config", "vmim.keys", "_BY_SCOPE"),
-                 ("vmim.config", "vmim.keys", "_LEGACY_NAMES")}
+#: known exceptions: none left (issue 21); add none
+KNOWN_PRIVATE: Set[Tuple[str, str, str]] = set()
 
 
 def test_no_private_name_is_imported_across_modules():
@@ -92,7 +91,7 @@ def test_no_circle_among_module_level_imports():
 
 
 #: over the aim before this test, left to their owners: no new ones
-KNOWN_LONG = {"vmim.config", "vmim.process"}
+KNOWN_LONG = {"vmim.process"}
 
 
 def test_no_module_over_500_lines():
