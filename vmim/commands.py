@@ -22,8 +22,8 @@ from vmim.errors import (
     UsageError,
 )
 from vmim.invocation import Invocation
-from vmim.output import PROG, print_lists, safe, undecodable_escaped
-from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict, dry_run_summary
+from vmim.output import PROG, print_lists, render_plans, safe, undecodable_escaped
+from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict
 from vmim.recorder import BoxResult
 from vmim.steps import Options
 
@@ -141,9 +141,7 @@ def print_plans(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int, as_js
         doc["plan"] = {p.box: p.as_dict() for p in plans}
         doc["expected_exit_code"] = code
         return code
-    for p in plans:
-        out.write(p.text())
-    out.write(dry_run_summary(code))
+    render_plans(plans, code, out)
     return code
 
 

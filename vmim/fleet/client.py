@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, TextIO, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from vmim.config import Config
 from vmim.errors import (
@@ -21,7 +21,8 @@ from vmim.errors import (
 )
 from vmim.fleet import protocol, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
-from vmim.plan import Plan, Request, dry_run_summary
+from vmim.output import render_list, render_plans
+from vmim.plan import Plan, Request
 
 log = logging.getLogger("vmim.fleet.client")
 
@@ -183,8 +184,7 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
               out: TextIO) -> int:
     from vmim.plan import ANY_FREE
 
-    docs: List[Dict[str, Any]] = []
-    codes: List[int] = []
+    results: List[protocol.Reply] = []
     # one job per box; the worker's child always writes JSON, runs one box (jobs = 1)
     run = BoxRun(replace(req, boxes=(), lists=()), replace(opts, json=True, jobs=1))
     for box in req.boxes:
@@ -202,12 +202,18 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
         if box == ANY_FREE and result.box and not opts.json:
             out.write(result.box + "\n")  # the slot that ran the job: one name, once
             out.flush()
-        docs.append(dict(result.doc, host=result.host))
-        codes.append(result.exit_code)
-        if codes[-1] in (130, 143):
+        results.append(result)
+        if result.exit_code in (130, 143):
             break
-    _merge(doc, docs, opts.json, out)
-    bad = [c for c in codes if c]
+    return report_results(results, doc, opts.json, out)
+
+
+def report_results(results: Sequence[protocol.Reply], doc: Dict[str, Any], as_json: bool,
+                   out: TextIO) -> int:
+    """The results of the jobs as one report, as a local run makes it, each result carrying its
+    host (vmim.output draws it): the exit code of the command."""
+    _merge(doc, [dict(r.doc, host=r.host) for r in results], as_json, out)
+    bad = [r.exit_code for r in results if r.exit_code]
     return max(bad) if bad else EXIT_OK
 
 
@@ -282,11 +288,10 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], as_json: bool,
     if as_json:
         return
     plans = doc.get("plan", {})
-    for box, plan in plans.items():  # as a local dry run prints them
-        out.write(Plan.from_dict(box, plan).text())
-    if plans:
-        out.write(dry_run_summary(max((p.get("expected_exit_code", 0)
-                                       for p in plans.values()), default=0)))
+    if plans:  # as a local dry run prints them
+        render_plans([Plan.from_dict(box, plan) for box, plan in plans.items()],
+                     max((p.get("expected_exit_code", 0) for p in plans.values()), default=0),
+                     out)
     for text in doc.get("xml", {}).values():
         out.write(text)
 
@@ -299,7 +304,7 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
         raise HostEnvironmentError(f"no worker has ever started at {client.spec.shown}: start "
                                    "`vmimagemanager worker` on the hosts (docs/fleet.md)")
     hosts: List[str] = []
-    answers: Dict[str, Dict[str, Any]] = {}
+    answers: Dict[str, protocol.Reply] = {}
     window = time.monotonic() + LIST_WINDOW
     final = time.monotonic() + LIST_TIMEOUT
     while len(answers) < len(hosts) or time.monotonic() < window:
@@ -314,8 +319,7 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
         if reply.type == "here":
             hosts.append(reply.host)
         elif reply.type == "lists":
-            answers[reply.host] = {"doc": reply.doc, "exit_code": reply.exit_code,
-                                   "stderr": list(reply.stderr)}
+            answers[reply.host] = reply
     missing = [h for h in hosts if h not in answers]
     if missing:
         log.warning("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
@@ -324,24 +328,23 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
                                    f"{LIST_WINDOW:.0f} s: are the workers running and "
                                    "connected? (`vmimagemanager worker`, docs/fleet.md)")
     for host in sorted(answers):
-        if answers[host].get("exit_code"):
-            for line in answers[host].get("stderr", []):
+        if answers[host].exit_code:
+            for line in answers[host].stderr:
                 sys.stderr.write(f"{host}: {line}")
-    _print_fleet_lists(lists, answers, doc, out, as_json)
+    report_lists(lists, answers, doc, out, as_json)
 
 
-def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
-                       doc: Dict[str, Any], out: TextIO, as_json: bool) -> None:
-    from vmim.output import safe as _safe
-    from vmim.output import table as _table
-    from vmim.progress import human_size
-
-    doc["hosts"] = sorted(answers)
+def report_lists(lists: Sequence[str], replies: Dict[str, protocol.Reply], doc: Dict[str, Any],
+                 out: TextIO, as_json: bool) -> None:
+    """The lists of every host as one report: each row carrying its host (an image or insert
+    of a store several hosts share: once, with its "hosts"); as text, the local tables
+    (vmim.output) with a HOST column in front."""
+    doc["hosts"] = sorted(replies)
     for what in lists:
         rows: List[Dict[str, Any]] = []
         seen: Dict[Tuple, Dict[str, Any]] = {}
-        for host in sorted(answers):
-            for item in answers[host].get("doc", {}).get(what, []):
+        for host in sorted(replies):
+            for item in replies[host].doc.get(what, []):
                 if what == "free":
                     rows.append({"name": item, "host": host})
                     continue
@@ -358,43 +361,9 @@ def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],
             if what == "free":
                 doc["free"] = [r["name"] for r in rows]
                 doc["free_by_host"] = {h: [r["name"] for r in rows if r["host"] == h]
-                                       for h in sorted(answers)}
+                                       for h in sorted(replies)}
             else:
                 doc[what] = rows
             continue
-        if what == "boxes":
-            # the columns of the local table (vmim.output.print_lists), HOST first
-            _table(["HOST", "NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE",
-                    "INCOMPLETE", "STAGED"],
-                   [[r["host"], _safe(r["name"]), "yes" if r.get("in_config") else "no",
-                     r.get("domain", {}).get("state", "?"), "yes" if r.get("mounted") else "no",
-                     f"pid {r['locked']['pid']}" if r.get("locked") else "no",
-                     _safe(str(r.get("disk") or "-")
-                           + (" (missing)" if r.get("disk_missing") else "")),
-                     _safe(str(r.get("base") or "-")),
-                     f"restore of {_safe(str((r.get('incomplete') or {}).get('image')))}"
-                     if r.get("incomplete") else "no", _staged(r.get("staged"))]
-                    for r in rows], out)
-        elif what == "free":
-            _table(["HOST", "NAME"], [[r["host"], _safe(r["name"])] for r in rows], out)
-        elif what == "locked":
-            _table(["HOST", "NAME", "PID", "COMMAND"],
-                   [[r["host"], _safe(r["name"]), str(r.get("pid")), _safe(str(r.get("command")))]
-                    for r in rows], out)
-        else:
-            _table(["HOST", "NAME", "FORMAT", "SIZE", "MODIFIED (UTC)", "DIRECTORY"],
-                   [[",".join(r["hosts"]), _safe(r["name"]), str(r.get("format")),
-                     human_size(int(r.get("size") or 0)),
-                     str(r.get("mtime") or r.get("modified") or "")[:16].replace("T", " "),
-                     _safe(str(r.get("directory")))] for r in rows], out)
-
-
-def _staged(staged: Any) -> str:
-    """The STAGED column of a worker's row (as vmim.standby.Staged.text() draws it)."""
-    from vmim.output import safe
-
-    if not isinstance(staged, dict):
-        return "-"
-    image, state = safe(str(staged.get("image"))), str(staged.get("state"))
-    return f"{image} {safe(str(staged.get('finished') or ''))[:16]}" if state == "ready" \
-        else f"{image} ({safe(state)})"
+        render_list(what, [r["name"] for r in rows] if what == "free" else rows, out,
+                    hosts=[",".join(r["hosts"]) if "hosts" in r else r["host"] for r in rows])
