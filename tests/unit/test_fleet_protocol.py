@@ -79,10 +79,10 @@ def _body(**change):
     return json.dumps(body)
 
 
-@pytest.mark.parametrize("field", ["config", "print_config", "log_config", "syslog", "broker",
-                                   "local", "argv"])
+@pytest.mark.parametrize("field", sorted(LOCAL_ONLY | {"argv"}))
 @pytest.mark.parametrize("where", ["", "request.", "options."])
 def test_a_job_may_not_carry_client_options(field, where):
+    """Every local-only option of the command line is refused in a job, wherever it is put."""
     with pytest.raises(ProtocolError) as exc:
         protocol.decode_job(_body(**{where + field: "/etc/other.cfg"}), "web1")
     assert "unknown field" in str(exc.value)
