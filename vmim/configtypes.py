@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 from vmim.keys import default
+from vmim.words import StoreType
 
 LOCAL_SECTION = "vmim.local"
 SLOT_PREFIX = "vmim.vm."
@@ -25,7 +26,7 @@ class Slot:
 
     name: str
     section: str
-    store_type: Optional[str]
+    store_type: Optional[StoreType]  # a plain word given is taken as the StoreType it names
     mount: str
     hostdisk: Optional[str] = None
     partition: Optional[int] = None
@@ -58,6 +59,10 @@ class Slot:
     #: a problem of the config that concerns this slot only (its mount point is another
     #: slot's): warned at load; any action on the slot's disk is refused with it (exit 3)
     conflict: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.store_type is not None:
+            object.__setattr__(self, "store_type", StoreType(self.store_type))
 
     @property
     def disk(self) -> Optional[str]:

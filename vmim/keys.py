@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-STORE_TYPES = ("partition", "kpartx", "lvm", "qcow2")
+from vmim.words import DiskFormat, StoreType
+
+STORE_TYPES: Tuple[StoreType, ...] = tuple(StoreType)
 TRUE_WORDS = ("yes", "y", "on", "1", "true")
 FALSE_WORDS = ("no", "n", "off", "0", "false")
 
@@ -154,7 +156,7 @@ KEYS: Tuple[Key, ...] = (
     Key("disk_image_format", "disk_image_format", "choice", "slot",
         "Format of images stored with --disk-image: `qcow2`, or `raw` (a raw image restores onto "
         "a slot on the same reflink-capable filesystem as a reflink copy: constant time).",
-        default="qcow2", choices=("qcow2", "raw")),
+        default="qcow2", choices=tuple(DiskFormat)),
     Key("qcow2_compress", "qcow2_compress", "bool", "slot",
         "Compress qcow2 images written by a store (smaller, slower to write).", default=False),
     Key("sourceimage", "sourceimage", "bool", "slot",

@@ -25,6 +25,7 @@ from vmim.request import (  # noqa: F401 — the request's vocabulary, as plan h
     Request,
     Transfer,
 )
+from vmim.words import DiskFormat
 
 #: Steps that mount or map the slot's disk: they need root.
 DISK_ACTIONS = ("mount", "extract", "store", "restore", "insert", "release")
@@ -263,7 +264,7 @@ def plan_staged(req: Request, box: str, seen: Observed, spare: Optional[Observed
 
 
 #: Image formats that are whole disks (a qcow2 slot restores them as a new overlay).
-DISK_IMAGE_FORMATS = ("qcow2", "raw")
+DISK_IMAGE_FORMATS: Tuple[DiskFormat, ...] = tuple(DiskFormat)
 
 
 def whole_disk(action: str, req: Request, seen: Observed) -> bool:

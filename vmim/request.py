@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from vmim.words import Action, Format, ListKind
+
 #: The fixed per-box pipeline, whatever the order of the flags.
-PIPELINE = ("kill", "down", "mount", "extract", "store", "restore", "insert", "release",
-            "redefine", "swap", "up")
+PIPELINE: Tuple[Action, ...] = tuple(Action)
 BOX_PLACEHOLDER = "{box}"
 #: -b any-free: claim one free slot (under its lock) and act on it
 ANY_FREE = "any-free"
@@ -23,14 +24,14 @@ class Transfer:
 
 
 #: what a request may ask for: the formats of store and extract, and the lists
-FORMATS = ("rsync", "tgz", "cpio.bz2", "tar.zst")
-LISTS = ("boxes", "images", "inserts", "free", "locked")
+FORMATS: Tuple[Format, ...] = tuple(Format)
+LISTS: Tuple[ListKind, ...] = tuple(ListKind)
 #: the fields of Request.to_dict(); a fleet job carries them without boxes and lists
 REQUEST_FIELDS = ("boxes", "actions", "lists", "store", "restore", "inserts", "extracts",
                   "format", "disk_image", "stage")
 #: what a staging (--stage) may do to the standby disk, and what it may do besides
-STAGE_ACTIONS = ("restore", "insert")
-SWAP_ACTIONS = ("kill", "down", "redefine", "swap", "up")
+STAGE_ACTIONS = (Action.RESTORE, Action.INSERT)
+SWAP_ACTIONS = (Action.KILL, Action.DOWN, Action.REDEFINE, Action.SWAP, Action.UP)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Request:
     that crosses process boundaries as `to_dict()` and comes back with `from_dict()`."""
 
     boxes: Tuple[str, ...] = ()
+    # the words are made the vocabulary's (vmim.words: Action, ListKind, Format), which are
+    # str: callers may give plain words
     actions: Tuple[str, ...] = ()  # in PIPELINE order
     lists: Tuple[str, ...] = ()
     store: Optional[str] = None
@@ -50,8 +53,13 @@ class Request:
     stage: bool = False  # --stage: restore and insert into the standby disk (vmim.standby)
 
     def __post_init__(self) -> None:
-        for name in ("boxes", "actions", "lists", "inserts", "extracts"):
+        for name in ("boxes", "inserts", "extracts"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        # a word outside the vocabulary is a ValueError here
+        object.__setattr__(self, "actions", tuple(Action(a) for a in self.actions))
+        object.__setattr__(self, "lists", tuple(ListKind(w) for w in self.lists))
+        if self.format is not None:
+            object.__setattr__(self, "format", Format(self.format))
 
     def store_name(self, box: str) -> Optional[str]:
         return self.store.replace(BOX_PLACEHOLDER, box) if self.store is not None else None
