@@ -46,7 +46,8 @@ def test_the_sandbox_sees_no_host_path(tmp_path):
         "cat /proc/net/dev | tail -n +3 | cut -d: -f1; "
         "ls /proc | grep -c '^[0-9]'"
     )
-    r = process.run(sandbox.command(["sh", "-c", script], [sandbox.Bind(str(mine), "/image")]),
+    r = process.run(sandbox.command(["sh", "-c", script], [sandbox.Bind(str(mine), "/image")],
+                                    caps=sandbox.NONE),
                     capture=True)
     lines = r.stdout.split()
     assert "VISIBLE" not in lines, r.stdout
@@ -61,7 +62,8 @@ def test_the_sandbox_sees_no_host_path(tmp_path):
 
 def test_a_command_that_fails_in_the_sandbox_is_named_as_itself(tmp_path):
     with pytest.raises(Exception) as info:
-        process.pipeline([sandbox.command(["tar", "--extract", "--file=-"], []), ["true"]],
+        process.pipeline([sandbox.command(["tar", "--extract", "--file=-"], [],
+                                          caps=sandbox.UNPACK_XATTRS), ["true"]],
                          stdin_path="/dev/null")
     assert "tar --extract" in str(info.value) and "bwrap" not in str(info.value)
 
@@ -71,7 +73,7 @@ def test_a_missing_bubblewrap_is_exit_7(monkeypatch):
 
     monkeypatch.setattr(sandbox, "BWRAP", "bwrap-not-installed-here")
     with pytest.raises(ToolMissingError) as info:
-        sandbox.command(["tar", "--version"], [])
+        sandbox.command(["tar", "--version"], [], caps=sandbox.NONE)
     assert info.value.exit_code == EXIT_ENVIRONMENT and "install bubblewrap" in str(info.value)
 
 
@@ -89,7 +91,7 @@ def test_an_unpacker_that_follows_symlinks_cannot_reach_the_host(tmp_path):
     with contextlib.suppress(Exception):
         process.pipeline([sandbox.command(["cpio", "-i", "-d", "--quiet"],
                                           [sandbox.Bind(str(guest), "/slot", writable=True)],
-                                          cwd="/slot")], stdin_path=str(archive))
+                                          caps=sandbox.UNPACK, cwd="/slot")], stdin_path=str(archive))
     assert list(host.iterdir()) == []
     assert os.readlink(guest / "escape") == str(host)
 
