@@ -33,11 +33,25 @@ def _env() -> dict:
 
 def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     """Start a command in a process group of its own (so that stopping it stops whatever it
-    forked, rsync's receiver say), in the C locale, marked as ours."""
+    forked, rsync's receiver say), in the C locale, marked as ours. A sandbox's argv gets a
+    descriptor of its own of the seccomp filter (vmim.sandbox.SECCOMP_FD)."""
+    from vmim.sandbox import SECCOMP_FD
+
+    argv = list(argv)
+    filter_fd = None
+    if SECCOMP_FD in argv:
+        from vmim import seccomp
+
+        filter_fd = seccomp.fd()
+        argv[argv.index(SECCOMP_FD)] = str(filter_fd)
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), filter_fd)
     try:
         return subprocess.Popen(argv, env=_env(), start_new_session=True, **kwargs)
     except FileNotFoundError:
         raise ToolMissingError(argv[0]) from None
+    finally:
+        if filter_fd is not None:
+            os.close(filter_fd)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Sequence
 
-from vmim import procscan
+from vmim import procscan, seccomp
 from vmim.errors import ToolMissingError
 
 BWRAP = "bwrap"
@@ -85,6 +85,9 @@ LIBRARY = "/vmim-lib"
 SLOT, DEST, IMAGE, STORE = "/slot", "/dest", "/image", "/store"
 #: all of them (what procscan looks for in a leftover sandbox)
 PLACES = (SLOT, DEST, IMAGE, STORE)
+#: stands for the descriptor of the seccomp filter in the argv: process.popen() opens one for
+#: each sandbox (bwrap reads it to its end) and puts its number there
+SECCOMP_FD = "{seccomp-fd}"
 #: bwrap runs under `setpriv --pdeathsig KILL`: when vmimagemanager dies (kill -9), so does
 #: bwrap, and with it (--die-with-parent) everything in the sandbox, whose mounts then go
 SETPRIV = "setpriv"
@@ -179,6 +182,8 @@ def command(argv: Sequence[str], binds: Sequence[Bind], *, caps: Caps,
             "--cap-drop", "ALL"]
     for cap in capabilities(caps):
         out += ["--cap-add", cap]
+    seccomp.ensure()  # no binding, no filter: nothing runs (exit 7)
+    out += ["--seccomp", SECCOMP_FD]
     for b in binds:
         if not b.inside.startswith("/") or not (b.inside in PLACES or
                                                 b.inside.startswith(LIBRARY + "/")):
