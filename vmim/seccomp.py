@@ -34,11 +34,13 @@ INSTALL_HINT = ("install libseccomp's Python binding (Debian/Ubuntu: apt-get ins
 #: ioctl requests that reach beyond the file: TIOCSTI pushes input into a terminal, TIOCLINUX
 #: does as much on a Linux console
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
-#: clone() flags that make a namespace (unshare(2) and setns(2) are denied whole)
+#: clone() flags that make a namespace (unshare(2) and setns(2) are denied whole; clone3, whose
+#: flags libseccomp cannot see, is ENOSYS: glibc falls back to clone; CLONE_NEWTIME is not a
+#: flag of clone(), whose low byte is the exit signal)
 CLONE_NEW = {"CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000,
              "CLONE_NEWUTS": 0x04000000, "CLONE_NEWIPC": 0x08000000,
              "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
-             "CLONE_NEWNET": 0x40000000, "CLONE_NEWTIME": 0x00000080}
+             "CLONE_NEWNET": 0x40000000}
 
 #: what libseccomp answers for a name it does not know (__NR_SCMP_ERROR)
 UNKNOWN = -1
@@ -109,8 +111,7 @@ def binding() -> Any:
     return module
 
 
-def build() -> bytes:
-    """The BPF program of the filter, for this machine's architecture."""
+def _filter() -> Any:
     sc = binding()
     flt = sc.SyscallFilter(defaction=sc.ALLOW)
     for rule in rules():
@@ -122,19 +123,33 @@ def build() -> bytes:
         else:
             index, op, a, b = rule.test
             flt.add_rule(sc.ERRNO(rule.errno), rule.syscall, sc.Arg(index, getattr(sc, op), a, b))
+    return flt
+
+
+def _export(method: str) -> bytes:
     r, w = os.pipe()
-    try:
+    try:  # the filter of ~100 instructions fits in a pipe's buffer
         with os.fdopen(w, "wb") as out:
-            flt.export_bpf(out)
+            getattr(_filter(), method)(out)
         chunks = []
         while True:
             chunk = os.read(r, 1 << 16)
             if not chunk:
-                break
+                return b"".join(chunks)
             chunks.append(chunk)
     finally:
         os.close(r)
-    return b"".join(chunks)
+
+
+def build() -> bytes:
+    """The BPF program of the filter, for this machine's architecture (a system call of
+    another architecture kills the process: libseccomp's default)."""
+    return _export("export_bpf")
+
+
+def pseudo_code() -> str:
+    """The filter as libseccomp shows it (PFC): what the BPF program does, readable."""
+    return _export("export_pfc").decode()
 
 
 _lock = threading.Lock()

@@ -96,6 +96,128 @@ def test_an_unpacker_that_follows_symlinks_cannot_reach_the_host(tmp_path):
     assert os.readlink(guest / "escape") == str(host)
 
 
+# ------------------------------------------------------------------ least privilege inside
+
+
+def _inside(code, caps, binds=()):
+    """Run python3 -c code in the sandbox keeping caps; its stdout, split in words."""
+    r = process.run(sandbox.command(["python3", "-c", code], list(binds), caps=caps),
+                    capture=True)
+    return r.stdout.split()
+
+
+#: prints, for each attempt, NAME=OK or NAME=<errno name>
+_ATTEMPTS = """
+import ctypes, errno, os, sys
+def attempt(name, fn):
+    try:
+        fn()
+        print(name + "=OK")
+    except OSError as exc:
+        print(name + "=" + errno.errorcode[exc.errno])
+"""
+
+
+@pytest.mark.parametrize("caps,may", [("NONE", False), ("READ", False), ("READ_XATTRS", False),
+                                      ("DELETE", False), ("UNPACK", True)])
+def test_a_sandbox_without_unpack_capabilities_cannot_make_nodes_or_give_files_away(
+        tmp_path, caps, may):
+    """A store, a proof, a removal keep no CAP_MKNOD and no CAP_CHOWN: even a compromised tar
+    there cannot make a device node or hand a file to another owner."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "file").write_text("x\n")
+    code = _ATTEMPTS + """
+attempt("mknod", lambda: os.mknod("/dest/node", 0o600 | 0o020000, os.makedev(1, 3)))
+attempt("chown", lambda: os.chown("/dest/file", 1234, 1234))
+"""
+    got = _inside(code, sandbox.SETS[caps], [sandbox.Bind(str(dest), sandbox.DEST, True)])
+    if may:
+        assert got == ["mknod=OK", "chown=OK"]
+        assert (dest / "file").stat().st_uid == 1234
+    else:
+        assert got == ["mknod=EPERM", "chown=EPERM"]
+        assert not (dest / "node").exists() and (dest / "file").stat().st_uid == 0
+
+
+def test_a_reading_sandbox_reads_every_file_and_writes_none(tmp_path):
+    """READ (a store's tar, find, cpio) reads a file of mode 000, which NONE cannot, and
+    cannot write into a directory it does not own."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    secret = tree / "shadow"
+    secret.write_text("guest secret\n")
+    secret.chmod(0)
+    os.chown(tree, 1234, 1234)
+    tree.chmod(0o755)
+    code = _ATTEMPTS + """
+attempt("read", lambda: open("/slot/shadow").read())
+attempt("write", lambda: open("/slot/new", "w").close())
+"""
+    binds = [sandbox.Bind(str(tree), sandbox.SLOT, True)]
+    assert _inside(code, sandbox.NONE, binds) == ["read=EACCES", "write=EACCES"]
+    assert _inside(code, sandbox.READ, binds) == ["read=OK", "write=EACCES"]
+    assert not (tree / "new").exists()
+
+
+def _number(name):
+    from vmim import seccomp
+
+    sc = seccomp.binding()
+    return sc.resolve_syscall(sc.Arch.NATIVE, name)
+
+
+def test_the_seccomp_filter_denies_mounts_namespaces_and_keyrings_even_with_cap_sys_admin(
+        tmp_path):
+    """UNPACK_XATTRS keeps CAP_SYS_ADMIN (trusted.* xattrs): without the filter the program
+    could mount, unshare, setns and use keyrings with it. With it, each is refused."""
+    nr = {n: _number(n) for n in ("keyctl", "add_key", "io_uring_setup", "fsopen", "setns",
+                                  "open_by_handle_at", "bpf")}
+    code = _ATTEMPTS + f"""
+libc = ctypes.CDLL(None, use_errno=True)
+def call(fn, *args):
+    def go():
+        if fn(*args) == -1:
+            raise OSError(ctypes.get_errno(), "")
+    return go
+nr = {nr!r}
+attempt("mount", call(libc.mount, b"none", b"/tmp", b"tmpfs", 0, None))
+attempt("unshare", call(libc.unshare, 0x00020000))
+attempt("setns", call(libc.syscall, nr["setns"], 0, 0))
+attempt("keyctl", call(libc.syscall, nr["keyctl"], 0, -3, 0))
+attempt("add_key", call(libc.syscall, nr["add_key"], b"user", b"k", b"v", 1, -3))
+attempt("bpf", call(libc.syscall, nr["bpf"], 0, 0, 0))
+attempt("open_by_handle_at", call(libc.syscall, nr["open_by_handle_at"], 0, 0, 0))
+attempt("io_uring_setup", call(libc.syscall, nr["io_uring_setup"], 1, 0))
+attempt("fsopen", call(libc.syscall, nr["fsopen"], b"tmpfs", 0))
+attempt("chown", lambda: os.chown("/tmp", 0, 0))
+"""
+    got = _inside(code, sandbox.UNPACK_XATTRS)
+    assert got == ["mount=EPERM", "unshare=EPERM", "setns=EPERM", "keyctl=EPERM",
+                   "add_key=EPERM", "bpf=EPERM", "open_by_handle_at=EPERM",
+                   "io_uring_setup=ENOSYS", "fsopen=ENOSYS", "chown=OK"]
+
+
+def test_util_linux_unshare_fails_in_the_sandbox_and_an_unpack_still_works(tmp_path):
+    with pytest.raises(process.CommandError) as info:
+        process.run(sandbox.command(["unshare", "-r", "true"], [], caps=sandbox.UNPACK_XATTRS))
+    assert "Operation not permitted" in str(info.value)
+    archive = tmp_path / "a.tar"
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "motd").write_text("hello\n")
+    os.chown(src / "etc" / "motd", 1234, 1234)
+    subprocess.run(["tar", "-C", str(src), "-cf", str(archive), "."], check=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    process.pipeline([sandbox.command(
+        ["tar", "--extract", "--file=-", f"--directory={sandbox.DEST}", *tar_mod.EXTRACT],
+        [sandbox.Bind(str(dest), sandbox.DEST, True)], caps=sandbox.UNPACK_XATTRS)],
+        stdin_path=str(archive))
+    assert (dest / "etc" / "motd").read_text() == "hello\n"
+    assert (dest / "etc" / "motd").stat().st_uid == 1234
+
+
 # ------------------------------------------------------------------ through the command line
 
 
