@@ -22,7 +22,7 @@ import functools
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from vmim.errors import HostEnvironmentError
 
@@ -131,7 +131,7 @@ def _export(method: str) -> bytes:
     try:  # the filter of ~100 instructions fits in a pipe's buffer
         with os.fdopen(w, "wb") as out:
             getattr(_filter(), method)(out)
-        chunks = []
+        chunks: List[bytes] = []
         while True:
             chunk = os.read(r, 1 << 16)
             if not chunk:
