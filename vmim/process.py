@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import logging
 import os
 import shutil
@@ -16,9 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
-from vmim import digest as digest_mod
 from vmim import procscan, progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
+from vmim.hashcopy import F_SETPIPE_SZ, copy_hashing
 
 log = logging.getLogger(__name__)
 
@@ -285,53 +284,6 @@ def _wait_stages(procs: Sequence[subprocess.Popen]) -> Optional[int]:
         delay = min(delay * 2, 0.05)
 
 
-#: Written output is handed to the disk in steps of this size while a pipeline runs, so that
-#: the fsync at its end has little left to wait for.
-WRITEBACK_STEP = 32 << 20
-_F_SETPIPE_SZ = 1031
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    """libc's sync_file_range(2) (start writeback without waiting), or None."""
-    import ctypes  # here: not worth its import time for the commands that never write archives
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-def _copy_hashing(src: Any, fd: int) -> str:
-    """Copy a pipe into fd, hashing what passes (vmim.digest: BLAKE3, else sha256) and starting
-    its writeback as it goes: the checksum and most of the fsync of an image cost no second
-    pass over it. Returns the tagged digest ('ALGORITHM:HEX')."""
-    try:
-        fcntl.fcntl(src.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads
-    except OSError:
-        pass
-    writeback = _sync_file_range()
-    digest = digest_mod.new()
-    written = synced = 0
-    while True:
-        chunk = os.read(src.fileno(), 1 << 20)
-        if not chunk:
-            return digest_mod.tagged(digest)
-        digest.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view):]
-        written += len(chunk)
-        if writeback is not None and written - synced >= WRITEBACK_STEP:
-            writeback(fd, synced, written - synced, _SYNC_FILE_RANGE_WRITE)
-            synced = written
-
-
 def pipeline(
     stages: Sequence[Sequence[str]],
     *,
@@ -392,7 +344,7 @@ def pipeline(
                 assert output is not None
                 try:
                     with output:
-                        digest = _copy_hashing(output, fout.fileno())
+                        digest = copy_hashing(output, fout.fileno())
                 except OSError as exc:  # a full disk
                     raise OutputWriteError(names[-1], str(stdout_path),
                                            exc.strerror or str(exc)) from None
@@ -508,7 +460,7 @@ def _feed(feed: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
     open_ = [s for s in stdins if s is not None]
     for s in [feed, *open_]:
         try:
-            fcntl.fcntl(s.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
+            fcntl.fcntl(s.fileno(), F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
         except OSError:
             pass  # not a pipe (an image read directly), or the system's limit is lower
     try:
