@@ -21,6 +21,7 @@ import tarfile
 import pytest
 
 from tests.archives import newc_of
+from tests.integration import treecmp
 from tests.integration.test_images import FORMATS, run_ok
 from vmim import process, sandbox
 from vmim.archive import rsync as rsync_mod
@@ -158,6 +159,65 @@ attempt("write", lambda: open("/slot/new", "w").close())
     assert _inside(code, sandbox.NONE, binds) == ["read=EACCES", "write=EACCES"]
     assert _inside(code, sandbox.READ, binds) == ["read=OK", "write=EACCES"]
     assert not (tree / "new").exists()
+
+
+def _hard_tree(root):
+    """treecmp's tree (owners, setuid, sticky, device nodes, file capabilities, ACLs, xattrs)
+    and what only the capabilities of the sets read or write: a trusted.* xattr (CAP_SYS_ADMIN)
+    and a mode-000 file of another user in a mode-000 directory of another user."""
+    treecmp.build(root)
+    os.setxattr(os.path.join(root, "etc", "hostname"), "trusted.vmim-test", b"kept")
+    locked = os.path.join(root, "locked")
+    os.mkdir(locked)
+    with open(os.path.join(locked, "shadow"), "w") as fh:
+        fh.write("guest secret\n")
+    os.chmod(os.path.join(locked, "shadow"), 0)
+    os.chown(os.path.join(locked, "shadow"), 1234, 1234)
+    os.chown(locked, 1234, 1234)
+    os.utime(locked, ns=(treecmp.MTIME, treecmp.MTIME))
+    os.chmod(locked, 0)
+    return treecmp.snapshot(root)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "rsync"])
+def test_the_least_sets_still_store_and_unpack_a_whole_filesystem(tmp_path, fmt):
+    """READ_XATTRS (tar store), COPY (rsync) and UNPACK_XATTRS (tar unpack) are enough for
+    what a root filesystem holds; a smaller set for the store loses the trusted.* xattr (READ)
+    or fails (NONE), which is why the sets are what they are."""
+    from vmim.archive.rsync import RsyncFormat
+    from vmim.archive.tar import TarFormat
+
+    src, staging = tmp_path / "src", tmp_path / "staging"
+    src.mkdir()
+    staging.mkdir()
+    before = _hard_tree(str(src))
+    tool = TarFormat(None, "tar") if fmt == "tar" else RsyncFormat()
+    image = str(tmp_path / ("image.tar" if fmt == "tar" else "image"))
+    tool.write(str(src), ["."], image)
+    tool.unpack(image, str(staging))
+    after = treecmp.snapshot(str(staging))
+    assert treecmp.differences(before, after) == []
+    assert after[b"etc/hostname"]["xattrs"]["trusted.vmim-test"] == b"kept"
+    assert after[b"locked/shadow"]["sha256"] == before[b"locked/shadow"]["sha256"]
+
+
+def test_a_tar_store_with_less_than_read_xattrs_loses_data_or_fails(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _hard_tree(str(src))
+
+    def store(caps):
+        argv = ["tar", "--create", "--file=-", f"--directory={sandbox.SLOT}", *tar_mod.CREATE,
+                "--", "."]
+        out = tmp_path / "out.tar"
+        process.pipeline([sandbox.command(argv, [sandbox.Bind(str(src), sandbox.SLOT)],
+                                          caps=caps)], stdout_path=str(out))
+        return out.read_bytes()
+
+    assert b"trusted.vmim-test" in store(sandbox.READ_XATTRS)
+    assert b"trusted.vmim-test" not in store(sandbox.READ)  # tar says nothing: data lost
+    with pytest.raises(process.CommandError):
+        store(sandbox.NONE)  # the mode-000 directory
 
 
 def _number(name):
