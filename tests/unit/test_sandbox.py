@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vmim import sandbox
@@ -29,9 +31,11 @@ def test_only_usr_and_the_named_binds_come_from_the_host():
         assert flag in argv
     assert "--unshare-user" not in argv  # root stays root: owners, device nodes, xattrs
     assert argv[argv.index("--cap-drop") + 1] == "ALL"
+    assert argv[argv.index("--seccomp") + 1] == sandbox.SECCOMP_FD  # process.popen() opens it
     assert argv[:5] == ["/usr/bin/setpriv", "--pdeathsig", "KILL", "--", "/usr/bin/bwrap"]
     last = len(argv) - 1 - argv[::-1].index("--")
     assert argv[last + 1:] == ["/usr/bin/tar", "--extract"]
+    assert argv.index("--seccomp") < last  # bwrap's option, not the command's
     assert sandbox.shown(argv) == ["tar", "--extract"]
 
 
@@ -156,3 +160,16 @@ def test_a_command_without_caps_is_a_type_error():
         sandbox.command(["true"], [])  # type: ignore[call-arg]
     with pytest.raises(ValueError):
         sandbox.command(["true"], [], caps=frozenset({"CAP_SYS_PTRACE"}))
+
+
+def test_each_command_gets_a_descriptor_of_the_filter_of_its_own_read_from_its_start():
+    """bwrap reads its --seccomp descriptor to the end: popen() gives each command a new one,
+    the whole program, and none stays open here."""
+    from vmim import process, seccomp
+
+    before = set(os.listdir("/proc/self/fd"))
+    read = "import os, sys; print(len(os.read(int(sys.argv[1]), 1 << 20)))"
+    sizes = [process.run(["python3", "-c", read, sandbox.SECCOMP_FD],
+                         capture=True).stdout.strip() for _ in range(2)]
+    assert sizes == [str(len(seccomp.build()))] * 2
+    assert set(os.listdir("/proc/self/fd")) - before <= {str(seccomp._memfd())}
