@@ -163,10 +163,18 @@ attempt("write", lambda: open("/slot/new", "w").close())
 
 def _hard_tree(root):
     """treecmp's tree (owners, setuid, sticky, device nodes, file capabilities, ACLs, xattrs)
-    and what only the capabilities of the sets read or write: a trusted.* xattr (CAP_SYS_ADMIN)
-    and a mode-000 file of another user in a mode-000 directory of another user."""
+    and what only the capabilities of the sets read or write: a trusted.* xattr (CAP_SYS_ADMIN),
+    a setgid file of another group (CAP_FSETID) and a mode-000 file of another user in a
+    mode-000 directory of another user. (Unpacking it with UNPACK_XATTRS less any one of its
+    capabilities but CAP_SYS_RESOURCE loses something: tar fails, or silently drops the setgid
+    bit, the file capability or the trusted.* xattr.)"""
     treecmp.build(root)
     os.setxattr(os.path.join(root, "etc", "hostname"), "trusted.vmim-test", b"kept")
+    sgid = os.path.join(root, "usr", "bin", "wall")  # setgid, of a group root is not in:
+    with open(sgid, "w") as fh:  # without CAP_FSETID the chmod after the chown drops the bit
+        fh.write("#!/bin/sh\n")
+    os.chown(sgid, 0, 1234)
+    os.chmod(sgid, 0o2755)
     locked = os.path.join(root, "locked")
     os.mkdir(locked)
     with open(os.path.join(locked, "shadow"), "w") as fh:
