@@ -228,6 +228,64 @@ def test_a_tar_store_with_less_than_read_xattrs_loses_data_or_fails(tmp_path):
         store(sandbox.NONE)  # the mode-000 directory
 
 
+def _merge_guest(base):
+    """A guest whose /etc (another user's, mode 0555) and sticky /tmp (another user's, holding
+    a third user's file) the merge writes into, and a staging directory whose metadata (the
+    archive's ".": another owner, setgid, a trusted.* xattr) goes to the guest root."""
+    root = base / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "old").write_text("")
+    os.chown(root / "etc", 1234, 1234)
+    (root / "etc").chmod(0o555)
+    (root / "tmp").mkdir()
+    (root / "tmp" / "x").write_text("")
+    os.chown(root / "tmp" / "x", 1235, 1235)
+    os.chown(root / "tmp", 1234, 1234)
+    (root / "tmp").chmod(0o1777)
+    staging = root / ".stage"
+    for d in ("etc", "tmp", "opt/d"):
+        (staging / d).mkdir(parents=True)
+    (staging / "etc" / "new").write_text("")
+    (staging / "tmp" / "x").write_text("new\n")
+    os.chown(staging, 1234, 1234)
+    staging.chmod(0o2750)
+    os.setxattr(staging, "trusted.vmim-test", b"kept")
+    return root
+
+
+@pytest.mark.parametrize("drop", [None, "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
+                                  "CAP_FSETID", "CAP_SYS_ADMIN"])
+def test_the_merge_needs_every_capability_of_merge(tmp_path, drop):
+    """With MERGE the staging directory goes into the guest whole and the root takes its
+    owner, setgid mode and trusted.* xattr; with any one capability less the merge fails or
+    silently loses one of them."""
+    from vmim import tree
+    from vmim.errors import VmimError
+
+    root = _merge_guest(tmp_path)
+    caps = sandbox.MERGE - {drop}
+    failed = False
+    try:
+        tree.merge_contained(str(root / ".stage"), str(root), remove_staging=True) \
+            if drop is None else _merge_with(root, caps)
+    except (OSError, VmimError):
+        failed = True
+    st = os.stat(root)
+    whole = (not failed and sorted(os.listdir(root / "etc")) == ["new", "old"]
+             and (root / "tmp" / "x").read_text() == "new\n" and not (root / ".stage").exists()
+             and (st.st_uid, st.st_gid) == (1234, 1234) and st.st_mode & 0o7777 == 0o2750
+             and "trusted.vmim-test" in os.listxattr(root))
+    assert whole is (drop is None)
+
+
+def _merge_with(root, caps):
+    from vmim import guestwork
+
+    guestwork.call("merge", {"staging": f"{sandbox.SLOT}/.stage", "root": sandbox.SLOT,
+                             "dest": "/", "remove_staging": True},
+                   [sandbox.Bind(str(root), sandbox.SLOT, writable=True)], caps=caps)
+
+
 def _number(name):
     from vmim import seccomp
 
