@@ -1,6 +1,6 @@
 """`bench/sandbox.py`: what the sandbox of guest data (vmim.sandbox, bubblewrap) costs.
 
-    bench/sandbox.py [--base REV] [SECTION...]   (sections: restore store rsync insert)
+    bench/sandbox.py [--base REV] [SECTION...]   (sections: restore store rsync insert seccomp)
 
 Three contenders, run alternately (A B C, C B A, ...) ROUNDS times on the same slots, with the
 data on the disk at the end of each (`sync -f`):
@@ -15,7 +15,14 @@ cost of the sandbox shows most), store rsync, insert (a 20-file tgz: a command w
 tiny, so the cost is the sandbox's start-up per process). Corpus: a copy of /usr/share (about
 700 MB, 20,000+ files) on a loop-mounted ext4 slot, built once in VMIM_BENCH_DIR (default
 /var/cache/vmimagemanager-bench-sandbox). Results: medians, spreads, ratios to the base
-revision and to the bare tools, in bench/results/latest-sandbox.json. On a machine shared
+revision and to the bare tools, in bench/results/latest-sandbox.json.
+
+Section seccomp (needs no corpus, run alone: `bench/sandbox.py seccomp`): the cost of the
+seccomp filter (vmim.seccomp) per system call, inside the sandbox with and without it
+(`--seccomp FD` left out), alternated: dd copying one byte at a time (a read and a write per
+byte, C), Python calling getppid() and fstat() (allowed whatever their arguments: the kernel's
+cache of such verdicts answers them without running the filter) and ioctl(FIONREAD) (ioctl has
+argument rules, TIOCSTI: the whole filter runs). Each program times its own loop. On a machine shared
 with other test runs, run it in a mount namespace of its own (`unshare -m --propagation
 private bench/sandbox.py`) so that no other run's clean-up unmounts its slots.
 """
@@ -142,6 +149,61 @@ def setup(tool: Tool) -> None:
     tool.run("-b", SRC, "--release")
 
 
+SECCOMP_LOOPS = int(os.environ.get("VMIM_BENCH_SYSCALLS", "1000000"))
+#: name -> (program run in the sandbox, printing the seconds of its loop, system calls made)
+SECCOMP_PROGRAMS = {
+    "dd bs=1 (read+write)": (["sh", "-c", f"dd if=/dev/zero of=/dev/null bs=1 "
+                              f"count={SECCOMP_LOOPS // 2} 2>&1 | "
+                              "sed -n 's/.*copied, \\([0-9.e-]*\\) s.*/\\1/p'"],
+                             SECCOMP_LOOPS),
+    "python getppid": (["python3", "-S", "-c", "import os, time\n"
+                        "t = time.perf_counter()\n"
+                        f"for _ in range({SECCOMP_LOOPS}): os.getppid()\n"
+                        "print(time.perf_counter() - t)"], SECCOMP_LOOPS),
+    "python fstat": (["python3", "-S", "-c", "import os, time\n"
+                      "t = time.perf_counter()\n"
+                      f"for _ in range({SECCOMP_LOOPS}): os.fstat(0)\n"
+                      "print(time.perf_counter() - t)"], SECCOMP_LOOPS),
+    "python ioctl FIONREAD": (["python3", "-S", "-c", "import fcntl, os, termios, time\n"
+                               "r, w = os.pipe()\nb = bytearray(4)\n"
+                               "t = time.perf_counter()\n"
+                               f"for _ in range({SECCOMP_LOOPS}): "
+                               "fcntl.ioctl(r, termios.FIONREAD, b)\n"
+                               "print(time.perf_counter() - t)"], SECCOMP_LOOPS),
+}
+
+
+def bench_seccomp() -> None:
+    """ns per system call in the sandbox with and without the seccomp filter."""
+    from vmim import process, sandbox
+
+    for name, (argv, calls) in SECCOMP_PROGRAMS.items():
+        filtered = sandbox.command(argv, [], caps=sandbox.NONE)
+        at = filtered.index("--seccomp")
+        bare = sandbox.Sandboxed(filtered[:at] + filtered[at + 2:])
+        bare.shown = filtered.shown
+        times: Dict[str, List[float]] = {"filter": [], "no filter": []}
+        for r in range(ROUNDS):
+            order = [("filter", filtered), ("no filter", bare)]
+            for label, cmd in (order if r % 2 == 0 else order[::-1]):
+                out = process.run(cmd, capture=True).stdout.split()
+                times[label].append(float(out[-1]) / calls * 1e9)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        results[f"seccomp: {name}"] = {
+            "ns_per_call_median": med, "ns_per_call_runs": times, "calls": calls,
+            "filter_cost_ns": med["filter"] - med["no filter"],
+            "ratio": med["filter"] / med["no filter"],
+            # on a loaded machine the fastest run of each is the one least disturbed
+            "filter_cost_ns_of_minima": min(times["filter"]) - min(times["no filter"]),
+        }
+        print(f"seccomp {name}: {med['filter']:.1f} ns/call with the filter, "
+              f"{med['no filter']:.1f} without [{min(times['filter']):.1f}-"
+              f"{max(times['filter']):.1f} / {min(times['no filter']):.1f}-"
+              f"{max(times['no filter']):.1f}]; ratio {med['filter'] / med['no filter']:.3f}; "
+              f"minima: +{min(times['filter']) - min(times['no filter']):.1f} ns",
+              flush=True)
+
+
 def change_one_percent(root: str, seed: int) -> None:
     files = []
     for dirpath, _dirs, names in os.walk(root):
@@ -169,11 +231,18 @@ def _changer(mount: Callable[[], None]) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="main", help="the revision without the sandbox")
-    parser.add_argument("sections", nargs="*", default=["restore", "store", "rsync", "insert"])
+    parser.add_argument("sections", nargs="*",
+                        default=["restore", "store", "rsync", "insert", "seccomp"])
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root")
     os.makedirs(WORK, exist_ok=True)
+    if "seccomp" in args.sections:
+        bench_seccomp()
+        args.sections.remove("seccomp")
+    if not args.sections:
+        write_results(args.base)
+        return
     tools = [Tool("vmimagemanager (sandbox)", ROOT),
              Tool(f"vmimagemanager@{args.base} (no sandbox)", extract_base(args.base))]
     base = tools[1].label
@@ -249,8 +318,12 @@ def main() -> None:
         for box in (SRC, DST):
             subprocess.run([PY, "-m", "vmim", "--config", CFG, "-q", "-b", box, "--release"],
                            capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    write_results(args.base)
+
+
+def write_results(base: str) -> None:
     results["machine"] = {"cores": os.cpu_count(), "kernel": platform.release(),
-                          "base": subprocess.run(["git", "-C", ROOT, "rev-parse", args.base],
+                          "base": subprocess.run(["git", "-C", ROOT, "rev-parse", base],
                                                  capture_output=True, text=True).stdout.strip(),
                           "bwrap": subprocess.run(["bwrap", "--version"], capture_output=True,
                                                   text=True).stdout.strip(),

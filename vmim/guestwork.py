@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 from vmim import errors
 
 if TYPE_CHECKING:
-    from vmim.sandbox import Bind
+    from vmim.sandbox import Bind, Caps
 
 
 #: errors that cross the sandbox boundary as themselves (an allow-list: a name from the child
@@ -89,16 +89,16 @@ def child(argv: List[str]) -> int:
 # ------------------------------------------------------------------ the call (outside)
 
 
-def call(op: str, payload: Dict[str, Any], binds: Sequence[Bind], *,
+def call(op: str, payload: Dict[str, Any], binds: Sequence[Bind], *, caps: Caps,
          feed: Sequence[Sequence[str]] = (), stdin_path: Optional[str] = None) -> Any:
-    """Run operation op in the sandbox and return its result, or raise its error. `feed` are
-    stages (run here, outside) whose output is the operation's stdin; the first reads
-    stdin_path."""
+    """Run operation op in the sandbox, keeping the capabilities caps (vmim.sandbox's sets),
+    and return its result, or raise its error. `feed` are stages (run here, outside) whose
+    output is the operation's stdin; the first reads stdin_path."""
     import tempfile
 
     from vmim import process, sandbox
 
-    inner = sandbox.python("vmim.guestwork", [op, json.dumps(payload)], binds)
+    inner = sandbox.python("vmim.guestwork", [op, json.dumps(payload)], binds, caps=caps)
     with tempfile.TemporaryFile() as out:
         try:
             process.pipeline([*feed, inner], stdin_path=stdin_path, stdout_fd=out.fileno())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import logging
 import os
 import shutil
@@ -16,9 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
-from vmim import digest as digest_mod
 from vmim import procscan, progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
+from vmim.hashcopy import F_SETPIPE_SZ, copy_hashing
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,25 @@ def _env() -> dict:
 
 def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     """Start a command in a process group of its own (so that stopping it stops whatever it
-    forked, rsync's receiver say), in the C locale, marked as ours."""
+    forked, rsync's receiver say), in the C locale, marked as ours. A sandbox's argv gets a
+    descriptor of its own of the seccomp filter (vmim.sandbox.SECCOMP_FD)."""
+    from vmim.sandbox import SECCOMP_FD
+
+    argv = list(argv)
+    filter_fd = None
+    if SECCOMP_FD in argv:
+        from vmim import seccomp
+
+        filter_fd = seccomp.fd()
+        argv[argv.index(SECCOMP_FD)] = str(filter_fd)
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), filter_fd)
     try:
         return subprocess.Popen(argv, env=_env(), start_new_session=True, **kwargs)
     except FileNotFoundError:
         raise ToolMissingError(argv[0]) from None
+    finally:
+        if filter_fd is not None:
+            os.close(filter_fd)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -271,53 +284,6 @@ def _wait_stages(procs: Sequence[subprocess.Popen]) -> Optional[int]:
         delay = min(delay * 2, 0.05)
 
 
-#: Written output is handed to the disk in steps of this size while a pipeline runs, so that
-#: the fsync at its end has little left to wait for.
-WRITEBACK_STEP = 32 << 20
-_F_SETPIPE_SZ = 1031
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    """libc's sync_file_range(2) (start writeback without waiting), or None."""
-    import ctypes  # here: not worth its import time for the commands that never write archives
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-def _copy_hashing(src: Any, fd: int) -> str:
-    """Copy a pipe into fd, hashing what passes (vmim.digest: BLAKE3, else sha256) and starting
-    its writeback as it goes: the checksum and most of the fsync of an image cost no second
-    pass over it. Returns the tagged digest ('ALGORITHM:HEX')."""
-    try:
-        fcntl.fcntl(src.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads
-    except OSError:
-        pass
-    writeback = _sync_file_range()
-    digest = digest_mod.new()
-    written = synced = 0
-    while True:
-        chunk = os.read(src.fileno(), 1 << 20)
-        if not chunk:
-            return digest_mod.tagged(digest)
-        digest.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view):]
-        written += len(chunk)
-        if writeback is not None and written - synced >= WRITEBACK_STEP:
-            writeback(fd, synced, written - synced, _SYNC_FILE_RANGE_WRITE)
-            synced = written
-
-
 def pipeline(
     stages: Sequence[Sequence[str]],
     *,
@@ -378,7 +344,7 @@ def pipeline(
                 assert output is not None
                 try:
                     with output:
-                        digest = _copy_hashing(output, fout.fileno())
+                        digest = copy_hashing(output, fout.fileno())
                 except OSError as exc:  # a full disk
                     raise OutputWriteError(names[-1], str(stdout_path),
                                            exc.strerror or str(exc)) from None
@@ -494,7 +460,7 @@ def _feed(feed: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
     open_ = [s for s in stdins if s is not None]
     for s in [feed, *open_]:
         try:
-            fcntl.fcntl(s.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
+            fcntl.fcntl(s.fileno(), F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
         except OSError:
             pass  # not a pipe (an image read directly), or the system's limit is lower
     try:

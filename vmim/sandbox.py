@@ -7,10 +7,16 @@ exactly the binds the caller names, at fixed names (/slot, /image, /dest ...). A
 or hard link then cannot name a host file: none is there. No network, and its own ipc, pid
 and uts namespaces; it dies with the command that started it.
 
-Root stays root inside (no user namespace), with only the capabilities an unpacker needs to
-restore what a filesystem holds: owners, modes, device nodes, file capabilities, trusted.*
-xattrs (CAP_SYS_ADMIN), reserved blocks. bwrap makes every bind nodev and nosuid: a device
-node an archive creates cannot be opened in the sandbox.
+Root stays root inside (no user namespace), with only the capabilities its one command needs:
+each call names one of the sets below (`caps=`, required: a new call site cannot forget it),
+the smallest that does the work: NONE to look, READ to read every file of a guest tree,
+READ_XATTRS to read its trusted.* xattrs too, DELETE to remove it, UNPACK to write what a
+filesystem holds (owners, modes, device nodes, reserved blocks), UNPACK_XATTRS with file
+capabilities and trusted.* xattrs, COPY (rsync: READ_XATTRS and UNPACK_XATTRS) and MERGE
+(renames into the guest and a directory's metadata). bwrap makes every bind nodev and nosuid:
+a device node an archive creates cannot be opened in the sandbox. A seccomp filter
+(vmim.seccomp) denies the system calls no program on guest data needs (mount, namespaces,
+keyrings, ptrace, kernel modules ...); without libseccomp's Python binding nothing runs.
 
 bwrap itself runs under `setpriv --pdeathsig KILL` (util-linux): a vmimagemanager killed by
 SIGKILL takes its sandboxes with it (the kernel sends the signal when the thread that started
@@ -28,9 +34,9 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Optional, Sequence
 
-from vmim import procscan
+from vmim import procscan, seccomp
 from vmim.errors import ToolMissingError
 
 BWRAP = "bwrap"
@@ -43,9 +49,35 @@ SYSTEM = "/usr"
 #: merged-usr links of Debian 12 and Fedora: name -> target inside /usr
 USR_LINKS = {"/bin": "usr/bin", "/sbin": "usr/sbin", "/lib": "usr/lib", "/lib64": "usr/lib64"}
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: what tar, cpio, rsync and the newc extractor need to write what a root filesystem holds
-CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4,
-                "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_MKNOD": 27, "CAP_SETFCAP": 31}
+#: the capabilities a sandbox may keep (name -> bit); each command keeps one set of them
+CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2,
+                "CAP_FOWNER": 3, "CAP_FSETID": 4, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24,
+                "CAP_MKNOD": 27, "CAP_SETFCAP": 31}
+Caps = FrozenSet[str]
+#: looking only: a listing, a proof, a hash (files every user may read)
+NONE: Caps = frozenset()
+#: reading every file and directory of a guest tree, whatever its mode (store, extract)
+READ: Caps = frozenset({"CAP_DAC_READ_SEARCH"})
+#: ... and its trusted.* xattrs, which only CAP_SYS_ADMIN lists and reads (tar --xattrs)
+READ_XATTRS: Caps = READ | {"CAP_SYS_ADMIN"}
+#: removing a guest tree: entries of directories without write permission, of sticky ones
+DELETE: Caps = frozenset({"CAP_DAC_OVERRIDE", "CAP_FOWNER"})
+#: writing what a filesystem holds: owners, modes with setuid/setgid, times, device nodes,
+#: directories without write permission, the blocks reserved for root (newc: no xattrs)
+UNPACK: Caps = frozenset({"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
+                          "CAP_MKNOD", "CAP_SYS_RESOURCE"})
+#: ... with xattrs: file capabilities (security.capability) and trusted.* (tar --xattrs)
+UNPACK_XATTRS: Caps = UNPACK | {"CAP_SETFCAP", "CAP_SYS_ADMIN"}
+#: rsync -aHAXS: reads one tree with its xattrs, writes another with them
+COPY: Caps = READ_XATTRS | UNPACK_XATTRS
+#: moving a staging directory's entries into the guest and giving a directory its owner, mode,
+#: xattrs and times (tree.merge, tree.copy_dir_metadata), then removing what is left
+MERGE: Caps = frozenset({"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
+                         "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE"})
+#: every named set (what the tests and the docs go through)
+SETS: Dict[str, Caps] = {"NONE": NONE, "READ": READ, "READ_XATTRS": READ_XATTRS,
+                         "DELETE": DELETE, "UNPACK": UNPACK, "UNPACK_XATTRS": UNPACK_XATTRS,
+                         "COPY": COPY, "MERGE": MERGE}
 #: where the vmim package is seen inside (for the Python programs run there)
 LIBRARY = "/vmim-lib"
 #: the fixed names binds take inside: the guest tree (a slot's root, or the tree archived), the
@@ -53,6 +85,9 @@ LIBRARY = "/vmim-lib"
 SLOT, DEST, IMAGE, STORE = "/slot", "/dest", "/image", "/store"
 #: all of them (what procscan looks for in a leftover sandbox)
 PLACES = (SLOT, DEST, IMAGE, STORE)
+#: stands for the descriptor of the seccomp filter in the argv: process.popen() opens one for
+#: each sandbox (bwrap reads it to its end) and puts its number there
+SECCOMP_FD = "{seccomp-fd}"
 #: bwrap runs under `setpriv --pdeathsig KILL`: when vmimagemanager dies (kill -9), so does
 #: bwrap, and with it (--die-with-parent) everything in the sandbox, whose mounts then go
 SETPRIV = "setpriv"
@@ -90,11 +125,15 @@ def _bounding_set() -> int:
     return 0
 
 
-def capabilities() -> List[str]:
-    """Those of CAPABILITIES this process may hand on. (bwrap 0.8 asked to add one outside
-    the bounding set keeps every capability instead: never ask it.)"""
+def capabilities(caps: Caps) -> List[str]:
+    """Those of caps (a set of CAPABILITIES) this process may hand on, in CAPABILITIES' order.
+    (bwrap 0.8 asked to add one outside the bounding set keeps every capability instead: never
+    ask it.)"""
+    unknown = set(caps) - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"sandbox: not a capability it may keep: {sorted(unknown)}")
     have = _bounding_set()
-    return [name for name, bit in CAPABILITIES.items() if have >> bit & 1]
+    return [name for name, bit in CAPABILITIES.items() if name in caps and have >> bit & 1]
 
 
 def _bwrap() -> str:
@@ -126,10 +165,11 @@ def _inside_path(tool: str) -> str:
     return path
 
 
-def command(argv: Sequence[str], binds: Sequence[Bind], *, cwd: Optional[str] = None,
-            env: Optional[dict] = None) -> Sandboxed:
-    """argv to run in the sandbox, seeing `binds` and nothing else of the host; `cwd` is a
-    path inside. The first word is found on the sandbox's PATH (under /usr)."""
+def command(argv: Sequence[str], binds: Sequence[Bind], *, caps: Caps,
+            cwd: Optional[str] = None, env: Optional[dict] = None) -> Sandboxed:
+    """argv to run in the sandbox, seeing `binds` and nothing else of the host, keeping only
+    the capabilities `caps` (one of the sets above); `cwd` is a path inside. The first word is
+    found on the sandbox's PATH (under /usr)."""
     argv = [str(a) for a in argv]
     out = Sandboxed([_setpriv(), "--pdeathsig", "KILL", "--", _bwrap(), "--ro-bind", SYSTEM,
                      SYSTEM])
@@ -140,8 +180,10 @@ def command(argv: Sequence[str], binds: Sequence[Bind], *, cwd: Optional[str] = 
             "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent",
             "--cap-drop", "ALL"]
-    for cap in capabilities():
+    for cap in capabilities(caps):
         out += ["--cap-add", cap]
+    seccomp.ensure()  # no binding, no filter: nothing runs (exit 7)
+    out += ["--seccomp", SECCOMP_FD]
     for b in binds:
         if not b.inside.startswith("/") or not (b.inside in PLACES or
                                                 b.inside.startswith(LIBRARY + "/")):
@@ -159,7 +201,7 @@ def command(argv: Sequence[str], binds: Sequence[Bind], *, cwd: Optional[str] = 
     return out
 
 
-def python(module: str, args: Sequence[str], binds: Sequence[Bind], *,
+def python(module: str, args: Sequence[str], binds: Sequence[Bind], *, caps: Caps,
            cwd: Optional[str] = None) -> Sandboxed:
     """`python3 -m module args` in the sandbox, with this vmim package read-only at LIBRARY.
 
@@ -170,5 +212,5 @@ def python(module: str, args: Sequence[str], binds: Sequence[Bind], *,
     here = os.path.realpath(sys.executable)
     interpreter = here if (here + "/").startswith(SYSTEM + "/") else "/usr/bin/python3"
     return command([interpreter, "-s", "-S", "-B", "-m", module, *args],
-                   [*binds, Bind(package, f"{LIBRARY}/vmim")], cwd=cwd,
+                   [*binds, Bind(package, f"{LIBRARY}/vmim")], caps=caps, cwd=cwd,
                    env={"PYTHONPATH": LIBRARY, "PYTHONDONTWRITEBYTECODE": "1"})

@@ -194,7 +194,8 @@ def remove(root: str, names: List[str]) -> None:
     for i in range(0, len(names), 512):
         paths = [f"{GUEST}/{n}" for n in names[i:i + 512]]
         process.run(sandbox.command(["rm", "-rf", "--one-file-system", "--", *paths],
-                                    [sandbox.Bind(root, GUEST, writable=True)]))
+                                    [sandbox.Bind(root, GUEST, writable=True)],
+                                    caps=sandbox.DELETE))
 
 
 def clear(root: str) -> int:
@@ -264,7 +265,7 @@ def merge_contained(staging: str, root: str, dest: str = "/", *,
     return int(guestwork.call("merge", {"staging": f"{GUEST}/{os.path.basename(staging)}",
                                         "root": GUEST, "dest": dest,
                                         "remove_staging": remove_staging},
-                              [sandbox.Bind(root, GUEST, writable=True)]))
+                              [sandbox.Bind(root, GUEST, writable=True)], caps=sandbox.MERGE))
 
 
 def prepare_contained(staging: str, root: str, dest: str) -> None:
@@ -273,4 +274,4 @@ def prepare_contained(staging: str, root: str, dest: str) -> None:
 
     guestwork.call("prepare", {"staging": f"{GUEST}/{os.path.basename(staging)}",
                                "root": GUEST, "dest": dest},
-                   [sandbox.Bind(root, GUEST, writable=True)])
+                   [sandbox.Bind(root, GUEST, writable=True)], caps=sandbox.MERGE)

@@ -21,6 +21,7 @@ import tarfile
 import pytest
 
 from tests.archives import newc_of
+from tests.integration import treecmp
 from tests.integration.test_images import FORMATS, run_ok
 from vmim import process, sandbox
 from vmim.archive import rsync as rsync_mod
@@ -46,7 +47,8 @@ def test_the_sandbox_sees_no_host_path(tmp_path):
         "cat /proc/net/dev | tail -n +3 | cut -d: -f1; "
         "ls /proc | grep -c '^[0-9]'"
     )
-    r = process.run(sandbox.command(["sh", "-c", script], [sandbox.Bind(str(mine), "/image")]),
+    r = process.run(sandbox.command(["sh", "-c", script], [sandbox.Bind(str(mine), "/image")],
+                                    caps=sandbox.NONE),
                     capture=True)
     lines = r.stdout.split()
     assert "VISIBLE" not in lines, r.stdout
@@ -61,7 +63,8 @@ def test_the_sandbox_sees_no_host_path(tmp_path):
 
 def test_a_command_that_fails_in_the_sandbox_is_named_as_itself(tmp_path):
     with pytest.raises(Exception) as info:
-        process.pipeline([sandbox.command(["tar", "--extract", "--file=-"], []), ["true"]],
+        process.pipeline([sandbox.command(["tar", "--extract", "--file=-"], [],
+                                          caps=sandbox.UNPACK_XATTRS), ["true"]],
                          stdin_path="/dev/null")
     assert "tar --extract" in str(info.value) and "bwrap" not in str(info.value)
 
@@ -71,7 +74,7 @@ def test_a_missing_bubblewrap_is_exit_7(monkeypatch):
 
     monkeypatch.setattr(sandbox, "BWRAP", "bwrap-not-installed-here")
     with pytest.raises(ToolMissingError) as info:
-        sandbox.command(["tar", "--version"], [])
+        sandbox.command(["tar", "--version"], [], caps=sandbox.NONE)
     assert info.value.exit_code == EXIT_ENVIRONMENT and "install bubblewrap" in str(info.value)
 
 
@@ -89,9 +92,263 @@ def test_an_unpacker_that_follows_symlinks_cannot_reach_the_host(tmp_path):
     with contextlib.suppress(Exception):
         process.pipeline([sandbox.command(["cpio", "-i", "-d", "--quiet"],
                                           [sandbox.Bind(str(guest), "/slot", writable=True)],
-                                          cwd="/slot")], stdin_path=str(archive))
+                                          caps=sandbox.UNPACK, cwd="/slot")], stdin_path=str(archive))
     assert list(host.iterdir()) == []
     assert os.readlink(guest / "escape") == str(host)
+
+
+# ------------------------------------------------------------------ least privilege inside
+
+
+def _inside(code, caps, binds=()):
+    """Run python3 -c code in the sandbox keeping caps; its stdout, split in words."""
+    r = process.run(sandbox.command(["python3", "-c", code], list(binds), caps=caps),
+                    capture=True)
+    return r.stdout.split()
+
+
+#: prints, for each attempt, NAME=OK or NAME=<errno name>
+_ATTEMPTS = """
+import ctypes, errno, os, sys
+def attempt(name, fn):
+    try:
+        fn()
+        print(name + "=OK")
+    except OSError as exc:
+        print(name + "=" + errno.errorcode[exc.errno])
+"""
+
+
+@pytest.mark.parametrize("caps,may", [("NONE", False), ("READ", False), ("READ_XATTRS", False),
+                                      ("DELETE", False), ("UNPACK", True)])
+def test_a_sandbox_without_unpack_capabilities_cannot_make_nodes_or_give_files_away(
+        tmp_path, caps, may):
+    """A store, a proof, a removal keep no CAP_MKNOD and no CAP_CHOWN: even a compromised tar
+    there cannot make a device node or hand a file to another owner."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "file").write_text("x\n")
+    code = _ATTEMPTS + """
+attempt("mknod", lambda: os.mknod("/dest/node", 0o600 | 0o020000, os.makedev(1, 3)))
+attempt("chown", lambda: os.chown("/dest/file", 1234, 1234))
+"""
+    got = _inside(code, sandbox.SETS[caps], [sandbox.Bind(str(dest), sandbox.DEST, True)])
+    if may:
+        assert got == ["mknod=OK", "chown=OK"]
+        assert (dest / "file").stat().st_uid == 1234
+    else:
+        assert got == ["mknod=EPERM", "chown=EPERM"]
+        assert not (dest / "node").exists() and (dest / "file").stat().st_uid == 0
+
+
+def test_a_reading_sandbox_reads_every_file_and_writes_none(tmp_path):
+    """READ (a store's tar, find, cpio) reads a file of mode 000, which NONE cannot, and
+    cannot write into a directory it does not own."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    secret = tree / "shadow"
+    secret.write_text("guest secret\n")
+    secret.chmod(0)
+    os.chown(tree, 1234, 1234)
+    tree.chmod(0o755)
+    code = _ATTEMPTS + """
+attempt("read", lambda: open("/slot/shadow").read())
+attempt("write", lambda: open("/slot/new", "w").close())
+"""
+    binds = [sandbox.Bind(str(tree), sandbox.SLOT, True)]
+    assert _inside(code, sandbox.NONE, binds) == ["read=EACCES", "write=EACCES"]
+    assert _inside(code, sandbox.READ, binds) == ["read=OK", "write=EACCES"]
+    assert not (tree / "new").exists()
+
+
+def _hard_tree(root):
+    """treecmp's tree (owners, setuid, sticky, device nodes, file capabilities, ACLs, xattrs)
+    and what only the capabilities of the sets read or write: a trusted.* xattr (CAP_SYS_ADMIN),
+    a setgid file of another group (CAP_FSETID) and a mode-000 file of another user in a
+    mode-000 directory of another user. (Unpacking it with UNPACK_XATTRS less any one of its
+    capabilities but CAP_SYS_RESOURCE loses something: tar fails, or silently drops the setgid
+    bit, the file capability or the trusted.* xattr.)"""
+    treecmp.build(root)
+    os.setxattr(os.path.join(root, "etc", "hostname"), "trusted.vmim-test", b"kept")
+    sgid = os.path.join(root, "usr", "bin", "wall")  # setgid, of a group root is not in:
+    with open(sgid, "w") as fh:  # without CAP_FSETID the chmod after the chown drops the bit
+        fh.write("#!/bin/sh\n")
+    os.chown(sgid, 0, 1234)
+    os.chmod(sgid, 0o2755)
+    # times in the past, as treecmp gives everything: rsync -H does not mend the time of a
+    # directory whose hard links it made late when that time is within the current second
+    for path in (sgid, os.path.dirname(sgid)):
+        os.utime(path, ns=(treecmp.MTIME, treecmp.MTIME))
+    locked = os.path.join(root, "locked")
+    os.mkdir(locked)
+    with open(os.path.join(locked, "shadow"), "w") as fh:
+        fh.write("guest secret\n")
+    os.chmod(os.path.join(locked, "shadow"), 0)
+    os.chown(os.path.join(locked, "shadow"), 1234, 1234)
+    os.chown(locked, 1234, 1234)
+    os.utime(locked, ns=(treecmp.MTIME, treecmp.MTIME))
+    os.chmod(locked, 0)
+    return treecmp.snapshot(root)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "rsync"])
+def test_the_least_sets_still_store_and_unpack_a_whole_filesystem(tmp_path, fmt):
+    """READ_XATTRS (tar store), COPY (rsync) and UNPACK_XATTRS (tar unpack) are enough for
+    what a root filesystem holds; a smaller set for the store loses the trusted.* xattr (READ)
+    or fails (NONE), which is why the sets are what they are."""
+    from vmim.archive.rsync import RsyncFormat
+    from vmim.archive.tar import TarFormat
+
+    src, staging = tmp_path / "src", tmp_path / "staging"
+    src.mkdir()
+    staging.mkdir()
+    before = _hard_tree(str(src))
+    tool = TarFormat(None, "tar") if fmt == "tar" else RsyncFormat()
+    image = str(tmp_path / ("image.tar" if fmt == "tar" else "image"))
+    tool.write(str(src), ["."], image)
+    tool.unpack(image, str(staging))
+    after = treecmp.snapshot(str(staging))
+    assert treecmp.differences(before, after) == []
+    assert after[b"etc/hostname"]["xattrs"]["trusted.vmim-test"] == b"kept"
+    assert after[b"locked/shadow"]["sha256"] == before[b"locked/shadow"]["sha256"]
+
+
+def test_a_tar_store_with_less_than_read_xattrs_loses_data_or_fails(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _hard_tree(str(src))
+
+    def store(caps):
+        argv = ["tar", "--create", "--file=-", f"--directory={sandbox.SLOT}", *tar_mod.CREATE,
+                "--", "."]
+        out = tmp_path / "out.tar"
+        process.pipeline([sandbox.command(argv, [sandbox.Bind(str(src), sandbox.SLOT)],
+                                          caps=caps)], stdout_path=str(out))
+        return out.read_bytes()
+
+    assert b"trusted.vmim-test" in store(sandbox.READ_XATTRS)
+    assert b"trusted.vmim-test" not in store(sandbox.READ)  # tar says nothing: data lost
+    with pytest.raises(process.CommandError):
+        store(sandbox.NONE)  # the mode-000 directory
+
+
+def _merge_guest(base):
+    """A guest whose /etc (another user's, mode 0555) and sticky /tmp (another user's, holding
+    a third user's file) the merge writes into, and a staging directory whose metadata (the
+    archive's ".": another owner, setgid, a trusted.* xattr) goes to the guest root."""
+    root = base / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "old").write_text("")
+    os.chown(root / "etc", 1234, 1234)
+    (root / "etc").chmod(0o555)
+    (root / "tmp").mkdir()
+    (root / "tmp" / "x").write_text("")
+    os.chown(root / "tmp" / "x", 1235, 1235)
+    os.chown(root / "tmp", 1234, 1234)
+    (root / "tmp").chmod(0o1777)
+    staging = root / ".stage"
+    for d in ("etc", "tmp", "opt/d"):
+        (staging / d).mkdir(parents=True)
+    (staging / "etc" / "new").write_text("")
+    (staging / "tmp" / "x").write_text("new\n")
+    os.chown(staging, 1234, 1234)
+    staging.chmod(0o2750)
+    os.setxattr(staging, "trusted.vmim-test", b"kept")
+    return root
+
+
+@pytest.mark.parametrize("drop", [None, "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
+                                  "CAP_FSETID", "CAP_SYS_ADMIN"])
+def test_the_merge_needs_every_capability_of_merge(tmp_path, drop):
+    """With MERGE the staging directory goes into the guest whole and the root takes its
+    owner, setgid mode and trusted.* xattr; with any one capability less the merge fails or
+    silently loses one of them."""
+    from vmim import tree
+    from vmim.errors import VmimError
+
+    root = _merge_guest(tmp_path)
+    caps = sandbox.MERGE - {drop}
+    failed = False
+    try:
+        tree.merge_contained(str(root / ".stage"), str(root), remove_staging=True) \
+            if drop is None else _merge_with(root, caps)
+    except (OSError, VmimError):
+        failed = True
+    st = os.stat(root)
+    whole = (not failed and sorted(os.listdir(root / "etc")) == ["new", "old"]
+             and (root / "tmp" / "x").read_text() == "new\n" and not (root / ".stage").exists()
+             and (st.st_uid, st.st_gid) == (1234, 1234) and st.st_mode & 0o7777 == 0o2750
+             and "trusted.vmim-test" in os.listxattr(root))
+    assert whole is (drop is None)
+
+
+def _merge_with(root, caps):
+    from vmim import guestwork
+
+    guestwork.call("merge", {"staging": f"{sandbox.SLOT}/.stage", "root": sandbox.SLOT,
+                             "dest": "/", "remove_staging": True},
+                   [sandbox.Bind(str(root), sandbox.SLOT, writable=True)], caps=caps)
+
+
+def _number(name):
+    from vmim import seccomp
+
+    sc = seccomp.binding()
+    return sc.resolve_syscall(sc.Arch.NATIVE, name)
+
+
+def test_the_seccomp_filter_denies_mounts_namespaces_and_keyrings_even_with_cap_sys_admin(
+        tmp_path):
+    """UNPACK_XATTRS keeps CAP_SYS_ADMIN (trusted.* xattrs): without the filter the program
+    could mount, unshare, setns and use keyrings with it. With it, each is refused."""
+    nr = {n: _number(n) for n in ("keyctl", "add_key", "io_uring_setup", "fsopen", "setns",
+                                  "open_by_handle_at", "bpf")}
+    code = _ATTEMPTS + f"""
+libc = ctypes.CDLL(None, use_errno=True)
+def call(fn, *args):
+    def go():
+        if fn(*args) == -1:
+            raise OSError(ctypes.get_errno(), "")
+    return go
+nr = {nr!r}
+attempt("mount", call(libc.mount, b"none", b"/tmp", b"tmpfs", 0, None))
+attempt("unshare", call(libc.unshare, 0x00020000))
+attempt("setns", call(libc.syscall, nr["setns"], 0, 0))
+attempt("keyctl", call(libc.syscall, nr["keyctl"], 0, -3, 0))
+attempt("add_key", call(libc.syscall, nr["add_key"], b"user", b"k", b"v", 1, -3))
+attempt("bpf", call(libc.syscall, nr["bpf"], 0, 0, 0))
+attempt("open_by_handle_at", call(libc.syscall, nr["open_by_handle_at"], 0, 0, 0))
+attempt("io_uring_setup", call(libc.syscall, nr["io_uring_setup"], 1, 0))
+attempt("fsopen", call(libc.syscall, nr["fsopen"], b"tmpfs", 0))
+import fcntl, termios
+master, tty = os.openpty()  # a terminal of the sandbox's own /dev/pts
+attempt("TIOCSTI", lambda: fcntl.ioctl(tty, termios.TIOCSTI, b"x"))  # allowed without the filter
+attempt("chown", lambda: os.chown("/tmp", 0, 0))
+"""
+    got = _inside(code, sandbox.UNPACK_XATTRS)
+    assert got == ["mount=EPERM", "unshare=EPERM", "setns=EPERM", "keyctl=EPERM",
+                   "add_key=EPERM", "bpf=EPERM", "open_by_handle_at=EPERM",
+                   "io_uring_setup=ENOSYS", "fsopen=ENOSYS", "TIOCSTI=EPERM", "chown=OK"]
+
+
+def test_util_linux_unshare_fails_in_the_sandbox_and_an_unpack_still_works(tmp_path):
+    with pytest.raises(process.CommandError) as info:
+        process.run(sandbox.command(["unshare", "-r", "true"], [], caps=sandbox.UNPACK_XATTRS))
+    assert "Operation not permitted" in str(info.value)
+    archive = tmp_path / "a.tar"
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "motd").write_text("hello\n")
+    os.chown(src / "etc" / "motd", 1234, 1234)
+    subprocess.run(["tar", "-C", str(src), "-cf", str(archive), "."], check=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    process.pipeline([sandbox.command(
+        ["tar", "--extract", "--file=-", f"--directory={sandbox.DEST}", *tar_mod.EXTRACT],
+        [sandbox.Bind(str(dest), sandbox.DEST, True)], caps=sandbox.UNPACK_XATTRS)],
+        stdin_path=str(archive))
+    assert (dest / "etc" / "motd").read_text() == "hello\n"
+    assert (dest / "etc" / "motd").stat().st_uid == 1234
 
 
 # ------------------------------------------------------------------ through the command line

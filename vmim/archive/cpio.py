@@ -32,9 +32,9 @@ class CpioFormat(StreamFormat):
         find.append("-print0")
         guest = [sandbox.Bind(src_root, sandbox.SLOT)]
         stages: List[List[str]] = [
-            sandbox.command(find, guest, cwd=sandbox.SLOT),
+            sandbox.command(find, guest, caps=sandbox.READ, cwd=sandbox.SLOT),
             sandbox.command(["cpio", "--create", "--null", "--format=newc", "--quiet"], guest,
-                            cwd=sandbox.SLOT)]
+                            caps=sandbox.READ, cwd=sandbox.SLOT)]
         if self.compression:
             stages.append(compressor(self.compression))
         return process.pipeline(stages, stdout_path=dest, watch_stage=1,  # cpio reads
@@ -43,7 +43,7 @@ class CpioFormat(StreamFormat):
     def unpack(self, image: str, staging: str, restore: bool = False) -> None:
         log.debug("(newc extractor of %s into %s, in the sandbox)", image, staging)
         guestwork.call("extract-newc", {"root": sandbox.DEST, "skip": ["lost+found"] if restore else []},
-                       [sandbox.Bind(staging, sandbox.DEST, writable=True)],
+                       [sandbox.Bind(staging, sandbox.DEST, writable=True)], caps=sandbox.UNPACK,
                        feed=[decompressor(self.compression)] if self.compression else [],
                        stdin_path=image)
 

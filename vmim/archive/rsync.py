@@ -44,7 +44,7 @@ class RsyncFormat(Format):
         else:
             os.makedirs(dest, exist_ok=True)
             argv += ["--relative", *(f"{GUEST}/./{p}" for p in paths), f"{inside}/"]
-        process.run(sandbox.command(argv, binds))
+        process.run(sandbox.command(argv, binds, caps=sandbox.COPY))
         return None
 
     def unpack_tools(self) -> List[str]:
@@ -54,14 +54,16 @@ class RsyncFormat(Format):
         skip = ["--exclude=/lost+found"] if restore else []
         process.run(sandbox.command(["rsync", *FLAGS, *skip, f"{IMAGE}/", f"{GUEST}/"],
                                     [sandbox.Bind(image, IMAGE),
-                                     sandbox.Bind(staging, GUEST, writable=True)]))
+                                     sandbox.Bind(staging, GUEST, writable=True)],
+                                    caps=sandbox.COPY))
 
     def mirror(self, image: str, target: str) -> None:
         """Make target an exact copy of the image (restore): only the differences move; the
         slot's lost+found stays its filesystem's."""
         process.run(sandbox.command(
             ["rsync", *FLAGS, "--delete", "--exclude=/lost+found", f"{IMAGE}/", f"{GUEST}/"],
-            [sandbox.Bind(image, IMAGE), sandbox.Bind(target, GUEST, writable=True)]))
+            [sandbox.Bind(image, IMAGE), sandbox.Bind(target, GUEST, writable=True)],
+            caps=sandbox.COPY))
 
     def verify(self, image: str) -> None:
         if not os.path.isdir(image):

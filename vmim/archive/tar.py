@@ -70,7 +70,8 @@ class TarFormat(StreamFormat):
         if list(paths) == ["."]:
             argv += ["--anchored", "--exclude=./lost+found"]
         argv += ["--", *paths]
-        stages: List[List[str]] = [sandbox.command(argv, [sandbox.Bind(src_root, sandbox.SLOT)])]
+        stages: List[List[str]] = [sandbox.command(argv, [sandbox.Bind(src_root, sandbox.SLOT)],
+                                                             caps=sandbox.READ_XATTRS)]
         if self.compression:
             stages.append(compressor(self.compression))
         return process.pipeline(stages, stdout_path=dest, checksum=True)
@@ -82,7 +83,7 @@ class TarFormat(StreamFormat):
         untar = sandbox.command(
             ["tar", "--extract", "--file=-", f"--directory={sandbox.DEST}", *EXTRACT,
              *(SKIP_LOST_FOUND if restore else [])],
-            [sandbox.Bind(staging, sandbox.DEST, writable=True)])
+            [sandbox.Bind(staging, sandbox.DEST, writable=True)], caps=sandbox.UNPACK_XATTRS)
         if self.compression:
             process.pipeline([decompressor(self.compression), untar], stdin_path=image)
         else:

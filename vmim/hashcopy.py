@@ -1,0 +1,59 @@
+"""A command's output on its way to a file (process.pipeline(checksum=True)): hashed as it
+passes and handed to the disk in steps, so that neither the checksum nor the final fsync of an
+image costs a second pass over it."""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+from typing import Any
+
+from vmim import digest as digest_mod
+
+#: fcntl(2) F_SETPIPE_SZ: a pipe's buffer size
+F_SETPIPE_SZ = 1031
+#: Written output is handed to the disk in steps of this size while a pipeline runs, so that
+#: the fsync at its end has little left to wait for.
+WRITEBACK_STEP = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    """libc's sync_file_range(2) (start writeback without waiting), or None."""
+    import ctypes  # here: not worth its import time for the commands that never write archives
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+def copy_hashing(src: Any, fd: int) -> str:
+    """Copy a pipe into fd, hashing what passes (vmim.digest: BLAKE3, else sha256) and starting
+    its writeback as it goes: the checksum and most of the fsync of an image cost no second
+    pass over it. Returns the tagged digest ('ALGORITHM:HEX')."""
+    try:
+        fcntl.fcntl(src.fileno(), F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads
+    except OSError:
+        pass
+    writeback = _sync_file_range()
+    digest = digest_mod.new()
+    written = synced = 0
+    while True:
+        chunk = os.read(src.fileno(), 1 << 20)
+        if not chunk:
+            return digest_mod.tagged(digest)
+        digest.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+        written += len(chunk)
+        if writeback is not None and written - synced >= WRITEBACK_STEP:
+            writeback(fd, synced, written - synced, _SYNC_FILE_RANGE_WRITE)
+            synced = written
