@@ -395,9 +395,12 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
     Every exit status is checked: CommandError names the command that failed (the source
     first: a damaged stream makes its readers fail too). When a reader raises, every command
     is stopped and that error goes on."""
+    from vmim.sandbox import shown as named
+
     argvs = [[str(a) for a in s.argv] for s in sinks]
+    names = [named(s.argv) for s in sinks]  # a sandboxed command is named as itself
     shown = quote_argv(list(source)) + " | " if source else f"< {stdin_path} "
-    log.debug("+ %stee %s", shown, " ".join(f">({quote_argv(a)})" for a in argvs))
+    log.debug("+ %stee %s", shown, " ".join(f">({quote_argv(a)})" for a in names))
     procs: List[subprocess.Popen] = []
     failed: List[BaseException] = []
     with contextlib.ExitStack() as stack:
@@ -446,10 +449,10 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
             src_err.seek(0)
             raise CommandError(list(source or ()), src.returncode,
                                src_err.read()[-STDERR_TAIL:].decode("utf-8", "replace"))
-        for sink, argv, code, err in zip(sinks, argvs, codes, errs):
+        for sink, name, code, err in zip(sinks, names, codes, errs):
             if code not in sink.ok_codes:
                 err.seek(0)
-                raise CommandError(argv, code,
+                raise CommandError(name, code,
                                    err.read()[-STDERR_TAIL:].decode("utf-8", "replace"))
 
 

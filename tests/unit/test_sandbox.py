@@ -100,6 +100,8 @@ def _sandboxed_commands(monkeypatch, call):
 
     monkeypatch.setattr(process, "run", lambda argv, **kw: record([argv]))
     monkeypatch.setattr(process, "pipeline", lambda stages, **kw: record(stages))
+    monkeypatch.setattr(process, "fan_out", lambda path, source, sinks: record(
+        [s.argv for s in sinks]))
     monkeypatch.setattr(sandbox, "_bounding_set", lambda: (1 << 64) - 1)
     try:
         call()
@@ -121,6 +123,8 @@ def _call_sites(tmp_path):
                       sandbox.READ_XATTRS),
         "tar unpack": (lambda: TarFormat("zstd", "tar.zst").unpack(f"{d}/img", d),
                        sandbox.UNPACK_XATTRS),
+        "tar proof": (lambda: TarFormat("zstd", "tar.zst").read_structure(f"{d}/img"),
+                      sandbox.NONE),
         "cpio store (find, cpio)": (lambda: CpioFormat("bzip2", "cpio.bz2").write(
             d, ["."], f"{d}/img"), sandbox.READ),
         "newc unpack": (lambda: CpioFormat(None, "cpio").unpack(f"{d}/img", d), sandbox.UNPACK),
@@ -133,7 +137,8 @@ def _call_sites(tmp_path):
     }
 
 
-@pytest.mark.parametrize("site", ["tar store", "tar unpack", "cpio store (find, cpio)",
+@pytest.mark.parametrize("site", ["tar store", "tar unpack", "tar proof",
+                                  "cpio store (find, cpio)",
                                   "newc unpack", "rsync store", "rsync unpack", "rsync mirror",
                                   "remove", "merge", "prepare"])
 def test_each_call_site_keeps_exactly_the_capabilities_of_its_set(site, tmp_path, monkeypatch):

@@ -12,9 +12,10 @@ a hard link to a name not there) is checked on GNU tar's own listing by vmim.arc
 and so is the end-of-archive marker, which GNU tar does not require (an archive cut at a member
 boundary would restore half a tree without a word).
 
-It runs in the sandbox (vmim.sandbox) when it writes or reads a slot: it sees the slot (or
-the staging directory) at a fixed name and nothing else of the host; the (de)compressor, which
-reads or writes the image file in the store, runs outside.
+GNU tar runs in the sandbox (vmim.sandbox) whenever it reads guest data: to write or read a
+slot it sees the slot (or the staging directory) at a fixed name and nothing else of the host;
+the proof sees an empty directory only and keeps no capability (NONE). The (de)compressor,
+which reads or writes the image file in the store, runs outside.
 """
 
 from __future__ import annotations
@@ -104,11 +105,18 @@ def prove(image: str, compression: Optional[str]) -> Summary:
     listing = Listing()
     data = _Echo()
     empty = tempfile.mkdtemp(prefix="vmim-proof-")  # what --diff compares with: nothing
+
+    def sandboxed(argv: Sequence[str]) -> List[str]:
+        """GNU tar reading an untrusted archive sees no host path and keeps no capability:
+        only the empty directory, read-only."""
+        return sandbox.command(argv, [sandbox.Bind(empty, sandbox.DEST)], caps=sandbox.NONE)
+
     try:
         process.fan_out(image, decompressor(compression) if compression else None, [
-            process.Sink(PROVE_DATA, data.read, read="stderr"),
+            process.Sink(sandboxed(PROVE_DATA), data.read, read="stderr"),
             # --diff exits 1 for "differs": nothing is there to compare with
-            process.Sink([*PROVE_LINKS, f"--directory={empty}"], listing.read, ok_codes=(0, 1)),
+            process.Sink(sandboxed([*PROVE_LINKS, f"--directory={sandbox.DEST}"]), listing.read,
+                         ok_codes=(0, 1)),
         ])
     except CommandError as exc:
         if exc.argv[0] != "tar":
