@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from vmim.config import Config
 from vmim.errors import (
+    EXIT_ENVIRONMENT,
     EXIT_OK,
     HostEnvironmentError,
     LockBusyError,
@@ -171,7 +172,7 @@ def run(inv: Invocation, spec: transport.BrokerSpec, doc: Dict[str, Any], out: T
         if req.boxes and (req.actions or opts.print_xml):
             code = _run_jobs(client, req, opts, doc, out)
         if req.lists:
-            _run_lists(client, list(req.lists), doc, out, opts.json)
+            code = max(code, _run_lists(client, list(req.lists), doc, out, opts.json))
         return code
     except transport.connection_errors() as exc:
         raise HostEnvironmentError(f"lost the broker at {spec.shown}: {exc}") from None
@@ -292,7 +293,10 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], as_json: bool,
 
 
 def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO,
-               as_json: bool) -> None:
+               as_json: bool) -> int:
+    """Ask every live worker for its lists and print them together; the exit code is the
+    highest of the hosts' (a host busy with the lists of other clients: 5), 7 when a host that
+    said it was there sent no lists in time."""
     corr = protocol.new_job_id()
     request = protocol.ListRequest(corr, tuple(lists))
     if not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
@@ -318,7 +322,7 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
                                    "stderr": list(reply.stderr)}
     missing = [h for h in hosts if h not in answers]
     if missing:
-        log.warning("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
+        log.error("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
     if not hosts:  # an empty list would say "no slots": it is "nobody to ask"
         raise HostEnvironmentError(f"no worker answered at {client.spec.shown} within "
                                    f"{LIST_WINDOW:.0f} s: are the workers running and "
@@ -328,6 +332,10 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
             for line in answers[host].get("stderr", []):
                 sys.stderr.write(f"{host}: {line}")
     _print_fleet_lists(lists, answers, doc, out, as_json)
+    codes = [int(a.get("exit_code") or 0) for a in answers.values()]
+    if missing:
+        codes.append(EXIT_ENVIRONMENT)
+    return max(codes, default=EXIT_OK)
 
 
 def _print_fleet_lists(lists: List[str], answers: Dict[str, Dict[str, Any]],

@@ -27,11 +27,9 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import replace
 from typing import Any, Deque, List, Optional, Tuple
 
 from vmim.errors import (
-    EXIT_ENVIRONMENT,
     EXIT_FAILED,
     EXIT_LOCKED,
     EXIT_OK,
@@ -39,11 +37,12 @@ from vmim.errors import (
     ProtocolError,
     VmimError,
 )
+from vmim.fleet import lists as lists_mod
 from vmim.fleet import protocol, transport
 from vmim.fleet.children import Children
 from vmim.fleet.journal import Journal
+from vmim.fleet.lists import LIST_TIMEOUT, ListJob, ListQueue
 from vmim.fleet.scheduler import Job, Slots, Undelivered
-from vmim.invocation import BoxRun
 from vmim.plan import ANY_FREE
 
 log = logging.getLogger("vmim.fleet.worker")
@@ -74,6 +73,7 @@ class Worker:
         self.any_on = False
         self.any_paused_until = 0.0
         self.undelivered = Undelivered(REDELIVER)
+        self.lists = ListQueue()  # the clients' list requests: one child at a time
         self.ping = max(1.0, min(5.0, heartbeat / 2))  # "running" to the clients, this often
         self.silence = 3.0 * heartbeat + 5  # a client gives a job up after that long unheard
         self.next_ping = 0.0
@@ -170,7 +170,9 @@ class Worker:
             self.journal.forget(job.job_id)
         self.slots.clear()
         while not self.events.empty():
-            self.events.get_nowait()
+            if self.events.get_nowait()[0] == "list":
+                self.lists.done()  # its client asks again
+        self.lists.clear()
         self.inbox.clear()  # unacknowledged: the broker hands them out again
         self._close()
 
@@ -369,37 +371,13 @@ class Worker:
         """In a job thread: run the job and hand its reply to the main loop — always, even
         when the worker fails to run it (the slot's reservation ends with the reply)."""
         try:
-            reply = self._run_command(job)
+            reply = self.children.job_reply(job, self.host,
+                                            lambda line: self.events.put(("log", job, line)))
         except Exception as exc:  # noqa: BLE001 - whatever it was, the client gets an answer
             log.exception("job %s: box %s: the worker failed to run it", job.job_id, job.box)
             reply = protocol.error_result(f"the worker failed to run the job: {exc!r}",
                                           self.host, EXIT_FAILED, job.box)
         self.events.put(("reply", job, reply))
-
-    def _run_command(self, job: Job) -> protocol.Reply:
-        """The child for the job's slot: its stderr streamed to the client, its JSON doc and
-        exit code the reply. The run is the client's request for this slot only, with the
-        lock wait that is left of the client's deadline."""
-        left = max(0, min(int(job.deadline - time.time()), 7 * 24 * 3600))
-        run = BoxRun(replace(job.run.request, boxes=(job.box,), lists=()),
-                     replace(job.run.options, json=True, jobs=1, lock_wait=left))
-        log.info("job %s: box %s: %s", job.job_id, job.box,
-                 ", ".join(run.request.actions) or "print-xml")
-
-        def started(proc: Any) -> None:
-            job.proc = proc
-
-        try:
-            code, doc, lines = self.children.run_job(
-                job.job_id, run, started, lambda line: self.events.put(("log", job, line)))
-        except OSError as exc:
-            return protocol.error_result(f"cannot start the job: {exc}", self.host,
-                                         EXIT_ENVIRONMENT, job.box)
-        doc["host"] = self.host
-        if job.any_free:  # the slot claimed for it
-            doc["claimed"] = job.box
-        return protocol.Reply("result", self.host, box=job.box, exit_code=code, doc=doc,
-                              stderr=tuple(lines))
 
     def _reply_now(self, job: Job, reply: protocol.Reply) -> None:
         self._send(job.reply_to, job.job_id, reply)
@@ -421,8 +399,10 @@ class Worker:
                 _, job, reply = event
                 self._finish(job, reply)
             elif kind == "list":
-                _, reply_to, corr, reply = event
-                self._send(reply_to, corr, reply)
+                _, job, reply = event
+                self.lists.done()
+                self._send(job.reply_to, job.corr, reply)
+                self._next_list()
 
     def _finish(self, job: Job, reply: protocol.Reply) -> None:
         if job.aborted:  # the broker was lost: the job may run elsewhere; say nothing
@@ -480,21 +460,22 @@ class Worker:
 
     def _on_control(self, message: Any) -> None:
         """A list request on the vmim.control fanout (no acknowledgement: a fanout copy is
-        this worker's own). One that does not decode is ignored, with a line in the log."""
-        try:
-            req = protocol.decode_list_request(message.body)
-            reply_to = protocol.usable_reply_to(message.properties.get("reply_to"))
-            if reply_to is None:
-                raise ProtocolError("its reply_to is not a client's reply queue")
-        except ProtocolError as exc:
-            log.warning("ignoring a list request: %s", exc)
+        this worker's own): served in turn, or answered busy (vmim.fleet.lists)."""
+        job = lists_mod.decode(message, self.host)
+        if job is None:
             return
-        except Exception:  # noqa: BLE001 - one bad message must not stop the worker
-            log.exception("worker %s: internal error on a list request; ignoring it", self.host)
-            return
-        self._send(reply_to, req.job_id, protocol.Reply("here", self.host))
-        threading.Thread(target=self._run_list, args=(req.lists, reply_to, req.job_id),
-                         daemon=True).start()
+        self._send(job.reply_to, job.corr, protocol.Reply("here", self.host))
+        if not self.lists.offer(job):
+            log.warning("list request %s: %d waiting already; answering busy", job.corr,
+                        len(self.lists.waiting))
+            self._send(job.reply_to, job.corr, lists_mod.busy(self.host))
+        self._next_list()
 
-    def _run_list(self, lists: Tuple[str, ...], reply_to: str, corr: str) -> None:
-        self.events.put(("list", reply_to, corr, self.children.lists(lists, self.host)))
+    def _next_list(self) -> None:
+        """Start the next list child when none runs (one at a time: vmim.fleet.lists)."""
+        job = self.lists.next()
+        if job is not None:
+            threading.Thread(target=self._run_list, args=(job,), daemon=True).start()
+
+    def _run_list(self, job: ListJob) -> None:
+        self.events.put(("list", job, self.children.lists(job.lists, self.host, LIST_TIMEOUT)))
