@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import time
 
+from tests.fleet.conftest import queue_depth
+from tests.fleet.test_fleet_trust import v2_job
 from vmim.fleet import protocol
 from vmim.fleet.lists import WAITING
 
@@ -55,3 +57,30 @@ def test_a_flood_of_list_requests_is_served_one_at_a_time_and_the_rest_is_busy(f
     r = fleet.vmim("-l", "--json")
     assert r.code == 0, r
     assert r.json()["hosts"] == list(hosts)
+
+
+def test_a_job_that_cannot_start_is_answered_and_frees_its_slot(fleet, sender):
+    """The worker cannot start the job (here: its journal entry cannot be written, a
+    directory stands where its temporary file goes): the client gets exit 7 with the reason,
+    the message is acknowledged, the worker keeps its connection, and the slot is not left
+    reserved — the next job runs at once."""
+    body = v2_job("h3a", {"actions": ["release"]})
+    jobs = os.path.join(fleet.root, "h3", "state", "fleet", "jobs")
+    os.makedirs(jobs, mode=0o700, exist_ok=True)
+    tmp = os.path.join(jobs, f".{body['job_id']}.json.{fleet.workers['h3'].pid}.tmp")
+    os.mkdir(tmp, 0o700)
+    try:
+        corr = sender.send(body, routing_key="box.h3a")
+        sender.wait([corr], timeout=30)
+        reply = sender.result(corr)
+        assert reply is not None, sender.replies.get(corr)
+        assert reply["exit_code"] == 7, reply
+        assert "could not start the job" in reply["doc"]["error"]["message"], reply
+        assert queue_depth(fleet.broker, "vmim.host.h3.box.h3a") == 0
+        t = time.monotonic()
+        r = fleet.vmim("-b", "h3a", "--release", "--lock-wait", "20")
+        assert r.code == 0, r
+        assert time.monotonic() - t < 15
+        assert "lost the broker" not in fleet.log("h3")
+    finally:
+        os.rmdir(tmp)

@@ -20,6 +20,7 @@ All AMQP traffic happens in the main thread; job threads hand their events over 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import queue
@@ -30,6 +31,7 @@ import time
 from typing import Any, Deque, List, Optional, Tuple
 
 from vmim.errors import (
+    EXIT_ENVIRONMENT,
     EXIT_FAILED,
     EXIT_LOCKED,
     EXIT_OK,
@@ -354,10 +356,20 @@ class Worker:
         self._start(job)
 
     def _start(self, job: Job) -> None:
+        """Run the job in a thread; when that cannot start (its journal entry cannot be
+        written, no thread), the job ends at once: answered (exit 7), its slot freed."""
         self.slots.running[job.box] = job
-        self.journal.begin(job.job_id, job.box, job.run.to_dict(protocol.JOB_REQUEST_FIELDS))
-        job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True)
-        job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
+        try:
+            self.journal.begin(job.job_id, job.box, job.run.to_dict(protocol.JOB_REQUEST_FIELDS))
+            job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True)
+            job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
+        except Exception as exc:  # noqa: BLE001 - an error of this host, not of the broker
+            log.error("job %s: box %s: cannot start it: %s", job.job_id, job.box, exc)
+            with contextlib.suppress(OSError, VmimError):
+                self.journal.forget(job.job_id)
+            self._finish(job, protocol.error_result(
+                f"the worker of host {self.host} could not start the job: {exc}", self.host,
+                EXIT_ENVIRONMENT, job.box), keep=False)
 
     def _renew_leases(self) -> None:
         for job in list(self.slots.running.values()):
@@ -404,11 +416,15 @@ class Worker:
                 self._send(job.reply_to, job.corr, reply)
                 self._next_list()
 
-    def _finish(self, job: Job, reply: protocol.Reply) -> None:
+    def _finish(self, job: Job, reply: protocol.Reply, keep: bool = True) -> None:
         if job.aborted:  # the broker was lost: the job may run elsewhere; say nothing
             self.journal.forget(job.job_id)
         else:
-            self.journal.finish(job.job_id, job.box, reply.as_dict())
+            try:
+                if keep:
+                    self.journal.finish(job.job_id, job.box, reply.as_dict())
+            except (OSError, VmimError) as exc:  # the client gets its result all the same
+                log.error("job %s: cannot keep its result in the journal: %s", job.job_id, exc)
             if not self._send(job.reply_to, job.job_id, reply, mandatory=True):
                 # the client is reconnecting (a broker restart): try again for a while
                 self.undelivered.add(job.reply_to, job.job_id, reply, time.monotonic())
