@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from tests.fleet.conftest import queue_depth
+from tests.fleet.conftest import is_mounted, queue_depth
 from tests.fleet.test_fleet_trust import v2_job
 from vmim.fleet import protocol
 from vmim.fleet.lists import WAITING
@@ -84,3 +84,35 @@ def test_a_job_that_cannot_start_is_answered_and_frees_its_slot(fleet, sender):
         assert "lost the broker" not in fleet.log("h3")
     finally:
         os.rmdir(tmp)
+
+
+def test_a_job_id_in_use_is_refused_with_exit_2(fleet, sender):
+    """A message that reuses the id of a job the worker ran (another request) or holds now is
+    refused with exit 2: it is not run, and its client does not get the other job's result."""
+    first = v2_job("h1b", {"actions": ["release"]})
+    corr = sender.send(first, routing_key="box.h1b")
+    sender.wait([corr], timeout=30)
+    assert sender.result(corr)["exit_code"] == 0, sender.replies.get(corr)
+    sender.replies.clear()
+    reuse = dict(first, request={"actions": ["mount"]}, deadline=time.time() + 30)
+    sender.send(reuse, routing_key="box.h1b")
+    sender.wait([corr], timeout=30)
+    reply = sender.result(corr)
+    assert reply is not None and reply["exit_code"] == 2, sender.replies.get(corr)
+    assert "in use by another job" in reply["doc"]["error"]["message"]
+    assert not is_mounted(fleet.mount_of("h1b"))  # not run
+    # the same id on two slots of one worker at once: one runs, the other is refused
+    sender.replies.clear()
+    twin = v2_job("h1a", {"actions": ["release"]})
+    sender.send(twin, routing_key="box.h1a")
+    sender.send(dict(twin, box="h1b"), routing_key="box.h1b")
+    deadline = time.monotonic() + 30
+    while len([r for r in sender.replies.get(twin["job_id"], []) if r.get("type") == "result"]) < 2:
+        assert time.monotonic() < deadline, sender.replies
+        try:
+            sender.conn.drain_events(timeout=0.2)
+        except (TimeoutError, OSError):
+            pass
+    results = [r for r in sender.replies[twin["job_id"]] if r.get("type") == "result"]
+    assert sorted(r["exit_code"] for r in results) == [0, 2], results
+    assert len({r["box"] for r in results if r["exit_code"] == 0} & {"h1a", "h1b"}) == 1

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from dataclasses import dataclass
-from typing import Any, Deque, Optional, Tuple
+from typing import Any, Callable, Deque, Optional, Tuple
 
 from vmim.errors import EXIT_LOCKED, ProtocolError
 from vmim.fleet import protocol
@@ -84,3 +85,40 @@ def busy(host: str) -> protocol.Reply:
     """The answer to a list request that finds the queue full (the client exits 5)."""
     return protocol.Reply("lists", host, exit_code=EXIT_LOCKED, stderr=(
         f"host {host} is busy with the lists of other clients; try again later\n",))
+
+
+class ListServer(ListQueue):
+    """A worker's list requests: `send(reply_to, corr, reply)` publishes (main thread only),
+    `put` hands a finished list to the main loop, which calls answered()."""
+
+    def __init__(self, host: str, children: Any, put: Callable[[tuple], None],
+                 send: Callable[[str, Optional[str], protocol.Reply], Any],
+                 waiting: int = WAITING):
+        super().__init__(waiting)
+        self.host, self.children, self.put, self.send = host, children, put, send
+
+    def request(self, message: Any) -> None:
+        """A list request on the vmim.control fanout (no acknowledgement: a fanout copy is
+        the worker's own): served in turn, or answered busy."""
+        job = decode(message, self.host)
+        if job is None:
+            return
+        self.send(job.reply_to, job.corr, protocol.Reply("here", self.host))
+        if not self.offer(job):
+            log.warning("list request %s: %d waiting already; answering busy", job.corr,
+                        len(self.waiting))
+            self.send(job.reply_to, job.corr, busy(self.host))
+        self.start_next()
+
+    def answered(self, job: ListJob, reply: protocol.Reply) -> None:
+        self.done()
+        self.send(job.reply_to, job.corr, reply)
+        self.start_next()
+
+    def start_next(self) -> None:
+        job = self.next()
+        if job is not None:
+            threading.Thread(target=self._run, args=(job,), daemon=True).start()
+
+    def _run(self, job: ListJob) -> None:
+        self.put(("list", job, self.children.lists(job.lists, self.host, LIST_TIMEOUT)))

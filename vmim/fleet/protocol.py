@@ -237,6 +237,12 @@ def decode_journal_reply(data: Any, host: str) -> Reply:
         return error_result(f"the job's journal entry is unreadable: {exc}", host, 1)
 
 
+def journal_request(box: str, run: BoxRun) -> Any:
+    """What the journal keeps of a job's request (its box as the client named it: a slot or
+    ANY_FREE, and its run), as it reads back from JSON: equal for a redelivery of the job."""
+    return json.loads(json.dumps({"box": box, "run": run.to_dict(JOB_REQUEST_FIELDS)}))
+
+
 def error_result(message: str, host: str, code: int = EXIT_USAGE, box: str = "") -> Reply:
     """A result for a job that did not run: the message as the local command prints it."""
     from vmim.output import PROG

@@ -39,11 +39,10 @@ from vmim.errors import (
     ProtocolError,
     VmimError,
 )
-from vmim.fleet import lists as lists_mod
 from vmim.fleet import protocol, transport
 from vmim.fleet.children import Children
 from vmim.fleet.journal import Journal
-from vmim.fleet.lists import LIST_TIMEOUT, ListJob, ListQueue
+from vmim.fleet.lists import ListServer
 from vmim.fleet.scheduler import Job, Slots, Undelivered
 from vmim.plan import ANY_FREE
 
@@ -75,7 +74,7 @@ class Worker:
         self.any_on = False
         self.any_paused_until = 0.0
         self.undelivered = Undelivered(REDELIVER)
-        self.lists = ListQueue()  # the clients' list requests: one child at a time
+        self.lists = ListServer(host, self.children, self.events.put, self._send)
         self.ping = max(1.0, min(5.0, heartbeat / 2))  # "running" to the clients, this often
         self.silence = 3.0 * heartbeat + 5  # a client gives a job up after that long unheard
         self.next_ping = 0.0
@@ -257,7 +256,7 @@ class Worker:
             queue_box, message = self.inbox.popleft()
             self._tick()  # a burst must starve neither the heartbeat nor the leases
             if queue_box is None:
-                self._on_control(message)
+                self.lists.request(message)  # a list request on the control fanout
             else:
                 self._on_message(queue_box, message)
 
@@ -316,9 +315,20 @@ class Worker:
             self._take_box(job)
 
     def _answered_from_journal(self, job: Job) -> bool:
+        """A job id this worker knows: a redelivery of a job that is done is answered from the
+        journal; a message that reuses the id of another job (or of a job held now) is
+        refused with exit 2 — never run a second time, never answered with another's result."""
         entry = self.journal.get(job.job_id)
-        if entry is None or entry.get("state") != "done":
+        held = any(j.job_id == job.job_id for j in self.slots.held())
+        if not held and (entry is None or entry.get("state") != "done"):
             return False
+        asked = protocol.journal_request(ANY_FREE if job.any_free else job.box, job.run)
+        if held or entry is None or entry.get("request") != asked:
+            log.error("job %s: its id is that of another job; refusing it", job.job_id)
+            self._reply_now(job, protocol.error_result(
+                f"job id {job.job_id} is in use by another job; a job needs an id of its own",
+                self.host, EXIT_USAGE))
+            return True
         log.info("job %s was done already (box %s): answering from the journal",
                  job.job_id, entry.get("box"))
         self._reply_now(job, protocol.decode_journal_reply(entry.get("reply"), self.host))
@@ -360,7 +370,8 @@ class Worker:
         written, no thread), the job ends at once: answered (exit 7), its slot freed."""
         self.slots.running[job.box] = job
         try:
-            self.journal.begin(job.job_id, job.box, job.run.to_dict(protocol.JOB_REQUEST_FIELDS))
+            self.journal.begin(job.job_id, job.box, protocol.journal_request(
+                ANY_FREE if job.any_free else job.box, job.run))
             job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True)
             job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
         except Exception as exc:  # noqa: BLE001 - an error of this host, not of the broker
@@ -412,9 +423,7 @@ class Worker:
                 self._finish(job, reply)
             elif kind == "list":
                 _, job, reply = event
-                self.lists.done()
-                self._send(job.reply_to, job.corr, reply)
-                self._next_list()
+                self.lists.answered(job, reply)
 
     def _finish(self, job: Job, reply: protocol.Reply, keep: bool = True) -> None:
         if job.aborted:  # the broker was lost: the job may run elsewhere; say nothing
@@ -471,27 +480,3 @@ class Worker:
         else:
             self.any_consumer.cancel()
         self.any_on = on
-
-    # ------------------------------------------------------------------ fleet lists
-
-    def _on_control(self, message: Any) -> None:
-        """A list request on the vmim.control fanout (no acknowledgement: a fanout copy is
-        this worker's own): served in turn, or answered busy (vmim.fleet.lists)."""
-        job = lists_mod.decode(message, self.host)
-        if job is None:
-            return
-        self._send(job.reply_to, job.corr, protocol.Reply("here", self.host))
-        if not self.lists.offer(job):
-            log.warning("list request %s: %d waiting already; answering busy", job.corr,
-                        len(self.lists.waiting))
-            self._send(job.reply_to, job.corr, lists_mod.busy(self.host))
-        self._next_list()
-
-    def _next_list(self) -> None:
-        """Start the next list child when none runs (one at a time: vmim.fleet.lists)."""
-        job = self.lists.next()
-        if job is not None:
-            threading.Thread(target=self._run_list, args=(job,), daemon=True).start()
-
-    def _run_list(self, job: ListJob) -> None:
-        self.events.put(("list", job, self.children.lists(job.lists, self.host, LIST_TIMEOUT)))
