@@ -116,3 +116,28 @@ def test_a_job_id_in_use_is_refused_with_exit_2(fleet, sender):
     results = [r for r in sender.replies[twin["job_id"]] if r.get("type") == "result"]
     assert sorted(r["exit_code"] for r in results) == [0, 2], results
     assert len({r["box"] for r in results if r["exit_code"] == 0} & {"h1a", "h1b"}) == 1
+
+
+def test_an_any_free_job_that_finds_no_free_slot_until_its_deadline_gets_exit_5(fleet, sender):
+    """Every slot of the fleet is busy (mounted): an any-free job goes back to the queue for
+    another worker until its deadline, then it is answered with exit 5 and acknowledged —
+    it does not circulate between the workers for the day of its TTL."""
+    boxes = [f"{h}{s}" for h in ("h1", "h2", "h3") for s in "ab"]
+    try:
+        for box in boxes:
+            r = fleet.vmim("-b", box, "--mount")
+            assert r.code == 0, r
+        body = v2_job("any-free", {"actions": ["release"]}, deadline=time.time() + 3)
+        t = time.monotonic()
+        corr = sender.send(body, routing_key="any")
+        sender.wait([corr], timeout=30)
+        reply = sender.result(corr)
+        assert reply is not None, sender.replies.get(corr)
+        assert reply["exit_code"] == 5, reply
+        assert "no slot" in reply["doc"]["error"]["message"], reply
+        assert time.monotonic() - t < 20
+        assert queue_depth(fleet.broker, "vmim.any") == 0
+        assert all(is_mounted(fleet.mount_of(b)) for b in boxes)  # the job did not run
+    finally:
+        for box in boxes:
+            fleet.vmim("-b", box, "--release")

@@ -353,8 +353,14 @@ class Worker:
             self._start(job)
 
     def _take_any(self, job: Job) -> None:
+        late = time.time() > job.deadline
         box = self.children.free_slot(self.cfg, self.slots.idle()) \
-            if time.monotonic() >= self.any_paused_until else None
+            if late or time.monotonic() >= self.any_paused_until else None
+        if box is None and late:  # its wait is over: answered, not handed on for a day
+            self._reply_now(job, protocol.error_result(
+                f"no slot of the fleet was free within the job's --lock-wait (host {self.host} "
+                "was the last to look); try again later", self.host, EXIT_LOCKED))
+            return
         if box is None:  # nothing really free: give it back for another worker
             job.message.requeue()
             self.any_paused_until = time.monotonic() + RETRY_ANY  # the main loop cancels
