@@ -59,6 +59,7 @@ class Broker:
         a fixed name would collide) and ports free now."""
         self.node = f"{self.name}{os.getpid()}x{secrets.token_hex(4)}@localhost"
         self.port, self.dist_port, self.epmd_port = free_ports(3)
+        self.epmd_ports = [*getattr(self, "epmd_ports", []), self.epmd_port]  # all, to stop
 
     @property
     def url(self) -> str:
@@ -125,7 +126,7 @@ class Broker:
                               timeout=60)
 
     def _note_epmd(self) -> None:
-        """The epmd our node started: the one listening on our own epmd port."""
+        """The epmds our node started: those listening on our own epmd ports."""
         out = subprocess.run(["pgrep", "-a", "epmd"], capture_output=True, text=True).stdout
         for line in out.splitlines():
             pid, _, cmd = line.partition(" ")
@@ -135,8 +136,8 @@ class Broker:
                         environ = fh.read().split(b"\0")
                 except OSError:  # gone meanwhile (another test run's epmd, say)
                     continue
-                if f"ERL_EPMD_PORT={self.epmd_port}".encode() in environ \
-                        or f"-port {self.epmd_port}" in cmd:
+                if any(f"ERL_EPMD_PORT={port}".encode() in environ or f"-port {port}" in cmd
+                       for port in self.epmd_ports):  # a failed first start's epmd too
                     self.epmd_pids.append(int(pid))
 
     def stop_node(self) -> None:

@@ -24,4 +24,20 @@ def test_a_node_whose_port_is_taken_starts_again_under_a_new_name(tmp_path):
             b.stop()
     finally:
         blocker.close()
-    assert not b.ctl("status").returncode == 0  # stopped: nothing left running
+    assert not epmds(b.epmd_ports)  # stopped: neither start's epmd is left
+
+
+def epmds(ports) -> list:
+    import subprocess
+
+    out = subprocess.run(["pgrep", "epmd"], capture_output=True, text=True).stdout.split()
+    left = []
+    for pid in out:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if any(f"ERL_EPMD_PORT={p}".encode() in environ for p in ports):
+            left.append(pid)
+    return left
