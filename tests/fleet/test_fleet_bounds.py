@@ -141,3 +141,92 @@ def test_an_any_free_job_that_finds_no_free_slot_until_its_deadline_gets_exit_5(
     finally:
         for box in boxes:
             fleet.vmim("-b", box, "--release")
+
+
+class FakeWorker:
+    """Not a worker: a broker peer that takes the jobs of box `box` (or list requests) and
+    answers whatever the test wants, as a broken or foreign worker would."""
+
+    def __init__(self, url: str, box: str = "", lists: bool = False):
+        import kombu
+
+        self.conn = kombu.Connection(url)
+        self.conn.connect()
+        ch = self.conn.channel()
+        if lists:
+            ex = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
+            q = kombu.Queue(f"vmim.control.fake.{os.urandom(4).hex()}", ex, exclusive=True,
+                            auto_delete=True, durable=False)
+        else:
+            ex = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
+            q = kombu.Queue(f"vmim.host.fake.box.{box}", ex, routing_key=protocol.box_key(box),
+                            durable=False, auto_delete=True)
+        self.got: list = []
+        self.consumer = kombu.Consumer(ch, queues=[q], no_ack=True,
+                                       on_message=self.got.append)
+        self.consumer.consume()
+        self.producer = kombu.Producer(ch)
+
+    def answer(self, *bodies, timeout: float = 30) -> None:
+        """Wait for a request, then send each body (bytes or dict) to its reply queue."""
+        import json
+
+        deadline = time.monotonic() + timeout
+        while not self.got:
+            assert time.monotonic() < deadline, "no request came"
+            try:
+                self.conn.drain_events(timeout=0.2)
+            except (TimeoutError, OSError):
+                pass
+        msg = self.got[0]
+        for body in bodies:
+            raw = json.dumps(body).encode() if isinstance(body, dict) else body
+            self.producer.publish(raw, routing_key=msg.properties["reply_to"],
+                                  correlation_id=msg.properties["correlation_id"],
+                                  content_type="application/json", content_encoding="utf-8",
+                                  serializer=None)
+
+    def close(self) -> None:
+        self.conn.release()
+
+
+def reply(kind: str, **fields) -> dict:
+    return dict({"v": protocol.VERSION, "type": kind, "host": "hx"}, **fields)
+
+
+def test_a_malformed_result_or_reply_is_exit_7_not_a_crash(fleet):
+    """A peer that is not a worker of this release answers a job with a result of another
+    shape, or with bytes that are not a reply: the client exits 7 and says so."""
+    cases = [
+        ("results is not a list of objects",
+         (reply("result", box="hx1", exit_code=0, doc={"results": ["x", 1]}, stderr=[]),)),
+        ("steps of", (reply("result", box="hx1", exit_code=0,
+                           doc={"plan": {"hx1": {"steps": "down"}}}, stderr=[]),)),
+        ("malformed reply", (b"{not json",)),
+        ("malformed reply", (reply("result", box="hx1", exit_code="zero"),)),
+    ]
+    for why, bodies in cases:
+        fake = FakeWorker(fleet.broker.url, box="hx1")
+        try:
+            client = fleet.spawn("-b", "hx1", "--mount", "--dry-run", "--lock-wait", "20")
+            fake.answer(*bodies)
+            out, err = client.communicate(timeout=60)
+        finally:
+            fake.close()
+        assert client.returncode == 7, (why, out, err)
+        assert why in err and "Traceback" not in err, (why, err)
+
+
+def test_malformed_lists_are_exit_7_not_a_crash(fleet):
+    """A peer on the control fanout answers a list request with lists of another shape:
+    the client exits 7 naming the host, and prints no table built from them."""
+    fake = FakeWorker(fleet.broker.url, lists=True)
+    try:
+        client = fleet.spawn("-l")
+        fake.answer(reply("here"), reply("lists", exit_code=0, doc={"boxes": [1, "x"]},
+                                         stderr=[]))
+        out, err = client.communicate(timeout=180)
+    finally:
+        fake.close()
+    assert client.returncode == 7, (out, err)
+    assert "the lists from host hx" in err and "Traceback" not in err, err

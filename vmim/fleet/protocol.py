@@ -21,6 +21,11 @@ result the client prints):
 3  the request may carry `stage` (--stage: restore and insert into the slot's standby disk
    while its domain runs) and the action `swap`; a version 2 worker would refuse the field, so
    the version says it first.
+   Later, with no change of shape (still 3): a list request may be answered with `lists` of
+   exit 5 (the worker is busy with the lists of other clients) or 7 (the list child timed
+   out); a job that reuses the id of another job is answered with a `result` of exit 2; a
+   client takes a reply that does not decode, or a document of another shape
+   (vmim.fleet.shapes), for an error (exit 7) instead of ignoring it.
 """
 
 from __future__ import annotations

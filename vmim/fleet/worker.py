@@ -108,8 +108,11 @@ class Worker:
                 if isinstance(exc, transport.refusals()):
                     log.error("the broker at %s refused: %s (see the permissions in "
                               "docs/fleet.md)", self.spec.shown, exc)
-                elif isinstance(exc, transport.connection_errors()):
+                elif transport.lost(exc):
                     log.warning("lost the broker at %s (%s)", self.spec.shown, exc)
+                elif isinstance(exc, (OSError, VmimError)):
+                    log.error("worker %s: an error of this host, not of the broker: %s; "
+                              "starting over", self.host, exc)
                 else:  # a bug: say so, with the traceback
                     log.exception("worker %s: internal error; reconnecting", self.host)
                 self._drop_connection()
@@ -266,12 +269,17 @@ class Worker:
         bug here refuses the one message, it does not stop the worker or its jobs."""
         try:
             self._take(queue_box, message)
-        except transport.connection_errors():
-            raise  # the broker is gone: the main loop reconnects
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the worker
-            log.exception("worker %s: internal error on a message; refusing it", self.host)
+            if transport.lost(exc):
+                raise  # the broker is gone: the main loop reconnects
+            host = isinstance(exc, (OSError, VmimError))  # the host's error, not a bug
+            log.log(logging.ERROR if host else logging.CRITICAL, "worker %s: %s on a message; "
+                    "refusing it", self.host, "an error of this host" if host else
+                    "internal error", exc_info=not host)
             if not message.acknowledged:
-                self._refuse(message, f"internal error in the worker: {exc!r}", EXIT_FAILED)
+                self._refuse(message, f"an error of host {self.host}: {exc}" if host else
+                             f"internal error in the worker: {exc!r}",
+                             EXIT_ENVIRONMENT if host else EXIT_FAILED)
 
     def _refuse(self, message: Any, why: str, code: int = EXIT_USAGE) -> None:
         """Answer (when the message names a client's reply queue) and acknowledge."""
