@@ -230,3 +230,46 @@ def test_malformed_lists_are_exit_7_not_a_crash(fleet):
         fake.close()
     assert client.returncode == 7, (out, err)
     assert "the lists from host hx" in err and "Traceback" not in err, err
+
+
+def test_a_client_never_waits_without_bound_on_a_frozen_broker(tmp_path):
+    """The broker freezes (SIGSTOP) while a client waits for its job to be taken: the client
+    ends with exit 5 when its wait is over — closing its connection to a broker that no longer
+    answers does not hang it."""
+    import signal
+    import subprocess
+    import sys
+
+    import kombu
+
+    from tests.fleet import broker as broker_mod
+    from tests.fleet.conftest import env
+
+    b = broker_mod.Broker(str(tmp_path))
+    b.start()
+    beam = 0
+    try:
+        with kombu.Connection(b.url) as conn:  # a slot queue nobody consumes: never taken
+            ex = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
+            kombu.Queue("vmim.host.hz.box.hz1", ex, routing_key="box.hz1",
+                        durable=True)(conn.default_channel).declare()
+        client = subprocess.Popen([sys.executable, "-m", "vmim", "--broker", b.url, "-b", "hz1",
+                                   "--mount", "--lock-wait", "3"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env())
+        time.sleep(2)  # connected and published
+        with open(b.pidfile) as fh:
+            beam = int(fh.read().strip())
+        os.kill(beam, signal.SIGSTOP)
+        t = time.monotonic()
+        try:
+            out, err = client.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.communicate()
+            raise AssertionError("the client hung on the frozen broker") from None
+        assert client.returncode == 5, (out, err)
+        assert time.monotonic() - t < 30
+    finally:
+        if beam:
+            os.kill(beam, signal.SIGCONT)
+        b.stop()

@@ -85,10 +85,7 @@ class Client:
                 from None
 
     def close(self) -> None:
-        try:
-            self.conn.release()
-        except Exception:  # noqa: BLE001
-            pass
+        transport.close(self.conn)
 
     def _on_reply(self, message: Any) -> None:
         corr = message.properties.get("correlation_id")
@@ -149,10 +146,7 @@ class Client:
 
     def reconnect(self, patience: float = RECONNECT) -> None:
         """The broker is gone: wait for it (a restart), then listen on the same reply queue."""
-        try:
-            self.conn.release()
-        except Exception:  # noqa: BLE001
-            pass
+        transport.close(self.conn)
         log.warning("lost the broker at %s; waiting up to %.0f s for it", self.spec.shown,
                     patience)
         until = time.monotonic() + patience

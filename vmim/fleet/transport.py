@@ -18,6 +18,7 @@ from vmim.errors import ConfigError, HostEnvironmentError, UsageError
 from vmim.fleet.protocol import HEARTBEAT
 
 CONNECT_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 2.0  # seconds a close waits for the broker's answer
 CONFIRM_TIMEOUT = 30.0  # seconds a publish waits for the broker's confirm (a resource alarm
 # blocks publishers: the wait must end)
 #: errno values of a network connection gone wrong (any other errno is the host's)
@@ -90,6 +91,21 @@ def tls_context(spec: BrokerSpec) -> ssl.SSLContext:
             raise ConfigError(f"broker_cert {spec.cert}, broker_key {spec.key or '(in the cert)'}"
                               f": not a certificate and its private key: {exc}") from None
     return ctx
+
+
+def close(conn: Any, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close the connection, waiting `timeout` seconds at most for the broker's answer (the
+    AMQP close waits for one, without end, from a broker that froze or lost the network)."""
+    try:
+        sock = getattr(conn._connection, "sock", None) if conn._connection else None
+        if sock is not None:
+            sock.settimeout(timeout)
+        conn.release()
+    except Exception:  # noqa: BLE001 - the connection may be broken already
+        try:
+            conn.collect()  # forget it without talking to the broker
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def connect(conn: Any) -> None:

@@ -181,11 +181,8 @@ class Worker:
         self._close()
 
     def _close(self) -> None:
-        try:
-            if self.conn is not None:
-                self.conn.release()
-        except Exception:  # noqa: BLE001 - the connection may be broken already
-            pass
+        if self.conn is not None:
+            transport.close(self.conn)
         self.conn = None
 
     def _serve(self) -> None:
