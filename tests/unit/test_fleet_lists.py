@@ -24,3 +24,4 @@ def test_one_list_is_served_at_a_time_and_at_most_n_wait():
     q.clear()
     q.done()
     assert q.next() is None and q.serving is None
+

@@ -135,9 +135,10 @@ class Children:
 
         try:
             code, doc, lines = self.run_job(job.job_id, run, started, on_line)
-        except OSError as exc:
-            return protocol.error_result(f"cannot start the job: {exc}", host,
-                                         EXIT_ENVIRONMENT, job.box)
+        except (OSError, VmimError) as exc:  # no exec, no lease directory: this host's error
+            return protocol.error_result(
+                f"cannot start the job: {exc}", host,
+                exc.exit_code if isinstance(exc, VmimError) else EXIT_ENVIRONMENT, job.box)
         doc["host"] = host
         if job.any_free:  # the slot claimed for it
             doc["claimed"] = job.box
