@@ -134,7 +134,7 @@ def test_an_any_free_job_that_finds_no_free_slot_until_its_deadline_gets_exit_5(
         reply = sender.result(corr)
         assert reply is not None, sender.replies.get(corr)
         assert reply["exit_code"] == 5, reply
-        assert "no slot" in reply["doc"]["error"]["message"], reply
+        assert "no slot was free" in reply["doc"]["error"]["message"], reply
         assert time.monotonic() - t < 20
         assert queue_depth(fleet.broker, "vmim.any") == 0
         assert all(is_mounted(fleet.mount_of(b)) for b in boxes)  # the job did not run

@@ -363,8 +363,9 @@ class Worker:
             if late or time.monotonic() >= self.any_paused_until else None
         if box is None and late:  # its wait is over: answered, not handed on for a day
             self._reply_now(job, protocol.error_result(
-                f"no slot of the fleet was free within the job's --lock-wait (host {self.host} "
-                "was the last to look); try again later", self.host, EXIT_LOCKED))
+                f"no worker took the job within its --lock-wait: no slot was free (host "
+                f"{self.host} looked last); try again later or wait with --lock-wait S",
+                self.host, EXIT_LOCKED))
             return
         if box is None:  # nothing really free: give it back for another worker
             job.message.requeue()
