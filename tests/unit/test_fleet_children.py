@@ -29,3 +29,34 @@ def test_a_job_whose_child_cannot_start_is_answered_with_exit_7(tmp_path):
         reply = Children("/c", str(state), 20).job_reply(job, "h1", lambda line: None)
     assert reply.exit_code == 7 and "/nonexistent/py" in reply.stderr[0], reply
     assert not os.listdir(state / "fleet" / "leases")  # its lease is not left behind
+
+
+def test_a_lost_connection_does_not_wait_for_ever_on_a_command_that_ignores_sigterm(
+        tmp_path, monkeypatch):
+    """The broker is lost while a job's command runs and ignores SIGTERM: the worker waits
+    ABORT_WAIT for its clean-up, then kills it, and goes on to reconnect (it hung before)."""
+    import subprocess
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from vmim.fleet import transport
+    from vmim.fleet import worker as worker_mod
+    from vmim.fleet.scheduler import Job
+    from vmim.invocation import BoxRun
+
+    monkeypatch.setattr(worker_mod, "ABORT_WAIT", 1.0)
+    cfg = SimpleNamespace(statedir=str(tmp_path), slots=[], slot_names=["web1"], path="/c")
+    w = worker_mod.Worker(cfg, transport.BrokerSpec("amqp://x//"), "h1")
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 100"])
+    job = Job(job_id="c" * 32, box="web1", run=BoxRun(), reply_to="q", message=None,
+              deadline=0.0, proc=proc)
+    job.thread = threading.Thread(target=proc.wait, daemon=True)
+    job.thread.start()
+    w.slots.running["web1"] = job
+    time.sleep(0.2)  # the trap is set
+    t = time.monotonic()
+    w._drop_connection()
+    assert time.monotonic() - t < 15
+    assert proc.poll() == -9 and job.aborted  # SIGTERM ignored, then killed
+    assert w.slots.running == {}

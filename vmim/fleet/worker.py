@@ -52,6 +52,7 @@ POLL = 0.05
 REDELIVER = 120.0  # seconds a result is offered to a client that is reconnecting
 RETRY_ANY = 1.0  # after giving back an any-free job (no slot really free): pause that long
 ACCEPT_GRACE = 5.0  # a client waits that long past its deadline for its job to be taken
+ABORT_WAIT = 300.0  # seconds the aborted jobs of a lost connection have to clean up
 
 
 class Worker:
@@ -167,10 +168,15 @@ class Worker:
         for job in running:
             if job.proc is not None:
                 self._terminate(job)
+        until = time.monotonic() + ABORT_WAIT  # their clean-up; then SIGKILL: never hang here
         for job in running:
             if job.thread is not None:
-                job.thread.join()
-        for job in running:
+                job.thread.join(max(0.0, until - time.monotonic()))
+                if job.thread.is_alive() and job.proc is not None:
+                    log.error("job %s: box %s: its command did not end after SIGTERM; killing "
+                              "it (release the slot with --release)", job.job_id, job.box)
+                    job.proc.kill()
+                    job.thread.join(10)
             self.journal.forget(job.job_id)
         self.slots.clear()
         while not self.events.empty():
