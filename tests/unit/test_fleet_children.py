@@ -60,3 +60,19 @@ def test_a_lost_connection_does_not_wait_for_ever_on_a_command_that_ignores_sigt
     assert time.monotonic() - t < 15
     assert proc.poll() == -9 and job.aborted  # SIGTERM ignored, then killed
     assert w.slots.running == {}
+
+
+def test_a_recovering_release_that_hangs_is_stopped(tmp_path, monkeypatch):
+    """The release of what a killed predecessor left does not end (a hung unmount, say): the
+    worker stops it after RECOVER_TIMEOUT and serves anyway, saying so (exit 7)."""
+    import time
+    from unittest import mock
+
+    from vmim.fleet import children as children_mod
+
+    monkeypatch.setattr(children_mod, "RECOVER_TIMEOUT", 1)
+    t = time.monotonic()
+    with mock.patch("vmim.fleet.protocol.child_command", return_value=["sleep", "100"]):
+        code, lines = children_mod.Children("/c", str(tmp_path), 20).release("web1")
+    assert time.monotonic() - t < 10
+    assert code == 7 and "did not end within 1 s" in lines[0]

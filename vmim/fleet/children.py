@@ -26,6 +26,7 @@ from vmim.plan import Request
 log = logging.getLogger("vmim.fleet.worker")
 
 RECOVER_WAIT = 60  # seconds a recovering release waits for the slot's lock (a dying child)
+RECOVER_TIMEOUT = 600  # seconds a recovering release may take: then the worker serves anyway
 
 
 def exit_code(code: int) -> int:
@@ -72,8 +73,12 @@ class Children:
 
     def release(self, box: str) -> Tuple[int, List[str]]:
         """`-b BOX --release`, waiting a while for the slot's lock: recovery at start."""
-        code, _doc, lines = self.run(BoxRun(Request(boxes=(box,), actions=("release",)),
-                                            RunOptions(json=True, lock_wait=RECOVER_WAIT)))
+        try:
+            code, _doc, lines = self.run(BoxRun(Request(boxes=(box,), actions=("release",)),
+                                                RunOptions(json=True, lock_wait=RECOVER_WAIT)),
+                                         RECOVER_TIMEOUT)
+        except subprocess.TimeoutExpired:  # the worker serves anyway: see recover()
+            return EXIT_ENVIRONMENT, [f"the release did not end within {RECOVER_TIMEOUT} s\n"]
         return code, lines
 
     def lists(self, lists: Tuple[str, ...], host: str, timeout: float) -> protocol.Reply:
