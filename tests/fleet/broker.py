@@ -5,6 +5,7 @@ system broker. Stopped by its pid file, then its epmd by pid: nothing is left ru
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -47,11 +48,18 @@ def free_ports(n: int) -> List[int]:
 class Broker:
     def __init__(self, base: str, name: str = "vmimtest"):
         self.base = base
-        self.node = f"{name}{os.getpid()}@localhost"
-        self.port, self.dist_port, self.epmd_port = free_ports(3)
+        self.name = name
+        self._new_identity()
         self.pidfile = os.path.join(base, "rabbit.pid")
         self.proc: Optional[subprocess.Popen] = None
         self.epmd_pids: List[int] = []
+
+    def _new_identity(self) -> None:
+        """A node name no other node has (a leftover node of a killed run, another session:
+        a fixed name would collide) and ports free now."""
+        self.node = f"{self.name}{os.getpid()}x{secrets.token_hex(4)}@localhost"
+        self.port, self.dist_port, self.epmd_port = free_ports(3)
+        self.epmd_ports = [*getattr(self, "epmd_ports", []), self.epmd_port]  # all, to stop
 
     @property
     def url(self) -> str:
@@ -79,6 +87,16 @@ class Broker:
         return env
 
     def start(self, timeout: float = 120) -> None:
+        """Start the node; when it does not come up, once more with a new name and ports (a
+        port taken meanwhile, a name in use), then give up with the reason."""
+        try:
+            self._start(timeout)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            shutil.rmtree(os.path.join(self.base, "mnesia"), ignore_errors=True)
+            self._new_identity()
+            self._start(timeout)
+
+    def _start(self, timeout: float) -> None:
         b = self.base
         for d in ("home", "mnesia", "log"):
             os.makedirs(os.path.join(b, d), exist_ok=True)
@@ -108,7 +126,7 @@ class Broker:
                               timeout=60)
 
     def _note_epmd(self) -> None:
-        """The epmd our node started: the one listening on our own epmd port."""
+        """The epmds our node started: those listening on our own epmd ports."""
         out = subprocess.run(["pgrep", "-a", "epmd"], capture_output=True, text=True).stdout
         for line in out.splitlines():
             pid, _, cmd = line.partition(" ")
@@ -118,8 +136,8 @@ class Broker:
                         environ = fh.read().split(b"\0")
                 except OSError:  # gone meanwhile (another test run's epmd, say)
                     continue
-                if f"ERL_EPMD_PORT={self.epmd_port}".encode() in environ \
-                        or f"-port {self.epmd_port}" in cmd:
+                if any(f"ERL_EPMD_PORT={port}".encode() in environ or f"-port {port}" in cmd
+                       for port in self.epmd_ports):  # a failed first start's epmd too
                     self.epmd_pids.append(int(pid))
 
     def stop_node(self) -> None:

@@ -207,10 +207,10 @@ def test_a_job_thread_that_fails_still_answers_and_frees_the_slot(tmp_path, monk
     monkeypatch.setattr(w, "_send", lambda reply_to, corr, reply, mandatory=False:
                         sent.append(reply) or True)
 
-    def broken(job):
+    def broken(job, host, on_line):
         raise ValueError("embedded null byte")
 
-    monkeypatch.setattr(w, "_run_command", broken)
+    monkeypatch.setattr(w.children, "job_reply", broken)
     acks = []
     job = worker_mod.Job(job_id=protocol.new_job_id(), box="web1", run=BoxRun(),
                          reply_to="vmim.reply." + "a" * 32,

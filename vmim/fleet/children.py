@@ -12,17 +12,21 @@ import logging
 import os
 import subprocess
 import threading
+import time
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from vmim import lease, safedir
-from vmim.errors import EXIT_FAILED, VmimError
+from vmim.errors import EXIT_ENVIRONMENT, EXIT_FAILED, VmimError
 from vmim.fleet import protocol
+from vmim.fleet.scheduler import Job
 from vmim.invocation import BoxRun, RunOptions
 from vmim.plan import Request
 
 log = logging.getLogger("vmim.fleet.worker")
 
 RECOVER_WAIT = 60  # seconds a recovering release waits for the slot's lock (a dying child)
+RECOVER_TIMEOUT = 600  # seconds a recovering release may take: then the worker serves anyway
 
 
 def exit_code(code: int) -> int:
@@ -57,24 +61,37 @@ class Children:
             pass
         return proc
 
-    def run(self, run: BoxRun) -> Tuple[int, Dict[str, Any], List[str]]:
-        """Run `run` to its end: exit code, JSON document, stderr lines."""
+    def run(self, run: BoxRun, timeout: Optional[float] = None
+            ) -> Tuple[int, Dict[str, Any], List[str]]:
+        """Run `run` to its end: exit code, JSON document, stderr lines (past `timeout`
+        seconds the child is killed: subprocess.TimeoutExpired)."""
         res = subprocess.run(protocol.child_command(self.config_path), capture_output=True,
-                             input=json.dumps(run.to_dict()).encode(), env=protocol.child_env())
+                             input=json.dumps(run.to_dict()).encode(), env=protocol.child_env(),
+                             timeout=timeout)
         return (exit_code(res.returncode), _document(res.stdout),
                 res.stderr.decode("utf-8", "replace").splitlines(True))
 
     def release(self, box: str) -> Tuple[int, List[str]]:
         """`-b BOX --release`, waiting a while for the slot's lock: recovery at start."""
-        code, _doc, lines = self.run(BoxRun(Request(boxes=(box,), actions=("release",)),
-                                            RunOptions(json=True, lock_wait=RECOVER_WAIT)))
+        try:
+            code, _doc, lines = self.run(BoxRun(Request(boxes=(box,), actions=("release",)),
+                                                RunOptions(json=True, lock_wait=RECOVER_WAIT)),
+                                         RECOVER_TIMEOUT)
+        except subprocess.TimeoutExpired:  # the worker serves anyway: see recover()
+            return EXIT_ENVIRONMENT, [f"the release did not end within {RECOVER_TIMEOUT} s\n"]
         return code, lines
 
-    def lists(self, lists: Tuple[str, ...], host: str) -> protocol.Reply:
+    def lists(self, lists: Tuple[str, ...], host: str, timeout: float) -> protocol.Reply:
         """The lists of this host, as the reply to a client's list request (whatever goes
-        wrong, the client gets an answer)."""
+        wrong, the client gets an answer; a child that runs past `timeout` is killed: exit 7)."""
         try:
-            code, doc, lines = self.run(BoxRun(Request(lists=lists), RunOptions(json=True)))
+            code, doc, lines = self.run(BoxRun(Request(lists=lists), RunOptions(json=True)),
+                                        timeout)
+        except subprocess.TimeoutExpired:
+            log.error("worker %s: the lists took more than %.0f s; stopped", host, timeout)
+            return protocol.Reply("lists", host, exit_code=EXIT_ENVIRONMENT, stderr=(
+                f"the lists of host {host} took more than {timeout:.0f} s (libvirt or the "
+                "image store hangs?)\n",))
         except Exception as exc:  # noqa: BLE001
             log.exception("worker %s: the lists failed", host)
             return protocol.Reply("lists", host, exit_code=EXIT_FAILED,
@@ -108,6 +125,31 @@ class Children:
             with self._lease_dir() as d:
                 d.unlink(job_id)
 
+    def job_reply(self, job: Job, host: str, on_line: Callable[[str], None]) -> protocol.Reply:
+        """Run a fleet job in the child for its slot: its stderr lines to `on_line`, its JSON
+        document and exit code the reply (a child that cannot start: exit 7). The run is the
+        client's request for this slot only, with the lock wait left of the client's deadline."""
+        left = max(0, min(int(job.deadline - time.time()), 7 * 24 * 3600))
+        run = BoxRun(replace(job.run.request, boxes=(job.box,), lists=()),
+                     replace(job.run.options, json=True, jobs=1, lock_wait=left))
+        log.info("job %s: box %s: %s", job.job_id, job.box,
+                 ", ".join(run.request.actions) or "print-xml")
+
+        def started(proc: Any) -> None:
+            job.proc = proc
+
+        try:
+            code, doc, lines = self.run_job(job.job_id, run, started, on_line)
+        except (OSError, VmimError) as exc:  # no exec, no lease directory: this host's error
+            return protocol.error_result(
+                f"cannot start the job: {exc}", host,
+                exc.exit_code if isinstance(exc, VmimError) else EXIT_ENVIRONMENT, job.box)
+        doc["host"] = host
+        if job.any_free:  # the slot claimed for it
+            doc["claimed"] = job.box
+        return protocol.Reply("result", host, box=job.box, exit_code=code, doc=doc,
+                              stderr=tuple(lines))
+
     def run_job(self, job_id: str, run: BoxRun, started: Callable[[subprocess.Popen], None],
                 on_line: Callable[[str], None]) -> Tuple[int, Dict[str, Any], List[str]]:
         """Run a job's child under its lease: `started` gets the process (to stop it),
@@ -116,7 +158,11 @@ class Children:
         env[lease.ENV_LEASE] = self.lease_path(job_id)  # stale: the job stops before a step
         env[lease.ENV_TTL] = str(self.lease_ttl)  # (the broker may have handed it on)
         self.renew_lease(job_id)
-        proc = self.start(run, env)
+        try:
+            proc = self.start(run, env)
+        except BaseException:
+            self._drop_lease(job_id)
+            raise
         started(proc)
         stdout, stderr = proc.stdout, proc.stderr
         assert stdout is not None and stderr is not None

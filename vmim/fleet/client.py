@@ -13,13 +13,15 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from vmim.config import Config
 from vmim.errors import (
+    EXIT_ENVIRONMENT,
     EXIT_OK,
     HostEnvironmentError,
     LockBusyError,
     ProtocolError,
     StateError,
+    VmimError,
 )
-from vmim.fleet import protocol, transport
+from vmim.fleet import protocol, shapes, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
 from vmim.output import render_list, render_plans
 from vmim.plan import Plan, Request
@@ -58,7 +60,7 @@ class Client:
         import kombu
 
         self.spec = spec
-        self.inbox: List[Tuple[str, protocol.Reply]] = []
+        self.inbox: List[Tuple[str, Any]] = []  # (correlation id, Reply or ProtocolError)
         # named by the client, so that it can declare it again after a broker restart
         self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
         self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
@@ -75,21 +77,24 @@ class Client:
                 raise HostEnvironmentError(
                     f"the broker at {spec.shown} refused user {user}: wrong password or "
                     f"permissions ({exc})") from None
-            raise HostEnvironmentError(f"cannot reach the broker at {spec.shown}: {exc}") from None
+            if isinstance(exc, VmimError):
+                raise
+            if isinstance(exc, OSError) and not transport.lost(exc):
+                raise HostEnvironmentError(f"an error of this host, not of the broker at "
+                                           f"{spec.shown}: {exc}") from None
+            raise transport.BrokerLost(f"cannot reach the broker at {spec.shown}: {exc}") \
+                from None
 
     def close(self) -> None:
-        try:
-            self.conn.release()
-        except Exception:  # noqa: BLE001
-            pass
+        transport.close(self.conn)
 
     def _on_reply(self, message: Any) -> None:
+        corr = message.properties.get("correlation_id")
         try:
-            reply = protocol.decode_reply(message.body)
+            reply: Any = protocol.decode_reply(message.body)
         except ProtocolError as exc:  # a worker of another version, or not a worker at all
-            log.warning("ignoring a malformed reply: %s", exc)
-            return
-        self.inbox.append((message.properties.get("correlation_id"), reply))
+            reply = exc  # wait() says so: exit 7
+        self.inbox.append((corr, reply))
 
     def publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
                 expiration: Optional[float] = None, mandatory: bool = True) -> bool:
@@ -102,12 +107,33 @@ class Client:
                                           mandatory=mandatory, expiration=expiration,
                                           persistent=True)
         except amqp.exceptions.NotFound:  # no worker has declared the exchange yet
-            self._reopen()
+            self._broker(self._reopen)
             return False
         except transport.refusals() as exc:
             raise HostEnvironmentError(f"the broker at {self.spec.shown} refused: {exc}; "
                                        "does this user have write permission on "
                                        f"{exchange or 'amq.default'}?") from None
+        except socket.timeout:
+            raise transport.BrokerLost(
+                f"the broker at {self.spec.shown} did not confirm the message within "
+                f"{transport.CONFIRM_TIMEOUT:.0f} s (a resource alarm: its disk or memory?)"
+            ) from None
+        except Exception as exc:
+            if transport.lost(exc):
+                raise transport.BrokerLost(f"lost the broker at {self.spec.shown}: {exc}") \
+                    from None
+            raise
+
+    def _broker(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """A call on the broker connection: an error of the connection is BrokerLost (exit
+        7), any other error (of this host) is raised as it is."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if transport.lost(exc):
+                raise transport.BrokerLost(f"lost the broker at {self.spec.shown}: {exc}") \
+                    from None
+            raise
 
     def _reopen(self) -> None:
         """A channel error closes the channel: a new one, with a new reply queue."""
@@ -121,10 +147,7 @@ class Client:
 
     def reconnect(self, patience: float = RECONNECT) -> None:
         """The broker is gone: wait for it (a restart), then listen on the same reply queue."""
-        try:
-            self.conn.release()
-        except Exception:  # noqa: BLE001
-            pass
+        transport.close(self.conn)
         log.warning("lost the broker at %s; waiting up to %.0f s for it", self.spec.shown,
                     patience)
         until = time.monotonic() + patience
@@ -135,33 +158,46 @@ class Client:
                 self._reopen()
                 log.info("connected to %s again", self.spec.shown)
                 return
-            except transport.connection_errors():
-                if time.monotonic() >= until:
+            except Exception as exc:
+                if not transport.lost(exc):
                     raise
+                if time.monotonic() >= until:
+                    raise transport.BrokerLost(
+                        f"lost the broker at {self.spec.shown} and it did not come back "
+                        f"within {patience:.0f} s: {exc}") from None
                 time.sleep(1.0)
 
-
-    def wait(self, until: Optional[float]) -> Optional[Tuple[str, protocol.Reply]]:
-        """The next reply, or None when `until` (monotonic) has passed."""
+    def wait(self, until: float) -> Optional[Tuple[str, protocol.Reply]]:
+        """The next reply, or None when `until` (monotonic) has passed; a lost broker is
+        waited for RECONNECT seconds at most (then BrokerLost, exit 7). A malformed reply is
+        a HostEnvironmentError (exit 7)."""
         last_beat = time.monotonic()
         while not self.inbox:
             now = time.monotonic()
-            if until is not None and now >= until:
+            if now >= until:
                 return None
             try:
-                self.conn.drain_events(timeout=0.2 if until is None else max(0.01, min(0.2, until - now)))
+                self.conn.drain_events(timeout=max(0.01, min(0.2, until - now)))
             except socket.timeout:
                 pass
-            except transport.connection_errors():
+            except Exception as exc:
+                if not transport.lost(exc):
+                    raise
                 self.reconnect()
                 continue
             if now - last_beat > 1.0:
                 try:
                     self.conn.heartbeat_check()
-                except transport.connection_errors():
+                except Exception as exc:
+                    if not transport.lost(exc):
+                        raise
                     self.reconnect()
                 last_beat = now
-        return self.inbox.pop(0)
+        corr, reply = self.inbox.pop(0)
+        if isinstance(reply, ProtocolError):
+            raise HostEnvironmentError(f"a malformed reply came through the broker at "
+                                       f"{self.spec.shown}: {reply}")
+        return corr, reply
 
 
 def run(inv: Invocation, spec: transport.BrokerSpec, doc: Dict[str, Any], out: TextIO) -> int:
@@ -172,10 +208,17 @@ def run(inv: Invocation, spec: transport.BrokerSpec, doc: Dict[str, Any], out: T
         if req.boxes and (req.actions or opts.print_xml):
             code = _run_jobs(client, req, opts, doc, out)
         if req.lists:
-            _run_lists(client, list(req.lists), doc, out, opts.json)
+            code = max(code, _run_lists(client, list(req.lists), doc, out, opts.json))
         return code
-    except transport.connection_errors() as exc:
-        raise HostEnvironmentError(f"lost the broker at {spec.shown}: {exc}") from None
+    except (transport.BrokerLost, BrokenPipeError):
+        raise  # BrokenPipeError: stdout's reader went away (the front end says nothing)
+    except Exception as exc:
+        if transport.lost(exc):
+            raise transport.BrokerLost(f"lost the broker at {spec.shown}: {exc}") from None
+        if isinstance(exc, OSError):
+            raise HostEnvironmentError(f"an error of this host, not of the broker at "
+                                       f"{spec.shown}: {exc}") from None
+        raise
     finally:
         client.close()
 
@@ -202,6 +245,7 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
         if box == ANY_FREE and result.box and not opts.json:
             out.write(result.box + "\n")  # the slot that ran the job: one name, once
             out.flush()
+        shapes.check_result(result.doc, result.host)  # a malformed document: exit 7
         results.append(result)
         if result.exit_code in (130, 143):
             break
@@ -226,7 +270,9 @@ def _follow(client: Client, job: protocol.Job, lock_wait: int) -> protocol.Reply
     silence = SILENCE
     taker: Optional[protocol.Reply] = None  # the last accepted: who runs the job now
     while True:
-        got = client.wait(accept_by if silent_by is None else silent_by)
+        # bounded: until taken, --lock-wait (+ grace); then the worker's silence limit
+        until = silent_by if silent_by is not None else accept_by
+        got = client.wait(until if until is not None else time.monotonic() + silence)
         if got is None:
             if taker is None:
                 raise LockBusyError(
@@ -297,7 +343,10 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], as_json: bool,
 
 
 def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO,
-               as_json: bool) -> None:
+               as_json: bool) -> int:
+    """Ask every live worker for its lists and print them together; the exit code is the
+    highest of the hosts' (a host busy with the lists of other clients: 5), 7 when a host that
+    said it was there sent no lists in time."""
     corr = protocol.new_job_id()
     request = protocol.ListRequest(corr, tuple(lists))
     if not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
@@ -319,10 +368,11 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
         if reply.type == "here":
             hosts.append(reply.host)
         elif reply.type == "lists":
+            shapes.check_lists(reply.doc, lists, reply.host)  # a malformed document: exit 7
             answers[reply.host] = reply
     missing = [h for h in hosts if h not in answers]
     if missing:
-        log.warning("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
+        log.error("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
     if not hosts:  # an empty list would say "no slots": it is "nobody to ask"
         raise HostEnvironmentError(f"no worker answered at {client.spec.shown} within "
                                    f"{LIST_WINDOW:.0f} s: are the workers running and "
@@ -332,6 +382,10 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
             for line in answers[host].stderr:
                 sys.stderr.write(f"{host}: {line}")
     report_lists(lists, answers, doc, out, as_json)
+    codes = [a.exit_code for a in answers.values()]
+    if missing:
+        codes.append(EXIT_ENVIRONMENT)
+    return max(codes, default=EXIT_OK)
 
 
 def report_lists(lists: Sequence[str], replies: Dict[str, protocol.Reply], doc: Dict[str, Any],

@@ -1,9 +1,11 @@
 """The worker's per-job journal: one small JSON file per job id under <statedir>/fleet/jobs
 (a directory verified root's and nobody else's to write: vmim.safedir).
 
-`running` is written before the job's command starts, `done` (with the whole reply) before the
-reply is sent. A redelivered job that is `done` is answered from here instead of being run
-again; a `running` entry found when a worker starts was left by a killed predecessor."""
+`running` (with the job's request) is written before the job's command starts, `done` (with the
+whole reply, and the request still) before the reply is sent. A redelivered job that is `done`
+is answered from here instead of being run again — when its request is the one kept: a message
+that reuses the id of another job is refused; a `running` entry found when a worker starts was
+left by a killed predecessor."""
 
 from __future__ import annotations
 
@@ -33,15 +35,19 @@ class Journal:
         with self._dir() as d:
             d.write_atomic(job_id + ".json", json.dumps(entry).encode(), 0o600)
 
-    def begin(self, job_id: str, box: str, run: Any) -> None:
-        """The job is about to run (`run`: what it asked for, as a plain value)."""
-        self._write(job_id, {"state": "running", "box": box, "run": run,
+    def begin(self, job_id: str, box: str, request: Any) -> None:
+        """The job is about to run on slot `box` (`request`: what it asked for, as a plain
+        value; kept to tell a redelivery of this job from another job reusing its id)."""
+        self._write(job_id, {"state": "running", "box": box, "request": request,
                              "started": time.time(), "worker_pid": os.getpid()})
 
-    def finish(self, job_id: str, box: str, reply: Dict[str, Any]) -> None:
-        started = (self.get(job_id) or {}).get("started")
+    def finish(self, job_id: str, box: str, reply: Dict[str, Any],
+               request: Any = None) -> None:
+        """The job ended with `reply`; its request stays (begin's, unless given here)."""
+        begun = self.get(job_id) or {}
         self._write(job_id, {"state": "done", "box": box, "reply": reply,
-                             "started": started, "finished": time.time()})
+                             "request": begun.get("request") if request is None else request,
+                             "started": begun.get("started"), "finished": time.time()})
 
     def forget(self, job_id: str) -> None:
         try:

@@ -21,6 +21,11 @@ result the client prints):
 3  the request may carry `stage` (--stage: restore and insert into the slot's standby disk
    while its domain runs) and the action `swap`; a version 2 worker would refuse the field, so
    the version says it first.
+   Later, with no change of shape (still 3): a list request may be answered with `lists` of
+   exit 5 (the worker is busy with the lists of other clients) or 7 (the list child timed
+   out); a job that reuses the id of another job is answered with a `result` of exit 2; a
+   client takes a reply that does not decode, or a document of another shape
+   (vmim.fleet.shapes), for an error (exit 7) instead of ignoring it.
 """
 
 from __future__ import annotations
@@ -235,6 +240,12 @@ def decode_journal_reply(data: Any, host: str) -> Reply:
         return decode_reply(json.dumps(dict(data, v=VERSION)))
     except ProtocolError as exc:
         return error_result(f"the job's journal entry is unreadable: {exc}", host, 1)
+
+
+def journal_request(box: str, run: BoxRun) -> Any:
+    """What the journal keeps of a job's request (its box as the client named it: a slot or
+    ANY_FREE, and its run), as it reads back from JSON: equal for a redelivery of the job."""
+    return json.loads(json.dumps({"box": box, "run": run.to_dict(JOB_REQUEST_FIELDS)}))
 
 
 def error_result(message: str, host: str, code: int = EXIT_USAGE, box: str = "") -> Reply:

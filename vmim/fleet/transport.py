@@ -1,19 +1,35 @@
 """The broker connection, for the client and the worker alike: kombu with publisher confirms
-and, for amqps://, TLS; connecting with one quick retry; publishing that tells when a
-mandatory message came back (no queue took it: an unknown box, a client that is gone); and
-what a lost or refused connection raises."""
+(each waited for CONFIRM_TIMEOUT at most) and, for amqps://, TLS from files that are checked
+(an unreadable one is a config error naming it, exit 3); connecting with one quick retry;
+publishing that tells when a mandatory message came back (no queue took it: an unknown box, a
+client that is gone); and which errors are the broker's (a lost connection: BrokerLost, exit 7)
+and which the host's (a full disk, an unreadable file: not the broker's)."""
 
 from __future__ import annotations
 
+import errno
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any, List, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from vmim.errors import HostEnvironmentError, UsageError
+from vmim.errors import ConfigError, HostEnvironmentError, UsageError
 from vmim.fleet.protocol import HEARTBEAT
 
 CONNECT_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 2.0  # seconds a close waits for the broker's answer
+CONFIRM_TIMEOUT = 30.0  # seconds a publish waits for the broker's confirm (a resource alarm
+# blocks publishers: the wait must end)
+#: errno values of a network connection gone wrong (any other errno is the host's)
+NET_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+              errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+              errno.ENOTCONN, errno.EHOSTDOWN, errno.ESHUTDOWN}
+
+
+class BrokerLost(HostEnvironmentError):
+    """The connection to the broker was lost or never made (exit 7) — not an error of the
+    host the command runs on."""
 
 
 @dataclass(frozen=True)
@@ -43,16 +59,53 @@ def connection(spec: BrokerSpec, heartbeat: int = HEARTBEAT) -> Any:
                                    "(Debian: python3-kombu; pip install kombu)") from None
     ssl_opt: Any = None
     if spec.url.startswith("amqps://"):
-        ctx = ssl.create_default_context(cafile=spec.ca)
-        if spec.cert:
-            ctx.load_cert_chain(spec.cert, spec.key)
-        ssl_opt = ctx
+        ssl_opt = tls_context(spec)
     elif spec.ca or spec.cert:
         raise UsageError(f"broker_ca/broker_cert are set but the broker URL {spec.shown} is not "
                          "amqps://")
     return kombu.Connection(spec.url, heartbeat=heartbeat, ssl=ssl_opt,
                             connect_timeout=CONNECT_TIMEOUT,
                             transport_options={"confirm_publish": True})
+
+
+def tls_context(spec: BrokerSpec) -> ssl.SSLContext:
+    """The TLS context of broker_ca, broker_cert and broker_key: a file that cannot be read,
+    or does not hold what it should, is a ConfigError naming it (exit 3)."""
+    files = [("broker_ca", spec.ca), ("broker_cert", spec.cert), ("broker_key", spec.key)]
+    for key, path in files:
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    fh.read(1)
+            except OSError as exc:
+                raise ConfigError(f"{key} {path}: cannot read it: "
+                                  f"{exc.strerror or exc}") from None
+    try:
+        ctx = ssl.create_default_context(cafile=spec.ca)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"broker_ca {spec.ca}: not a CA certificate file: {exc}") from None
+    if spec.cert:
+        try:
+            ctx.load_cert_chain(spec.cert, spec.key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"broker_cert {spec.cert}, broker_key {spec.key or '(in the cert)'}"
+                              f": not a certificate and its private key: {exc}") from None
+    return ctx
+
+
+def close(conn: Any, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close the connection, waiting `timeout` seconds at most for the broker's answer (the
+    AMQP close waits for one, without end, from a broker that froze or lost the network)."""
+    try:
+        sock = getattr(conn._connection, "sock", None) if conn._connection else None
+        if sock is not None:
+            sock.settimeout(timeout)
+        conn.release()
+    except Exception:  # noqa: BLE001 - the connection may be broken already
+        try:
+            conn.collect()  # forget it without talking to the broker
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def connect(conn: Any) -> None:
@@ -83,7 +136,8 @@ class Publisher:
                               reply_to=reply_to, correlation_id=correlation_id,
                               content_type="application/json", content_encoding="utf-8",
                               serializer=None, delivery_mode=2 if persistent else None,
-                              mandatory=mandatory, expiration=expiration)
+                              mandatory=mandatory, expiration=expiration,
+                              confirm_timeout=CONFIRM_TIMEOUT)
         return not self.returned
 
 
@@ -99,6 +153,19 @@ def connection_errors() -> tuple:
     except ImportError:  # pragma: no cover
         pass
     return errors
+
+
+def lost(exc: BaseException) -> bool:
+    """Whether `exc` is the broker connection's (lost, refused, timed out, a TLS or AMQP
+    error) rather than the host's: an OSError with an errno of its own (a full disk, a
+    missing file, no memory) is the host's, one of a network connection the broker's."""
+    if isinstance(exc, BrokerLost):
+        return True
+    if isinstance(exc, (ssl.SSLError, socket.timeout, socket.gaierror, EOFError)):
+        return True
+    if isinstance(exc, OSError):  # py-amqp: "Server unexpectedly closed connection" (no errno)
+        return exc.errno is None or exc.errno in NET_ERRNOS
+    return isinstance(exc, connection_errors())
 
 
 def refusals() -> tuple:

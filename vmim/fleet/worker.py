@@ -20,6 +20,7 @@ All AMQP traffic happens in the main thread; job threads hand their events over 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import queue
@@ -27,7 +28,6 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import replace
 from typing import Any, Deque, List, Optional, Tuple
 
 from vmim.errors import (
@@ -42,8 +42,8 @@ from vmim.errors import (
 from vmim.fleet import protocol, transport
 from vmim.fleet.children import Children
 from vmim.fleet.journal import Journal
+from vmim.fleet.lists import ListServer
 from vmim.fleet.scheduler import Job, Slots, Undelivered
-from vmim.invocation import BoxRun
 from vmim.plan import ANY_FREE
 
 log = logging.getLogger("vmim.fleet.worker")
@@ -52,6 +52,7 @@ POLL = 0.05
 REDELIVER = 120.0  # seconds a result is offered to a client that is reconnecting
 RETRY_ANY = 1.0  # after giving back an any-free job (no slot really free): pause that long
 ACCEPT_GRACE = 5.0  # a client waits that long past its deadline for its job to be taken
+ABORT_WAIT = 300.0  # seconds the aborted jobs of a lost connection have to clean up
 
 
 class Worker:
@@ -74,6 +75,7 @@ class Worker:
         self.any_on = False
         self.any_paused_until = 0.0
         self.undelivered = Undelivered(REDELIVER)
+        self.lists = ListServer(host, self.children, self.events.put, self._send)
         self.ping = max(1.0, min(5.0, heartbeat / 2))  # "running" to the clients, this often
         self.silence = 3.0 * heartbeat + 5  # a client gives a job up after that long unheard
         self.next_ping = 0.0
@@ -107,8 +109,11 @@ class Worker:
                 if isinstance(exc, transport.refusals()):
                     log.error("the broker at %s refused: %s (see the permissions in "
                               "docs/fleet.md)", self.spec.shown, exc)
-                elif isinstance(exc, transport.connection_errors()):
+                elif transport.lost(exc):
                     log.warning("lost the broker at %s (%s)", self.spec.shown, exc)
+                elif isinstance(exc, (OSError, VmimError)):
+                    log.error("worker %s: an error of this host, not of the broker: %s; "
+                              "starting over", self.host, exc)
                 else:  # a bug: say so, with the traceback
                     log.exception("worker %s: internal error; reconnecting", self.host)
                 self._drop_connection()
@@ -163,23 +168,27 @@ class Worker:
         for job in running:
             if job.proc is not None:
                 self._terminate(job)
+        until = time.monotonic() + ABORT_WAIT  # their clean-up; then SIGKILL: never hang here
         for job in running:
             if job.thread is not None:
-                job.thread.join()
-        for job in running:
+                job.thread.join(max(0.0, until - time.monotonic()))
+                if job.thread.is_alive() and job.proc is not None:
+                    log.error("job %s: box %s: its command did not end after SIGTERM; killing "
+                              "it (release the slot with --release)", job.job_id, job.box)
+                    job.proc.kill()
+                    job.thread.join(10)
             self.journal.forget(job.job_id)
         self.slots.clear()
         while not self.events.empty():
-            self.events.get_nowait()
+            if self.events.get_nowait()[0] == "list":
+                self.lists.done()  # its client asks again
+        self.lists.clear()
         self.inbox.clear()  # unacknowledged: the broker hands them out again
         self._close()
 
     def _close(self) -> None:
-        try:
-            if self.conn is not None:
-                self.conn.release()
-        except Exception:  # noqa: BLE001 - the connection may be broken already
-            pass
+        if self.conn is not None:
+            transport.close(self.conn)
         self.conn = None
 
     def _serve(self) -> None:
@@ -253,7 +262,7 @@ class Worker:
             queue_box, message = self.inbox.popleft()
             self._tick()  # a burst must starve neither the heartbeat nor the leases
             if queue_box is None:
-                self._on_control(message)
+                self.lists.request(message)  # a list request on the control fanout
             else:
                 self._on_message(queue_box, message)
 
@@ -263,12 +272,17 @@ class Worker:
         bug here refuses the one message, it does not stop the worker or its jobs."""
         try:
             self._take(queue_box, message)
-        except transport.connection_errors():
-            raise  # the broker is gone: the main loop reconnects
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the worker
-            log.exception("worker %s: internal error on a message; refusing it", self.host)
+            if transport.lost(exc):
+                raise  # the broker is gone: the main loop reconnects
+            host = isinstance(exc, (OSError, VmimError))  # the host's error, not a bug
+            log.log(logging.ERROR if host else logging.CRITICAL, "worker %s: %s on a message; "
+                    "refusing it", self.host, "an error of this host" if host else
+                    "internal error", exc_info=not host)
             if not message.acknowledged:
-                self._refuse(message, f"internal error in the worker: {exc!r}", EXIT_FAILED)
+                self._refuse(message, f"an error of host {self.host}: {exc}" if host else
+                             f"internal error in the worker: {exc!r}",
+                             EXIT_ENVIRONMENT if host else EXIT_FAILED)
 
     def _refuse(self, message: Any, why: str, code: int = EXIT_USAGE) -> None:
         """Answer (when the message names a client's reply queue) and acknowledge."""
@@ -312,9 +326,20 @@ class Worker:
             self._take_box(job)
 
     def _answered_from_journal(self, job: Job) -> bool:
+        """A job id this worker knows: a redelivery of a job that is done is answered from the
+        journal; a message that reuses the id of another job (or of a job held now) is
+        refused with exit 2 — never run a second time, never answered with another's result."""
         entry = self.journal.get(job.job_id)
-        if entry is None or entry.get("state") != "done":
+        held = any(j.job_id == job.job_id for j in self.slots.held())
+        if not held and (entry is None or entry.get("state") != "done"):
             return False
+        asked = protocol.journal_request(ANY_FREE if job.any_free else job.box, job.run)
+        if held or entry is None or entry.get("request") != asked:
+            log.error("job %s: its id is that of another job; refusing it", job.job_id)
+            self._reply_now(job, protocol.error_result(
+                f"job id {job.job_id} is in use by another job; a job needs an id of its own",
+                self.host, EXIT_USAGE))
+            return True
         log.info("job %s was done already (box %s): answering from the journal",
                  job.job_id, entry.get("box"))
         self._reply_now(job, protocol.decode_journal_reply(entry.get("reply"), self.host))
@@ -339,8 +364,15 @@ class Worker:
             self._start(job)
 
     def _take_any(self, job: Job) -> None:
+        late = time.time() > job.deadline
         box = self.children.free_slot(self.cfg, self.slots.idle()) \
-            if time.monotonic() >= self.any_paused_until else None
+            if late or time.monotonic() >= self.any_paused_until else None
+        if box is None and late:  # its wait is over: answered, not handed on for a day
+            self._reply_now(job, protocol.error_result(
+                f"no worker took the job within its --lock-wait: no slot was free (host "
+                f"{self.host} looked last); try again later or wait with --lock-wait S",
+                self.host, EXIT_LOCKED))
+            return
         if box is None:  # nothing really free: give it back for another worker
             job.message.requeue()
             self.any_paused_until = time.monotonic() + RETRY_ANY  # the main loop cancels
@@ -352,10 +384,21 @@ class Worker:
         self._start(job)
 
     def _start(self, job: Job) -> None:
+        """Run the job in a thread; when that cannot start (its journal entry cannot be
+        written, no thread), the job ends at once: answered (exit 7), its slot freed."""
         self.slots.running[job.box] = job
-        self.journal.begin(job.job_id, job.box, job.run.to_dict(protocol.JOB_REQUEST_FIELDS))
-        job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True)
-        job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
+        try:
+            self.journal.begin(job.job_id, job.box, protocol.journal_request(
+                ANY_FREE if job.any_free else job.box, job.run))
+            job.thread = threading.Thread(target=self._run_job, args=(job,), daemon=True)
+            job.thread.start()  # the main loop stops consuming vmim.any when no slot is left
+        except Exception as exc:  # noqa: BLE001 - an error of this host, not of the broker
+            log.error("job %s: box %s: cannot start it: %s", job.job_id, job.box, exc)
+            with contextlib.suppress(OSError, VmimError):
+                self.journal.forget(job.job_id)
+            self._finish(job, protocol.error_result(
+                f"the worker of host {self.host} could not start the job: {exc}", self.host,
+                EXIT_ENVIRONMENT, job.box), keep=False)
 
     def _renew_leases(self) -> None:
         for job in list(self.slots.running.values()):
@@ -369,37 +412,13 @@ class Worker:
         """In a job thread: run the job and hand its reply to the main loop — always, even
         when the worker fails to run it (the slot's reservation ends with the reply)."""
         try:
-            reply = self._run_command(job)
+            reply = self.children.job_reply(job, self.host,
+                                            lambda line: self.events.put(("log", job, line)))
         except Exception as exc:  # noqa: BLE001 - whatever it was, the client gets an answer
             log.exception("job %s: box %s: the worker failed to run it", job.job_id, job.box)
             reply = protocol.error_result(f"the worker failed to run the job: {exc!r}",
                                           self.host, EXIT_FAILED, job.box)
         self.events.put(("reply", job, reply))
-
-    def _run_command(self, job: Job) -> protocol.Reply:
-        """The child for the job's slot: its stderr streamed to the client, its JSON doc and
-        exit code the reply. The run is the client's request for this slot only, with the
-        lock wait that is left of the client's deadline."""
-        left = max(0, min(int(job.deadline - time.time()), 7 * 24 * 3600))
-        run = BoxRun(replace(job.run.request, boxes=(job.box,), lists=()),
-                     replace(job.run.options, json=True, jobs=1, lock_wait=left))
-        log.info("job %s: box %s: %s", job.job_id, job.box,
-                 ", ".join(run.request.actions) or "print-xml")
-
-        def started(proc: Any) -> None:
-            job.proc = proc
-
-        try:
-            code, doc, lines = self.children.run_job(
-                job.job_id, run, started, lambda line: self.events.put(("log", job, line)))
-        except OSError as exc:
-            return protocol.error_result(f"cannot start the job: {exc}", self.host,
-                                         EXIT_ENVIRONMENT, job.box)
-        doc["host"] = self.host
-        if job.any_free:  # the slot claimed for it
-            doc["claimed"] = job.box
-        return protocol.Reply("result", self.host, box=job.box, exit_code=code, doc=doc,
-                              stderr=tuple(lines))
 
     def _reply_now(self, job: Job, reply: protocol.Reply) -> None:
         self._send(job.reply_to, job.job_id, reply)
@@ -421,14 +440,18 @@ class Worker:
                 _, job, reply = event
                 self._finish(job, reply)
             elif kind == "list":
-                _, reply_to, corr, reply = event
-                self._send(reply_to, corr, reply)
+                _, job, reply = event
+                self.lists.answered(job, reply)
 
-    def _finish(self, job: Job, reply: protocol.Reply) -> None:
+    def _finish(self, job: Job, reply: protocol.Reply, keep: bool = True) -> None:
         if job.aborted:  # the broker was lost: the job may run elsewhere; say nothing
             self.journal.forget(job.job_id)
         else:
-            self.journal.finish(job.job_id, job.box, reply.as_dict())
+            try:
+                if keep:
+                    self.journal.finish(job.job_id, job.box, reply.as_dict())
+            except (OSError, VmimError) as exc:  # the client gets its result all the same
+                log.error("job %s: cannot keep its result in the journal: %s", job.job_id, exc)
             if not self._send(job.reply_to, job.job_id, reply, mandatory=True):
                 # the client is reconnecting (a broker restart): try again for a while
                 self.undelivered.add(job.reply_to, job.job_id, reply, time.monotonic())
@@ -475,26 +498,3 @@ class Worker:
         else:
             self.any_consumer.cancel()
         self.any_on = on
-
-    # ------------------------------------------------------------------ fleet lists
-
-    def _on_control(self, message: Any) -> None:
-        """A list request on the vmim.control fanout (no acknowledgement: a fanout copy is
-        this worker's own). One that does not decode is ignored, with a line in the log."""
-        try:
-            req = protocol.decode_list_request(message.body)
-            reply_to = protocol.usable_reply_to(message.properties.get("reply_to"))
-            if reply_to is None:
-                raise ProtocolError("its reply_to is not a client's reply queue")
-        except ProtocolError as exc:
-            log.warning("ignoring a list request: %s", exc)
-            return
-        except Exception:  # noqa: BLE001 - one bad message must not stop the worker
-            log.exception("worker %s: internal error on a list request; ignoring it", self.host)
-            return
-        self._send(reply_to, req.job_id, protocol.Reply("here", self.host))
-        threading.Thread(target=self._run_list, args=(req.lists, reply_to, req.job_id),
-                         daemon=True).start()
-
-    def _run_list(self, lists: Tuple[str, ...], reply_to: str, corr: str) -> None:
-        self.events.put(("list", reply_to, corr, self.children.lists(lists, self.host)))

@@ -1,0 +1,275 @@
+"""What a broker client must not be able to do to a worker: exhaust it (list requests without
+bound), leave a slot reserved, reuse a job id, keep an expired job circulating. The hostile
+messages are published with kombu directly, by a broker user with only the client permissions
+of docs/fleet.md (conftest.Sender)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from tests.fleet.conftest import is_mounted, queue_depth
+from tests.fleet.test_fleet_trust import v2_job
+from vmim.fleet import protocol
+from vmim.fleet.lists import WAITING
+
+
+def list_request() -> dict:
+    return {"v": protocol.VERSION, "type": "lists", "job_id": os.urandom(16).hex(),
+            "lists": ["boxes"]}
+
+
+def wait_lists(sender, corrs, hosts, timeout: float = 120) -> None:
+    """Until every request has a `lists` answer from every host, or the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(len({r.get("host") for r in sender.replies.get(c, []) if r.get("type") == "lists"})
+               >= len(hosts) for c in corrs):
+            return
+        try:
+            sender.conn.drain_events(timeout=0.2)
+        except (TimeoutError, OSError):
+            pass
+
+
+def test_a_flood_of_list_requests_is_served_one_at_a_time_and_the_rest_is_busy(fleet, sender):
+    """30 list requests at once: each worker serves one at a time with at most WAITING more
+    waiting, answers every other one at once with exit 5, and a client asking meanwhile exits
+    5; afterwards the lists are served again."""
+    hosts = ("h1", "h2", "h3")
+    corrs = [sender.send(list_request(), exchange="vmim.control", routing_key="")
+             for _ in range(30)]
+    client = fleet.spawn("-l")
+    wait_lists(sender, corrs, hosts)
+    out, err = client.communicate(timeout=180)
+    for h in hosts:
+        answers = [r for c in corrs for r in sender.replies.get(c, [])
+                   if r.get("type") == "lists" and r.get("host") == h]
+        assert len(answers) == 30, (h, len(answers))  # every request is answered
+        served = [a for a in answers if a["exit_code"] == 0]
+        busy = [a for a in answers if a["exit_code"] == 5]
+        assert len(served) + len(busy) == 30, answers
+        assert len(served) <= 1 + WAITING + 1, (h, len(served))  # +1: one served meanwhile
+        assert all("busy" in a["stderr"][0] for a in busy), busy
+        assert all(a["doc"].get("boxes") for a in served)
+    assert client.returncode == 5, (out, err)
+    assert "busy" in err
+    r = fleet.vmim("-l", "--json")
+    assert r.code == 0, r
+    assert r.json()["hosts"] == list(hosts)
+
+
+def test_a_job_that_cannot_start_is_answered_and_frees_its_slot(fleet, sender):
+    """The worker cannot start the job (here: its journal entry cannot be written, a
+    directory stands where its temporary file goes): the client gets exit 7 with the reason,
+    the message is acknowledged, the worker keeps its connection, and the slot is not left
+    reserved — the next job runs at once."""
+    body = v2_job("h3a", {"actions": ["release"]})
+    jobs = os.path.join(fleet.root, "h3", "state", "fleet", "jobs")
+    os.makedirs(jobs, mode=0o700, exist_ok=True)
+    tmp = os.path.join(jobs, f".{body['job_id']}.json.{fleet.workers['h3'].pid}.tmp")
+    os.mkdir(tmp, 0o700)
+    try:
+        corr = sender.send(body, routing_key="box.h3a")
+        sender.wait([corr], timeout=30)
+        reply = sender.result(corr)
+        assert reply is not None, sender.replies.get(corr)
+        assert reply["exit_code"] == 7, reply
+        assert "could not start the job" in reply["doc"]["error"]["message"], reply
+        assert queue_depth(fleet.broker, "vmim.host.h3.box.h3a") == 0
+        t = time.monotonic()
+        r = fleet.vmim("-b", "h3a", "--release", "--lock-wait", "20")
+        assert r.code == 0, r
+        assert time.monotonic() - t < 15
+        assert "lost the broker" not in fleet.log("h3")
+    finally:
+        os.rmdir(tmp)
+
+
+def test_a_job_id_in_use_is_refused_with_exit_2(fleet, sender):
+    """A message that reuses the id of a job the worker ran (another request) or holds now is
+    refused with exit 2: it is not run, and its client does not get the other job's result."""
+    first = v2_job("h1b", {"actions": ["release"]})
+    corr = sender.send(first, routing_key="box.h1b")
+    sender.wait([corr], timeout=30)
+    assert sender.result(corr)["exit_code"] == 0, sender.replies.get(corr)
+    sender.replies.clear()
+    reuse = dict(first, request={"actions": ["mount"]}, deadline=time.time() + 30)
+    sender.send(reuse, routing_key="box.h1b")
+    sender.wait([corr], timeout=30)
+    reply = sender.result(corr)
+    assert reply is not None and reply["exit_code"] == 2, sender.replies.get(corr)
+    assert "in use by another job" in reply["doc"]["error"]["message"]
+    assert not is_mounted(fleet.mount_of("h1b"))  # not run
+    # the same id on two slots of one worker at once: one runs, the other is refused
+    sender.replies.clear()
+    twin = v2_job("h1a", {"actions": ["release"]})
+    sender.send(twin, routing_key="box.h1a")
+    sender.send(dict(twin, box="h1b"), routing_key="box.h1b")
+    deadline = time.monotonic() + 30
+    while len([r for r in sender.replies.get(twin["job_id"], []) if r.get("type") == "result"]) < 2:
+        assert time.monotonic() < deadline, sender.replies
+        try:
+            sender.conn.drain_events(timeout=0.2)
+        except (TimeoutError, OSError):
+            pass
+    results = [r for r in sender.replies[twin["job_id"]] if r.get("type") == "result"]
+    assert sorted(r["exit_code"] for r in results) == [0, 2], results
+    assert len({r["box"] for r in results if r["exit_code"] == 0} & {"h1a", "h1b"}) == 1
+
+
+def test_an_any_free_job_that_finds_no_free_slot_until_its_deadline_gets_exit_5(fleet, sender):
+    """Every slot of the fleet is busy (mounted): an any-free job goes back to the queue for
+    another worker until its deadline, then it is answered with exit 5 and acknowledged —
+    it does not circulate between the workers for the day of its TTL."""
+    boxes = [f"{h}{s}" for h in ("h1", "h2", "h3") for s in "ab"]
+    try:
+        for box in boxes:
+            r = fleet.vmim("-b", box, "--mount")
+            assert r.code == 0, r
+        body = v2_job("any-free", {"actions": ["release"]}, deadline=time.time() + 3)
+        t = time.monotonic()
+        corr = sender.send(body, routing_key="any")
+        sender.wait([corr], timeout=30)
+        reply = sender.result(corr)
+        assert reply is not None, sender.replies.get(corr)
+        assert reply["exit_code"] == 5, reply
+        assert "no slot was free" in reply["doc"]["error"]["message"], reply
+        assert time.monotonic() - t < 20
+        assert queue_depth(fleet.broker, "vmim.any") == 0
+        assert all(is_mounted(fleet.mount_of(b)) for b in boxes)  # the job did not run
+    finally:
+        for box in boxes:
+            fleet.vmim("-b", box, "--release")
+
+
+class FakeWorker:
+    """Not a worker: a broker peer that takes the jobs of box `box` (or list requests) and
+    answers whatever the test wants, as a broken or foreign worker would."""
+
+    def __init__(self, url: str, box: str = "", lists: bool = False):
+        import kombu
+
+        self.conn = kombu.Connection(url)
+        self.conn.connect()
+        ch = self.conn.channel()
+        if lists:
+            ex = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
+            q = kombu.Queue(f"vmim.control.fake.{os.urandom(4).hex()}", ex, exclusive=True,
+                            auto_delete=True, durable=False)
+        else:
+            ex = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
+            q = kombu.Queue(f"vmim.host.fake.box.{box}", ex, routing_key=protocol.box_key(box),
+                            durable=False, auto_delete=True)
+        self.got: list = []
+        self.consumer = kombu.Consumer(ch, queues=[q], no_ack=True,
+                                       on_message=self.got.append)
+        self.consumer.consume()
+        self.producer = kombu.Producer(ch)
+
+    def answer(self, *bodies, timeout: float = 30) -> None:
+        """Wait for a request, then send each body (bytes or dict) to its reply queue."""
+        import json
+
+        deadline = time.monotonic() + timeout
+        while not self.got:
+            assert time.monotonic() < deadline, "no request came"
+            try:
+                self.conn.drain_events(timeout=0.2)
+            except (TimeoutError, OSError):
+                pass
+        msg = self.got[0]
+        for body in bodies:
+            raw = json.dumps(body).encode() if isinstance(body, dict) else body
+            self.producer.publish(raw, routing_key=msg.properties["reply_to"],
+                                  correlation_id=msg.properties["correlation_id"],
+                                  content_type="application/json", content_encoding="utf-8",
+                                  serializer=None)
+
+    def close(self) -> None:
+        self.conn.release()
+
+
+def reply(kind: str, **fields) -> dict:
+    return dict({"v": protocol.VERSION, "type": kind, "host": "hx"}, **fields)
+
+
+def test_a_malformed_result_or_reply_is_exit_7_not_a_crash(fleet):
+    """A peer that is not a worker of this release answers a job with a result of another
+    shape, or with bytes that are not a reply: the client exits 7 and says so."""
+    cases = [
+        ("results is not a list of objects",
+         (reply("result", box="hx1", exit_code=0, doc={"results": ["x", 1]}, stderr=[]),)),
+        ("steps of", (reply("result", box="hx1", exit_code=0,
+                           doc={"plan": {"hx1": {"steps": "down"}}}, stderr=[]),)),
+        ("malformed reply", (b"{not json",)),
+        ("malformed reply", (reply("result", box="hx1", exit_code="zero"),)),
+    ]
+    for why, bodies in cases:
+        fake = FakeWorker(fleet.broker.url, box="hx1")
+        try:
+            client = fleet.spawn("-b", "hx1", "--mount", "--dry-run", "--lock-wait", "20")
+            fake.answer(*bodies)
+            out, err = client.communicate(timeout=60)
+        finally:
+            fake.close()
+        assert client.returncode == 7, (why, out, err)
+        assert why in err and "Traceback" not in err, (why, err)
+
+
+def test_malformed_lists_are_exit_7_not_a_crash(fleet):
+    """A peer on the control fanout answers a list request with lists of another shape:
+    the client exits 7 naming the host, and prints no table built from them."""
+    fake = FakeWorker(fleet.broker.url, lists=True)
+    try:
+        client = fleet.spawn("-l")
+        fake.answer(reply("here"), reply("lists", exit_code=0, doc={"boxes": [1, "x"]},
+                                         stderr=[]))
+        out, err = client.communicate(timeout=180)
+    finally:
+        fake.close()
+    assert client.returncode == 7, (out, err)
+    assert "the lists from host hx" in err and "Traceback" not in err, err
+
+
+def test_a_client_never_waits_without_bound_on_a_frozen_broker(tmp_path):
+    """The broker freezes (SIGSTOP) while a client waits for its job to be taken: the client
+    ends with exit 5 when its wait is over — closing its connection to a broker that no longer
+    answers does not hang it."""
+    import signal
+    import subprocess
+    import sys
+
+    import kombu
+
+    from tests.fleet import broker as broker_mod
+    from tests.fleet.conftest import env
+
+    b = broker_mod.Broker(str(tmp_path))
+    b.start()
+    beam = 0
+    try:
+        with kombu.Connection(b.url) as conn:  # a slot queue nobody consumes: never taken
+            ex = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
+            kombu.Queue("vmim.host.hz.box.hz1", ex, routing_key="box.hz1",
+                        durable=True)(conn.default_channel).declare()
+        client = subprocess.Popen([sys.executable, "-m", "vmim", "--broker", b.url, "-b", "hz1",
+                                   "--mount", "--lock-wait", "3"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env())
+        time.sleep(2)  # connected and published
+        with open(b.pidfile) as fh:
+            beam = int(fh.read().strip())
+        os.kill(beam, signal.SIGSTOP)
+        t = time.monotonic()
+        try:
+            out, err = client.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.communicate()
+            raise AssertionError("the client hung on the frozen broker") from None
+        assert client.returncode == 5, (out, err)
+        assert time.monotonic() - t < 30
+    finally:
+        if beam:
+            os.kill(beam, signal.SIGCONT)
+        b.stop()
