@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 
 import pytest
 
 from tests.integration import diskimages as di
 from vmim.disk import loop, mounts
+from vmim.errors import CleanupError
 
 
 @pytest.fixture
@@ -193,3 +195,75 @@ def test_base_with_mounts_below_it_is_not_bound_over_them(vmim, slot, tmp_path):
     assert r.code == 0, r
     assert [m.shared for m in mounts.all_mounts() if m.target == slot.base] == [True]
     assert vmim("-b", slot.name, "--release", "--config", slot.cfg).code == 0
+
+
+
+@pytest.fixture
+def attached(slot, tmp_path):
+    """slot's disk on a loop device of its own, mounted at tmp_path/here; whatever a test
+    leaves of both is undone."""
+    device = di.run("losetup", "--find", "--show", slot.disk).strip()
+    point = tmp_path / "here"
+    point.mkdir()
+    di.run("mount", device, str(point))
+    yield device, point
+    subprocess.run(["umount", str(point)], capture_output=True)
+    if loop.attached_file(device) == slot.disk:
+        subprocess.run(["losetup", "--detach", device], capture_output=True)
+
+
+def test_a_loop_device_held_for_a_moment_is_detached_once_it_is_let_go(attached):
+    """A mount namespace that just ended gives its mounts back a moment later (the kernel's
+    delayed mntput; a busy host shows it): detach waits for that, not failing at once."""
+    device, point = attached
+    di.run("umount", str(point))
+    fd = os.open(device, os.O_RDONLY | os.O_EXCL)  # what a dying namespace's mount does
+    guard, open_ = threading.Lock(), [True]
+
+    def let_go() -> None:
+        with guard:
+            if open_[0]:
+                os.close(fd)
+                open_[0] = False
+
+    timer = threading.Timer(0.3, let_go)
+    try:
+        assert loop.claimed(device)
+        timer.start()
+        loop.detach(device)
+    finally:
+        timer.cancel()
+        let_go()
+    assert loop.attached_file(device) == ""
+
+
+def test_a_loop_device_mounted_in_another_namespace_names_its_holder(attached):
+    """A process that copied the mount into a private namespace of its own keeps the device:
+    detach refuses after its wait, naming the process and how to free it."""
+    device, point = attached
+    pinner = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                               "sleep", "60"])
+    try:
+        for _ in range(50):  # unshare has made its copy of the mounts and become sleep
+            try:
+                if os.readlink(f"/proc/{pinner.pid}/exe").endswith("/sleep"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert str(point) in targets_in(pinner.pid)
+        di.run("umount", str(point))
+        with pytest.raises(CleanupError) as err:
+            loop.detach(device)
+        text = str(err.value)
+        assert f"pid {pinner.pid} (sleep" in text and str(point) in text, text
+        assert f"nsenter -t {pinner.pid} -m umount" in text, text
+    finally:
+        pinner.kill()
+        pinner.wait()
+    for _ in range(50):  # its namespace ends with it, and gives the mount back
+        if not loop.claimed(device):
+            break
+        time.sleep(0.1)
+    loop.detach(device)
+    assert loop.attached_file(device) == ""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from vmim import process
+from vmim.disk import namespaces
 from vmim.errors import CleanupError, CommandError, HostEnvironmentError
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,15 @@ def attached_file(device: str) -> str:
 def detach(device: str) -> None:
     """Free a loop device, and make sure it is gone: `losetup --detach` of a device in use only
     marks it to be freed when its last user lets go (autoclear) and succeeds all the same."""
-    if claimed(device):
-        raise CleanupError(f"cannot detach {device} ({attached_file(device) or 'no file'}): it is "
-                           "in use (mounted, maybe in another mount namespace)")
+    delays = list(DETACH_WAIT_DELAYS)
+    while claimed(device):  # a mount namespace that just ended lets go of its mounts a moment
+        if not delays:      # later (the kernel's delayed mntput): a busy host shows it
+            held = namespaces.mounts_elsewhere([device])
+            where = (f": {namespaces.describe(held)}" if held else
+                     " (mounted, maybe in another mount namespace)")
+            raise CleanupError(f"cannot detach {device} ({attached_file(device) or 'no file'}): "
+                               f"it is in use{where}")
+        time.sleep(delays.pop(0))
     backing = attached_file(device)
     process.run(["losetup", "--detach", device])
     delays = list(DETACH_WAIT_DELAYS)
