@@ -175,6 +175,18 @@ def parse_size(value: Any) -> Optional[int]:
     return -(-size // (1 << 20)) << 20  # whole MiB: partition tables and loop devices want it
 
 
+def _inline_comment(text: str) -> str:
+    """The '# ...' or '; ...' after a complete JSON value (`"/srv/x"   # a note`), else ''."""
+    import re
+
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return ""
+    m = re.match(r"\s+([#;].*)", text[end:], re.S)
+    return m.group(1) if m else ""
+
+
 def convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
     """Return (True, value) — value None meaning 'not set' — or (False, error message)."""
     text = text.strip()
@@ -182,6 +194,11 @@ def convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
         try:
             value: Any = json.loads(text)
         except ValueError:
+            comment = _inline_comment(text)
+            if comment:
+                return False, (f"a comment after the value ({json.dumps(comment)}): the INI "
+                               "format takes it as part of the value; put the comment on a "
+                               "line of its own")
             value = text  # a bare value is taken as a string
     else:
         value = text

@@ -124,3 +124,33 @@ def test_non_root_without_a_daemon_is_told_to_start_libvirtd(public_dir):
                    public_dir)
     assert res.returncode == 7, res
     assert "is libvirtd running?" in res.stderr and "--connect URI" in res.stderr
+
+
+def test_a_comment_after_a_value_is_an_error_that_says_where_comments_go(vmim, write_config,
+                                                                          tmp_path):
+    """`kernel = "/srv/vmlinuz"   # a note` (INI files elsewhere allow it) was read as the path
+    '"/srv/vmlinuz"   # a note' ("expected an absolute path"), and a string key such as
+    cmdline kept the quotes and the note without a word."""
+    path = write_config(f"""\
+        [vmim.local]
+        vmimages = "{tmp_path}"          # the image store
+        [vmim.vm.1]
+        HostName = "web1"  ; the domain
+        root = "{tmp_path}/web1.img"
+        cmdline = "console=ttyS0 root=/dev/vda1"
+        """)
+    r = vmim("--config", path, "-l")
+    assert r.code == 3, r
+    assert ('[vmim.local] vmimages: a comment after the value ("# the image store"): the INI '
+            'format takes it as part of the value; put the comment on a line of its own') \
+        in r.err, r.err
+    assert '[vmim.vm.1] hostname: a comment after the value ("; the domain")' in r.err, r.err
+    assert "cmdline" not in r.err, r.err  # '#' and ';' inside a quoted value are no comment
+
+
+def test_a_hash_inside_a_value_is_no_comment():
+    cfg = config.parse('[vmim.vm.1]\nHostName = "web1"\nroot = "/d/web1.img"\n'
+                       'cmdline = "console=ttyS0 # not a comment; nor this"\n'
+                       'bridge = br0 # a bare value is taken whole\n', "/c.cfg")
+    assert cfg.slot("web1").cmdline == "console=ttyS0 # not a comment; nor this"
+    assert cfg.slot("web1").bridge == "br0 # a bare value is taken whole"
