@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-image libvirt virtual machines: stop a slot's domain, mount its root "
         "filesystem, store or restore an image, insert or extract archives, start it again. "
         "Actions run per box in a fixed order: kill, down, mount, extract, store, restore, "
-        "insert, release, up.",
+        "insert, release, redefine, swap, up. A slot an action mounted stays mounted unless "
+        "--release or -u is given.",
         epilog="Exit codes: 0 success, 1 operation failed, 2 usage, 3 config invalid, "
         "4 state conflict (unknown box or image, domain running), 5 slot locked, "
         "6 external command failed, 7 environment (tool missing, not root, libvirt "
