@@ -3,6 +3,7 @@ the plans (--dry-run) or run the boxes, print the lists. cli.py parses and repor
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -250,7 +251,9 @@ def check_boxes(req: Request, cfg: Config, hv: Hypervisor) -> None:
     if unknown:
         names = ", ".join(f"'{safe(b)}'" for b in unknown)
         listing = ", ".join(sorted(known)) or "(none: the config has no slots and libvirt no domains)"
+        close = [c for b in unknown for c in difflib.get_close_matches(b, sorted(known), n=1)]
+        hint = f"did you mean {', '.join(dict.fromkeys(close))}? " if close else ""
         raise StateError(f"unknown box {names}: no slot in {cfg.path} and no domain in libvirt "
-                         f"at {hv.uri}; known boxes: {listing}")
+                         f"at {hv.uri}; {hint}known boxes: {listing}")
 
 

@@ -154,3 +154,10 @@ def test_a_hash_inside_a_value_is_no_comment():
                        'bridge = br0 # a bare value is taken whole\n', "/c.cfg")
     assert cfg.slot("web1").cmdline == "console=ttyS0 # not a comment; nor this"
     assert cfg.slot("web1").bridge == "br0 # a bare value is taken whole"
+
+
+def test_a_misspelt_box_names_the_box_it_resembles(vmim, slots_cfg):
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "wbe1", "--print-xml")
+    assert r.code == 4, r
+    assert (f"unknown box 'wbe1': no slot in {slots_cfg} and no domain in libvirt at "
+            "test:///default; did you mean web1? known boxes: test, web1") in r.err, r.err
