@@ -214,8 +214,11 @@ def run_boxes(req: Request, cfg: Config, hv: Hypervisor, options: Options,
             failed = next((s.step for s in r.steps if s.status == "failed"), None)
             where = f"box {r.box}: {failed} failed" if failed else f"box {r.box}"
             tail = "; the domain was not started" if "up" in req.actions else ""
-            sys.stderr.write(f"{PROG}: error: {where}: {undecodable_escaped(str(r.error))}"
-                             f"{tail}\n")
+            message = undecodable_escaped(str(r.error))
+            own = f"box '{undecodable_escaped(r.box)}': "
+            if message.startswith(own):  # said once: "box web1: ...", not "box web1: box 'web1': ..."
+                message = message[len(own):]
+            sys.stderr.write(f"{PROG}: error: {where}: {message}{tail}\n")
     if len(results) > 1 and not quiet:
         for r in results:
             took = sum(s.seconds for s in r.steps)

@@ -161,3 +161,20 @@ def test_a_misspelt_box_names_the_box_it_resembles(vmim, slots_cfg):
     assert r.code == 4, r
     assert (f"unknown box 'wbe1': no slot in {slots_cfg} and no domain in libvirt at "
             "test:///default; did you mean web1? known boxes: test, web1") in r.err, r.err
+
+
+def test_a_failed_box_is_named_once_in_its_error_line(vmim, write_config, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("a user other than root is told first that a restore needs root")
+    path = write_config(f"""\
+        [vmim.local]
+        lockdir = "{tmp_path}/locks"
+        statedir = "{tmp_path}/state"
+        [vmim.vm.1]
+        HostName = "web1"
+        root = "{tmp_path}/web1.img"
+        """)
+    r = vmim("--config", path, "--connect", "test:///default", "-b", "web1", "-r", "golden")
+    assert r.code == 3, r
+    assert ("vmimagemanager: error: box web1: no image store configured: set vmimages in "
+            "[vmim.local] or in the slot's section\n") in r.err, r.err
