@@ -84,7 +84,8 @@ def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
             if opts.print_xml:
                 print_xml(req, cfg, hv, opts.json, doc, out)
             if req.actions and opts.dry_run:
-                code = print_plans(req, cfg, hv, opts.lock_wait, opts.json, doc, out)
+                code = print_plans(req, cfg, hv, opts.lock_wait, opts.json, doc, out,
+                                   timeout=opts.timeout)
             elif req.actions:
                 from vmim import progress
 
@@ -100,7 +101,8 @@ def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
     return code
 
 
-def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List[Plan]:
+def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int,
+              timeout: Optional[int] = None) -> List[Plan]:
     """The plan of every box, from the state observed now (the same observation and planning
     as the run; the run does them again under each slot's lock)."""
     from vmim import listing
@@ -114,29 +116,35 @@ def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List
                                  f"{cfg.path} are running, mounted or locked; try again "
                                  "later"))]
         boxes = tuple(free[:1])
-    return [plan_of(req, cfg, hv, box, lock_wait) for box in boxes]
+    return [plan_of(req, cfg, hv, box, lock_wait, timeout) for box in boxes]
 
 
-def plan_of(req: Request, cfg: Config, hv: Hypervisor, box: str, lock_wait: int) -> Plan:
-    """One box's plan, on the disk its domain boots (vmim.standby): what the run does."""
+def plan_of(req: Request, cfg: Config, hv: Hypervisor, box: str, lock_wait: int,
+            timeout: Optional[int] = None) -> Plan:
+    """One box's plan, on the disk its domain boots (vmim.standby): what the run does; a
+    --timeout replaces the slot's in the shutdown it describes, as in the run."""
     from vmim import standby
     from vmim.observe import observe
-    from vmim.plan import plan_box, plan_staged
+    from vmim.plan import Observed, plan_box, plan_staged
+
+    def seen(b: str, r: Request) -> Observed:
+        observed = observe(cfg, hv, b, r)
+        return observed if timeout is None else replace(observed, timeout=timeout)
 
     cfg = standby.resolve(cfg, hv, box)
     if req.stage:
         spare = standby.standby_name(box)
-        return plan_staged(req, box, observe(cfg, hv, box, req.swapping()),
-                           observe(cfg, hv, spare, req.staging())
+        return plan_staged(req, box, seen(box, req.swapping()),
+                           seen(spare, req.staging())
                            if cfg.slot(spare) else None, lock_wait=lock_wait)
-    return plan_box(req, box, observe(cfg, hv, box, req), lock_wait=lock_wait)
+    return plan_box(req, box, seen(box, req), lock_wait=lock_wait)
 
 
 def print_plans(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int, as_json: bool,
-                doc: Dict[str, Any], out: TextIO) -> int:
+                doc: Dict[str, Any], out: TextIO, timeout: Optional[int] = None) -> int:
     """--dry-run: each box's plan; exits with the code the run would end with when the plan
     knows it (the highest of the boxes'), else 0. Reads state, changes nothing."""
-    plans = plans_for(req, cfg, hv, lock_wait)
+    plans = plans_for(req, cfg, hv, lock_wait, timeout)
     code = max(p.expected_exit for p in plans)
     if as_json:
         doc["plan"] = {p.box: p.as_dict() for p in plans}

@@ -178,3 +178,14 @@ def test_a_failed_box_is_named_once_in_its_error_line(vmim, write_config, tmp_pa
     assert r.code == 3, r
     assert ("vmimagemanager: error: box web1: no image store configured: set vmimages in "
             "[vmim.local] or in the slot's section\n") in r.err, r.err
+
+
+def test_the_dry_run_shuts_down_with_the_timeout_of_the_command_line(vmim, slots_cfg):
+    """--timeout S is the run's; the plan of --dry-run said the slot's (180 s) all the same."""
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d",
+             "--timeout", "7", "--dry-run")
+    assert r.code == 0, r
+    assert "1. down: ACPI shutdown, forced off after 7 s" in r.out, r.out
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d",
+             "--dry-run")
+    assert "1. down: ACPI shutdown, forced off after 180 s" in r.out, r.out
