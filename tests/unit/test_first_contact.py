@@ -4,6 +4,7 @@ test makes stand in for a libvirtd where one is needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -189,3 +190,14 @@ def test_the_dry_run_shuts_down_with_the_timeout_of_the_command_line(vmim, slots
     r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d",
              "--dry-run")
     assert "1. down: ACPI shutdown, forced off after 180 s" in r.out, r.out
+
+
+def test_listing_a_store_that_is_not_configured_says_which_key_to_set(vmim, slots_cfg):
+    r = vmim("--config", slots_cfg, "-L")
+    assert r.code == 0 and r.out.split() == ["NAME", "FORMAT", "SIZE", "MODIFIED", "(UTC)",
+                                            "DIRECTORY", "BASE", "OF"], r
+    assert (f"warning: no image store configured in {slots_cfg}: set vmimages in [vmim.local] "
+            "(or in a slot's section)") in r.err, r.err
+    r = vmim("--config", slots_cfg, "--list-inserts", "--json")
+    assert r.code == 0 and json.loads(r.out)["inserts"] == [], r
+    assert "no insert store configured" in r.err and "set vminserts" in r.err, r.err
