@@ -201,3 +201,14 @@ def test_listing_a_store_that_is_not_configured_says_which_key_to_set(vmim, slot
     r = vmim("--config", slots_cfg, "--list-inserts", "--json")
     assert r.code == 0 and json.loads(r.out)["inserts"] == [], r
     assert "no insert store configured" in r.err and "set vminserts" in r.err, r.err
+
+
+def test_a_disk_action_without_root_says_to_run_as_root(vmim, slots_cfg, monkeypatch):
+    from vmim import steps
+
+    monkeypatch.setattr(steps.os, "geteuid", lambda: 1000)
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "web1", "-r", "golden")
+    assert r.code == 7, r
+    assert ("vmimagemanager: error: restore needs root (mounting and loop devices): run "
+            "vmimagemanager as root, with sudo for instance; the lists (-l, -L) work for the "
+            "libvirt group") in r.err, r.err
