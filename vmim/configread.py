@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from vmim.configtypes import LOCAL_SECTION
 from vmim.keys import BY_SCOPE, FALSE_WORDS, KEYS, LEGACY_NAMES, OBSOLETE_KEYS, TRUE_WORDS, Key
 
 
@@ -109,6 +110,9 @@ def convert_section(raw: Mapping[str, str], section: str, fmt: str, col: Collect
                 col.warn(section, name, f"obsolete key ignored ({OBSOLETE_KEYS[name]})")
             elif is_local and name in BY_SCOPE["slot"] and not BY_SCOPE["slot"][name].inherit:
                 col.warn(section, name, "is a per-slot key and has no default here; ignored")
+            elif not is_local and fmt == "current" and name in BY_SCOPE["local"]:
+                col.warn(section, name, f"is a key of [{LOCAL_SECTION}], not of a slot; "
+                         "ignored here")
             else:
                 col.warn(section, name, "unknown key ignored" + _did_you_mean(name, is_local))
             continue
