@@ -39,6 +39,8 @@ def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
     req, opts = inv.request, inv.options
     if inv.lvm:
         log.warning("--lvm is ignored: set store_type = \"lvm\" for the slot in the config")
+    for note in inv.notes:
+        log.warning("%s", note)
 
     cfg: Optional[Config] = None
     problem: Optional[ConfigError] = None

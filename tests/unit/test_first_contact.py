@@ -212,3 +212,25 @@ def test_a_disk_action_without_root_says_to_run_as_root(vmim, slots_cfg, monkeyp
     assert ("vmimagemanager: error: restore needs root (mounting and loop devices): run "
             "vmimagemanager as root, with sudo for instance; the lists (-l, -L) work for the "
             "libvirt group") in r.err, r.err
+
+
+def test_a_format_flag_without_store_is_a_warning_line_like_the_others(vmim, slots_cfg):
+    """It was said before logging was set up: a bare line without 'vmimagemanager: warning:'."""
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d", "--zstd",
+             "--dry-run")
+    assert r.code == 0, r
+    assert ("vmimagemanager: warning: format option tar.zst has no effect without -s or -e "
+            "(restore and insert detect the format)\n") in r.err, r.err
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d", "--zstd",
+             "--dry-run", "-qq")
+    assert r.err == "", r
+
+
+def test_store_and_restore_of_one_name_in_one_command_is_a_usage_error(vmim, slots_cfg):
+    """The store runs first: it replaced the image (a tar by an rsync tree, say) that the
+    restore had proven, the restore then failed and left the slot marked incomplete."""
+    r = vmim("--config", slots_cfg, "-b", "web1", "-r", "golden", "-s", "golden")
+    assert r.code == 2, r
+    assert ("vmimagemanager: error: -s golden and -r golden in one command: the store runs first "
+            "and would replace the image that the restore then reads; store under another name, "
+            "or give two commands") in r.err, r.err
