@@ -234,3 +234,11 @@ def test_store_and_restore_of_one_name_in_one_command_is_a_usage_error(vmim, slo
     assert ("vmimagemanager: error: -s golden and -r golden in one command: the store runs first "
             "and would replace the image that the restore then reads; store under another name, "
             "or give two commands") in r.err, r.err
+
+
+def test_a_libvirt_uri_given_to_c_says_that_c_is_config_and_uri_is_connect(vmim):
+    r = vmim("-c", "qemu:///system", "-l")
+    assert r.code == 3, r
+    assert ("configuration file 'qemu:///system' (from --config) was not found: -c is --config "
+            "here (the 0.2 spelling); for a libvirt URI (virsh's -c) write --connect "
+            "qemu:///system") in r.err, r.err
