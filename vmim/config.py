@@ -67,7 +67,7 @@ def find_config_path(cli_path: Optional[str], environ: Mapping[str, str] = os.en
                           "give the file in it")
     if not os.path.isfile(path) and origin == "--config" and "://" in path:
         raise ConfigError(f"configuration file '{path}' (from --config) was not found: -c is "
-                          f"--config here (the 0.2 spelling); for a libvirt URI (virsh's "
+                          "--config here (the 0.2 spelling); for a libvirt URI (virsh's "
                           f"-c) write --connect {path}")
     if not os.path.isfile(path):
         template = template_path()
