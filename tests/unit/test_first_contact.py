@@ -242,3 +242,14 @@ def test_a_libvirt_uri_given_to_c_says_that_c_is_config_and_uri_is_connect(vmim)
     assert ("configuration file 'qemu:///system' (from --config) was not found: -c is --config "
             "here (the 0.2 spelling); for a libvirt URI (virsh's -c) write --connect "
             "qemu:///system") in r.err, r.err
+
+
+def test_an_image_given_by_its_path_is_told_to_give_its_name(vmim, slots_cfg):
+    r = vmim("--config", slots_cfg, "-b", "web1", "-r", "/srv/images/golden")
+    assert r.code == 2, r
+    assert ("image name '/srv/images/golden' is not allowed: it must not be empty, contain '/' "
+            "or start with '.'; images are named as in their store (-L lists them), not by a "
+            "path") in r.err, r.err
+    r = vmim("--config", slots_cfg, "-b", "web1", "-i", "./certs")
+    assert r.code == 2 and "inserts are named as in their store (--list-inserts lists them)" \
+        in r.err, r
