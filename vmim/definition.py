@@ -119,7 +119,7 @@ def boot_warning(slot: Slot) -> str:
     filesystem (root, a logical volume: no partition table, no boot loader) and no kernel."""
     if slot.kernel or slot.hostdisk:
         return ""
-    return (f"box '{slot.name}': defined without a kernel, and its disk is a bare filesystem "
+    return (f"box {slot.name}: defined without a kernel, and its disk is a bare filesystem "
             "(no partition table, no boot loader) that the firmware cannot boot; set "
             "kernel (with initrd and cmdline) for direct kernel boot")
 

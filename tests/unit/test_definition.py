@@ -56,7 +56,7 @@ def test_a_bare_filesystem_without_a_kernel_is_said_not_to_boot():
                        '[vmim.vm.c]\nHostName = "c"\nHostDisk = "/d/c.img"\npartition = 1\n',
                        "/c.cfg")
     assert boot_warning(cfg.slot("a")) == (
-        "box 'a': defined without a kernel, and its disk is a bare filesystem (no partition "
+        "box a: defined without a kernel, and its disk is a bare filesystem (no partition "
         "table, no boot loader) that the firmware cannot boot; set kernel (with initrd and "
         "cmdline) for direct kernel boot")
     assert boot_warning(cfg.slot("b")) == "" and boot_warning(cfg.slot("c")) == ""
