@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 install: host $(STAMP)
-	@echo "installed: $(BIN)/vmimagemanager"
+	@echo "installed: $(BIN)/vmimagemanager (not on PATH; to type vmimagemanager, and for sudo:" \
+	  "ln -s $(CURDIR)/$(BIN)/vmimagemanager /usr/local/bin/)"
 
 # Each run gets a temporary directory of its own (not pytest-of-root, whose mode another pytest
 # run resets to 0700, which QEMU, running as libvirt-qemu, then cannot enter); it is removed

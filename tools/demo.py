@@ -83,6 +83,7 @@ vmimages = "{DEMO}/images"
 vminserts = "{DEMO}/inserts"
 mount = "{DEMO}/mnt"
 lockdir = "{DEMO}/locks"
+statedir = "{DEMO}/state"
 # Software emulation boots everywhere (nested KVM often cannot); use "kvm" on a real host.
 virt_type = "qemu"
 

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-image libvirt virtual machines: stop a slot's domain, mount its root "
         "filesystem, store or restore an image, insert or extract archives, start it again. "
         "Actions run per box in a fixed order: kill, down, mount, extract, store, restore, "
-        "insert, release, up.",
+        "insert, release, redefine, swap, up. A slot an action mounted stays mounted unless "
+        "--release or -u is given.",
         epilog="Exit codes: 0 success, 1 operation failed, 2 usage, 3 config invalid, "
         "4 state conflict (unknown box or image, domain running), 5 slot locked, "
         "6 external command failed, 7 environment (tool missing, not root, libvirt "
@@ -244,6 +245,10 @@ def make_request(args: argparse.Namespace) -> Request:
     if args.disk_image and req.store is None and req.restore is None:
         raise UsageError("--disk-image goes with -s NAME or -r NAME")
 
+    if req.store is not None and req.store == req.restore:
+        raise UsageError(f"-s {req.store} and -r {req.restore} in one command: the store runs "
+                         "first and would replace the image that the restore then reads; store "
+                         "under another name, or give two commands")
     if args.print_xml and not req.boxes:
         raise UsageError("--print-xml needs -b BOX")
     if req.actions and not req.boxes:
@@ -261,9 +266,6 @@ def make_request(args: argparse.Namespace) -> Request:
             if BOX_PLACEHOLDER not in t.name:
                 raise UsageError(f"-e {t.name} with {len(req.boxes)} boxes would extract them "
                                  f"all under one name: put {BOX_PLACEHOLDER} in the name")
-    if req.format and not (req.store is not None or req.extracts):
-        log.warning("format option %s has no effect without -s or -e "
-                    "(restore and insert detect the format)", req.format)
     return req
 
 
@@ -273,10 +275,15 @@ def make_invocation(args: argparse.Namespace) -> Invocation:
     options = RunOptions(dry_run=args.dry_run, print_xml=args.print_xml, json=args.json,
                          jobs=args.jobs, lock_wait=args.lock_wait, timeout=args.timeout,
                          core=args.core, verbose=args.verbose, quiet=args.quiet)
-    return Invocation(BoxRun(make_request(args), options), config=args.config,
+    req = make_request(args)
+    notes: Tuple[str, ...] = ()
+    if req.format and not (req.store is not None or req.extracts):
+        notes = (f"format option {req.format} has no effect without -s or -e (restore and "
+                 "insert detect the format)",)
+    return Invocation(BoxRun(req, options), config=args.config,
                       connect=args.connect, print_config=args.print_config,
                       log_config=args.log_config, syslog=args.syslog, broker=args.broker,
-                      local=args.local, lvm=args.lvm)
+                      local=args.local, lvm=args.lvm, notes=notes)
 
 
 def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:

@@ -3,6 +3,7 @@ the plans (--dry-run) or run the boxes, print the lists. cli.py parses and repor
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -38,6 +39,8 @@ def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
     req, opts = inv.request, inv.options
     if inv.lvm:
         log.warning("--lvm is ignored: set store_type = \"lvm\" for the slot in the config")
+    for note in inv.notes:
+        log.warning("%s", note)
 
     cfg: Optional[Config] = None
     problem: Optional[ConfigError] = None
@@ -83,7 +86,8 @@ def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
             if opts.print_xml:
                 print_xml(req, cfg, hv, opts.json, doc, out)
             if req.actions and opts.dry_run:
-                code = print_plans(req, cfg, hv, opts.lock_wait, opts.json, doc, out)
+                code = print_plans(req, cfg, hv, opts.lock_wait, opts.json, doc, out,
+                                   timeout=opts.timeout)
             elif req.actions:
                 from vmim import progress
 
@@ -99,7 +103,8 @@ def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
     return code
 
 
-def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List[Plan]:
+def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int,
+              timeout: Optional[int] = None) -> List[Plan]:
     """The plan of every box, from the state observed now (the same observation and planning
     as the run; the run does them again under each slot's lock)."""
     from vmim import listing
@@ -113,29 +118,35 @@ def plans_for(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int) -> List
                                  f"{cfg.path} are running, mounted or locked; try again "
                                  "later"))]
         boxes = tuple(free[:1])
-    return [plan_of(req, cfg, hv, box, lock_wait) for box in boxes]
+    return [plan_of(req, cfg, hv, box, lock_wait, timeout) for box in boxes]
 
 
-def plan_of(req: Request, cfg: Config, hv: Hypervisor, box: str, lock_wait: int) -> Plan:
-    """One box's plan, on the disk its domain boots (vmim.standby): what the run does."""
+def plan_of(req: Request, cfg: Config, hv: Hypervisor, box: str, lock_wait: int,
+            timeout: Optional[int] = None) -> Plan:
+    """One box's plan, on the disk its domain boots (vmim.standby): what the run does; a
+    --timeout replaces the slot's in the shutdown it describes, as in the run."""
     from vmim import standby
     from vmim.observe import observe
-    from vmim.plan import plan_box, plan_staged
+    from vmim.plan import Observed, plan_box, plan_staged
+
+    def seen(b: str, r: Request) -> Observed:
+        observed = observe(cfg, hv, b, r)
+        return observed if timeout is None else replace(observed, timeout=timeout)
 
     cfg = standby.resolve(cfg, hv, box)
     if req.stage:
         spare = standby.standby_name(box)
-        return plan_staged(req, box, observe(cfg, hv, box, req.swapping()),
-                           observe(cfg, hv, spare, req.staging())
+        return plan_staged(req, box, seen(box, req.swapping()),
+                           seen(spare, req.staging())
                            if cfg.slot(spare) else None, lock_wait=lock_wait)
-    return plan_box(req, box, observe(cfg, hv, box, req), lock_wait=lock_wait)
+    return plan_box(req, box, seen(box, req), lock_wait=lock_wait)
 
 
 def print_plans(req: Request, cfg: Config, hv: Hypervisor, lock_wait: int, as_json: bool,
-                doc: Dict[str, Any], out: TextIO) -> int:
+                doc: Dict[str, Any], out: TextIO, timeout: Optional[int] = None) -> int:
     """--dry-run: each box's plan; exits with the code the run would end with when the plan
     knows it (the highest of the boxes'), else 0. Reads state, changes nothing."""
-    plans = plans_for(req, cfg, hv, lock_wait)
+    plans = plans_for(req, cfg, hv, lock_wait, timeout)
     code = max(p.expected_exit for p in plans)
     if as_json:
         doc["plan"] = {p.box: p.as_dict() for p in plans}
@@ -159,6 +170,8 @@ def print_xml(req: Request, cfg: Config, hv: Hypervisor, as_json: bool, doc: Dic
         if hv.domain(box) is not None:
             log.info("box %s is already defined in libvirt; -u would not redefine it", box)
         xml[box] = definition.domain_xml(slot)
+        if definition.boot_warning(slot):
+            log.warning("%s", definition.boot_warning(slot))
     if as_json:
         doc["xml"] = xml
     else:
@@ -213,8 +226,11 @@ def run_boxes(req: Request, cfg: Config, hv: Hypervisor, options: Options,
             failed = next((s.step for s in r.steps if s.status == "failed"), None)
             where = f"box {r.box}: {failed} failed" if failed else f"box {r.box}"
             tail = "; the domain was not started" if "up" in req.actions else ""
-            sys.stderr.write(f"{PROG}: error: {where}: {undecodable_escaped(str(r.error))}"
-                             f"{tail}\n")
+            message = undecodable_escaped(str(r.error))
+            own = f"box '{undecodable_escaped(r.box)}': "
+            if message.startswith(own):  # said once: "box web1: ...", not "box web1: box 'web1': ..."
+                message = message[len(own):]
+            sys.stderr.write(f"{PROG}: error: {where}: {message}{tail}\n")
     if len(results) > 1 and not quiet:
         for r in results:
             took = sum(s.seconds for s in r.steps)
@@ -250,7 +266,9 @@ def check_boxes(req: Request, cfg: Config, hv: Hypervisor) -> None:
     if unknown:
         names = ", ".join(f"'{safe(b)}'" for b in unknown)
         listing = ", ".join(sorted(known)) or "(none: the config has no slots and libvirt no domains)"
+        close = [c for b in unknown for c in difflib.get_close_matches(b, sorted(known), n=1)]
+        hint = f"did you mean {', '.join(dict.fromkeys(close))}? " if close else ""
         raise StateError(f"unknown box {names}: no slot in {cfg.path} and no domain in libvirt "
-                         f"at {hv.uri}; known boxes: {listing}")
+                         f"at {hv.uri}; {hint}known boxes: {listing}")
 
 

@@ -65,6 +65,10 @@ def find_config_path(cli_path: Optional[str], environ: Mapping[str, str] = os.en
     if os.path.isdir(path):
         raise ConfigError(f"configuration file '{path}' (from {origin}) is a directory; "
                           "give the file in it")
+    if not os.path.isfile(path) and origin == "--config" and "://" in path:
+        raise ConfigError(f"configuration file '{path}' (from --config) was not found: -c is "
+                          "--config here (the 0.2 spelling); for a libvirt URI (virsh's "
+                          f"-c) write --connect {path}")
     if not os.path.isfile(path):
         template = template_path()
         copy = (f"copy the template {template} there and edit it, or " if template else

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from vmim.configtypes import LOCAL_SECTION
 from vmim.keys import BY_SCOPE, FALSE_WORDS, KEYS, LEGACY_NAMES, OBSOLETE_KEYS, TRUE_WORDS, Key
 
 
@@ -109,6 +110,9 @@ def convert_section(raw: Mapping[str, str], section: str, fmt: str, col: Collect
                 col.warn(section, name, f"obsolete key ignored ({OBSOLETE_KEYS[name]})")
             elif is_local and name in BY_SCOPE["slot"] and not BY_SCOPE["slot"][name].inherit:
                 col.warn(section, name, "is a per-slot key and has no default here; ignored")
+            elif not is_local and fmt == "current" and name in BY_SCOPE["local"]:
+                col.warn(section, name, f"is a key of [{LOCAL_SECTION}], not of a slot; "
+                         "ignored here")
             else:
                 col.warn(section, name, "unknown key ignored" + _did_you_mean(name, is_local))
             continue
@@ -175,6 +179,18 @@ def parse_size(value: Any) -> Optional[int]:
     return -(-size // (1 << 20)) << 20  # whole MiB: partition tables and loop devices want it
 
 
+def _inline_comment(text: str) -> str:
+    """The '# ...' or '; ...' after a complete JSON value (`"/srv/x"   # a note`), else ''."""
+    import re
+
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return ""
+    m = re.match(r"\s+([#;].*)", text[end:], re.S)
+    return m.group(1) if m else ""
+
+
 def convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
     """Return (True, value) — value None meaning 'not set' — or (False, error message)."""
     text = text.strip()
@@ -182,6 +198,11 @@ def convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
         try:
             value: Any = json.loads(text)
         except ValueError:
+            comment = _inline_comment(text)
+            if comment:
+                return False, (f"a comment after the value ({json.dumps(comment)}): the INI "
+                               "format takes it as part of the value; put the comment on a "
+                               "line of its own")
             value = text  # a bare value is taken as a string
     else:
         value = text

@@ -114,6 +114,16 @@ def _first_error(exc: Exception) -> str:
     return f"line {line}: {text}" if line else text
 
 
+def boot_warning(slot: Slot) -> str:
+    """Why a domain defined from slot will not boot by itself, or "": a disk that is a bare
+    filesystem (root, a logical volume: no partition table, no boot loader) and no kernel."""
+    if slot.kernel or slot.hostdisk:
+        return ""
+    return (f"box {slot.name}: defined without a kernel, and its disk is a bare filesystem "
+            "(no partition table, no boot loader) that the firmware cannot boot; set "
+            "kernel (with initrd and cmdline) for direct kernel boot")
+
+
 def domain_xml(slot: Slot, stylesheet: Optional[str] = None) -> str:
     return transform(describe(slot), stylesheet or find_stylesheet(slot))
 

@@ -31,6 +31,9 @@ STATE_NAMES = {
 UNDEFINED = "undefined"
 #: Seconds between ACPI shutdown requests (a guest still booting may miss the first).
 SHUTDOWN_RESEND = 5.0
+#: Seconds of a graceful shutdown after which the wait is said (a guest that ignores ACPI
+#: keeps the command silent for the whole timeout otherwise).
+SHUTDOWN_SAY = 5.0
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,7 @@ class Hypervisor:
                 return "forced off (it was suspended and would not wake up)"
         started = time.monotonic()
         last_request = -SHUTDOWN_RESEND
+        said = False
         while dom.isActive():
             from vmim.process import check_cancelled
 
@@ -251,6 +255,10 @@ class Hypervisor:
                             name, timeout)
                 self._call(name, "force off", dom.destroy)
                 return f"forced off after {timeout:.0f} s without a graceful shutdown"
+            if not said and now >= SHUTDOWN_SAY:
+                log.info("box %s: waiting for the guest to shut down; forced off after %d s "
+                         "(-k forces it off at once, --timeout S waits less)", name, timeout)
+                said = True
             if state != "shutting down" and now - last_request >= SHUTDOWN_RESEND:
                 try:
                     dom.shutdownFlags(self.libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)

@@ -101,12 +101,28 @@ class HostEnvironmentError(VmimError):
     exit_code = EXIT_ENVIRONMENT
 
 
+#: The Debian package of each program vmimagemanager runs (tools/setup-host installs them).
+DEBIAN_PACKAGES = {
+    "rsync": "rsync", "tar": "tar", "cpio": "cpio", "gzip": "gzip", "pigz": "pigz",
+    "bzip2": "bzip2", "lbzip2": "lbzip2", "zstd": "zstd", "xz": "xz-utils",
+    "qemu-img": "qemu-utils", "qemu-storage-daemon": "qemu-system-common",
+    "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs", "mke2fs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs", "tune2fs": "e2fsprogs", "mkfs.xfs": "xfsprogs",
+    "xfs_db": "xfsprogs", "xfs_admin": "xfsprogs", "kpartx": "kpartx",
+    "bwrap": "bubblewrap", "losetup": "mount", "mount": "mount", "umount": "mount",
+    "blkid": "util-linux", "setpriv": "util-linux",
+}
+
+
 class ToolMissingError(HostEnvironmentError):
     """An external program is not installed."""
 
     def __init__(self, tool: str, hint: str = ""):
         self.tool = tool
         msg = f"required program '{tool}' was not found on PATH"
+        package = DEBIAN_PACKAGES.get(tool.rsplit("/", 1)[-1])
+        if not hint and package:
+            hint = f"install it (Debian: apt install {package})"
         if hint:
             msg += f"; {hint}"
         super().__init__(msg)

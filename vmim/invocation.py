@@ -7,7 +7,7 @@ argparse Namespace."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from vmim.plan import REQUEST_FIELDS, Request
 
@@ -80,6 +80,8 @@ class Invocation:
     broker: Optional[str] = None
     local: bool = False
     lvm: bool = False
+    #: warnings about the command line, said once logging is set up (never by a fleet worker)
+    notes: Tuple[str, ...] = ()
 
     @property
     def request(self) -> Request:

@@ -131,6 +131,10 @@ def print_lists(req: Request, cfg: Config, hv: Optional[Hypervisor], as_json: bo
             items = [{"name": r.name, **r.locked_by.as_dict()} for r in rows if r.locked_by]
         else:
             entries = listing.images(cfg) if what == "images" else listing.inserts(cfg)
+            if not (cfg.image_dirs() if what == "images" else cfg.insert_dirs()):
+                key = "vmimages" if what == "images" else "vminserts"
+                log.warning("no %s store configured in %s: set %s in [vmim.local] (or in a "
+                            "slot's section)", what[:-1], cfg.path, key)
             items = [e.as_dict() for e in entries]
         if as_json:
             doc[what] = items

@@ -86,17 +86,21 @@ def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
         result.error = exc
         _release_after_failure(box, plan, result)
     finally:
-        _keep_or_let_go(box)
+        _keep_or_let_go(box, say=result.error is None)
     return result
 
 
-def _keep_or_let_go(box: Box) -> None:
+def _keep_or_let_go(box: Box, say: bool = False) -> None:
     """The run ends: a slot it leaves mounted (--mount, or a release that failed) stays held by
-    a holder process until --release (or -u) stops it; then this run's own hold is dropped."""
+    a holder process until --release (or -u) stops it; then this run's own hold is dropped.
+    With say (the run succeeded), a slot left mounted is said to be, and how to let it go."""
     slot = box.slot
     try:
         if box.held and slot is not None and is_mounted(slot):
             hold.keep_while_mounted(box.held, True)
+            if say:
+                log.info("box %s: stays mounted at %s: --release unmounts it, -u unmounts it "
+                         "and starts the domain", box.name, slot.mount)
     except (VmimError, OSError) as exc:
         log.error("box %s: its disk stays mounted but is no longer held against a domain "
                   "start: %s", box.name, exc)

@@ -121,8 +121,10 @@ _HASHED = re.compile(r"~[0-9a-f]{16}$")
 
 def validate_name(name: str, what: str = "image") -> None:
     if not name or name in (".", "..") or "/" in name or name.startswith(".") or "\0" in name:
+        where = "-L" if what == "image" else "--list-inserts"
         raise UsageError(f"{what} name {name!r} is not allowed: it must not be empty, contain '/' "
-                         "or start with '.'")
+                         f"or start with '.'; {what}s are named as in their store ({where} "
+                         "lists them), not by a path")
     if len(os.fsencode(name)) > NAME_MAX:
         raise UsageError(f"{what} name {name[:40]!r}... is too long: at most {NAME_MAX} bytes")
 

@@ -522,3 +522,12 @@ def test_disksize_is_whole_mib_and_any_free_is_no_slot_name():
     with pytest.raises(ConfigError) as exc:
         config.parse('[vmim.vm.a]\nHostName = "any-free"\nroot = "/d/a.img"\n', "/a.cfg")
     assert "the word -b uses to claim a free slot" in str(exc.value)
+
+
+def test_a_key_of_vmim_local_in_a_slot_section_says_where_it_belongs():
+    cfg = config.parse('[vmim.vm.a]\nHostName = "a"\nroot = "/d/a.img"\n'
+                       'vmemulator = "qemu:///system"\nlockdir = "/run/x"\n', "/c.cfg")
+    assert "/c.cfg: [vmim.vm.a] vmemulator: is a key of [vmim.local], not of a slot; " \
+        "ignored here" in cfg.warnings, cfg.warnings
+    assert "/c.cfg: [vmim.vm.a] lockdir: is a key of [vmim.local], not of a slot; " \
+        "ignored here" in cfg.warnings, cfg.warnings

@@ -45,3 +45,18 @@ def test_a_definition_that_does_not_read_is_no_drift_and_no_crash():
 
     cfg = config.parse(CFG.format(virt="qemu", memory=262144), "/c.cfg")
     assert drift_of(cfg.slot("a"), "<domain><name>a</name") == []
+
+
+def test_a_bare_filesystem_without_a_kernel_is_said_not_to_boot():
+    from vmim import config
+    from vmim.definition import boot_warning
+
+    cfg = config.parse('[vmim.vm.a]\nHostName = "a"\nroot = "/d/a.img"\n'
+                       '[vmim.vm.b]\nHostName = "b"\nroot = "/d/b.img"\nkernel = "/boot/vmlinuz"\n'
+                       '[vmim.vm.c]\nHostName = "c"\nHostDisk = "/d/c.img"\npartition = 1\n',
+                       "/c.cfg")
+    assert boot_warning(cfg.slot("a")) == (
+        "box a: defined without a kernel, and its disk is a bare filesystem (no partition "
+        "table, no boot loader) that the firmware cannot boot; set kernel (with initrd and "
+        "cmdline) for direct kernel boot")
+    assert boot_warning(cfg.slot("b")) == "" and boot_warning(cfg.slot("c")) == ""

@@ -82,3 +82,23 @@ def test_mountinfo_unescapes_spaces_and_newlines():
     assert ms[1].target == "/mnt/odd\nname" and ms[1].fstype == "xfs"
     below = mounts.mounts_at("/mnt/vm/web 1", ms)
     assert [m.target for m in below] == ["/mnt/vm/web 1/proc", "/mnt/vm/web 1"]  # deepest first
+
+
+def test_root_naming_a_partitioned_disk_says_to_use_hostdisk_and_partition(tmp_path):
+    """`root = "/x.img"` on a disk with a partition table said only "no filesystem found
+    (unknown or corrupt)"."""
+    from vmim import disk
+    from vmim.errors import StateError
+
+    if shutil.which("sfdisk") is None or shutil.which("blkid") is None:
+        pytest.skip("sfdisk and blkid (fdisk, util-linux) are needed")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as fh:
+        fh.truncate(4 << 20)
+    subprocess.run(["sfdisk", "-q", str(image)], input="label: dos\n,,L\n", text=True, check=True)
+    with pytest.raises(StateError) as exc:
+        disk.probe_filesystem(str(image), str(image))
+    assert exc.value.exit_code == 4
+    assert str(exc.value) == (f"{image}: holds a partition table (dos), not a filesystem: name "
+                              "such a disk with HostDisk and partition = N (the partition "
+                              "holding the root filesystem), not with root")

@@ -4,6 +4,7 @@ test makes stand in for a libvirtd where one is needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -124,3 +125,131 @@ def test_non_root_without_a_daemon_is_told_to_start_libvirtd(public_dir):
                    public_dir)
     assert res.returncode == 7, res
     assert "is libvirtd running?" in res.stderr and "--connect URI" in res.stderr
+
+
+def test_a_comment_after_a_value_is_an_error_that_says_where_comments_go(vmim, write_config,
+                                                                          tmp_path):
+    """`kernel = "/srv/vmlinuz"   # a note` (INI files elsewhere allow it) was read as the path
+    '"/srv/vmlinuz"   # a note' ("expected an absolute path"), and a string key such as
+    cmdline kept the quotes and the note without a word."""
+    path = write_config(f"""\
+        [vmim.local]
+        vmimages = "{tmp_path}"          # the image store
+        [vmim.vm.1]
+        HostName = "web1"  ; the domain
+        root = "{tmp_path}/web1.img"
+        cmdline = "console=ttyS0 root=/dev/vda1"
+        """)
+    r = vmim("--config", path, "-l")
+    assert r.code == 3, r
+    assert ('[vmim.local] vmimages: a comment after the value ("# the image store"): the INI '
+            'format takes it as part of the value; put the comment on a line of its own') \
+        in r.err, r.err
+    assert '[vmim.vm.1] hostname: a comment after the value ("; the domain")' in r.err, r.err
+    assert "cmdline" not in r.err, r.err  # '#' and ';' inside a quoted value are no comment
+
+
+def test_a_hash_inside_a_value_is_no_comment():
+    cfg = config.parse('[vmim.vm.1]\nHostName = "web1"\nroot = "/d/web1.img"\n'
+                       'cmdline = "console=ttyS0 # not a comment; nor this"\n'
+                       'bridge = br0 # a bare value is taken whole\n', "/c.cfg")
+    assert cfg.slot("web1").cmdline == "console=ttyS0 # not a comment; nor this"
+    assert cfg.slot("web1").bridge == "br0 # a bare value is taken whole"
+
+
+def test_a_misspelt_box_names_the_box_it_resembles(vmim, slots_cfg):
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "wbe1", "--print-xml")
+    assert r.code == 4, r
+    assert (f"unknown box 'wbe1': no slot in {slots_cfg} and no domain in libvirt at "
+            "test:///default; did you mean web1? known boxes: test, web1") in r.err, r.err
+
+
+def test_a_failed_box_is_named_once_in_its_error_line(vmim, write_config, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("a user other than root is told first that a restore needs root")
+    path = write_config(f"""\
+        [vmim.local]
+        lockdir = "{tmp_path}/locks"
+        statedir = "{tmp_path}/state"
+        [vmim.vm.1]
+        HostName = "web1"
+        root = "{tmp_path}/web1.img"
+        """)
+    r = vmim("--config", path, "--connect", "test:///default", "-b", "web1", "-r", "golden")
+    assert r.code == 3, r
+    assert ("vmimagemanager: error: box web1: no image store configured: set vmimages in "
+            "[vmim.local] or in the slot's section\n") in r.err, r.err
+
+
+def test_the_dry_run_shuts_down_with_the_timeout_of_the_command_line(vmim, slots_cfg):
+    """--timeout S is the run's; the plan of --dry-run said the slot's (180 s) all the same."""
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d",
+             "--timeout", "7", "--dry-run")
+    assert r.code == 0, r
+    assert "1. down: ACPI shutdown, forced off after 7 s" in r.out, r.out
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d",
+             "--dry-run")
+    assert "1. down: ACPI shutdown, forced off after 180 s" in r.out, r.out
+
+
+def test_listing_a_store_that_is_not_configured_says_which_key_to_set(vmim, slots_cfg):
+    r = vmim("--config", slots_cfg, "-L")
+    assert r.code == 0 and r.out.split() == ["NAME", "FORMAT", "SIZE", "MODIFIED", "(UTC)",
+                                            "DIRECTORY", "BASE", "OF"], r
+    assert (f"warning: no image store configured in {slots_cfg}: set vmimages in [vmim.local] "
+            "(or in a slot's section)") in r.err, r.err
+    r = vmim("--config", slots_cfg, "--list-inserts", "--json")
+    assert r.code == 0 and json.loads(r.out)["inserts"] == [], r
+    assert "no insert store configured" in r.err and "set vminserts" in r.err, r.err
+
+
+def test_a_disk_action_without_root_says_to_run_as_root(vmim, slots_cfg, monkeypatch):
+    from vmim import steps
+
+    monkeypatch.setattr(steps.os, "geteuid", lambda: 1000)
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "web1", "-r", "golden")
+    assert r.code == 7, r
+    assert ("vmimagemanager: error: restore needs root (mounting and loop devices): run "
+            "vmimagemanager as root, with sudo for instance; the lists (-l, -L) work for the "
+            "libvirt group") in r.err, r.err
+
+
+def test_a_format_flag_without_store_is_a_warning_line_like_the_others(vmim, slots_cfg):
+    """It was said before logging was set up: a bare line without 'vmimagemanager: warning:'."""
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d", "--zstd",
+             "--dry-run")
+    assert r.code == 0, r
+    assert ("vmimagemanager: warning: format option tar.zst has no effect without -s or -e "
+            "(restore and insert detect the format)\n") in r.err, r.err
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "test", "-d", "--zstd",
+             "--dry-run", "-qq")
+    assert r.err == "", r
+
+
+def test_store_and_restore_of_one_name_in_one_command_is_a_usage_error(vmim, slots_cfg):
+    """The store runs first: it replaced the image (a tar by an rsync tree, say) that the
+    restore had proven, the restore then failed and left the slot marked incomplete."""
+    r = vmim("--config", slots_cfg, "-b", "web1", "-r", "golden", "-s", "golden")
+    assert r.code == 2, r
+    assert ("vmimagemanager: error: -s golden and -r golden in one command: the store runs first "
+            "and would replace the image that the restore then reads; store under another name, "
+            "or give two commands") in r.err, r.err
+
+
+def test_a_libvirt_uri_given_to_c_says_that_c_is_config_and_uri_is_connect(vmim):
+    r = vmim("-c", "qemu:///system", "-l")
+    assert r.code == 3, r
+    assert ("configuration file 'qemu:///system' (from --config) was not found: -c is --config "
+            "here (the 0.2 spelling); for a libvirt URI (virsh's -c) write --connect "
+            "qemu:///system") in r.err, r.err
+
+
+def test_an_image_given_by_its_path_is_told_to_give_its_name(vmim, slots_cfg):
+    r = vmim("--config", slots_cfg, "-b", "web1", "-r", "/srv/images/golden")
+    assert r.code == 2, r
+    assert ("image name '/srv/images/golden' is not allowed: it must not be empty, contain '/' "
+            "or start with '.'; images are named as in their store (-L lists them), not by a "
+            "path") in r.err, r.err
+    r = vmim("--config", slots_cfg, "-b", "web1", "-i", "./certs")
+    assert r.code == 2 and "inserts are named as in their store (--list-inserts lists them)" \
+        in r.err, r

@@ -232,3 +232,17 @@ def test_a_stage_that_reports_its_failure_after_closing_its_output_is_the_one_bl
         process.pipeline([["sh", "-c", "exec 1>&-; sleep 0.2; exit 4"],
                           ["sh", "-c", "cat >/dev/null; exit 5"]])
     assert err.value.returncode == 4
+
+
+def test_a_missing_program_names_its_debian_package():
+    from vmim.errors import ToolMissingError
+    from vmim.process import require_tool
+
+    with pytest.raises(ToolMissingError) as exc:
+        require_tool("zstd-that-is-not-there")
+    assert exc.value.exit_code == 7
+    assert str(exc.value) == "required program 'zstd-that-is-not-there' was not found on PATH"
+    assert str(ToolMissingError("zstd")) == ("required program 'zstd' was not found on PATH; "
+                                             "install it (Debian: apt install zstd)")
+    assert str(ToolMissingError("/usr/bin/qemu-img")).endswith("(Debian: apt install qemu-utils)")
+    assert str(ToolMissingError("kpartx", "use mapper = \"loop\"")).endswith("; use mapper = \"loop\"")

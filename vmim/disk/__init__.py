@@ -51,6 +51,10 @@ def probe_filesystem(device: str, what: str) -> Filesystem:
     values = {k: re.sub(r"\\(.)", r"\1", v) for k, v in
               (line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)}
     fstype = values.get("TYPE", "")
+    if not fstype and values.get("PTTYPE"):
+        raise StateError(f"{what}: holds a partition table ({values['PTTYPE']}), not a "
+                         "filesystem: name such a disk with HostDisk and partition = N (the "
+                         "partition holding the root filesystem), not with root")
     if not fstype:
         raise StateError(f"{what}: no filesystem found (unknown or corrupt); "
                          f"expected one of {', '.join(SUPPORTED_FILESYSTEMS)}")

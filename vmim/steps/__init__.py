@@ -88,7 +88,9 @@ StepFunction = Callable[[Box, Step, StepResult], str]
 
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise HostEnvironmentError(f"{what} needs root (mounting and loop devices)")
+        raise HostEnvironmentError(f"{what} needs root (mounting and loop devices): run "
+                                   "vmimagemanager as root, with sudo for instance; the lists "
+                                   "(-l, -L) work for the libvirt group")
 
 
 def registry() -> Dict[str, StepFunction]:

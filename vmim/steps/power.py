@@ -62,6 +62,9 @@ def up(box: Box, step: Step, rec: StepResult) -> str:
     if box.hv.domain(box.name) is None:
         box.hv.define(definition.domain_xml(box.need_slot()))
         done.append("defined from the config")
+        unbootable = definition.boot_warning(box.need_slot())
+        if unbootable:
+            log.warning("%s", unbootable)
     elif slot is not None and "redefine" not in box.req.actions:
         diff = definition.drift_of(slot, box.hv.definition(box.name))
         if diff:  # said, not acted on: the user's own changes to the domain may be why
