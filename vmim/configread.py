@@ -199,11 +199,14 @@ def convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
             value: Any = json.loads(text)
         except ValueError:
             comment = _inline_comment(text)
-            if comment:
+            if comment.startswith(";"):  # 0.3's SafeConfigParser dropped ' ; ...': so do we
+                value = json.JSONDecoder().raw_decode(text)[0]
+            elif comment:
                 return False, (f"a comment after the value ({json.dumps(comment)}): the INI "
                                "format takes it as part of the value; put the comment on a "
                                "line of its own")
-            value = text  # a bare value is taken as a string
+            else:
+                value = text  # a bare value is taken as a string
     else:
         value = text
         if len(text) >= 2 and text[0] == text[-1] == '"':

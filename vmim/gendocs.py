@@ -236,8 +236,8 @@ def render_reference() -> str:
         "**Current format** (0.3): a `[vmim.local]` section and one `[vmim.vm.NAME]` section per "
         "slot (NAME is free text). Values are JSON (`\"text\"`, `1`, `[\"a\", \"b\"]`, `true`); a "
         "bare unquoted value is taken as a string. A comment is a line of its own starting with "
-        "`#` or `;`: after a quoted value (`mount = \"/srv/mnt\"  # note`) it is an error, "
-        "after a bare value it is part of the value. "
+        "`#` or `;`. After a JSON value, ` ; note` is dropped (as 0.3 did) and ` # note` is an "
+        "error (`mount = \"/srv/mnt\"  # note`); after a bare value both are part of the value. "
         "Key names are case-insensitive. `%(key)s` "
         "interpolation works as in Python's configparser; write a literal `%` as `%%`. "
         "Slot keys marked *inherit* may also be set in `[vmim.local]`, as the default for every slot.",
@@ -289,7 +289,7 @@ def render_template() -> str:
         "# vmimagemanager configuration template (generated from the key table by `make docs`).",
         f"# Copy to {config.DEFAULT_CONFIG_PATH} and edit. Values are JSON: \"text\", 1, [\"a\"], true;",
         "# a bare value is taken as a string. Every key is shown commented out with its default.",
-        "# A comment is a line of its own: not after a value on the same line.",
+        "# A comment is a line of its own (after a value, ' ; note' is dropped, ' # note' an error).",
         "# docs/config.md explains each key.",
         "",
         f"[{config.LOCAL_SECTION}]",
