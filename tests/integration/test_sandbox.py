@@ -579,3 +579,68 @@ def test_a_merge_error_in_the_sandbox_is_the_same_message(tmp_path):
     with pytest.raises(OperationError) as info:
         tree.merge_contained(staging, str(guest))
     assert str(info.value) == "cannot put a file at /x in the guest: a directory is there"
+
+
+#: inside the sandbox: watch every open on the filesystem of /usr (the host's root filesystem
+#: here) with fanotify, and write into the file of inode INO when the host opens it
+_FANOTIFY = """
+import ctypes, os, select, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+FAN_CLASS_NOTIF, FAN_MARK_ADD, FAN_MARK_FILESYSTEM, FAN_OPEN = 0, 1, 0x100, 0x20
+fan = libc.fanotify_init(FAN_CLASS_NOTIF, os.O_RDWR | os.O_LARGEFILE)
+if fan < 0:
+    print("fanotify_init=" + __import__("errno").errorcode[ctypes.get_errno()])
+    sys.exit(0)
+if libc.fanotify_mark(fan, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, ctypes.c_uint64(FAN_OPEN),
+                      -100, b"/usr") < 0:
+    print("fanotify_mark=" + __import__("errno").errorcode[ctypes.get_errno()])
+    sys.exit(0)
+print("watching", flush=True)
+end = time.time() + 20
+while time.time() < end:
+    if not select.select([fan], [], [], 0.5)[0]:
+        continue
+    buf = os.read(fan, 65536)
+    while len(buf) >= 24:
+        size, _v, _r, _m, _mask, fd, _pid = struct.unpack("=IBBHQii", buf[:24])
+        buf = buf[size:]
+        if fd < 0:
+            continue
+        if os.fstat(fd).st_ino == INO:
+            os.pwrite(fd, b"written from the sandbox\\n", 0)
+            print("wrote a host file")
+            sys.exit(0)
+        os.close(fd)
+print("no event")
+"""
+
+
+@pytest.mark.parametrize("caps", ["UNPACK_XATTRS", "COPY", "MERGE", "READ_XATTRS"])
+def test_fanotify_cannot_hand_the_sandbox_a_host_file(tmp_path, caps):
+    """CAP_SYS_ADMIN (kept for trusted.* xattrs) lets fanotify_init() watch a whole filesystem,
+    past every bind: each event carries a descriptor of the file the host opened, opened for
+    the sandbox with its O_RDWR and its CAP_DAC_OVERRIDE. A compromised tar could then write
+    whatever file of the host's filesystem the host opens. The filter refuses fanotify."""
+    import threading
+
+    host_file = tmp_path / "host-file"
+    host_file.write_text("the host's\n")
+    if os.stat(host_file).st_dev != os.stat("/usr").st_dev:
+        pytest.skip("the test's directory is not on the filesystem of /usr")
+    code = _FANOTIFY.replace("INO", str(os.stat(host_file).st_ino))
+    stop = threading.Event()
+
+    def host_opens():  # the host goes on opening its file, as root's programs do
+        while not stop.wait(0.2):
+            with open(host_file, "rb") as fh:
+                fh.read()
+
+    t = threading.Thread(target=host_opens, daemon=True)
+    t.start()
+    try:
+        got = _inside(code, sandbox.SETS[caps])
+    finally:
+        stop.set()
+        t.join()
+    assert host_file.read_text() == "the host's\n", got
+    assert got == ["fanotify_init=EPERM"]
