@@ -298,7 +298,7 @@ class Worker:
 
     def _take(self, queue_box: str, message: Any) -> None:
         try:
-            msg = protocol.decode_job(message.body, queue_box)
+            msg = protocol.decode_job(message.body, queue_box, message.delivery_info or {})
         except ProtocolError as exc:
             self._refuse(message, str(exc))
             return
