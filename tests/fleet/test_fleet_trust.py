@@ -224,3 +224,42 @@ def test_a_host_user_cannot_see_the_jobs_of_another_hosts_slots(fleet, sender):
     finally:
         broker.ctl("delete_user", user)
     assert copied is None, "a host's user got a copy of another host's job"
+
+
+def _peak_rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_a_compressed_message_is_never_inflated_by_a_worker(fleet, sender):
+    """kombu inflates a body whose `compression` header names a codec (zlib, bz2, lzma)
+    before anyone sees it: a list request of 400 KB on the vmim.control fanout made every
+    worker of the fleet hold 400 MiB (a body the broker takes inflates a thousandfold: gigabytes
+    in the memory of root on each hypervisor), before the size limit of a message was checked.
+    Workers take the body as it came: compressed, it is no JSON, and refused."""
+    import zlib
+
+    size = 400 << 20
+    z = zlib.compressobj(9)
+    chunk = bytes(1 << 20)
+    bomb = b"".join(z.compress(chunk) for _ in range(size >> 20)) + z.flush()
+    assert len(bomb) < 1 << 20
+    pids = {h: p.pid for h, p in fleet.workers.items()}
+    before = {h: _peak_rss_mib(pid) for h, pid in pids.items()}
+    start = {h: fleet.log_size(h) for h in pids}
+    for exchange, key in (("vmim.control", ""), ("vmim.jobs", "box.h1a"), ("vmim.jobs", "any")):
+        sender.producer.publish(bomb, exchange=exchange, routing_key=key,
+                                reply_to=sender.reply_to, correlation_id=job_id(),
+                                headers={"compression": "application/x-gzip"},
+                                content_type="application/json", content_encoding="binary",
+                                serializer=None)
+    for h in pids:  # each worker read the list request (and ignored it)
+        fleet.wait_log(h, "ignoring a list request", start[h], timeout=60)
+    fleet.wait_log("h1", "refusing a job", start["h1"], timeout=60)
+    grown = {h: _peak_rss_mib(pid) - before[h] for h, pid in pids.items()}
+    assert all(g < 100 for g in grown.values()), grown
+    assert queue_depth(fleet.broker, "vmim.host.h1.box.h1a") == 0
+    assert queue_depth(fleet.broker, "vmim.any") == 0

@@ -139,7 +139,7 @@ class Client:
         """A channel error closes the channel: a new one, with a new reply queue."""
         import kombu
 
-        self.channel = self.conn.channel()
+        self.channel = transport.channel(self.conn)
         self.publisher = transport.Publisher(self.channel)
         self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
                                        on_message=self._on_reply, no_ack=True)

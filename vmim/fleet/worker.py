@@ -134,7 +134,7 @@ class Worker:
 
         self.conn = transport.connection(self.spec, self.heartbeat)
         transport.connect(self.conn)
-        channel = self.conn.channel()
+        channel = transport.channel(self.conn)
         self.publisher = transport.Publisher(channel)
         jobs = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
         control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
