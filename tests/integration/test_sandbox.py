@@ -644,3 +644,35 @@ def test_fanotify_cannot_hand_the_sandbox_a_host_file(tmp_path, caps):
         t.join()
     assert host_file.read_text() == "the host's\n", got
     assert got == ["fanotify_init=EPERM"]
+
+
+_REOPEN = """
+import os
+try:
+    fd = os.open("/proc/self/fd/0", os.O_RDWR)
+    os.pwrite(fd, b"rewritten from the sandbox", 0)
+    print("rewrote")
+except OSError as exc:
+    print("refused", exc.errno)
+data = os.read(0, 1 << 20)
+"""
+
+
+@pytest.mark.parametrize("caps", ["NONE", "UNPACK_XATTRS"])
+@pytest.mark.parametrize("how", ["pipeline", "fan_out"])
+def test_a_sandboxed_reader_of_an_image_cannot_rewrite_it(tmp_path, caps, how):
+    """An uncompressed image was given to tar (the unpack, and the proof with no capability at
+    all) as its stdin, a descriptor of the store's file: /proc/self/fd/0 opened it again for
+    writing (root owns the image), past the read-only binds. A sandboxed command now reads an
+    image through a pipe, and popen() refuses to hand one a named host file."""
+    image = tmp_path / "image.tar"
+    image.write_bytes(b"the store's image\n")
+    image.chmod(0o644)
+    argv = sandbox.command(["python3", "-c", _REOPEN], [], caps=sandbox.SETS[caps])
+    if how == "pipeline":
+        process.pipeline([argv], stdin_path=str(image))
+    else:
+        process.fan_out(str(image), None, [process.Sink(argv, reader=lambda out: out.read())])
+    assert image.read_bytes() == b"the store's image\n"
+    with open(image, "rb") as fh, pytest.raises(ValueError, match="host file as its stdin"):
+        process.popen(argv, stdin=fh)
