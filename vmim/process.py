@@ -420,6 +420,7 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
         src_err = stack.enter_context(tempfile.TemporaryFile())
         errs = [stack.enter_context(tempfile.TemporaryFile()) for _ in sinks]
         threads: List[threading.Thread] = []
+        feed: Optional[IO[bytes]] = None
         try:
             if source:
                 src = popen([str(a) for a in source], stdin=fin, stdout=subprocess.PIPE,
