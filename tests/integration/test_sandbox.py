@@ -676,3 +676,20 @@ def test_a_sandboxed_reader_of_an_image_cannot_rewrite_it(tmp_path, caps, how):
     assert image.read_bytes() == b"the store's image\n"
     with open(image, "rb") as fh, pytest.raises(ValueError, match="host file as its stdin"):
         process.popen(argv, stdin=fh)
+
+
+@pytest.mark.parametrize("caps", ["UNPACK_XATTRS", "COPY", "MERGE"])
+def test_the_sandboxs_proc_is_read_only(caps):
+    """bwrap covers /proc/sys, /proc/sysrq-trigger, /proc/irq and /proc/bus, not the rest:
+    with CAP_SYS_ADMIN a compromised tar could write /proc/mtrr (the host CPU's memory
+    caching: a hypervisor slowed to a crawl or hung). The sandbox's /proc is mounted read-only
+    (nothing in it needs to write there); nothing is written here, the opening is refused."""
+    code = _ATTEMPTS + """
+for path in ("/proc/mtrr", "/proc/self/oom_score_adj", "/proc/pressure/io"):
+    if os.path.exists(path):
+        attempt(path, lambda: os.close(os.open(path, os.O_WRONLY)))
+attempt("read", lambda: open("/proc/self/status").read())
+"""
+    got = _inside(code, sandbox.SETS[caps])
+    assert got[-1] == "read=OK"
+    assert [g for g in got[:-1] if not g.endswith("=EROFS")] == [], got
