@@ -39,6 +39,7 @@ TIOCSTI, TIOCLINUX, TIOCCONS = 0x5412, 0x541C, 0x541D
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 IOCTLS = {"TIOCSTI": TIOCSTI, "TIOCLINUX": TIOCLINUX, "TIOCCONS": TIOCCONS,
           "FIFREEZE": FIFREEZE, "FITHAW": FITHAW}
+AF_UNIX = 1
 #: clone() flags that make a namespace (unshare(2) and setns(2) are denied whole; clone3, whose
 #: flags libseccomp cannot see, is ENOSYS: glibc falls back to clone; CLONE_NEWTIME is not a
 #: flag of clone(), whose low byte is the exit signal)
@@ -102,6 +103,10 @@ def rules() -> Tuple[Rule, ...]:
     # personality(2): only PER_LINUX (0), the default. libseccomp compares an argument once
     # per rule, so the query (0xffffffff) is refused too: no tool in the sandbox makes it.
     out.append(Rule("personality", errno.EPERM, (0, "NE", 0, 0), "other than PER_LINUX"))
+    # sockets: AF_UNIX only (rsync's socketpair, a lookup through nscd). The network namespace
+    # does not cover every family: AF_VSOCK reaches the host's virtual machines (their agents,
+    # a guest's sshd on vsock) from any namespace, AF_ALG is kernel code no tool here needs
+    out.append(Rule("socket", errno.EAFNOSUPPORT, (0, "NE", AF_UNIX, 0), "other than AF_UNIX"))
     return tuple(out)
 
 

@@ -693,3 +693,20 @@ attempt("read", lambda: open("/proc/self/status").read())
     got = _inside(code, sandbox.SETS[caps])
     assert got[-1] == "read=OK"
     assert [g for g in got[:-1] if not g.endswith("=EROFS")] == [], got
+
+
+def test_the_sandbox_makes_no_socket_but_af_unix():
+    """The network namespace does not cover AF_VSOCK: from the sandbox a compromised tar could
+    connect to the host's virtual machines (a guest agent or sshd listening on vsock). Only
+    AF_UNIX sockets are made (rsync's socketpair)."""
+    code = _ATTEMPTS + """
+import socket
+attempt("vsock", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close())
+attempt("inet", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close())
+attempt("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close())
+attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close())
+attempt("socketpair", lambda: [s.close() for s in socket.socketpair()])
+"""
+    got = _inside(code, sandbox.UNPACK_XATTRS)
+    assert got == ["vsock=EAFNOSUPPORT", "inet=EAFNOSUPPORT", "netlink=EAFNOSUPPORT",
+                   "unix=OK", "socketpair=OK"]

@@ -75,6 +75,8 @@ def test_ioctl_clone_and_personality_are_denied_only_for_their_arguments():
     assert rules[("clone", "CLONE_NEWUSER")].test == (0, "MASKED_EQ", 0x10000000, 0x10000000)
     assert {w for s, w in rules if s == "clone"} == set(seccomp.CLONE_NEW)
     assert rules[("personality", "other than PER_LINUX")].test == (0, "NE", 0, 0)
+    assert rules[("socket", "other than AF_UNIX")].test == (0, "NE", 1, 0)
+    assert rules[("socket", "other than AF_UNIX")].errno == errno.EAFNOSUPPORT
     pfc = seccomp.pseudo_code()
     assert "== 21522" in pfc and "== 21532" in pfc  # TIOCSTI, TIOCLINUX compiled in
     assert "== 21533" in pfc and "== 3221510263" in pfc  # TIOCCONS, FIFREEZE
