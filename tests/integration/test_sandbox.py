@@ -710,3 +710,33 @@ attempt("socketpair", lambda: [s.close() for s in socket.socketpair()])
     got = _inside(code, sandbox.UNPACK_XATTRS)
     assert got == ["vsock=EAFNOSUPPORT", "inet=EAFNOSUPPORT", "netlink=EAFNOSUPPORT",
                    "unix=OK", "socketpair=OK"]
+
+
+@pytest.mark.xfail(strict=True, reason="an rsync (tree) image is the guest's tree on the host's "
+                   "filesystem, setuid bits, owners and device nodes as they are, under a store "
+                   "directory other users may search: the fix (the tree's top directory closed to "
+                   "others, its own mode kept in the metadata and given back on restore, or a "
+                   "store refused unless closed) changes every rig that stores trees")
+def test_a_tree_image_puts_no_guest_setuid_program_or_node_within_other_users_reach(
+        vmim, rig):
+    """A guest plants a setuid-root program and a block node of mode 0666 (here of loop0); a
+    store with -y puts both on the host's image store (not nosuid, not nodev), where every user
+    may search by default: any local user runs the guest's program as root, or opens the
+    node. Checked with access() as user nobody (nothing is run or opened)."""
+    guest = _rig_guest(vmim, rig)
+    program = os.path.join(guest, "rootshell")
+    with open(program, "w") as fh:
+        fh.write("#!/bin/sh\nid\n")
+    os.chown(program, 0, 0)
+    os.chmod(program, 0o4755)
+    os.mknod(os.path.join(guest, "disk"), 0o666 | stat.S_IFBLK, os.makedev(7, 0))
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "-y", "-s", "tree", "--release")
+    tree = rig.images / "tree"
+    assert (tree / "rootshell").stat().st_mode & 0o4000  # kept, as the format promises
+
+    def nobody(*test):
+        return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "--", "test", *test], check=False).returncode == 0
+
+    assert not nobody("-u", str(tree / "rootshell")), "a guest's setuid-root program"
+    assert not nobody("-w", str(tree / "disk")), "a guest's device node, writable"
