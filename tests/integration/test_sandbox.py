@@ -712,17 +712,13 @@ attempt("socketpair", lambda: [s.close() for s in socket.socketpair()])
                    "unix=OK", "socketpair=OK"]
 
 
-@pytest.mark.xfail(strict=True, reason="an rsync (tree) image is the guest's tree on the host's "
-                   "filesystem, setuid bits, owners and device nodes as they are, under a store "
-                   "directory other users may search: the fix (the tree's top directory closed to "
-                   "others, its own mode kept in the metadata and given back on restore, or a "
-                   "store refused unless closed) changes every rig that stores trees")
 def test_a_tree_image_puts_no_guest_setuid_program_or_node_within_other_users_reach(
         vmim, rig):
     """A guest plants a setuid-root program and a block node of mode 0666 (here of loop0); a
     store with -y puts both on the host's image store (not nosuid, not nodev), where every user
-    may search by default: any local user runs the guest's program as root, or opens the
-    node. Checked with access() as user nobody (nothing is run or opened)."""
+    may search by default: any local user ran the guest's program as root, or opened the
+    node (checked with access() as user nobody: nothing is run or opened). The tree's top
+    directory is now closed to others, and its mode (the guest root's) comes back on restore."""
     guest = _rig_guest(vmim, rig)
     program = os.path.join(guest, "rootshell")
     with open(program, "w") as fh:
@@ -740,3 +736,10 @@ def test_a_tree_image_puts_no_guest_setuid_program_or_node_within_other_users_re
 
     assert not nobody("-u", str(tree / "rootshell")), "a guest's setuid-root program"
     assert not nobody("-w", str(tree / "disk")), "a guest's device node, writable"
+    guest_mode = os.stat(guest).st_mode & 0o7777
+    run_ok(vmim, rig, "-b", rig.names["xfs"], "-r", "tree", "--mount")
+    try:
+        assert os.stat(rig.mnt("xfs")).st_mode & 0o7777 == guest_mode
+        assert not os.listxattr(rig.mnt("xfs"))  # the mode's xattr is the host's, not carried
+    finally:
+        run_ok(vmim, rig, "-b", rig.names["xfs"], "--release")
