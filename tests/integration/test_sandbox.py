@@ -743,3 +743,22 @@ def test_a_tree_image_puts_no_guest_setuid_program_or_node_within_other_users_re
         assert not os.listxattr(rig.mnt("xfs"))  # the mode's xattr is the host's, not carried
     finally:
         run_ok(vmim, rig, "-b", rig.names["xfs"], "--release")
+
+
+def test_a_mounted_slot_is_out_of_other_users_reach(vmim, rig):
+    """A slot mounted (by --mount, or while a restore or store runs) showed the guest's files to
+    every local user: the mount base the tool makes was mode 0755, the guest's root is 0755, and
+    a guest's file owned by uid N is the host's uid N's to read and write — tampering with a
+    golden image while it is stored. The mount base the tool makes is root's only (0700)."""
+    guest = _rig_guest(vmim, rig)
+    private = os.path.join(guest, "private")
+    try:
+        with open(private, "w") as fh:
+            fh.write("the guest's\n")
+        os.chown(private, 65534, 65534)
+        os.chmod(private, 0o600)
+        reached = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                  "--", "test", "-w", private], check=False).returncode == 0
+    finally:
+        run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+    assert not reached, "user nobody may write a file of the mounted guest"
