@@ -25,9 +25,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) ->
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
 
 
+#: what a terminal takes for a command, not text: C0 controls but newline and tab, DEL, C1
+#: (0x9b is a CSI) — a guest's file name holding them reaches the admin's terminal in messages
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]
+             if chr(c) not in "\n\t"}
+
+
 def undecodable_escaped(text: str) -> str:
-    """Bytes that were not UTF-8 (in names from the command line or the disk) as \\x escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """Bytes that were not UTF-8 (in names from the command line or the disk) as \\x escapes,
+    and so are terminal controls other than newline and tab (ESC, BEL, CR, CSI...): whatever a
+    message names (a guest's file, a worker's line), it prints as text."""
+    return text.encode("utf-8", "surrogateescape").decode(
+        "utf-8", "backslashreplace").translate(_CONTROLS)
 
 
 def safe(text: str) -> str:

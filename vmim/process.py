@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
-from vmim import procscan, progress
+from vmim import handoff, procscan, progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
+from vmim.handoff import sandbox_argv
 from vmim.hashcopy import F_SETPIPE_SZ, copy_hashing
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     if SECCOMP_FD in argv:
         from vmim import seccomp
 
+        handoff.check_streams(kwargs)
         filter_fd = seccomp.fd()
         argv[argv.index(SECCOMP_FD)] = str(filter_fd)
         kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), filter_fd)
@@ -312,6 +314,7 @@ def pipeline(
     from vmim.sandbox import shown
 
     names = [shown(s) for s in stages]  # what a failure blames
+    boxed = [sandbox_argv(s) for s in stages]  # these are given pipes, never a host file
     stages = [[str(a) for a in s] for s in stages]
     log.debug("+ %s", " | ".join(quote_argv(s) for s in stages))
     if cwd is not None and not os.path.isdir(cwd):
@@ -323,8 +326,8 @@ def pipeline(
             else stdout_fd if stdout_fd is not None else subprocess.DEVNULL
         stderr_files = [files.enter_context(tempfile.TemporaryFile()) for _ in stages]
         try:
-            prev: Any = fin
-            hashing = checksum and stdout_path is not None
+            prev: Any = subprocess.PIPE if stdin_path and boxed[0] else fin
+            hashing = stdout_path is not None and (checksum or boxed[-1])
             digest: Optional[str] = None
             for i, argv in enumerate(stages):
                 last = i == len(stages) - 1
@@ -334,8 +337,15 @@ def pipeline(
                               else subprocess.PIPE,
                               stderr=stderr_files[i], cwd=cwd)
                 finally:
-                    if prev not in (fin, subprocess.DEVNULL) and prev is not None:
+                    if prev not in (fin, subprocess.DEVNULL, subprocess.PIPE) and \
+                            prev is not None:
                         prev.close()  # the child holds it now (or failed to start)
+                if i == 0 and prev == subprocess.PIPE:
+                    assert p.stdin is not None
+                    feeder = threading.Thread(target=handoff.copy_into, args=(fin, p.stdin),
+                                              daemon=True)
+                    feeder.start()
+                    files.callback(feeder.join)
                 prev = p.stdout
                 procs.append(p)
                 files.enter_context(track(p, progress_too=i == watch_stage))
@@ -359,7 +369,7 @@ def pipeline(
                 stop(p)
             raise
         if blamed is None:
-            return digest
+            return digest if checksum else None
         stderr_files[blamed].seek(0)
         tail = stderr_files[blamed].read()[-STDERR_TAIL:].decode("utf-8", "replace")
     raise CommandError(names[blamed], procs[blamed].returncode, tail)
@@ -390,7 +400,8 @@ def _drain(sink: Sink, stream: IO[bytes], proc: subprocess.Popen, failed: List[B
 def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Sink]) -> None:
     """Read stdin_path once through source (a decompressor) and give the stream to every sink
     at once: one decompression for several readers of an image. Without source, every sink
-    reads stdin_path itself, at its own pace (a reader that seeks past data can).
+    reads stdin_path itself, at its own pace (a reader that seeks past data can) — unless one
+    of them runs in the sandbox: then all are fed through pipes (vmim.handoff).
 
     Every exit status is checked: CommandError names the command that failed (the source
     first: a damaged stream makes its readers fail too). When a reader raises, every command
@@ -409,6 +420,7 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
         src_err = stack.enter_context(tempfile.TemporaryFile())
         errs = [stack.enter_context(tempfile.TemporaryFile()) for _ in sinks]
         threads: List[threading.Thread] = []
+        feed: Optional[IO[bytes]] = None
         try:
             if source:
                 src = popen([str(a) for a in source], stdin=fin, stdout=subprocess.PIPE,
@@ -416,11 +428,11 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
                 stack.enter_context(track(src))
                 assert src.stdout is not None
                 feed = stack.enter_context(src.stdout)
-            else:
-                feed = None
+            else:  # a sandboxed sink gets a pipe: never the host file (popen() refuses it)
+                feed = fin if any(sandbox_argv(s.argv) for s in sinks) else None
             for sink, argv, err in zip(sinks, argvs, errs):
                 on_stderr = sink.read == "stderr"
-                own = stack.enter_context(open(stdin_path, "rb")) if src is None else None
+                own = stack.enter_context(open(stdin_path, "rb")) if feed is None else None
                 p = popen(argv, stdin=subprocess.PIPE if own is None else own,
                           stdout=subprocess.DEVNULL if on_stderr else subprocess.PIPE,
                           stderr=subprocess.PIPE if on_stderr else err)

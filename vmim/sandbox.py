@@ -2,7 +2,7 @@
 
 `command(argv, binds)` wraps an argv so that it runs under bubblewrap in a private mount
 namespace that holds no host path but a read-only /usr (with the merged-usr links /bin, /lib,
-/lib64, /sbin), a minimal /dev without block devices, its own /proc, an empty /tmp, and
+/lib64, /sbin), a minimal /dev without block devices, its own /proc (read-only), an empty /tmp, and
 exactly the binds the caller names, at fixed names (/slot, /image, /dest ...). A guest symlink
 or hard link then cannot name a host file: none is there. No network, and its own ipc, pid
 and uts namespaces; it dies with the command that started it.
@@ -176,7 +176,9 @@ def command(argv: Sequence[str], binds: Sequence[Bind], *, caps: Caps,
     for name, target in USR_LINKS.items():
         if os.path.lexists(os.path.join(SYSTEM, target[len("usr/"):])):
             out += ["--symlink", target, name]
-    out += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+    # /proc read-only: bwrap covers only sys, sysrq-trigger, irq and bus, and CAP_SYS_ADMIN
+    # writes /proc/mtrr (the host CPU's memory caching); nothing in the sandbox writes there
+    out += ["--dev", "/dev", "--proc", "/proc", "--remount-ro", "/proc", "--tmpfs", "/tmp",
             "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent",
             "--cap-drop", "ALL"]

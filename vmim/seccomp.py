@@ -33,8 +33,13 @@ INSTALL_HINT = ("install libseccomp's Python binding (Debian/Ubuntu: apt-get ins
                 "seccomp filter")
 
 #: ioctl requests that reach beyond the file: TIOCSTI pushes input into a terminal, TIOCLINUX
-#: does as much on a Linux console
-TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+#: does as much on a Linux console, TIOCCONS (CAP_SYS_ADMIN) takes the system console's output;
+#: FIFREEZE (CAP_SYS_ADMIN) stops every writer of a whole filesystem until FITHAW
+TIOCSTI, TIOCLINUX, TIOCCONS = 0x5412, 0x541C, 0x541D
+FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
+IOCTLS = {"TIOCSTI": TIOCSTI, "TIOCLINUX": TIOCLINUX, "TIOCCONS": TIOCCONS,
+          "FIFREEZE": FIFREEZE, "FITHAW": FITHAW}
+AF_UNIX = 1
 #: clone() flags that make a namespace (unshare(2) and setns(2) are denied whole; clone3, whose
 #: flags libseccomp cannot see, is ENOSYS: glibc falls back to clone; CLONE_NEWTIME is not a
 #: flag of clone(), whose low byte is the exit signal)
@@ -61,6 +66,9 @@ DENY_EPERM = (
     "setns", "unshare",
     # files by handle: a handle names a file of the whole filesystem, past the binds
     "open_by_handle_at", "name_to_handle_at",
+    # fanotify (CAP_SYS_ADMIN): a mark on a whole filesystem or mount reaches past the binds,
+    # and each event carries a descriptor of the file the host opened, opened for the sandbox
+    "fanotify_init", "fanotify_mark",
     "userfaultfd",
     # the clock
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
@@ -88,13 +96,17 @@ def rules() -> Tuple[Rule, ...]:
     """Every rule of the filter, in the order it is built."""
     out = [Rule(name, errno.EPERM) for name in DENY_EPERM]
     out += [Rule(name, errno.ENOSYS) for name in DENY_ENOSYS]
-    out += [Rule("ioctl", errno.EPERM, (1, "MASKED_EQ", 0xFFFFFFFF, TIOCSTI), "TIOCSTI"),
-            Rule("ioctl", errno.EPERM, (1, "MASKED_EQ", 0xFFFFFFFF, TIOCLINUX), "TIOCLINUX")]
+    out += [Rule("ioctl", errno.EPERM, (1, "MASKED_EQ", 0xFFFFFFFF, request), name)
+            for name, request in IOCTLS.items()]
     out += [Rule("clone", errno.EPERM, (0, "MASKED_EQ", flag, flag), name)
             for name, flag in CLONE_NEW.items()]
     # personality(2): only PER_LINUX (0), the default. libseccomp compares an argument once
     # per rule, so the query (0xffffffff) is refused too: no tool in the sandbox makes it.
     out.append(Rule("personality", errno.EPERM, (0, "NE", 0, 0), "other than PER_LINUX"))
+    # sockets: AF_UNIX only (rsync's socketpair, a lookup through nscd). The network namespace
+    # does not cover every family: AF_VSOCK reaches the host's virtual machines (their agents,
+    # a guest's sshd on vsock) from any namespace, AF_ALG is kernel code no tool here needs
+    out.append(Rule("socket", errno.EAFNOSUPPORT, (0, "NE", AF_UNIX, 0), "other than AF_UNIX"))
     return tuple(out)
 
 

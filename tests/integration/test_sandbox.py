@@ -579,3 +579,186 @@ def test_a_merge_error_in_the_sandbox_is_the_same_message(tmp_path):
     with pytest.raises(OperationError) as info:
         tree.merge_contained(staging, str(guest))
     assert str(info.value) == "cannot put a file at /x in the guest: a directory is there"
+
+
+#: inside the sandbox: watch every open on the filesystem of /usr (the host's root filesystem
+#: here) with fanotify, and write into the file of inode INO when the host opens it
+_FANOTIFY = """
+import ctypes, os, select, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+FAN_CLASS_NOTIF, FAN_MARK_ADD, FAN_MARK_FILESYSTEM, FAN_OPEN = 0, 1, 0x100, 0x20
+fan = libc.fanotify_init(FAN_CLASS_NOTIF, os.O_RDWR | os.O_LARGEFILE)
+if fan < 0:
+    print("fanotify_init=" + __import__("errno").errorcode[ctypes.get_errno()])
+    sys.exit(0)
+if libc.fanotify_mark(fan, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, ctypes.c_uint64(FAN_OPEN),
+                      -100, b"/usr") < 0:
+    print("fanotify_mark=" + __import__("errno").errorcode[ctypes.get_errno()])
+    sys.exit(0)
+print("watching", flush=True)
+end = time.time() + 20
+while time.time() < end:
+    if not select.select([fan], [], [], 0.5)[0]:
+        continue
+    buf = os.read(fan, 65536)
+    while len(buf) >= 24:
+        size, _v, _r, _m, _mask, fd, _pid = struct.unpack("=IBBHQii", buf[:24])
+        buf = buf[size:]
+        if fd < 0:
+            continue
+        if os.fstat(fd).st_ino == INO:
+            os.pwrite(fd, b"written from the sandbox\\n", 0)
+            print("wrote a host file")
+            sys.exit(0)
+        os.close(fd)
+print("no event")
+"""
+
+
+@pytest.mark.parametrize("caps", ["UNPACK_XATTRS", "COPY", "MERGE", "READ_XATTRS"])
+def test_fanotify_cannot_hand_the_sandbox_a_host_file(tmp_path, caps):
+    """CAP_SYS_ADMIN (kept for trusted.* xattrs) lets fanotify_init() watch a whole filesystem,
+    past every bind: each event carries a descriptor of the file the host opened, opened for
+    the sandbox with its O_RDWR and its CAP_DAC_OVERRIDE. A compromised tar could then write
+    whatever file of the host's filesystem the host opens. The filter refuses fanotify."""
+    import threading
+
+    host_file = tmp_path / "host-file"
+    host_file.write_text("the host's\n")
+    if os.stat(host_file).st_dev != os.stat("/usr").st_dev:
+        pytest.skip("the test's directory is not on the filesystem of /usr")
+    code = _FANOTIFY.replace("INO", str(os.stat(host_file).st_ino))
+    stop = threading.Event()
+
+    def host_opens():  # the host goes on opening its file, as root's programs do
+        while not stop.wait(0.2):
+            with open(host_file, "rb") as fh:
+                fh.read()
+
+    t = threading.Thread(target=host_opens, daemon=True)
+    t.start()
+    try:
+        got = _inside(code, sandbox.SETS[caps])
+    finally:
+        stop.set()
+        t.join()
+    assert host_file.read_text() == "the host's\n", got
+    assert got == ["fanotify_init=EPERM"]
+
+
+_REOPEN = """
+import os
+try:
+    fd = os.open("/proc/self/fd/0", os.O_RDWR)
+    os.pwrite(fd, b"rewritten from the sandbox", 0)
+    print("rewrote")
+except OSError as exc:
+    print("refused", exc.errno)
+data = os.read(0, 1 << 20)
+"""
+
+
+@pytest.mark.parametrize("caps", ["NONE", "UNPACK_XATTRS"])
+@pytest.mark.parametrize("how", ["pipeline", "fan_out"])
+def test_a_sandboxed_reader_of_an_image_cannot_rewrite_it(tmp_path, caps, how):
+    """An uncompressed image was given to tar (the unpack, and the proof with no capability at
+    all) as its stdin, a descriptor of the store's file: /proc/self/fd/0 opened it again for
+    writing (root owns the image), past the read-only binds. A sandboxed command now reads an
+    image through a pipe, and popen() refuses to hand one a named host file."""
+    image = tmp_path / "image.tar"
+    image.write_bytes(b"the store's image\n")
+    image.chmod(0o644)
+    argv = sandbox.command(["python3", "-c", _REOPEN], [], caps=sandbox.SETS[caps])
+    if how == "pipeline":
+        process.pipeline([argv], stdin_path=str(image))
+    else:
+        process.fan_out(str(image), None, [process.Sink(argv, reader=lambda out: out.read())])
+    assert image.read_bytes() == b"the store's image\n"
+    with open(image, "rb") as fh, pytest.raises(ValueError, match="host file as its stdin"):
+        process.popen(argv, stdin=fh)
+
+
+@pytest.mark.parametrize("caps", ["UNPACK_XATTRS", "COPY", "MERGE"])
+def test_the_sandboxs_proc_is_read_only(caps):
+    """bwrap covers /proc/sys, /proc/sysrq-trigger, /proc/irq and /proc/bus, not the rest:
+    with CAP_SYS_ADMIN a compromised tar could write /proc/mtrr (the host CPU's memory
+    caching: a hypervisor slowed to a crawl or hung). The sandbox's /proc is mounted read-only
+    (nothing in it needs to write there); nothing is written here, the opening is refused."""
+    code = _ATTEMPTS + """
+for path in ("/proc/mtrr", "/proc/self/oom_score_adj", "/proc/pressure/io"):
+    if os.path.exists(path):
+        attempt(path, lambda: os.close(os.open(path, os.O_WRONLY)))
+attempt("read", lambda: open("/proc/self/status").read())
+"""
+    got = _inside(code, sandbox.SETS[caps])
+    assert got[-1] == "read=OK"
+    assert [g for g in got[:-1] if not g.endswith("=EROFS")] == [], got
+
+
+def test_the_sandbox_makes_no_socket_but_af_unix():
+    """The network namespace does not cover AF_VSOCK: from the sandbox a compromised tar could
+    connect to the host's virtual machines (a guest agent or sshd listening on vsock). Only
+    AF_UNIX sockets are made (rsync's socketpair)."""
+    code = _ATTEMPTS + """
+import socket
+attempt("vsock", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close())
+attempt("inet", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close())
+attempt("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close())
+attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close())
+attempt("socketpair", lambda: [s.close() for s in socket.socketpair()])
+"""
+    got = _inside(code, sandbox.UNPACK_XATTRS)
+    assert got == ["vsock=EAFNOSUPPORT", "inet=EAFNOSUPPORT", "netlink=EAFNOSUPPORT",
+                   "unix=OK", "socketpair=OK"]
+
+
+def test_a_tree_image_puts_no_guest_setuid_program_or_node_within_other_users_reach(
+        vmim, rig):
+    """A guest plants a setuid-root program and a block node of mode 0666 (here of loop0); a
+    store with -y puts both on the host's image store (not nosuid, not nodev), where every user
+    may search by default: any local user ran the guest's program as root, or opened the
+    node (checked with access() as user nobody: nothing is run or opened). The tree's top
+    directory is now closed to others, and its mode (the guest root's) comes back on restore."""
+    guest = _rig_guest(vmim, rig)
+    program = os.path.join(guest, "rootshell")
+    with open(program, "w") as fh:
+        fh.write("#!/bin/sh\nid\n")
+    os.chown(program, 0, 0)
+    os.chmod(program, 0o4755)
+    os.mknod(os.path.join(guest, "disk"), 0o666 | stat.S_IFBLK, os.makedev(7, 0))
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "-y", "-s", "tree", "--release")
+    tree = rig.images / "tree"
+    assert (tree / "rootshell").stat().st_mode & 0o4000  # kept, as the format promises
+
+    def nobody(*test):
+        return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "--", "test", *test], check=False).returncode == 0
+
+    assert not nobody("-u", str(tree / "rootshell")), "a guest's setuid-root program"
+    assert not nobody("-w", str(tree / "disk")), "a guest's device node, writable"
+    guest_mode = os.stat(guest).st_mode & 0o7777
+    run_ok(vmim, rig, "-b", rig.names["xfs"], "-r", "tree", "--mount")
+    try:
+        assert os.stat(rig.mnt("xfs")).st_mode & 0o7777 == guest_mode
+        assert not os.listxattr(rig.mnt("xfs"))  # the mode's xattr is the host's, not carried
+    finally:
+        run_ok(vmim, rig, "-b", rig.names["xfs"], "--release")
+
+
+def test_a_mounted_slot_is_out_of_other_users_reach(vmim, rig):
+    """A slot mounted (by --mount, or while a restore or store runs) showed the guest's files to
+    every local user: the mount base the tool makes was mode 0755, the guest's root is 0755, and
+    a guest's file owned by uid N is the host's uid N's to read and write — tampering with a
+    golden image while it is stored. The mount base the tool makes is root's only (0700)."""
+    guest = _rig_guest(vmim, rig)
+    private = os.path.join(guest, "private")
+    try:
+        with open(private, "w") as fh:
+            fh.write("the guest's\n")
+        os.chown(private, 65534, 65534)
+        os.chmod(private, 0o600)
+        reached = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                  "--", "test", "-w", private], check=False).returncode == 0
+    finally:
+        run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+    assert not reached, "user nobody may write a file of the mounted guest"

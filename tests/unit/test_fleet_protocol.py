@@ -340,3 +340,25 @@ def test_the_journal_and_leases_live_in_verified_directories(tmp_path):
     assert Journal(str(state)).get(job)["box"] == "web1"
     Children("/c", str(state), 20).renew_lease(job)
     assert os.path.isfile(state / "fleet" / "leases" / job)
+
+
+@pytest.mark.parametrize("route,ok", [
+    ({"exchange": "vmim.jobs", "routing_key": "box.web1"}, True),
+    ({"exchange": "", "routing_key": "vmim.host.h1.box.web1"}, False),  # amq.default
+    ({"exchange": "vmim.jobs", "routing_key": "any"}, False),
+    ({"exchange": "vmim.host.h1.x", "routing_key": "box.web1"}, False),  # a host's own
+    ({}, False),
+])
+def test_a_job_is_taken_only_from_vmim_jobs_with_its_queues_routing_key(route, ok):
+    """Through the default exchange any broker user that may write on it (a host's user does,
+    to answer clients) reaches any queue by name: a job must have come through vmim.jobs."""
+    body = protocol.Job(protocol.new_job_id(), "web1", time.time() + 30,
+                        BoxRun(Request(actions=("mount",)))).encode()
+    if ok:
+        assert protocol.decode_job(body, "web1", route).box == "web1"
+    else:
+        with pytest.raises(ProtocolError, match="only from exchange vmim.jobs"):
+            protocol.decode_job(body, "web1", route)
+    protocol.check_list_route({"exchange": "vmim.control", "routing_key": ""})
+    with pytest.raises(ProtocolError, match="only from exchange vmim.control"):
+        protocol.check_list_route({"exchange": "", "routing_key": "vmim.control.h1.abc"})

@@ -20,6 +20,7 @@ MUST_DENY = {
     "open_by_handle_at", "name_to_handle_at", "userfaultfd", "iopl", "ioperm", "swapon",
     "swapoff", "reboot", "settimeofday", "clock_settime", "adjtimex", "acct", "quotactl",
     "syslog", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "fanotify_init", "fanotify_mark",
 }
 #: what tar, cpio, rsync, rm and Python do all the time: never in the filter unconditionally
 MUST_ALLOW = {"read", "write", "openat", "close", "fstat", "newfstatat", "getdents64", "mkdirat",
@@ -68,11 +69,17 @@ def test_ioctl_clone_and_personality_are_denied_only_for_their_arguments():
     rules = {(r.syscall, r.why): r for r in seccomp.rules()}
     assert rules[("ioctl", "TIOCSTI")].test == (1, "MASKED_EQ", 0xFFFFFFFF, 0x5412)
     assert rules[("ioctl", "TIOCLINUX")].test == (1, "MASKED_EQ", 0xFFFFFFFF, 0x541C)
+    assert rules[("ioctl", "TIOCCONS")].test == (1, "MASKED_EQ", 0xFFFFFFFF, 0x541D)
+    assert rules[("ioctl", "FIFREEZE")].test == (1, "MASKED_EQ", 0xFFFFFFFF, 0xC0045877)
+    assert rules[("ioctl", "FITHAW")].test == (1, "MASKED_EQ", 0xFFFFFFFF, 0xC0045878)
     assert rules[("clone", "CLONE_NEWUSER")].test == (0, "MASKED_EQ", 0x10000000, 0x10000000)
     assert {w for s, w in rules if s == "clone"} == set(seccomp.CLONE_NEW)
     assert rules[("personality", "other than PER_LINUX")].test == (0, "NE", 0, 0)
+    assert rules[("socket", "other than AF_UNIX")].test == (0, "NE", 1, 0)
+    assert rules[("socket", "other than AF_UNIX")].errno == errno.EAFNOSUPPORT
     pfc = seccomp.pseudo_code()
     assert "== 21522" in pfc and "== 21532" in pfc  # TIOCSTI, TIOCLINUX compiled in
+    assert "== 21533" in pfc and "== 3221510263" in pfc  # TIOCCONS, FIFREEZE
     assert pfc.count("action ALLOW;") == 1  # allowed by default: a deny-list
 
 

@@ -7,6 +7,7 @@ with --link-dest sees the store directory, which holds both the new and the prev
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import List, Optional, Sequence
 
@@ -16,7 +17,13 @@ from vmim.errors import StateError
 
 # archive mode, hard links, ACLs, xattrs, sparse files, numeric owners; XFS shows its ACLs
 # a second time as trusted.SGI_ACL_* xattrs, which -A carries already.
-FLAGS = ["-aHAXS", "--numeric-ids", "--filter=-x trusted.SGI_ACL_*"]
+FLAGS = ["-aHAXS", "--numeric-ids", "--filter=-x trusted.SGI_ACL_*", "--filter=-x trusted.vmim.*"]
+#: A tree image is the guest's tree on the host's filesystem — setuid programs, owners and
+#: device nodes as they are — so its top directory is closed to other users (0700), and the
+#: mode it had (the guest root's) is kept in this xattr and given back to the target after a
+#: restore or insert (never carried by rsync itself: the filter above)
+ROOT_MODE = "trusted.vmim.root-mode"
+log = logging.getLogger(__name__)
 GUEST, IMAGE, STORE = sandbox.SLOT, sandbox.IMAGE, sandbox.STORE  # inside the sandbox
 
 
@@ -45,6 +52,7 @@ class RsyncFormat(Format):
             os.makedirs(dest, exist_ok=True)
             argv += ["--relative", *(f"{GUEST}/./{p}" for p in paths), f"{inside}/"]
         process.run(sandbox.command(argv, binds, caps=sandbox.COPY))
+        close_top(dest)
         return None
 
     def unpack_tools(self) -> List[str]:
@@ -56,6 +64,7 @@ class RsyncFormat(Format):
                                     [sandbox.Bind(image, IMAGE),
                                      sandbox.Bind(staging, GUEST, writable=True)],
                                     caps=sandbox.COPY))
+        give_back_top(image, staging)
 
     def mirror(self, image: str, target: str) -> None:
         """Make target an exact copy of the image (restore): only the differences move; the
@@ -64,7 +73,39 @@ class RsyncFormat(Format):
             ["rsync", *FLAGS, "--delete", "--exclude=/lost+found", f"{IMAGE}/", f"{GUEST}/"],
             [sandbox.Bind(image, IMAGE), sandbox.Bind(target, GUEST, writable=True)],
             caps=sandbox.COPY))
+        give_back_top(image, target)
 
     def verify(self, image: str) -> None:
         if not os.path.isdir(image):
             raise StateError(f"rsync image {image} is not a directory")
+
+
+def close_top(tree: str) -> None:
+    """A tree just stored: its top directory closed to other users, its mode kept (ROOT_MODE).
+    A filesystem without trusted.* xattrs (NFS) keeps the mode, and the tree open: said."""
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        mode = os.fstat(fd).st_mode & 0o7777
+        try:
+            os.setxattr(fd, ROOT_MODE, b"%o" % mode)
+        except OSError as exc:
+            log.warning("the tree image %s stays open to other users (mode %o): its store "
+                        "keeps no trusted.* xattrs (%s); keep the store closed (mode 0700)",
+                        tree, mode, exc.strerror)
+            return
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def give_back_top(tree: str, target: str) -> None:
+    """After a restore or insert from tree: target's mode the one its top directory had."""
+    try:
+        mode = int(os.getxattr(tree, ROOT_MODE).decode("ascii"), 8) & 0o7777
+    except (OSError, ValueError):  # a tree of an older release: rsync gave its mode already
+        return
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)

@@ -115,7 +115,9 @@ def ensure_shared(base: str) -> str:
     unmounts instead of pinning the filesystem. Binds base onto itself when it is not a mount
     point yet, then `mount --make-rshared`; does nothing when it already is one (the state comes
     from mountinfo, so a second run adds nothing). Returns what it did ("" for nothing)."""
-    os.makedirs(base, mode=0o755, exist_ok=True)
+    # root's only when made here: a mounted guest's files are no other local user's to read or
+    # write (a guest's uid N is the host's uid N)
+    os.makedirs(base, mode=0o700, exist_ok=True)
     base = os.path.realpath(base)
     if base == "/":
         log.warning("mount base is /: not changing the propagation of the whole host; make / "

@@ -23,7 +23,7 @@ from vmim.errors import (
 )
 from vmim.fleet import protocol, shapes, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
-from vmim.output import render_list, render_plans
+from vmim.output import render_list, render_plans, undecodable_escaped
 from vmim.plan import Plan, Request
 
 log = logging.getLogger("vmim.fleet.client")
@@ -139,7 +139,7 @@ class Client:
         """A channel error closes the channel: a new one, with a new reply queue."""
         import kombu
 
-        self.channel = self.conn.channel()
+        self.channel = transport.channel(self.conn)
         self.publisher = transport.Publisher(self.channel)
         self.consumer = kombu.Consumer(self.channel, queues=[self.reply_q],
                                        on_message=self._on_reply, no_ack=True)
@@ -297,12 +297,12 @@ def _follow(client: Client, job: protocol.Job, lock_wait: int) -> protocol.Reply
         if taker is not None:
             silent_by = time.monotonic() + max(silence, lock_wait)
         if reply.type == "log":
-            sys.stderr.write(reply.line)
+            sys.stderr.write(undecodable_escaped(reply.line))
             sys.stderr.flush()
         elif reply.type == "result":
             if taker is None:  # answered from a journal, or refused: its lines were not streamed
                 for line in reply.stderr:
-                    sys.stderr.write(line)
+                    sys.stderr.write(undecodable_escaped(line))
             return reply
 
 
@@ -380,7 +380,7 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
     for host in sorted(answers):
         if answers[host].exit_code:
             for line in answers[host].stderr:
-                sys.stderr.write(f"{host}: {line}")
+                sys.stderr.write(f"{host}: {undecodable_escaped(line)}")
     report_lists(lists, answers, doc, out, as_json)
     codes = [a.exit_code for a in answers.values()]
     if missing:

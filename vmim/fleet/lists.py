@@ -68,6 +68,7 @@ def decode(message: Any, host: str) -> Optional[ListJob]:
     """A list request from the control fanout, or None (logged) when it does not decode or
     names no client's reply queue: such a message is ignored."""
     try:
+        protocol.check_list_route(getattr(message, "delivery_info", None) or {})
         req = protocol.decode_list_request(message.body)
         reply_to = protocol.usable_reply_to(message.properties.get("reply_to"))
         if reply_to is None:

@@ -25,7 +25,9 @@ result the client prints):
    exit 5 (the worker is busy with the lists of other clients) or 7 (the list child timed
    out); a job that reuses the id of another job is answered with a `result` of exit 2; a
    client takes a reply that does not decode, or a document of another shape
-   (vmim.fleet.shapes), for an error (exit 7) instead of ignoring it.
+   (vmim.fleet.shapes), for an error (exit 7) instead of ignoring it; a job that did not
+   come through vmim.jobs with its queue's routing key (the default exchange reaches any
+   queue), or a list request not through vmim.control, is refused (check_route).
 """
 
 from __future__ import annotations
@@ -142,10 +144,13 @@ class Job:
                         "request": run["request"], "options": run["options"]})
 
 
-def decode_job(body: Any, queue: str) -> Job:
+def decode_job(body: Any, queue: str, route: Optional[Dict[str, Any]] = None) -> Job:
     """A job as a worker accepts it from the queue of box `queue` (ANY_FREE: the shared
     queue), or ProtocolError (VersionError) saying why not. Its box must be the queue's: a
-    job on the shared queue is an any-free job, a job on a slot's queue is for that slot."""
+    job on the shared queue is an any-free job, a job on a slot's queue is for that slot.
+    `route`: the delivery's exchange and routing key (kombu's delivery_info), check_route()'s."""
+    if route is not None:
+        check_route(route, queue)
     data = _loads(body, "the job")
     f = Fields(data, "the job", JOB_FIELDS)
     f.string("type", required=True, choices=("job",))
@@ -164,6 +169,29 @@ def decode_job(body: Any, queue: str) -> Job:
         raise ProtocolError("the job asks for no action")
     return Job(job_id, box, f.number("deadline", low=0, high=1e11), run,
                f.string("client", "", max_len=MAX_NAME))
+
+
+def check_route(delivery_info: Dict[str, Any], queue: str) -> None:
+    """A job came through vmim.jobs with the routing key of its queue (`queue`: a box, or
+    ANY_FREE), or ProtocolError. The broker sets the exchange a message was published to, and
+    checks a publish against its exchange only: through the default exchange (amq.default,
+    which a host's user may write to answer its clients) any user reaches any queue by name;
+    only clients may write on vmim.jobs."""
+    exchange, key = delivery_info.get("exchange"), delivery_info.get("routing_key")
+    want = ANY_KEY if queue == ANY_FREE else box_key(queue)
+    if exchange != JOBS or key != want:
+        raise ProtocolError(f"a job is taken only from exchange {JOBS} with routing key "
+                            f"'{want}'; this one came from exchange '{str(exchange)[:80]}' "
+                            f"with routing key '{str(key)[:80]}'")
+
+
+def check_list_route(delivery_info: Dict[str, Any]) -> None:
+    """A list request came through the vmim.control fanout (see check_route), or
+    ProtocolError."""
+    exchange = delivery_info.get("exchange")
+    if exchange != CONTROL:
+        raise ProtocolError(f"a list request is taken only from exchange {CONTROL}; this one "
+                            f"came from exchange '{str(exchange)[:80]}'")
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,31 @@ def connection(spec: BrokerSpec, heartbeat: int = HEARTBEAT) -> Any:
                             transport_options={"confirm_publish": True})
 
 
+def channel(conn: Any) -> Any:
+    """A channel of conn whose messages keep their body as it came. kombu inflates a body whose
+    `compression` header names a codec (zlib, bz2, lzma) when it makes the message, before any
+    size limit of ours: a body the broker takes would become a thousand times larger in the
+    memory of the worker (root on a hypervisor) or the client. The header is dropped instead:
+    a compressed body is no JSON, and is refused as any other (vmim.fleet.protocol)."""
+    ch = conn.channel()
+    base = getattr(ch, "Message", None)
+    if isinstance(base, type):
+        ch.Message = type("RawMessage", (base,), {"__init__": _raw_init(base)})
+    return ch
+
+
+def _raw_init(base: type) -> Any:
+    def __init__(self: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
+        props = getattr(msg, "properties", None)
+        headers = props.get("application_headers") if isinstance(props, dict) else None
+        if isinstance(props, dict) and isinstance(headers, dict) and "compression" in headers:
+            props["application_headers"] = {k: v for k, v in headers.items()
+                                            if k != "compression"}
+        base.__init__(self, msg, *args, **kwargs)  # type: ignore[misc]
+
+    return __init__
+
+
 def tls_context(spec: BrokerSpec) -> ssl.SSLContext:
     """The TLS context of broker_ca, broker_cert and broker_key: a file that cannot be read,
     or does not hold what it should, is a ConfigError naming it (exit 3)."""

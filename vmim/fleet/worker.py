@@ -134,7 +134,7 @@ class Worker:
 
         self.conn = transport.connection(self.spec, self.heartbeat)
         transport.connect(self.conn)
-        channel = self.conn.channel()
+        channel = transport.channel(self.conn)
         self.publisher = transport.Publisher(channel)
         jobs = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
         control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
@@ -298,7 +298,7 @@ class Worker:
 
     def _take(self, queue_box: str, message: Any) -> None:
         try:
-            msg = protocol.decode_job(message.body, queue_box)
+            msg = protocol.decode_job(message.body, queue_box, message.delivery_info or {})
         except ProtocolError as exc:
             self._refuse(message, str(exc))
             return

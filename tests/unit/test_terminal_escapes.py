@@ -1,0 +1,40 @@
+"""A guest's file names reach the terminal of the admin who runs vmimagemanager: in errors
+(cpio's files of 4 GiB or more are named), in the lines of commands, in a fleet worker's lines.
+A name may hold ESC, BEL, CSI (0x9b) and other controls: an OSC 52 sequence writes the admin's
+clipboard, others retitle, hide or rewrite what is shown. Every message goes out with controls
+as \\x escapes (newlines and tabs kept), whatever its source."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from vmim import frontend, output
+from vmim.archive.cpio import CpioFormat
+from vmim.errors import VmimError
+
+HOSTILE = "evil\x1b]52;c;cm0gLXJmIC8K\x07\x1b[2K\r\x9b31m\x7f"
+
+
+def test_messages_escape_terminal_controls():
+    shown = output.undecodable_escaped(f"line one {HOSTILE}\n\tline two\n")
+    assert not any(c in shown for c in "\x1b\x07\r\x9b\x7f")
+    assert "\\x1b]52;c;" in shown and "\\x9b" in shown
+    assert shown.endswith("\n\tline two\n")
+
+
+def test_a_guest_name_in_an_error_reaches_stderr_escaped(tmp_path, monkeypatch):
+    """cpio's refusal names the guest's files of 4 GiB or more, as the guest named them."""
+    with open(tmp_path / HOSTILE, "wb") as fh:
+        fh.truncate(5 << 30)  # sparse
+    with pytest.raises(VmimError) as info:
+        CpioFormat("bzip2", "cpio.bz2").check_tree(str(tmp_path), "extract of box 'b1'")
+    assert "\x1b" in str(info.value)  # the name as it is (the JSON document keeps it)
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    frontend._report(info.value, {})
+    assert "\x1b" not in err.getvalue() and "\x07" not in err.getvalue()
+    assert "\\x1b]52;c;" in err.getvalue()
+    os.unlink(tmp_path / HOSTILE)
