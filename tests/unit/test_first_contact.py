@@ -27,6 +27,7 @@ def slots_cfg(write_config, tmp_path):
         [vmim.local]
         vmemulator = "test://{tmp_path}/no-such-host.xml"
         lockdir = "{tmp_path}/locks"
+        statedir = "{tmp_path}/state"
         [vmim.vm.1]
         HostName = "web1"
         root = "{tmp_path}/web1.img"
@@ -174,18 +175,10 @@ def test_a_misspelt_box_names_the_box_it_resembles(vmim, slots_cfg):
             "test:///default; did you mean web1? known boxes: test, web1") in r.err, r.err
 
 
-def test_a_failed_box_is_named_once_in_its_error_line(vmim, write_config, tmp_path):
+def test_a_failed_box_is_named_once_in_its_error_line(vmim, slots_cfg):
     if os.geteuid() != 0:
         pytest.skip("a user other than root is told first that a restore needs root")
-    path = write_config(f"""\
-        [vmim.local]
-        lockdir = "{tmp_path}/locks"
-        statedir = "{tmp_path}/state"
-        [vmim.vm.1]
-        HostName = "web1"
-        root = "{tmp_path}/web1.img"
-        """)
-    r = vmim("--config", path, "--connect", "test:///default", "-b", "web1", "-r", "golden")
+    r = vmim("--config", slots_cfg, "--connect", "test:///default", "-b", "web1", "-r", "golden")
     assert r.code == 3, r
     assert ("vmimagemanager: error: box web1: no image store configured: set vmimages in "
             "[vmim.local] or in the slot's section\n") in r.err, r.err
