@@ -170,8 +170,9 @@ def print_xml(req: Request, cfg: Config, hv: Hypervisor, as_json: bool, doc: Dic
         if hv.domain(box) is not None:
             log.info("box %s is already defined in libvirt; -u would not redefine it", box)
         xml[box] = definition.domain_xml(slot)
-        if definition.boot_warning(slot):
-            log.warning("%s", definition.boot_warning(slot))
+        warning = definition.boot_warning(slot)
+        if warning:
+            log.warning("%s", warning)
     if as_json:
         doc["xml"] = xml
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from vmim.configtypes import LOCAL_SECTION
@@ -168,8 +169,6 @@ def parse_size(value: Any) -> Optional[int]:
         text = value
     else:
         return None
-    import re
-
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not m:
         return None
@@ -181,8 +180,6 @@ def parse_size(value: Any) -> Optional[int]:
 
 def _inline_comment(text: str) -> str:
     """The '# ...' or '; ...' after a complete JSON value (`"/srv/x"   # a note`), else ''."""
-    import re
-
     try:
         _, end = json.JSONDecoder().raw_decode(text)
     except ValueError:

@@ -56,7 +56,8 @@ LOCKED_HEADERS = ["NAME", "PID", "COMMAND"]
 
 
 def staged_text(staged: Any) -> str:
-    """The STAGED column of a box row (as vmim.standby.Staged.text() draws it), else "-"."""
+    """The STAGED column of a box row (vmim.standby.Staged.as_dict()): the image and when it
+    was staged, or why it is not ready; else "-"."""
     if not isinstance(staged, Mapping):
         return "-"
     image = staged.get("image")

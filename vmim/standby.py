@@ -162,11 +162,6 @@ class Staged:
     def ready(self) -> bool:
         return self.skip is None
 
-    def text(self) -> str:
-        """The STAGED column of -l: the image and when it was staged, or why it is not ready."""
-        return f"{self.image} {(self.finished or '')[:16]}" if self.ready else \
-            f"{self.image} ({self.state})"
-
     def as_dict(self) -> dict:
         return {"image": self.image, "started": self.started, "finished": self.finished,
                 "state": self.state, "skip": self.skip}

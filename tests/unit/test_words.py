@@ -15,7 +15,8 @@ from vmim.words import Action, Format, ListKind, StoreType, Word
 def test_a_word_prints_and_serialises_as_its_string(word):
     plain = word.value
     assert isinstance(word, str) and word == plain and hash(word) == hash(plain)
-    assert str(word) == f"{word}" == "%s" % word == plain  # noqa: UP031 - as logging formats it and f"{word:>12}" == f"{plain:>12}"
+    assert str(word) == f"{word}" == "%s" % word == plain  # noqa: UP031 - as logging formats it
+    assert f"{word:>12}" == f"{plain:>12}"
     assert json.dumps({word: [word]}) == json.dumps({plain: [plain]})
     assert type(str(word)) is str
 
