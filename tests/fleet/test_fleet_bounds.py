@@ -167,8 +167,9 @@ class FakeWorker:
         self.consumer.consume()
         self.producer = kombu.Producer(ch)
 
-    def answer(self, *bodies, timeout: float = 30) -> None:
-        """Wait for a request, then send each body (bytes or dict) to its reply queue."""
+    def answer(self, *bodies, timeout: float = 30, corr=None) -> None:
+        """Wait for a request, then send each body (bytes or dict) to its reply queue, under
+        the request's correlation id or corr."""
         import json
 
         deadline = time.monotonic() + timeout
@@ -182,7 +183,7 @@ class FakeWorker:
         for body in bodies:
             raw = json.dumps(body).encode() if isinstance(body, dict) else body
             self.producer.publish(raw, routing_key=msg.properties["reply_to"],
-                                  correlation_id=msg.properties["correlation_id"],
+                                  correlation_id=corr or msg.properties["correlation_id"],
                                   content_type="application/json", content_encoding="utf-8",
                                   serializer=None)
 
@@ -215,6 +216,22 @@ def test_a_malformed_result_or_reply_is_exit_7_not_a_crash(fleet):
             fake.close()
         assert client.returncode == 7, (why, out, err)
         assert why in err and "Traceback" not in err, (why, err)
+
+
+def test_a_malformed_reply_to_another_job_does_not_end_the_client(fleet):
+    """Any broker user may publish to a client's reply queue: what answers no request of this
+    client is not read, malformed or not; the answer to its job is."""
+    fake = FakeWorker(fleet.broker.url, box="hx1")
+    try:
+        client = fleet.spawn("-b", "hx1", "--mount", "--dry-run", "--lock-wait", "20")
+        fake.answer(b"{not json", reply("result", box="hx1", exit_code=4, doc={}, stderr=[]),
+                    corr="someone-elses-job")
+        fake.answer(reply("result", box="hx1", exit_code=0, doc={"results": []}, stderr=[]))
+        out, err = client.communicate(timeout=60)
+    finally:
+        fake.close()
+    assert client.returncode == 0, (out, err)
+    assert "malformed" not in err, err
 
 
 def test_malformed_lists_are_exit_7_not_a_crash(fleet):

@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, TextIO, Tuple
 
 from vmim.config import Config
 from vmim.errors import (
@@ -23,7 +23,7 @@ from vmim.errors import (
 )
 from vmim.fleet import protocol, shapes, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
-from vmim.output import render_list, render_plans, undecodable_escaped
+from vmim.output import render_list, render_plans, safe, undecodable_escaped
 from vmim.plan import Plan, Request
 
 log = logging.getLogger("vmim.fleet.client")
@@ -61,6 +61,7 @@ class Client:
 
         self.spec = spec
         self.inbox: List[Tuple[str, Any]] = []  # (correlation id, Reply or ProtocolError)
+        self.awaited: Set[str] = set()  # the correlation ids of what this client published
         # named by the client, so that it can declare it again after a broker restart
         self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
         self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
@@ -90,6 +91,9 @@ class Client:
 
     def _on_reply(self, message: Any) -> None:
         corr = message.properties.get("correlation_id")
+        if corr not in self.awaited:  # not an answer to us: whatever it holds, it is not read
+            log.debug("ignoring a reply to %r, which this client did not ask", corr)
+            return
         try:
             reply: Any = protocol.decode_reply(message.body)
         except ProtocolError as exc:  # a worker of another version, or not a worker at all
@@ -101,6 +105,7 @@ class Client:
         """Persistent, confirmed; False when no queue took it (mandatory)."""
         import amqp
 
+        self.awaited.add(job_id)
         try:
             return self.publisher.publish(body, exchange=exchange, routing_key=routing_key,
                                           reply_to=self.reply_to, correlation_id=job_id,
@@ -242,10 +247,10 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
             raise StateError(f"unknown box '{box}': no worker of the fleet at "
                              f"{client.spec.shown} serves it (see --broker ... -l)")
         result = _follow(client, job, opts.lock_wait)
-        if box == ANY_FREE and result.box and not opts.json:
-            out.write(result.box + "\n")  # the slot that ran the job: one name, once
-            out.flush()
         shapes.check_result(result.doc, result.host)  # a malformed document: exit 7
+        if box == ANY_FREE and result.box and not opts.json:
+            out.write(safe(result.box) + "\n")  # the slot that ran the job: one name, once
+            out.flush()
         results.append(result)
         if result.exit_code in (130, 143):
             break
@@ -352,7 +357,7 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
     if not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
         raise HostEnvironmentError(f"no worker has ever started at {client.spec.shown}: start "
                                    "`vmimagemanager worker` on the hosts (docs/fleet.md)")
-    hosts: List[str] = []
+    hosts: Set[str] = set()  # a host saying "here" twice is one host
     answers: Dict[str, protocol.Reply] = {}
     window = time.monotonic() + LIST_WINDOW
     final = time.monotonic() + LIST_TIMEOUT
@@ -366,11 +371,11 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
         if c != corr:
             continue
         if reply.type == "here":
-            hosts.append(reply.host)
+            hosts.add(reply.host)
         elif reply.type == "lists":
             shapes.check_lists(reply.doc, lists, reply.host)  # a malformed document: exit 7
             answers[reply.host] = reply
-    missing = [h for h in hosts if h not in answers]
+    missing = sorted(h for h in hosts if h not in answers)
     if missing:
         log.error("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
     if not hosts:  # an empty list would say "no slots": it is "nobody to ask"

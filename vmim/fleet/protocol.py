@@ -248,7 +248,8 @@ class Reply:
 
 def decode_reply(body: Any) -> Reply:
     """A worker's reply, as a client reads it (workers are trusted with results, not with
-    the shape of messages: a malformed one is a ProtocolError the client ignores)."""
+    the shape of messages: a malformed one is a ProtocolError, exit 7 at the client when it
+    answers what the client asked; the documents inside are checked by vmim.fleet.shapes)."""
     f = Fields(_loads(body, "the reply", MAX_REPLY), "the reply",
                ("v", "type", "host", "box", "line", "exit_code", "doc", "stderr", "silence"))
     kind = f.string("type", required=True, choices=REPLY_TYPES)
