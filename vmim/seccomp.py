@@ -40,6 +40,8 @@ FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 IOCTLS = {"TIOCSTI": TIOCSTI, "TIOCLINUX": TIOCLINUX, "TIOCCONS": TIOCCONS,
           "FIFREEZE": FIFREEZE, "FITHAW": FITHAW}
 AF_UNIX = 1
+#: the type byte of the ioctls of whole filesystems (FIFREEZE is _IOWR('X', 119, int))
+FS_FAMILY = ord("X")
 #: clone() flags that make a namespace (unshare(2) and setns(2) are denied whole; clone3, whose
 #: flags libseccomp cannot see, is ENOSYS: glibc falls back to clone; CLONE_NEWTIME is not a
 #: flag of clone(), whose low byte is the exit signal)
@@ -98,6 +100,11 @@ def rules() -> Tuple[Rule, ...]:
     out += [Rule(name, errno.ENOSYS) for name in DENY_ENOSYS]
     out += [Rule("ioctl", errno.EPERM, (1, "MASKED_EQ", 0xFFFFFFFF, request), name)
             for name, request in IOCTLS.items()]
+    # ... and the whole 'X' family, the ioctls on a filesystem rather than a file: besides
+    # those two, FITRIM and the shutdown of a whole XFS or ext4 (0x8004587D), which needs
+    # only CAP_SYS_ADMIN and works through a read-only bind. No tool in the sandbox uses one.
+    out.append(Rule("ioctl", errno.EPERM, (1, "MASKED_EQ", 0xFF00, FS_FAMILY << 8),
+                    "the filesystem family 'X'"))
     out += [Rule("clone", errno.EPERM, (0, "MASKED_EQ", flag, flag), name)
             for name, flag in CLONE_NEW.items()]
     # personality(2): only PER_LINUX (0), the default. libseccomp compares an argument once

@@ -112,3 +112,17 @@ def test_without_the_binding_nothing_runs_exit_7(monkeypatch):
         seccomp._memfd.cache_clear()
     assert info.value.exit_code == EXIT_ENVIRONMENT
     assert "python3-seccomp" in str(info.value) and "pyseccomp" in str(info.value)
+
+
+def test_every_ioctl_of_a_whole_filesystem_is_denied_not_only_freeze_and_thaw():
+    """FITRIM and the shutdown of a whole XFS or ext4 (0x8004587D) are of the family 'X' as
+    FIFREEZE is; a tool with CAP_SYS_ADMIN could take down the store it sees read-only."""
+    family = [r for r in seccomp.rules() if r.syscall == "ioctl" and r.test and
+              r.test[2] == 0xFF00]
+    assert len(family) == 1 and family[0].errno == errno.EPERM
+    _, _, mask, value = family[0].test
+    for request in (0x8004587D, 0xC0185879, 0xC0045877, 0xC0045878):  # shutdown, FITRIM, ...
+        assert request & mask == value, hex(request)
+    for request in (0x5412, 0x80086601, 0x40049409):  # TIOCSTI, FS_IOC_GETFLAGS, FICLONE
+        assert request & mask != value, hex(request)
+    assert "$a1.lo32 & 0x0000ff00 == 22528" in seccomp.pseudo_code()  # compiled in
