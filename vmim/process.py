@@ -17,7 +17,6 @@ from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
 from vmim import handoff, procscan, progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
-from vmim.handoff import sandbox_argv
 from vmim.hashcopy import F_SETPIPE_SZ, copy_hashing
 
 log = logging.getLogger(__name__)
@@ -35,12 +34,11 @@ def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     """Start a command in a process group of its own (so that stopping it stops whatever it
     forked, rsync's receiver say), in the C locale, marked as ours. A sandbox's argv gets a
     descriptor of its own of the seccomp filter (vmim.sandbox.SECCOMP_FD)."""
-    from vmim.sandbox import SECCOMP_FD
-
     argv = list(argv)
     filter_fd = None
-    if SECCOMP_FD in argv:
+    if handoff.sandbox_argv(argv):
         from vmim import seccomp
+        from vmim.sandbox import SECCOMP_FD
 
         handoff.check_streams(kwargs)
         filter_fd = seccomp.fd()
@@ -314,7 +312,7 @@ def pipeline(
     from vmim.sandbox import shown
 
     names = [shown(s) for s in stages]  # what a failure blames
-    boxed = [sandbox_argv(s) for s in stages]  # these are given pipes, never a host file
+    boxed = [handoff.sandbox_argv(s) for s in stages]  # these are given pipes, never a host file
     stages = [[str(a) for a in s] for s in stages]
     log.debug("+ %s", " | ".join(quote_argv(s) for s in stages))
     if cwd is not None and not os.path.isdir(cwd):
@@ -429,7 +427,7 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
                 assert src.stdout is not None
                 feed = stack.enter_context(src.stdout)
             else:  # a sandboxed sink gets a pipe: never the host file (popen() refuses it)
-                feed = fin if any(sandbox_argv(s.argv) for s in sinks) else None
+                feed = fin if any(handoff.sandbox_argv(s.argv) for s in sinks) else None
             for sink, argv, err in zip(sinks, argvs, errs):
                 on_stderr = sink.read == "stderr"
                 own = stack.enter_context(open(stdin_path, "rb")) if feed is None else None
