@@ -11,13 +11,13 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
 from vmim import handoff, procscan, progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
 from vmim.hashcopy import F_SETPIPE_SZ, copy_hashing
+from vmim.stages import said_on_success, wait_stages
 
 log = logging.getLogger(__name__)
 
@@ -246,44 +246,6 @@ def output_of(argv: Sequence[str]) -> Iterator[IO[bytes]]:
             raise CommandError(argv, proc.returncode, tail)
 
 
-def _broken_pipe(code: int) -> bool:
-    return code in (-signal.SIGPIPE, 128 + signal.SIGPIPE)
-
-
-#: how long stages before a failed one may take to end on their own (see _wait_stages)
-BLAME_GRACE = 0.5
-
-
-def _wait_stages(procs: Sequence[subprocess.Popen]) -> Optional[int]:
-    """Wait for every stage of a pipeline; return the index of the stage to blame, or None.
-
-    The first stage that fails on its own (not of SIGPIPE because a later one died) is blamed
-    and the others are stopped: a stage waiting for input that a failed stage's forked helper
-    still holds open would otherwise wait for that helper. Stages before the failed one get
-    BLAME_GRACE seconds to end first: a decompressor that closes its output and then reports
-    the damage it found has a reader that fails of the short input a moment before it."""
-    delay = 0.001
-    while True:
-        codes = [p.poll() for p in procs]
-        culprit = next((i for i, c in enumerate(codes) if c not in (None, 0) and
-                        not _broken_pipe(c)), None)
-        if culprit is not None:
-            deadline = time.monotonic() + BLAME_GRACE
-            while (any(p.poll() is None for p in procs[:culprit])
-                   and time.monotonic() < deadline):
-                time.sleep(0.01)
-            codes = [p.poll() for p in procs]
-            culprit = next(i for i, c in enumerate(codes) if c not in (None, 0) and
-                           not _broken_pipe(c))
-            for p in procs:
-                stop(p)
-            return culprit
-        if None not in codes:
-            return next((i for i, c in enumerate(codes) if c != 0), None)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
 def pipeline(
     stages: Sequence[Sequence[str]],
     *,
@@ -361,12 +323,14 @@ def pipeline(
                 assert output is not None
                 with output:
                     reader(output)
-            blamed = _wait_stages(procs)
+            blamed = wait_stages(procs, stop)
         except BaseException:
             for p in procs:
                 stop(p)
             raise
         if blamed is None:
+            for name, err in zip(names, stderr_files):
+                said_on_success(name, err)
             return digest if checksum else None
         stderr_files[blamed].seek(0)
         tail = stderr_files[blamed].read()[-STDERR_TAIL:].decode("utf-8", "replace")

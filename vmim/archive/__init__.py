@@ -67,6 +67,10 @@ class Summary:
     #: bytes of member data the unpack must write (a lower bound of the space it needs), where
     #: the format says it (tar stores holes as holes; cpio stores them as zeros: None)
     needs_bytes: Optional[int]
+    #: some member carries a POSIX ACL as an ACL record of its own (GNU tar's --acls: SCHILY.acl),
+    #: which the unpack must apply as such (a tar member's ACL may also, or only, be a
+    #: system.posix_acl_* extended attribute, which --xattrs applies)
+    acl_records: bool = True
 
 
 class Layout:
@@ -150,10 +154,12 @@ class Format:
         the image's sha256 when it was computed on the way (archives)."""
         raise NotImplementedError
 
-    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+    def unpack(self, image: str, staging: str, restore: bool = False,
+               acl_records: bool = True) -> None:
         """Unpack the image into the empty directory staging, in the sandbox. For a restore
         (the image is a whole root filesystem) the archive's lost+found at its root is left
-        out: the slot keeps its filesystem's own."""
+        out: the slot keeps its filesystem's own. acl_records False: the image is known to
+        carry no ACL record of its own (Summary.acl_records, or how this tool stored it)."""
         raise NotImplementedError
 
     def verify(self, image: str) -> Optional[Summary]:

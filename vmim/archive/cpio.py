@@ -40,7 +40,8 @@ class CpioFormat(StreamFormat):
         return process.pipeline(stages, stdout_path=dest, watch_stage=1,  # cpio reads
                                 checksum=True)
 
-    def unpack(self, image: str, staging: str, restore: bool = False) -> None:
+    def unpack(self, image: str, staging: str, restore: bool = False,
+               acl_records: bool = True) -> None:
         log.debug("(newc extractor of %s into %s, in the sandbox)", image, staging)
         guestwork.call("extract-newc", {"root": sandbox.DEST, "skip": ["lost+found"] if restore else []},
                        [sandbox.Bind(staging, sandbox.DEST, writable=True)], caps=sandbox.UNPACK,

@@ -191,7 +191,8 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             staging = tree.staging_dir(root, "restore", like=root, records=records)
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
-                fmt.unpack(path, staging, restore=True)
+                fmt.unpack(path, staging, restore=True,
+                           acl_records=_acl_records(proven))
             if deletion is not None and deletion.in_the_way(staging):
                 deletion.wait()
             # "/" takes the archive's "." metadata, times included
@@ -218,6 +219,13 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     how = "mirrored" if fmt.is_tree else \
         f"unpacked after clearing ({choice.method}): {choice.why}"
     return f"{name} ({fmt.name}) {how}"
+
+
+def _acl_records(proven: Proven) -> bool:
+    """Whether the image may hold ACL records of its own (Summary.acl_records): as its full
+    read found. An image proven by the digest this tool recorded is one it wrote, with every
+    ACL an attribute too (vmim.archive.tar.CREATE, since 1.0), which --xattrs applies."""
+    return proven.summary is not None and bool(getattr(proven.summary, "acl_records", True))
 
 
 def _write_sourceimage(root: str, name: str) -> None:

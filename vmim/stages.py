@@ -1,0 +1,71 @@
+"""How the stages of a pipeline end (vmim.process.pipeline): which one is blamed when one
+fails, and what they said on their way when all succeeded."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import IO, Callable, Optional, Sequence
+
+log = logging.getLogger("vmim.process")
+
+
+def broken_pipe(code: int) -> bool:
+    return code in (-signal.SIGPIPE, 128 + signal.SIGPIPE)
+
+
+#: how long stages before a failed one may take to end on their own (see wait_stages)
+BLAME_GRACE = 0.5
+
+
+def wait_stages(procs: Sequence[subprocess.Popen],
+                stop: Callable[[subprocess.Popen], None]) -> Optional[int]:
+    """Wait for every stage of a pipeline; return the index of the stage to blame, or None.
+
+    The first stage that fails on its own (not of SIGPIPE because a later one died) is blamed
+    and the others are stopped: a stage waiting for input that a failed stage's forked helper
+    still holds open would otherwise wait for that helper. Stages before the failed one get
+    BLAME_GRACE seconds to end first: a decompressor that closes its output and then reports
+    the damage it found has a reader that fails of the short input a moment before it."""
+    delay = 0.001
+    while True:
+        codes = [p.poll() for p in procs]
+        culprit = next((i for i, c in enumerate(codes) if c not in (None, 0) and
+                        not broken_pipe(c)), None)
+        if culprit is not None:
+            deadline = time.monotonic() + BLAME_GRACE
+            while (any(p.poll() is None for p in procs[:culprit])
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+            codes = [p.poll() for p in procs]
+            culprit = next(i for i, c in enumerate(codes) if c not in (None, 0) and
+                           not broken_pipe(c))
+            for p in procs:
+                stop(p)
+            return culprit
+        if None not in codes:
+            return next((i for i, c in enumerate(codes) if c != 0), None)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+#: at most this many lines of what a command said on its way to success are logged
+WARNING_LINES = 10
+
+
+def said_on_success(name: Sequence[str], err: IO[bytes]) -> None:
+    """What a command that succeeded wrote on stderr, as warnings: GNU tar, rsync and cpio
+    exit 0 after warning of what they could not do (an ACL whose user name does not resolve, an
+    attribute the filesystem refuses), and that must reach the admin, not vanish."""
+    err.seek(0)
+    lines = [ln for ln in err.read(64 * 1024).decode("utf-8", "replace").splitlines()
+             if ln.strip()]
+    prog = os.path.basename(name[0])
+    for line in lines[:WARNING_LINES]:
+        line = line.strip()
+        log.warning("%s: %s", prog, line[len(prog) + 2:] if line.startswith(f"{prog}: ") else line)
+    if len(lines) > WARNING_LINES:
+        log.warning("%s: (%d more lines like these)", prog, len(lines) - WARNING_LINES)
