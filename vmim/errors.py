@@ -103,7 +103,7 @@ class HostEnvironmentError(VmimError):
 
 #: The Debian package of each program vmimagemanager runs (tools/setup-host installs them).
 DEBIAN_PACKAGES = {
-    "rsync": "rsync", "tar": "tar", "cpio": "cpio", "gzip": "gzip", "pigz": "pigz",
+    "rsync": "rsync", "tar": "tar", "cpio": "cpio", "gzip": "gzip", "pigz": "pigz", "igzip": "isal",
     "bzip2": "bzip2", "lbzip2": "lbzip2", "zstd": "zstd", "xz": "xz-utils",
     "qemu-img": "qemu-utils", "qemu-storage-daemon": "qemu-system-common",
     "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs", "mke2fs": "e2fsprogs",
