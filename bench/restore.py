@@ -36,6 +36,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,7 +183,7 @@ def restore_contenders(tools: List[Tool], image: str, decompress: str) -> dict:
             return laps
         return go
 
-    def bare(flags: str) -> Callable[[], dict]:
+    def bare(flags: str, decompress: str = decompress) -> Callable[[], dict]:
         def go() -> dict:
             dev = shlex.quote(slot_device())
             t = time.monotonic()
@@ -199,7 +200,10 @@ def restore_contenders(tools: List[Tool], image: str, decompress: str) -> dict:
     out: Dict[str, Callable[[], Optional[dict]]] = {t.label: by(t) for t in tools}
     out["bare with the tool's tar flags (xattrs, ACLs, owners)"] = bare(
         " ".join(shlex.quote(f) for f in tar_mod.EXTRACT))
-    out[f"bare: mkfs; {decompress} | tar -x; sync"] = bare("")
+    if decompress.startswith("pigz") and shutil.which("igzip"):
+        # the tool decompresses gzip with igzip where installed: the bare pipeline with it too
+        out["bare: mkfs; igzip -dc | tar -x; sync"] = bare("", "igzip -dc")
+    out[f"bare: mkfs; {decompress} | tar -x; sync"] = bare("")  # the last: what ratios are to
     return out
 
 
