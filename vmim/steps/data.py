@@ -282,6 +282,7 @@ def _remake_filesystem(box: Box, choice: remake.Choice) -> None:
     assert here is not None
     device = here.source
     fs = disk_mod.probe_filesystem(device, f"box '{slot.name}'")
+    mounts.discard(slot.mount)  # what it holds is about to go: nothing of it is written back
     mounts.umount(slot.mount, release_hint=release_command(slot.name))
     remake.remake(choice, fs, device)
     # ext4 would otherwise zero its inode tables in the background during the restore;
