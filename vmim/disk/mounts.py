@@ -176,7 +176,8 @@ _NOLOGFLUSH = 2
 def discard(target: str) -> bool:
     """Stop the filesystem mounted at target without writing back what it holds, before it is
     unmounted to be made anew: the unmount then skips the journal checkpoint and writeback of
-    a content about to be overwritten (0.4-0.5 s after a restore of the bench corpus). Only
+    a content about to be overwritten (0.5 s, measured once, after a restore of the bench
+    corpus not yet written back; the bench, which syncs first, sees no change). Only
     when no process has a file open there (they would get EIO); not for a filesystem without
     the ioctl. Whether it did."""
     if holders(target):
