@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import stat
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from vmim import worklog
 from vmim.errors import OperationError, StateError
@@ -266,6 +266,35 @@ def merge_contained(staging: str, root: str, dest: str = "/", *,
                                         "root": GUEST, "dest": dest,
                                         "remove_staging": remove_staging},
                               [sandbox.Bind(root, GUEST, writable=True)], caps=sandbox.MERGE))
+
+
+def move_into_empty(staging: str, root: str, keep: Sequence[str] = ()) -> Optional[int]:
+    """A restore's merge when nothing is in the way: root holds only staging, lost+found and
+    the names in keep (the set-aside directory being deleted), and staging none of those
+    names. Each entry of staging is then renamed into root (rename(2) moves a name and never
+    follows it: a guest's symlink stays a symlink, wherever it points) and root takes
+    staging's metadata, here: no sandboxed Python to start (0.1 s of a 2 s restore). Returns
+    how many entries moved, or None (nothing done) when root holds anything else: then
+    merge_contained()."""
+    name = os.path.basename(staging)
+    reserved = {name, "lost+found", *keep}
+    if not set(os.listdir(root)) <= reserved:
+        return None
+    entries = os.listdir(staging)
+    if reserved & set(entries):
+        return None
+    src = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        dst = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for entry in entries:
+                os.rename(entry, entry, src_dir_fd=src, dst_dir_fd=dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    copy_dir_metadata(staging, root)
+    return len(entries)
 
 
 def prepare_contained(staging: str, root: str, dest: str) -> None:

@@ -128,3 +128,43 @@ def test_a_guest_entry_with_the_staging_name_is_left_alone(guest, log):
     assert (guest / f".vmim-insert.{os.getpid()}").read_text() == "guest data"
     tree.remove_staging(staging, log)
     assert os.listdir(guest) == [f".vmim-insert.{os.getpid()}"] and _records(log) == []
+
+
+def _staged(guest, log):
+    """A staging directory at the guest root holding what an unpack made: a file, a directory,
+    and symlinks named like the host's directories pointing out of the guest."""
+    staging = tree.staging_dir(str(guest), "restore", like=str(guest), records=log)
+    os.mkdir(os.path.join(staging, "usr"))
+    with open(os.path.join(staging, "usr", "f"), "w") as fh:
+        fh.write("guest\n")
+    os.symlink("/", os.path.join(staging, "etc"))
+    os.symlink("../../outside", os.path.join(staging, "tmp"))
+    os.chmod(staging, 0o751)  # the archive's "." metadata
+    return staging
+
+
+def test_a_restore_into_an_emptied_root_moves_each_entry_and_follows_nothing(guest, log,
+                                                                          tmp_path):
+    (tmp_path / "outside").mkdir()
+    (guest / "lost+found").mkdir()
+    staging = _staged(guest, log)
+    assert tree.move_into_empty(staging, str(guest)) == 3
+    assert sorted(os.listdir(guest)) == sorted(["lost+found", "usr", "etc", "tmp",
+                                                os.path.basename(staging)])
+    assert os.readlink(guest / "etc") == "/" and os.readlink(guest / "tmp") == "../../outside"
+    assert (guest / "usr" / "f").read_text() == "guest\n"
+    assert os.listdir(tmp_path / "outside") == [] and os.listdir(staging) == []
+    assert os.stat(guest).st_mode & 0o777 == 0o751  # the root took the "." metadata
+
+
+def test_a_root_holding_anything_else_is_left_to_the_sandboxed_merge(guest, log):
+    (guest / "kept").write_text("x")
+    staging = _staged(guest, log)
+    assert tree.move_into_empty(staging, str(guest)) is None
+    assert sorted(os.listdir(staging)) == ["etc", "tmp", "usr"]  # nothing moved
+    # nor when the image holds a name the root keeps (the set-aside directory being deleted)
+    (guest / "kept").unlink()
+    os.mkdir(guest / ".vmim-trash.1")
+    os.mkdir(os.path.join(staging, ".vmim-trash.1"))
+    assert tree.move_into_empty(staging, str(guest), [".vmim-trash.1"]) is None
+    assert len(os.listdir(staging)) == 4

@@ -20,8 +20,13 @@ if TYPE_CHECKING:
 #: compression → (compressor argv, decompressor argv), preferring the parallel tools; for
 #: gzip's decompression ISA-L's igzip (Debian: isal), 2.3× pigz's speed on one core (a
 #: deflate stream does not decompress in parallel: pigz gives it one thread and a checksum
-#: thread), with pigz's behaviour: concatenated members read, a truncated or damaged stream
-#: exit 1, bytes after the last member ignored (tests/unit/test_decompressors.py).
+#: thread). On what gzip and pigz write it behaves as pigz: concatenated members read, a
+#: truncated or damaged stream exit 1, other bytes after the last member ignored
+#: (tests/unit/test_decompressors.py). It differs on what they never write: a header with
+#: reserved flag bits set is read (pigz refuses it), bytes after the last member that start
+#: like a gzip member are an error (pigz ignores them) — the proof and the unpack use the same
+#: tool, so neither lets them disagree; its messages say less ("Error encountered while
+#: decompressing") than pigz's ("crc32 mismatch").
 _TOOLS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "gzip": (("pigz", "-c"), ("gzip", "-c")),
     "bzip2": (("lbzip2", "-c"), ("bzip2", "-c")),

@@ -7,7 +7,6 @@ import fcntl
 import logging
 import os
 import re
-import struct
 import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -165,32 +164,6 @@ def holders(mountpoint: str) -> List[str]:
     """Processes whose cwd, root, executable or open files lie under mountpoint."""
     return [f"pid {pid} ({procscan.comm(pid)}: {', '.join(sorted(set(why)))})"
             for pid, why in procscan.path_users(mountpoint).items()]
-
-
-#: FS_IOC_SHUTDOWN: ext4's EXT4_IOC_SHUTDOWN and XFS's XFS_IOC_GOINGDOWN, _IOR('X', 125, u32)
-_FS_IOC_SHUTDOWN = 0x8004587D
-#: ..._GOING_FLAGS_NOLOGFLUSH (both): stop at once, writing neither the journal nor dirty data
-_NOLOGFLUSH = 2
-
-
-def discard(target: str) -> bool:
-    """Stop the filesystem mounted at target without writing back what it holds, before it is
-    unmounted to be made anew: the unmount then skips the journal checkpoint and writeback of
-    a content about to be overwritten (0.5 s, measured once, after a restore of the bench
-    corpus not yet written back; the bench, which syncs first, sees no change). Only
-    when no process has a file open there (they would get EIO); not for a filesystem without
-    the ioctl. Whether it did."""
-    if holders(target):
-        return False
-    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.ioctl(fd, _FS_IOC_SHUTDOWN, struct.pack("I", _NOLOGFLUSH))
-    except OSError as exc:
-        log.debug("no shutdown of %s before its unmount: %s", target, exc.strerror)
-        return False
-    finally:
-        os.close(fd)
-    return True
 
 
 def umount(target: str, *, release_hint: str) -> None:

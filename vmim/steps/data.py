@@ -196,7 +196,9 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             if deletion is not None and deletion.in_the_way(staging):
                 deletion.wait()
             # "/" takes the archive's "." metadata, times included
-            tree.merge_contained(staging, root)
+            keep = [os.path.basename(deletion.path)] if deletion is not None else []
+            if tree.move_into_empty(staging, root, keep) is None:
+                tree.merge_contained(staging, root)
             times = os.stat(root)
             os.rmdir(staging)  # which changes the mtime of "/" again: put the archive's back
             records.forget(os.path.basename(staging))
@@ -282,7 +284,6 @@ def _remake_filesystem(box: Box, choice: remake.Choice) -> None:
     assert here is not None
     device = here.source
     fs = disk_mod.probe_filesystem(device, f"box '{slot.name}'")
-    mounts.discard(slot.mount)  # what it holds is about to go: nothing of it is written back
     mounts.umount(slot.mount, release_hint=release_command(slot.name))
     remake.remake(choice, fs, device)
     # ext4 would otherwise zero its inode tables in the background during the restore;
