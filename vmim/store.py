@@ -75,6 +75,16 @@ def tree_size(path: str) -> int:
     return total
 
 
+def stored_size(meta: Optional[dict], path: str) -> int:
+    """An entry's size as its metadata (ImageStore.metadata) recorded it when stored, else as
+    measured: a file's size, or the sum over a tree's files — those this user reaches: a
+    tree's top is root's only, so another user's sum is 0."""
+    size = (meta or {}).get("size")
+    if isinstance(size, int):
+        return size
+    return tree_size(path) if os.path.isdir(path) else os.path.getsize(path)
+
+
 def list_entries(directory: str) -> List[Entry]:
     """Entries of one store directory, by name. Hidden names (temporary files, metadata) are skipped."""
     try:
@@ -93,10 +103,10 @@ def list_entries(directory: str) -> List[Entry]:
         except OSError:
             continue  # a dangling symlink or an entry that vanished
         found = detect.detect(path)
-        size = tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
-        mtime = st.st_mtime
+        size, mtime = st.st_size, st.st_mtime
         if stat.S_ISDIR(st.st_mode):  # a tree's own mtime is its source root's: say when stored
-            mtime = _stored_time(ImageStore(directory).metadata(name)) or mtime
+            meta = ImageStore(directory).metadata(name)
+            size, mtime = stored_size(meta, path), _stored_time(meta) or mtime
         out.append(Entry(name, directory, found.format, size, mtime))
     return out
 

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 
+from tests.conftest import as_user
 from vmim import digest, process
 from vmim.archive import detect, for_name
 from vmim.archive.rsync import ROOT_MODE
@@ -305,3 +306,19 @@ def test_a_restore_or_insert_from_a_tree_gives_the_guest_root_its_mode(images, s
         copy(str(tree), str(target))
         assert os.stat(target).st_mode & 0o7777 == 0o751
         assert (target / "etc" / "hostname").read_text() == "guest\n"
+
+
+def test_a_user_who_cannot_enter_a_tree_is_listed_the_size_it_was_stored_with(public_images,
+                                                                               src):
+    """-L as another user than root: a tree's top is root's only (0700), so summing its files
+    found none, and SIZE said 0; the size recorded when it was stored is what is listed."""
+    images = public_images / "images"
+    images.mkdir(mode=0o755)
+    meta = _store(images, src, "golden", "rsync")
+    assert meta["size"] == len("guest\n")
+    cfg = public_images / "vmim.cfg"
+    cfg.write_text(f'[vmim.local]\nvmimages = "{images}"\n')
+    res = as_user([sys.executable, "-m", "vmim", "--config", str(cfg), "-L", "--json"], "/")
+    assert res.returncode == 0, res.stderr
+    (entry,) = json.loads(res.stdout)["images"]
+    assert (entry["name"], entry["format"], entry["size"]) == ("golden", "rsync", meta["size"])
