@@ -265,3 +265,30 @@ def test_a_missing_program_names_its_debian_package():
                                              "install it (Debian: apt install zstd)")
     assert str(ToolMissingError("/usr/bin/qemu-img")).endswith("(Debian: apt install qemu-utils)")
     assert str(ToolMissingError("kpartx", "use mapper = \"loop\"")).endswith("; use mapper = \"loop\"")
+
+
+def test_the_debian_package_table_names_programs_the_code_runs_and_packages_setup_installs():
+    """vmim.errors.DEBIAN_PACKAGES repeats tools/setup-host's package list: a package it names
+    is one setup-host installs, and a program it names is one the code names (outside the
+    table); an entry for a program nothing runs is dead."""
+    import ast
+    import re
+
+    from vmim.errors import DEBIAN_PACKAGES
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "tools", "setup-host"), encoding="utf-8") as fh:
+        setup = re.search(r"^PACKAGES=\((.*?)^\)", fh.read(), re.S | re.M)
+    assert setup, "tools/setup-host has no PACKAGES=( ... ) list"
+    installed = set(setup.group(1).split())
+    named = set()
+    for top, _dirs, files in os.walk(os.path.join(root, "vmim")):
+        for f in files:
+            if f.endswith(".py") and os.path.join(top, f) != os.path.join(root, "vmim",
+                                                                          "errors.py"):
+                with open(os.path.join(top, f), encoding="utf-8") as fh:
+                    named |= {n.value for n in ast.walk(ast.parse(fh.read()))
+                              if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert sorted(set(DEBIAN_PACKAGES.values()) - installed) == []
+    assert sorted(set(DEBIAN_PACKAGES) - named) == []
+
