@@ -72,7 +72,6 @@ def all_mounts() -> List[Mount]:
         return parse_mountinfo(fh.read())
 
 
-
 def mounts_at(mountpoint: str, mounts: Optional[Sequence[Mount]] = None) -> List[Mount]:
     """Mounts at mountpoint or below it, deepest first (the order to unmount them)."""
     mp = os.path.realpath(mountpoint)
