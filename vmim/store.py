@@ -336,7 +336,10 @@ class ImageStore:
                 if digest:  # archives are hashed as written; disk images are checked by qemu-img
                     meta.update(digest_mod.as_meta(digest))
             self._put_in_place(tmp, final)
-            process.run(["rm", "-rf", "--", work])  # what is left: the old entry, swapped in
+            try:
+                os.rmdir(work)
+            except OSError:  # it holds the old entry, swapped out
+                process.run(["rm", "-rf", "--", work])
         except BaseException as exc:
             full = isinstance(exc, (CommandError, OSError)) and _out_of_space(self.directory, exc)
             if os.path.lexists(work):
