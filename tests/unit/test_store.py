@@ -214,14 +214,16 @@ def public_images():
     shutil.rmtree(top)
 
 
-def _reached_by_nobody(images):
+def _reached_by_nobody(images, looked=None):
     """What user nobody can lstat below the store's entries (their contents: the setuid
-    programs and device nodes of a guest), its metadata aside."""
+    programs and device nodes of a guest), its metadata aside; looked gets what was tried."""
     below = [os.path.join(d, n) for top in os.listdir(images) if top != META_DIR
              for d, dirs, files in os.walk(images / top) for n in dirs + files]
     res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
                           "/usr/bin/python3", "-c", REACHED], input=json.dumps(below),
                          capture_output=True, text=True, check=True)
+    if looked is not None:
+        looked.extend(below)
     return json.loads(res.stdout)
 
 
@@ -231,20 +233,22 @@ def test_no_other_user_reaches_into_a_tree_while_it_is_stored(public_images, src
     made with the default mode: while a store ran, any local user entered the half-written tree
     and reached the guest's setuid programs and 0666 device nodes. Looked at after every
     command the store runs (rsync, sync, rm), a first store and one replacing it."""
-    seen = []
+    seen, looked = [], []
     real_run = process.run
 
     def run_then_look(argv, *args, **kwargs):
         result = real_run(argv, *args, **kwargs)
-        seen.extend(_reached_by_nobody(public_images))
+        seen.extend(_reached_by_nobody(public_images, looked))
         return result
 
     monkeypatch.setattr(process, "run", run_then_look)
     for _ in range(2):
         _store(public_images, src, "golden", "rsync")
         assert _is_complete_image(public_images / "golden")
-        seen.extend(_reached_by_nobody(public_images))
+        seen.extend(_reached_by_nobody(public_images, looked))
     assert seen == []
+    # the half-written tree was looked into: the new one beside the old one, before its rename
+    assert len({p for p in looked if p.endswith("/etc/hostname")}) >= 2
 
 
 #: in a mount namespace of its own, a ramfs (which keeps no trusted.* xattrs) as the store: a
