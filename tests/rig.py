@@ -19,6 +19,8 @@ from typing import Iterator, List, Set
 
 import pytest
 
+from vmim.paths import is_under
+
 URI = "qemu:///system"
 #: domain names of this test session: other sessions' and the host's domains are not ours
 TEST_PREFIX = f"vmim-test-{uuid.uuid4().hex[:6]}-"
@@ -79,8 +81,7 @@ def _owned_root() -> str:
 
 
 def _under(path: str, root: str) -> bool:
-    path = os.path.realpath(path) if path.startswith("/") else path
-    return path == root or path.startswith(root.rstrip("/") + "/")
+    return is_under(os.path.realpath(path) if path.startswith("/") else path, root)
 
 
 def _mentions(text: str, root: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from vmim.configread import Collector, key_of
 from vmim.configtypes import Slot
 from vmim.keys import KEYS
+from vmim.paths import is_under
 
 
 def build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Mapping[str, Any],
@@ -113,9 +114,9 @@ def check_slots(slots: Sequence[Slot], col: Collector) -> List[Slot]:
         mine = [("mount", s.mount)] + ([("standby", s.standby_mount)] if s.standby_disk else [])
         for key, own in mine:
             for mount, first in by_mount.items():
-                if first.name != s.name and (_under(own, mount) or _under(mount, own)):
+                if first.name != s.name and (is_under(own, mount) or is_under(mount, own)):
                     how = ("is also" if own == mount else
-                           "lies inside" if _under(own, mount) else "contains")
+                           "lies inside" if is_under(own, mount) else "contains")
                     conflict(s, key, first, f"'{own}' {how} the mount point of slot "
                              f"'{first.name}' ([{first.section}])",
                              "releasing one would unmount the other: give each slot its own")
@@ -134,7 +135,3 @@ def check_slots(slots: Sequence[Slot], col: Collector) -> List[Slot]:
             by_disk.setdefault(norm, s)
         kept.append(s)
     return [replace(s, conflict=conflicts[s.name]) if s.name in conflicts else s for s in kept]
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")

@@ -101,14 +101,16 @@ class HostEnvironmentError(VmimError):
     exit_code = EXIT_ENVIRONMENT
 
 
-#: The Debian package of each program vmimagemanager runs (tools/setup-host installs them).
+#: The Debian package of each program vmimagemanager runs (tools/setup-host installs them:
+#: tests/unit/test_process.py holds the two lists together).
 DEBIAN_PACKAGES = {
     "rsync": "rsync", "tar": "tar", "cpio": "cpio", "gzip": "gzip", "pigz": "pigz", "igzip": "isal",
     "bzip2": "bzip2", "lbzip2": "lbzip2", "zstd": "zstd", "xz": "xz-utils",
     "qemu-img": "qemu-utils", "qemu-storage-daemon": "qemu-system-common",
-    "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs", "mke2fs": "e2fsprogs",
-    "dumpe2fs": "e2fsprogs", "tune2fs": "e2fsprogs", "mkfs.xfs": "xfsprogs",
-    "xfs_db": "xfsprogs", "xfs_admin": "xfsprogs", "kpartx": "kpartx",
+    "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs", "mkfs.ext3": "e2fsprogs",
+    "mkfs.ext2": "e2fsprogs", "mke2fs": "e2fsprogs", "dumpe2fs": "e2fsprogs",
+    "tune2fs": "e2fsprogs", "debugfs": "e2fsprogs", "mkfs.xfs": "xfsprogs",
+    "xfs_db": "xfsprogs", "xfs_info": "xfsprogs", "kpartx": "kpartx",
     "bwrap": "bubblewrap", "losetup": "mount", "mount": "mount", "umount": "mount",
     "blkid": "util-linux", "setpriv": "util-linux",
 }

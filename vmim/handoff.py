@@ -3,13 +3,18 @@ files, never a host file that has a name. A command in the sandbox of guest data
 that holds a descriptor of a named host file can open that file again through /proc/self/fd —
 for writing too, past every read-only bind: the sandbox's root owns the store's images, so even
 the tar proof, which keeps no capability, could rewrite the image it reads. vmim.process feeds
-such a command through a pipe (copy_into) and popen() refuses anything else (check_streams)."""
+such a command through a pipe (copy_into, which fan_out's readers share) and popen() refuses
+anything else (check_streams)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
-from typing import IO, Any, Dict
+from typing import IO, Any, Dict, Optional, Sequence
+
+from vmim.hashcopy import F_SETPIPE_SZ
 
 
 def sandbox_argv(argv: Any) -> bool:
@@ -38,17 +43,31 @@ def check_streams(kwargs: Dict[str, Any]) -> None:
                              "could open it again for writing (/proc/self/fd); give it a pipe")
 
 
-def copy_into(src: IO[bytes], dst: IO[bytes]) -> None:
-    """Copy a file into a command's stdin (a pipe) until it ends or the command stops
-    reading."""
+def copy_into(src: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
+              failed: Sequence[BaseException] = ()) -> bool:
+    """Copy src into every command's stdin (pipes) until it ends (True), or no one reads on,
+    or a reader failed (failed is not empty): False. Every stdin is closed at the end."""
+    open_ = [dst for dst in stdins if dst is not None]
+    for f in [src, *open_]:
+        try:
+            fcntl.fcntl(f.fileno(), F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
+        except OSError:
+            pass  # not a pipe (an image read directly), or the system's limit is lower
     try:
-        with dst:
-            while True:
-                chunk = os.read(src.fileno(), 1 << 20)
-                if not chunk:
-                    return
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(dst.fileno(), view):]
-    except (BrokenPipeError, ValueError):  # it stopped reading: its status says why
-        pass
+        while open_ and not failed:
+            chunk = os.read(src.fileno(), 1 << 20)
+            if not chunk:
+                return True
+            for dst in list(open_):
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(dst.fileno(), view):]
+                except (BrokenPipeError, ValueError):  # it stopped reading: its status says why
+                    open_.remove(dst)
+        return False
+    finally:
+        for stdin in stdins:
+            if stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    stdin.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -16,7 +15,7 @@ from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
 from vmim import handoff, procscan, progress
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
-from vmim.hashcopy import F_SETPIPE_SZ, copy_hashing
+from vmim.hashcopy import copy_hashing
 from vmim.stages import said_on_success, wait_stages
 
 log = logging.getLogger(__name__)
@@ -302,7 +301,7 @@ def pipeline(
                         prev.close()  # the child holds it now (or failed to start)
                 if i == 0 and prev == subprocess.PIPE:
                     assert p.stdin is not None
-                    feeder = threading.Thread(target=handoff.copy_into, args=(fin, p.stdin),
+                    feeder = threading.Thread(target=handoff.copy_into, args=(fin, [p.stdin]),
                                               daemon=True)
                     feeder.start()
                     files.callback(feeder.join)
@@ -405,7 +404,8 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
                 t = threading.Thread(target=_drain, args=(sink, out, p, failed), daemon=True)
                 t.start()
                 threads.append(t)
-            cut_short = feed is not None and not _feed(feed, [p.stdin for p in procs], failed)
+            cut_short = feed is not None and not handoff.copy_into(
+                feed, [p.stdin for p in procs], failed)
             for t in threads:
                 t.join()
             if src is not None:
@@ -428,35 +428,3 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
                 err.seek(0)
                 raise CommandError(name, code,
                                    err.read()[-STDERR_TAIL:].decode("utf-8", "replace"))
-
-
-def _feed(feed: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
-          failed: List[BaseException]) -> bool:
-    """Copy feed into every stdin until it ends (True), or no one reads, or a reader failed
-    (False)."""
-    open_ = [s for s in stdins if s is not None]
-    for s in [feed, *open_]:
-        try:
-            fcntl.fcntl(s.fileno(), F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
-        except OSError:
-            pass  # not a pipe (an image read directly), or the system's limit is lower
-    try:
-        while open_ and not failed:
-            chunk = os.read(feed.fileno(), 1 << 20)
-            if not chunk:
-                return True
-            for s in list(open_):
-                try:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(s.fileno(), view):]
-                except BrokenPipeError:  # that one stopped reading: its status will say why
-                    open_.remove(s)
-        return False
-    finally:
-        for stdin in stdins:
-            if stdin is not None:
-                try:
-                    stdin.close()
-                except BrokenPipeError:
-                    pass

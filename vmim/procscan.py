@@ -9,6 +9,8 @@ import signal
 import time
 from typing import Dict, List, Optional, Sequence
 
+from vmim.paths import is_under
+
 log = logging.getLogger(__name__)
 
 #: Every child carries the pid and start time of the run that started it, so that a later run
@@ -70,9 +72,6 @@ def wait_gone(pids: Sequence[int], timeout: float = GONE_TIMEOUT) -> List[int]:
     return left
 
 
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
 
 def path_users(top: str, pids: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
     """Processes (all, or those of pids) whose working directory, root, executable or open files
@@ -86,7 +85,7 @@ def path_users(top: str, pids: Optional[Sequence[str]] = None) -> Dict[str, List
         why: List[str] = []
         for link in ("cwd", "root", "exe"):
             try:
-                if _under(os.readlink(f"{base}/{link}"), top) and not (link == "root" and top == "/"):
+                if is_under(os.readlink(f"{base}/{link}"), top) and not (link == "root" and top == "/"):
                     why.append(link)
             except OSError:
                 pass
@@ -96,7 +95,7 @@ def path_users(top: str, pids: Optional[Sequence[str]] = None) -> Dict[str, List
             fds = []
         for fd in fds:
             try:
-                if _under(os.readlink(f"{base}/fd/{fd}"), top):
+                if is_under(os.readlink(f"{base}/fd/{fd}"), top):
                     why.append("open file")
                     break
             except OSError:

@@ -75,6 +75,16 @@ def tree_size(path: str) -> int:
     return total
 
 
+def stored_size(meta: Optional[dict], path: str) -> int:
+    """An entry's size as its metadata (ImageStore.metadata) recorded it when stored, else as
+    measured: a file's size, or the sum over a tree's files — those this user reaches: a
+    tree's top is root's only, so another user's sum is 0."""
+    size = (meta or {}).get("size")
+    if isinstance(size, int):
+        return size
+    return tree_size(path) if os.path.isdir(path) else os.path.getsize(path)
+
+
 def list_entries(directory: str) -> List[Entry]:
     """Entries of one store directory, by name. Hidden names (temporary files, metadata) are skipped."""
     try:
@@ -93,10 +103,10 @@ def list_entries(directory: str) -> List[Entry]:
         except OSError:
             continue  # a dangling symlink or an entry that vanished
         found = detect.detect(path)
-        size = tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
-        mtime = st.st_mtime
+        size, mtime = st.st_size, st.st_mtime
         if stat.S_ISDIR(st.st_mode):  # a tree's own mtime is its source root's: say when stored
-            mtime = _stored_time(ImageStore(directory).metadata(name)) or mtime
+            meta = ImageStore(directory).metadata(name)
+            size, mtime = stored_size(meta, path), _stored_time(meta) or mtime
         out.append(Entry(name, directory, found.format, size, mtime))
     return out
 
@@ -306,10 +316,15 @@ class ImageStore:
             raise StateError(f"{self.kind} store {self.directory} is not writable")
         self.clean_debris()
         final = self.path(name)
-        tmp = self.path(_work_name(TMP_PREFIX, name))
+        # The new entry is written in a directory of its own that only root enters, and renamed
+        # out of it whole: a tree's top takes the guest root's mode (0755) as rsync writes it,
+        # and no other user reaches the guest's setuid programs and device nodes meanwhile.
+        work = self.path(_work_name(TMP_PREFIX, name))
+        tmp = os.path.join(work, name)
         link_dest = final if fmt.is_tree and os.path.isdir(final) and not os.path.islink(final) else ""
         previous = os.path.lexists(final)
         try:
+            os.mkdir(work, 0o700)
             digest = writer(tmp, link_dest)
             if fmt.is_tree:
                 process.run(["sync", "--file-system", tmp])
@@ -321,10 +336,14 @@ class ImageStore:
                 if digest:  # archives are hashed as written; disk images are checked by qemu-img
                     meta.update(digest_mod.as_meta(digest))
             self._put_in_place(tmp, final)
+            try:
+                os.rmdir(work)
+            except OSError:  # it holds the old entry, swapped out
+                process.run(["rm", "-rf", "--", work])
         except BaseException as exc:
             full = isinstance(exc, (CommandError, OSError)) and _out_of_space(self.directory, exc)
-            if os.path.lexists(tmp):
-                subprocess.run(["rm", "-rf", "--", tmp], check=False)
+            if os.path.lexists(work):
+                subprocess.run(["rm", "-rf", "--", work], check=False)
             if full:
                 kept = (f"the previous {self.kind} '{name}' is kept as it was" if previous
                         else f"no {self.kind} '{name}' was made")
@@ -346,13 +365,13 @@ class ImageStore:
         return meta
 
     def _put_in_place(self, tmp: str, final: str) -> None:
-        """The name resolves to the old entry or to the new one at every instant."""
+        """The name resolves to the old entry or to the new one at every instant; tmp holds
+        the old entry after an exchange, for the caller to remove."""
         exists = os.path.lexists(final)
         old_is_dir = exists and os.path.isdir(final) and not os.path.islink(final)
         new_is_dir = os.path.isdir(tmp)
         if exists and (old_is_dir or new_is_dir) and _exchange(tmp, final):
-            # one atomic swap, a tree and a file alike
-            process.run(["rm", "-rf", "--", tmp])  # tmp now holds the old entry
+            pass  # one atomic swap, a tree and a file alike
         elif exists and (old_is_dir or new_is_dir):
             # No renameat2 here: set the old one aside, and put it back if the new one cannot
             # take its place; a kill between the two renames is mended by clean_debris().

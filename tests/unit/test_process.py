@@ -23,6 +23,25 @@ def test_pipeline_passes_data_through_every_stage(tmp_path):
     assert out.read_bytes() == src.read_bytes()
 
 
+def test_a_sandboxed_stage_is_fed_through_a_pipe_as_large_as_fan_outs(tmp_path):
+    """A sandboxed first stage reads the image through a pipe this process feeds
+    (vmim.handoff): that pipe is given fan_out's 1 MiB buffer, not the default 64 KiB (twice
+    the copying, in sixteen times as many writes). The stage (marked sandboxed by the seccomp
+    descriptor it names, as vmim.sandbox.command marks it) reads its input, then says."""
+    from vmim.sandbox import SECCOMP_FD
+
+    if os.geteuid() != 0 and int(open("/proc/sys/fs/pipe-max-size").read()) < 1 << 20:
+        pytest.skip("this system's pipes are smaller than 1 MiB for this user")
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.write_bytes(os.urandom(3 << 20))
+    says = ("import fcntl, os, sys\n"
+            "while os.read(0, 1 << 16): pass\n"
+            "print(fcntl.fcntl(0, 1032))  # F_GETPIPE_SZ\n")
+    process.pipeline([["python3", "-c", says, SECCOMP_FD]], stdin_path=str(src),
+                     stdout_path=str(out))
+    assert int(out.read_text()) == 1 << 20
+
+
 def test_a_failing_first_stage_is_named_even_when_the_last_succeeds(tmp_path):
     with pytest.raises(CommandError) as exc:
         process.pipeline([["tar", "-cf", "-", str(tmp_path / "missing")], ["gzip", "-c"]],
@@ -246,3 +265,30 @@ def test_a_missing_program_names_its_debian_package():
                                              "install it (Debian: apt install zstd)")
     assert str(ToolMissingError("/usr/bin/qemu-img")).endswith("(Debian: apt install qemu-utils)")
     assert str(ToolMissingError("kpartx", "use mapper = \"loop\"")).endswith("; use mapper = \"loop\"")
+
+
+def test_the_debian_package_table_names_programs_the_code_runs_and_packages_setup_installs():
+    """vmim.errors.DEBIAN_PACKAGES repeats tools/setup-host's package list: a package it names
+    is one setup-host installs, and a program it names is one the code names (outside the
+    table); an entry for a program nothing runs is dead."""
+    import ast
+    import re
+
+    from vmim.errors import DEBIAN_PACKAGES
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "tools", "setup-host"), encoding="utf-8") as fh:
+        setup = re.search(r"^PACKAGES=\((.*?)^\)", fh.read(), re.S | re.M)
+    assert setup, "tools/setup-host has no PACKAGES=( ... ) list"
+    installed = set(setup.group(1).split())
+    named = set()
+    for top, _dirs, files in os.walk(os.path.join(root, "vmim")):
+        for f in files:
+            if f.endswith(".py") and os.path.join(top, f) != os.path.join(root, "vmim",
+                                                                          "errors.py"):
+                with open(os.path.join(top, f), encoding="utf-8") as fh:
+                    named |= {n.value for n in ast.walk(ast.parse(fh.read()))
+                              if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert sorted(set(DEBIAN_PACKAGES.values()) - installed) == []
+    assert sorted(set(DEBIAN_PACKAGES) - named) == []
+

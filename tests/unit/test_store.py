@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 
-from vmim import digest
+from tests.conftest import as_user
+from vmim import digest, process
 from vmim.archive import detect, for_name
+from vmim.archive.rsync import ROOT_MODE
 from vmim.errors import CommandError, UsageError
-from vmim.store import OLD_PREFIX, TMP_PREFIX, ImageStore, StoreFullError, validate_name
+from vmim.store import META_DIR, OLD_PREFIX, TMP_PREFIX, ImageStore, StoreFullError, validate_name
 
 
 @pytest.fixture
@@ -181,3 +187,142 @@ def test_a_store_failing_with_room_to_spare_is_not_called_full(images, src):
     with pytest.raises(CommandError) as err:
         ImageStore(str(images)).write("golden", for_name("tgz"), failing, {})
     assert not isinstance(err.value, StoreFullError) and "full" not in str(err.value)
+
+
+# ------------------------------------------------------------ a tree out of other users' reach
+
+#: run as user nobody: which of the paths (JSON on stdin) it can lstat
+REACHED = ("import json, os, sys\n"
+           "def reached(p):\n"
+           "    try:\n"
+           "        os.lstat(p)\n"
+           "        return True\n"
+           "    except OSError:\n"
+           "        return False\n"
+           "print(json.dumps([p for p in json.load(sys.stdin) if reached(p)]))\n")
+
+
+@pytest.fixture
+def public_images():
+    """A store directory every user may search, as a store made with the default umask is
+    (pytest's tmp_path is root's only)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("root and setpriv (util-linux) are needed to look as another user")
+    top = tempfile.mkdtemp(prefix="vmim-test-store-")
+    os.chmod(top, 0o755)
+    yield pathlib.Path(top)
+    shutil.rmtree(top)
+
+
+def _reached_by_nobody(images, looked=None):
+    """What user nobody can lstat below the store's entries (their contents: the setuid
+    programs and device nodes of a guest), its metadata aside; looked gets what was tried."""
+    below = [os.path.join(d, n) for top in os.listdir(images) if top != META_DIR
+             for d, dirs, files in os.walk(images / top) for n in dirs + files]
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                          "/usr/bin/python3", "-c", REACHED], input=json.dumps(below),
+                         capture_output=True, text=True, check=True)
+    if looked is not None:
+        looked.extend(below)
+    return json.loads(res.stdout)
+
+
+def test_no_other_user_reaches_into_a_tree_while_it_is_stored(public_images, src,
+                                                              monkeypatch):
+    """The tree's top was closed (0700) only after rsync had written all of it, in a directory
+    made with the default mode: while a store ran, any local user entered the half-written tree
+    and reached the guest's setuid programs and 0666 device nodes. Looked at after every
+    command the store runs (rsync, sync, rm), a first store and one replacing it."""
+    seen, looked = [], []
+    real_run = process.run
+
+    def run_then_look(argv, *args, **kwargs):
+        result = real_run(argv, *args, **kwargs)
+        seen.extend(_reached_by_nobody(public_images, looked))
+        return result
+
+    monkeypatch.setattr(process, "run", run_then_look)
+    for _ in range(2):
+        _store(public_images, src, "golden", "rsync")
+        assert _is_complete_image(public_images / "golden")
+        seen.extend(_reached_by_nobody(public_images, looked))
+    assert seen == []
+    # the half-written tree was looked into: the new one beside the old one, before its rename
+    assert len({p for p in looked if p.endswith("/etc/hostname")}) >= 2
+
+
+#: in a mount namespace of its own, a ramfs (which keeps no trusted.* xattrs) as the store: a
+#: tree stored there, then mirrored to a target of another mode; prints what came of it
+ON_RAMFS = textwrap.dedent("""
+    import functools, json, logging, os, subprocess, sys
+    from vmim import store
+    from vmim.archive import for_name
+    src, images, target = sys.argv[1:]
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", images], check=True)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    fmt = for_name("rsync")
+    store.ImageStore(images).write("golden", fmt, functools.partial(fmt.write, src, ["."]), {})
+    tree = os.path.join(images, "golden")
+    stored = os.stat(tree).st_mode & 0o7777
+    fmt.mirror(tree, target)
+    print(json.dumps([stored, os.listxattr(tree), os.stat(target).st_mode & 0o7777]))
+""")
+
+
+def test_a_tree_on_a_store_without_trusted_xattrs_keeps_its_mode_and_says_so(public_images,
+                                                                             src, tmp_path):
+    """A store that keeps no trusted.* xattrs (NFS; here a ramfs) cannot keep the guest
+    root's mode beside a closed top: the tree keeps that mode (open), the store says so, and a
+    restore from it gives the slot's root that mode (rsync carries it)."""
+    os.chmod(src, 0o751)
+    target = tmp_path / "slot"
+    target.mkdir(mode=0o700)
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", ON_RAMFS, str(src), str(public_images), str(target)],
+                         capture_output=True, text=True, env={**os.environ,
+                                                              "PYTHONPATH": os.getcwd()})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [0o751, [], 0o751]
+    assert "stays open to other users (mode 751)" in res.stderr
+    assert "keep the store closed (mode 0700)" in res.stderr
+    assert not os.listdir(public_images)  # the ramfs went with its namespace
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_a_restore_or_insert_from_a_tree_gives_the_guest_root_its_mode(images, src, tmp_path,
+                                                                       older):
+    """A tree's top is closed (0700), the guest root's mode kept in its xattr; a tree of an
+    older release has no such xattr and an open top, which is the guest root's mode. A restore
+    (mirror) and an insert (unpack) from either give the target the guest root's mode."""
+    if os.geteuid() != 0:
+        pytest.skip("trusted.* xattrs are root's to write")
+    os.chmod(src, 0o751)
+    _store(images, src, "golden", "rsync")
+    tree = images / "golden"
+    assert os.stat(tree).st_mode & 0o7777 == 0o700
+    if older:
+        os.removexattr(tree, ROOT_MODE)
+        os.chmod(tree, 0o751)
+    fmt = for_name("rsync")
+    for i, copy in enumerate((fmt.mirror, fmt.unpack)):
+        target = tmp_path / f"slot{i}"
+        target.mkdir(mode=0o700)
+        copy(str(tree), str(target))
+        assert os.stat(target).st_mode & 0o7777 == 0o751
+        assert (target / "etc" / "hostname").read_text() == "guest\n"
+
+
+def test_a_user_who_cannot_enter_a_tree_is_listed_the_size_it_was_stored_with(public_images,
+                                                                               src):
+    """-L as another user than root: a tree's top is root's only (0700), so summing its files
+    found none, and SIZE said 0; the size recorded when it was stored is what is listed."""
+    images = public_images / "images"
+    images.mkdir(mode=0o755)
+    meta = _store(images, src, "golden", "rsync")
+    assert meta["size"] == len("guest\n")
+    cfg = public_images / "vmim.cfg"
+    cfg.write_text(f'[vmim.local]\nvmimages = "{images}"\n')
+    res = as_user([sys.executable, "-m", "vmim", "--config", str(cfg), "-L", "--json"], "/")
+    assert res.returncode == 0, res.stderr
+    (entry,) = json.loads(res.stdout)["images"]
+    assert (entry["name"], entry["format"], entry["size"]) == ("golden", "rsync", meta["size"])

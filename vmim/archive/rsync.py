@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 from vmim import process, sandbox
 from vmim.archive import Format
 from vmim.errors import StateError
+from vmim.paths import is_under
 
 # archive mode, hard links, ACLs, xattrs, sparse files, numeric owners; XFS shows its ACLs
 # a second time as trusted.SGI_ACL_* xattrs, which -A carries already.
@@ -36,12 +37,12 @@ class RsyncFormat(Format):
         argv: List[str] = ["rsync", *FLAGS, "--one-file-system"]
         binds = [sandbox.Bind(src_root, GUEST)]
         if link_dest:  # the new and the previous image share the store's directory
-            store = os.path.dirname(os.path.abspath(dest))
-            if os.path.dirname(os.path.abspath(link_dest)) != store:
-                raise ValueError("link_dest must sit beside dest")
+            store = os.path.dirname(os.path.abspath(link_dest))
+            if os.path.abspath(dest) == store or not is_under(os.path.abspath(dest), store):
+                raise ValueError("dest must lie in link_dest's directory")
             binds.append(sandbox.Bind(store, STORE, writable=True))
             argv.append(f"--link-dest={STORE}/{os.path.basename(link_dest)}")
-            inside = f"{STORE}/{os.path.basename(dest)}"
+            inside = f"{STORE}/{os.path.relpath(os.path.abspath(dest), store)}"
         else:
             os.makedirs(dest, exist_ok=True)
             binds.append(sandbox.Bind(dest, IMAGE, writable=True))

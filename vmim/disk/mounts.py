@@ -13,6 +13,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from vmim import process, procscan
 from vmim.errors import CleanupError, CommandError
+from vmim.paths import is_under
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,10 @@ def all_mounts() -> List[Mount]:
         return parse_mountinfo(fh.read())
 
 
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
 def mounts_at(mountpoint: str, mounts: Optional[Sequence[Mount]] = None) -> List[Mount]:
     """Mounts at mountpoint or below it, deepest first (the order to unmount them)."""
     mp = os.path.realpath(mountpoint)
-    found = [m for m in (mounts if mounts is not None else all_mounts()) if _under(m.target, mp)]
+    found = [m for m in (mounts if mounts is not None else all_mounts()) if is_under(m.target, mp)]
     return sorted(found, key=lambda m: (m.target.count("/"), m.mount_id), reverse=True)
 
 
@@ -93,7 +90,7 @@ def mount_base(mountpoint: str, prefix: str) -> str:
     """The directory to make a shared mount for a slot mounted at mountpoint: the mount prefix
     when the slot lies below it, else the mount point's parent."""
     mp, top = os.path.normpath(mountpoint), os.path.normpath(prefix)
-    if mp != top and _under(mp, top):
+    if mp != top and is_under(mp, top):
         return top
     return os.path.dirname(mp)
 
@@ -128,7 +125,7 @@ def ensure_shared(base: str) -> str:
         top = [m for m in mounted if m.target == base]
         done = []
         if not top:
-            below = [m.target for m in mounted if _under(m.target, base) and m.target != base]
+            below = [m.target for m in mounted if is_under(m.target, base) and m.target != base]
             if below:  # a bind now would hide them (and pin them under it)
                 log.warning("cannot make %s a shared mount while %s %s mounted below it; release "
                             "them first", base, ", ".join(below), "is" if len(below) == 1 else "are")

@@ -161,9 +161,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
         return wholedisk.restore(box, name, proven, rec)
     st = box.store("vmimages")
     path, fmt = proven.path, proven.fmt
-    meta = st.metadata(name)  # the tree's size, without walking it again
-    size = meta["size"] if meta and "size" in meta else (
-        store_mod.tree_size(path) if fmt.is_tree else os.path.getsize(path))
+    size = store_mod.stored_size(st.metadata(name), path)  # a tree's, without walking it again
     clock = Clock()
     rec.details.update(image=name, format=fmt.name, bytes=size, timings=clock.laps)
     root = _root(box)
