@@ -23,8 +23,9 @@ from vmim.errors import (
 )
 from vmim.fleet import protocol, shapes, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
-from vmim.output import render_list, render_plans, safe, undecodable_escaped
+from vmim.output import render_list, render_plans
 from vmim.plan import Plan, Request
+from vmim.terminal import safe
 
 log = logging.getLogger("vmim.fleet.client")
 
@@ -302,12 +303,12 @@ def _follow(client: Client, job: protocol.Job, lock_wait: int) -> protocol.Reply
         if taker is not None:
             silent_by = time.monotonic() + max(silence, lock_wait)
         if reply.type == "log":
-            sys.stderr.write(undecodable_escaped(reply.line))
+            sys.stderr.write(reply.line)  # stderr escapes (vmim.terminal)
             sys.stderr.flush()
         elif reply.type == "result":
             if taker is None:  # answered from a journal, or refused: its lines were not streamed
                 for line in reply.stderr:
-                    sys.stderr.write(undecodable_escaped(line))
+                    sys.stderr.write(line)
             return reply
 
 
@@ -384,8 +385,8 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
                                    "connected? (`vmimagemanager worker`, docs/fleet.md)")
     for host in sorted(answers):
         if answers[host].exit_code:
-            for line in answers[host].stderr:
-                sys.stderr.write(f"{host}: {undecodable_escaped(line)}")
+            for line in "".join(answers[host].stderr).rstrip("\n").split("\n"):
+                sys.stderr.write(f"{safe(host)}: {line}\n")  # each line under its host
     report_lists(lists, answers, doc, out, as_json)
     codes = [a.exit_code for a in answers.values()]
     if missing:
