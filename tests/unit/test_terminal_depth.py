@@ -85,7 +85,7 @@ def fleet_of(monkeypatch):
     return script
 
 
-HOST = "h" + ESC + FORGED
+HOST = "hx"
 
 
 def _lists_doc() -> Dict[str, Any]:
@@ -117,7 +117,17 @@ def test_fleet_lists_print_no_control_from_a_worker(vmim, fleet_of):
     clean(r.err)
     assert len([line for line in r.out.splitlines() if line.startswith("HOST")]) == 5, r.out
     assert r.err.count("\n") == 2, r.err  # the worker's lines, each under its host's name
-    assert all(line.startswith("h\\x1b]52") for line in r.err.splitlines()), r.err
+    assert all(line.startswith("hx: ") for line in r.err.splitlines()), r.err
+
+
+def test_a_host_name_with_controls_is_refused(vmim, fleet_of):
+    """A host's name is printed as a column and a prefix of its lines: one that holds a
+    control is a malformed reply (exit 7), not printed."""
+    fleet_of(protocol.CONTROL, [{"type": "here", "host": "h" + ESC + FORGED}])
+    r = vmim("--broker", "amqp://nowhere", "-l")
+    assert r.code == 7, r
+    assert "host holds a control character" in r.err, r.err
+    assert not CONTROLS.search(r.err + r.out) and "forged" not in r.err + r.out, r
 
 
 def test_fleet_lists_as_json_keep_the_values(vmim, fleet_of):
@@ -199,14 +209,50 @@ def test_the_worker_log_cannot_be_forged_by_a_routing_key(capsys):
         protocol.check_route({"exchange": "vmim.jobs", "routing_key": key}, "web1")
     message = SimpleNamespace(properties={}, acknowledged=False, ack=lambda: None)
     Worker._refuse(SimpleNamespace(host="h1"), message, str(info.value))
+    log = logging.getLogger("vmim.fleet.worker")
+    log.error("refusing a job: %s", key)  # whatever a message quotes
     try:
-        protocol.decode_job(json.dumps({"v": protocol.VERSION, "type": "job\n" + key}),
-                            "web1")
+        raise ProtocolError(key)
     except ProtocolError:
-        logging.getLogger("vmim.fleet.worker").exception("refusing a job")
+        log.exception("refusing a job")
     err = capsys.readouterr().err
     lines = err.splitlines()
-    assert len([line for line in lines if not line.startswith(" ")]) == 2, err
+    assert len([line for line in lines if not line.startswith(" ")]) == 3, err
     assert all(line.startswith(("vmimagemanager: ", " ")) for line in lines), err
-    assert "forged" in lines[0] and "\\n2026-12-06" in lines[0], err
+    assert all("\\n2026-12-06" in line for line in lines[:2]), err
 
+
+def test_a_log_format_of_the_admins_cannot_be_forged_either(tmp_path, capsys):
+    """$VMIM_LOG_CONF gives the worker a formatter of the admin's (timestamps first): a
+    record is still one line, its traceback indented under it."""
+    import logging
+
+    from vmim.frontend import setup_logging
+
+    conf = tmp_path / "log.conf"
+    conf.write_text("[loggers]\nkeys=root\n[handlers]\nkeys=err\n[formatters]\nkeys=f\n"
+                    "[logger_root]\nlevel=INFO\nhandlers=err\n"
+                    "[handler_err]\nclass=StreamHandler\nformatter=f\nargs=(sys.stderr,)\n"
+                    "[formatter_f]\nformat=%(asctime)s %(levelname)s %(message)s\n")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(0, 0, str(conf))
+        forged = "\n2026-12-06 12:00:00,000 INFO forged\x1b[2J"
+        log = logging.getLogger("vmim.fleet.worker")
+        log.error("refusing a job: %s", forged)
+        try:
+            raise ValueError(forged)
+        except ValueError:
+            log.exception("internal error%s", forged)
+        err = capsys.readouterr().err
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+    assert "\x1b" not in err, err
+    assert not any(line.startswith("2026-12-06 12:00:00,000 INFO forged")
+                   for line in err.splitlines()), err
+    assert len([line for line in err.splitlines() if not line.startswith(" ")]) == 2, err
