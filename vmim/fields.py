@@ -6,7 +6,7 @@ what stands between a fleet message and root on a hypervisor."""
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, List, Mapping, Optional, Sequence
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 from vmim.errors import ProtocolError
 from vmim.terminal import safe
@@ -138,10 +138,8 @@ class Fields:
             raise ProtocolError(f"{self._name(key)} has more than {max_items} entries")
         return value
 
-    def object(self, key: str, *, nullable: bool = False) -> Any:
+    def object(self, key: str) -> Dict[str, Any]:
         value = self.data.get(key, {})
-        if value is None and nullable:
-            return None
         if not isinstance(value, Mapping):
             raise ProtocolError(f"{self._name(key)} is not an object")
         return dict(value)

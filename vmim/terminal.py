@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import traceback
 from typing import Any, Iterable, Iterator, TextIO
@@ -23,6 +24,8 @@ from typing import Any, Iterable, Iterator, TextIO
 #: (0x9b is a CSI)
 _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]
              if chr(c) not in "\n\t"}
+#: any of them, newline and tab too: what a name (a host's, a box's) never holds
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 CONTINUATION = "  "  # what a record's lines after its first begin with
 
 

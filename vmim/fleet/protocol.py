@@ -45,7 +45,7 @@ from vmim.errors import EXIT_USAGE, ProtocolError
 from vmim.fields import Fields, check_string
 from vmim.invocation import BoxRun
 from vmim.plan import ANY_FREE, LISTS, REQUEST_FIELDS
-from vmim.terminal import safe
+from vmim.terminal import CONTROL_CHARACTER, safe
 
 VERSION = 3
 MAX_MESSAGE = 64 * 1024  # bytes: a job is a few hundred; anything near this is not a job
@@ -275,7 +275,6 @@ def _name(f: Fields, key: str) -> str:
     return name
 
 
-CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 TEXT = 1 << 20  # characters of a free text field (a message, a command line, XML)
 MAX_ROWS = 1 << 16  # rows of a list, names of a list field
 #: the documents inside `result` and `lists` replies (the --json of a worker's child) as the
