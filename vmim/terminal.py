@@ -78,11 +78,12 @@ def unescaped(stream: TextIO) -> TextIO:
 def escaped_stderr() -> Iterator[None]:
     """sys.stderr escaping for the time of a run: tracebacks, warnings, every write."""
     saved = sys.stderr
-    sys.stderr = escaping(saved)
+    sys.stderr = wrapped = escaping(saved)
     try:
         yield
     finally:
-        sys.stderr = saved
+        if sys.stderr is wrapped:  # not replaced since (a test's capture, a run in a thread)
+            sys.stderr = saved
 
 
 def continuation(text: str) -> str:
