@@ -23,10 +23,11 @@ from vmim.errors import (
     UsageError,
 )
 from vmim.invocation import Invocation
-from vmim.output import PROG, print_lists, render_plans, safe, undecodable_escaped
+from vmim.output import PROG, print_lists, render_plans
 from vmim.plan import ANY_FREE, DISK_ACTIONS, Plan, Request, Step, Verdict
 from vmim.recorder import BoxResult
 from vmim.steps import Options
+from vmim.terminal import safe
 
 log = logging.getLogger("vmim")
 
@@ -208,7 +209,7 @@ def run_boxes(req: Request, cfg: Config, hv: Hypervisor, options: Options,
         box, held = claim_free_slot(cfg, hv)
         doc["claimed"] = box
         if not as_json:
-            out.write(box + "\n")
+            out.write(safe(box) + "\n")
             out.flush()
         req = replace(req, boxes=(box,))
         with held:
@@ -227,8 +228,8 @@ def run_boxes(req: Request, cfg: Config, hv: Hypervisor, options: Options,
             failed = next((s.step for s in r.steps if s.status == "failed"), None)
             where = f"box {r.box}: {failed} failed" if failed else f"box {r.box}"
             tail = "; the domain was not started" if "up" in req.actions else ""
-            message = undecodable_escaped(str(r.error))
-            own = f"box '{undecodable_escaped(r.box)}': "
+            message = str(r.error)
+            own = f"box '{r.box}': "
             if message.startswith(own):  # said once: "box web1: ...", not "box web1: box 'web1': ..."
                 message = message[len(own):]
             sys.stderr.write(f"{PROG}: error: {where}: {message}{tail}\n")

@@ -9,6 +9,7 @@ import math
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 from vmim.errors import ProtocolError
+from vmim.terminal import safe
 
 MAX_STRING = 4096  # characters: names, guest directories
 MAX_ITEMS = 64  # entries of a list field
@@ -24,6 +25,12 @@ def check_string(value: Any, what: str, max_len: int = MAX_STRING) -> str:
     return value
 
 
+def _shown(number: Any) -> str:
+    """A number as an error quotes it: not 400 digits."""
+    text = str(number) if not isinstance(number, int) or abs(number) < 10 ** 20 else ""
+    return text or f"a number of {len(str(abs(number)))} digits"
+
+
 class Fields:
     """One object's fields, read once each: `Fields(data, "the job", ALLOWED).string("box")`.
     Missing fields take the given default; `done()` is not needed: unknown fields are refused
@@ -32,7 +39,7 @@ class Fields:
     def __init__(self, data: Any, what: str, allowed: Collection[str]):
         if not isinstance(data, Mapping):
             raise ProtocolError(f"{what} is not an object ({type(data).__name__})")
-        unknown = sorted(str(k)[:40] for k in data if k not in allowed)
+        unknown = sorted(safe(str(k)[:40]) for k in data if k not in allowed)
         if unknown:
             raise ProtocolError(f"{what} has unknown field(s): {', '.join(unknown[:5])}")
         self.data: Mapping[str, Any] = data
@@ -56,12 +63,14 @@ class Fields:
             return None
         text = check_string(value, self._name(key), max_len)
         if choices is not None and text not in choices:
-            raise ProtocolError(f"{self._name(key)}: '{text[:40]}' is not one of "
+            raise ProtocolError(f"{self._name(key)}: '{safe(text[:40])}' is not one of "
                                 f"{', '.join(choices)}")
         return text
 
-    def boolean(self, key: str, default: bool = False) -> bool:
+    def boolean(self, key: str, default: bool = False, *, nullable: bool = False) -> Any:
         value = self.data.get(key, default)
+        if value is None and nullable:
+            return None
         if not isinstance(value, bool):
             raise ProtocolError(f"{self._name(key)} is not true or false")
         return value
@@ -76,7 +85,7 @@ class Fields:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ProtocolError(f"{self._name(key)} is not a whole number")
         if not low <= value <= high:
-            raise ProtocolError(f"{self._name(key)} = {value} is outside {low}..{high}")
+            raise ProtocolError(f"{self._name(key)} = {_shown(value)} is outside {low}..{high}")
         return value
 
     def number(self, key: str, *, low: float, high: float, required: bool = True,
@@ -93,20 +102,33 @@ class Fields:
         except OverflowError:
             finite = False
         if not finite or not low <= value <= high:
-            raise ProtocolError(f"{self._name(key)} = {value} is outside {low:g}..{high:g}")
+            raise ProtocolError(f"{self._name(key)} = {_shown(value)} is outside {low:g}..{high:g}")
         return float(value)
 
     def strings(self, key: str, *, choices: Optional[Sequence[str]] = None,
-                max_items: int = MAX_ITEMS) -> List[str]:
+                max_items: int = MAX_ITEMS, max_len: int = MAX_STRING) -> List[str]:
         items = self.items(key, max_items)
         out = []
         for i, v in enumerate(items):
-            text = check_string(v, f"{self._name(key)}[{i}]")
+            text = check_string(v, f"{self._name(key)}[{i}]", max_len)
             if choices is not None and text not in choices:
-                raise ProtocolError(f"{self._name(key)}[{i}]: '{text[:40]}' is not one of "
+                raise ProtocolError(f"{self._name(key)}[{i}]: '{safe(text[:40])}' is not one of "
                                     f"{', '.join(choices)}")
             out.append(text)
         return out
+
+    def fields(self, key: str, allowed: Collection[str], *,
+               nullable: bool = False) -> Optional[Fields]:
+        """An object field read as Fields of its own (None: absent or, when nullable, null)."""
+        value = self.data.get(key)
+        if value is None and (nullable or key not in self.data):
+            return None
+        return Fields(value, self._name(key), allowed)
+
+    def rows(self, key: str, allowed: Collection[str], max_items: int = MAX_ITEMS) -> List[Fields]:
+        """A list of objects, each read as Fields."""
+        return [Fields(v, f"{self._name(key)}[{i}]", allowed)
+                for i, v in enumerate(self.items(key, max_items))]
 
     def items(self, key: str, max_items: int = MAX_ITEMS) -> List[Any]:
         value = self.data.get(key, [])

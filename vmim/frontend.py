@@ -24,7 +24,8 @@ from vmim.errors import (
     VmimError,
 )
 from vmim.invocation import Invocation
-from vmim.output import PROG, undecodable_escaped
+from vmim.output import PROG
+from vmim.terminal import continuation, escaped_stderr, escaping, one_line_records
 
 log = logging.getLogger("vmim")
 
@@ -56,14 +57,19 @@ class ArgParser(argparse.ArgumentParser):
 
 
 class _Formatter(logging.Formatter):
+    """`vmimagemanager: level: message`, one line (terminal.OneLineRecord), then the record's
+    traceback indented under it."""
+
     def format(self, record: logging.LogRecord) -> str:
-        message = undecodable_escaped(record.getMessage())
-        return f"{PROG}: {record.levelname.lower()}: {message}" + (
-            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+        text = f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info and not record.exc_text:  # a record not made by OneLineRecord
+            record.exc_text = continuation(self.formatException(record.exc_info))
+        return text + ("\n" + record.exc_text if record.exc_text else "")
 
 
 def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
                   syslog: Optional[str] = None) -> None:
+    one_line_records()  # whatever formatter writes a record, it cannot forge a line
     log_config = log_config or os.environ.get(ENV_LOG_CONFIG) or None
     if log_config:
         if not os.path.isfile(log_config):
@@ -82,7 +88,7 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
     for h in list(root.handlers):
         if getattr(h, "_vmim", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(escaping(sys.stderr))
     handler._vmim = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter())
     handler.setLevel(level)
@@ -102,10 +108,6 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 log.warning("cannot log to syslog at %s (%s); logging to stderr only", syslog, why)
 
-        class EscapingFormatter(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                return undecodable_escaped(super().format(record))
-
         try:
             sh = SyslogHandler(address=syslog)
         except OSError as exc:
@@ -113,7 +115,7 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
                         exc.strerror)
             return
         sh._vmim = True  # type: ignore[attr-defined]
-        sh.setFormatter(EscapingFormatter(f"{PROG}[{os.getpid()}]: %(levelname)s: %(message)s"))
+        sh.setFormatter(logging.Formatter(f"{PROG}[{os.getpid()}]: %(levelname)s: %(message)s"))
         sh.setLevel(min(level, logging.INFO))  # the steps, even when stderr stays quiet
         root.addHandler(sh)
         root.setLevel(min(level, logging.INFO))
@@ -138,9 +140,21 @@ def run_invocation(get: Callable[[], Invocation], stdout: Optional[TextIO] = Non
                    want_json: bool = False) -> int:
     """Run the invocation `get()` returns (from the command line, or a fleet worker's child
     from its stdin): errors become one line on stderr and an exit code, --json a document."""
-    out = stdout or sys.stdout
+    # every control but newline and tab escaped, whatever wrote it (terminal.EscapingStream):
+    # --json is unchanged (json.dumps writes controls as \u escapes)
+    out = escaping(stdout or sys.stdout)
     old_handlers = _install_signal_handlers()
     doc: Dict[str, Any] = {"version": __version__}
+    try:
+        with escaped_stderr():
+            return _run(get, out, doc, want_json)
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run(get: Callable[[], Invocation], out: TextIO, doc: Dict[str, Any],
+         want_json: bool) -> int:
     try:
         try:
             inv = get()
@@ -163,9 +177,6 @@ def run_invocation(get: Callable[[], Invocation], stdout: Optional[TextIO] = Non
         code = EXIT_FAILED
         sys.stderr.write(f"{PROG}: internal error: {exc!r}\n{traceback.format_exc()}")
         doc["error"] = {"message": f"internal error: {exc!r}", "exit_code": code}
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
     try:
         if want_json:
             doc["exit_code"] = code
@@ -196,7 +207,7 @@ def _report(exc: VmimError, doc: Dict[str, Any]) -> None:
         for p in exc.problems:
             sys.stderr.write(f"  {p}\n")
     else:
-        sys.stderr.write(f"{PROG}: error: {undecodable_escaped(str(exc))}\n")
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         traceback.print_exc(file=sys.stderr)
     doc["error"] = {"message": str(exc), "exit_code": exc.exit_code, "type": type(exc).__name__}

@@ -11,6 +11,7 @@ from vmim.definition import drift_line
 from vmim.domain import Hypervisor
 from vmim.plan import Plan, Request, dry_run_summary
 from vmim.progress import human_size
+from vmim.terminal import safe
 
 log = logging.getLogger(__name__)
 
@@ -18,36 +19,21 @@ PROG = "vmimagemanager"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [len(h) for h in headers]
-    for r in rows:
+    """Rows under headers, each cell one line of text (safe(): a value holding a newline or
+    a control cannot start a line or rewrite the terminal, whoever reported it)."""
+    lines = [[safe(c) for c in r] for r in [list(headers), *rows]]
+    widths = [len(h) for h in lines[0]]
+    for r in lines[1:]:
         widths = [max(w, len(c)) for w, c in zip(widths, r)]
-    for r in [list(headers), *rows]:
+    for r in lines:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
-
-
-#: what a terminal takes for a command, not text: C0 controls but newline and tab, DEL, C1
-#: (0x9b is a CSI) — a guest's file name holding them reaches the admin's terminal in messages
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]
-             if chr(c) not in "\n\t"}
-
-
-def undecodable_escaped(text: str) -> str:
-    """Bytes that were not UTF-8 (in names from the command line or the disk) as \\x escapes,
-    and so are terminal controls other than newline and tab (ESC, BEL, CR, CSI...): whatever a
-    message names (a guest's file, a worker's line), it prints as text."""
-    return text.encode("utf-8", "surrogateescape").decode(
-        "utf-8", "backslashreplace").translate(_CONTROLS)
-
-
-def safe(text: str) -> str:
-    """A name as it can be printed: undecodable bytes as \\x escapes, newlines escaped."""
-    return undecodable_escaped(text).replace("\n", "\\n")
-
 
 
 # --------------------------------------------------------------------------- the one renderer
 # Plans and lists are drawn from the report, the dicts of --json, here only: for a local run
 # and for the fleet's (vmim.fleet.client), which adds a HOST column in front of each table.
+# The fleet's come from workers (vmim.fleet.protocol checks their shape): whatever JSON value
+# stands where a field should, a cell is text ("?" when it is not what the field holds).
 
 BOX_HEADERS = ["NAME", "CONFIG", "STATE", "MOUNTED", "LOCKED", "DISK", "BASE", "INCOMPLETE",
                "STAGED"]
@@ -55,38 +41,66 @@ ENTRY_HEADERS = ["NAME", "FORMAT", "SIZE", "MODIFIED (UTC)", "DIRECTORY", "BASE 
 LOCKED_HEADERS = ["NAME", "PID", "COMMAND"]
 
 
+def _text(value: Any, none: str = "-") -> str:
+    """A scalar field as text: none for null, "?" for a list or an object."""
+    if value is None:
+        return none
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        try:
+            return str(value)
+        except ValueError:  # an int of more digits than str() makes
+            return "?"
+    return "?"
+
+
+def _fields(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _size(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 80:
+        return human_size(value)
+    return "?"
+
+
 def staged_text(staged: Any) -> str:
     """The STAGED column of a box row (vmim.standby.Staged.as_dict()): the image and when it
     was staged, or why it is not ready; else "-"."""
     if not isinstance(staged, Mapping):
         return "-"
-    image = staged.get("image")
+    image = _text(staged.get("image"), "?")
     if staged.get("skip") is None:  # ready
-        return safe(f"{image} {(staged.get('finished') or '')[:16]}")
-    return safe(f"{image} ({staged.get('state')})")
+        return f"{image} {_text(staged.get('finished'), '')[:16]}"
+    return f"{image} ({_text(staged.get('state'), '?')})"
 
 
-def box_cells(row: Mapping[str, Any], disk_text: Optional[str] = None) -> List[str]:
+def box_cells(row: Any, disk_text: Optional[str] = None) -> List[str]:
     """A box row of -l. disk_text: the DISK column as the config describes the disk (with its
     partition), where the row is local; a report from afar has the disk's path only."""
+    row = _fields(row)
     if disk_text is None:
-        disk_text = str(row.get("disk") or "-") + (" (missing)" if row.get("disk_missing") else "")
-    incomplete = row.get("incomplete")
-    locked = row.get("locked")
-    return [safe(str(row.get("name"))), "yes" if row.get("in_config") else "no",
-            str((row.get("domain") or {}).get("state", "?")), "yes" if row.get("mounted") else "no",
-            f"pid {locked.get('pid')}" if locked else "no", safe(disk_text),
-            safe(str(row.get("base") or "-")),
-            f"restore of {safe(str(incomplete.get('image')))}" if incomplete else "no",
+        disk_text = _text(row.get("disk")) + (" (missing)" if row.get("disk_missing") else "")
+    incomplete, locked = row.get("incomplete"), row.get("locked")
+    return [_text(row.get("name"), "?"), "yes" if row.get("in_config") else "no",
+            _text(_fields(row.get("domain")).get("state"), "?"),
+            "yes" if row.get("mounted") else "no",
+            f"pid {_text(_fields(locked).get('pid'), '?')}" if locked else "no", disk_text,
+            _text(row.get("base")),
+            f"restore of {_text(_fields(incomplete).get('image'), '?')}" if incomplete else "no",
             staged_text(row.get("staged"))]
 
 
-def entry_cells(entry: Mapping[str, Any]) -> List[str]:
+def entry_cells(entry: Any) -> List[str]:
     """An image or insert row of -L, --list-inserts (vmim.store.Entry.as_dict())."""
-    return [safe(str(entry.get("name"))), str(entry.get("format")),
-            human_size(int(entry.get("size") or 0)),
-            str(entry.get("mtime") or "").replace("T", " ")[:16],
-            safe(str(entry.get("directory"))), ", ".join(entry.get("base_of") or ()) or "-"]
+    entry = _fields(entry)
+    base_of = entry.get("base_of")
+    return [_text(entry.get("name"), "?"), _text(entry.get("format"), "?"),
+            _size(entry.get("size") or 0), _text(entry.get("mtime"), "").replace("T", " ")[:16],
+            _text(entry.get("directory"), "?"),
+            ", ".join(_text(b, "?") for b in base_of) or "-"
+            if isinstance(base_of, list) else "-"]
 
 
 def render_list(what: str, rows: Sequence[Any], out: TextIO, *,
@@ -95,22 +109,22 @@ def render_list(what: str, rows: Sequence[Any], out: TextIO, *,
     """One list of the report as text: rows as --json has them (free: names). hosts: the
     fleet's, one a row, drawn as a HOST column in front (-f then is a table too)."""
     if what == "free" and hosts is None:
-        out.writelines(safe(str(n)) + "\n" for n in rows)
+        out.writelines(safe(_text(n, "?")) + "\n" for n in rows)
         return
     if what == "free":
-        headers, cells = ["NAME"], [[safe(str(n))] for n in rows]
+        headers, cells = ["NAME"], [[_text(n, "?")] for n in rows]
     elif what == "boxes":
         headers = BOX_HEADERS
         cells = [box_cells(r, disk_texts[i] if disk_texts is not None else None)
                  for i, r in enumerate(rows)]
     elif what == "locked":
         headers = LOCKED_HEADERS
-        cells = [[safe(str(r.get("name"))), str(r.get("pid")), safe(str(r.get("command")))]
+        cells = [[_text(_fields(r).get(k), "?") for k in ("name", "pid", "command")]
                  for r in rows]
     else:
         headers, cells = ENTRY_HEADERS, [entry_cells(r) for r in rows]
     if hosts is not None:
-        headers, cells = ["HOST", *headers], [[h, *c] for h, c in zip(hosts, cells)]
+        headers, cells = ["HOST", *headers], [[_text(h, "?"), *c] for h, c in zip(hosts, cells)]
     table(headers, cells, out)
 
 

@@ -25,6 +25,7 @@ from vmim.request import (  # noqa: F401 — the request's vocabulary, as plan h
     Request,
     Transfer,
 )
+from vmim.terminal import safe
 from vmim.words import DiskFormat
 
 #: Steps that mount or map the slot's disk: they need root.
@@ -124,24 +125,35 @@ class Plan:
         return d
 
     def text(self) -> str:
-        lines = [f"box {self.box}:"]
-        lines += [f"  {i}. {s.name}{' (standby)' if s.standby else ''}"
-                  f"{' (implicit)' if s.implicit else ''}: {s.description}"
+        """The plan as --dry-run prints it: a line a step, each field one line of text (a
+        fleet worker's plan is drawn with this too: safe() keeps its values from starting a
+        line of their own or rewriting the terminal)."""
+        lines = [f"box {safe(self.box)}:"]
+        lines += [f"  {i}. {safe(s.name)}{' (standby)' if s.standby else ''}"
+                  f"{' (implicit)' if s.implicit else ''}: {safe(s.description)}"
                   for i, s in enumerate(self.steps, 1)]
         if self.verdict:
             lines.append(f"  the run would fail (exit {self.verdict.exit_code}): "
-                         f"{self.verdict.message}")
+                         f"{safe(self.verdict.message)}")
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_dict(cls, box: str, data: Dict[str, Any]) -> Plan:
-        """The plan as_dict() describes (a fleet worker's dry run), to print it with text()."""
-        steps = tuple(Step(str(s.get("step")), str(s.get("description")),
-                           bool(s.get("implicit")), standby=s.get("disk") == "standby")
-                      for s in data.get("steps", []))
-        verdict = Verdict(int(data.get("expected_exit_code") or 0),
-                          str(data["expected_error"])) if data.get("expected_error") else None
-        return cls(box, steps, verdict)
+    def from_dict(cls, box: str, data: Any) -> Plan:
+        """The plan as_dict() describes (a fleet worker's dry run), to print it with text();
+        whatever JSON value stands for a field, a plan ("?" for what does not read)."""
+        def text(value: Any) -> str:
+            return value if isinstance(value, str) else "?"
+
+        data = data if isinstance(data, dict) else {}
+        steps = data.get("steps")
+        steps = tuple(Step(text(s.get("step")), text(s.get("description")),
+                           s.get("implicit") is True, standby=s.get("disk") == "standby")
+                      if isinstance(s, dict) else Step("?", "?")
+                      for s in (steps if isinstance(steps, list) else ()))
+        code = data.get("expected_exit_code")
+        code = code if isinstance(code, int) and not isinstance(code, bool) else 0
+        error = data.get("expected_error")
+        return cls(box, steps, Verdict(code, text(error)) if error else None)
 
 
 def dry_run_summary(code: int) -> str:

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Dict, Iterator, List, Optional
 
+from vmim import terminal
+
 _local = threading.local()
 enabled = False  # set by the command line: a terminal, one box, no --json, no -q
 
@@ -89,16 +91,18 @@ class _Watcher(threading.Thread):
             left = (self.total - done) / rate if rate > 0 and done < self.total else 0
             line = (f"{self.label}: {human_size(done)} of {human_size(self.total)}, "
                     f"{human_size(rate)}/s, {left:.0f} s left")
-            sys.stderr.write("\r" + line[:120].ljust(80))
-            sys.stderr.flush()
+            err = terminal.unescaped(sys.stderr)  # the carriage return is meant; the label is text
+            err.write("\r" + terminal.safe(line[:120]).ljust(80))
+            err.flush()
             self.shown = True
 
     def finish(self) -> None:
         self.stop.set()
         self.join()
         if self.shown:
-            sys.stderr.write("\r" + " " * 80 + "\r")
-            sys.stderr.flush()
+            err = terminal.unescaped(sys.stderr)
+            err.write("\r" + " " * 80 + "\r")
+            err.flush()
 
 
 @contextlib.contextmanager

@@ -199,9 +199,9 @@ def test_a_malformed_result_or_reply_is_exit_7_not_a_crash(fleet):
     """A peer that is not a worker of this release answers a job with a result of another
     shape, or with bytes that are not a reply: the client exits 7 and says so."""
     cases = [
-        ("results is not a list of objects",
+        ("the result from host hx: results[0] is not an object",
          (reply("result", box="hx1", exit_code=0, doc={"results": ["x", 1]}, stderr=[]),)),
-        ("steps of", (reply("result", box="hx1", exit_code=0,
+        ("plan of hx1: steps is not a list", (reply("result", box="hx1", exit_code=0,
                            doc={"plan": {"hx1": {"steps": "down"}}}, stderr=[]),)),
         ("malformed reply", (b"{not json",)),
         ("malformed reply", (reply("result", box="hx1", exit_code="zero"),)),

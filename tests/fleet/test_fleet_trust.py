@@ -143,6 +143,24 @@ def test_malformed_jobs_are_refused_and_acknowledged_and_running_jobs_go_on(flee
     assert marker_of(fleet, "h1a") == "big\n"  # the restore is whole
 
 
+def test_a_job_cannot_forge_a_line_of_the_workers_log(fleet, sender):
+    """A refused job's fields are quoted in the worker's log: a newline or a terminal control
+    in them does not start a line of the log or reach its reader's terminal."""
+    forged = "2026-12-06 12:00:00 vmimagemanager: info: forged"
+    at = fleet.log_size("h3")
+    corrs = [sender.send(v2_job("h3a", type="job\n" + forged), routing_key="box.h3a"),
+             sender.send(dict(v2_job("h3a"), **{"x\n" + forged: 1}), routing_key="box.h3a"),
+             sender.send(v2_job("h3a", type="job\x1b]52;c;eA==\x07"), routing_key="box.h3a")]
+    sender.wait(corrs)
+    for corr in corrs:
+        assert_refused(sender, corr, "a forging job")
+    log = fleet.log("h3")[at:]
+    assert log.count("refusing a job") == 3, log
+    assert "\\n" + forged[:20] in log, log  # quoted, on the record's line
+    assert not any(line.startswith(forged[:10]) for line in log.splitlines()), log
+    assert "\x1b" not in log and "\\x1b]52" in log, log
+
+
 def test_a_reply_queue_that_is_not_a_clients_is_not_written(fleet, sender):
     """reply_to must name a client reply queue (vmim.reply.*): a job cannot make a worker
     publish into another queue (a host's slot queue, say) through the default exchange."""

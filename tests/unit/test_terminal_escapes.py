@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from vmim import frontend, output
+from vmim import frontend, terminal
 from vmim.archive.cpio import CpioFormat
 from vmim.errors import VmimError
 
@@ -19,7 +19,7 @@ HOSTILE = "evil\x1b]52;c;cm0gLXJmIC8K\x07\x1b[2K\r\x9b31m\x7f"
 
 
 def test_messages_escape_terminal_controls():
-    shown = output.undecodable_escaped(f"line one {HOSTILE}\n\tline two\n")
+    shown = terminal.undecodable_escaped(f"line one {HOSTILE}\n\tline two\n")
     assert not any(c in shown for c in "\x1b\x07\r\x9b\x7f")
     assert "\\x1b]52;c;" in shown and "\\x9b" in shown
     assert shown.endswith("\n\tline two\n")
@@ -34,7 +34,11 @@ def test_a_guest_name_in_an_error_reaches_stderr_escaped(tmp_path, monkeypatch):
     assert "\x1b" in str(info.value)  # the name as it is (the JSON document keeps it)
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
-    frontend._report(info.value, {})
+
+    def fails():
+        raise info.value
+
+    assert frontend.run_invocation(fails, io.StringIO()) == info.value.exit_code
     assert "\x1b" not in err.getvalue() and "\x07" not in err.getvalue()
     assert "\\x1b]52;c;" in err.getvalue()
     os.unlink(tmp_path / HOSTILE)

@@ -21,10 +21,11 @@ from vmim.errors import (
     StateError,
     VmimError,
 )
-from vmim.fleet import protocol, shapes, transport
+from vmim.fleet import protocol, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
-from vmim.output import render_list, render_plans, safe, undecodable_escaped
+from vmim.output import render_list, render_plans
 from vmim.plan import Plan, Request
+from vmim.terminal import safe
 
 log = logging.getLogger("vmim.fleet.client")
 
@@ -247,7 +248,6 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
             raise StateError(f"unknown box '{box}': no worker of the fleet at "
                              f"{client.spec.shown} serves it (see --broker ... -l)")
         result = _follow(client, job, opts.lock_wait)
-        shapes.check_result(result.doc, result.host)  # a malformed document: exit 7
         if box == ANY_FREE and result.box and not opts.json:
             out.write(safe(result.box) + "\n")  # the slot that ran the job: one name, once
             out.flush()
@@ -302,12 +302,12 @@ def _follow(client: Client, job: protocol.Job, lock_wait: int) -> protocol.Reply
         if taker is not None:
             silent_by = time.monotonic() + max(silence, lock_wait)
         if reply.type == "log":
-            sys.stderr.write(undecodable_escaped(reply.line))
+            sys.stderr.write(reply.line)  # stderr escapes (vmim.terminal)
             sys.stderr.flush()
         elif reply.type == "result":
             if taker is None:  # answered from a journal, or refused: its lines were not streamed
                 for line in reply.stderr:
-                    sys.stderr.write(undecodable_escaped(line))
+                    sys.stderr.write(line)
             return reply
 
 
@@ -373,7 +373,6 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
         if reply.type == "here":
             hosts.add(reply.host)
         elif reply.type == "lists":
-            shapes.check_lists(reply.doc, lists, reply.host)  # a malformed document: exit 7
             answers[reply.host] = reply
     missing = sorted(h for h in hosts if h not in answers)
     if missing:
@@ -384,8 +383,8 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
                                    "connected? (`vmimagemanager worker`, docs/fleet.md)")
     for host in sorted(answers):
         if answers[host].exit_code:
-            for line in answers[host].stderr:
-                sys.stderr.write(f"{host}: {undecodable_escaped(line)}")
+            for line in "".join(answers[host].stderr).rstrip("\n").split("\n"):
+                sys.stderr.write(f"{safe(host)}: {line}\n")  # each line under its host
     report_lists(lists, answers, doc, out, as_json)
     codes = [a.exit_code for a in answers.values()]
     if missing:

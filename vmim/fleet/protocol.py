@@ -25,9 +25,12 @@ result the client prints):
    exit 5 (the worker is busy with the lists of other clients) or 7 (the list child timed
    out); a job that reuses the id of another job is answered with a `result` of exit 2; a
    client takes a reply that does not decode, or a document of another shape
-   (vmim.fleet.shapes), for an error (exit 7) instead of ignoring it; a job that did not
+   (check_document), for an error (exit 7) instead of ignoring it; a job that did not
    come through vmim.jobs with its queue's routing key (the default exchange reaches any
-   queue), or a list request not through vmim.control, is refused (check_route).
+   queue), or a list request not through vmim.control, is refused (check_route). The
+   documents of `result` and `lists` are read in the shape declared here (RESULT_DOC,
+   LISTS_DOC and the rows below them: unknown fields and wrong types are exit 7 naming the
+   host), and a reply's host and box hold no control character.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from vmim.errors import EXIT_USAGE, ProtocolError
 from vmim.fields import Fields, check_string
 from vmim.invocation import BoxRun
 from vmim.plan import ANY_FREE, LISTS, REQUEST_FIELDS
+from vmim.terminal import CONTROL_CHARACTER, safe
 
 VERSION = 3
 MAX_MESSAGE = 64 * 1024  # bytes: a job is a few hundred; anything near this is not a job
@@ -116,7 +120,7 @@ def _loads(body: Any, what: str, limit: int = MAX_MESSAGE) -> Dict[str, Any]:
         raise ProtocolError(f"{what} is not a JSON object ({type(data).__name__})")
     if data.get("v") != VERSION:
         v = data.get("v")
-        raise VersionError(f"{what} is of protocol version {str(v)[:20] if v is not None else '(none)'}"
+        raise VersionError(f"{what} is of protocol version {safe(str(v)[:20]) if v is not None else '(none)'}"
                            f"; this worker speaks version {VERSION}: use a client of the "
                            "same vmimagemanager release as the workers")
     return data
@@ -160,9 +164,9 @@ def decode_job(body: Any, queue: str, route: Optional[Dict[str, Any]] = None) ->
     box = f.string("box", required=True, max_len=MAX_NAME)
     if box != queue and queue == ANY_FREE:
         raise ProtocolError(f"a job on the shared queue {ANY_QUEUE} is an {ANY_FREE} job; "
-                            f"this one names box '{box[:80]}'")
+                            f"this one names box '{safe(box[:80])}'")
     if box != queue:
-        raise ProtocolError(f"a job for box '{box[:80]}' came on the queue of box '{queue}'")
+        raise ProtocolError(f"a job for box '{safe(box[:80])}' came on the queue of box '{queue}'")
     run = BoxRun.from_dict({"request": f.object("request"), "options": f.object("options")},
                            JOB_REQUEST_FIELDS, "the job")
     if not run.request.actions and not run.options.print_xml:
@@ -181,8 +185,8 @@ def check_route(delivery_info: Dict[str, Any], queue: str) -> None:
     want = ANY_KEY if queue == ANY_FREE else box_key(queue)
     if exchange != JOBS or key != want:
         raise ProtocolError(f"a job is taken only from exchange {JOBS} with routing key "
-                            f"'{want}'; this one came from exchange '{str(exchange)[:80]}' "
-                            f"with routing key '{str(key)[:80]}'")
+                            f"'{want}'; this one came from exchange '{safe(str(exchange)[:80])}' "
+                            f"with routing key '{safe(str(key)[:80])}'")
 
 
 def check_list_route(delivery_info: Dict[str, Any]) -> None:
@@ -191,7 +195,7 @@ def check_list_route(delivery_info: Dict[str, Any]) -> None:
     exchange = delivery_info.get("exchange")
     if exchange != CONTROL:
         raise ProtocolError(f"a list request is taken only from exchange {CONTROL}; this one "
-                            f"came from exchange '{str(exchange)[:80]}'")
+                            f"came from exchange '{safe(str(exchange)[:80])}'")
 
 
 @dataclass(frozen=True)
@@ -249,15 +253,125 @@ class Reply:
 def decode_reply(body: Any) -> Reply:
     """A worker's reply, as a client reads it (workers are trusted with results, not with
     the shape of messages: a malformed one is a ProtocolError, exit 7 at the client when it
-    answers what the client asked; the documents inside are checked by vmim.fleet.shapes)."""
+    answers what the client asked). The document of a result or of lists is read in its
+    declared shape (check_document): what the client prints is then what it expects."""
     f = Fields(_loads(body, "the reply", MAX_REPLY), "the reply",
                ("v", "type", "host", "box", "line", "exit_code", "doc", "stderr", "silence"))
     kind = f.string("type", required=True, choices=REPLY_TYPES)
     stderr = tuple(check_string(x, "the reply: stderr", 1 << 20) for x in f.items("stderr", 1 << 16))
-    return Reply(kind, f.string("host", "", max_len=MAX_NAME), f.string("box", "", max_len=MAX_NAME),
-                 f.string("line", "", max_len=1 << 20),
-                 f.integer("exit_code", 0, low=0, high=255), f.object("doc"), stderr,
-                 f.number("silence", low=0, high=1e7, required=False))
+    reply = Reply(kind, _name(f, "host"), _name(f, "box"), f.string("line", "", max_len=1 << 20),
+                  f.integer("exit_code", 0, low=0, high=255), f.object("doc"), stderr,
+                  f.number("silence", low=0, high=1e7, required=False))
+    if kind in ("result", "lists"):
+        check_document(kind, reply.doc, reply.host)
+    return reply
+
+
+def _name(f: Fields, key: str) -> str:
+    """A host's or a box's name in a reply: printed as it is, it holds no control."""
+    name = f.string(key, "", max_len=MAX_NAME)
+    if CONTROL_CHARACTER.search(name):
+        raise ProtocolError(f"the reply: {key} holds a control character")
+    return name
+
+
+TEXT = 1 << 20  # characters of a free text field (a message, a command line, XML)
+MAX_ROWS = 1 << 16  # rows of a list, names of a list field
+#: the documents inside `result` and `lists` replies (the --json of a worker's child) as the
+#: client reads them: the fields of each object; others are refused, as in messages
+RESULT_DOC = ("version", "exit_code", "error", "results", "plan", "expected_exit_code", "xml",
+              "claimed", "host")
+LISTS_DOC = ("version", "exit_code", "error", "host", *LISTS)
+ERROR = ("message", "exit_code", "type", "problems")
+PLAN = ("steps", "expected_exit_code", "expected_error")  # vmim.plan.Plan.as_dict()
+STEP = ("step", "description", "implicit", "disk")
+BOX_ROW = ("name", "in_config", "section", "domain", "store_type", "disk", "disk_missing",
+           "definition_drift", "mount", "mounted", "locked", "base", "incomplete", "standby",
+           "staged")  # vmim.listing.BoxRow.as_dict()
+DOMAIN = ("defined", "state", "persistent")
+HOLDER = ("pid", "command")  # vmim.lock.Holder.as_dict()
+MARK = ("box", "disk", "image", "pid", "started", "error")  # vmim.incomplete's mark
+STAGED = ("image", "started", "finished", "state", "skip")  # vmim.standby.Staged.as_dict()
+ENTRY_ROW = ("name", "directory", "path", "format", "size", "mtime", "base_of")  # store.Entry
+LOCKED_ROW = ("name", *HOLDER)
+PID = 1 << 32
+
+
+def check_document(kind: str, doc: Dict[str, Any], host: str) -> None:
+    """The document of a `result` or `lists` reply from host in its declared shape, or
+    ProtocolError naming the host and the field."""
+    where = f"the {'lists' if kind == 'lists' else 'result'} from host {host}"
+    f = Fields(doc, where, LISTS_DOC if kind == "lists" else RESULT_DOC)
+    f.string("version", max_len=MAX_NAME)
+    f.string("host", max_len=MAX_NAME)
+    f.integer("exit_code", 0, low=0, high=255)
+    error = f.fields("error", ERROR)
+    if error is not None:
+        error.string("message", max_len=TEXT)
+        error.integer("exit_code", 0, low=0, high=255)
+        error.string("type", max_len=MAX_NAME)
+        error.strings("problems", max_items=MAX_ROWS, max_len=TEXT)
+    if kind == "lists":
+        _check_lists(f)
+        return
+    for i, r in enumerate(f.items("results", MAX_ROWS)):  # passed on to --json, not read
+        if not isinstance(r, dict):
+            raise ProtocolError(f"{where}: results[{i}] is not an object")
+    f.integer("expected_exit_code", 0, low=0, high=255)
+    f.string("claimed", max_len=MAX_NAME)
+    plans = f.object("plan")
+    for box in plans:
+        plan = Fields(plans[box], f"{where}: plan of {safe(str(box)[:80])}", PLAN)
+        for step in plan.rows("steps", STEP, MAX_ROWS):
+            step.string("step", max_len=MAX_NAME)
+            step.string("description", max_len=TEXT)
+            step.boolean("implicit")
+            step.string("disk", max_len=MAX_NAME)
+        plan.integer("expected_exit_code", 0, low=0, high=255)
+        plan.string("expected_error", max_len=TEXT)
+    xml = f.object("xml")
+    for box in xml:
+        check_string(xml[box], f"{where}: xml of {safe(str(box)[:80])}", TEXT)
+
+
+def _check_lists(f: Fields) -> None:
+    for row in f.rows("boxes", BOX_ROW, MAX_ROWS):
+        row.string("name", required=True, max_len=MAX_NAME)
+        for key in ("section", "store_type", "disk", "mount", "base", "standby"):
+            row.string(key, nullable=True)
+        for key in ("in_config", "disk_missing", "mounted"):
+            row.boolean(key)
+        row.strings("definition_drift", max_items=MAX_ROWS)
+        domain = row.fields("domain", DOMAIN)
+        if domain is not None:
+            domain.boolean("defined")
+            domain.string("state", max_len=MAX_NAME)
+            domain.boolean("persistent", nullable=True)
+        locked = row.fields("locked", HOLDER, nullable=True)
+        if locked is not None:
+            locked.integer("pid", None, low=0, high=PID)
+            locked.string("command", max_len=TEXT)
+        mark = row.fields("incomplete", MARK, nullable=True)
+        if mark is not None:
+            for key in ("box", "disk", "image", "started", "error"):
+                mark.string(key, nullable=True, max_len=TEXT)
+            mark.integer("pid", None, low=0, high=PID, nullable=True)
+        staged = row.fields("staged", STAGED, nullable=True)
+        if staged is not None:
+            for key in STAGED:
+                staged.string(key, nullable=True, max_len=TEXT)
+    for what in ("images", "inserts"):
+        for row in f.rows(what, ENTRY_ROW, MAX_ROWS):
+            row.string("name", required=True, max_len=MAX_NAME)
+            for key in ("directory", "path", "format", "mtime"):
+                row.string(key)
+            row.integer("size", 0, low=0, high=1 << 63)
+            row.strings("base_of", max_items=MAX_ROWS)
+    f.strings("free", max_items=MAX_ROWS, max_len=MAX_NAME)
+    for row in f.rows("locked", LOCKED_ROW, MAX_ROWS):
+        row.string("name", required=True, max_len=MAX_NAME)
+        row.integer("pid", None, low=0, high=PID)
+        row.string("command", max_len=TEXT)
 
 
 def decode_journal_reply(data: Any, host: str) -> Reply:

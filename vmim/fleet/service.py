@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: List[str]) -> int:
+    from vmim.terminal import escaped_stderr
+
+    with escaped_stderr():  # every control but newline and tab escaped (vmim.terminal)
+        return _main(argv)
+
+
+def _main(argv: List[str]) -> int:
     from vmim import config as config_mod
     from vmim.frontend import setup_logging
     from vmim.output import PROG
