@@ -310,8 +310,9 @@ def test_a_redelivered_finished_job_is_answered_from_the_journal(fleet, broker):
     kept = {"type": "result", "host": "h2", "box": "h2b", "exit_code": 0,
             "doc": {"results": [{"box": "h2b", "from": "the journal"}], "host": "h2"},
             "stderr": ["vmimagemanager: info: (as it was the first time)\n"]}
-    Journal(os.path.join(fleet.root, "h2", "state")).finish(
-        job_id, "h2b", kept, protocol.journal_request("h2b", job.run))
+    journal = Journal(os.path.join(fleet.root, "h2", "state"))  # as the worker keeps a job
+    journal.begin(job_id, "h2b", protocol.journal_request("h2b", job.run))
+    journal.finish(job_id, "h2b", kept)
     replies = []
     with kombu.Connection(broker.url) as conn:
         reply_q = kombu.Queue(f"vmim.reply.{job_id}", exclusive=True, auto_delete=True)
