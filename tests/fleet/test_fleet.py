@@ -261,6 +261,7 @@ def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path)
                                                  logs["other"].read_text())
             time.sleep(0.1)
         assert "worker h1: ready" not in logs["other"].read_text()
+        assert "may bind any routing key" not in logs["own"].read_text()  # its topic permissions
         assert "refused" in logs["other"].read_text()
 
         def client(user, *argv):

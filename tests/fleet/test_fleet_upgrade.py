@@ -88,6 +88,8 @@ def test_a_worker_starts_on_a_broker_of_the_earlier_release(broker, tmp_path):
         assert result["exit_code"] == 2, result
         assert protocol.JOBS in result["doc"]["error"]["message"], result
         assert "PRECONDITION_FAILED" not in log.read_text()
+        # guest has no topic permissions: the worker says what that lets its user see
+        assert "may bind any routing key on vmim.jobs.topic" in log.read_text()
     finally:
         if worker is not None:
             worker.terminate()

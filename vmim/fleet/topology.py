@@ -71,4 +71,31 @@ def declare(channel: Any, host: str, slots: Sequence[str],
                          no_ack=False)
     ctl.qos(prefetch_count=CONTROL_LENGTH)
     ctl.consume()
+    if binds_any_key(channel.connection, host, jobs):
+        log.error("worker %s: its broker user may bind any routing key on %s: it can see the "
+                  "jobs of every host; give it the topic permissions of its own slots "
+                  "(vmimagemanager worker --print-permissions, docs/fleet.md)", host, jobs.name)
     return Consumers(boxes, any_consumer, ctl)
+
+
+def binds_any_key(connection: Any, host: str, jobs: Any) -> bool:
+    """Whether this connection's user may bind a queue of its own to the jobs exchange with
+    the key of a box that is no slot of any host (no topic permissions: any key)."""
+    import contextlib
+
+    import amqp
+    import kombu
+
+    channel = connection.channel()  # a refusal closes it, not the worker's
+    try:
+        q = kombu.Queue(f"vmim.host.{host}.probe.{protocol.new_job_id()[:8]}", jobs,
+                        routing_key=protocol.box_key(protocol.new_job_id()), exclusive=True,
+                        auto_delete=True)(channel)
+        q.declare()
+        q.delete()
+        return True
+    except amqp.exceptions.AccessRefused:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
