@@ -19,6 +19,7 @@ from tests.fleet import broker as broker_mod
 from tests.integration import diskimages as di
 from tests.rig import _test_root, _traversable_tmp, no_leaks, skip_without_host  # noqa: F401
 from vmim.disk import mounts
+from vmim.fleet import permissions, protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOSTS = ("h1", "h2", "h3")
@@ -79,6 +80,7 @@ class Fleet:
         self.slots: Dict[str, List[str]] = {}
         self.workers: Dict[str, subprocess.Popen] = {}
         self.logs: Dict[str, str] = {}
+        self.urls: Dict[str, str] = {}  # each host's broker URL: its own user (docs/fleet.md)
 
     def slot_disk(self, box: str) -> str:
         return os.path.join(self.root, box[:2], box + ".img")
@@ -114,8 +116,11 @@ class Fleet:
             fh.write(f"--- start {time.time()}\n")
         start_at = os.path.getsize(logpath)
         log = open(logpath, "ab")
+        if host not in self.urls:  # once: deleting a user closes its connections
+            self.urls[host] = add_host_user(self.broker, host, self.slots[host])
+        url = self.urls[host]
         p = subprocess.Popen([sys.executable, "-m", "vmim", "worker", "--config",
-                              self.configs[host], "--broker", self.broker.url, "--host-name",
+                              self.configs[host], "--broker", url, "--host-name",
                               host, *extra], stderr=log, stdout=log, stdin=subprocess.DEVNULL,
                              env=env(), start_new_session=True)
         log.close()
@@ -252,6 +257,8 @@ def fleet(tmp_path_factory, broker):
             base = os.path.join(f.root, h, "mnt")
             if mounts.mounted_at(base):  # a self-bind: os.path.ismount does not see it
                 subprocess.run(["umount", "-l", base], capture_output=True)
+        for h in f.urls:
+            broker.ctl("delete_user", h)
         assert not left, f"worker processes left running: {left}"
 
 
@@ -297,8 +304,20 @@ def big(fleet):
 
 #: the client user's permissions of docs/fleet.md: publish jobs and list requests, own its
 #: reply queues — and nothing else
-CLIENT_PERMS = (r"^vmim\.reply\..*", r"^vmim\.(jobs|control)$|^amq\.default$",
-                r"^vmim\.reply\..*")
+CLIENT_PERMS = permissions.client_grants()
+
+
+def add_host_user(broker, host: str, boxes, password: Optional[str] = None) -> str:
+    """The broker user of host `host` serving `boxes`, with the permissions of docs/fleet.md
+    (its password: pw-HOST unless given; made again if it exists): its broker URL."""
+    password = password or f"pw-{host}"
+    broker.ctl("delete_user", host)
+    assert broker.ctl("add_user", host, password).returncode == 0
+    assert broker.ctl("set_permissions", "-p", "/", host,
+                      *permissions.host_grants(host)).returncode == 0
+    assert broker.ctl("set_topic_permissions", "-p", "/", host, protocol.JOBS,
+                      *permissions.host_topic_grants(boxes)).returncode == 0
+    return f"amqp://{host}:{password}@127.0.0.1:{broker.port}//"
 
 
 class Sender:
@@ -328,7 +347,7 @@ class Sender:
         corr = message.properties.get("correlation_id")
         self.replies.setdefault(corr, []).append(body)
 
-    def send(self, body, exchange: str = "vmim.jobs", routing_key: str = "any",
+    def send(self, body, exchange: str = protocol.JOBS, routing_key: str = "any",
              corr: Optional[str] = None, reply_to: Optional[str] = "") -> str:
         """Publish raw bytes (or a dict as JSON) as a client would; returns the correlation id."""
         if corr is None and isinstance(body, dict) and isinstance(body.get("job_id"), str) \

@@ -228,22 +228,18 @@ def _queued(broker, queue: str) -> bool:
 
 
 def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path):
-    """The permissions of docs/fleet.md: a host user serves its own slots, is refused
-    (403) another host's queues and may not publish jobs; the client user may."""
+    """The permissions of docs/fleet.md (vmim.fleet.permissions): a host user serves its own
+    slots, is refused (403) another host's queues and may not publish jobs; the client user
+    may."""
     import subprocess
     import sys
 
-    from tests.fleet.conftest import env
+    from tests.fleet.conftest import CLIENT_PERMS, add_host_user, env
 
-    host_perms = (r"^vmim\.host\.h9\..*|^vmim\.any$|^vmim\.jobs$|^vmim\.control(\.h9\..*)?$",
-                  r"^vmim\.host\.h9\..*|^vmim\.any$|^vmim\.control\.h9\..*|^amq\.default$",
-                  r"^vmim\.host\.h9\..*|^vmim\.any$|^vmim\.jobs$|^vmim\.control(\.h9\..*)?$")
-    client_perms = (r"^vmim\.reply\..*", r"^vmim\.(jobs|control)$|^amq\.default$",
-                    r"^vmim\.reply\..*")
-    for user, perms in (("h9", host_perms), ("ci", client_perms)):
-        assert broker.ctl("add_user", user, f"pw-{user}").returncode == 0
-        assert broker.ctl("set_permissions", "-p", "/", user, *perms).returncode == 0
-    url = {u: f"amqp://{u}:pw-{u}@127.0.0.1:{broker.port}//" for u in ("h9", "ci")}
+    url = {"h9": add_host_user(broker, "h9", ["p9a"])}
+    assert broker.ctl("add_user", "ci", "pw-ci").returncode == 0
+    assert broker.ctl("set_permissions", "-p", "/", "ci", *CLIENT_PERMS).returncode == 0
+    url["ci"] = f"amqp://ci:pw-ci@127.0.0.1:{broker.port}//"
     disk = tmp_path / "p9a.img"
     disk.write_bytes(b"")
     cfg = tmp_path / "h9.cfg"
@@ -265,6 +261,7 @@ def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path)
                                                  logs["other"].read_text())
             time.sleep(0.1)
         assert "worker h1: ready" not in logs["other"].read_text()
+        assert "may bind any routing key" not in logs["own"].read_text()  # its topic permissions
         assert "refused" in logs["other"].read_text()
 
         def client(user, *argv):
@@ -310,8 +307,9 @@ def test_a_redelivered_finished_job_is_answered_from_the_journal(fleet, broker):
     kept = {"type": "result", "host": "h2", "box": "h2b", "exit_code": 0,
             "doc": {"results": [{"box": "h2b", "from": "the journal"}], "host": "h2"},
             "stderr": ["vmimagemanager: info: (as it was the first time)\n"]}
-    Journal(os.path.join(fleet.root, "h2", "state")).finish(
-        job_id, "h2b", kept, protocol.journal_request("h2b", job.run))
+    journal = Journal(os.path.join(fleet.root, "h2", "state"))  # as the worker keeps a job
+    journal.begin(job_id, "h2b", protocol.journal_request("h2b", job.run))
+    journal.finish(job_id, "h2b", kept)
     replies = []
     with kombu.Connection(broker.url) as conn:
         reply_q = kombu.Queue(f"vmim.reply.{job_id}", exclusive=True, auto_delete=True)

@@ -19,42 +19,83 @@ def list_request() -> dict:
             "lists": ["boxes"]}
 
 
-def wait_lists(sender, corrs, hosts, timeout: float = 120) -> None:
-    """Until every request has a `lists` answer from every host, or the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(len({r.get("host") for r in sender.replies.get(c, []) if r.get("type") == "lists"})
-               >= len(hosts) for c in corrs):
-            return
-        try:
-            sender.conn.drain_events(timeout=0.2)
-        except (TimeoutError, OSError):
-            pass
-
-
 def test_a_flood_of_list_requests_is_served_one_at_a_time_and_the_rest_is_busy(fleet, sender):
     """30 list requests at once: each worker serves one at a time with at most WAITING more
-    waiting, answers every other one at once with exit 5, and a client asking meanwhile exits
-    5; afterwards the lists are served again."""
+    waiting, answers every other one it reads at once with exit 5 (what it has not read yet
+    waits in the broker, which refuses what is past its bound), and a client asking
+    meanwhile exits 5; afterwards the lists are served again."""
     hosts = ("h1", "h2", "h3")
     corrs = [sender.send(list_request(), exchange="vmim.control", routing_key="")
              for _ in range(30)]
     client = fleet.spawn("-l")
-    wait_lists(sender, corrs, hosts)
     out, err = client.communicate(timeout=180)
+    settle(sender)
     for h in hosts:
         answers = [r for c in corrs for r in sender.replies.get(c, [])
                    if r.get("type") == "lists" and r.get("host") == h]
-        assert len(answers) == 30, (h, len(answers))  # every request is answered
+        read = [c for c in corrs if any(r.get("type") == "here" and r.get("host") == h
+                                         for r in sender.replies.get(c, []))]
+        assert len(answers) == len(read) >= 1 + WAITING, (h, len(answers), len(read))
         served = [a for a in answers if a["exit_code"] == 0]
         busy = [a for a in answers if a["exit_code"] == 5]
-        assert len(served) + len(busy) == 30, answers
+        assert len(served) + len(busy) == len(answers), answers
         assert len(served) <= 1 + WAITING + 1, (h, len(served))  # +1: one served meanwhile
         assert all("busy" in a["stderr"][0] for a in busy), busy
         assert all(a["doc"].get("boxes") for a in served)
     assert client.returncode == 5, (out, err)
     assert "busy" in err
     r = fleet.vmim("-l", "--json")
+    assert r.code == 0, r
+    assert r.json()["hosts"] == list(hosts)
+
+
+def settle(sender, quiet: float = 5.0, timeout: float = 180) -> None:
+    """Collect replies until none came for `quiet` seconds (list children: one at a time)."""
+    deadline = time.monotonic() + timeout
+    last, count = time.monotonic(), -1
+    while time.monotonic() < deadline and time.monotonic() - last < quiet:
+        n = sum(len(v) for v in sender.replies.values())
+        if n != count:
+            last, count = time.monotonic(), n
+        try:
+            sender.conn.drain_events(timeout=0.2)
+        except (TimeoutError, OSError):
+            pass
+
+
+def test_a_flood_of_list_requests_waits_bounded_in_the_broker(fleet, sender):
+    """2000 list requests while the workers are frozen (or just slower than the flood): a
+    worker reads list requests as it serves them, and what it has not read waits in the
+    broker, which keeps CONTROL_LENGTH of them per worker and refuses the rest. Before, the
+    broker pushed every one into the worker's memory (a deque without bound) and each cost
+    it two confirmed publishes once it woke. A client asking meanwhile is told at once that
+    a worker is busy (exit 5) rather than finding no worker there (exit 7); once the workers
+    have served what they read, the lists come again."""
+    import signal
+
+    from vmim.fleet.topology import CONTROL_LENGTH
+
+    hosts = ("h1", "h2", "h3")
+    for h in hosts:
+        fleet.signal_group(h, signal.SIGSTOP)
+    try:
+        corrs = [sender.send(list_request(), exchange="vmim.control", routing_key="")
+                 for _ in range(2000)]
+        sender.channel.basic_qos(0, 0, False)  # a round trip: the flood is in the broker
+        meanwhile = fleet.vmim("-l", timeout=60)
+    finally:
+        for h in hosts:
+            fleet.signal_group(h, signal.SIGCONT)
+    settle(sender)
+    for h in hosts:
+        read = [c for c in corrs if any(r.get("type") == "here" and r.get("host") == h
+                                         for r in sender.replies.get(c, []))]
+        assert 1 <= len(read) <= 2 * CONTROL_LENGTH, (h, len(read))  # ready + prefetched
+    assert meanwhile.code == 5, meanwhile
+    assert "busy" in meanwhile.err and "Traceback" not in meanwhile.err, meanwhile.err
+    deadline = time.monotonic() + 120
+    while (r := fleet.vmim("-l", "--json")).code == 5 and time.monotonic() < deadline:
+        time.sleep(1)
     assert r.code == 0, r
     assert r.json()["hosts"] == list(hosts)
 
@@ -158,7 +199,7 @@ class FakeWorker:
             q = kombu.Queue(f"vmim.control.fake.{os.urandom(4).hex()}", ex, exclusive=True,
                             auto_delete=True, durable=False)
         else:
-            ex = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
+            ex = kombu.Exchange(protocol.JOBS, type=protocol.JOBS_TYPE, durable=True)
             q = kombu.Queue(f"vmim.host.fake.box.{box}", ex, routing_key=protocol.box_key(box),
                             durable=False, auto_delete=True)
         self.got: list = []
@@ -184,6 +225,7 @@ class FakeWorker:
             raw = json.dumps(body).encode() if isinstance(body, dict) else body
             self.producer.publish(raw, routing_key=msg.properties["reply_to"],
                                   correlation_id=corr or msg.properties["correlation_id"],
+                                  user_id=self.conn.userid,  # as a worker does (guest)
                                   content_type="application/json", content_encoding="utf-8",
                                   serializer=None)
 
@@ -267,7 +309,7 @@ def test_a_client_never_waits_without_bound_on_a_frozen_broker(tmp_path):
     beam = 0
     try:
         with kombu.Connection(b.url) as conn:  # a slot queue nobody consumes: never taken
-            ex = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
+            ex = kombu.Exchange(protocol.JOBS, type=protocol.JOBS_TYPE, durable=True)
             kombu.Queue("vmim.host.hz.box.hz1", ex, routing_key="box.hz1",
                         durable=True)(conn.default_channel).declare()
         client = subprocess.Popen([sys.executable, "-m", "vmim", "--broker", b.url, "-b", "hz1",

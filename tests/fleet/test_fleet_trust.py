@@ -8,9 +8,7 @@ import json
 import os
 import time
 
-import pytest
-
-from tests.fleet.conftest import is_mounted, marker_of, queue_depth, wait_mounted
+from tests.fleet.conftest import add_host_user, is_mounted, marker_of, queue_depth, wait_mounted
 from tests.rig import domains  # noqa: F401 - the fixture
 from vmim.fleet import protocol
 
@@ -173,10 +171,11 @@ def test_a_reply_queue_that_is_not_a_clients_is_not_written(fleet, sender):
                    for s in "ab")
 
 
-#: the permissions docs/fleet.md gives the user of host "ev" (a compromised host)
-EVIL_HOST_PERMS = (r"^vmim\.host\.ev\..*|^vmim\.any$|^vmim\.jobs$|^vmim\.control(\.ev\..*)?$",
-                   r"^vmim\.host\.ev\..*|^vmim\.any$|^vmim\.control\.ev\..*|^amq\.default$",
-                   r"^vmim\.host\.ev\..*|^vmim\.any$|^vmim\.jobs$|^vmim\.control(\.ev\..*)?$")
+def evil_host(broker) -> tuple:
+    """A compromised host `ev<pid>` serving slot `evila`: its user with the permissions of
+    docs/fleet.md (vmim.fleet.permissions); (name, broker URL)."""
+    host = f"ev{os.getpid()}"
+    return host, add_host_user(broker, host, ["evila"], "pw-ev")
 
 
 def test_a_host_user_cannot_send_jobs_to_another_hosts_slots_by_the_default_exchange(
@@ -185,16 +184,14 @@ def test_a_host_user_cannot_send_jobs_to_another_hosts_slots_by_the_default_exch
     publish against its exchange only: through the default exchange it reached any queue by
     name — another host's slot queue too, with a job whose reply_to is a client's queue it
     learned (from an any-free job it took). The worker ran it: a compromised host re-imaged
-    the slots of every host. A job is taken only from vmim.jobs (which only clients may
-    write), with its slot's routing key, whatever queue it came through."""
+    the slots of every host. A job is taken only from the jobs exchange (which only clients
+    may write), with its slot's routing key, whatever queue it came through."""
     import kombu
 
-    user = f"ev{os.getpid()}"
     broker = fleet.broker
-    assert broker.ctl("add_user", user, "pw-ev").returncode == 0
+    user, url = evil_host(broker)
     try:
-        assert broker.ctl("set_permissions", "-p", "/", user, *EVIL_HOST_PERMS).returncode == 0
-        with kombu.Connection(f"amqp://{user}:pw-ev@127.0.0.1:{broker.port}//") as conn:
+        with kombu.Connection(url) as conn:
             producer = kombu.Producer(conn.channel())
             body = v2_job("h1a")
             producer.publish(json.dumps(body).encode(), exchange="",
@@ -210,38 +207,116 @@ def test_a_host_user_cannot_send_jobs_to_another_hosts_slots_by_the_default_exch
             fleet.vmim("-b", "h1a", "--release")
     assert not mounted
     reply = assert_refused(sender, body["job_id"], "a job through amq.default")
-    assert "vmim.jobs" in reply["doc"]["error"]["message"]
+    assert protocol.JOBS in reply["doc"]["error"]["message"]
     assert not [r for r in sender.replies[body["job_id"]] if r.get("type") == "accepted"]
     assert queue_depth(fleet.broker, "vmim.host.h1.box.h1a") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a host's user needs read on vmim.jobs to bind its own "
-                   "slot queues, and RabbitMQ lets it bind any queue of its own to it with any "
-                   "routing key: it gets a copy of every box's job (their requests and reply "
-                   "queues). Closing it takes an exchange per host (docs/fleet.md)")
 def test_a_host_user_cannot_see_the_jobs_of_another_hosts_slots(fleet, sender):
+    """A host's user needs read on the jobs exchange to bind its own slot queues; on the
+    direct exchange of earlier releases it could bind a queue of its own with any routing key
+    and got a copy of every box's job (its request, its client's reply queue), or took them
+    under its own slot's queue. On the topic exchange the broker checks each binding's key
+    against the host's topic permissions (docs/fleet.md): only its own slots' keys and `any`.
+    Every other key — another host's box, the wildcards, an exchange of its own bound in
+    between — is refused (403), and the job of another host's box reaches no queue of it."""
+    import amqp
     import kombu
 
-    user = f"ev{os.getpid()}"
     broker = fleet.broker
-    assert broker.ctl("add_user", user, "pw-ev").returncode == 0
+    user, url = evil_host(broker)
+    jobs = kombu.Exchange(protocol.JOBS, type=protocol.JOBS_TYPE, durable=True, passive=True)
+    refused, bound = [], []
     try:
-        assert broker.ctl("set_permissions", "-p", "/", user, *EVIL_HOST_PERMS).returncode == 0
-        with kombu.Connection(f"amqp://{user}:pw-ev@127.0.0.1:{broker.port}//") as conn:
-            channel = conn.channel()
-            spy = kombu.Queue("vmim.host.ev.spy", kombu.Exchange(protocol.JOBS, type="direct",
-                                                                 durable=True, passive=True),
-                              routing_key="box.h2a", exclusive=True, auto_delete=True)
-            try:
-                spy(channel).declare()
-            except Exception:  # noqa: BLE001 - refused: what is wanted
-                return
+        with kombu.Connection(url) as conn:
+            def attempt(what, declare):
+                channel = conn.channel()
+                try:
+                    declare(channel)
+                except amqp.exceptions.AccessRefused as exc:
+                    refused.append((what, str(exc)))
+                else:
+                    bound.append(what)
+
+            for i, key in enumerate(("box.h2a", "#", "*.h2a", "box.*", "box.#", "box.evila.#")):
+                q = kombu.Queue(f"vmim.host.{user}.spy{i}", jobs, routing_key=key,
+                                exclusive=True, auto_delete=True)
+                attempt(key, lambda ch, q=q: q(ch).declare())
+
+            def exchange_between(ch):  # an exchange of its own (its name is one it may make)
+                own = kombu.Exchange(f"vmim.host.{user}.x", type="fanout", auto_delete=True)
+                own(ch).declare()
+                ch.exchange_bind(own.name, protocol.JOBS, routing_key="box.h2a")
+
+            attempt("exchange-to-exchange box.h2a", exchange_between)
+            own = kombu.Queue(f"vmim.host.{user}.box.evila", jobs, routing_key="box.evila",
+                              exclusive=True, auto_delete=True)
+            attempt("its own slot", lambda ch: own(ch).declare())
             corr = sender.send(v2_job("h2a", deadline=1e12 + 1), routing_key="box.h2a")
             sender.wait([corr], timeout=30)  # refused (the deadline): nothing runs
-            copied = spy(channel).get(no_ack=True)
+            copied = own(conn.channel()).get(no_ack=True)
     finally:
         broker.ctl("delete_user", user)
+    assert bound == ["its own slot"], (bound, refused)
+    assert len(refused) == 7 and all("ACCESS_REFUSED" in why for _, why in refused), refused
+    assert all(protocol.JOBS in why for _, why in refused), refused
     assert copied is None, "a host's user got a copy of another host's job"
+    assert sender.result(corr) is not None  # the job itself reached its own host
+
+
+def test_a_host_cannot_answer_in_the_name_of_another_host(fleet, big):
+    """A worker's replies carry the AMQP user_id, which the broker checks against the
+    connection's user; the client believes a reply in the name of host H only from H's user.
+    A compromised host that learned a client's reply queue and job id (from an any-free job
+    of it, say; here a spy of the test's own copies the job) answers in the name of the host
+    that runs the job: the client refuses the forged reply, exit 7 naming the host and the
+    user, and prints no result from it. With the user_id of the host it claims to be, the
+    broker refuses the publish itself (406)."""
+    import amqp
+    import kombu
+
+    broker = fleet.broker
+    user, url = evil_host(broker)
+    client = None
+    lied = ""
+    try:
+        with kombu.Connection(broker.url) as spy_conn:  # guest: no topic permissions
+            jobs = kombu.Exchange(protocol.JOBS, type=protocol.JOBS_TYPE, durable=True)
+            spy = kombu.Queue(f"spy.{os.getpid()}", jobs, routing_key="box.h1a",
+                              exclusive=True, auto_delete=True)(spy_conn.channel())
+            spy.declare()
+            client = fleet.spawn("-b", "h1a", "-r", big, "--json")
+            deadline = time.monotonic() + 30
+            while (job := spy.get(no_ack=True)) is None:
+                assert time.monotonic() < deadline, "the job was never published"
+                time.sleep(0.02)
+        job_id, reply_to = job.properties["correlation_id"], job.properties["reply_to"]
+        forged = {"v": protocol.VERSION, "type": "result", "host": "h1", "box": "h1a",
+                  "exit_code": 0, "doc": {"results": [{"box": "h1a", "forged": True}]},
+                  "stderr": []}
+        with kombu.Connection(url) as conn:
+            try:
+                kombu.Producer(conn.channel()).publish(
+                    json.dumps(forged).encode(), exchange="", routing_key=reply_to,
+                    correlation_id=job_id, user_id="h1", serializer=None)
+                conn.drain_events(timeout=5)
+            except (amqp.exceptions.PreconditionFailed, TimeoutError) as exc:
+                lied = str(exc)
+            kombu.Producer(conn.channel()).publish(
+                json.dumps(forged).encode(), exchange="", routing_key=reply_to,
+                correlation_id=job_id, user_id=user, serializer=None,
+                content_type="application/json", content_encoding="utf-8")
+        out, err = client.communicate(timeout=120)
+    finally:
+        broker.ctl("delete_user", user)
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.communicate()
+        fleet.vmim("-b", "h1a", "--release", "--lock-wait", "120")
+    assert "PRECONDITION_FAILED" in lied, lied
+    assert client.returncode == 7, (out, err)
+    assert "in the name of host h1" in err and f"broker user {user}" in err, err
+    assert "forged" not in out
 
 
 def _peak_rss_mib(pid: int) -> int:
@@ -268,7 +343,7 @@ def test_a_compressed_message_is_never_inflated_by_a_worker(fleet, sender):
     pids = {h: p.pid for h, p in fleet.workers.items()}
     before = {h: _peak_rss_mib(pid) for h, pid in pids.items()}
     start = {h: fleet.log_size(h) for h in pids}
-    for exchange, key in (("vmim.control", ""), ("vmim.jobs", "box.h1a"), ("vmim.jobs", "any")):
+    for exchange, key in (("vmim.control", ""), (protocol.JOBS, "box.h1a"), (protocol.JOBS, "any")):
         sender.producer.publish(bomb, exchange=exchange, routing_key=key,
                                 reply_to=sender.reply_to, correlation_id=job_id(),
                                 headers={"compression": "application/x-gzip"},

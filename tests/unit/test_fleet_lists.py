@@ -25,3 +25,39 @@ def test_one_list_is_served_at_a_time_and_at_most_n_wait():
     q.done()
     assert q.next() is None and q.serving is None
 
+
+
+class Delivery:
+    """A list request as kombu delivers it on the control queue (acknowledged by hand)."""
+
+    def __init__(self, body: bytes, exchange: str = "vmim.control"):
+        self.body = body
+        self.delivery_info = {"exchange": exchange, "routing_key": ""}
+        self.properties = {"reply_to": "vmim.reply." + "c" * 32}
+        self.acked = 0
+
+    def ack(self) -> None:
+        self.acked += 1
+
+
+def test_every_list_request_is_acknowledged_once_read_whatever_it_holds():
+    """The worker reads the control queue with a prefetch: a request it did not acknowledge
+    would hold its place for ever, and the next ones would wait in the broker unread."""
+    import json
+
+    from vmim.fleet import protocol
+    from vmim.fleet.lists import ListServer
+
+    sent = []
+    server = ListServer("h1", children=None, put=lambda e: None,
+                        send=lambda *a: sent.append(a), waiting=0)
+    server.start_next = server.next  # type: ignore[method-assign]  # served, no list child
+    good = json.dumps({"v": protocol.VERSION, "type": "lists", "job_id": "a" * 32,
+                       "lists": ["boxes"]}).encode()
+    deliveries = [Delivery(good), Delivery(good), Delivery(b"{not json"),
+                  Delivery(good, exchange="")]
+    for d in deliveries:
+        server.request(d)
+    assert [d.acked for d in deliveries] == [1, 1, 1, 1]
+    assert [r.type for _q, _c, r in sent] == ["here", "here", "lists"]  # the 2nd: busy
+    assert sent[-1][2].exit_code == 5

@@ -343,21 +343,23 @@ def test_the_journal_and_leases_live_in_verified_directories(tmp_path):
 
 
 @pytest.mark.parametrize("route,ok", [
-    ({"exchange": "vmim.jobs", "routing_key": "box.web1"}, True),
+    ({"exchange": "vmim.jobs.topic", "routing_key": "box.web1"}, True),
     ({"exchange": "", "routing_key": "vmim.host.h1.box.web1"}, False),  # amq.default
-    ({"exchange": "vmim.jobs", "routing_key": "any"}, False),
+    ({"exchange": "vmim.jobs.topic", "routing_key": "any"}, False),
+    ({"exchange": "vmim.jobs", "routing_key": "box.web1"}, False),  # of an earlier release
     ({"exchange": "vmim.host.h1.x", "routing_key": "box.web1"}, False),  # a host's own
     ({}, False),
 ])
-def test_a_job_is_taken_only_from_vmim_jobs_with_its_queues_routing_key(route, ok):
+def test_a_job_is_taken_only_from_the_jobs_exchange_with_its_queues_routing_key(route, ok):
     """Through the default exchange any broker user that may write on it (a host's user does,
-    to answer clients) reaches any queue by name: a job must have come through vmim.jobs."""
+    to answer clients) reaches any queue by name: a job must have come through the jobs
+    exchange (vmim.jobs.topic; the direct vmim.jobs of earlier releases no more)."""
     body = protocol.Job(protocol.new_job_id(), "web1", time.time() + 30,
                         BoxRun(Request(actions=("mount",)))).encode()
     if ok:
         assert protocol.decode_job(body, "web1", route).box == "web1"
     else:
-        with pytest.raises(ProtocolError, match="only from exchange vmim.jobs"):
+        with pytest.raises(ProtocolError, match=r"only from exchange vmim\.jobs\.topic "):
             protocol.decode_job(body, "web1", route)
     protocol.check_list_route({"exchange": "vmim.control", "routing_key": ""})
     with pytest.raises(ProtocolError, match="only from exchange vmim.control"):

@@ -82,7 +82,7 @@ def test_a_channels_messages_keep_a_compressed_body_as_it_came():
     ch = transport.channel(Conn())
     bomb = zlib.compress(bytes(1 << 20))
     raw = amqp.Message(bomb, application_headers={"compression": "application/x-gzip"})
-    raw.delivery_info = {"delivery_tag": 1, "exchange": "vmim.jobs", "routing_key": "any"}
+    raw.delivery_info = {"delivery_tag": 1, "exchange": "vmim.jobs.topic", "routing_key": "any"}
     assert pyamqp.Message(raw, channel=None).body == bytes(1 << 20)  # kombu's own: inflated
     raw.properties["application_headers"] = {"compression": "application/x-gzip"}
     assert ch.Message(raw, channel=ch).body == bomb

@@ -46,7 +46,8 @@ class _Conn:
 class _Message:
     def __init__(self, body: bytes, corr: str):
         self.body = body
-        self.properties = {"correlation_id": corr}
+        # from the client's own broker user, which a client believes (permissions.vouched)
+        self.properties = {"correlation_id": corr, "user_id": "client"}
 
 
 class FakeClient(client.Client):
@@ -59,6 +60,7 @@ class FakeClient(client.Client):
         self.inbox = []
         self.awaited = set()
         self.conn = _Conn()
+        self.user = "client"
 
     def publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
                 expiration: Any = None, mandatory: bool = True) -> bool:

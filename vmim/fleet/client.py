@@ -21,7 +21,7 @@ from vmim.errors import (
     StateError,
     VmimError,
 )
-from vmim.fleet import protocol, transport
+from vmim.fleet import permissions, protocol, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
 from vmim.output import render_list, render_plans
 from vmim.plan import Plan, Request
@@ -51,7 +51,8 @@ def broker_of(inv: Invocation, cfg: Optional[Config]) -> Optional[transport.Brok
 
 
 def _login_refused(exc: BaseException) -> bool:
-    """Whether the broker answered and refused the login (not: could not be reached)."""
+    """Whether the broker answered and refused (the login, or a reply queue: not its
+    publishes, which Client._publish reads), rather than could not be reached."""
     refusals = transport.refusals()
     return bool(refusals) and isinstance(exc, refusals) or "ACCESS_REFUSED" in str(exc)
 
@@ -61,31 +62,23 @@ class Client:
         import kombu
 
         self.spec = spec
-        self.inbox: List[Tuple[str, Any]] = []  # (correlation id, Reply or ProtocolError)
+        # (correlation id, Reply, or the error that it is: ProtocolError, HostEnvironmentError)
+        self.inbox: List[Tuple[str, Any]] = []
         self.awaited: Set[str] = set()  # the correlation ids of what this client published
         # named by the client, so that it can declare it again after a broker restart
         self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
         self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
                                    durable=False)
         self.conn = transport.connection(spec)
+        self.user = self.conn.userid  # a reply from this user is believed (permissions.vouched)
         try:
             transport.connect(self.conn)
             self._reopen()
         except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
-            if _login_refused(exc):
-                from urllib.parse import urlsplit
-
-                user = urlsplit(spec.url).username or "guest"
-                raise HostEnvironmentError(
-                    f"the broker at {spec.shown} refused user {user}: wrong password or "
-                    f"permissions ({exc})") from None
-            if isinstance(exc, VmimError):
-                raise
-            if isinstance(exc, OSError) and not transport.lost(exc):
-                raise HostEnvironmentError(f"an error of this host, not of the broker at "
-                                           f"{spec.shown}: {exc}") from None
-            raise transport.BrokerLost(f"cannot reach the broker at {spec.shown}: {exc}") \
-                from None
+            err = self._error(exc, "cannot reach the broker at")
+            if err is exc and not isinstance(exc, VmimError):
+                err = transport.BrokerLost(f"cannot reach the broker at {spec.shown}: {exc}")
+            raise err from None
 
     def close(self) -> None:
         transport.close(self.conn)
@@ -99,47 +92,75 @@ class Client:
             reply: Any = protocol.decode_reply(message.body)
         except ProtocolError as exc:  # a worker of another version, or not a worker at all
             reply = exc  # wait() says so: exit 7
+        else:
+            user = message.properties.get("user_id")
+            if not permissions.vouched(reply.host, user, self.user):
+                reply = HostEnvironmentError(  # wait() raises it: exit 7
+                    f"a reply in the name of host {safe(reply.host)} came through the broker at "
+                    f"{self.spec.shown} from broker user {safe(str(user)) if user else '(none)'},"
+                    f" not from the host's user {safe(permissions.host_user(reply.host))}: "
+                    "refused (a host answers as its own user, docs/fleet.md)")
         self.inbox.append((corr, reply))
 
     def publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
                 expiration: Optional[float] = None, mandatory: bool = True) -> bool:
         """Persistent, confirmed; False when no queue took it (mandatory)."""
+        self.awaited.add(job_id)
+        return bool(self._broker(self._publish, body, job_id, exchange, routing_key,
+                                 expiration, mandatory))
+
+    def _publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
+                 expiration: Optional[float], mandatory: bool) -> bool:
         import amqp
 
-        self.awaited.add(job_id)
         try:
             return self.publisher.publish(body, exchange=exchange, routing_key=routing_key,
                                           reply_to=self.reply_to, correlation_id=job_id,
                                           mandatory=mandatory, expiration=expiration,
                                           persistent=True)
         except amqp.exceptions.NotFound:  # no worker has declared the exchange yet
-            self._broker(self._reopen)
+            self._reopen()
             return False
         except transport.refusals() as exc:
             raise HostEnvironmentError(f"the broker at {self.spec.shown} refused: {exc}; "
                                        "does this user have write permission on "
                                        f"{exchange or 'amq.default'}?") from None
+        except amqp.exceptions.MessageNacked:  # a queue of the message was full (its overflow:
+            raise LockBusyError(  # reject-publish, vmim.fleet.topology)
+                f"the broker at {self.spec.shown} refused the message: a worker's queue of "
+                "requests is full (busy with the lists of other clients, or stalled); try "
+                "again later") from None
         except socket.timeout:
             raise transport.BrokerLost(
                 f"the broker at {self.spec.shown} did not confirm the message within "
                 f"{transport.CONFIRM_TIMEOUT:.0f} s (a resource alarm: its disk or memory?)"
             ) from None
-        except Exception as exc:
-            if transport.lost(exc):
-                raise transport.BrokerLost(f"lost the broker at {self.spec.shown}: {exc}") \
-                    from None
-            raise
 
-    def _broker(self, call: Any, *args: Any, **kwargs: Any) -> Any:
-        """A call on the broker connection: an error of the connection is BrokerLost (exit
-        7), any other error (of this host) is raised as it is."""
+    def _broker(self, call: Any, *args: Any) -> Any:
+        """A call on the broker connection, its errors read by _error()."""
         try:
-            return call(*args, **kwargs)
+            return call(*args)
         except Exception as exc:
-            if transport.lost(exc):
-                raise transport.BrokerLost(f"lost the broker at {self.spec.shown}: {exc}") \
-                    from None
-            raise
+            err = self._error(exc)
+            if err is exc:
+                raise
+            raise err from None
+
+    def _error(self, exc: BaseException, lost: str = "lost the broker at") -> BaseException:
+        """The one reading of an error of the broker connection: a refused login or a lost
+        (or unreachable) broker is exit 7 (BrokerLost), an OSError of this host is the host's
+        (exit 7, saying so); anything else (a VmimError, a bug) stays as it is."""
+        if isinstance(exc, VmimError):
+            return exc
+        if _login_refused(exc):
+            return HostEnvironmentError(f"the broker at {self.spec.shown} refused user "
+                                        f"{self.spec.user}: wrong password or permissions ({exc})")
+        if transport.lost(exc):
+            return transport.BrokerLost(f"{lost} {self.spec.shown}: {exc}")
+        if isinstance(exc, OSError):
+            return HostEnvironmentError(f"an error of this host, not of the broker at "
+                                        f"{self.spec.shown}: {exc}")
+        return exc
 
     def _reopen(self) -> None:
         """A channel error closes the channel: a new one, with a new reply queue."""
@@ -203,6 +224,8 @@ class Client:
         if isinstance(reply, ProtocolError):
             raise HostEnvironmentError(f"a malformed reply came through the broker at "
                                        f"{self.spec.shown}: {reply}")
+        if isinstance(reply, VmimError):
+            raise reply
         return corr, reply
 
 
@@ -216,15 +239,13 @@ def run(inv: Invocation, spec: transport.BrokerSpec, doc: Dict[str, Any], out: T
         if req.lists:
             code = max(code, _run_lists(client, list(req.lists), doc, out, opts.json))
         return code
-    except (transport.BrokerLost, BrokenPipeError):
-        raise  # BrokenPipeError: stdout's reader went away (the front end says nothing)
+    except BrokenPipeError:
+        raise  # stdout's reader went away (the front end says nothing)
     except Exception as exc:
-        if transport.lost(exc):
-            raise transport.BrokerLost(f"lost the broker at {spec.shown}: {exc}") from None
-        if isinstance(exc, OSError):
-            raise HostEnvironmentError(f"an error of this host, not of the broker at "
-                                       f"{spec.shown}: {exc}") from None
-        raise
+        err = client._error(exc)
+        if err is exc:
+            raise
+        raise err from None
     finally:
         client.close()
 

@@ -41,12 +41,11 @@ class Journal:
         self._write(job_id, {"state": "running", "box": box, "request": request,
                              "started": time.time(), "worker_pid": os.getpid()})
 
-    def finish(self, job_id: str, box: str, reply: Dict[str, Any],
-               request: Any = None) -> None:
-        """The job ended with `reply`; its request stays (begin's, unless given here)."""
+    def finish(self, job_id: str, box: str, reply: Dict[str, Any]) -> None:
+        """The job ended with `reply`; its request (begin's) stays."""
         begun = self.get(job_id) or {}
         self._write(job_id, {"state": "done", "box": box, "reply": reply,
-                             "request": begun.get("request") if request is None else request,
+                             "request": begun.get("request"),
                              "started": begun.get("started"), "finished": time.time()})
 
     def forget(self, job_id: str) -> None:

@@ -3,8 +3,10 @@ at a time. Any broker client may publish list requests on the vmim.control fanou
 costs the worker a child process (libvirt, the image store): they are served in the order they
 came, one child at a time, with at most WAITING requests waiting; one more is answered at once
 with exit 5 (busy, retry later), and a list child that runs past LIST_TIMEOUT is killed and
-answered with exit 7. Pure bookkeeping here (no broker, no processes): the worker runs the
-children (vmim.fleet.children) and publishes the answers."""
+answered with exit 7. What the worker has not read yet waits in the broker, bounded there
+(vmim.fleet.topology): a flood is refused by the broker, not read by the worker. Pure
+bookkeeping here (no broker, no processes): the worker runs the children
+(vmim.fleet.children) and publishes the answers."""
 
 from __future__ import annotations
 
@@ -99,17 +101,21 @@ class ListServer(ListQueue):
         self.host, self.children, self.put, self.send = host, children, put, send
 
     def request(self, message: Any) -> None:
-        """A list request on the vmim.control fanout (no acknowledgement: a fanout copy is
-        the worker's own): served in turn, or answered busy."""
-        job = decode(message, self.host)
-        if job is None:
-            return
-        self.send(job.reply_to, job.corr, protocol.Reply("here", self.host))
-        if not self.offer(job):
-            log.warning("list request %s: %d waiting already; answering busy", job.corr,
-                        len(self.waiting))
-            self.send(job.reply_to, job.corr, busy(self.host))
-        self.start_next()
+        """A list request on the vmim.control fanout: served in turn, or answered busy; then
+        acknowledged, whatever it held (the broker keeps the requests not yet read: at most
+        vmim.fleet.topology.CONTROL_LENGTH, and as many delivered unacknowledged)."""
+        try:
+            job = decode(message, self.host)
+            if job is None:
+                return
+            self.send(job.reply_to, job.corr, protocol.Reply("here", self.host))
+            if not self.offer(job):
+                log.warning("list request %s: %d waiting already; answering busy", job.corr,
+                            len(self.waiting))
+                self.send(job.reply_to, job.corr, busy(self.host))
+            self.start_next()
+        finally:
+            message.ack()
 
     def answered(self, job: ListJob, reply: protocol.Reply) -> None:
         self.done()

@@ -26,11 +26,19 @@ result the client prints):
    out); a job that reuses the id of another job is answered with a `result` of exit 2; a
    client takes a reply that does not decode, or a document of another shape
    (check_document), for an error (exit 7) instead of ignoring it; a job that did not
-   come through vmim.jobs with its queue's routing key (the default exchange reaches any
+   come through the jobs exchange with its queue's routing key (the default exchange reaches any
    queue), or a list request not through vmim.control, is refused (check_route). The
    documents of `result` and `lists` are read in the shape declared here (RESULT_DOC,
    LISTS_DOC and the rows below them: unknown fields and wrong types are exit 7 naming the
    host), and a reply's host and box hold no control character.
+   Later still (the shapes unchanged, still 3): jobs go through the topic exchange
+   vmim.jobs.topic (JOBS) instead of the direct vmim.jobs, so that the broker checks the
+   routing key of a host's binding against the host's topic permissions (vmim.fleet.permissions:
+   a host's user binds only its own slots' keys and `any`); a worker sets the user_id of its
+   replies (RabbitMQ checks it against the connection's user) and a client believes a reply in
+   the name of host H only from H's user (vmim.fleet.permissions.vouched). Workers and clients
+   of one fleet run one release: a client of this release finds no queue bound for a box on
+   vmim.jobs.topic while the workers are older (exit 4, unknown box).
 """
 
 from __future__ import annotations
@@ -52,7 +60,11 @@ MAX_MESSAGE = 64 * 1024  # bytes: a job is a few hundred; anything near this is 
 #: a worker's reply carries a whole result (lists of many images, -v's log lines): workers are
 #: trusted with results, and a result refused for its size would be a job lost
 MAX_REPLY = 16 * 1024 * 1024
-JOBS = "vmim.jobs"  # direct, durable: routing key box.<HostName>, or "any"
+#: topic, durable: routing key box.<HostName>, or "any". A topic exchange because RabbitMQ checks
+#: topic permissions on topic exchanges only; not the direct "vmim.jobs" of earlier releases,
+#: which a broker keeps as it was declared (redeclared as a topic: PRECONDITION_FAILED)
+JOBS = "vmim.jobs.topic"
+JOBS_TYPE = "topic"
 CONTROL = "vmim.control"  # fanout: fleet lists
 ANY_QUEUE = "vmim.any"
 ANY_KEY = "any"
@@ -61,6 +73,13 @@ HEARTBEAT = 10  # seconds; the broker drops a silent peer after about twice this
 
 def box_key(box: str) -> str:
     return f"box.{box}"
+
+
+def routable(box: str) -> bool:
+    """Whether jobs for `box` can be routed to it alone: on a topic exchange a word `*` or
+    `#` of a binding key (words: between dots) matches other keys, so a slot whose name has
+    one would get the jobs of other boxes."""
+    return not any(word in ("*", "#") for word in box.split("."))
 
 
 def box_queue(host: str, box: str) -> str:
@@ -176,11 +195,11 @@ def decode_job(body: Any, queue: str, route: Optional[Dict[str, Any]] = None) ->
 
 
 def check_route(delivery_info: Dict[str, Any], queue: str) -> None:
-    """A job came through vmim.jobs with the routing key of its queue (`queue`: a box, or
-    ANY_FREE), or ProtocolError. The broker sets the exchange a message was published to, and
+    """A job came through JOBS with the routing key of its queue (`queue`: a box, or ANY_FREE),
+    or ProtocolError. The broker sets the exchange a message was published to, and
     checks a publish against its exchange only: through the default exchange (amq.default,
     which a host's user may write to answer its clients) any user reaches any queue by name;
-    only clients may write on vmim.jobs."""
+    only clients may write on JOBS."""
     exchange, key = delivery_info.get("exchange"), delivery_info.get("routing_key")
     want = ANY_KEY if queue == ANY_FREE else box_key(queue)
     if exchange != JOBS or key != want:

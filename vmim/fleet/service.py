@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=protocol.HEARTBEAT, metavar="S",
                    help=f"AMQP heartbeat in seconds (default {protocol.HEARTBEAT}): a worker silent for "
                    "about twice this loses its jobs to other workers, and aborts them itself")
+    p.add_argument("--print-permissions", action="store_true",
+                   help="print the rabbitmqctl commands that give this host's broker user "
+                   "(named as the host) and a client user their permissions, and exit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     p.add_argument("--syslog", nargs="?", const="/dev/log", metavar="SOCKET",
@@ -60,6 +63,12 @@ def _main(argv: List[str]) -> int:
     try:
         setup_logging(args.verbose, args.quiet, None, args.syslog)
         cfg = config_mod.load(args.config)
+        host = args.host_name or socket.gethostname()
+        if args.print_permissions:
+            from vmim.fleet.permissions import commands
+
+            print("\n".join(commands(host, cfg.slot_names)))
+            return 0
         url = args.broker or os.environ.get(protocol.ENV_BROKER) or cfg.broker
         if not url:
             raise VmimError("no broker: give --broker URL, set $VMIM_BROKER, or broker in "
@@ -67,7 +76,7 @@ def _main(argv: List[str]) -> int:
         spec = transport.BrokerSpec(url, cfg.broker_ca, cfg.broker_cert, cfg.broker_key)
         from vmim.fleet.worker import Worker
 
-        worker = Worker(cfg, spec, args.host_name or socket.gethostname(), args.heartbeat)
+        worker = Worker(cfg, spec, host, args.heartbeat)
         return worker.run()
     except VmimError as exc:
         import sys

@@ -12,7 +12,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any, List, Optional
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from vmim.errors import ConfigError, HostEnvironmentError, UsageError
 from vmim.fleet.protocol import HEARTBEAT
@@ -47,6 +47,11 @@ class BrokerSpec:
             return self.url
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return urlunsplit(parts._replace(netloc=netloc))
+
+    @property
+    def user(self) -> str:
+        """The broker user of the URL (kombu's default: guest)."""
+        return unquote(urlsplit(self.url).username or "") or "guest"
 
 
 def connection(spec: BrokerSpec, heartbeat: int = HEARTBEAT) -> Any:
@@ -141,9 +146,10 @@ def connect(conn: Any) -> None:
 class Publisher:
     """A producer on a channel that knows whether its last mandatory publish came back."""
 
-    def __init__(self, channel: Any):
+    def __init__(self, channel: Any, user_id: Optional[str] = None):
         import kombu
 
+        self.user_id = user_id  # set on every message: the broker checks it is the connection's
         self.returned: List[Any] = []
         self.producer = kombu.Producer(channel, on_return=self._on_return)
 
@@ -162,7 +168,8 @@ class Publisher:
                               content_type="application/json", content_encoding="utf-8",
                               serializer=None, delivery_mode=2 if persistent else None,
                               mandatory=mandatory, expiration=expiration,
-                              confirm_timeout=CONFIRM_TIMEOUT)
+                              confirm_timeout=CONFIRM_TIMEOUT,
+                              **({"user_id": self.user_id} if self.user_id else {}))
         return not self.returned
 
 

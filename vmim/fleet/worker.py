@@ -1,6 +1,6 @@
 """`vmimagemanager worker`: serve this host's slots to the fleet.
 
-One queue per slot (`vmim.host.<host>.box.<box>`, bound to `box.<box>` on `vmim.jobs`),
+One queue per slot (`vmim.host.<host>.box.<box>`, bound to `box.<box>` on `vmim.jobs.topic`),
 consumed with prefetch 1, so a slot runs one job at a time and the host's slots run at once;
 `vmim.any` is consumed only while a slot is free (prefetch: the number of slots). Each job
 runs as the local command would, in a child process (vmim.fleet.child, which gets the typed
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import logging
 import queue
 import signal
@@ -39,7 +38,7 @@ from vmim.errors import (
     ProtocolError,
     VmimError,
 )
-from vmim.fleet import protocol, transport
+from vmim.fleet import permissions, protocol, topology, transport
 from vmim.fleet.children import Children
 from vmim.fleet.journal import Journal
 from vmim.fleet.lists import ListServer
@@ -97,6 +96,11 @@ class Worker:
         self.journal.prune()
         slots = ", ".join(self.cfg.slot_names) or "(none)"
         log.info("worker %s: slots %s; broker %s", self.host, slots, self.spec.shown)
+        user = self.spec.user
+        if user != permissions.host_user(self.host):
+            log.warning("worker %s: broker user %s is not the host's (%s): clients that log in as "
+                        "another user refuse its replies (docs/fleet.md)", self.host, user,
+                        permissions.host_user(self.host))
         delay = 1.0
         while True:
             try:
@@ -130,35 +134,15 @@ class Worker:
         self.children.recover(self.journal, lambda box: self.cfg.slot(box) is not None)
 
     def _connect(self) -> None:
-        import kombu
-
         self.conn = transport.connection(self.spec, self.heartbeat)
         transport.connect(self.conn)
         channel = transport.channel(self.conn)
-        self.publisher = transport.Publisher(channel)
-        jobs = kombu.Exchange(protocol.JOBS, type="direct", durable=True)
-        control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
-        self.box_consumers = []
-        for slot in self.cfg.slots:  # raw messages (on_message): protocol.decode_* reads them
-            q = kombu.Queue(protocol.box_queue(self.host, slot.name), jobs,
-                            routing_key=protocol.box_key(slot.name), durable=True)
-            c = kombu.Consumer(channel, queues=[q],
-                               on_message=functools.partial(self._queue, slot.name),
-                               prefetch_count=1, no_ack=False)
-            c.qos(prefetch_count=1)  # per consumer (RabbitMQ): one job per slot at a time
-            c.consume()
-            self.box_consumers.append(c)
-        anyq = kombu.Queue(protocol.ANY_QUEUE, jobs, routing_key=protocol.ANY_KEY, durable=True)
-        self.any_consumer = kombu.Consumer(channel, queues=[anyq],
-                                           on_message=functools.partial(self._queue, ANY_FREE),
-                                           prefetch_count=1, no_ack=False, auto_declare=True)
+        # the broker checks user_id against this connection's user: clients believe a reply
+        # in the name of this host only from the host's user (vmim.fleet.permissions)
+        self.publisher = transport.Publisher(channel, user_id=self.conn.userid)
+        consumers = topology.declare(channel, self.host, self.cfg.slot_names, self._queue)
+        self.box_consumers, self.any_consumer = consumers.boxes, consumers.any
         self.any_on = False
-        ctlq = kombu.Queue(f"vmim.control.{self.host}.{protocol.new_job_id()[:8]}", control,
-                           exclusive=True, auto_delete=True, durable=False)
-        self.ctl_consumer = kombu.Consumer(channel, queues=[ctlq],
-                                           on_message=functools.partial(self._queue, None),
-                                           no_ack=True)
-        self.ctl_consumer.consume()
         self._update_any()
 
     def _drop_connection(self) -> None:

@@ -1,0 +1,101 @@
+"""What a worker declares on the broker, and how it consumes it:
+
+- the topic exchange of jobs (protocol.JOBS) and one durable queue per slot,
+  `vmim.host.<host>.box.<box>`, bound with the slot's key `box.<box>` (which the host's topic
+  permissions allow for its own slots only: vmim.fleet.permissions), consumed with prefetch 1;
+- the shared any-free queue `vmim.any` (key `any`), consumed only while a slot is free;
+- an exclusive queue of its own on the vmim.control fanout for list requests, of at most
+  CONTROL_LENGTH ready requests, consumed with acknowledgements and a prefetch of as many: a
+  flood of list requests waits in the broker, where it is bounded, never in the worker.
+  Its overflow is `reject-publish`: the broker refuses a request to a full queue (a client,
+  which publishes with confirms, is told at once and exits 5, as when a worker answers busy);
+  `drop-head` would drop the oldest, the request of a client still waiting for its answer.
+  Its name is new on every connection, so an upgrade never meets one declared before with
+  other arguments (PRECONDITION_FAILED).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+from vmim.fleet import protocol
+from vmim.fleet.lists import WAITING
+from vmim.plan import ANY_FREE
+
+log = logging.getLogger("vmim.fleet.worker")
+
+#: ready list requests a worker's control queue holds (and as many more delivered, unacknowledged)
+CONTROL_LENGTH = WAITING + 1
+CONTROL_ARGUMENTS = {"x-max-length": CONTROL_LENGTH, "x-overflow": "reject-publish"}
+
+
+@dataclass
+class Consumers:
+    boxes: List[Any]  # one per slot, consuming
+    any: Any  # vmim.any: not consuming yet (the worker turns it on while a slot is free)
+    control: Any  # list requests, consuming
+
+
+def declare(channel: Any, host: str, slots: Sequence[str],
+            on_message: Callable[[Optional[str], Any], None]) -> Consumers:
+    """Declare and consume: `on_message(box, message)` for each delivery (box: the slot of its
+    queue, ANY_FREE for vmim.any, None for a list request)."""
+    import kombu
+
+    jobs = kombu.Exchange(protocol.JOBS, type=protocol.JOBS_TYPE, durable=True)
+    control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
+    boxes = []
+    for box in slots:  # raw messages (on_message): protocol.decode_* reads them
+        if not protocol.routable(box):
+            log.error("slot %r is not served: a word '*' or '#' in its name would route the "
+                      "jobs of other boxes to it on %s; rename it", box, protocol.JOBS)
+            continue
+        q = kombu.Queue(protocol.box_queue(host, box), jobs, routing_key=protocol.box_key(box),
+                        durable=True)
+        c = kombu.Consumer(channel, queues=[q], on_message=functools.partial(on_message, box),
+                           prefetch_count=1, no_ack=False)
+        c.qos(prefetch_count=1)  # per consumer (RabbitMQ): one job per slot at a time
+        c.consume()
+        boxes.append(c)
+    anyq = kombu.Queue(protocol.ANY_QUEUE, jobs, routing_key=protocol.ANY_KEY, durable=True)
+    any_consumer = kombu.Consumer(channel, queues=[anyq],
+                                  on_message=functools.partial(on_message, ANY_FREE),
+                                  prefetch_count=1, no_ack=False, auto_declare=True)
+    ctlq = kombu.Queue(f"vmim.control.{host}.{protocol.new_job_id()[:8]}", control,
+                       exclusive=True, auto_delete=True, durable=False,
+                       queue_arguments=CONTROL_ARGUMENTS)
+    ctl = kombu.Consumer(channel, queues=[ctlq], on_message=functools.partial(on_message, None),
+                         no_ack=False)
+    ctl.qos(prefetch_count=CONTROL_LENGTH)
+    ctl.consume()
+    if binds_any_key(channel.connection, host, jobs):
+        log.error("worker %s: its broker user may bind any routing key on %s: it can see the "
+                  "jobs of every host; give it the topic permissions of its own slots "
+                  "(vmimagemanager worker --print-permissions, docs/fleet.md)", host, jobs.name)
+    return Consumers(boxes, any_consumer, ctl)
+
+
+def binds_any_key(connection: Any, host: str, jobs: Any) -> bool:
+    """Whether this connection's user may bind a queue of its own to the jobs exchange with
+    the key of a box that is no slot of any host (no topic permissions: any key)."""
+    import contextlib
+
+    import amqp
+    import kombu
+
+    channel = connection.channel()  # a refusal closes it, not the worker's
+    try:
+        q = kombu.Queue(f"vmim.host.{host}.probe.{protocol.new_job_id()[:8]}", jobs,
+                        routing_key=protocol.box_key(protocol.new_job_id()), exclusive=True,
+                        auto_delete=True)(channel)
+        q.declare()
+        q.delete()
+        return True
+    except amqp.exceptions.AccessRefused:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
