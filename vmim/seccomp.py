@@ -194,12 +194,14 @@ def rules() -> Tuple[Rule, ...]:
     return tuple(out)
 
 
-def _number(sc: Any, name: str) -> int:
+def syscall_number(sc: Any, name: str) -> int:
     """The number of a system call on this architecture; UNKNOWN when neither libseccomp nor
     NEWER knows it here."""
     number = int(sc.resolve_syscall(sc.Arch.NATIVE, name))
-    if number == UNKNOWN and name in NEWER and sc.system_arch() in {
-            getattr(sc.Arch, arch, None) for arch in SHARED_NUMBERS}:
+    # an architecture's token is unsigned in one binding (pyseccomp), signed in the other
+    shared = {int(getattr(sc.Arch, arch)) & LOW32 for arch in SHARED_NUMBERS
+              if hasattr(sc.Arch, arch)}
+    if number == UNKNOWN and name in NEWER and int(sc.system_arch()) & LOW32 in shared:
         return NEWER[name]
     return number
 
@@ -222,7 +224,7 @@ def _filter() -> Any:
     sc = binding()
     flt = sc.SyscallFilter(defaction=sc.ALLOW)
     for rule in rules():
-        number = _number(sc, rule.syscall)
+        number = syscall_number(sc, rule.syscall)
         if number == UNKNOWN:
             # a name this libseccomp does not know yet (a call this architecture lacks, umount
             # on x86_64, has a negative pseudo-number, which add_rule() handles);

@@ -93,7 +93,7 @@ def _numbers():
     sc = seccomp.binding()
     names = ("ioprio_set", "kcmp", "pidfd_getfd", "process_madvise", "sysfs", "ustat",
              "nfsservctl", "_sysctl", "madvise", "prctl", "statmount", "listmount")
-    return {name: seccomp._number(sc, name) for name in names}
+    return {name: seccomp.syscall_number(sc, name) for name in names}
 
 
 @pytest.mark.parametrize("caps", SYS_ADMIN_SETS)
