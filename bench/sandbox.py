@@ -22,7 +22,7 @@ seccomp filter (vmim.seccomp) per system call, inside the sandbox with and witho
 (`--seccomp FD` left out), alternated: dd copying one byte at a time (a read and a write per
 byte, C), Python calling getppid() and fstat() (allowed whatever their arguments: the kernel's
 cache of such verdicts answers them without running the filter) and ioctl(FIONREAD) (ioctl has
-argument rules, TIOCSTI: the whole filter runs). Each program times its own loop. On a machine shared
+argument rules, an allow-list: the whole filter runs). Each program times its own loop. On a machine shared
 with other test runs, run it in a mount namespace of its own (`unshare -m --propagation
 private bench/sandbox.py`) so that no other run's clean-up unmounts its slots.
 """

@@ -321,14 +321,17 @@ attempt("open_by_handle_at", call(libc.syscall, nr["open_by_handle_at"], 0, 0, 0
 attempt("io_uring_setup", call(libc.syscall, nr["io_uring_setup"], 1, 0))
 attempt("fsopen", call(libc.syscall, nr["fsopen"], b"tmpfs", 0))
 import fcntl, termios
-master, tty = os.openpty()  # a terminal of the sandbox's own /dev/pts
-attempt("TIOCSTI", lambda: fcntl.ioctl(tty, termios.TIOCSTI, b"x"))  # allowed without the filter
+# a terminal of the sandbox's own /dev/pts: made without the filter (its ioctls are refused)
+attempt("openpty", os.openpty)
+null = os.open("/dev/null", os.O_RDONLY)  # without the filter: ENOTTY
+attempt("TIOCSTI", lambda: fcntl.ioctl(null, termios.TIOCSTI, b"x"))
 attempt("chown", lambda: os.chown("/tmp", 0, 0))
 """
     got = _inside(code, sandbox.UNPACK_XATTRS)
     assert got == ["mount=EPERM", "unshare=EPERM", "setns=EPERM", "keyctl=EPERM",
                    "add_key=EPERM", "bpf=EPERM", "open_by_handle_at=EPERM",
-                   "io_uring_setup=ENOSYS", "fsopen=ENOSYS", "TIOCSTI=EPERM", "chown=OK"]
+                   "io_uring_setup=ENOSYS", "fsopen=ENOSYS", "openpty=EPERM", "TIOCSTI=EPERM",
+                   "chown=OK"]
 
 
 def test_util_linux_unshare_fails_in_the_sandbox_and_an_unpack_still_works(tmp_path):
