@@ -65,7 +65,8 @@ def said_on_success(name: Sequence[str], err: IO[bytes]) -> None:
              if ln.strip()]
     prog = os.path.basename(name[0])
     for line in lines[:WARNING_LINES]:
-        line = line.strip()
-        log.warning("%s: %s", prog, line[len(prog) + 2:] if line.startswith(f"{prog}: ") else line)
+        said, sep, rest = line.strip().partition(": ")
+        # GNU tar names itself as it was started: "tar: " or "/usr/bin/tar: "
+        log.warning("%s: %s", prog, rest if sep and os.path.basename(said) == prog else line.strip())
     if len(lines) > WARNING_LINES:
         log.warning("%s: (%d more lines like these)", prog, len(lines) - WARNING_LINES)
