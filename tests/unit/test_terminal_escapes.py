@@ -25,6 +25,15 @@ def test_messages_escape_terminal_controls():
     assert shown.endswith("\n\tline two\n")
 
 
+def test_bidirectional_overrides_are_escaped_too():
+    """U+202E makes a terminal show the rest of the line reversed ("Trojan Source")."""
+    shown = terminal.safe("tar: ./\u202etxt.exe: Warning \u2066x\u2069")
+    assert not any(c in shown for c in "\u202e\u2066\u2069")
+    assert "\\u202e" in shown and "\\u2066" in shown
+    assert terminal.CONTROL_CHARACTER.search("host\u202e1")
+    assert terminal.safe("é ü 日本") == "é ü 日本"  # other text is text
+
+
 def test_a_guest_name_in_an_error_reaches_stderr_escaped(tmp_path, monkeypatch):
     """cpio's refusal names the guest's files of 4 GiB or more, as the guest named them."""
     with open(tmp_path / HOSTILE, "wb") as fh:
