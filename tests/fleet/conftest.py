@@ -262,6 +262,16 @@ def fleet(tmp_path_factory, broker):
         assert not left, f"worker processes left running: {left}"
 
 
+def stop_process(p: subprocess.Popen, timeout: float = 30) -> None:
+    """End a worker a test started by itself: SIGTERM, then its whole session killed."""
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
 def is_mounted(path: str) -> bool:
     return bool(mounts.mounted_at(path))
 

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from tests.fleet.conftest import is_mounted, marker_of, wait_mounted
+from tests.fleet.conftest import is_mounted, marker_of, stop_process, wait_mounted
 
 
 def write_in(fleet, box: str, name: str, text: str) -> None:
@@ -282,12 +282,7 @@ def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path)
         assert not is_mounted(fleet.mount_of("h1a"))
     finally:
         for p in workers.values():
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            stop_process(p)
         broker.ctl("delete_user", "h9")
         broker.ctl("delete_user", "ci")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ def test_a_worker_starts_on_a_broker_of_the_earlier_release(broker, tmp_path):
     earlier worker, declared without a length bound, is never declared again."""
     import kombu
 
-    from tests.fleet.conftest import env
+    from tests.fleet.conftest import env, stop_process
 
     vhost = f"vmim-upgrade-{os.getpid()}"
     assert broker.ctl("add_vhost", vhost).returncode == 0
@@ -94,10 +93,5 @@ def test_a_worker_starts_on_a_broker_of_the_earlier_release(broker, tmp_path):
         assert "may bind any routing key on vmim.jobs.topic" in log.read_text()
     finally:
         if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+            stop_process(worker)
         broker.ctl("delete_vhost", vhost)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -30,12 +29,9 @@ def acls(path):
 
 
 @pytest.fixture
-def slot(tmp_path, write_config, domains):
-    """An ext4 root-filesystem slot and an image store; a source tree with an access ACL on a
-    file and a default ACL on a directory."""
-    os.chmod(tmp_path, 0o755)
-    images = tmp_path / "images"
-    images.mkdir()
+def slot(tmp_path, root_slot):
+    """An ext4 root_slot; a source tree with an access ACL on a file and a default ACL on a
+    directory; image(name, *flags) puts a tar.zst of it, made by GNU tar, in the store."""
     src = tmp_path / "src"
     (src / "shared").mkdir(parents=True)
     (src / "f").write_text("acl\n")
@@ -43,41 +39,19 @@ def slot(tmp_path, write_config, domains):
     os.chmod(src / "f", 0o640)
     di.run("setfacl", "-m", "u:65534:rw,g:65534:r", str(src / "f"))
     di.run("setfacl", "-d", "-m", "u:65534:rwx", str(src / "shared"))
-    name = domains.name("acl")
-    img = str(tmp_path / "slot.img")
-    di.sparse_file(img, 64 * MiB)
-    di.run("mkfs.ext4", "-q", "-F", img)
+    root_slot.make(64, ["mkfs.ext4", "-q", "-F"])
+    root_slot.source = str(src)
 
-    class Slot:
-        box = name
-        mnt = str(tmp_path / "mnt" / name)
-        source = str(src)
+    def image(name, *flags, root=None):
+        tar = subprocess.run(["tar", "--create", "--file=-", "--format=posix", *flags,
+                              "-C", root or str(src), "."],
+                             check=True, capture_output=True).stdout
+        with open(root_slot.images / name, "wb") as fh:
+            fh.write(subprocess.run(["zstd", "-q", "-c"], input=tar, check=True,
+                                    capture_output=True).stdout)
 
-        def config(self, clear=None):
-            return write_config(f"""\
-            [vmim.local]
-            mount = "{tmp_path}/mnt"
-            lockdir = "{tmp_path}/locks"
-            statedir = "{tmp_path}/state"
-            vmimages = "{images}"
-            [vmim.vm.acl]
-            HostName = "{name}"
-            root = "{img}"
-            """ + (f'clear = "{clear}"\n' if clear else ""))
-
-        def image(self, name, *flags, root=None):
-            """A tar.zst image of root (the source tree) made by GNU tar with flags."""
-            tar = subprocess.run(["tar", "--create", "--file=-", "--format=posix", *flags,
-                                  "-C", root or self.source, "."],
-                                 check=True, capture_output=True).stdout
-            with open(images / name, "wb") as fh:
-                fh.write(subprocess.run(["zstd", "-q", "-c"], input=tar, check=True,
-                                        capture_output=True).stdout)
-
-    s = Slot()
-    yield s
-    subprocess.run([sys.executable, "-m", "vmim", "--config", s.config(), "-b", name,
-                    "--release"], capture_output=True)
+    root_slot.image = image
+    return root_slot
 
 
 def restored(vmim, slot, cfg, image):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -76,48 +74,16 @@ def label_uuid(img):
 
 
 @pytest.fixture
-def slot(tmp_path, write_config, domains):
-    """One root-filesystem slot (tmp_path/slot.img, made by the test) and an image store
-    holding 'golden', a tgz of a small tree."""
-    os.chmod(tmp_path, 0o755)
-    images = tmp_path / "images"
-    images.mkdir()
+def slot(root_slot):
+    """The slot of root_slot, its image store holding 'golden', a tgz of a small tree."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, data in (("etc/hostname", b"golden\n"), ("usr/share/doc/a", b"a" * 5000)):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    (images / "golden").write_bytes(buf.getvalue())
-    name = domains.name("clear")
-
-    class Slot:
-        img = str(tmp_path / "slot.img")
-        mnt = str(tmp_path / "mnt" / name)
-        box = name
-
-        def config(self, clear=None):
-            return write_config(f"""\
-            [vmim.local]
-            mount = "{tmp_path}/mnt"
-            lockdir = "{tmp_path}/locks"
-            statedir = "{tmp_path}/state"
-            vmimages = "{images}"
-            [vmim.vm.clear]
-            HostName = "{name}"
-            root = "{self.img}"
-            """ + (f'clear = "{clear}"\n' if clear else ""))
-
-        def make(self, size_mib, mkfs, tune=None):
-            di.sparse_file(self.img, size_mib * MiB)
-            di.run(*mkfs, self.img)
-            if tune:
-                di.run(*tune, self.img)
-
-    s = Slot()
-    yield s
-    subprocess.run([sys.executable, "-m", "vmim", "--config", s.config(), "-b", name,
-                    "--release"], capture_output=True)
+    (root_slot.images / "golden").write_bytes(buf.getvalue())
+    return root_slot
 
 
 def restore(vmim, slot, cfg):
