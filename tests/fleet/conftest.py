@@ -324,7 +324,7 @@ def add_host_user(broker, host: str, boxes, password: Optional[str] = None) -> s
     broker.ctl("delete_user", host)
     assert broker.ctl("add_user", host, password).returncode == 0
     assert broker.ctl("set_permissions", "-p", "/", host,
-                      *permissions.host_grants(host)).returncode == 0
+                      *permissions.host_grants(host, boxes)).returncode == 0
     assert broker.ctl("set_topic_permissions", "-p", "/", host, protocol.JOBS,
                       *permissions.host_topic_grants(boxes)).returncode == 0
     return f"amqp://{host}:{password}@127.0.0.1:{broker.port}//"

@@ -239,12 +239,14 @@ def test_a_host_user_cannot_see_the_jobs_of_another_hosts_slots(fleet, sender):
                     bound.append(what)
 
             for i, key in enumerate(("box.h2a", "#", "*.h2a", "box.*", "box.#", "box.evila.#")):
-                q = kombu.Queue(f"vmim.host.{user}.spy{i}", jobs, routing_key=key,
+                # a name its user may make (its probe queues'): the binding is what is refused
+                q = kombu.Queue(f"vmim.host.{user}.probe.{i:08x}", jobs, routing_key=key,
                                 exclusive=True, auto_delete=True)
                 attempt(key, lambda ch, q=q: q(ch).declare())
 
             def exchange_between(ch):  # an exchange of its own (its name is one it may make)
-                own = kombu.Exchange(f"vmim.host.{user}.x", type="fanout", auto_delete=True)
+                own = kombu.Exchange(f"vmim.host.{user}.probe.ff", type="fanout",
+                                     auto_delete=True)
                 own(ch).declare()
                 ch.exchange_bind(own.name, protocol.JOBS, routing_key="box.h2a")
 

@@ -25,7 +25,12 @@ def allowed(regex: str, name: str) -> bool:
     ("vmim.jobs.topic", True),
     ("vmim.control", True),
     ("vmim.control.h1.0a1b2c3d", True),
+    ("vmim.host.h1.probe.0a1b2c3d", True),
     ("vmim.host.h10.box.web1", False),  # another host whose name starts alike
+    ("vmim.host.h1.prod.box.web1", False),  # another host whose name is h1 and a dot more
+    ("vmim.control.h1.prod.0a1b2c3d", False),
+    ("vmim.host.h1.probe.x.box.web1", False),
+    ("vmim.host.h1.box.web2", False),  # not one of its slots
     ("vmim.host.h2.box.web1", False),
     ("vmim.control.h2.0a1b2c3d", False),
     ("vmim.jobs", False),  # the direct exchange of earlier releases: not any more
@@ -33,19 +38,19 @@ def allowed(regex: str, name: str) -> bool:
     ("amq.default", False),
 ])
 def test_a_host_user_configures_and_reads_its_own_names_only(name, ok):
-    configure, _write, read = permissions.host_grants("h1")
+    configure, _write, read = permissions.host_grants("h1", ["web1"])
     assert allowed(configure, name) == ok
     assert allowed(read, name) == ok
 
 
 def test_a_host_user_writes_its_queues_and_answers_but_publishes_no_job():
-    _configure, write, _read = permissions.host_grants("h1")
+    _configure, write, _read = permissions.host_grants("h1", ["web1"])
     assert allowed(write, "amq.default") and allowed(write, "vmim.host.h1.box.web1")
     assert not allowed(write, protocol.JOBS) and not allowed(write, protocol.CONTROL)
 
 
 def test_a_host_name_is_a_name_not_a_pattern():
-    configure, _write, _read = permissions.host_grants("a.b")
+    configure, _write, _read = permissions.host_grants("a.b", ["x"])
     assert allowed(configure, "vmim.host.a.b.box.x")
     assert not allowed(configure, "vmim.host.aXb.box.x")
 

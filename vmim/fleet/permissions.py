@@ -41,15 +41,19 @@ def _names(words: Iterable[str]) -> str:
     return "|".join(re.escape(w) for w in words)
 
 
-def host_grants(host: str) -> Grants:
-    """A host's user: its own slot queues and control queues, vmim.any, the two exchanges it
-    declares (reading the jobs exchange only with its own keys: host_topic_grants), and the
-    default exchange to answer clients."""
+def host_grants(host: str, boxes: Iterable[str]) -> Grants:
+    """A host's user: its own slot queues (`boxes`, named one by one), its probe and control
+    queues (a hex id after its name), vmim.any, the two exchanges it declares (reading the
+    jobs exchange only with its own keys: host_topic_grants), and the default exchange to
+    answer clients. Every name is matched whole: host `web` gets nothing of host `web.prod`
+    (`vmim.host.web.prod.box.x` is not `vmim.host.web.` and then anything)."""
     h = re.escape(host)
     jobs = re.escape(protocol.JOBS)
-    own = rf"^vmim\.host\.{h}\..*|^vmim\.any$"
-    declares = rf"{own}|^{jobs}$|^vmim\.control(\.{h}\..*)?$"
-    return declares, rf"{own}|^vmim\.control\.{h}\..*|^amq\.default$", declares
+    own = (rf"^vmim\.host\.{h}\.box\.({_names(boxes)})$|^vmim\.host\.{h}\.probe\.[0-9a-f]+$"
+           r"|^vmim\.any$")
+    control = rf"^vmim\.control\.{h}\.[0-9a-f]+$"
+    declares = rf"{own}|^{jobs}$|^vmim\.control$|{control}"
+    return declares, rf"{own}|{control}|^amq\.default$", declares
 
 
 def host_topic_grants(boxes: Iterable[str]) -> Tuple[str, str]:
@@ -73,7 +77,7 @@ def commands(host: str, boxes: Iterable[str], vhost: str = "/") -> List[str]:
     boxes = list(boxes)
     out = [f"# host {host}: its own slot queues, vmim.any, answers to clients"]
     out.append(f"rabbitmqctl add_user {q(user)} {q('secret-' + user)}")
-    out.append(_command(f"set_permissions -p {q(vhost)} {q(user)}", host_grants(host)))
+    out.append(_command(f"set_permissions -p {q(vhost)} {q(user)}", host_grants(host, boxes)))
     out.append(_command(f"set_topic_permissions -p {q(vhost)} {q(user)} {protocol.JOBS}",
                         host_topic_grants(boxes)))
     out += [f"# slot {b!r}: a word '*' or '#' in its name routes other boxes' jobs to it; "
