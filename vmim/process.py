@@ -208,6 +208,15 @@ def read_head(argv: Sequence[str], nbytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _feed(src: IO[bytes], stdin: IO[bytes], unread: List[BaseException]) -> None:
+    """handoff.copy_into in the pipeline's feeder thread: what reading src failed with is kept
+    for the pipeline to raise (a thread's exception would otherwise vanish)."""
+    try:
+        handoff.copy_into(src, [stdin])
+    except OSError as exc:
+        unread.append(exc)
+
+
 @contextlib.contextmanager
 def output_of(argv: Sequence[str]) -> Iterator[IO[bytes]]:
     """Run argv and give its stdout to read (a decompressor feeding a reader in this process).
@@ -284,6 +293,8 @@ def pipeline(
         fout: Any = files.enter_context(open(stdout_path, "wb")) if stdout_path \
             else stdout_fd if stdout_fd is not None else subprocess.DEVNULL
         stderr_files = [files.enter_context(tempfile.TemporaryFile()) for _ in stages]
+        feeder: Optional[threading.Thread] = None
+        unread: List[BaseException] = []  # what reading stdin_path failed with
         try:
             prev: Any = subprocess.PIPE if stdin_path and boxed[0] else fin
             hashing = stdout_path is not None and (checksum or boxed[-1])
@@ -301,7 +312,7 @@ def pipeline(
                         prev.close()  # the child holds it now (or failed to start)
                 if i == 0 and prev == subprocess.PIPE:
                     assert p.stdin is not None
-                    feeder = threading.Thread(target=handoff.copy_into, args=(fin, [p.stdin]),
+                    feeder = threading.Thread(target=_feed, args=(fin, p.stdin, unread),
                                               daemon=True)
                     feeder.start()
                     files.callback(feeder.join)
@@ -323,6 +334,10 @@ def pipeline(
                 with output:
                     reader(output)
             blamed = wait_stages(procs, stop)
+            if feeder is not None:
+                feeder.join()
+            if unread:  # the image could not be read to its end (EIO): the stage saw a short
+                raise unread[0]  # input, which may end on a member boundary and exit 0
         except BaseException:
             for p in procs:
                 stop(p)

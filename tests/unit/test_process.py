@@ -42,6 +42,29 @@ def test_a_sandboxed_stage_is_fed_through_a_pipe_as_large_as_fan_outs(tmp_path):
     assert int(out.read_text()) == 1 << 20
 
 
+def test_an_image_that_cannot_be_read_to_its_end_fails_the_pipeline(tmp_path, monkeypatch):
+    """A read error half-way through the image (a failing disk: EIO) ends the feeder thread
+    and the sandboxed stage's input with it; that stage sees a short input, which may end on
+    a member boundary and exit 0: the pipeline raises the read error instead."""
+    import errno
+
+    from vmim import handoff
+    from vmim.sandbox import SECCOMP_FD
+
+    def reads_half(src, stdins, failed=()):
+        os.write(stdins[0].fileno(), os.read(src.fileno(), 4096))
+        stdins[0].close()
+        raise OSError(errno.EIO, "Input/output error", str(src.name))
+
+    monkeypatch.setattr(handoff, "copy_into", reads_half)
+    src = tmp_path / "in"
+    src.write_bytes(os.urandom(1 << 20))
+    with pytest.raises(OSError) as info:
+        process.pipeline([["python3", "-c", "import sys; sys.stdin.buffer.read()", SECCOMP_FD]],
+                         stdin_path=str(src))
+    assert info.value.errno == errno.EIO
+
+
 def test_a_failing_first_stage_is_named_even_when_the_last_succeeds(tmp_path):
     with pytest.raises(CommandError) as exc:
         process.pipeline([["tar", "-cf", "-", str(tmp_path / "missing")], ["gzip", "-c"]],
