@@ -336,10 +336,6 @@ class ImageStore:
                 if digest:  # archives are hashed as written; disk images are checked by qemu-img
                     meta.update(digest_mod.as_meta(digest))
             self._put_in_place(tmp, final)
-            try:
-                os.rmdir(work)
-            except OSError:  # it holds the old entry, swapped out
-                process.run(["rm", "-rf", "--", work])
         except BaseException as exc:
             full = isinstance(exc, (CommandError, OSError)) and _out_of_space(self.directory, exc)
             if os.path.lexists(work):
@@ -362,6 +358,18 @@ class ImageStore:
             with contextlib.suppress(OSError):
                 os.unlink(self._meta_path(name))  # an earlier entry's, not to be trusted
         _fsync_path(self.directory)
+        # Only now, with the new entry and its metadata in place: the old entry swapped out
+        # into work goes (a failure or a kill here leaves debris, which clean_debris removes,
+        # never the new entry described by the old one's metadata)
+        try:
+            os.rmdir(work)
+        except OSError:
+            try:
+                process.run(["rm", "-rf", "--", work])
+            except (CommandError, OSError) as exc:
+                log.warning("%s '%s' is stored; the previous one, set aside in %s, could not be "
+                            "removed yet (%s): the next store removes it", self.kind, name,
+                            work, exc)
         return meta
 
     def _put_in_place(self, tmp: str, final: str) -> None:

@@ -156,6 +156,35 @@ def test_a_store_whose_metadata_cannot_be_written_still_succeeds(images, src, ca
     assert "metadata" in caplog.text and "full read" in caplog.text
 
 
+def test_a_previous_tree_that_cannot_be_removed_leaves_the_new_entry_stored_and_described(
+        images, src, monkeypatch, caplog):
+    """After the swap the previous tree, set aside, is removed; when that fails (or the run is
+    killed there) the store has succeeded: the new entry and its own metadata are in place,
+    and what is left is debris the next store removes."""
+    from vmim import process as process_mod
+
+    _store(images, src, "golden", "rsync")
+    (src / "new").write_text("second\n")
+    real_run = process_mod.run
+
+    def rm_fails(argv, *args, **kwargs):
+        if argv[0] == "rm":
+            raise CommandError(list(argv), 1, "rm: cannot remove: Input/output error")
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(process_mod, "run", rm_fails)
+    meta = _store(images, src, "golden", "rsync")
+    assert (images / "golden" / "new").read_text() == "second\n"
+    stored = json.loads((images / META_DIR / "golden.json").read_text())
+    assert stored["size"] == meta["size"] and stored["mtime_ns"] == meta["mtime_ns"]
+    assert "could not be removed yet" in caplog.text
+    # what is left is this run's work directory, debris by its name (clean_debris, once this
+    # process has ended), holding the previous tree
+    left = [n for n in os.listdir(images) if n.startswith(TMP_PREFIX)]
+    assert left == [f"{TMP_PREFIX}golden.{os.getpid()}"]
+    assert not (images / left[0] / "golden" / "new").exists()
+
+
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
                                      CommandError(["rsync"], 11, "Broken pipe (32)")])
 def test_a_store_that_runs_out_of_space_says_the_store_is_full(images, src, monkeypatch,
