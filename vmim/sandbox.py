@@ -84,7 +84,9 @@ LIBRARY = "/vmim-lib"
 #: directory unpacked into, an image, an image store's directory
 SLOT, DEST, IMAGE, STORE = "/slot", "/dest", "/image", "/store"
 #: all of them (what procscan looks for in a leftover sandbox)
-PLACES = (SLOT, DEST, IMAGE, STORE)
+#: the image store's metadata (vmim.store.META_DIR), bound read-only over the store's directory
+STORE_META = f"{STORE}/.vmim"
+PLACES = (SLOT, DEST, IMAGE, STORE, STORE_META)
 #: stands for the descriptor of the seccomp filter in the argv: process.popen() opens one for
 #: each sandbox (bwrap reads it to its end) and puts its number there
 SECCOMP_FD = "{seccomp-fd}"

@@ -156,6 +156,37 @@ def test_a_store_whose_metadata_cannot_be_written_still_succeeds(images, src, ca
     assert "metadata" in caplog.text and "full read" in caplog.text
 
 
+def test_a_tree_store_beside_its_previous_tree_cannot_write_the_recorded_digests(images, src,
+                                                                                 monkeypatch):
+    """rsync --link-dest sees the whole store (a hard link needs one mount): the metadata
+    directory, whose digests prove the other images without a full read, is bound read-only
+    over it. What a compromised rsync would do there is done by a shell in its sandbox."""
+    from vmim import process as process_mod
+
+    _store(images, src, "golden", "rsync")
+    _store(images, src, "other", "tgz")
+    before = (images / META_DIR / "other.json").read_bytes()
+    real_run = process_mod.run
+    tried = []
+
+    def and_forge(argv, *args, **kwargs):
+        if any(str(a).startswith("--link-dest=") for a in argv):
+            cut = len(argv) - argv[::-1].index("--")
+            forge = [*argv[:cut], "/bin/sh", "-c",
+                     "echo forged > /store/.vmim/other.json"]
+            try:
+                real_run(forge)
+                tried.append("written")
+            except CommandError as exc:
+                tried.append(exc.stderr_tail)
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(process_mod, "run", and_forge)
+    _store(images, src, "golden", "rsync")
+    assert len(tried) == 1 and "Read-only file system" in tried[0], tried
+    assert (images / META_DIR / "other.json").read_bytes() == before
+
+
 def test_a_previous_tree_that_cannot_be_removed_leaves_the_new_entry_stored_and_described(
         images, src, monkeypatch, caplog):
     """After the swap the previous tree, set aside, is removed; when that fails (or the run is

@@ -15,6 +15,7 @@ from vmim import process, sandbox
 from vmim.archive import Format
 from vmim.errors import StateError
 from vmim.paths import is_under
+from vmim.store import META_DIR
 
 # archive mode, hard links, ACLs, xattrs, sparse files, numeric owners; XFS shows its ACLs
 # a second time as trusted.SGI_ACL_* xattrs, which -A carries already.
@@ -41,6 +42,9 @@ class RsyncFormat(Format):
             if os.path.abspath(dest) == store or not is_under(os.path.abspath(dest), store):
                 raise ValueError("dest must lie in link_dest's directory")
             binds.append(sandbox.Bind(store, STORE, writable=True))
+            meta = os.path.join(store, META_DIR)
+            if os.path.isdir(meta):  # the recorded digests that prove the other images:
+                binds.append(sandbox.Bind(meta, sandbox.STORE_META))  # not the guest's to write
             argv.append(f"--link-dest={STORE}/{os.path.basename(link_dest)}")
             inside = f"{STORE}/{os.path.relpath(os.path.abspath(dest), store)}"
         else:
