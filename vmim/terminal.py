@@ -29,7 +29,7 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]
 #: U+202E would reverse the rest of a warning's line
 _CONTROLS.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
 #: any of them, newline and tab too: what a name (a host's, a box's) never holds
-CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+CONTROL_CHARACTER = re.compile("[\n\t" + "".join(map(chr, _CONTROLS)) + "]")
 CONTINUATION = "  "  # what a record's lines after its first begin with
 
 

@@ -225,7 +225,7 @@ def _acl_records(proven: Proven) -> bool:
     """Whether the image may hold ACL records of its own (Summary.acl_records): as its full
     read found. An image proven by the digest this tool recorded is one it wrote, with every
     ACL an attribute too (vmim.archive.tar.CREATE, since 1.0), which --xattrs applies."""
-    return proven.summary is not None and bool(getattr(proven.summary, "acl_records", True))
+    return proven.summary is not None and proven.summary.acl_records
 
 
 def _write_sourceimage(root: str, name: str) -> None:
