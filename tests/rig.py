@@ -3,8 +3,8 @@ qemu:///system. Their conftest.py files import it.
 
 Tests skip (with the reason) when the machine lacks root or a reachable libvirtd; `make test`
 provides both. An autouse fixture fails any test that leaks a mount, a loop device, a
-running domain or a qemu-storage-daemon, and cleans up what it can so that one leak does not
-fail the next test.
+running domain, a qemu-storage-daemon, a disk holder or a sandbox, and cleans up what it can so
+that one leak does not fail the next test.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import os
 import re
 import stat
 import subprocess
+import time
 import uuid
 from typing import Iterator, List, Set
 
 import pytest
 
+from vmim import procscan
 from vmim.paths import is_under
 
 URI = "qemu:///system"
@@ -124,6 +126,19 @@ def disk_holders(root: str = "") -> Set[str]:
     return found
 
 
+def sandboxes(root: str = "") -> Set[str]:
+    """Processes of a sandbox of guest data (vmim.sandbox, at any stage of its start) that bind
+    a path under root (default: this test session's directory), as 'PID COMMAND': one that
+    outlives its run pins the slot it binds in a mount namespace of its own."""
+    root = root or _owned_root()
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        argv = procscan.cmdline(int(pid))
+        if procscan.is_sandbox(argv) and _mentions(" ".join(argv), root):
+            found.add(f"{pid} {procscan.comm(pid)}")
+    return found
+
+
 def _export_files(daemons: Set[str]) -> Set[str]:
     """The export files (FUSE mount points) of the given daemons."""
     found = set()
@@ -193,7 +208,7 @@ def _owned() -> tuple:
     exports = _export_files(daemons)
     loops = _loops(root, exports)
     return loops, _mounts(root, exports, loops), _running_domains(root), daemons, \
-        disk_holders(root)
+        disk_holders(root), sandboxes(root)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -206,7 +221,7 @@ def _test_root(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_leaks(request, _test_root):
     """Fail a test that leaves a loop device, a mount, a running domain, a
-    qemu-storage-daemon or a disk holder of this session behind."""
+    qemu-storage-daemon, a disk holder or a sandbox of this session behind."""
     if os.geteuid() != 0:
         yield
         return
@@ -216,16 +231,22 @@ def no_leaks(request, _test_root):
     yield
     bases = [b for b in _self_binds(root) if b not in binds]  # made by the tool: not a leak
     after = _owned()
+    deadline = time.monotonic() + 3
+    while after[5] - before[5] and time.monotonic() < deadline:  # a SIGKILL being handled
+        time.sleep(0.05)
+        after = _owned()
     after = (after[0], {m for m in after[1] if m.split(" on ", 1)[1] not in bases}, *after[2:])
     leaked: List[str] = []
-    kinds = ("loop device", "mount", "running domain", "qemu-storage-daemon", "disk holder")
+    kinds = ("loop device", "mount", "running domain", "qemu-storage-daemon", "disk holder",
+             "sandbox")
     for kind, b, a in zip(kinds, before, after):
         leaked += [f"{kind}: {x}" for x in sorted(a - b)]
     if leaked:
         _clean_up(after[1] - before[1], after[0] - before[0], after[2] - before[2])
-        for proc in (after[3] - before[3]) | (after[4] - before[4]):  # after the loops: a
-            # daemon unmounts its export itself
-            subprocess.run(["kill", proc.split(" ", 1)[0]], capture_output=True)
+        for proc in (after[3] - before[3]) | (after[4] - before[4]) | (after[5] - before[5]):
+            # after the loops: a daemon unmounts its export itself
+            subprocess.run(["kill", "-KILL" if proc in after[5] else "-TERM",
+                            proc.split(" ", 1)[0]], capture_output=True)
     for base in sorted(bases, key=len, reverse=True):  # leave the host as it was
         subprocess.run(["umount", "-l", base], capture_output=True)
     if leaked:

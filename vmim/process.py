@@ -29,22 +29,54 @@ def _env() -> dict:
     return {**os.environ, "LC_ALL": "C", procscan.OWNER_ENV: procscan.owner_tag()}
 
 
+#: Every command dies with the run that started it, kill -9 included: it runs under
+#: `setpriv --pdeathsig KILL` (util-linux; the kernel kills it when the thread that started it
+#: ends, and this tool's threads wait for their commands), and then a shell checks that its
+#: parent is still this run before it becomes the command: a run killed between its fork and
+#: setpriv's prctl() sends no signal, and the command would go on alone (a sandbox unpacking
+#: into a slot the next run is about to release, a mkfs on a disk it maps). The shell's PPID is
+#: read after the prctl: either the run is alive then, and its death signals the command, or
+#: it is not, and the command never starts.
+SETPRIV = "setpriv"
+SHELL = "/bin/sh"
+DEATH_GUARD = 'test "$PPID" = "$0" && exec "$@"'
+
+
+def dies_with_run(argv: Sequence[str], path: Optional[str] = None,
+                  parent: Optional[int] = None) -> List[str]:
+    """argv wrapped so that it dies with this run (see DEATH_GUARD); `parent` is the pid its
+    parent must have (this process). A command not found on `path` (the PATH it will run with)
+    is a ToolMissingError here, as it would be at its start."""
+    argv = [os.fsdecode(a) for a in argv]
+    if shutil.which(argv[0], path=path) is None:
+        raise ToolMissingError(argv[0])
+    setpriv = shutil.which(SETPRIV, path=path) or shutil.which(SETPRIV)
+    if setpriv is None:
+        raise ToolMissingError(SETPRIV, "it is part of util-linux: every command of a run "
+                               "runs under setpriv --pdeathsig, so that it dies with the run")
+    return [setpriv, "--pdeathsig", "KILL", "--", SHELL, "-c", DEATH_GUARD,
+            str(os.getpid() if parent is None else parent), *argv]
+
+
 def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     """Start a command in a process group of its own (so that stopping it stops whatever it
-    forked, rsync's receiver say), in the C locale, marked as ours. A sandbox's argv gets a
-    descriptor of its own of the seccomp filter (vmim.sandbox.SECCOMP_FD)."""
-    argv = list(argv)
+    forked, rsync's receiver say), in the C locale, marked as ours, dying with this run
+    (dies_with_run). A sandbox's argv gets a descriptor of its own of the seccomp filter
+    (vmim.sandbox.SECCOMP_FD)."""
+    argv = [os.fsdecode(a) for a in argv]
+    env = _env()
     filter_fd = None
-    if handoff.sandbox_argv(argv):
-        from vmim import seccomp
-        from vmim.sandbox import SECCOMP_FD
-
-        handoff.check_streams(kwargs)
-        filter_fd = seccomp.fd()
-        argv[argv.index(SECCOMP_FD)] = str(filter_fd)
-        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), filter_fd)
     try:
-        return subprocess.Popen(argv, env=_env(), start_new_session=True, **kwargs)
+        if handoff.sandbox_argv(argv):
+            from vmim import seccomp
+            from vmim.sandbox import SECCOMP_FD
+
+            handoff.check_streams(kwargs)
+            filter_fd = seccomp.fd()
+            argv[argv.index(SECCOMP_FD)] = str(filter_fd)
+            kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), filter_fd)
+        return subprocess.Popen(dies_with_run(argv, env.get("PATH", os.defpath)), env=env,
+                                start_new_session=True, **kwargs)
     except FileNotFoundError:
         raise ToolMissingError(argv[0]) from None
     finally:

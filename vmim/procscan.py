@@ -123,11 +123,49 @@ def comm(pid: str) -> str:
         return "?"
 
 
+#: How many times reap_orphans() looks again after stopping what it found: a sandbox being set
+#: up forks (bwrap, then its init in the new namespaces, then the command) between two looks.
+REAP_ROUNDS = 5
+
+
 def reap_orphans(paths: Sequence[str]) -> List[str]:
     """Stop the commands that runs killed by SIGKILL left running in or on `paths` (a slot's
     mount point, a store's debris): they carry OWNER_ENV naming a run that is gone, and would go
-    on writing there while this run cleans up. Only processes using those paths are touched
-    (a helper daemon that a command started elsewhere is not). Returns what was stopped."""
+    on writing there while this run cleans up. Such a command is in the way when it uses a
+    path below them (working directory, root, executable, open file), when it has one of their
+    filesystems mounted in a mount namespace of its own (a sandbox's binds), or when it is a
+    sandbox of guest data at all (vmim.sandbox: one still being set up binds nothing yet, and
+    a sandbox of a run that is gone has no work left). A helper daemon that a command started
+    elsewhere is not touched (the FUSE export of a qcow2 slot left mounted). Looks again until
+    nothing more is found, as what it stops may have forked meanwhile. Returns what was
+    stopped."""
+    devnos = set()
+    for top in paths:
+        try:
+            devnos.add(os.stat(top).st_dev)
+        except OSError:
+            pass
+    described: List[str] = []
+    for _ in range(REAP_ROUNDS):
+        found = _orphans_in_the_way(paths, devnos)
+        victims: List[int] = []
+        for pid, run in sorted(found.items(), key=lambda item: int(item[0])):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                continue
+            victims.append(int(pid))
+            described.append(f"pid {pid} ({comm(pid)}, of run {run})")
+        if not victims:
+            break
+        wait_gone(victims)
+    if described:
+        log.warning("stopped what an interrupted run left running: %s", "; ".join(described))
+    return described
+
+
+def _orphans_in_the_way(paths: Sequence[str], devnos: set) -> Dict[str, str]:
+    """What reap_orphans() stops: pid -> the run that started it."""
     orphans: Dict[str, str] = {}  # pid -> the run that started it
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
@@ -139,46 +177,41 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
             continue
         tag = next((e[len(OWNER_ENV) + 1:].decode("ascii", "replace") for e in environ
                     if e.startswith(OWNER_ENV.encode() + b"=")), None)
-        if tag is None:
-            continue
-        if owner_gone(tag):
+        if tag is not None and owner_gone(tag):
             orphans[name] = tag.partition(":")[0]
     in_the_way = {pid for top in paths for pid in path_users(top, list(orphans))}
-    devnos = set()
-    for top in paths:
-        try:
-            devnos.add(os.stat(top).st_dev)
-        except OSError:
-            pass
-    # a sandboxed command (vmim.sandbox) names host paths only through its binds
-    in_the_way |= {pid for pid in orphans if pid not in in_the_way and
-                   devnos & sandbox_binds(pid)}
-    victims: List[int] = []
-    described: List[str] = []
-    for pid in sorted(in_the_way, key=int):
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except OSError:
+    ours = mount_namespace("self")
+    for pid in orphans:
+        if pid in in_the_way:
             continue
-        victims.append(int(pid))
-        described.append(f"pid {pid} ({comm(pid)}, of run {orphans[pid]})")
-    if victims:
-        wait_gone(victims)
-        log.warning("stopped what an interrupted run left running: %s", "; ".join(described))
-    return described
+        if is_sandbox(cmdline(int(pid))) or (
+                mount_namespace(pid) not in ("", ours) and devnos & mounted_devices(pid)):
+            in_the_way.add(pid)
+    return {pid: orphans[pid] for pid in in_the_way}
 
 
-def sandbox_binds(pid: str) -> set:
-    """The filesystems (st_dev) that a process in the sandbox of guest data sees through its
-    binds (/slot, /dest ...: sandbox.PLACES); empty for any other process."""
-    from vmim.sandbox import PLACES
+def is_sandbox(argv: Sequence[str]) -> bool:
+    """Whether a command line is one of a sandbox of guest data (vmim.sandbox.command), at any
+    stage of its start: setpriv and the shell of process.dies_with_run, bwrap, bwrap's init."""
+    return "--die-with-parent" in argv and any(os.path.basename(a) == "bwrap" for a in argv)
 
+
+def mount_namespace(pid: str) -> str:
+    """A process's mount namespace ("self": ours), "" when it is gone or exiting."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return ""
+
+
+def mounted_devices(pid: str) -> set:
+    """The filesystems (st_dev) mounted anywhere in a process's mount namespace."""
     found = set()
     try:
         with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 fields = line.split(" ")
-                if len(fields) > 4 and fields[4] in PLACES:
+                if len(fields) > 4:
                     major, minor = fields[2].split(":")
                     found.add(os.makedev(int(major), int(minor)))
     except (OSError, ValueError):

@@ -18,10 +18,10 @@ a device node an archive creates cannot be opened in the sandbox. A seccomp filt
 (vmim.seccomp) denies the system calls no program on guest data needs (mount, namespaces,
 keyrings, ptrace, kernel modules ...); without libseccomp's Python binding nothing runs.
 
-bwrap itself runs under `setpriv --pdeathsig KILL` (util-linux): a vmimagemanager killed by
-SIGKILL takes its sandboxes with it (the kernel sends the signal when the thread that started
-the command ends; vmimagemanager's threads wait for their commands), and --die-with-parent
-takes what runs inside; a leftover that escaped that is found by procscan.reap_orphans().
+bwrap itself, as every command of a run, dies with the run (process.dies_with_run: setpriv
+--pdeathsig KILL, and a check that the run was still its parent once that was set), and
+--die-with-parent takes what runs inside; what a run killed before this version left is found by
+procscan.reap_orphans().
 
 Not `--new-session`: process.popen() already starts each command in a session of its own,
 without a controlling terminal, and keeping the sandboxed program in that session's process
@@ -90,9 +90,6 @@ PLACES = (SLOT, DEST, IMAGE, STORE, STORE_META)
 #: stands for the descriptor of the seccomp filter in the argv: process.popen() opens one for
 #: each sandbox (bwrap reads it to its end) and puts its number there
 SECCOMP_FD = "{seccomp-fd}"
-#: bwrap runs under `setpriv --pdeathsig KILL`: when vmimagemanager dies (kill -9), so does
-#: bwrap, and with it (--die-with-parent) everything in the sandbox, whose mounts then go
-SETPRIV = "setpriv"
 
 
 @dataclass(frozen=True)
@@ -145,13 +142,6 @@ def _bwrap() -> str:
     return path
 
 
-def _setpriv() -> str:
-    path = shutil.which(SETPRIV)
-    if path is None:
-        raise ToolMissingError(SETPRIV, "it is part of util-linux")
-    return path
-
-
 def _inside_path(tool: str) -> str:
     """The full path of a program the sandbox runs: it must live under /usr."""
     if tool.startswith("/"):
@@ -173,8 +163,7 @@ def command(argv: Sequence[str], binds: Sequence[Bind], *, caps: Caps,
     the capabilities `caps` (one of the sets above); `cwd` is a path inside. The first word is
     found on the sandbox's PATH (under /usr)."""
     argv = [str(a) for a in argv]
-    out = Sandboxed([_setpriv(), "--pdeathsig", "KILL", "--", _bwrap(), "--ro-bind", SYSTEM,
-                     SYSTEM])
+    out = Sandboxed([_bwrap(), "--ro-bind", SYSTEM, SYSTEM])
     for name, target in USR_LINKS.items():
         if os.path.lexists(os.path.join(SYSTEM, target[len("usr/"):])):
             out += ["--symlink", target, name]

@@ -132,6 +132,51 @@ def test_a_killed_runs_staging_goes_and_guest_entries_named_like_it_stay(vmim, r
     run_ok(vmim, rig, "-b", box, "--release")
 
 
+def test_a_run_killed_at_any_moment_of_its_start_leaves_nothing_running(vmim, rig):
+    """SIGKILL at moments around the start of the insert's sandboxes (the window between a
+    fork and setpriv's prctl, where a sandbox used to outlive the run and pin the slot in its
+    namespace: the release then refused, exit 8): every command dies with the run, and the
+    release lets go of the slot each time."""
+    box = rig.names["ext4"]
+    _slow_tgz(rig.inserts / "slow")
+    guest = rig.mnt("ext4")
+    for delay in (0, 0.001, 0.002, 0.003, 0.005, 0.008, 0.01, 0.015, 0.02, 0.03) * 2:
+        run_ok(vmim, rig, "-b", box, "--mount")
+        proc = subprocess.Popen([sys.executable, "-m", "vmim", "--config", rig.cfg,
+                                 "-b", box, "-i", "slow"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mine = f".vmim-insert.{proc.pid}"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and mine not in os.listdir(guest):
+            assert time.monotonic() < deadline, "the insert never made its staging directory"
+            time.sleep(0.001)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        run_ok(vmim, rig, "-b", box, "--release")
+        deadline = time.monotonic() + 2  # a SIGKILL sent may not be handled yet
+        while _tagged(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _tagged(proc.pid) == [], f"killed {delay} s after its staging began"
+
+
+def _tagged(run_pid):
+    """The processes that carry the owner tag of the run with this pid."""
+    mark = f"{procscan.OWNER_ENV}={run_pid}:".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if any(e.startswith(mark) for e in environ):
+            found.append((pid, procscan.comm(pid)))
+    return found
+
+
 def test_a_record_does_not_delete_a_guest_entry_made_later_under_the_same_name(vmim, rig):
     """The killed run's staging removed by hand, the guest makes a directory of that name:
     the record names another inode, so the directory stays and the record goes."""

@@ -42,20 +42,13 @@ class Holder:
         return f"stop pid {self.pid} ({self.command}) or unmount it there with {unmount}"
 
 
-def namespace_of(pid: str) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
-    except OSError:
-        return ""
-
-
 def other_namespaces() -> Dict[str, List[int]]:
     """Mount namespaces other than ours → their processes (pids in ascending order)."""
-    ours = namespace_of("self")
+    ours = procscan.mount_namespace("self")
     found: Dict[str, List[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            ns = namespace_of(name)
+            ns = procscan.mount_namespace(name)
             if ns and ns != ours:
                 found.setdefault(ns, []).append(int(name))
     return {ns: sorted(pids) for ns, pids in found.items()}
