@@ -76,3 +76,28 @@ def test_a_recovering_release_that_hangs_is_stopped(tmp_path, monkeypatch):
         code, lines = children_mod.Children("/c", str(tmp_path), 20).release("web1")
     assert time.monotonic() - t < 10
     assert code == 7 and "did not end within 1 s" in lines[0]
+
+
+def test_a_child_whose_worker_died_before_it_could_be_signalled_does_not_run(tmp_path):
+    """The worker died between the fork and the child's prctl(PR_SET_PDEATHSIG): the child's
+    parent is another process, so it runs nothing (its job goes back to the broker), while the
+    same run from its worker does run (here: a config that does not exist, exit 3)."""
+    import json
+    import os
+    import subprocess
+
+    from vmim.fleet import protocol
+    from vmim.invocation import BoxRun
+    from vmim.plan import Request
+
+    run = json.dumps(BoxRun(Request(boxes=("web1",), actions=("release",))).to_dict())
+    argv = [*protocol.child_command(str(tmp_path / "none.cfg"))]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**protocol.child_env(), "PYTHONPATH": root}
+    env[protocol.ENV_WORKER] = str(os.getpid() + 1000000)
+    gone = subprocess.run(argv, input=run, capture_output=True, text=True, env=env)
+    assert gone.returncode == 143 and "is gone: not running it" in gone.stderr, gone
+    env[protocol.ENV_WORKER] = str(os.getpid())
+    ours = subprocess.run(argv, input=run, capture_output=True, text=True, env=env)
+    assert ours.returncode not in (0, 143) and "is gone" not in ours.stderr, ours
+    assert "none.cfg" in ours.stderr, ours

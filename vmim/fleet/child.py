@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from vmim.invocation import Invocation
 
 PR_SET_PDEATHSIG = 1
+#: the exit code of a child whose worker was gone before it could start: as after SIGTERM
+EXIT_WORKER_GONE = 143
 MAX_INPUT = 1 << 20
 
 
@@ -42,6 +45,15 @@ def main(argv: List[str]) -> int:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+    from vmim.fleet.protocol import ENV_WORKER
+
+    worker = os.environ.get(ENV_WORKER)
+    if worker is not None and worker != str(os.getppid()):
+        # the worker died before the prctl above: no SIGTERM would come, the run would be
+        # nobody's (the broker gives its job to another worker)
+        sys.stderr.write(f"vmimagemanager: the worker that started this run (pid {worker}) "
+                         "is gone: not running it\n")
+        return EXIT_WORKER_GONE
     from vmim.frontend import run_invocation
 
     if len(argv) != 2 or argv[0] != "--config":

@@ -69,6 +69,8 @@ CONTROL = "vmim.control"  # fanout: fleet lists
 ANY_QUEUE = "vmim.any"
 ANY_KEY = "any"
 ENV_BROKER = "VMIM_BROKER"
+#: the pid of the worker that started a child: the child runs only while that is its parent
+ENV_WORKER = "VMIM_WORKER_PID"
 HEARTBEAT = 10  # seconds; the broker drops a silent peer after about twice this
 
 def box_key(box: str) -> str:
@@ -431,4 +433,5 @@ def child_env() -> Dict[str, str]:
 
     env = dict(os.environ)
     env.pop(ENV_BROKER, None)
+    env[ENV_WORKER] = str(os.getpid())
     return env
