@@ -134,7 +134,7 @@ def sandboxes(root: str = "") -> Set[str]:
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         argv = procscan.cmdline(int(pid))
-        if procscan.is_sandbox(argv) and _mentions(" ".join(argv), root):
+        if any(_under(source, root) for source in procscan.sandbox_sources(argv)):
             found.add(f"{pid} {procscan.comm(pid)}")
     return found
 

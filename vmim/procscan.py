@@ -132,17 +132,18 @@ def reap_orphans(paths: Sequence[str]) -> List[str]:
     """Stop the commands that runs killed by SIGKILL left running in or on `paths` (a slot's
     mount point, a store's debris): they carry OWNER_ENV naming a run that is gone, and would go
     on writing there while this run cleans up. Such a command is in the way when it uses a
-    path below them (working directory, root, executable, open file), when it has one of their
-    filesystems mounted in a mount namespace of its own (a sandbox's binds), or when it is a
-    sandbox of guest data at all (vmim.sandbox: one still being set up binds nothing yet, and
-    a sandbox of a run that is gone has no work left). A helper daemon that a command started
-    elsewhere is not touched (the FUSE export of a qcow2 slot left mounted). Looks again until
-    nothing more is found, as what it stops may have forked meanwhile. Returns what was
-    stopped."""
+    path below them (working directory, root, executable, open file), when it is a sandbox of
+    guest data binding one of them (read from its command line: a sandbox still being set up
+    binds nothing yet), or when it has the filesystem mounted at one of them mounted in a
+    mount namespace of its own, wherever there. A helper daemon that a command started
+    elsewhere is not touched (the FUSE export of a qcow2 slot left mounted), nor what binds
+    other paths. Looks again until nothing more is found, as what it stops may have forked
+    meanwhile. Returns what was stopped."""
     devnos = set()
     for top in paths:
         try:
-            devnos.add(os.stat(top).st_dev)
+            if os.path.ismount(top):
+                devnos.add(os.stat(top).st_dev)
         except OSError:
             pass
     described: List[str] = []
@@ -180,20 +181,35 @@ def _orphans_in_the_way(paths: Sequence[str], devnos: set) -> Dict[str, str]:
         if tag is not None and owner_gone(tag):
             orphans[name] = tag.partition(":")[0]
     in_the_way = {pid for top in paths for pid in path_users(top, list(orphans))}
+    tops = [os.path.realpath(top) for top in paths]
     ours = mount_namespace("self")
     for pid in orphans:
         if pid in in_the_way:
             continue
-        if is_sandbox(cmdline(int(pid))) or (
-                mount_namespace(pid) not in ("", ours) and devnos & mounted_devices(pid)):
+        sources = sandbox_sources(cmdline(int(pid)))
+        if any(is_under(s, top) or is_under(top, s) for s in sources for top in tops) or (
+                devnos and mount_namespace(pid) not in ("", ours) and
+                devnos & mounted_devices(pid)):
             in_the_way.add(pid)
     return {pid: orphans[pid] for pid in in_the_way}
 
 
-def is_sandbox(argv: Sequence[str]) -> bool:
-    """Whether a command line is one of a sandbox of guest data (vmim.sandbox.command), at any
-    stage of its start: setpriv and the shell of process.dies_with_run, bwrap, bwrap's init."""
-    return "--die-with-parent" in argv and any(os.path.basename(a) == "bwrap" for a in argv)
+def sandbox_sources(argv: Sequence[str]) -> List[str]:
+    """The host paths a sandbox of guest data (vmim.sandbox.command) binds at its places
+    (/slot, /dest ...: sandbox.PLACES), read from its command line at any stage of its start
+    (setpriv and the shell of process.dies_with_run, bwrap, bwrap's init); [] for any other
+    command."""
+    from vmim.sandbox import PLACES
+
+    start = next((i for i, a in enumerate(argv) if os.path.basename(a) == "bwrap"), None)
+    if start is None:
+        return []
+    options = list(argv[start + 1:])
+    options = options[:options.index("--")] if "--" in options else []  # then the command's
+    if "--die-with-parent" not in options:
+        return []
+    return [os.path.realpath(options[i + 1]) for i, a in enumerate(options[:-2])
+            if a in ("--bind", "--ro-bind") and options[i + 2] in PLACES]
 
 
 def mount_namespace(pid: str) -> str:

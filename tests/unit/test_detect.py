@@ -69,6 +69,17 @@ def test_archives_are_detected_by_content_not_name(tmp_path, tree, container, co
     found = detect.detect(str(out))
     assert found.format == expected
     assert found.container == container
+    # a digest-proven image of this tool is taken for what its recorded format name says:
+    # the same as what libmagic finds in it
+    recorded = detect.recorded(found.format)
+    assert (recorded.format, recorded.container, recorded.compression) == \
+        (found.format, found.container, found.compression)
+
+
+@pytest.mark.parametrize("name", ["rsync", "qcow2", "raw", "unknown", "tar.gz", "cpio.zst.x",
+                                  "tgz.gz", "zip", "", None, 3, "tar.", ".gz"])
+def test_a_recorded_format_name_it_does_not_write_is_detected_instead(name):
+    assert detect.recorded(name) is None
 
 
 def test_directory_is_an_rsync_tree(tree):

@@ -78,26 +78,49 @@ def _spawn(argv, owner=GONE_RUN, **kwargs):
                             stdin=subprocess.DEVNULL, **kwargs)
 
 
+def _sandbox(bound, tag=GONE_RUN):
+    """A sandbox of guest data as vmim.sandbox makes it (under the death guard, here of a
+    parent that is alive: the test), binding `bound` at /slot, sleeping."""
+    return _spawn(process.dies_with_run(
+        ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib64", "/lib64",
+         "--symlink", "usr/lib", "/lib", "--bind", str(bound), "/slot", "--unshare-pid",
+         "--die-with-parent", "--", "/usr/bin/sleep", "60"]), tag)
+
+
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
-def test_a_sandbox_of_a_gone_run_is_stopped_though_it_binds_nothing_yet(tmp_path):
-    """A sandbox half set up (bwrap before its binds) uses no path the scan looks at: it is
-    stopped because it is a sandbox of a run that is gone, and a daemon of that run is not."""
-    sandbox = _spawn(["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib64", "/lib64",
-                      "--symlink", "usr/lib", "/lib", "--unshare-pid", "--die-with-parent",
-                      "--", "/usr/bin/sleep", "60"])
+def test_a_sandbox_of_a_gone_run_binding_the_slot_is_stopped_at_any_stage_of_its_start(
+        tmp_path):
+    """Read from its command line: a sandbox half set up (bwrap before its binds) uses no
+    path and pins no mount yet. What binds another path, or is not a sandbox, stays."""
+    slot, elsewhere = tmp_path / "slot", tmp_path / "elsewhere"
+    slot.mkdir()
+    elsewhere.mkdir()
+    assert procscan.sandbox_sources(process.dies_with_run(
+        ["bwrap", "--bind", str(slot), "/slot", "--die-with-parent", "--", "tar", "--bind",
+         "/etc", "/slot"])) == [str(slot)]  # the command's own arguments are not binds
+    ours, theirs = _sandbox(slot), _sandbox(elsewhere)
+    # one not started yet: its shell waits (where the death guard's test runs) with bwrap's
+    # argv still to come; it binds nothing and has no namespace of its own
+    wrapped = process.dies_with_run(["bwrap", "--bind", str(slot), "/slot",
+                                     "--die-with-parent", "--", "sleep", "60"])
+    starting = subprocess.Popen([*wrapped[:wrapped.index("-c") + 1], "read x",
+                                 *wrapped[wrapped.index("-c") + 2:]],
+                                env={**os.environ, procscan.OWNER_ENV: GONE_RUN},
+                                stdin=subprocess.PIPE)
     daemon = _spawn(["sleep", "60"], cwd=str(tmp_path))
-    (tmp_path / "slot").mkdir()
     try:
         time.sleep(0.2)
-        assert sandbox.poll() is None
-        stopped = procscan.reap_orphans([str(tmp_path / "slot")])
-        assert sandbox.wait(timeout=5) == -9
-        assert any(f"pid {sandbox.pid} (bwrap" in s for s in stopped)
-        assert daemon.poll() is None
+        assert ours.poll() is None and theirs.poll() is None and starting.poll() is None
+        stopped = procscan.reap_orphans([str(slot)])
+        assert ours.wait(timeout=5) == -9 and starting.wait(timeout=5) == -9
+        assert any(f"pid {ours.pid} (" in s for s in stopped)
+        assert any(f"pid {starting.pid} (" in s for s in stopped)
+        assert theirs.poll() is None and daemon.poll() is None
     finally:
-        for p in (sandbox, daemon):
+        for p in (ours, theirs, starting, daemon):
             p.kill()
             p.wait()
+        starting.stdin.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")

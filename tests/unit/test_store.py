@@ -386,3 +386,32 @@ def test_a_user_who_cannot_enter_a_tree_is_listed_the_size_it_was_stored_with(pu
     assert res.returncode == 0, res.stderr
     (entry,) = json.loads(res.stdout)["images"]
     assert (entry["name"], entry["format"], entry["size"]) == ("golden", "rsync", meta["size"])
+
+
+@pytest.mark.parametrize("fmt_name", ["tgz", "tar.zst", "cpio.bz2"])
+def test_an_image_proven_by_its_recorded_digest_is_not_detected_again(images, src, fmt_name,
+                                                                       monkeypatch):
+    """The digest this tool recorded proves the bytes it wrote in the format it recorded:
+    libmagic is not asked (a restore's fixed cost); a byte changed, and it is asked, and the
+    image is refused as corrupt, the slot untouched."""
+    from vmim.errors import StateError
+    from vmim.steps import data
+
+    for tool in for_name(fmt_name).unpack_tools():
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (make test installs it)")
+    _store(images, src, "golden", fmt_name)
+    store = ImageStore(str(images))
+    asked = []
+    real_detect = detect.detect
+    monkeypatch.setattr(detect, "detect", lambda path: asked.append(path) or real_detect(path))
+    proven = data.prove(store, "golden")
+    assert proven.fmt.name == fmt_name and proven.summary is None and asked == []
+    with open(images / "golden", "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 1]))
+    with pytest.raises(StateError, match="corrupt"):
+        data.prove(store, "golden")
+    assert asked == [str(images / "golden")]

@@ -105,6 +105,27 @@ def _other_cpio(inner: str, outer: str = "") -> str:
             "vmimagemanager does not read: it reads newc (cpio -H newc)")
 
 
+def recorded(fmt: Any) -> Optional[Detected]:
+    """What an archive is, from the format name this tool recorded when it stored it (tgz,
+    tar.zst, cpio.bz2, tar, cpio.gz ...); None for a name it does not know or a tree. Only for
+    an image whose recorded digest matched: the digest proves the bytes are those it wrote in
+    that format, so libmagic would only say it again."""
+    names = {v: k for k, v in NAMES.items()}
+    if not isinstance(fmt, str):
+        return None
+    if fmt in names:
+        compression, container = names[fmt]
+    elif fmt in ("tar", "cpio"):
+        compression, container = None, fmt
+    else:
+        container, _, ext = fmt.partition(".")
+        compression = next((c for c, e in EXTENSIONS.items() if e == ext), None)
+        if container not in ("tar", "cpio") or compression is None or \
+                (compression, container) in NAMES:
+            return None
+    return Detected(fmt, container, compression, f"{fmt}, as recorded when stored")
+
+
 def detect(path: str) -> Detected:
     """What kind of image or insert `path` is."""
     real = os.path.realpath(path)

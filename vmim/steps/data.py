@@ -61,15 +61,35 @@ def _how(name: str, p: Proven) -> str:
 def prove(st: store_mod.ImageStore, name: str) -> Proven:
     """Find, detect and prove an image restorable: by the sha256 this tool recorded, else by a
     full read of its structure (StateError, exit 4, when it is not)."""
-    path, found = find_usable(st, name)
-    # by the digest this tool recorded (BLAKE3, or a 1.0 image's sha256) when this host can
-    # check it; a mismatch is exit 4 with the slot untouched
-    checked = digest.check_recorded(path, st.metadata(name), f"{st.kind} '{name}'")
+    meta = st.metadata(name)
+    proven = _proven_by_record(st.find(name), meta)
+    if proven is not None:
+        (path, found), checked = proven, True
+    else:
+        path, found = find_usable(st, name)
+        # by the digest this tool recorded (BLAKE3, or a 1.0 image's sha256) when this host
+        # can check it; a mismatch is exit 4 with the slot untouched
+        checked = digest.check_recorded(path, meta, f"{st.kind} '{name}'")
     fmt = for_detected(found, f"{st.kind} '{name}'")
     for tool in fmt.unpack_tools():
         process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
                              "the slot was not touched")
     return Proven(path, fmt, None if checked else fmt.verify(path))
+
+
+def _proven_by_record(path: str, meta: Optional[Dict[str, Any]]
+                      ) -> Optional[Tuple[str, detect.Detected]]:
+    """An archive this tool stored, whose recorded digest matches: its path and what its
+    metadata says it is, without asking libmagic (0.02-0.04 s of a restore). None otherwise:
+    then it is detected and proven as any image (a digest that differs says so there)."""
+    found = detect.recorded((meta or {}).get("format"))
+    checkable = digest.recorded(meta)
+    if found is None or checkable is None or os.path.isdir(path):
+        return None
+    algorithm, expected = checkable
+    if digest.of_file(path, algorithm) != expected:
+        return None
+    return path, found
 
 
 def find_usable(st: store_mod.ImageStore, name: str) -> Tuple[str, detect.Detected]:
