@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from vmim.configtypes import LOCAL_SECTION
 from vmim.keys import BY_SCOPE, FALSE_WORDS, KEYS, LEGACY_NAMES, OBSOLETE_KEYS, TRUE_WORDS, Key
+from vmim.terminal import CONTROL_CHARACTER
 
 
 class Collector:
@@ -217,6 +218,9 @@ def convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
             return False, f"expected a string, got {json.dumps(value)}"
         if not isinstance(value, str):
             value = text  # a bare number is text for a string key
+        if CONTROL_CHARACTER.search(value):  # (JSON's \u0001 gives one) a name in a libvirt
+            # definition, a log line, a command's argument: text, never a control
+            return False, f"holds a control character: {json.dumps(value)}"
         if t == "path" and not os.path.isabs(value):
             return False, f"expected an absolute path, got {json.dumps(value)}"
         if t == "choice":

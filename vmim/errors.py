@@ -123,8 +123,8 @@ class ToolMissingError(HostEnvironmentError):
         self.tool = tool
         msg = f"required program '{tool}' was not found on PATH"
         package = DEBIAN_PACKAGES.get(tool.rsplit("/", 1)[-1])
-        if not hint and package:
-            hint = f"install it (Debian: apt install {package})"
+        if package:  # also with a hint: the hint says why, the package what to install
+            msg += f"; install it (Debian: apt install {package})"
         if hint:
             msg += f"; {hint}"
         super().__init__(msg)

@@ -40,8 +40,7 @@ from vmim import procscan, seccomp
 from vmim.errors import ToolMissingError
 
 BWRAP = "bwrap"
-INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; " \
-               "Fedora/RHEL: dnf install bubblewrap): vmimagemanager runs every program that " \
+INSTALL_HINT = "Fedora/RHEL: dnf install bubblewrap; vmimagemanager runs every program that " \
                "reads or writes guest data in its sandbox"
 
 #: the only host tree the sandbox sees (read-only)

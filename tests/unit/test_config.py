@@ -531,3 +531,18 @@ def test_a_key_of_vmim_local_in_a_slot_section_says_where_it_belongs():
         "ignored here" in cfg.warnings, cfg.warnings
     assert "/c.cfg: [vmim.vm.a] lockdir: is a key of [vmim.local], not of a slot; " \
         "ignored here" in cfg.warnings, cfg.warnings
+
+
+@pytest.mark.parametrize("value", ["/d/a\\u0001b.img", "/d/a\\u001b[2Jb.img", "/d/a\\nb.img",
+                                   "/d/a\\u202eb.img", "/d/a\\tb.img"])
+def test_a_control_character_in_a_config_value_is_a_config_error(tmp_path, value):
+    """It would end up in a libvirt definition (lxml refuses it: an internal error), a log
+    line or a command's argument: refused where it is read, exit 3, and shown escaped."""
+    path = tmp_path / "c.cfg"
+    path.write_text(f'[vmim.vm.a]\nHostName = "a"\nHostDisk = "{value}"\npartition = 1\n')
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    assert exc.value.exit_code == 3
+    assert any("hostdisk: holds a control character" in p.lower() for p in exc.value.problems), \
+        exc.value.problems
+    assert not any(c in str(exc.value) for c in "\x01\x1b\u202e\t")

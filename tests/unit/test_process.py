@@ -288,6 +288,10 @@ def test_a_missing_program_names_its_debian_package():
                                              "install it (Debian: apt install zstd)")
     assert str(ToolMissingError("/usr/bin/qemu-img")).endswith("(Debian: apt install qemu-utils)")
     assert str(ToolMissingError("kpartx", "use mapper = \"loop\"")).endswith("; use mapper = \"loop\"")
+    # a hint says why it is needed (prove() always gives one): the package is named too
+    assert str(ToolMissingError("zstd", "it is needed to unpack image 'web'")) == (
+        "required program 'zstd' was not found on PATH; install it (Debian: apt install zstd); "
+        "it is needed to unpack image 'web'")
 
 
 def test_the_debian_package_table_names_programs_the_code_runs_and_packages_setup_installs():
