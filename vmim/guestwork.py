@@ -44,7 +44,7 @@ def _extract_newc(req: Dict[str, Any]) -> int:
 def _merge(req: Dict[str, Any]) -> int:
     from vmim import tree
 
-    moved = tree.merge(req["staging"], req["root"], req["dest"])
+    moved = tree.merge(req["staging"], req["root"], req["dest"], exact=bool(req.get("exact")))
     if req.get("remove_staging"):
         import shutil
 

@@ -97,13 +97,24 @@ def makedirs(root: str, guest_path: str) -> str:
     return path
 
 
-def copy_dir_metadata(src: str, dst: str) -> None:
+def copy_dir_metadata(src: str, dst: str, *, xattrs: bool = True, exact: bool = False) -> None:
+    """Give directory dst the owner, mode, times and (with xattrs) extended attributes of src
+    (ACLs are system.posix_acl_* attributes). With exact, dst keeps no attribute src lacks: a
+    restore's root holds the image's "." and nothing of the previous image's (as after a
+    re-made filesystem); else those of dst that src does not set stay (an insert)."""
     st = os.lstat(src)
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
-    for name in os.listxattr(src, follow_symlinks=False):
-        if name == OWNER_XATTR:
-            continue  # the staging directory's own mark: never given to the guest
+    names = [n for n in os.listxattr(src, follow_symlinks=False) if n != OWNER_XATTR] \
+        if xattrs else []
+    if exact:
+        for name in set(os.listxattr(dst, follow_symlinks=False)) - set(names):
+            try:
+                os.removexattr(dst, name, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                    raise
+    for name in names:  # OWNER_XATTR: a 1.x staging directory's own mark, never the guest's
         try:
             os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
                         follow_symlinks=False)
@@ -118,7 +129,7 @@ def target_dir(root: str, dest: str = "/") -> str:
     return makedirs(root, dest) if _split(dest) else root
 
 
-def merge(staging: str, root: str, dest: str = "/") -> int:
+def merge(staging: str, root: str, dest: str = "/", *, exact: bool = False) -> int:
     """Move everything below staging into the guest at guest directory dest; return how many
     entries moved. Staged directories merge into existing ones (following guest directory
     symlinks inside the guest), which keep their owner, mode and times; anything else replaces
@@ -126,7 +137,7 @@ def merge(staging: str, root: str, dest: str = "/") -> int:
     started it as a copy of the target's, so only an archive entry for "." changes it."""
     target = target_dir(root, dest)
     moved = _merge_dir(staging, target, root)
-    copy_dir_metadata(staging, target)
+    copy_dir_metadata(staging, target, exact=exact)
     return moved
 
 
@@ -218,7 +229,7 @@ def remove_stale_work(root: str, records: worklog.WorkLog) -> None:
 
 
 def staging_dir(root: str, what: str, like: Optional[str] = None, *,
-                records: worklog.WorkLog) -> str:
+                records: worklog.WorkLog, like_xattrs: bool = True) -> str:
     """A fresh directory at the guest root to unpack into, with the metadata of directory
     `like` (the merge target), so that an archive without a "." entry changes none of it
     (without `like`: see guestwork's "prepare", which does that in the sandbox). Recorded on
@@ -244,7 +255,7 @@ def staging_dir(root: str, what: str, like: Optional[str] = None, *,
         records.forget(os.path.basename(path))
         raise
     if like is not None:
-        copy_dir_metadata(like, path)
+        copy_dir_metadata(like, path, xattrs=like_xattrs)
     return path
 
 
@@ -256,7 +267,7 @@ def remove_staging(path: str, records: worklog.WorkLog) -> None:
 
 
 def merge_contained(staging: str, root: str, dest: str = "/", *,
-                    remove_staging: bool = False) -> int:
+                    remove_staging: bool = False, exact: bool = False) -> int:
     """merge(), run in the sandbox: it sees the guest root (at /slot) and nothing else.
     staging is a directory at the guest root (staging_dir()); with remove_staging, what the
     merge left of it (the directories merged into existing ones) goes too, in the same run."""
@@ -264,7 +275,7 @@ def merge_contained(staging: str, root: str, dest: str = "/", *,
 
     return int(guestwork.call("merge", {"staging": f"{GUEST}/{os.path.basename(staging)}",
                                         "root": GUEST, "dest": dest,
-                                        "remove_staging": remove_staging},
+                                        "remove_staging": remove_staging, "exact": exact},
                               [sandbox.Bind(root, GUEST, writable=True)], caps=sandbox.MERGE))
 
 
@@ -293,7 +304,7 @@ def move_into_empty(staging: str, root: str, keep: Sequence[str] = ()) -> Option
             os.close(dst)
     finally:
         os.close(src)
-    copy_dir_metadata(staging, root)
+    copy_dir_metadata(staging, root, exact=True)
     return len(entries)
 
 

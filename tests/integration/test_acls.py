@@ -113,3 +113,28 @@ def test_a_root_with_a_default_acl_passes_nothing_on_to_an_image_without_acls(vm
     root = restored(vmim, slot, cfg, "noacl")
     for rel in ("dir", "dir/file"):
         assert acls(os.path.join(root, rel)) == {n: None for n in ACL_ATTRS}, rel
+
+
+@pytest.mark.parametrize("clear,way", [("delete", "renamed"), ("delete", "merged"),
+                                       ("mkfs", "renamed")])
+def test_the_restored_root_has_the_attributes_of_the_images_root_and_no_others(
+        vmim, slot, tmp_path, clear, way):
+    """The slot's root directory, kept by clear = delete, had an attribute and a default ACL
+    of the previous image: a restore leaves it with those of the image's "." only, as a
+    re-made filesystem does (the staging directory used to start as a copy of the root's
+    attributes, and the copy back only added)."""
+    bare = tmp_path / "bare"
+    (bare / "dir").mkdir(parents=True)
+    if way == "merged":  # a name the root holds already: the sandboxed merge, not renames
+        (bare / "lost+found").mkdir()
+    os.setxattr(bare, "user.image", b"new")
+    slot.image("bare", "--acls", "--xattrs", "--xattrs-include=*", root=str(bare))
+    cfg = slot.config(clear=clear)
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    os.setxattr(slot.mnt, "user.previous", b"old")
+    di.run("setfacl", "-d", "-m", "u:65534:rwx", slot.mnt)
+    root = restored(vmim, slot, cfg, "bare")
+    assert sorted(os.listxattr(root)) == ["user.image"]
+    assert os.getxattr(root, "user.image") == b"new"
+    assert acls(root) == {n: None for n in ACL_ATTRS}

@@ -206,7 +206,9 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             else:
                 tree.clear(root)
             clock.lap("clear")
-            staging = tree.staging_dir(root, "restore", like=root, records=records)
+            # the root's owner and mode, not its attributes: the image's "." gives those
+            staging = tree.staging_dir(root, "restore", like=root, records=records,
+                                       like_xattrs=False)
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
                 fmt.unpack(path, staging, restore=True,
@@ -216,7 +218,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             # "/" takes the archive's "." metadata, times included
             keep = [os.path.basename(deletion.path)] if deletion is not None else []
             if tree.move_into_empty(staging, root, keep) is None:
-                tree.merge_contained(staging, root)
+                tree.merge_contained(staging, root, exact=True)
             times = os.stat(root)
             os.rmdir(staging)  # which changes the mtime of "/" again: put the archive's back
             records.forget(os.path.basename(staging))
