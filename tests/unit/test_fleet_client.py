@@ -26,7 +26,7 @@ class Message:
 def client(user: str = "ci") -> Client:
     c = Client.__new__(Client)  # no connection: only what reads messages and errors
     c.spec = transport.BrokerSpec(f"amqp://{user}:pw@mq.example.org//")
-    c.user, c.inbox, c.awaited = user, [], {"a" * 32}
+    c.user, c.inbox, c.awaited, c.broadcast = user, [], {"a" * 32, "d" * 32}, {"d" * 32}
     c.reply_to = "vmim.reply." + "c" * 32
     return c
 
@@ -44,6 +44,29 @@ def test_a_reply_is_believed_only_from_the_user_of_the_host_it_names(user_id, ok
     assert exc.value.exit_code == 7
     assert "in the name of host h1" in str(exc.value)
     assert f"from broker user {user_id or '(none)'}" in str(exc.value)
+
+
+def test_a_forged_or_undecodable_reply_to_a_list_request_is_dropped_not_the_end(caplog):
+    """Every host sees a list request (the control fanout): one of them answering in another's
+    name, or with what is no reply, would otherwise end every client's -l with exit 7."""
+    c = client()
+    c._on_reply(Message({"type": "lists", "host": "h1", "exit_code": 0, "doc": {},
+                         "stderr": []}, "d" * 32, "h2"))
+    bad = Message({}, "d" * 32, "h2")
+    bad.body = b"{not json"
+    c._on_reply(bad)
+    assert c.inbox == []
+    assert "in the name of host h1" in caplog.text and "from broker user h2" in caplog.text
+    assert "dropped a malformed reply to the list request from broker user h2" in caplog.text
+    c._on_reply(Message({"type": "here", "host": "h1"}, "d" * 32, "h1"))
+    assert c.wait(time.monotonic() + 1)[1].host == "h1"  # the real one still counts
+
+
+def test_a_hosts_own_malformed_reply_to_a_list_request_is_its_answer_an_error():
+    c = client()
+    c._on_reply(Message({"type": "lists", "host": "h1", "exit_code": "zero"}, "d" * 32, "h1"))
+    corr, refused = c.wait(time.monotonic() + 1)
+    assert corr == "d" * 32 and refused.host == "h1" and "exit_code" in refused.why
 
 
 def test_a_reply_to_what_the_client_did_not_ask_is_not_read_whoever_sent_it():

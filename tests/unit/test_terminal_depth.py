@@ -59,6 +59,7 @@ class FakeClient(client.Client):
         self.spec = spec
         self.inbox = []
         self.awaited = set()
+        self.broadcast = set()
         self.conn = _Conn()
         self.user = "client"
 
@@ -130,6 +131,19 @@ def test_a_host_name_with_controls_is_refused(vmim, fleet_of):
     assert r.code == 7, r
     assert "host holds a control character" in r.err, r.err
     assert not CONTROLS.search(r.err + r.out) and "forged" not in r.err + r.out, r
+
+
+def test_a_hosts_malformed_lists_leave_the_other_hosts_lists_printed(vmim, fleet_of):
+    fleet_of(protocol.CONTROL, [{"type": "here", "host": "hy"},
+                                {"type": "lists", "host": "hy", "exit_code": 0,
+                                 "doc": {"boxes": [1, "x"]}, "stderr": []},
+                                {"type": "here", "host": HOST},
+                                {"type": "lists", "host": HOST, "exit_code": 0,
+                                 "doc": _lists_doc(), "stderr": []}])
+    r = vmim("--broker", "amqp://nowhere", "-l", "-f")
+    assert r.code == 7, r
+    assert "no lists from hy: the lists from host hy" in r.err, r.err
+    assert "hx" in r.out and "hy" not in r.out, r
 
 
 def test_fleet_lists_as_json_keep_the_values(vmim, fleet_of):

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, TextIO, Tuple
 
 from vmim.config import Config
@@ -57,6 +57,14 @@ def _login_refused(exc: BaseException) -> bool:
     return bool(refusals) and isinstance(exc, refusals) or "ACCESS_REFUSED" in str(exc)
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A host's own reply to a list request that is malformed: its answer, an error."""
+
+    host: str
+    why: str
+
+
 class Client:
     def __init__(self, spec: transport.BrokerSpec):
         import kombu
@@ -65,6 +73,9 @@ class Client:
         # (correlation id, Reply, or the error that it is: ProtocolError, HostEnvironmentError)
         self.inbox: List[Tuple[str, Any]] = []
         self.awaited: Set[str] = set()  # the correlation ids of what this client published
+        # those of list requests: every host sees them (the control fanout), so a reply to one
+        # that is malformed or not from the host it names is dropped, not the end of the run
+        self.broadcast: Set[str] = set()
         # named by the client, so that it can declare it again after a broker restart
         self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
         self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
@@ -88,18 +99,29 @@ class Client:
         if corr not in self.awaited:  # not an answer to us: whatever it holds, it is not read
             log.debug("ignoring a reply to %r, which this client did not ask", corr)
             return
+        user = message.properties.get("user_id")
+        sender = safe(str(user)) if user else "(none)"
         try:
             reply: Any = protocol.decode_reply(message.body)
         except ProtocolError as exc:  # a worker of another version, or not a worker at all
             reply = exc  # wait() says so: exit 7
+            if corr in self.broadcast:
+                host = protocol.reply_host(message.body)
+                if host is None or not permissions.vouched(host, user, self.user):
+                    log.error("dropped a malformed reply to the list request from broker user "
+                              "%s: %s", sender, exc)
+                    return
+                reply = Refused(host, str(exc))  # that host's answer: an error
         else:
-            user = message.properties.get("user_id")
             if not permissions.vouched(reply.host, user, self.user):
-                reply = HostEnvironmentError(  # wait() raises it: exit 7
-                    f"a reply in the name of host {safe(reply.host)} came through the broker at "
-                    f"{self.spec.shown} from broker user {safe(str(user)) if user else '(none)'},"
-                    f" not from the host's user {safe(permissions.host_user(reply.host))}: "
-                    "refused (a host answers as its own user, docs/fleet.md)")
+                why = (f"a reply in the name of host {safe(reply.host)} came through the broker "
+                       f"at {self.spec.shown} from broker user {sender}, not from the host's "
+                       f"user {safe(permissions.host_user(reply.host))}: refused (a host "
+                       "answers as its own user, docs/fleet.md)")
+                if corr in self.broadcast:
+                    log.error("%s", why)
+                    return
+                reply = HostEnvironmentError(why)  # wait() raises it: exit 7
         self.inbox.append((corr, reply))
 
     def publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
@@ -375,14 +397,17 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
     said it was there sent no lists in time."""
     corr = protocol.new_job_id()
     request = protocol.ListRequest(corr, tuple(lists))
+    client.broadcast.add(corr)
     if not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
         raise HostEnvironmentError(f"no worker has ever started at {client.spec.shown}: start "
                                    "`vmimagemanager worker` on the hosts (docs/fleet.md)")
     hosts: Set[str] = set()  # a host saying "here" twice is one host
     answers: Dict[str, protocol.Reply] = {}
+    refused: Dict[str, str] = {}  # host -> why its own reply was malformed
     window = time.monotonic() + LIST_WINDOW
     final = time.monotonic() + LIST_TIMEOUT
-    while len(answers) < len(hosts) or time.monotonic() < window:
+    while len(answers) + len(set(refused) - set(answers)) < len(hosts) or \
+            time.monotonic() < window:
         got = client.wait(window if time.monotonic() < window else final)
         if got is None:
             if time.monotonic() >= final:
@@ -391,13 +416,19 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
         c, reply = got
         if c != corr:
             continue
-        if reply.type == "here":
+        if isinstance(reply, Refused):
+            hosts.add(reply.host)
+            refused[reply.host] = reply.why
+        elif reply.type == "here":
             hosts.add(reply.host)
         elif reply.type == "lists":
             answers[reply.host] = reply
+    for host in sorted(set(refused) - set(answers)):
+        log.error("no lists from %s: %s", safe(host), refused[host])
     missing = sorted(h for h in hosts if h not in answers)
-    if missing:
-        log.error("no lists from %s within %d s", ", ".join(missing), LIST_TIMEOUT)
+    if set(missing) - set(refused):
+        log.error("no lists from %s within %d s",
+                  ", ".join(sorted(set(missing) - set(refused))), LIST_TIMEOUT)
     if not hosts:  # an empty list would say "no slots": it is "nobody to ask"
         raise HostEnvironmentError(f"no worker answered at {client.spec.shown} within "
                                    f"{LIST_WINDOW:.0f} s: are the workers running and "

@@ -288,6 +288,20 @@ def decode_reply(body: Any) -> Reply:
     return reply
 
 
+def reply_host(body: Any) -> Optional[str]:
+    """The host a reply that decode_reply() refuses names, when it names one it may be (a
+    name without controls): whose malformed answer it is, if that host's user sent it."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    host = doc.get("host") if isinstance(doc, dict) else None
+    if not isinstance(host, str) or not host or len(host) > MAX_NAME or \
+            CONTROL_CHARACTER.search(host):
+        return None
+    return host
+
+
 def _name(f: Fields, key: str) -> str:
     """A host's or a box's name in a reply: printed as it is, it holds no control."""
     name = f.string(key, "", max_len=MAX_NAME)
