@@ -235,7 +235,9 @@ def render_reference() -> str:
         "",
         "**Current format** (0.3): a `[vmim.local]` section and one `[vmim.vm.NAME]` section per "
         "slot (NAME is free text). Values are JSON (`\"text\"`, `1`, `[\"a\", \"b\"]`, `true`); a "
-        "bare unquoted value is taken as a string. A comment is a line of its own starting with "
+        "bare unquoted value is taken as a string. No value holds a control character (a JSON "
+        "`\\u0001`, a newline, a bidirectional override): it is a config error, exit 3. "
+        "A comment is a line of its own starting with "
         "`#` or `;`. After a JSON value, ` ; note` is dropped (as 0.3 did) and ` # note` is an "
         "error (`mount = \"/srv/mnt\"  # note`); after a bare value both are part of the value. "
         "Key names are case-insensitive. `%(key)s` "

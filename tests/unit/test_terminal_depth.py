@@ -173,6 +173,26 @@ def test_a_fleet_plan_prints_no_control_from_a_worker(vmim, fleet_of):
     assert "the run would fail (exit 4): no\\x1b]52" in r.out, r.out
 
 
+def test_a_workers_stderr_line_is_one_line_on_the_client(vmim, fleet_of):
+    """A line of the worker's run with a newline inside would print a line of the worker's
+    making, as if of this client; so would a result's stderr line (answered from a journal)."""
+    fleet_of(protocol.JOBS, [
+        {"type": "accepted", "host": HOST, "box": "hx1"},
+        {"type": "log", "host": HOST, "box": "hx1", "line": "vmimagemanager: info: a" + FORGED},
+        {"type": "result", "host": HOST, "box": "hx1", "exit_code": 0, "doc": {},
+         "stderr": []}])
+    r = vmim("--broker", "amqp://nowhere", "-b", "hx1", "--release")
+    assert r.code == 0, r
+    assert "vmimagemanager: info: a\\nvmimagemanager: error: forged" in r.err, r.err
+    assert not any(line.startswith("vmimagemanager: error") for line in r.err.splitlines()), r
+    fleet_of(protocol.JOBS, [
+        {"type": "result", "host": HOST, "box": "hx1", "exit_code": 0, "doc": {},
+         "stderr": ["vmimagemanager: info: b" + FORGED + "\n"]}])
+    r = vmim("--broker", "amqp://nowhere", "-b", "hx1", "--release")
+    assert r.code == 0, r
+    assert "vmimagemanager: info: b\\nvmimagemanager: error: forged\n" in r.err, r.err
+
+
 def test_a_local_plan_names_a_lock_holder_with_controls_escaped(vmim, tmp_path, write_config):
     """Any local user who can read a slot's lock file can flock it, from a process whose
     command line holds controls: the plan names that process."""

@@ -345,13 +345,20 @@ def _follow(client: Client, job: protocol.Job, lock_wait: int) -> protocol.Reply
         if taker is not None:
             silent_by = time.monotonic() + max(silence, lock_wait)
         if reply.type == "log":
-            sys.stderr.write(reply.line)  # stderr escapes (vmim.terminal)
+            _say(reply.line)
             sys.stderr.flush()
         elif reply.type == "result":
             if taker is None:  # answered from a journal, or refused: its lines were not streamed
                 for line in reply.stderr:
-                    sys.stderr.write(line)
+                    _say(line)
             return reply
+
+
+def _say(line: str) -> None:
+    """A stderr line of the worker's run, as one line: a newline inside it would print a line
+    of the worker's making that looks like one of this client's."""
+    if line:
+        sys.stderr.write(safe(line[:-1] if line.endswith("\n") else line) + "\n")
 
 
 def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], as_json: bool,
