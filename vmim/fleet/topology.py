@@ -91,11 +91,26 @@ def binds_any_key(connection: Any, host: str, jobs: Any) -> bool:
         q = kombu.Queue(f"vmim.host.{host}.probe.{protocol.new_job_id()[:8]}", jobs,
                         routing_key=protocol.box_key(protocol.new_job_id()), exclusive=True,
                         auto_delete=True)(channel)
-        q.declare()
+        try:
+            q.queue_declare()
+        except amqp.exceptions.AccessRefused as exc:  # not the topic check: no answer
+            log.warning("worker %s: cannot tell whether its broker user may bind any routing "
+                        "key: the probe queue was refused (%s); its permissions predate this "
+                        "release? (vmimagemanager worker --print-permissions)", host, exc)
+            return False
+        try:
+            q.queue_bind()
+        except amqp.exceptions.AccessRefused:  # the topic permissions refuse a key that is
+            # none of its slots; the refusal closed the channel: the probe goes on another
+            with contextlib.suppress(Exception):
+                other = connection.channel()
+                try:
+                    other.queue_delete(q.name)
+                finally:
+                    other.close()
+            return False
         q.delete()
         return True
-    except amqp.exceptions.AccessRefused:
-        return False
     finally:
         with contextlib.suppress(Exception):
             channel.close()
