@@ -145,10 +145,12 @@ KEYS: Tuple[Key, ...] = (
         "Seconds to wait for a graceful shutdown before forcing the domain off.",
         default=180, minimum=0),
     Key("clear", "clear", "choice", "slot",
-        "How an archive restore empties the filesystem first: `auto` re-makes it when "
+        "How an archive restore empties the filesystem first: `auto` deletes the old content "
+        "while the image unpacks when the filesystem has room for both and a core is idle "
+        "(1-minute load average at most the cores less one), else re-makes it when "
         "vmimagemanager can make the same filesystem again (ext2/3/4 and xfs: the same UUID, "
         "label, features, geometry and superblock defaults, read from it and tried on a file "
-        "first) and deletes its content otherwise; `delete` always deletes the content; "
+        "first), else deletes its content first; `delete` always deletes the content; "
         "`mkfs` always re-makes it (the same filesystem where it can, else the type's "
         "defaults with the same type, UUID and label). A restore's `--json` says which ran "
         "and why.",
