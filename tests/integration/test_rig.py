@@ -36,7 +36,7 @@ def test_foreign_loops_mounts_and_domains_are_not_the_sessions(tmp_path, domains
         mounted = True
         domains.define(foreign_dom, start=True, disk=foreign_img)
         ours = domains.define(domains.name("own"), start=True)
-        loops, mnts, doms, _daemons, _holders = rig._owned()
+        loops, mnts, doms, _daemons, _holders, _sandboxes = rig._owned()
         assert not any(lo.startswith(foreign_loop + " ") for lo in loops)
         assert any(lo.startswith(own_loop + " ") for lo in loops)
         assert not any(foreign_mnt in m for m in mnts)
