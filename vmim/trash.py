@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from typing import Optional, Tuple
+from typing import Optional
 
 from vmim import tree, worklog
 
@@ -28,17 +28,6 @@ log = logging.getLogger(__name__)
 #: left free beside both trees (journal, directories, the filesystem's reserve)
 MARGIN_BYTES = 256 * 1024 * 1024
 MARGIN_INODES = 1024
-
-
-def idle_core() -> Tuple[bool, str]:
-    """Whether a core is idle for the deletion beside the unpack (the 1-minute load average
-    at most the cores this process may run on, less one), and the figures, said."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return False, "no load average"
-    cores = len(os.sched_getaffinity(0))
-    return load <= cores - 1, f"load average {load:.2f} on {cores} cores"
 
 
 def room_for_both(root: str, needs_bytes: int = 0) -> bool:

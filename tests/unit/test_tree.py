@@ -169,14 +169,3 @@ def test_a_root_holding_anything_else_is_left_to_the_sandboxed_merge(guest, log)
     assert tree.move_into_empty(staging, str(guest), [".vmim-trash.1"]) is None
     assert len(os.listdir(staging)) == 4
 
-
-@pytest.mark.parametrize("load,cores,idle", [(0.3, 2, True), (1.0, 2, True), (1.01, 2, False),
-                                             (0.0, 1, True), (0.2, 1, False), (5.5, 8, True),
-                                             (7.5, 8, False)])
-def test_a_core_is_idle_for_the_delete_beside_the_unpack_below_cores_less_one(
-        monkeypatch, load, cores, idle):
-    from vmim import trash
-
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert trash.idle_core() == (idle, f"load average {load:.2f} on {cores} cores")

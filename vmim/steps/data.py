@@ -3,7 +3,6 @@ restore, insert. The plan mounts the slot before them; whole-disk images go to w
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import stat
@@ -289,23 +288,17 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
 
 def _choose_clear(box: Box, root: str, needs_bytes: int) -> remake.Choice:
     """How this restore clears the slot: the slot's clear; for auto, the delete beside the
-    unpack when the filesystem has room for both trees and a core is idle to delete (as fast
-    as a re-make or faster, measured: docs/performance.md), else the re-make when the same
-    filesystem can be made (vmim.disk.remake reads it and tries), else the delete."""
+    unpack when the filesystem has room for both trees (as fast as a re-make or faster in
+    every run measured, busy machine or quiet: docs/performance.md), else the re-make when
+    the same filesystem can be made (vmim.disk.remake reads it and tries), else the delete."""
     slot = box.need_slot()
-    busy = ""
     if slot.clear == "auto" and trash.room_for_both(root, needs_bytes):
-        idle, load = trash.idle_core()
-        if idle:
-            return remake.Choice("delete", "auto: room for the image beside the previous "
-                                 f"content, and a core idle ({load}): deleted while the "
-                                 "image unpacks")
-        busy = f"; not deleted beside the unpack: no core idle ({load})"
+        return remake.Choice("delete", "auto: room for the image beside the previous content: "
+                             "deleted while the image unpacks")
     here = mounts.mounted_at(slot.mount)
     assert here is not None
     fs = disk_mod.probe_filesystem(here.source, f"box '{slot.name}'")
-    choice = remake.choose(slot.clear, here.source, fs, slot.mount)
-    return dataclasses.replace(choice, why=choice.why + busy) if busy else choice
+    return remake.choose(slot.clear, here.source, fs, slot.mount)
 
 
 def _remake_filesystem(box: Box, choice: remake.Choice) -> None:
