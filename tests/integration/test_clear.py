@@ -186,6 +186,33 @@ def test_default_clear_deletes_beside_the_unpack_when_there_is_room_for_both(vmi
     assert ext_superblock(slot.img)["Filesystem created"] == before["Filesystem created"]
 
 
+def test_an_image_proven_by_its_digest_deletes_beside_only_when_its_size_is_recorded(vmim,
+                                                                                      slot):
+    """No full read, so no size from the image itself: the store recorded what its filesystem
+    used. An image of an older store has no such record: the room for both is not known, and
+    the filesystem is re-made (the restore then fits whatever it holds)."""
+    slot.make(400, ["mkfs.ext4", "-q", "-F"])
+    cfg = slot.config()
+    step = restore(vmim, slot, cfg)
+    r = vmim("--config", cfg, "-b", slot.box, "--zstd", "-s", "mine")
+    assert r.code == 0, r
+    meta_path = slot.images / ".vmim" / "mine.json"
+    assert json.loads(meta_path.read_text())["filesystem_used"] > 0
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "mine", "--json")
+    assert r.code == 0, r
+    step = next(s for s in json.loads(r.out)["results"][0]["steps"] if s["step"] == "restore")
+    verify = next(s for s in json.loads(r.out)["results"][0]["steps"] if s["step"] == "verify")
+    assert verify["message"].endswith("checksum"), verify
+    assert step["clear"]["method"] == "delete", step
+    meta = json.loads(meta_path.read_text())
+    del meta["filesystem_used"]
+    meta_path.write_text(json.dumps(meta))
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "mine", "--json")
+    assert r.code == 0, r
+    step = next(s for s in json.loads(r.out)["results"][0]["steps"] if s["step"] == "restore")
+    assert step["clear"]["method"] == "mkfs", step
+
+
 def test_clear_delete_in_the_config_is_kept(vmim, slot):
     slot.make(64, ["mkfs.ext4", "-q", "-F"])
     before = ext_superblock(slot.img)

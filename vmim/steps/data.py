@@ -195,12 +195,13 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
                 fmt.mirror(path, root)
             clock.lap("transfer")
         else:
-            choice = _choose_clear(box, root, getattr(proven.summary, "needs_bytes", 0) or 0)
+            needs = _image_bytes(proven, st.metadata(name))
+            choice = _choose_clear(box, root, needs)
             rec.details["clear"] = choice.as_dict()
             records = worklog.WorkLog.of(box.cfg, slot)
             if choice.method == "mkfs":
                 _remake_filesystem(box, choice)
-            elif trash.room_for_both(root, getattr(proven.summary, "needs_bytes", 0) or 0):
+            elif trash.room_for_both(root, needs or 0):
                 # set aside, deleted while the image unpacks
                 deletion = trash.Deletion(root, records)
             else:
@@ -286,13 +287,26 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
     return f"{t.name} ({proven.fmt.name}) at {t.directory}: {n} {'entry' if n == 1 else 'entries'}"
 
 
-def _choose_clear(box: Box, root: str, needs_bytes: int) -> remake.Choice:
+def _image_bytes(proven: Proven, meta: Optional[Dict[str, Any]]) -> Optional[int]:
+    """What the image's tree takes: read from it by a full-read proof, else what the
+    filesystem it was stored from used (the metadata of stores after 1.0.0 records it); None
+    when unknown (an image proven by the digest of an older store)."""
+    needs = getattr(proven.summary, "needs_bytes", None)
+    if needs:
+        return int(needs)
+    used = (meta or {}).get("filesystem_used")
+    return used if isinstance(used, int) and not isinstance(used, bool) and used > 0 else None
+
+
+def _choose_clear(box: Box, root: str, needs_bytes: Optional[int]) -> remake.Choice:
     """How this restore clears the slot: the slot's clear; for auto, the delete beside the
     unpack when the filesystem has room for both trees (as fast as a re-make or faster in
-    every run measured, busy machine or quiet: docs/performance.md), else the re-make when
-    the same filesystem can be made (vmim.disk.remake reads it and tries), else the delete."""
+    every run measured, busy machine or quiet: docs/performance.md) — known to, as the size of
+    the image's tree is known — else the re-make when the same filesystem can be made
+    (vmim.disk.remake reads it and tries), else the delete."""
     slot = box.need_slot()
-    if slot.clear == "auto" and trash.room_for_both(root, needs_bytes):
+    if slot.clear == "auto" and needs_bytes is not None and \
+            trash.room_for_both(root, needs_bytes):
         return remake.Choice("delete", "auto: room for the image beside the previous content: "
                              "deleted while the image unpacks")
     here = mounts.mounted_at(slot.mount)
