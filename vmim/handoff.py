@@ -25,14 +25,24 @@ def sandbox_argv(argv: Any) -> bool:
 
 
 def host_file(f: Any) -> bool:
-    """f (a descriptor or file object) is a host file that has a name (see the module)."""
+    """f (a descriptor or file object) is a host file that has a name (see the module): all
+    but an anonymous pipe or socket and an unlinked regular file (a temporary file) — a named
+    FIFO or a device node is one too (a block device reopened for writing)."""
     if f is None or isinstance(f, int) and f < 0:  # subprocess.PIPE, DEVNULL, STDOUT
         return False
     try:
-        st = os.fstat(f if isinstance(f, int) else f.fileno())
+        fd = f if isinstance(f, int) else f.fileno()
+        st = os.fstat(fd)
     except (OSError, ValueError, AttributeError):
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_nlink > 0
+    if stat.S_ISREG(st.st_mode):
+        return st.st_nlink > 0
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        try:  # an anonymous one reads as "pipe:[N]" or "socket:[N]", a named FIFO as its path
+            return os.readlink(f"/proc/self/fd/{fd}").startswith("/")
+        except OSError:
+            return True
+    return True
 
 
 def check_streams(kwargs: Dict[str, Any]) -> None:

@@ -319,3 +319,33 @@ def test_the_debian_package_table_names_programs_the_code_runs_and_packages_setu
     assert sorted(set(DEBIAN_PACKAGES.values()) - installed) == []
     assert sorted(set(DEBIAN_PACKAGES) - named) == []
 
+
+
+def test_a_sandboxed_command_is_handed_no_host_file_that_has_a_name(tmp_path):
+    """It could open it again through /proc/self/fd, for writing too: a named file, a named
+    FIFO, a device node; a pipe, a socket and an unlinked temporary file are no such thing."""
+    import socket
+    import tempfile
+
+    from vmim import handoff
+
+    named, fifo = tmp_path / "named", tmp_path / "fifo"
+    named.write_bytes(b"x")
+    os.mkfifo(fifo)
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    fifo_fd = os.open(fifo, os.O_RDWR)  # O_RDWR: a FIFO opens without a peer
+    try:
+        with open(named, "rb") as f, open("/dev/null", "rb") as null, \
+                tempfile.TemporaryFile() as tmp:
+            for given in (f, fifo_fd, null):
+                assert handoff.host_file(given), given
+                with pytest.raises(ValueError, match="host file as its stdin"):
+                    handoff.check_streams({"stdin": given})
+            for given in (r, w, a, tmp, None, subprocess.PIPE, subprocess.DEVNULL):
+                assert not handoff.host_file(given), given
+    finally:
+        for fd in (r, w, fifo_fd):
+            os.close(fd)
+        a.close()
+        b.close()
