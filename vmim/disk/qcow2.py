@@ -27,6 +27,7 @@ from vmim.disk import SlotDisk, check_exists, fuse, hold
 from vmim.disk.kpartx import PartitionOf
 from vmim.disk.partition import WholeDevice
 from vmim.errors import CommandError, StateError
+from vmim.paths import is_under
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def _named_file(image: str, name: str, kind: str, store: Optional[str], what: st
                          "store)")
     path = name if os.path.isabs(name) else os.path.join(os.path.dirname(image), name)
     real = os.path.realpath(path)
-    if store is not None and os.path.commonpath([real, store]) != store:
+    if store is not None and not is_under(real, store):
         shown = name if real == os.path.normpath(path) else f"{name} -> {real}"
         raise StateError(f"{what}: its {kind} '{shown}' is outside the image store {store}: "
                          "refused (a disk image may only stand on images in the store)")

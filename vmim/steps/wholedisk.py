@@ -16,6 +16,7 @@ from vmim.archive import detect
 from vmim.config import Slot
 from vmim.disk import hold, qcow2
 from vmim.errors import CommandError, StateError
+from vmim.paths import is_under
 from vmim.progress import human_size
 from vmim.recorder import StepResult
 from vmim.steps import Box, Proven
@@ -98,7 +99,7 @@ def check_image(st: store_mod.ImageStore, name: str, fmt_name: str) -> None:
     what = f"image '{name}'"
     store = os.path.realpath(st.directory)
     real = os.path.realpath(path)
-    if os.path.commonpath([real, store]) != store or not os.path.isfile(real):
+    if not is_under(real, store) or not os.path.isfile(real):
         raise StateError(f"{what}: '{path}' leads to '{real}', not a file in the image store "
                          f"{store}: refused")
     if fmt_name == "qcow2":
