@@ -12,8 +12,8 @@ the restored tree on the slot's disk (`sync -f` of the slot's filesystem), so th
 restore leaves behind is counted wherever it happens:
 
 - restore tar.zst: `vmimagemanager -r` with the default config (no clear line: `auto`,
-  which deletes beside the unpack on these slots, with room for both) and with
-  `clear = "mkfs"` (the same ext4 re-made) vs
+  which re-makes the corpus's slot, 55,945 inodes, and deletes Debian 12's, 13,613, beside
+  the unpack) and with `clear = "mkfs"` (the same ext4 re-made) vs
   `umount; mkfs.ext4; mount; zstd -dc | tar -x; sync`
 - restore tgz: the same with `pigz -dc`
 - store tar.zst: `vmimagemanager --zstd -s` vs `tar | zstd -T0 > f; sync -f f`
@@ -209,10 +209,9 @@ def restore_contenders(tools: List[Tool], image: str, decompress: str) -> dict:
 
 
 def restore_tools(tools: List[Tool]) -> List[Tool]:
-    """The restore contenders of the tool: each version with the default config (auto: the
-    delete beside the unpack where there is room for both, as on the bench's slots), and this
-    one with clear = "mkfs" too (the same filesystem re-made: what auto does on a slot
-    without room for both)."""
+    """The restore contenders of the tool: each version with the default config (auto), and
+    this one with clear = "mkfs" too (the same filesystem re-made: what auto does with a
+    large old content or without room for both)."""
     out = [tools[0], Tool(f"{tools[0].label}, clear = mkfs", tools[0].root, "mkfs")]
     return out + tools[1:]
 
