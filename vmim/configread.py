@@ -258,8 +258,11 @@ def convert_value(key: Key, text: str, fmt: str) -> Tuple[bool, Any]:
     if t == "list":
         if isinstance(value, str):
             items = value.replace(",", " ").split() if fmt == "legacy" else [value]
-            return True, tuple(items)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return True, tuple(value)
-        return False, f"expected a list of strings, got {json.dumps(value)}"
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            items = value
+        else:
+            return False, f"expected a list of strings, got {json.dumps(value)}"
+        if any(CONTROL_CHARACTER.search(v) for v in items):
+            return False, f"holds a control character: {json.dumps(value)}"
+        return True, tuple(items)
     raise AssertionError(f"unknown key type {t}")

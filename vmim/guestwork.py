@@ -57,7 +57,10 @@ def _prepare(req: Dict[str, Any]) -> None:
     takes its metadata (so an archive without a "." entry changes none of it)."""
     from vmim import tree
 
-    tree.copy_dir_metadata(tree.target_dir(req["root"], req["dest"]), req["staging"])
+    # exact: the staging directory, made at the guest root, may carry the root's default ACL
+    # (the kernel's inheritance); what the insert unpacks takes the target's, as there
+    tree.copy_dir_metadata(tree.target_dir(req["root"], req["dest"]), req["staging"],
+                           exact=True)
 
 
 OPERATIONS: Dict[str, Callable[[Dict[str, Any]], Any]] = {

@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 STDERR_TAIL = 2000
 
 
-def _env() -> dict:
+def _env(daemon: bool = False) -> dict:
     """Commands run in the C locale (their messages and output are parsed and quoted), marked
-    with the run that started them."""
-    return {**os.environ, "LC_ALL": "C", procscan.OWNER_ENV: procscan.owner_tag()}
+    with the run that started them — but a daemon meant to outlive the run (a qcow2 slot's
+    FUSE export): the next run would take it for what a killed run left."""
+    env = {**os.environ, "LC_ALL": "C", procscan.OWNER_ENV: procscan.owner_tag()}
+    if daemon:
+        del env[procscan.OWNER_ENV]
+    return env
 
 
 #: Every command dies with the run that started it, kill -9 included: it runs under
@@ -58,13 +62,13 @@ def dies_with_run(argv: Sequence[str], path: Optional[str] = None,
             str(os.getpid() if parent is None else parent), *argv]
 
 
-def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+def popen(argv: Sequence[str], *, daemon: bool = False, **kwargs: Any) -> subprocess.Popen:
     """Start a command in a process group of its own (so that stopping it stops whatever it
     forked, rsync's receiver say), in the C locale, marked as ours, dying with this run
     (dies_with_run). A sandbox's argv gets a descriptor of its own of the seccomp filter
     (vmim.sandbox.SECCOMP_FD)."""
     argv = [os.fsdecode(a) for a in argv]
-    env = _env()
+    env = _env(daemon)
     filter_fd = None
     try:
         if handoff.sandbox_argv(argv):
@@ -132,8 +136,10 @@ def run(
     input: Optional[str] = None,
     timeout: Optional[float] = None,
     ok_codes: Sequence[int] = (0,),
+    daemon: bool = False,
 ) -> Result:
-    """Run argv (never through a shell) and check its exit status.
+    """Run argv (never through a shell) and check its exit status. With daemon, argv starts
+    a daemon that outlives the run: it is not marked as the run's (_env).
 
     With capture=True stdout and stderr are returned as text; otherwise stdout is
     inherited only when the caller wants it (it is not: stdout is for results), so it
@@ -151,6 +157,7 @@ def run(
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         text=True,
         errors="surrogateescape",
+        daemon=daemon,
     )
     with track(proc):
         try:

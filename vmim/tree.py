@@ -14,6 +14,7 @@ This process itself only makes and marks staging directories at the guest root.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -31,6 +32,8 @@ WORK_PREFIX = ".vmim-"
 #: the mark 1.x put on its staging directories. The guest's root can set it too, so it proves
 #: nothing: what the tool made is recorded on the host (vmim.worklog). Never copied to the guest.
 OWNER_XATTR = "user.vmim.owner"
+#: a directory's ACLs, as extended attributes
+ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 
 
 def _split(path: str) -> List[str]:
@@ -256,6 +259,12 @@ def staging_dir(root: str, what: str, like: Optional[str] = None, *,
         raise
     if like is not None:
         copy_dir_metadata(like, path, xattrs=like_xattrs)
+        if not like_xattrs:  # the kernel gave it the root's default ACL, if the root has one:
+            # passed on to every member the image does not give an ACL of its own (a cpio
+            # image gives none: the previous guest's ACL on all of the new system's files)
+            for name in ACL_XATTRS:
+                with contextlib.suppress(OSError):
+                    os.removexattr(path, name, follow_symlinks=False)
     return path
 
 

@@ -287,6 +287,24 @@ def test_dry_run_of_a_tree_restore_into_a_qcow2_slot(vmim, rig):
     assert storage_daemons() == set()
 
 
+def test_the_export_daemon_of_a_slot_left_mounted_is_no_leftover_of_its_run(vmim, rig):
+    """It outlives the --mount that started it, by design: it carries no owner tag of that
+    run, so no later run takes it for what a killed run left (were it in another mount
+    namespace, it would hold the slot's filesystem mounted there: reaped, the slot's disk
+    gone from under its mount)."""
+    from vmim import procscan
+
+    run_ok(vmim, rig, "-b", rig.names["bare"], "--mount")
+    exp = fuse.export_for(rig.disks["bare"])
+    (pid,) = fuse.daemon_pids(exp)
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        assert procscan.OWNER_ENV.encode() + b"=" not in fh.read()
+    assert procscan.reap_orphans([rig.mnt("bare"), exp.path]) == []
+    assert fuse.daemon_pids(exp) == [pid]
+    run_ok(vmim, rig, "-b", rig.names["bare"], "--release")
+    assert_nothing_left(rig, "bare")
+
+
 def test_release_after_the_export_daemon_itself_was_killed(vmim, rig):
     """A daemon killed by SIGKILL leaves its FUSE mount (dead: 'Transport endpoint is not
     connected') and its pidfile; --release unmounts and removes them."""

@@ -546,3 +546,14 @@ def test_a_control_character_in_a_config_value_is_a_config_error(tmp_path, value
     assert any("hostdisk: holds a control character" in p.lower() for p in exc.value.problems), \
         exc.value.problems
     assert not any(c in str(exc.value) for c in "\x01\x1b\u202e\t")
+
+
+def test_a_control_character_in_a_list_value_is_a_config_error(tmp_path):
+    path = tmp_path / "c.cfg"
+    path.write_text('[vmim.vm.a]\nHostName = "a"\nHostDisk = "/d/a.img"\npartition = 1\n'
+                    'mac = ["52:54:00:00:00:01", "aa:bb\\u0001"]\n')
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    assert exc.value.exit_code == 3
+    assert any("mac: holds a control character" in p for p in exc.value.problems), \
+        exc.value.problems

@@ -74,7 +74,7 @@ def start(exp: Export) -> None:
     with open(exp.path, "a"):  # the mount point: an existing regular file
         pass
     try:
-        process.run(daemon_argv(exp))
+        process.run(daemon_argv(exp), daemon=True)  # not reaped as a killed run's leftover
     except CommandError as exc:
         _remove_files(exp)
         if "lock" in exc.stderr_tail:
