@@ -22,6 +22,7 @@ import time
 from typing import Optional
 
 from vmim import tree, worklog
+from vmim.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,12 @@ class Deletion:
         """Wait for the deletion; raise what it failed with."""
         self._thread.join()
         self._waited = True
+        if isinstance(self.error, CommandError) and \
+                "Operation not permitted" in self.error.stderr_tail:
+            raise CommandError(self.error.argv, self.error.returncode,
+                               self.error.stderr_tail + "\n(files the guest made immutable or "
+                               "append-only, `chattr`, cannot be deleted: clear = \"mkfs\" in "
+                               "the slot's section re-makes the filesystem instead)")
         if self.error is not None:
             raise self.error
 

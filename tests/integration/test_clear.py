@@ -278,3 +278,27 @@ def test_clear_mkfs_re_makes_even_what_it_cannot_make_the_same(vmim, slot):
     assert "its defaults, the same UUID and label" in step["clear"]["why"]
     assert label_uuid(slot.img) == names
 
+
+
+def test_an_immutable_entry_the_guest_left_makes_auto_re_make_not_fail(vmim, slot):
+    """chattr +i on an entry of the root (the guest's root may set it): it cannot be set aside
+    for the delete beside the unpack, so auto re-makes the filesystem instead, and says why."""
+    import subprocess
+
+    slot.make(400, ["mkfs.ext4", "-q", "-F"])
+    cfg = slot.config()
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    pinned = os.path.join(slot.mnt, "pinned")
+    with open(pinned, "w") as fh:
+        fh.write("old\n")
+    subprocess.run(["chattr", "+i", pinned], check=True)
+    step = restore(vmim, slot, cfg)
+    assert step["clear"]["method"] == "mkfs", step
+    assert step["clear"]["why"].startswith(
+        "the old content could not be set aside (Operation not permitted: pinned): the same "
+        "ext4 re-made"), step
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    assert sorted(os.listdir(slot.mnt)) == ["etc", "lost+found", "usr"]
+    vmim("--config", cfg, "-b", slot.box, "--release")

@@ -3,6 +3,7 @@ restore, insert. The plan mounts the slot before them; whole-disk images go to w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import stat
@@ -20,6 +21,7 @@ from vmim.progress import human_size
 from vmim.recorder import Clock, StepResult, as_error
 from vmim.steps import Box, Proven, wholedisk
 from vmim.steps.mount import release_command
+from vmim.terminal import safe
 
 
 def _root(box: Box) -> str:
@@ -203,7 +205,21 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
                 _remake_filesystem(box, choice)
             elif trash.room_for_both(root, needs or 0):
                 # set aside, deleted while the image unpacks
-                deletion = trash.Deletion(root, records)
+                try:
+                    deletion = trash.Deletion(root, records)
+                except OSError as exc:
+                    if slot.clear != "auto":
+                        raise
+                    # an immutable or append-only entry (chattr: the guest's root may set it)
+                    # cannot be moved: auto's other way, the re-make, does not care
+                    choice = _choose_clear(box, root, None)
+                    if choice.method != "mkfs":
+                        raise
+                    choice = dataclasses.replace(choice, why=(
+                        f"the old content could not be set aside ({exc.strerror}: "
+                        f"{safe(os.path.basename(str(exc.filename)))}): {choice.why}"))
+                    rec.details["clear"] = choice.as_dict()
+                    _remake_filesystem(box, choice)
             else:
                 tree.clear(root)
             clock.lap("clear")
