@@ -43,6 +43,19 @@ def owner_tag() -> str:
     return f"{pid}:{_start_time(pid)}"
 
 
+def owner_of(pid: str) -> Optional[str]:
+    """The owner tag (OWNER_ENV) a process carries: the run that started it; None for a
+    process that carries none, or is gone."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            environ = fh.read().split(b"\0")
+    except OSError:
+        return None
+    mark = OWNER_ENV.encode() + b"="
+    return next((e[len(mark):].decode("ascii", "replace") for e in environ
+                 if e.startswith(mark)), None)
+
+
 def owner_gone(tag: str) -> bool:
     """Whether the run an owner_tag() names has ended (its pid is gone, or is another process)."""
     owner, _, started = tag.partition(":")
@@ -171,13 +184,7 @@ def _orphans_in_the_way(paths: Sequence[str], devnos: set) -> Dict[str, str]:
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
             continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as fh:
-                environ = fh.read().split(b"\0")
-        except OSError:
-            continue
-        tag = next((e[len(OWNER_ENV) + 1:].decode("ascii", "replace") for e in environ
-                    if e.startswith(OWNER_ENV.encode() + b"=")), None)
+        tag = owner_of(name)
         if tag is not None and owner_gone(tag):
             orphans[name] = tag.partition(":")[0]
     in_the_way = {pid for top in paths for pid in path_users(top, list(orphans))}

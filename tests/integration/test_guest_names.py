@@ -162,19 +162,8 @@ def test_a_run_killed_at_any_moment_of_its_start_leaves_nothing_running(vmim, ri
 
 def _tagged(run_pid):
     """The processes that carry the owner tag of the run with this pid."""
-    mark = f"{procscan.OWNER_ENV}={run_pid}:".encode()
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                environ = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if any(e.startswith(mark) for e in environ):
-            found.append((pid, procscan.comm(pid)))
-    return found
+    return [(pid, procscan.comm(pid)) for pid in os.listdir("/proc") if pid.isdigit() and
+            (procscan.owner_of(pid) or "").startswith(f"{run_pid}:")]
 
 
 def test_a_record_does_not_delete_a_guest_entry_made_later_under_the_same_name(vmim, rig):
