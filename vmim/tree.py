@@ -14,7 +14,6 @@ This process itself only makes and marks staging directories at the guest root.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -32,8 +31,6 @@ WORK_PREFIX = ".vmim-"
 #: the mark 1.x put on its staging directories. The guest's root can set it too, so it proves
 #: nothing: what the tool made is recorded on the host (vmim.worklog). Never copied to the guest.
 OWNER_XATTR = "user.vmim.owner"
-#: a directory's ACLs, as extended attributes
-ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 
 
 def _split(path: str) -> List[str]:
@@ -115,7 +112,7 @@ def copy_dir_metadata(src: str, dst: str, *, xattrs: bool = True, exact: bool = 
             try:
                 os.removexattr(dst, name, follow_symlinks=False)
             except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.ENODATA):
                     raise
     for name in names:  # OWNER_XATTR: a 1.x staging directory's own mark, never the guest's
         try:
@@ -258,13 +255,10 @@ def staging_dir(root: str, what: str, like: Optional[str] = None, *,
         records.forget(os.path.basename(path))
         raise
     if like is not None:
-        copy_dir_metadata(like, path, xattrs=like_xattrs)
-        if not like_xattrs:  # the kernel gave it the root's default ACL, if the root has one:
-            # passed on to every member the image does not give an ACL of its own (a cpio
-            # image gives none: the previous guest's ACL on all of the new system's files)
-            for name in ACL_XATTRS:
-                with contextlib.suppress(OSError):
-                    os.removexattr(path, name, follow_symlinks=False)
+        # exact: mkdir gave it the root's default ACL, if the root has one, which would pass
+        # on to every member the image gives no ACL of its own (a cpio image gives none: the
+        # previous guest's ACL on all of the new system's files)
+        copy_dir_metadata(like, path, xattrs=like_xattrs, exact=True)
     return path
 
 

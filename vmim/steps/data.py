@@ -183,7 +183,8 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
         return wholedisk.restore(box, name, proven, rec)
     st = box.store("vmimages")
     path, fmt = proven.path, proven.fmt
-    size = store_mod.stored_size(st.metadata(name), path)  # a tree's, without walking it again
+    meta = st.metadata(name)
+    size = store_mod.stored_size(meta, path)  # a tree's, without walking it again
     clock = Clock()
     rec.details.update(image=name, format=fmt.name, bytes=size, timings=clock.laps)
     root = _root(box)
@@ -197,7 +198,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
                 fmt.mirror(path, root)
             clock.lap("transfer")
         else:
-            needs = _image_bytes(proven, st.metadata(name))
+            needs = _image_bytes(proven, meta)
             choice = _choose_clear(box, root, needs)
             rec.details["clear"] = choice.as_dict()
             records = worklog.WorkLog.of(box.cfg, slot)
