@@ -302,3 +302,31 @@ def test_an_immutable_entry_the_guest_left_makes_auto_re_make_not_fail(vmim, slo
     assert r.code == 0, r
     assert sorted(os.listdir(slot.mnt)) == ["etc", "lost+found", "usr"]
     vmim("--config", cfg, "-b", slot.box, "--release")
+
+
+def test_an_immutable_file_inside_the_old_content_fails_the_delete_naming_clear_mkfs(vmim, slot):
+    """The set-aside moves the top-level entries only: a file made immutable below them is met
+    by the rm beside the unpack. The restore fails (exit 6), the slot marked incomplete, and
+    the message says what to set."""
+    import subprocess
+
+    slot.make(400, ["mkfs.ext4", "-q", "-F"])
+    cfg = slot.config()
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    os.makedirs(os.path.join(slot.mnt, "var", "lib"))
+    pinned = os.path.join(slot.mnt, "var", "lib", "pinned")
+    with open(pinned, "w") as fh:
+        fh.write("old\n")
+    subprocess.run(["chattr", "+i", pinned], check=True)
+    try:
+        r = vmim("--config", cfg, "-b", slot.box, "-r", "golden", "--mount")
+        assert r.code == 6, r
+        assert "Operation not permitted" in r.err and 'clear = "mkfs"' in r.err, r.err
+        assert "incomplete" in r.err, r.err
+    finally:
+        r = vmim("--config", cfg, "-b", slot.box, "--mount")
+        for top, _dirs, files in os.walk(slot.mnt):
+            if "pinned" in files:
+                subprocess.run(["chattr", "-i", os.path.join(top, "pinned")], check=True)
+        vmim("--config", cfg, "-b", slot.box, "--release")
