@@ -229,17 +229,13 @@ def mount_namespace(pid: str) -> str:
 
 def mounted_devices(pid: str) -> set:
     """The filesystems (st_dev) mounted anywhere in a process's mount namespace."""
-    found = set()
+    from vmim.disk.mounts import parse_mountinfo  # which imports this module
+
     try:
-        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                fields = line.split(" ")
-                if len(fields) > 4:
-                    major, minor = fields[2].split(":")
-                    found.add(os.makedev(int(major), int(minor)))
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+            return {m.devno for m in parse_mountinfo(fh.read())}
     except (OSError, ValueError):
-        pass
-    return found
+        return set()
 
 
 def pid_alive(pid_text: str) -> bool:
