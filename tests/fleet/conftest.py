@@ -242,6 +242,7 @@ def fleet(tmp_path_factory, broker):
         # own to unmount), and so does that of a test session that starts while this one runs
         mounts.ensure_shared(os.path.join(f.root, h, "mnt"))
     try:
+        declare_shared(broker.url)  # as the site's first client does: a host's user may not
         for h in HOSTS:
             f.start(h)
         yield f
@@ -310,6 +311,18 @@ def big(fleet):
     st = fleet.vmim("-b", "h2a", "-s", "big", "--release")
     assert st.code == 0, st
     return "big"
+
+
+def declare_shared(url: str) -> str:
+    """What a client declares when it connects (the fleet's exchanges and vmim.any), as the
+    user of `url`: topology.ensure_shared's answer."""
+    import kombu
+
+    from vmim.fleet import topology
+
+    with kombu.Connection(url) as conn:
+        conn.connect()
+        return topology.ensure_shared(conn.connection)
 
 
 #: the client user's permissions of docs/fleet.md: publish jobs and list requests, own its

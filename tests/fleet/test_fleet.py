@@ -330,7 +330,9 @@ def test_a_redelivered_finished_job_is_answered_from_the_journal(fleet, broker):
 
 def test_lists_with_no_live_worker_exit_7_with_the_reason(broker):
     """A fleet where no worker runs: -l says so (exit 7); an empty list would read as 'no
-    slots'. A virtual host of its own stands for such a fleet."""
+    slots'. A virtual host of its own stands for such a fleet. The first client finds nothing
+    of the fleet there (it declares what the hosts share): no worker has ever started; the
+    next ones get no answer."""
     import subprocess
     import sys
 
@@ -342,21 +344,12 @@ def test_lists_with_no_live_worker_exit_7_with_the_reason(broker):
         assert broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
                           ).returncode == 0
         url = broker.url[:-1] + vhost
-        for argv in (["-l"], ["-l", "--json"], ["-f"]):
+        for i, argv in enumerate((["-l"], ["-l", "--json"], ["-f"])):
             res = subprocess.run([sys.executable, "-m", "vmim", "--broker", url, *argv],
                                  capture_output=True, text=True, env=env(), timeout=120)
             assert res.returncode == 7, res
-            assert "no worker has ever started at" in res.stderr, res.stderr
-        # a worker that started once and is gone: the exchange is there, nobody answers
-        import kombu
-
-        with kombu.Connection(url) as conn:
-            control = kombu.Exchange("vmim.control", "fanout", durable=True)
-            control(conn.default_channel).declare()
-        res = subprocess.run([sys.executable, "-m", "vmim", "--broker", url, "-l"],
-                             capture_output=True, text=True, env=env(), timeout=120)
-        assert res.returncode == 7, res
-        assert "no worker answered at" in res.stderr, res.stderr
+            said = "no worker has ever started at" if i == 0 else "no worker answered at"
+            assert said in res.stderr, res.stderr
     finally:
         broker.ctl("delete_vhost", vhost)
 

@@ -358,3 +358,124 @@ def test_a_compressed_message_is_never_inflated_by_a_worker(fleet, sender):
     assert all(g < 100 for g in grown.values()), grown
     assert queue_depth(fleet.broker, "vmim.host.h1.box.h1a") == 0
     assert queue_depth(fleet.broker, "vmim.any") == 0
+
+
+def test_a_host_user_cannot_delete_or_declare_again_what_every_host_shares(fleet, broker):
+    """What every host shares — the jobs exchange, the control fanout, vmim.any — is declared
+    by the clients. A host's user that could declare them could also delete them (no job,
+    no list for any host until a worker connects again), or declare the jobs exchange again
+    as a fanout, which no topic permission guards, and take a copy of every host's jobs.
+    Each attempt is refused (403); they stay as declared, and the fleet goes on."""
+    import amqp
+    import kombu
+
+    user, url = evil_host(broker)
+    attempts = {
+        "delete the jobs exchange": lambda ch: ch.exchange_delete(protocol.JOBS),
+        "delete the control fanout": lambda ch: ch.exchange_delete(protocol.CONTROL),
+        "delete vmim.any": lambda ch: ch.queue_delete(protocol.ANY_QUEUE),
+        "declare the jobs exchange as a fanout": lambda ch: ch.exchange_declare(
+            protocol.JOBS, "fanout", durable=True, auto_delete=False),
+        "declare vmim.any again": lambda ch: ch.queue_declare(
+            protocol.ANY_QUEUE, durable=True, auto_delete=False),
+    }
+    done, refused = [], []
+    try:
+        with kombu.Connection(url) as conn:
+            conn.connect()
+            for what, attempt in attempts.items():
+                channel = conn.connection.channel()  # a refusal closes it
+                try:
+                    attempt(channel)
+                except amqp.exceptions.AccessRefused as exc:
+                    refused.append((what, str(exc)))
+                else:
+                    done.append(what)
+    finally:
+        broker.ctl("delete_user", user)
+    assert done == [], done
+    assert len(refused) == len(attempts), refused
+    exchanges = {tuple(line.split()) for line in
+                 broker.ctl("list_exchanges", "name", "type").stdout.splitlines()}
+    assert {(protocol.JOBS, "topic"), (protocol.CONTROL, "fanout")} <= exchanges, exchanges
+    bindings = {tuple(line.split()) for line in broker.ctl(
+        "list_bindings", "source_name", "destination_name", "routing_key").stdout.splitlines()}
+    assert (protocol.JOBS, protocol.ANY_QUEUE, protocol.ANY_KEY) in bindings, bindings
+    lists = fleet.vmim("-l", "--json")
+    assert lists.code == 0, lists
+    assert {"h1", "h2", "h3"} <= {b["host"] for b in lists.json()["boxes"]}, lists.out
+
+
+def test_a_worker_waits_for_a_client_to_declare_what_every_host_shares(broker, tmp_path):
+    """On a broker where nothing of the fleet is declared yet, a worker whose user has the
+    host permissions of docs/fleet.md may not declare the shared objects: it says it waits,
+    and looks again every second. A client whose user may not declare them either (the
+    client permissions of earlier releases) exits 7 saying so; the first client that may
+    declares them (and, finding none, exits 7: no worker has ever started), and the worker
+    is then ready and listed."""
+    import subprocess
+    import sys
+
+    from tests.fleet.conftest import env, stop_process
+    from vmim.fleet import permissions
+
+    vhost = f"vmim-fresh-{os.getpid()}"
+    host, users = f"hw{os.getpid()}", {}
+    assert broker.ctl("add_vhost", vhost).returncode == 0
+    worker = None
+    try:
+        grants = {host: permissions.host_grants(host, ["pw1"]),
+                  "ci-new": permissions.client_grants(),
+                  "ci-old": (r"^vmim\.reply\..*", r"^(vmim\.jobs\.topic|vmim\.control)$"
+                             r"|^amq\.default$", r"^vmim\.reply\..*")}
+        for user, grant in grants.items():
+            broker.ctl("delete_user", user)
+            assert broker.ctl("add_user", user, f"pw-{user}").returncode == 0
+            users[user] = f"amqp://{user}:pw-{user}@127.0.0.1:{broker.port}/{vhost}"
+            assert broker.ctl("set_permissions", "-p", vhost, user, *grant).returncode == 0
+        assert broker.ctl("set_topic_permissions", "-p", vhost, host, protocol.JOBS,
+                          *permissions.host_topic_grants(["pw1"])).returncode == 0
+        disk = tmp_path / "pw1.img"
+        disk.write_bytes(b"")
+        cfg = tmp_path / "hw.cfg"
+        cfg.write_text(f'[vmim.local]\nlockdir = "{tmp_path}/locks"\n'
+                       f'statedir = "{tmp_path}/state"\n'
+                       f'[vmim.vm.pw1]\nHostName = "pw1"\nroot = "{disk}"\n')
+        log = tmp_path / "worker.log"
+        with open(log, "w") as fh:
+            worker = subprocess.Popen([sys.executable, "-m", "vmim", "worker", "--config",
+                                       str(cfg), "--broker", users[host], "--host-name", host],
+                                      stderr=fh, stdout=fh, env=env(), start_new_session=True)
+
+        def wait_for(text: str) -> None:
+            deadline = time.monotonic() + 30
+            while text not in log.read_text():
+                assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
+                time.sleep(0.1)
+
+        def client(user, *argv):
+            return subprocess.run([sys.executable, "-m", "vmim", "--broker", users[user],
+                                   *argv], capture_output=True, text=True, env=env(),
+                                  timeout=120)
+
+        wait_for(f"worker {host}: waiting: the fleet's exchanges")
+        time.sleep(2.5)  # it looks again meanwhile, and says so once
+        text = log.read_text()
+        assert f"worker {host}: ready" not in text and text.count("waiting:") == 1, text
+        old = client("ci-old", "-l")
+        assert old.returncode == 7, old
+        assert "user ci-old may not declare them" in old.stderr, old.stderr
+        first = client("ci-new", "-l")
+        assert first.returncode == 7, first
+        assert "no worker has ever started at" in first.stderr, first.stderr
+        wait_for(f"worker {host}: ready")
+        lists = client("ci-new", "-l", "--json")
+        assert lists.returncode == 0, lists
+        assert (host, "pw1") in {(b["host"], b["name"]) for b in json.loads(lists.stdout)["boxes"]}
+        assert "ACCESS_REFUSED" not in log.read_text()  # it never tried what it may not
+    finally:
+        if worker is not None:
+            stop_process(worker)
+        for user in users:
+            broker.ctl("delete_user", user)
+        broker.ctl("delete_vhost", vhost)

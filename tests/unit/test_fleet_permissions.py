@@ -21,9 +21,6 @@ def allowed(regex: str, name: str) -> bool:
 
 @pytest.mark.parametrize("name,ok", [
     ("vmim.host.h1.box.web1", True),
-    ("vmim.any", True),
-    ("vmim.jobs.topic", True),
-    ("vmim.control", True),
     ("vmim.control.h1.0a1b2c3d", True),
     ("vmim.host.h1.probe.0a1b2c3d", True),
     ("vmim.host.h10.box.web1", False),  # another host whose name starts alike
@@ -41,6 +38,16 @@ def test_a_host_user_configures_and_reads_its_own_names_only(name, ok):
     configure, _write, read = permissions.host_grants("h1", ["web1"])
     assert allowed(configure, name) == ok
     assert allowed(read, name) == ok
+
+
+@pytest.mark.parametrize("name", [protocol.JOBS, protocol.CONTROL, protocol.ANY_QUEUE])
+def test_a_host_user_reads_what_every_host_shares_but_cannot_configure_it(name):
+    """Configure would let a host delete them, or declare the jobs exchange again as a fanout
+    (no topic permission guards a fanout) and see every host's jobs: the clients declare
+    them (vmim.fleet.topology)."""
+    configure, write, read = permissions.host_grants("h1", ["web1"])
+    assert allowed(read, name)
+    assert not allowed(configure, name) and not allowed(write, name)
 
 
 def test_a_host_user_writes_its_queues_and_answers_but_publishes_no_job():
@@ -81,7 +88,12 @@ def test_a_client_publishes_jobs_and_list_requests_and_owns_its_reply_queues():
         assert allowed(write, name)
     assert not allowed(write, "vmim.jobs") and not allowed(write, "vmim.host.h1.box.web1")
     assert allowed(configure, "vmim.reply.0123") and allowed(read, "vmim.reply.0123")
-    assert not allowed(read, "vmim.any")
+    assert not allowed(read, "vmim.any")  # it takes no job
+    for name in (protocol.JOBS, protocol.CONTROL, protocol.ANY_QUEUE):  # it declares them
+        assert allowed(configure, name)
+    assert allowed(write, protocol.ANY_QUEUE) and allowed(read, protocol.JOBS)  # and binds
+
+
 
 
 def test_a_reply_is_believed_from_the_hosts_user_or_the_clients_own():

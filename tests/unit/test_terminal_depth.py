@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from vmim.fleet import client, protocol
+from vmim.fleet import client, protocol, topology
 
 ESC = "\x1b]52;c;cm0gLXJmIC8K\x07\x1b[2J\r\x9b31m\x7f"
 CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -62,6 +62,7 @@ class FakeClient(client.Client):
         self.broadcast = set()
         self.conn = _Conn()
         self.user = "client"
+        self.shared = topology.PRESENT  # the fleet's exchanges were there (workers served)
 
     def publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
                 expiration: Any = None, mandatory: bool = True) -> bool:

@@ -21,7 +21,7 @@ from vmim.errors import (
     StateError,
     VmimError,
 )
-from vmim.fleet import permissions, protocol, transport
+from vmim.fleet import permissions, protocol, topology, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
 from vmim.output import render_list, render_plans
 from vmim.plan import Plan, Request
@@ -85,6 +85,8 @@ class Client:
         try:
             transport.connect(self.conn)
             self._reopen()
+            # a client's to declare, not a host's; not PRESENT: no worker has served here
+            self.shared = topology.ensure_shared(self.conn)
         except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
             err = self._error(exc, "cannot reach the broker at")
             if err is exc and not isinstance(exc, VmimError):
@@ -93,6 +95,13 @@ class Client:
 
     def close(self) -> None:
         transport.close(self.conn)
+
+    def never_started(self, head: str) -> str:
+        """`head` and why, for a fleet whose exchanges were not there when this client came."""
+        return head + (f": the fleet's exchanges are not on the broker, and user {self.user} "
+                       "may not declare them (give it the client permissions of `vmimagemanager "
+                       "worker --print-permissions`)" if self.shared == topology.MISSING else
+                       ": start `vmimagemanager worker` on the hosts (docs/fleet.md)")
 
     def _on_reply(self, message: Any) -> None:
         corr = message.properties.get("correlation_id")
@@ -283,6 +292,10 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
         job = protocol.Job(protocol.new_job_id(), box, time.time() + opts.lock_wait, run,
                            socket.gethostname())
         key = protocol.ANY_KEY if box == ANY_FREE else protocol.box_key(box)
+        if box == ANY_FREE and client.shared != topology.PRESENT:
+            raise StateError(client.never_started(
+                f"no worker of the fleet at {client.spec.shown} serves -b {ANY_FREE} (no "
+                "worker has started there yet)"))
         if not client.publish(job.encode(), job.job_id, protocol.JOBS, key,
                               expiration=opts.lock_wait + JOB_TTL):
             if box == ANY_FREE:
@@ -405,9 +418,10 @@ def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextI
     corr = protocol.new_job_id()
     request = protocol.ListRequest(corr, tuple(lists))
     client.broadcast.add(corr)
-    if not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
-        raise HostEnvironmentError(f"no worker has ever started at {client.spec.shown}: start "
-                                   "`vmimagemanager worker` on the hosts (docs/fleet.md)")
+    if client.shared != topology.PRESENT or \
+            not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
+        raise HostEnvironmentError(client.never_started(
+            f"no worker has ever started at {client.spec.shown}"))
     hosts: Set[str] = set()  # a host saying "here" twice is one host
     answers: Dict[str, protocol.Reply] = {}
     refused: Dict[str, str] = {}  # host -> why its own reply was malformed

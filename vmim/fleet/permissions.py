@@ -9,7 +9,8 @@ that the docs, `vmimagemanager worker --print-permissions` and the fleet tests s
   with the routing keys of its own slots and `any`: RabbitMQ checks the key of a binding on a
   topic exchange against the user's topic read permission, so a compromised host can neither
   see copies of another host's jobs nor take them; it may not publish jobs at all.
-- A client's user may publish jobs and list requests and own its reply queues: it can re-image
+- A client's user may publish jobs and list requests, own its reply queues and declare the
+  objects every host shares (a host's user may not: it could delete them): it can re-image
   every slot of the fleet, so its replies are believed whatever host they name.
 """
 
@@ -43,17 +44,19 @@ def _names(words: Iterable[str]) -> str:
 
 def host_grants(host: str, boxes: Iterable[str]) -> Grants:
     """A host's user: its own slot queues (`boxes`, named one by one), its probe and control
-    queues (a hex id after its name), vmim.any, the two exchanges it declares (reading the
-    jobs exchange only with its own keys: host_topic_grants), and the default exchange to
-    answer clients. Every name is matched whole: host `web` gets nothing of host `web.prod`
-    (`vmim.host.web.prod.box.x` is not `vmim.host.web.` and then anything)."""
+    queues (a hex id after its name), reading vmim.any, binding its own queues to the jobs
+    exchange (only with its own keys: host_topic_grants) and the control fanout, and the
+    default exchange to answer clients. It configures none of the objects every host shares
+    (the jobs exchange, the control fanout, vmim.any): that would let it delete them, or
+    declare the jobs exchange again as a fanout, which no topic permission guards, and see
+    every host's jobs (vmim.fleet.topology). Every name is matched whole: host `web` gets
+    nothing of host `web.prod` (`vmim.host.web.prod.box.x` is not `vmim.host.web.` and then
+    anything)."""
     h = re.escape(host)
-    jobs = re.escape(protocol.JOBS)
-    own = (rf"^vmim\.host\.{h}\.box\.({_names(boxes)})$|^vmim\.host\.{h}\.probe\.[0-9a-f]+$"
-           r"|^vmim\.any$")
+    own = rf"^vmim\.host\.{h}\.box\.({_names(boxes)})$|^vmim\.host\.{h}\.probe\.[0-9a-f]+$"
     control = rf"^vmim\.control\.{h}\.[0-9a-f]+$"
-    declares = rf"{own}|^{jobs}$|^vmim\.control$|{control}"
-    return declares, rf"{own}|{control}|^amq\.default$", declares
+    shared = rf"^({_names([protocol.JOBS, protocol.CONTROL, protocol.ANY_QUEUE])})$"
+    return rf"{own}|{control}", rf"{own}|{control}|^amq\.default$", rf"{own}|{control}|{shared}"
 
 
 def host_topic_grants(boxes: Iterable[str]) -> Tuple[str, str]:
@@ -64,10 +67,13 @@ def host_topic_grants(boxes: Iterable[str]) -> Tuple[str, str]:
 
 
 def client_grants() -> Grants:
-    """A client's user: its reply queues; it publishes on the jobs exchange, the control
-    fanout and the default exchange (the fanout of lists needs no more)."""
-    return (r"^vmim\.reply\..*", rf"^({_names([protocol.JOBS, protocol.CONTROL])})$|^amq\.default$",
-            r"^vmim\.reply\..*")
+    """A client's user: its reply queues; it declares the objects every host shares (the
+    jobs exchange, the control fanout, vmim.any and its binding: vmim.fleet.topology),
+    publishes on the jobs exchange, the control fanout and the default exchange."""
+    shared = _names([protocol.JOBS, protocol.CONTROL, protocol.ANY_QUEUE])
+    return (rf"^vmim\.reply\..*|^({shared})$",
+            rf"^({shared})$|^amq\.default$",
+            rf"^vmim\.reply\..*|^{re.escape(protocol.JOBS)}$")
 
 
 def commands(host: str, boxes: Iterable[str], vhost: str = "/") -> List[str]:
@@ -75,14 +81,16 @@ def commands(host: str, boxes: Iterable[str], vhost: str = "/") -> List[str]:
     user (`ci`) its own; passwords are the site's to choose."""
     user, q = host_user(host), shlex.quote
     boxes = list(boxes)
-    out = [f"# host {host}: its own slot queues, vmim.any, answers to clients"]
+    out = [f"# host {host}: its own slot queues, vmim.any, answers to clients; declares"
+           " nothing shared"]
     out.append(f"rabbitmqctl add_user {q(user)} {q('secret-' + user)}")
     out.append(_command(f"set_permissions -p {q(vhost)} {q(user)}", host_grants(host, boxes)))
     out.append(_command(f"set_topic_permissions -p {q(vhost)} {q(user)} {protocol.JOBS}",
                         host_topic_grants(boxes)))
     out += [f"# slot {b!r}: a word '*' or '#' in its name routes other boxes' jobs to it; "
             "rename it" for b in boxes if not protocol.routable(b)]
-    out += ["# the clients: publish jobs and list requests, own their reply queues",
+    out += ["# the clients: publish jobs and list requests, own their reply queues, declare"
+            " what is shared",
             "rabbitmqctl add_user ci secret-ci",
             _command(f"set_permissions -p {q(vhost)} ci", client_grants())]
     return out

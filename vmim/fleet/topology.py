@@ -1,9 +1,17 @@
-"""What a worker declares on the broker, and how it consumes it:
+"""What the fleet declares on the broker, and how a worker consumes it.
 
-- the topic exchange of jobs (protocol.JOBS) and one durable queue per slot,
-  `vmim.host.<host>.box.<box>`, bound with the slot's key `box.<box>` (which the host's topic
-  permissions allow for its own slots only: vmim.fleet.permissions), consumed with prefetch 1;
-- the shared any-free queue `vmim.any` (key `any`), consumed only while a slot is free;
+The objects every host shares — the topic exchange of jobs (protocol.JOBS), the control
+fanout (protocol.CONTROL) and the any-free queue `vmim.any` bound to the jobs exchange with
+key `any` — are declared by the clients (ensure_shared(), on every connection: their user may
+configure them, vmim.fleet.permissions), never by a host: a host's user that may declare them
+may also delete them, or declare the jobs exchange again as a fanout and see every host's
+jobs. A worker only looks them up (a passive declare needs no permission) and waits until they
+are there (NotDeclared). On them a worker declares what is its own:
+
+- one durable queue per slot, `vmim.host.<host>.box.<box>`, bound with the slot's key
+  `box.<box>` (which the host's topic permissions allow for its own slots only), consumed
+  with prefetch 1;
+- a consumer on the shared any-free queue `vmim.any`, on only while a slot is free;
 - an exclusive queue of its own on the vmim.control fanout for list requests, of at most
   CONTROL_LENGTH ready requests, consumed with acknowledgements and a prefetch of as many: a
   flood of list requests waits in the broker, where it is bounded, never in the worker.
@@ -32,6 +40,53 @@ CONTROL_LENGTH = WAITING + 1
 CONTROL_ARGUMENTS = {"x-max-length": CONTROL_LENGTH, "x-overflow": "reject-publish"}
 
 
+class NotDeclared(Exception):
+    """The fleet's shared exchanges and queue are not on the broker, and this user may not
+    declare them (a host's: a client declares them when it first connects)."""
+
+
+#: the outcomes of ensure_shared()
+PRESENT, DECLARED, MISSING = "present", "declared", "missing"
+
+
+def _shared(channel: Any, passive: bool) -> None:
+    """Declare (or with `passive`, look up) the fleet's shared objects on `channel`, with the
+    arguments every release declared them with (another would be PRECONDITION_FAILED)."""
+    channel.exchange_declare(protocol.JOBS, protocol.JOBS_TYPE, durable=True,
+                             auto_delete=False, passive=passive)
+    channel.exchange_declare(protocol.CONTROL, "fanout", durable=True, auto_delete=False,
+                             passive=passive)
+    channel.queue_declare(protocol.ANY_QUEUE, durable=True, exclusive=False, auto_delete=False,
+                          passive=passive)
+    if not passive:
+        channel.queue_bind(protocol.ANY_QUEUE, protocol.JOBS, protocol.ANY_KEY)
+
+
+def ensure_shared(connection: Any, declare: bool = True) -> str:
+    """Whether the fleet's shared objects are on the broker: PRESENT; DECLARED when they were
+    not and this connection's user declared them now (`declare`); MISSING when they are not
+    and it may not (or was not to). Each attempt has a channel of its own: a missing object
+    or a refusal closes the channel it happened on."""
+    import contextlib
+
+    import amqp
+
+    for passive in (True, False) if declare else (True,):
+        channel = connection.channel()
+        try:
+            _shared(channel, passive)
+            return PRESENT if passive else DECLARED
+        except amqp.exceptions.NotFound:
+            continue
+        except amqp.exceptions.AccessRefused as exc:
+            log.debug("may not declare the fleet's exchanges: %s", exc)
+            return MISSING
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+    return MISSING
+
+
 @dataclass
 class Consumers:
     boxes: List[Any]  # one per slot, consuming
@@ -40,13 +95,22 @@ class Consumers:
 
 
 def declare(channel: Any, host: str, slots: Sequence[str],
-            on_message: Callable[[Optional[str], Any], None]) -> Consumers:
+            on_message: Callable[[Optional[str], Any], None],
+            declare_shared: bool = True) -> Consumers:
     """Declare and consume: `on_message(box, message)` for each delivery (box: the slot of its
-    queue, ANY_FREE for vmim.any, None for a list request)."""
+    queue, ANY_FREE for vmim.any, None for a list request). The shared objects missing:
+    declared when `declare_shared` and this user may (a site that gives hosts and clients one
+    user), else NotDeclared."""
     import kombu
 
-    jobs = kombu.Exchange(protocol.JOBS, type=protocol.JOBS_TYPE, durable=True)
-    control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True)
+    if ensure_shared(channel.connection, declare_shared) == MISSING:
+        raise NotDeclared(f"the fleet's exchanges ({protocol.JOBS}, {protocol.CONTROL}) and "
+                          f"queue {protocol.ANY_QUEUE} are not on the broker yet, and host "
+                          f"{host}'s user may not declare them: a client declares them when "
+                          "it first connects (any vmimagemanager --broker command)")
+    # looked up, never declared here (passive): see the module's doc
+    jobs = kombu.Exchange(protocol.JOBS, type=protocol.JOBS_TYPE, durable=True, passive=True)
+    control = kombu.Exchange(protocol.CONTROL, type="fanout", durable=True, passive=True)
     boxes = []
     for box in slots:  # raw messages (on_message): protocol.decode_* reads them
         if not protocol.routable(box):
@@ -60,10 +124,10 @@ def declare(channel: Any, host: str, slots: Sequence[str],
         c.qos(prefetch_count=1)  # per consumer (RabbitMQ): one job per slot at a time
         c.consume()
         boxes.append(c)
-    anyq = kombu.Queue(protocol.ANY_QUEUE, jobs, routing_key=protocol.ANY_KEY, durable=True)
+    anyq = kombu.Queue(protocol.ANY_QUEUE, no_declare=True)  # the clients' (ensure_shared)
     any_consumer = kombu.Consumer(channel, queues=[anyq],
                                   on_message=functools.partial(on_message, ANY_FREE),
-                                  prefetch_count=1, no_ack=False, auto_declare=True)
+                                  prefetch_count=1, no_ack=False)
     ctlq = kombu.Queue(f"vmim.control.{host}.{protocol.new_job_id()[:8]}", control,
                        exclusive=True, auto_delete=True, durable=False,
                        queue_arguments=CONTROL_ARGUMENTS)
