@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, TextIO
 
+from vmim import fleet
 from vmim.config import Config
 from vmim.domain import Hypervisor
 from vmim.errors import (
@@ -49,7 +50,7 @@ def run_command(inv: Invocation, doc: Dict[str, Any], out: TextIO) -> int:
         cfg = config_mod.load(inv.config)  # once: its warnings are said once
     except ConfigError as exc:  # a client with --broker needs no config of its own
         problem = exc
-    if not inv.local and (req.boxes or req.lists):
+    if not inv.local and (req.boxes or req.lists) and fleet.broker_url(inv.broker, cfg):
         from vmim.fleet import client
 
         broker = client.broker_of(inv, cfg)

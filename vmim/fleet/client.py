@@ -4,13 +4,13 @@ every live worker; output, --json (with `host`) and exit codes are those of a lo
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, TextIO, Tuple
 
+from vmim import fleet
 from vmim.config import Config
 from vmim.errors import (
     EXIT_ENVIRONMENT,
@@ -42,7 +42,7 @@ SILENCE = 35.0  # seconds without word about a taken job, when the worker does n
 def broker_of(inv: Invocation, cfg: Optional[Config]) -> Optional[transport.BrokerSpec]:
     """--broker, else $VMIM_BROKER, else broker in the config (cfg: the loaded config, None
     when it could not be loaded); None: run here."""
-    url = inv.broker or os.environ.get(protocol.ENV_BROKER) or (cfg.broker if cfg else None)
+    url = fleet.broker_url(inv.broker, cfg)
     if not url:
         return None
     if cfg is not None:

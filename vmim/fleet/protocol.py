@@ -49,6 +49,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from vmim import fleet
 from vmim.errors import EXIT_USAGE, ProtocolError
 from vmim.fields import Fields, check_string
 from vmim.invocation import BoxRun
@@ -68,7 +69,7 @@ JOBS_TYPE = "topic"
 CONTROL = "vmim.control"  # fanout: fleet lists
 ANY_QUEUE = "vmim.any"
 ANY_KEY = "any"
-ENV_BROKER = "VMIM_BROKER"
+ENV_BROKER = fleet.ENV_BROKER
 #: the pid of the worker that started a child: the child runs only while that is its parent
 ENV_WORKER = "VMIM_WORKER_PID"
 HEARTBEAT = 10  # seconds; the broker drops a silent peer after about twice this

@@ -4,10 +4,10 @@ options, its config and broker — then runs vmim.fleet.worker.Worker until SIGT
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 from typing import List
 
+from vmim import fleet
 from vmim.errors import EXIT_USAGE, VmimError
 from vmim.fleet import protocol, transport
 
@@ -69,7 +69,7 @@ def _main(argv: List[str]) -> int:
 
             print("\n".join(commands(host, cfg.slot_names)))
             return 0
-        url = args.broker or os.environ.get(protocol.ENV_BROKER) or cfg.broker
+        url = fleet.broker_url(args.broker, cfg)
         if not url:
             raise VmimError("no broker: give --broker URL, set $VMIM_BROKER, or broker in "
                             f"[vmim.local] of {cfg.path}")
