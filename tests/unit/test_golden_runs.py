@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 import pytest
 
 from vmim import __version__, output
-from vmim.fleet import client, protocol
+from vmim.fleet import client, gather, protocol
 
 RUNS_DIR = Path(__file__).parent.parent / "plans" / "runs"
 HOST = "hv1"
@@ -186,7 +186,7 @@ def test_the_fleet_renders_lists_as_the_local_run_plus_its_host(vmim, site, as_j
     lists = ["boxes", "images", "inserts", "free", "locked"]
     out = io.StringIO()
     got: Dict[str, Any] = {}
-    client.report_lists(lists, {HOST: reply}, got, out, as_json)
+    gather.report_lists(lists, {HOST: reply}, got, out, as_json)
     if not as_json:
         local = (RUNS_DIR / "lists.txt").read_text().replace(SITE, site)
         assert out.getvalue() == _with_host_column(local)

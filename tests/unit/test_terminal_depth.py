@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from vmim.fleet import client, protocol, topology
+from vmim.fleet import client, gather, protocol, topology
 
 ESC = "\x1b]52;c;cm0gLXJmIC8K\x07\x1b[2J\r\x9b31m\x7f"
 CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -81,7 +81,7 @@ class FakeClient(client.Client):
 def fleet_of(monkeypatch):
     """fleet_of(exchange, replies): the client's broker answers with these replies."""
     monkeypatch.setattr(client, "Client", FakeClient)
-    monkeypatch.setattr(client, "LIST_WINDOW", 0.05)
+    monkeypatch.setattr(gather, "LIST_WINDOW", 0.05)
 
     def script(exchange: str, replies: List[Any]) -> None:
         monkeypatch.setattr(FakeClient, "script", {exchange: replies})

@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional, Sequence, Set, TextIO, Tuple
 from vmim import fleet
 from vmim.config import Config
 from vmim.errors import (
-    EXIT_ENVIRONMENT,
     EXIT_OK,
     HostEnvironmentError,
     LockBusyError,
@@ -23,15 +22,13 @@ from vmim.errors import (
 )
 from vmim.fleet import permissions, protocol, topology, transport
 from vmim.invocation import BoxRun, Invocation, RunOptions
-from vmim.output import render_list, render_plans
+from vmim.output import render_plans
 from vmim.plan import Plan, Request
 from vmim.terminal import safe
 
 log = logging.getLogger("vmim.fleet.client")
 
 ACCEPT_GRACE = 5.0  # seconds past --lock-wait that a job may take to reach a worker
-LIST_WINDOW = 1.0  # seconds the live workers have to say they are there
-LIST_TIMEOUT = 120.0
 RECONNECT = 120.0  # seconds a waiting client waits for a lost broker to come back
 JOB_TTL = 24 * 3600.0  # seconds a job may stay in the broker past --lock-wait: long enough
 # for a redelivery (a killed worker's job keeps its expiry when it is requeued; RabbitMQ drops
@@ -268,7 +265,9 @@ def run(inv: Invocation, spec: transport.BrokerSpec, doc: Dict[str, Any], out: T
         if req.boxes and (req.actions or opts.print_xml):
             code = _run_jobs(client, req, opts, doc, out)
         if req.lists:
-            code = max(code, _run_lists(client, list(req.lists), doc, out, opts.json))
+            from vmim.fleet import gather
+
+            code = max(code, gather.run_lists(client, list(req.lists), doc, out, opts.json))
         return code
     except BrokenPipeError:
         raise  # stdout's reader went away (the front end says nothing)
@@ -408,93 +407,3 @@ def _merge(doc: Dict[str, Any], docs: List[Dict[str, Any]], as_json: bool,
                      out)
     for text in doc.get("xml", {}).values():
         out.write(text)
-
-
-def _run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO,
-               as_json: bool) -> int:
-    """Ask every live worker for its lists and print them together; the exit code is the
-    highest of the hosts' (a host busy with the lists of other clients: 5), 7 when a host that
-    said it was there sent no lists in time."""
-    corr = protocol.new_job_id()
-    request = protocol.ListRequest(corr, tuple(lists))
-    client.broadcast.add(corr)
-    if client.shared != topology.PRESENT or \
-            not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
-        raise HostEnvironmentError(client.never_started(
-            f"no worker has ever started at {client.spec.shown}"))
-    hosts: Set[str] = set()  # a host saying "here" twice is one host
-    answers: Dict[str, protocol.Reply] = {}
-    refused: Dict[str, str] = {}  # host -> why its own reply was malformed
-    window = time.monotonic() + LIST_WINDOW
-    final = time.monotonic() + LIST_TIMEOUT
-    while len(answers) + len(set(refused) - set(answers)) < len(hosts) or \
-            time.monotonic() < window:
-        got = client.wait(window if time.monotonic() < window else final)
-        if got is None:
-            if time.monotonic() >= final:
-                break
-            continue
-        c, reply = got
-        if c != corr:
-            continue
-        if isinstance(reply, Refused):
-            hosts.add(reply.host)
-            refused[reply.host] = reply.why
-        elif reply.type == "here":
-            hosts.add(reply.host)
-        elif reply.type == "lists":
-            answers[reply.host] = reply
-    for host in sorted(set(refused) - set(answers)):
-        log.error("no lists from %s: %s", safe(host), refused[host])
-    missing = sorted(h for h in hosts if h not in answers)
-    if set(missing) - set(refused):
-        log.error("no lists from %s within %d s",
-                  ", ".join(sorted(set(missing) - set(refused))), LIST_TIMEOUT)
-    if not hosts:  # an empty list would say "no slots": it is "nobody to ask"
-        raise HostEnvironmentError(f"no worker answered at {client.spec.shown} within "
-                                   f"{LIST_WINDOW:.0f} s: are the workers running and "
-                                   "connected? (`vmimagemanager worker`, docs/fleet.md)")
-    for host in sorted(answers):
-        if answers[host].exit_code:
-            for line in "".join(answers[host].stderr).rstrip("\n").split("\n"):
-                sys.stderr.write(f"{safe(host)}: {line}\n")  # each line under its host
-    report_lists(lists, answers, doc, out, as_json)
-    codes = [a.exit_code for a in answers.values()]
-    if missing:
-        codes.append(EXIT_ENVIRONMENT)
-    return max(codes, default=EXIT_OK)
-
-
-def report_lists(lists: Sequence[str], replies: Dict[str, protocol.Reply], doc: Dict[str, Any],
-                 out: TextIO, as_json: bool) -> None:
-    """The lists of every host as one report: each row carrying its host (an image or insert
-    of a store several hosts share: once, with its "hosts"); as text, the local tables
-    (vmim.output) with a HOST column in front."""
-    doc["hosts"] = sorted(replies)
-    for what in lists:
-        rows: List[Dict[str, Any]] = []
-        seen: Dict[Tuple, Dict[str, Any]] = {}
-        for host in sorted(replies):
-            for item in replies[host].doc.get(what, []):
-                if what == "free":
-                    rows.append({"name": item, "host": host})
-                    continue
-                item = dict(item, host=host)
-                if what in ("images", "inserts"):  # a store shared by several hosts: once
-                    k = (item.get("name"), item.get("path"), item.get("size"), item.get("mtime"))
-                    if k in seen:
-                        seen[k]["hosts"].append(host)
-                        continue
-                    item["hosts"] = [host]
-                    seen[k] = item
-                rows.append(item)
-        if as_json:
-            if what == "free":
-                doc["free"] = [r["name"] for r in rows]
-                doc["free_by_host"] = {h: [r["name"] for r in rows if r["host"] == h]
-                                       for h in sorted(replies)}
-            else:
-                doc[what] = rows
-            continue
-        render_list(what, [r["name"] for r in rows] if what == "free" else rows, out,
-                    hosts=[",".join(r["hosts"]) if "hosts" in r else r["host"] for r in rows])
