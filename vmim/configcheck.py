@@ -59,6 +59,11 @@ def build_slot(section: str, fmt: str, vals: Dict[str, Any], slot_defaults: Mapp
                 col.error(section, key_of(attr).ini, "is required with store_type \"kpartx\"")
     elif st == "partition" and not (merged.get("hostdisk") or merged.get("root")):
         col.error(section, "root", "store_type \"partition\" needs root (or HostDisk)")
+    elif st == "partition" and merged.get("partition") is not None and not merged.get("root"):
+        col.error(section, "partition", f"is {merged['partition']}, but store_type "
+                  "\"partition\" mounts HostDisk itself as the filesystem (no partition "
+                  "table): for partition N of HostDisk, store_type is \"kpartx\" (derived "
+                  "when store_type is absent)")
     elif st == "lvm" and not (merged.get("lvm_volume_group") or merged.get("root")
                               or merged.get("hostdisk")):
         col.error(section, "LvmVolumeGroup", "store_type \"lvm\" needs LvmVolumeGroup (or root)")

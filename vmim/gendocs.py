@@ -228,7 +228,7 @@ def render_reference() -> str:
     out = [
         "# Configuration reference",
         "",
-        "<!-- generated from vmim/config.py KEYS by `make docs`; do not edit by hand -->",
+        "<!-- generated from vmim/keys.py KEYS by `make docs`; do not edit by hand -->",
         "",
         "The file is found at `--config PATH`, else `$VMIM_CFG`, else "
         f"`{config.DEFAULT_CONFIG_PATH}`.",
@@ -290,7 +290,8 @@ def render_template() -> str:
     out = [
         "# vmimagemanager configuration template (generated from the key table by `make docs`).",
         f"# Copy to {config.DEFAULT_CONFIG_PATH} and edit. Values are JSON: \"text\", 1, [\"a\"], true;",
-        "# a bare value is taken as a string. Every key is shown commented out with its default.",
+        "# a bare value is taken as a string. Every key is shown commented out with its default;",
+        "# a key that has none is shown with an example value, after '(no default) for example:'.",
         "# A comment is a line of its own (after a value, ' ; note' is dropped, ' # note' an error).",
         "# docs/config.md explains each key.",
         "",
@@ -329,6 +330,7 @@ def _template_key(k: config.Key) -> List[str]:
     if k.default is None or k.default == ():
         example = {"str": '""', "path": '"/path"', "int": "1", "size": '"20G"', "list": '["..."]',
                    "bool": "false", "choice": f'"{k.choices[0]}"' if k.choices else '""'}[k.type]
+        lines.append("# (no default) for example:")
     else:
         example = config.ini_value(k.default)
     lines.append(f"#{k.ini} = {example}")

@@ -75,7 +75,8 @@ KEYS: Tuple[Key, ...] = (
         "a section is a slot only when this is yes/y/on/1.", default=True, inherit=False),
     Key("store_type", "store_type", "choice", "slot",
         "Disk strategy. Derived when absent: `qcow2` when HostDisk ends in .qcow2, `kpartx` "
-        "when HostDisk and partition are set, `lvm` when LvmVolumeGroup is set, else "
+        "(a disk with a partition table, whatever maps it: `mapper`) when HostDisk and "
+        "partition are set, `lvm` when LvmVolumeGroup is set, else "
         "`partition` when HostDisk or root is set.",
         choices=STORE_TYPES),
     Key("hostdisk", "HostDisk", "path", "slot",
@@ -121,9 +122,11 @@ KEYS: Tuple[Key, ...] = (
         aliases=("inserts", "overlay")),
     Key("vmextracts", "vmextracts", "path", "slot",
         "Where `-e` writes extracts (default: vminserts).",),
-    Key("mac", "mac", "list", "slot", "MAC address(es) of the domain's network interface.",
-        default=(), inherit=False),
-    Key("bridge", "bridge", "str", "slot", "Host bridge for the domain's network interface."),
+    Key("mac", "mac", "list", "slot", "MAC address(es) of the domain's network interfaces "
+        "(one interface each, on `bridge`).", default=(), inherit=False),
+    Key("bridge", "bridge", "str", "slot", "Host bridge of the domain's network interfaces; "
+        "set alone, one interface with a MAC libvirt chooses. With `mac` and no `bridge`: "
+        "`br0`. Neither set: the domain has no network interface."),
     Key("memory", "memory", "int", "slot", "Memory of a domain defined by `-u`, in KiB.",
         default=2097152, legacy=("vAlocatedMemory",), minimum=1),
     Key("vcpu", "vcpu", "int", "slot", "vCPUs of a domain defined by `-u`.", default=1,

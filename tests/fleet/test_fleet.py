@@ -262,6 +262,7 @@ def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path)
             time.sleep(0.1)
         assert "worker h1: ready" not in logs["other"].read_text()
         assert "may bind any routing key" not in logs["own"].read_text()  # its topic permissions
+        assert "may declare and delete what every host shares" not in logs["own"].read_text()
         assert "refused" in logs["other"].read_text()
 
         def client(user, *argv):

@@ -332,3 +332,33 @@ def test_a_client_never_waits_without_bound_on_a_frozen_broker(tmp_path):
         if beam:
             os.kill(beam, signal.SIGCONT)
         b.stop()
+
+
+def test_one_full_queue_of_list_requests_does_not_hide_the_other_hosts(fleet, broker):
+    """A worker's queue of list requests refuses what it cannot hold (reject-publish), and the
+    broker then refuses (nacks) the client's request as a whole, though every other worker's
+    queue took it. One stalled worker — or a compromised host, whose user may declare a
+    control queue of its own of length 0 — made every client's -l exit 5 with no list at
+    all. Now the lists of the hosts that answered are printed, and the exit is 5 with a
+    message saying a worker's queue was full."""
+    import kombu
+
+    from tests.fleet.conftest import add_host_user
+
+    host = f"st{os.getpid()}"
+    url = add_host_user(broker, host, [])
+    try:
+        with kombu.Connection(url) as conn:
+            control = kombu.Exchange(protocol.CONTROL, type="fanout", passive=True)
+            kombu.Queue(f"vmim.control.{host}.0badc0de", control, exclusive=True,
+                        auto_delete=True, queue_arguments={"x-max-length": 0,
+                                                           "x-overflow": "reject-publish"}
+                        )(conn.default_channel).declare()
+            lists = fleet.vmim("-l", "--json")
+            text = fleet.vmim("-l")
+    finally:
+        broker.ctl("delete_user", host)
+    assert lists.code == 5, lists
+    assert lists.json()["hosts"] == ["h1", "h2", "h3"], lists.out
+    assert "queue of list requests is full" in lists.err, lists.err
+    assert text.code == 5 and "h2a" in text.out, text

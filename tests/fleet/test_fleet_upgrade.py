@@ -52,6 +52,8 @@ def test_a_worker_starts_on_a_broker_of_the_earlier_release(broker, tmp_path):
         while "worker hu: ready" not in log.read_text():
             assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
             time.sleep(0.1)
+        # its user (guest: everything) declared what hosts share itself: it is told to narrow
+        assert "may declare and delete what every host shares" in log.read_text()
 
         def client(*argv):
             return subprocess.run([sys.executable, "-m", "vmim", "--broker", url, *argv],

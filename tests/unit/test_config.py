@@ -178,6 +178,30 @@ HostDisk = "/d/x.qcow2"
     assert cfg.slot("l").disk == "/dev/vg0/l"
 
 
+def test_store_type_partition_with_a_partition_number_is_a_config_error(write_config):
+    """store_type "partition" takes HostDisk as the filesystem itself: with a partition number
+    beside it (say store_type uncommented from the template, or set in [vmim.local] for every
+    slot), the number was ignored without a word and the partition table mounted as a
+    filesystem. A root beside it is the filesystem: there the number names nothing."""
+    path = write_config("""\
+[vmim.local]
+store_type = "partition"
+[vmim.vm.web1]
+HostName = "web1"
+HostDisk = "/d/web1.img"
+partition = 1
+[vmim.vm.raw]
+HostName = "raw"
+HostDisk = "/d/raw.img"
+""")
+    with pytest.raises(ConfigError) as exc:
+        config.load(path)
+    assert len(exc.value.problems) == 1, exc.value.problems
+    problem = exc.value.problems[0]
+    assert "[vmim.vm.web1] partition" in problem and 'store_type "partition"' in problem
+    assert "kpartx" in problem and exc.value.exit_code == 3
+
+
 def test_every_error_is_reported_at_once_with_file_section_key(write_config):
     path = write_config("""\
 [vmim.local]

@@ -73,6 +73,7 @@ class Client:
         # those of list requests: every host sees them (the control fanout), so a reply to one
         # that is malformed or not from the host it names is dropped, not the end of the run
         self.broadcast: Set[str] = set()
+        self.nacked: Set[str] = set()  # those a full queue of some worker refused
         # named by the client, so that it can declare it again after a broker restart
         self.reply_to = f"vmim.reply.{protocol.new_job_id()}"
         self.reply_q = kombu.Queue(self.reply_to, exclusive=True, auto_delete=True,
@@ -146,7 +147,7 @@ class Client:
                                           reply_to=self.reply_to, correlation_id=job_id,
                                           mandatory=mandatory, expiration=expiration,
                                           persistent=True)
-        except amqp.exceptions.NotFound:  # no worker has declared the exchange yet
+        except amqp.exceptions.NotFound:  # the exchange is gone (deleted since we came)
             self._reopen()
             return False
         except transport.refusals() as exc:
@@ -154,7 +155,10 @@ class Client:
                                        "does this user have write permission on "
                                        f"{exchange or 'amq.default'}?") from None
         except amqp.exceptions.MessageNacked:  # a queue of the message was full (its overflow:
-            raise LockBusyError(  # reject-publish, vmim.fleet.topology)
+            if job_id in self.broadcast:  # reject-publish, vmim.fleet.topology): the other
+                self.nacked.add(job_id)  # workers' queues took it (gather.run_lists)
+                return True
+            raise LockBusyError(
                 f"the broker at {self.spec.shown} refused the message: a worker's queue of "
                 "requests is full (busy with the lists of other clients, or stalled); try "
                 "again later") from None

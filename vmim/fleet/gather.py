@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, Dict, List, Sequence, Set, TextIO, Tuple
 
-from vmim.errors import EXIT_ENVIRONMENT, EXIT_OK, HostEnvironmentError
+from vmim.errors import EXIT_ENVIRONMENT, EXIT_LOCKED, EXIT_OK, HostEnvironmentError, LockBusyError
 from vmim.fleet import protocol, topology
 from vmim.fleet.client import Client, Refused
 from vmim.output import render_list
@@ -61,6 +61,16 @@ def run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO
     if set(missing) - set(refused):
         log.error("no lists from %s within %d s",
                   ", ".join(sorted(set(missing) - set(refused))), LIST_TIMEOUT)
+    # one worker's queue of requests was full (reject-publish): the broker refused the
+    # request as a whole, though every other worker's queue took it: the others are printed
+    full = corr in client.nacked
+    if full and not hosts:
+        raise LockBusyError(f"no worker answered at {client.spec.shown}, and a worker's queue "
+                            "of list requests is full: busy or stalled; try again later")
+    if full:
+        log.error("the broker at %s refused the request for a worker: its queue of list "
+                  "requests is full (busy with the lists of other clients, or stalled): its "
+                  "lists are missing; try again later", client.spec.shown)
     if not hosts:  # an empty list would say "no slots": it is "nobody to ask"
         raise HostEnvironmentError(f"no worker answered at {client.spec.shown} within "
                                    f"{LIST_WINDOW:.0f} s: are the workers running and "
@@ -73,6 +83,8 @@ def run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO
     codes = [a.exit_code for a in answers.values()]
     if missing:
         codes.append(EXIT_ENVIRONMENT)
+    if full:
+        codes.append(EXIT_LOCKED)
     return max(codes, default=EXIT_OK)
 
 

@@ -87,6 +87,24 @@ def ensure_shared(connection: Any, declare: bool = True) -> str:
     return MISSING
 
 
+def may_configure_shared(connection: Any) -> bool:
+    """Whether this connection's user may configure the jobs exchange (declared again as it
+    is: a no-op when allowed)."""
+    import contextlib
+
+    import amqp
+
+    channel = connection.channel()  # a refusal closes it
+    try:
+        _shared(channel, passive=False)
+        return True
+    except amqp.exceptions.AccessRefused:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
 @dataclass
 class Consumers:
     boxes: List[Any]  # one per slot, consuming
@@ -103,7 +121,14 @@ def declare(channel: Any, host: str, slots: Sequence[str],
     user), else NotDeclared."""
     import kombu
 
-    if ensure_shared(channel.connection, declare_shared) == MISSING:
+    shared = ensure_shared(channel.connection, declare_shared)
+    if shared == DECLARED or shared == PRESENT and may_configure_shared(channel.connection):
+        log.error("worker %s: its broker user may declare and delete what every host shares "
+                  "(%s, %s, %s): a compromised host could stop the fleet or read every host's "
+                  "jobs; give it the host permissions of vmimagemanager worker "
+                  "--print-permissions (docs/fleet.md)", host, protocol.JOBS, protocol.CONTROL,
+                  protocol.ANY_QUEUE)
+    if shared == MISSING:
         raise NotDeclared(f"the fleet's exchanges ({protocol.JOBS}, {protocol.CONTROL}) and "
                           f"queue {protocol.ANY_QUEUE} are not on the broker yet, and host "
                           f"{host}'s user may not declare them: a client declares them when "
