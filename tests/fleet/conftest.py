@@ -330,6 +330,18 @@ def declare_shared(url: str) -> str:
 CLIENT_PERMS = permissions.client_grants()
 
 
+def add_client_user(broker, user: str, password: str, vhost: str = "/") -> str:
+    """A client's broker user with the permissions of docs/fleet.md (made again if it
+    exists): its broker URL."""
+    broker.ctl("delete_user", user)
+    assert broker.ctl("add_user", user, password).returncode == 0
+    assert broker.ctl("set_permissions", "-p", vhost, user, *CLIENT_PERMS).returncode == 0
+    assert broker.ctl("set_topic_permissions", "-p", vhost, user, protocol.JOBS,
+                      *permissions.client_topic_grants()).returncode == 0
+    path = "/" if vhost == "/" else vhost
+    return f"amqp://{user}:{password}@127.0.0.1:{broker.port}/{path}"
+
+
 def add_host_user(broker, host: str, boxes, password: Optional[str] = None) -> str:
     """The broker user of host `host` serving `boxes`, with the permissions of docs/fleet.md
     (its password: pw-HOST unless given; made again if it exists): its broker URL."""
@@ -410,10 +422,9 @@ class Sender:
 def sender(broker):
     """A Sender logged in as `mallory`, a broker user with the client permissions only."""
     user = f"mallory{os.getpid()}"
-    assert broker.ctl("add_user", user, "pw-mallory").returncode == 0
+    url = add_client_user(broker, user, "pw-mallory")
     try:
-        assert broker.ctl("set_permissions", "-p", "/", user, *CLIENT_PERMS).returncode == 0
-        s = Sender(f"amqp://{user}:pw-mallory@127.0.0.1:{broker.port}//")
+        s = Sender(url)
         try:
             yield s
         finally:

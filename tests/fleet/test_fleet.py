@@ -234,12 +234,9 @@ def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path)
     import subprocess
     import sys
 
-    from tests.fleet.conftest import CLIENT_PERMS, add_host_user, env
+    from tests.fleet.conftest import add_client_user, add_host_user, env
 
-    url = {"h9": add_host_user(broker, "h9", ["p9a"])}
-    assert broker.ctl("add_user", "ci", "pw-ci").returncode == 0
-    assert broker.ctl("set_permissions", "-p", "/", "ci", *CLIENT_PERMS).returncode == 0
-    url["ci"] = f"amqp://ci:pw-ci@127.0.0.1:{broker.port}//"
+    url = {"h9": add_host_user(broker, "h9", ["p9a"]), "ci": add_client_user(broker, "ci", "pw-ci")}
     disk = tmp_path / "p9a.img"
     disk.write_bytes(b"")
     cfg = tmp_path / "h9.cfg"

@@ -302,12 +302,13 @@ def test_a_client_never_waits_without_bound_on_a_frozen_broker(tmp_path):
     import kombu
 
     from tests.fleet import broker as broker_mod
-    from tests.fleet.conftest import env
+    from tests.fleet.conftest import declare_shared, env
 
     b = broker_mod.Broker(str(tmp_path))
     b.start()
     beam = 0
     try:
+        declare_shared(b.url)  # a fleet that served before: the client publishes at once
         with kombu.Connection(b.url) as conn:  # a slot queue nobody consumes: never taken
             ex = kombu.Exchange(protocol.JOBS, type=protocol.JOBS_TYPE, durable=True)
             kombu.Queue("vmim.host.hz.box.hz1", ex, routing_key="box.hz1",

@@ -409,32 +409,33 @@ def test_a_host_user_cannot_delete_or_declare_again_what_every_host_shares(fleet
 def test_a_worker_waits_for_a_client_to_declare_what_every_host_shares(broker, tmp_path):
     """On a broker where nothing of the fleet is declared yet, a worker whose user has the
     host permissions of docs/fleet.md may not declare the shared objects: it says it waits,
-    and looks again every second. A client whose user may not declare them either (the
-    client permissions of earlier releases) exits 7 saying so; the first client that may
-    declares them (and, finding none, exits 7: no worker has ever started), and the worker
-    is then ready and listed."""
+    once, and looks again every second on its connection. A client whose user may not
+    declare them either (the client permissions of earlier releases) exits 7 saying so; the
+    first client that may declares them, gives waiting workers a moment to bind, and lists
+    the worker."""
     import subprocess
     import sys
 
-    from tests.fleet.conftest import env, stop_process
+    from tests.fleet.conftest import add_client_user, env, stop_process
     from vmim.fleet import permissions
 
     vhost = f"vmim-fresh-{os.getpid()}"
-    host, users = f"hw{os.getpid()}", {}
+    host = f"hw{os.getpid()}"
+    users = {}
     assert broker.ctl("add_vhost", vhost).returncode == 0
     worker = None
     try:
-        grants = {host: permissions.host_grants(host, ["pw1"]),
-                  "ci-new": permissions.client_grants(),
-                  "ci-old": (r"^vmim\.reply\..*", r"^(vmim\.jobs\.topic|vmim\.control)$"
-                             r"|^amq\.default$", r"^vmim\.reply\..*")}
-        for user, grant in grants.items():
+        old_grants = (r"^vmim\.reply\..*", r"^(vmim\.jobs\.topic|vmim\.control)$|^amq\.default$",
+                      r"^vmim\.reply\..*")
+        for user, grants in ((host, permissions.host_grants(host, ["pw1"])),
+                             ("ci-old", old_grants)):
             broker.ctl("delete_user", user)
             assert broker.ctl("add_user", user, f"pw-{user}").returncode == 0
             users[user] = f"amqp://{user}:pw-{user}@127.0.0.1:{broker.port}/{vhost}"
-            assert broker.ctl("set_permissions", "-p", vhost, user, *grant).returncode == 0
+            assert broker.ctl("set_permissions", "-p", vhost, user, *grants).returncode == 0
         assert broker.ctl("set_topic_permissions", "-p", vhost, host, protocol.JOBS,
                           *permissions.host_topic_grants(["pw1"])).returncode == 0
+        users["ci-new"] = add_client_user(broker, "ci-new", "pw-ci-new", vhost)
         disk = tmp_path / "pw1.img"
         disk.write_bytes(b"")
         cfg = tmp_path / "hw.cfg"
@@ -465,17 +466,80 @@ def test_a_worker_waits_for_a_client_to_declare_what_every_host_shares(broker, t
         old = client("ci-old", "-l")
         assert old.returncode == 7, old
         assert "user ci-old may not declare them" in old.stderr, old.stderr
-        first = client("ci-new", "-l")
-        assert first.returncode == 7, first
-        assert "no worker has ever started at" in first.stderr, first.stderr
-        wait_for(f"worker {host}: ready")
-        lists = client("ci-new", "-l", "--json")
-        assert lists.returncode == 0, lists
-        assert (host, "pw1") in {(b["host"], b["name"]) for b in json.loads(lists.stdout)["boxes"]}
-        assert "ACCESS_REFUSED" not in log.read_text()  # it never tried what it may not
+        first = client("ci-new", "-l", "--json")
+        assert first.returncode == 0, first
+        assert "declared the fleet's exchanges" in first.stderr, first.stderr
+        assert (host, "pw1") in {(b["host"], b["name"]) for b in json.loads(first.stdout)["boxes"]}
+        assert f"worker {host}: ready" in log.read_text()
+        assert "may declare and delete what every host shares" not in log.read_text()
     finally:
         if worker is not None:
             stop_process(worker)
         for user in users:
             broker.ctl("delete_user", user)
+        broker.ctl("delete_vhost", vhost)
+
+
+def test_a_client_user_reads_the_jobs_exchange_only_to_bind_vmim_any(fleet, sender):
+    """A client's user may read the jobs exchange and write vmim.any: it declares vmim.any and
+    binds it with key `any`. Its topic permissions refuse every other key: vmim.any bound
+    with `#` or another host's box key would take the jobs of every box (any host's worker
+    then gets them as malformed any-free jobs, or a client user copies them). The queues a
+    client owns it may not bind at all (no write on them)."""
+    import amqp
+
+    refused, bound = [], []
+    for queue, key in ((protocol.ANY_QUEUE, "#"), (protocol.ANY_QUEUE, "box.h2a"),
+                       (protocol.ANY_QUEUE, "*.*"), (sender.reply_to, protocol.ANY_KEY),
+                       (protocol.ANY_QUEUE, protocol.ANY_KEY)):
+        channel = sender.conn.channel()  # a refusal closes it
+        try:
+            channel.queue_bind(queue, protocol.JOBS, key)
+        except amqp.exceptions.AccessRefused as exc:
+            refused.append((key, str(exc)))
+        else:
+            bound.append(key)
+    assert [k for k, _ in refused] == ["#", "box.h2a", "*.*", protocol.ANY_KEY], refused
+    assert all("topic" in why for _, why in refused[:3]), refused  # the topic check
+    assert bound == [protocol.ANY_KEY]  # vmim.any's own binding, there already
+    bindings = broker_bindings(fleet.broker, protocol.ANY_QUEUE)
+    assert bindings == {protocol.ANY_KEY}, bindings
+
+
+def broker_bindings(broker, queue: str) -> set:
+    """The routing keys binding `queue` to the jobs exchange."""
+    out = broker.ctl("list_bindings", "source_name", "destination_name", "routing_key").stdout
+    return {parts[2] for parts in (line.split() for line in out.splitlines())
+            if len(parts) == 3 and parts[0] == protocol.JOBS and parts[1] == queue}
+
+
+def test_a_jobs_exchange_declared_otherwise_is_said_not_used(broker):
+    """A jobs exchange declared again as a fanout (what a host's user could do under the
+    permissions of earlier releases) is seen by the client, which declares it again as it
+    should be — a passive declare does not compare types: exit 7, saying what to delete."""
+    import subprocess
+    import sys
+
+    import kombu
+
+    from tests.fleet.conftest import env
+
+    vhost = f"vmim-fanout-{os.getpid()}"
+    assert broker.ctl("add_vhost", vhost).returncode == 0
+    try:
+        assert broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
+                          ).returncode == 0
+        url = broker.url[:-1] + vhost
+        with kombu.Connection(url) as conn:
+            channel = conn.channel()
+            channel.exchange_declare(protocol.JOBS, "fanout", durable=True, auto_delete=False)
+            channel.exchange_declare(protocol.CONTROL, "fanout", durable=True,
+                                     auto_delete=False)
+            channel.queue_declare(protocol.ANY_QUEUE, durable=True, auto_delete=False)
+        res = subprocess.run([sys.executable, "-m", "vmim", "--broker", url, "-l"],
+                             capture_output=True, text=True, env=env(), timeout=120)
+        assert res.returncode == 7, res
+        assert "declared otherwise" in res.stderr and protocol.JOBS in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    finally:
         broker.ctl("delete_vhost", vhost)

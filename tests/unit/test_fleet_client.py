@@ -27,6 +27,7 @@ def client(user: str = "ci") -> Client:
     c = Client.__new__(Client)  # no connection: only what reads messages and errors
     c.spec = transport.BrokerSpec(f"amqp://{user}:pw@mq.example.org//")
     c.user, c.inbox, c.awaited, c.broadcast = user, [], {"a" * 32, "d" * 32}, {"d" * 32}
+    c.nacked = set()
     c.reply_to = "vmim.reply." + "c" * 32
     return c
 
@@ -96,14 +97,24 @@ def test_an_error_that_is_not_the_brokers_stays_what_it_is():
     assert client()._error(busy) is busy
 
 
-def test_a_request_the_broker_refuses_for_a_full_queue_is_exit_5():
+class Nacking:
+    def publish(self, *args, **kwargs):
+        raise amqp.exceptions.MessageNacked()
+
+
+def test_a_job_the_broker_refuses_for_a_full_queue_is_exit_5():
     c = client()
-
-    class Publisher:
-        def publish(self, *args, **kwargs):
-            raise amqp.exceptions.MessageNacked()
-
-    c.publisher = Publisher()
+    c.publisher = Nacking()
     with pytest.raises(LockBusyError) as exc:
-        c.publish(b"{}", "a" * 32, protocol.CONTROL, "", mandatory=False)
+        c.publish(b"{}", "a" * 32, protocol.JOBS, "box.x")
     assert exc.value.exit_code == 5 and "full" in str(exc.value)
+
+
+def test_a_list_request_one_full_queue_refused_goes_on_to_the_other_hosts():
+    """A list request goes to every worker's queue on the control fanout: one full queue
+    makes the broker refuse (nack) it, though the others took it. It is noted (the lists
+    say so and exit 5: tests/unit/test_terminal_depth.py), not the end of the run."""
+    c = client()
+    c.publisher = Nacking()
+    assert c.publish(b"{}", "d" * 32, protocol.CONTROL, "", mandatory=False) is True
+    assert c.nacked == {"d" * 32}

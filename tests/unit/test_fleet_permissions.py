@@ -92,6 +92,10 @@ def test_a_client_publishes_jobs_and_list_requests_and_owns_its_reply_queues():
     for name in (protocol.JOBS, protocol.CONTROL, protocol.ANY_QUEUE):  # it declares them
         assert allowed(configure, name)
     assert allowed(write, protocol.ANY_QUEUE) and allowed(read, protocol.JOBS)  # and binds
+    topic_write, topic_read = permissions.client_topic_grants()  # vmim.any's key only
+    assert allowed(topic_read, "any") and allowed(topic_write, "box.web1")
+    for key in ("#", "box.web1", "*.*", "anything"):
+        assert not allowed(topic_read, key), key
 
 
 

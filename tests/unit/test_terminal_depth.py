@@ -54,6 +54,7 @@ class FakeClient(client.Client):
     """A client whose broker answers each publish with the test's raw reply bodies."""
 
     script: Dict[str, List[Any]] = {}
+    full_queue = False  # one worker's queue of list requests is full: the broker nacks
 
     def __init__(self, spec: Any):
         self.spec = spec
@@ -63,10 +64,13 @@ class FakeClient(client.Client):
         self.conn = _Conn()
         self.user = "client"
         self.shared = topology.PRESENT  # the fleet's exchanges were there (workers served)
+        self.nacked = set()  # list requests a full queue refused
 
     def publish(self, body: bytes, job_id: str, exchange: str, routing_key: str,
                 expiration: Any = None, mandatory: bool = True) -> bool:
         self.awaited.add(job_id)
+        if self.full_queue and exchange == protocol.CONTROL:
+            self.nacked.add(job_id)
         for reply in self.script[exchange]:
             raw = reply if isinstance(reply, bytes) else json.dumps(
                 dict({"v": protocol.VERSION}, **reply)).encode()
@@ -145,6 +149,23 @@ def test_a_hosts_malformed_lists_leave_the_other_hosts_lists_printed(vmim, fleet
     assert r.code == 7, r
     assert "no lists from hy: the lists from host hy" in r.err, r.err
     assert "hx" in r.out and "hy" not in r.out, r
+
+
+def test_one_full_queue_of_list_requests_leaves_the_answers_printed(vmim, fleet_of,
+                                                                      monkeypatch):
+    """The broker refused the list request for one full queue (a nack), the other workers
+    answered: their lists are printed, and the exit is 5 with why; nobody answered: exit 5,
+    busy, not 7 ("no worker")."""
+    monkeypatch.setattr(FakeClient, "full_queue", True)
+    fleet_of(protocol.CONTROL, [{"type": "here", "host": HOST},
+                                {"type": "lists", "host": HOST, "exit_code": 0,
+                                 "doc": _lists_doc(), "stderr": []}])
+    r = vmim("--broker", "amqp://nowhere", "-l", "-f")
+    assert r.code == 5, r
+    assert "queue of list requests is full" in r.err and "hx" in r.out, r
+    fleet_of(protocol.CONTROL, [])
+    r = vmim("--broker", "amqp://nowhere", "-l")
+    assert r.code == 5 and "busy or stalled" in r.err, r
 
 
 def test_fleet_lists_as_json_keep_the_values(vmim, fleet_of):

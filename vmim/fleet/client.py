@@ -29,6 +29,8 @@ from vmim.terminal import safe
 log = logging.getLogger("vmim.fleet.client")
 
 ACCEPT_GRACE = 5.0  # seconds past --lock-wait that a job may take to reach a worker
+#: seconds a client that declared the fleet's exchanges gives waiting workers to bind
+FRESH_WAIT = 2.5
 RECONNECT = 120.0  # seconds a waiting client waits for a lost broker to come back
 JOB_TTL = 24 * 3600.0  # seconds a job may stay in the broker past --lock-wait: long enough
 # for a redelivery (a killed worker's job keeps its expiry when it is requeued; RabbitMQ drops
@@ -84,7 +86,13 @@ class Client:
             transport.connect(self.conn)
             self._reopen()
             # a client's to declare, not a host's; not PRESENT: no worker has served here
-            self.shared = topology.ensure_shared(self.conn)
+            self.shared = topology.ensure_shared(self.conn, verify=True)
+            if self.shared == topology.DECLARED:  # workers may be waiting for them: one look
+                log.info("declared the fleet's exchanges at %s; giving waiting workers %.0f s "
+                         "to bind", spec.shown, FRESH_WAIT)
+                time.sleep(FRESH_WAIT)
+        except topology.Mismatch as exc:
+            raise HostEnvironmentError(f"the broker at {spec.shown}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
             err = self._error(exc, "cannot reach the broker at")
             if err is exc and not isinstance(exc, VmimError):
@@ -295,7 +303,7 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
         job = protocol.Job(protocol.new_job_id(), box, time.time() + opts.lock_wait, run,
                            socket.gethostname())
         key = protocol.ANY_KEY if box == ANY_FREE else protocol.box_key(box)
-        if box == ANY_FREE and client.shared != topology.PRESENT:
+        if box == ANY_FREE and client.shared == topology.MISSING:
             raise StateError(client.never_started(
                 f"no worker of the fleet at {client.spec.shown} serves -b {ANY_FREE} (no "
                 "worker has started there yet)"))

@@ -29,7 +29,7 @@ def run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO
     corr = protocol.new_job_id()
     request = protocol.ListRequest(corr, tuple(lists))
     client.broadcast.add(corr)
-    if client.shared != topology.PRESENT or \
+    if client.shared == topology.MISSING or \
             not client.publish(request.encode(), corr, protocol.CONTROL, "", mandatory=False):
         raise HostEnvironmentError(client.never_started(
             f"no worker has ever started at {client.spec.shown}"))
@@ -68,9 +68,13 @@ def run_lists(client: Client, lists: List[str], doc: Dict[str, Any], out: TextIO
         raise LockBusyError(f"no worker answered at {client.spec.shown}, and a worker's queue "
                             "of list requests is full: busy or stalled; try again later")
     if full:
-        log.error("the broker at %s refused the request for a worker: its queue of list "
-                  "requests is full (busy with the lists of other clients, or stalled): its "
-                  "lists are missing; try again later", client.spec.shown)
+        log.error("the broker at %s refused the request for a queue on %s: a worker's queue "
+                  "of list requests is full (busy with the lists of other clients, or "
+                  "stalled): that host's lists may be missing; try again later",
+                  client.spec.shown, protocol.CONTROL)
+    if not hosts and client.shared == topology.DECLARED:  # this client declared the fleet
+        raise HostEnvironmentError(client.never_started(
+            f"no worker has ever started at {client.spec.shown}"))
     if not hosts:  # an empty list would say "no slots": it is "nobody to ask"
         raise HostEnvironmentError(f"no worker answered at {client.spec.shown} within "
                                    f"{LIST_WINDOW:.0f} s: are the workers running and "

@@ -76,6 +76,14 @@ def client_grants() -> Grants:
             rf"^vmim\.reply\..*|^{re.escape(protocol.JOBS)}$")
 
 
+def client_topic_grants() -> Tuple[str, str]:
+    """write, read on the jobs exchange for a client: it publishes with any key; it binds
+    vmim.any's key only (its read on the exchange is for that binding: with no topic
+    permissions a client user could bind a queue of its own with `#` and read the jobs of
+    every other client user)."""
+    return ".*", f"^{re.escape(protocol.ANY_KEY)}$"
+
+
 def commands(host: str, boxes: Iterable[str], vhost: str = "/") -> List[str]:
     """The rabbitmqctl commands that give host `host` (serving `boxes`) its user, and a client
     user (`ci`) its own; passwords are the site's to choose."""
@@ -92,7 +100,9 @@ def commands(host: str, boxes: Iterable[str], vhost: str = "/") -> List[str]:
     out += ["# the clients: publish jobs and list requests, own their reply queues, declare"
             " what is shared",
             "rabbitmqctl add_user ci secret-ci",
-            _command(f"set_permissions -p {q(vhost)} ci", client_grants())]
+            _command(f"set_permissions -p {q(vhost)} ci", client_grants()),
+            _command(f"set_topic_permissions -p {q(vhost)} ci {protocol.JOBS}",
+                     client_topic_grants())]
     return out
 
 

@@ -45,6 +45,12 @@ class NotDeclared(Exception):
     declare them (a host's: a client declares them when it first connects)."""
 
 
+class Mismatch(Exception):
+    """What the fleet shares is on the broker, declared with another type or arguments."""
+
+
+NOT_DECLARED_POLL = 1.0  # seconds between a waiting worker's looks (declare_waiting)
+
 #: the outcomes of ensure_shared()
 PRESENT, DECLARED, MISSING = "present", "declared", "missing"
 
@@ -62,20 +68,25 @@ def _shared(channel: Any, passive: bool) -> None:
         channel.queue_bind(protocol.ANY_QUEUE, protocol.JOBS, protocol.ANY_KEY)
 
 
-def ensure_shared(connection: Any, declare: bool = True) -> str:
+def ensure_shared(connection: Any, declare: bool = True, verify: bool = False) -> str:
     """Whether the fleet's shared objects are on the broker: PRESENT; DECLARED when they were
     not and this connection's user declared them now (`declare`); MISSING when they are not
-    and it may not (or was not to). Each attempt has a channel of its own: a missing object
+    and it may not (or was not to). With `verify` (a client), present ones are declared again
+    too, where this user may: a no-op, unless one was declared otherwise (the jobs exchange
+    declared again as a fanout, under the permissions of an earlier release), which a passive
+    declare does not see: Mismatch. Each attempt has a channel of its own: a missing object
     or a refusal closes the channel it happened on."""
     import contextlib
 
     import amqp
 
+    found = None
     for passive in (True, False) if declare else (True,):
         channel = connection.channel()
         try:
             _shared(channel, passive)
-            return PRESENT if passive else DECLARED
+            found = PRESENT if passive else DECLARED
+            break
         except amqp.exceptions.NotFound:
             continue
         except amqp.exceptions.AccessRefused as exc:
@@ -84,12 +95,20 @@ def ensure_shared(connection: Any, declare: bool = True) -> str:
         finally:
             with contextlib.suppress(Exception):
                 channel.close()
-    return MISSING
+    if found == PRESENT and verify:
+        try:
+            may_configure_shared(connection)
+        except amqp.exceptions.PreconditionFailed as exc:
+            raise Mismatch(f"what the fleet shares on the broker was declared otherwise than "
+                           f"this release declares it ({exc}): delete what the broker names "
+                           "(`rabbitmqadmin delete exchange name=NAME`, or the management UI) "
+                           "and run a client again, which declares it anew") from None
+    return found or MISSING
 
 
 def may_configure_shared(connection: Any) -> bool:
-    """Whether this connection's user may configure the jobs exchange (declared again as it
-    is: a no-op when allowed)."""
+    """Whether this connection's user may configure what every host shares (declared again
+    as it is: a no-op when allowed; PreconditionFailed when it was declared otherwise)."""
     import contextlib
 
     import amqp
@@ -165,6 +184,28 @@ def declare(channel: Any, host: str, slots: Sequence[str],
                   "jobs of every host; give it the topic permissions of its own slots "
                   "(vmimagemanager worker --print-permissions, docs/fleet.md)", host, jobs.name)
     return Consumers(boxes, any_consumer, ctl)
+
+
+def declare_waiting(channel: Any, host: str, slots: Sequence[str],
+                    on_message: Callable[[Optional[str], Any], None],
+                    stopping: Callable[[], bool]) -> Consumers:
+    """declare(), waiting on this connection while what every host shares is not on the
+    broker: declared by this user if it may (tried once: a refusal is an error in the
+    broker's log), then looked up every NOT_DECLARED_POLL seconds until a client has declared
+    it; NotDeclared when `stopping()` says so meanwhile."""
+    import time
+
+    waiting = False
+    while True:
+        try:
+            return declare(channel, host, slots, on_message, declare_shared=not waiting)
+        except NotDeclared as exc:
+            if not waiting:
+                log.warning("worker %s: waiting: %s", host, exc)
+                waiting = True
+            if stopping():
+                raise
+            time.sleep(NOT_DECLARED_POLL)
 
 
 def binds_any_key(connection: Any, host: str, jobs: Any) -> bool:

@@ -52,7 +52,6 @@ REDELIVER = 120.0  # seconds a result is offered to a client that is reconnectin
 RETRY_ANY = 1.0  # after giving back an any-free job (no slot really free): pause that long
 ACCEPT_GRACE = 5.0  # a client waits that long past its deadline for its job to be taken
 ABORT_WAIT = 300.0  # seconds the aborted jobs of a lost connection have to clean up
-NOT_DECLARED_POLL = 1.0  # seconds between looks for the fleet's exchanges (topology.NotDeclared)
 
 
 class Worker:
@@ -72,7 +71,6 @@ class Worker:
         self.publisher: Any = None
         self.box_consumers: List[Any] = []
         self.any_consumer: Any = None
-        self.waiting = False  # for a client to declare the fleet's exchanges (topology)
         self.any_on = False
         self.any_paused_until = 0.0
         self.undelivered = Undelivered(REDELIVER)
@@ -108,14 +106,12 @@ class Worker:
             try:
                 self._connect()
                 log.info("worker %s: ready", self.host)
-                delay, self.waiting = 1.0, False
+                delay = 1.0
                 self._serve()
                 break
             except Exception as exc:  # noqa: BLE001 - whatever it was, start over
                 if isinstance(exc, topology.NotDeclared):
-                    if not self.waiting:
-                        log.warning("worker %s: waiting: %s", self.host, exc)
-                    self.waiting, delay = True, NOT_DECLARED_POLL
+                    pass  # stopping while it waited for a client (_connect)
                 elif isinstance(exc, transport.refusals()):
                     log.error("the broker at %s refused: %s (see the permissions in "
                               "docs/fleet.md)", self.spec.shown, exc)
@@ -130,7 +126,7 @@ class Worker:
                 if self.stopping:
                     break
                 time.sleep(delay)
-                delay = NOT_DECLARED_POLL if self.waiting else min(delay * 2, 30.0)
+                delay = min(delay * 2, 30.0)
         self._close()
         log.info("worker %s stopped", self.host)
         return EXIT_OK
@@ -146,10 +142,8 @@ class Worker:
         # the broker checks user_id against this connection's user: clients believe a reply
         # in the name of this host only from the host's user (vmim.fleet.permissions)
         self.publisher = transport.Publisher(channel, user_id=self.conn.userid)
-        # the shared objects missing: declared if this user may, tried once a wait (a refusal
-        # is an error in the broker's log), then looked up only until a client declares them
-        consumers = topology.declare(channel, self.host, self.cfg.slot_names, self._queue,
-                                     declare_shared=not self.waiting)
+        consumers = topology.declare_waiting(channel, self.host, self.cfg.slot_names,
+                                             self._queue, lambda: self.stopping)
         self.box_consumers, self.any_consumer = consumers.boxes, consumers.any
         self.any_on = False
         self._update_any()
