@@ -18,8 +18,8 @@ restore leaves behind is counted wherever it happens:
 - restore tgz: the same with `pigz -dc`
 - store tar.zst: `vmimagemanager --zstd -s` vs `tar | zstd -T0 > f; sync -f f`
 - store tgz: `vmimagemanager -z -s` vs `tar | pigz > f; sync -f f`
-- cycle: `-b dst -r golden -u` on a running guest (default config), with the phases of its
-  --json timings
+- cycle: `-b dst -r golden -u` on a running guest (the default config, and clear = "mkfs"),
+  with the phases of its --json timings
 
 `--base REV` adds the tool as it was at git revision REV (extracted with `git archive`) as a
 third contender, on the same images (their metadata gets a sha256 too, which that version
@@ -264,6 +264,7 @@ def bench_store(tools: List[Tool], suffix: str, box: str) -> None:
 
 def bench_cycle(tools: List[Tool], suffix: str, tree_bytes: int) -> None:
     image = f"bench{suffix}.zst"
+    tools = restore_tools(tools)  # the default config and clear = "mkfs" (issue 23)
     tools[0].run("-b", b.DST, "-r", image, "-u")
     runs: Dict[str, List[dict]] = {t.label: [] for t in tools}
     for r in range(b.ROUNDS):
