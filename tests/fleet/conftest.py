@@ -5,6 +5,7 @@ rabbitmq-server + kombu (`make test` installs both)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -311,6 +312,36 @@ def big(fleet):
     st = fleet.vmim("-b", "h2a", "-s", "big", "--release")
     assert st.code == 0, st
     return "big"
+
+
+@contextlib.contextmanager
+def own_vhost(broker, name: str):
+    """A virtual host of its own (`name`-PID) where guest may do anything: a broker that the
+    test alone shapes. Yields its URL as guest; deleted at the end."""
+    vhost = f"{name}-{os.getpid()}"
+    assert broker.ctl("add_vhost", vhost).returncode == 0
+    try:
+        assert broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
+                          ).returncode == 0
+        yield broker.url[:-1] + vhost
+    finally:
+        broker.ctl("delete_vhost", vhost)
+
+
+def one_slot_worker(tmp_path, slot: str, url: str, host: str, log) -> subprocess.Popen:
+    """A worker named `host` serving one slot `slot` (an empty disk file: enough to list it),
+    its config, lock and state directories under tmp_path, logging to `log`."""
+    cfg = tmp_path / f"{slot}.cfg"
+    if not cfg.exists():
+        disk = tmp_path / f"{slot}.img"
+        disk.write_bytes(b"")
+        cfg.write_text(f'[vmim.local]\nlockdir = "{tmp_path}/locks"\n'
+                       f'statedir = "{tmp_path}/state"\n'
+                       f'[vmim.vm.{slot}]\nHostName = "{slot}"\nroot = "{disk}"\n')
+    with open(log, "w") as fh:
+        return subprocess.Popen([sys.executable, "-m", "vmim", "worker", "--config", str(cfg),
+                                 "--broker", url, "--host-name", host], stderr=fh, stdout=fh,
+                                env=env(), start_new_session=True)
 
 
 def declare_shared(url: str) -> str:

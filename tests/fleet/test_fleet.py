@@ -234,23 +234,14 @@ def test_per_host_users_are_limited_to_their_own_queues(fleet, broker, tmp_path)
     import subprocess
     import sys
 
-    from tests.fleet.conftest import add_client_user, add_host_user, env
+    from tests.fleet.conftest import add_client_user, add_host_user, env, one_slot_worker
 
     url = {"h9": add_host_user(broker, "h9", ["p9a"]), "ci": add_client_user(broker, "ci", "pw-ci")}
-    disk = tmp_path / "p9a.img"
-    disk.write_bytes(b"")
-    cfg = tmp_path / "h9.cfg"
-    cfg.write_text(f'[vmim.local]\nlockdir = "{tmp_path}/locks"\nstatedir = "{tmp_path}/state"\n'
-                   f'[vmim.vm.p9a]\nHostName = "p9a"\nroot = "{disk}"\n')
     logs = {name: tmp_path / f"{name}.log" for name in ("own", "other")}
     workers = {}
     try:
         for name, host in (("own", "h9"), ("other", "h1")):
-            with open(logs[name], "w") as fh:
-                workers[name] = subprocess.Popen(
-                    [sys.executable, "-m", "vmim", "worker", "--config", str(cfg), "--broker",
-                     url["h9"], "--host-name", host], stderr=fh, stdout=fh, env=env(),
-                    start_new_session=True)
+            workers[name] = one_slot_worker(tmp_path, "p9a", url["h9"], host, logs[name])
         deadline = time.monotonic() + 30
         while ("worker h9: ready" not in logs["own"].read_text()
                or "ACCESS_REFUSED" not in logs["other"].read_text()):
@@ -334,22 +325,15 @@ def test_lists_with_no_live_worker_exit_7_with_the_reason(broker):
     import subprocess
     import sys
 
-    from tests.fleet.conftest import env
+    from tests.fleet.conftest import env, own_vhost
 
-    vhost = f"vmim-empty-{os.getpid()}"
-    assert broker.ctl("add_vhost", vhost).returncode == 0
-    try:
-        assert broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
-                          ).returncode == 0
-        url = broker.url[:-1] + vhost
+    with own_vhost(broker, "vmim-empty") as url:
         for i, argv in enumerate((["-l"], ["-l", "--json"], ["-f"])):
             res = subprocess.run([sys.executable, "-m", "vmim", "--broker", url, *argv],
                                  capture_output=True, text=True, env=env(), timeout=120)
             assert res.returncode == 7, res
             said = "no worker has ever started at" if i == 0 else "no worker answered at"
             assert said in res.stderr, res.stderr
-    finally:
-        broker.ctl("delete_vhost", vhost)
 
 
 def test_a_staging_and_its_swap_travel_as_jobs(fleet):

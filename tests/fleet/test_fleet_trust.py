@@ -178,6 +178,19 @@ def evil_host(broker) -> tuple:
     return host, add_host_user(broker, host, ["evila"], "pw-ev")
 
 
+def attempt(conn, what: str, act, done: list, refused: list) -> None:
+    """act(channel) on a channel of its own (a refusal closes it): `what` goes to `done`, or
+    with the broker's words to `refused` when it answers 403."""
+    import amqp
+
+    try:
+        act(conn.channel())
+    except amqp.exceptions.AccessRefused as exc:
+        refused.append((what, str(exc)))
+    else:
+        done.append(what)
+
+
 def test_a_host_user_cannot_send_jobs_to_another_hosts_slots_by_the_default_exchange(
         fleet, sender):
     """A host's user may write on amq.default (to answer clients), and RabbitMQ checks a
@@ -220,7 +233,6 @@ def test_a_host_user_cannot_see_the_jobs_of_another_hosts_slots(fleet, sender):
     against the host's topic permissions (docs/fleet.md): only its own slots' keys and `any`.
     Every other key — another host's box, the wildcards, an exchange of its own bound in
     between — is refused (403), and the job of another host's box reaches no queue of it."""
-    import amqp
     import kombu
 
     broker = fleet.broker
@@ -229,20 +241,11 @@ def test_a_host_user_cannot_see_the_jobs_of_another_hosts_slots(fleet, sender):
     refused, bound = [], []
     try:
         with kombu.Connection(url) as conn:
-            def attempt(what, declare):
-                channel = conn.channel()
-                try:
-                    declare(channel)
-                except amqp.exceptions.AccessRefused as exc:
-                    refused.append((what, str(exc)))
-                else:
-                    bound.append(what)
-
             for i, key in enumerate(("box.h2a", "#", "*.h2a", "box.*", "box.#", "box.evila.#")):
                 # a name its user may make (its probe queues'): the binding is what is refused
                 q = kombu.Queue(f"vmim.host.{user}.probe.{i:08x}", jobs, routing_key=key,
                                 exclusive=True, auto_delete=True)
-                attempt(key, lambda ch, q=q: q(ch).declare())
+                attempt(conn, key, lambda ch, q=q: q(ch).declare(), bound, refused)
 
             def exchange_between(ch):  # an exchange of its own (its name is one it may make)
                 own = kombu.Exchange(f"vmim.host.{user}.probe.ff", type="fanout",
@@ -250,10 +253,10 @@ def test_a_host_user_cannot_see_the_jobs_of_another_hosts_slots(fleet, sender):
                 own(ch).declare()
                 ch.exchange_bind(own.name, protocol.JOBS, routing_key="box.h2a")
 
-            attempt("exchange-to-exchange box.h2a", exchange_between)
+            attempt(conn, "exchange-to-exchange box.h2a", exchange_between, bound, refused)
             own = kombu.Queue(f"vmim.host.{user}.box.evila", jobs, routing_key="box.evila",
                               exclusive=True, auto_delete=True)
-            attempt("its own slot", lambda ch: own(ch).declare())
+            attempt(conn, "its own slot", lambda ch: own(ch).declare(), bound, refused)
             corr = sender.send(v2_job("h2a", deadline=1e12 + 1), routing_key="box.h2a")
             sender.wait([corr], timeout=30)  # refused (the deadline): nothing runs
             copied = own(conn.channel()).get(no_ack=True)
@@ -366,7 +369,6 @@ def test_a_host_user_cannot_delete_or_declare_again_what_every_host_shares(fleet
     no list for any host until a worker connects again), or declare the jobs exchange again
     as a fanout, which no topic permission guards, and take a copy of every host's jobs.
     Each attempt is refused (403); they stay as declared, and the fleet goes on."""
-    import amqp
     import kombu
 
     user, url = evil_host(broker)
@@ -382,15 +384,8 @@ def test_a_host_user_cannot_delete_or_declare_again_what_every_host_shares(fleet
     done, refused = [], []
     try:
         with kombu.Connection(url) as conn:
-            conn.connect()
-            for what, attempt in attempts.items():
-                channel = conn.connection.channel()  # a refusal closes it
-                try:
-                    attempt(channel)
-                except amqp.exceptions.AccessRefused as exc:
-                    refused.append((what, str(exc)))
-                else:
-                    done.append(what)
+            for what, act in attempts.items():
+                attempt(conn, what, act, done, refused)
     finally:
         broker.ctl("delete_user", user)
     assert done == [], done
@@ -416,68 +411,60 @@ def test_a_worker_waits_for_a_client_to_declare_what_every_host_shares(broker, t
     import subprocess
     import sys
 
-    from tests.fleet.conftest import add_client_user, env, stop_process
+    from tests.fleet.conftest import add_client_user, env, one_slot_worker, own_vhost, stop_process
     from vmim.fleet import permissions
 
-    vhost = f"vmim-fresh-{os.getpid()}"
     host = f"hw{os.getpid()}"
     users = {}
-    assert broker.ctl("add_vhost", vhost).returncode == 0
     worker = None
-    try:
-        old_grants = (r"^vmim\.reply\..*", r"^(vmim\.jobs\.topic|vmim\.control)$|^amq\.default$",
-                      r"^vmim\.reply\..*")
-        for user, grants in ((host, permissions.host_grants(host, ["pw1"])),
-                             ("ci-old", old_grants)):
-            broker.ctl("delete_user", user)
-            assert broker.ctl("add_user", user, f"pw-{user}").returncode == 0
-            users[user] = f"amqp://{user}:pw-{user}@127.0.0.1:{broker.port}/{vhost}"
-            assert broker.ctl("set_permissions", "-p", vhost, user, *grants).returncode == 0
-        assert broker.ctl("set_topic_permissions", "-p", vhost, host, protocol.JOBS,
-                          *permissions.host_topic_grants(["pw1"])).returncode == 0
-        users["ci-new"] = add_client_user(broker, "ci-new", "pw-ci-new", vhost)
-        disk = tmp_path / "pw1.img"
-        disk.write_bytes(b"")
-        cfg = tmp_path / "hw.cfg"
-        cfg.write_text(f'[vmim.local]\nlockdir = "{tmp_path}/locks"\n'
-                       f'statedir = "{tmp_path}/state"\n'
-                       f'[vmim.vm.pw1]\nHostName = "pw1"\nroot = "{disk}"\n')
-        log = tmp_path / "worker.log"
-        with open(log, "w") as fh:
-            worker = subprocess.Popen([sys.executable, "-m", "vmim", "worker", "--config",
-                                       str(cfg), "--broker", users[host], "--host-name", host],
-                                      stderr=fh, stdout=fh, env=env(), start_new_session=True)
+    with own_vhost(broker, "vmim-fresh") as guest_url:
+        vhost = guest_url.rsplit("/", 1)[1]
+        try:
+            old_grants = (r"^vmim\.reply\..*",
+                          r"^(vmim\.jobs\.topic|vmim\.control)$|^amq\.default$",
+                          r"^vmim\.reply\..*")
+            for user, grants in ((host, permissions.host_grants(host, ["pw1"])),
+                                 ("ci-old", old_grants)):
+                broker.ctl("delete_user", user)
+                assert broker.ctl("add_user", user, f"pw-{user}").returncode == 0
+                users[user] = f"amqp://{user}:pw-{user}@127.0.0.1:{broker.port}/{vhost}"
+                assert broker.ctl("set_permissions", "-p", vhost, user, *grants).returncode == 0
+            assert broker.ctl("set_topic_permissions", "-p", vhost, host, protocol.JOBS,
+                              *permissions.host_topic_grants(["pw1"])).returncode == 0
+            users["ci-new"] = add_client_user(broker, "ci-new", "pw-ci-new", vhost)
+            log = tmp_path / "worker.log"
+            worker = one_slot_worker(tmp_path, "pw1", users[host], host, log)
 
-        def wait_for(text: str) -> None:
-            deadline = time.monotonic() + 30
-            while text not in log.read_text():
-                assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
-                time.sleep(0.1)
+            def wait_for(text: str) -> None:
+                deadline = time.monotonic() + 30
+                while text not in log.read_text():
+                    assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
+                    time.sleep(0.1)
 
-        def client(user, *argv):
-            return subprocess.run([sys.executable, "-m", "vmim", "--broker", users[user],
-                                   *argv], capture_output=True, text=True, env=env(),
-                                  timeout=120)
+            def client(user, *argv):
+                return subprocess.run([sys.executable, "-m", "vmim", "--broker", users[user],
+                                       *argv], capture_output=True, text=True, env=env(),
+                                      timeout=120)
 
-        wait_for(f"worker {host}: waiting: the fleet's exchanges")
-        time.sleep(2.5)  # it looks again meanwhile, and says so once
-        text = log.read_text()
-        assert f"worker {host}: ready" not in text and text.count("waiting:") == 1, text
-        old = client("ci-old", "-l")
-        assert old.returncode == 7, old
-        assert "user ci-old may not declare them" in old.stderr, old.stderr
-        first = client("ci-new", "-l", "--json")
-        assert first.returncode == 0, first
-        assert "declared the fleet's exchanges" in first.stderr, first.stderr
-        assert (host, "pw1") in {(b["host"], b["name"]) for b in json.loads(first.stdout)["boxes"]}
-        assert f"worker {host}: ready" in log.read_text()
-        assert "may declare and delete what every host shares" not in log.read_text()
-    finally:
-        if worker is not None:
-            stop_process(worker)
-        for user in users:
-            broker.ctl("delete_user", user)
-        broker.ctl("delete_vhost", vhost)
+            wait_for(f"worker {host}: waiting: the fleet's exchanges")
+            time.sleep(2.5)  # it looks again meanwhile, and says so once
+            text = log.read_text()
+            assert f"worker {host}: ready" not in text and text.count("waiting:") == 1, text
+            old = client("ci-old", "-l")
+            assert old.returncode == 7, old
+            assert "user ci-old may not declare them" in old.stderr, old.stderr
+            first = client("ci-new", "-l", "--json")
+            assert first.returncode == 0, first
+            assert "declared the fleet's exchanges" in first.stderr, first.stderr
+            boxes = json.loads(first.stdout)["boxes"]
+            assert (host, "pw1") in {(b["host"], b["name"]) for b in boxes}
+            assert f"worker {host}: ready" in log.read_text()
+            assert "may declare and delete what every host shares" not in log.read_text()
+        finally:
+            if worker is not None:
+                stop_process(worker)
+            for user in users:
+                broker.ctl("delete_user", user)
 
 
 def test_a_client_user_reads_the_jobs_exchange_only_to_bind_vmim_any(fleet, sender):
@@ -486,19 +473,13 @@ def test_a_client_user_reads_the_jobs_exchange_only_to_bind_vmim_any(fleet, send
     with `#` or another host's box key would take the jobs of every box (any host's worker
     then gets them as malformed any-free jobs, or a client user copies them). The queues a
     client owns it may not bind at all (no write on them)."""
-    import amqp
 
     refused, bound = [], []
     for queue, key in ((protocol.ANY_QUEUE, "#"), (protocol.ANY_QUEUE, "box.h2a"),
                        (protocol.ANY_QUEUE, "*.*"), (sender.reply_to, protocol.ANY_KEY),
                        (protocol.ANY_QUEUE, protocol.ANY_KEY)):
-        channel = sender.conn.channel()  # a refusal closes it
-        try:
-            channel.queue_bind(queue, protocol.JOBS, key)
-        except amqp.exceptions.AccessRefused as exc:
-            refused.append((key, str(exc)))
-        else:
-            bound.append(key)
+        attempt(sender.conn, key, lambda ch, q=queue, k=key: ch.queue_bind(q, protocol.JOBS, k),
+                bound, refused)
     assert [k for k, _ in refused] == ["#", "box.h2a", "*.*", protocol.ANY_KEY], refused
     assert all("topic" in why for _, why in refused[:3]), refused  # the topic check
     assert bound == [protocol.ANY_KEY]  # vmim.any's own binding, there already
@@ -522,14 +503,9 @@ def test_a_jobs_exchange_declared_otherwise_is_said_not_used(broker):
 
     import kombu
 
-    from tests.fleet.conftest import env
+    from tests.fleet.conftest import env, own_vhost
 
-    vhost = f"vmim-fanout-{os.getpid()}"
-    assert broker.ctl("add_vhost", vhost).returncode == 0
-    try:
-        assert broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
-                          ).returncode == 0
-        url = broker.url[:-1] + vhost
+    with own_vhost(broker, "vmim-fanout") as url:
         with kombu.Connection(url) as conn:
             channel = conn.channel()
             channel.exchange_declare(protocol.JOBS, "fanout", durable=True, auto_delete=False)
@@ -541,5 +517,3 @@ def test_a_jobs_exchange_declared_otherwise_is_said_not_used(broker):
         assert res.returncode == 7, res
         assert "declared otherwise" in res.stderr and protocol.JOBS in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
-    finally:
-        broker.ctl("delete_vhost", vhost)

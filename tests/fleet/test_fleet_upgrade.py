@@ -4,7 +4,6 @@ worker of this release must start on it all the same."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,78 +21,64 @@ def test_a_worker_starts_on_a_broker_of_the_earlier_release(broker, tmp_path):
     earlier worker, declared without a length bound, is never declared again."""
     import kombu
 
-    from tests.fleet.conftest import env, stop_process
+    from tests.fleet.conftest import env, one_slot_worker, own_vhost, stop_process
 
-    vhost = f"vmim-upgrade-{os.getpid()}"
-    assert broker.ctl("add_vhost", vhost).returncode == 0
-    url = broker.url[:-1] + vhost
     worker = None
-    try:
-        assert broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
-                          ).returncode == 0
-        with kombu.Connection(url) as conn:  # what a worker of the earlier release declared
-            old = kombu.Exchange("vmim.jobs", type="direct", durable=True)
-            kombu.Queue("vmim.host.hu.box.hu1", old, routing_key="box.hu1",
-                        durable=True)(conn.default_channel).declare()
-            kombu.Queue("vmim.any", old, routing_key="any",
-                        durable=True)(conn.default_channel).declare()
-        disk = tmp_path / "hu1.img"
-        disk.write_bytes(b"")
-        cfg = tmp_path / "hu.cfg"
-        cfg.write_text(f'[vmim.local]\nlockdir = "{tmp_path}/locks"\n'
-                       f'statedir = "{tmp_path}/state"\n'
-                       f'[vmim.vm.hu1]\nHostName = "hu1"\nroot = "{disk}"\n')
-        log = tmp_path / "worker.log"
-        with open(log, "w") as fh:
-            worker = subprocess.Popen([sys.executable, "-m", "vmim", "worker", "--config",
-                                       str(cfg), "--broker", url, "--host-name", "hu"],
-                                      stderr=fh, stdout=fh, env=env(), start_new_session=True)
-        deadline = time.monotonic() + 30
-        while "worker hu: ready" not in log.read_text():
-            assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
-            time.sleep(0.1)
-        # its user (guest: everything) declared what hosts share itself: it is told to narrow
-        assert "may declare and delete what every host shares" in log.read_text()
+    with own_vhost(broker, "vmim-upgrade") as url:
+        try:
+            with kombu.Connection(url) as conn:  # what a worker of the earlier release declared
+                old = kombu.Exchange("vmim.jobs", type="direct", durable=True)
+                kombu.Queue("vmim.host.hu.box.hu1", old, routing_key="box.hu1",
+                            durable=True)(conn.default_channel).declare()
+                kombu.Queue("vmim.any", old, routing_key="any",
+                            durable=True)(conn.default_channel).declare()
+            log = tmp_path / "worker.log"
+            worker = one_slot_worker(tmp_path, "hu1", url, "hu", log)
+            deadline = time.monotonic() + 30
+            while "worker hu: ready" not in log.read_text():
+                assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
+                time.sleep(0.1)
+            # its user (guest: everything) declared what hosts share itself: it is told to narrow
+            assert "may declare and delete what every host shares" in log.read_text()
 
-        def client(*argv):
-            return subprocess.run([sys.executable, "-m", "vmim", "--broker", url, *argv],
-                                  capture_output=True, text=True, env=env(), timeout=120)
+            def client(*argv):
+                return subprocess.run([sys.executable, "-m", "vmim", "--broker", url, *argv],
+                                      capture_output=True, text=True, env=env(), timeout=120)
 
-        lists = client("-l", "--json")
-        assert lists.returncode == 0, lists
-        # the slots of its config (a hypervisor's other domains are listed too, not in config)
-        assert [b["name"] for b in json.loads(lists.stdout)["boxes"]
-                if b["in_config"]] == ["hu1"]
-        job = client("-b", "hu1", "--dry-run", "--mount", "--json")
-        assert job.returncode != 4 and "unknown box" not in job.stderr, job
-        assert json.loads(job.stdout)["host"] == "hu", job
-        with kombu.Connection(url) as conn:  # an old client: through the old exchange
-            reply_q = kombu.Queue(f"vmim.reply.{protocol.new_job_id()}", exclusive=True,
-                                  auto_delete=True)
-            got: list = []
-            with kombu.Consumer(conn, queues=[reply_q], no_ack=True,
-                                on_message=lambda m: got.append(json.loads(m.body))):
-                job_id = protocol.new_job_id()
-                body = {"v": protocol.VERSION, "type": "job", "job_id": job_id, "box": "hu1",
-                        "deadline": time.time() + 30, "request": {"actions": ["mount"]},
-                        "options": {"dry_run": True}}
-                kombu.Producer(conn).publish(json.dumps(body).encode(), exchange="vmim.jobs",
-                                             routing_key="box.hu1", reply_to=reply_q.name,
-                                             correlation_id=job_id, serializer=None)
-                deadline = time.monotonic() + 30
-                while not any(r.get("type") == "result" for r in got):
-                    assert time.monotonic() < deadline, got
-                    try:
-                        conn.drain_events(timeout=0.5)
-                    except TimeoutError:
-                        pass
-        result = next(r for r in got if r.get("type") == "result")
-        assert result["exit_code"] == 2, result
-        assert protocol.JOBS in result["doc"]["error"]["message"], result
-        assert "PRECONDITION_FAILED" not in log.read_text()
-        # guest has no topic permissions: the worker says what that lets its user see
-        assert "may bind any routing key on vmim.jobs.topic" in log.read_text()
-    finally:
-        if worker is not None:
-            stop_process(worker)
-        broker.ctl("delete_vhost", vhost)
+            lists = client("-l", "--json")
+            assert lists.returncode == 0, lists
+            # the slots of its config (a hypervisor's other domains are listed too, not in config)
+            assert [b["name"] for b in json.loads(lists.stdout)["boxes"]
+                    if b["in_config"]] == ["hu1"]
+            job = client("-b", "hu1", "--dry-run", "--mount", "--json")
+            assert job.returncode != 4 and "unknown box" not in job.stderr, job
+            assert json.loads(job.stdout)["host"] == "hu", job
+            with kombu.Connection(url) as conn:  # an old client: through the old exchange
+                reply_q = kombu.Queue(f"vmim.reply.{protocol.new_job_id()}", exclusive=True,
+                                      auto_delete=True)
+                got: list = []
+                with kombu.Consumer(conn, queues=[reply_q], no_ack=True,
+                                    on_message=lambda m: got.append(json.loads(m.body))):
+                    job_id = protocol.new_job_id()
+                    body = {"v": protocol.VERSION, "type": "job", "job_id": job_id, "box": "hu1",
+                            "deadline": time.time() + 30, "request": {"actions": ["mount"]},
+                            "options": {"dry_run": True}}
+                    kombu.Producer(conn).publish(json.dumps(body).encode(), exchange="vmim.jobs",
+                                                 routing_key="box.hu1", reply_to=reply_q.name,
+                                                 correlation_id=job_id, serializer=None)
+                    deadline = time.monotonic() + 30
+                    while not any(r.get("type") == "result" for r in got):
+                        assert time.monotonic() < deadline, got
+                        try:
+                            conn.drain_events(timeout=0.5)
+                        except TimeoutError:
+                            pass
+            result = next(r for r in got if r.get("type") == "result")
+            assert result["exit_code"] == 2, result
+            assert protocol.JOBS in result["doc"]["error"]["message"], result
+            assert "PRECONDITION_FAILED" not in log.read_text()
+            # guest has no topic permissions: the worker says what that lets its user see
+            assert "may bind any routing key on vmim.jobs.topic" in log.read_text()
+        finally:
+            if worker is not None:
+                stop_process(worker)
