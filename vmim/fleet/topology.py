@@ -3,10 +3,11 @@
 The objects every host shares — the topic exchange of jobs (protocol.JOBS), the control
 fanout (protocol.CONTROL) and the any-free queue `vmim.any` bound to the jobs exchange with
 key `any` — are declared by the clients (ensure_shared(), on every connection: their user may
-configure them, vmim.fleet.permissions), never by a host: a host's user that may declare them
+configure them, vmim.fleet.permissions), not by the hosts: a host's user that may declare them
 may also delete them, or declare the jobs exchange again as a fanout and see every host's
-jobs. A worker only looks them up (a passive declare needs no permission) and waits until they
-are there (NotDeclared). On them a worker declares what is its own:
+jobs. A worker looks them up (a passive declare needs no permission) and waits until they are
+there (declare_waiting); only a worker whose user may configure them (the one-user trial)
+declares them itself, and logs an error saying so. On them a worker declares what is its own:
 
 - one durable queue per slot, `vmim.host.<host>.box.<box>`, bound with the slot's key
   `box.<box>` (which the host's topic permissions allow for its own slots only), consumed
