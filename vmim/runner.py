@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Callable, Dict, Optional, Tuple, Type
 
-from vmim import lease, lock, process, procscan, standby
+from vmim import lease, lock, process, procscan, stages, standby
 from vmim.config import Config
 from vmim.disk import hold
 from vmim.domain import Hypervisor
@@ -49,7 +49,15 @@ def run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
             options: Optional[Options] = None, *, locked: bool = False,
             on_plan: Optional[Callable[[Config], None]] = None) -> BoxResult:
     """Run req on one box under its lock (already held by the caller when `locked`).
-    on_plan(cfg): called once the plan holds no verdict, before its first step."""
+    on_plan(cfg): called once the plan holds no verdict, before its first step. What its
+    commands warn of on their way to success is logged under its name."""
+    with stages.box_context(name):
+        return _run_box(cfg, name, hv, req, options, locked=locked, on_plan=on_plan)
+
+
+def _run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
+             options: Optional[Options] = None, *, locked: bool = False,
+             on_plan: Optional[Callable[[Config], None]] = None) -> BoxResult:
     options = options or Options()
     if req.stage:
         return _run_staged(cfg, name, hv, req, options)

@@ -3,14 +3,29 @@ fails, and what they said on their way when all succeeded."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+import threading
 import time
-from typing import IO, Callable, Optional, Sequence
+from typing import IO, Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger("vmim.process")
+
+_box = threading.local()  # the box this thread runs for (boxes run in threads with -j)
+
+
+@contextlib.contextmanager
+def box_context(name: str) -> Iterator[None]:
+    """What a command says on its way to success is logged under box `name` meanwhile."""
+    before = getattr(_box, "name", None)
+    _box.name = name
+    try:
+        yield
+    finally:
+        _box.name = before
 
 
 def broken_pipe(code: int) -> bool:
@@ -63,10 +78,12 @@ def said_on_success(name: Sequence[str], err: IO[bytes]) -> None:
     err.seek(0)
     lines = [ln for ln in err.read(64 * 1024).decode("utf-8", "replace").splitlines()
              if ln.strip()]
-    prog = os.path.basename(name[0])
+    box = getattr(_box, "name", None)
+    prog = (f"box {box}: " if box else "") + os.path.basename(name[0])
     for line in lines[:WARNING_LINES]:
         said, sep, rest = line.strip().partition(": ")
         # GNU tar names itself as it was started: "tar: " or "/usr/bin/tar: "
-        log.warning("%s: %s", prog, rest if sep and os.path.basename(said) == prog else line.strip())
+        log.warning("%s: %s", prog, rest if sep and os.path.basename(said) == os.path.basename(
+            name[0]) else line.strip())
     if len(lines) > WARNING_LINES:
         log.warning("%s: (%d more lines like these)", prog, len(lines) - WARNING_LINES)

@@ -97,6 +97,7 @@ def test_an_acl_record_the_sandbox_cannot_resolve_is_said_not_dropped_silently(v
     r = vmim("--config", slot.config(), "-b", slot.box, "-r", "golden", "--mount")
     assert r.code == 0, r
     assert "Cannot acl_from_text" in r.err and "./f" in r.err, r.err
+    assert f"warning: box {slot.box}: tar: " in r.err, r.err  # which slot, with -j too
 
 
 def test_a_root_with_a_default_acl_passes_nothing_on_to_an_image_without_acls(vmim, slot,
