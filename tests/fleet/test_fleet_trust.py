@@ -517,3 +517,27 @@ def test_a_jobs_exchange_declared_otherwise_is_said_not_used(broker):
         assert res.returncode == 7, res
         assert "declared otherwise" in res.stderr and protocol.JOBS in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_a_jobs_exchange_deleted_and_declared_again_gets_the_slot_queues_back(fleet, broker):
+    """The jobs exchange is deleted (by a client's user, which may, or an admin) and the next
+    client declares it anew — without the bindings of the hosts' slot queues, and the broker
+    tells no consumer. Every box was "unknown" until each worker reconnected; a worker binds
+    its slot queues again every topology.REBIND seconds, so a box's job runs again soon."""
+    import kombu
+
+    from vmim.fleet import topology
+
+    with kombu.Connection(broker.url) as conn:
+        conn.channel().exchange_delete(protocol.JOBS)
+    fleet.wait_log("h1", "is gone (deleted)", timeout=3 * topology.REBIND)
+    deadline = time.monotonic() + 3 * topology.REBIND
+    while True:  # each client declares the exchange again (vmim.fleet.topology)
+        r = fleet.vmim("-b", "h1b", "--dry-run", "--mount", "--json")
+        if r.code == 0 or time.monotonic() > deadline:
+            break
+        assert "unknown box" in r.err, r
+        time.sleep(1)
+    assert r.code == 0, r
+    assert r.json()["host"] == "h1", r.out
+    assert "is back: slot queues bound again" in fleet.log("h1")

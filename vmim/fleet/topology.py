@@ -51,6 +51,7 @@ class Mismatch(Exception):
 
 
 NOT_DECLARED_POLL = 1.0  # seconds between a waiting worker's looks (declare_waiting)
+REBIND = 10.0  # seconds between a worker's bindings of its slot queues again (rebind)
 
 #: the outcomes of ensure_shared()
 PRESENT, DECLARED, MISSING = "present", "declared", "missing"
@@ -207,6 +208,28 @@ def declare_waiting(channel: Any, host: str, slots: Sequence[str],
             if stopping():
                 raise
             time.sleep(NOT_DECLARED_POLL)
+
+
+def rebind(connection: Any, host: str, slots: Sequence[str]) -> bool:
+    """Bind this host's slot queues to the jobs exchange again (a no-op while the bindings
+    are there): a jobs exchange deleted and declared again (by a client, or an admin) has
+    none, and the broker tells no consumer. False when the exchange is not there now."""
+    import contextlib
+
+    import amqp
+
+    channel = connection.channel()  # a missing exchange closes it, not the worker's
+    try:
+        for box in slots:
+            if protocol.routable(box):
+                channel.queue_bind(protocol.box_queue(host, box), protocol.JOBS,
+                                   protocol.box_key(box))
+        return True
+    except amqp.exceptions.NotFound:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
 
 
 def binds_any_key(connection: Any, host: str, jobs: Any) -> bool:

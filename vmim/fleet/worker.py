@@ -78,6 +78,7 @@ class Worker:
         self.ping = max(1.0, min(5.0, heartbeat / 2))  # "running" to the clients, this often
         self.silence = 3.0 * heartbeat + 5  # a client gives a job up after that long unheard
         self.next_ping = 0.0
+        self.next_rebind, self.unbound = 0.0, False  # unbound: the jobs exchange was gone
         self.last_beat = 0.0
 
     # ------------------------------------------------------------------ life cycle
@@ -199,6 +200,9 @@ class Worker:
             if now >= self.next_ping:
                 self.next_ping = now + self.ping
                 self._ping()
+            if now >= self.next_rebind:
+                self.next_rebind = now + topology.REBIND
+                self._rebind()
             self._handle_inbox()
             self._handle_events()
             for job in self.slots.expired(time.time()):
@@ -226,6 +230,15 @@ class Worker:
         """Publish to a client's reply queue; False when the client is gone (mandatory)."""
         return bool(self.publisher.publish(reply.encode(), routing_key=reply_to,
                                            correlation_id=corr, mandatory=mandatory))
+
+    def _rebind(self) -> None:
+        """Slot queues bound again: a jobs exchange deleted and declared anew has no bindings."""
+        bound = topology.rebind(self.conn, self.host, self.cfg.slot_names)
+        if bound == self.unbound:  # changed: said once
+            log.log(logging.INFO if bound else logging.WARNING, "worker %s: the jobs exchange "
+                    "%s %s", self.host, protocol.JOBS, "is back: slot queues bound again" if bound
+                    else "is gone (deleted): no job reaches this host until a client declares it")
+        self.unbound = not bound
 
     def _ping(self) -> None:
         """Word to the clients of the jobs this worker holds (running or waiting for their
