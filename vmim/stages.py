@@ -78,12 +78,12 @@ def said_on_success(name: Sequence[str], err: IO[bytes]) -> None:
     err.seek(0)
     lines = [ln for ln in err.read(64 * 1024).decode("utf-8", "replace").splitlines()
              if ln.strip()]
+    tool = os.path.basename(name[0])
     box = getattr(_box, "name", None)
-    prog = (f"box {box}: " if box else "") + os.path.basename(name[0])
+    prog = f"box {box}: {tool}" if box else tool
     for line in lines[:WARNING_LINES]:
         said, sep, rest = line.strip().partition(": ")
         # GNU tar names itself as it was started: "tar: " or "/usr/bin/tar: "
-        log.warning("%s: %s", prog, rest if sep and os.path.basename(said) == os.path.basename(
-            name[0]) else line.strip())
+        log.warning("%s: %s", prog, rest if sep and os.path.basename(said) == tool else line.strip())
     if len(lines) > WARNING_LINES:
         log.warning("%s: (%d more lines like these)", prog, len(lines) - WARNING_LINES)

@@ -25,10 +25,11 @@ declares them itself, and logs an error saying so. On them a worker declares wha
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 from vmim.fleet import protocol
 from vmim.fleet.lists import WAITING
@@ -57,6 +58,18 @@ REBIND = 10.0  # seconds between a worker's bindings of its slot queues again (r
 PRESENT, DECLARED, MISSING = "present", "declared", "missing"
 
 
+@contextlib.contextmanager
+def spare_channel(connection: Any) -> Iterator[Any]:
+    """A channel for one attempt that may fail: a refusal or a missing object closes the
+    channel it happens on (an AMQP channel error), never the worker's own; closed after."""
+    channel = connection.channel()
+    try:
+        yield channel
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
 def _shared(channel: Any, passive: bool) -> None:
     """Declare (or with `passive`, look up) the fleet's shared objects on `channel`, with the
     arguments every release declared them with (another would be PRECONDITION_FAILED)."""
@@ -78,15 +91,13 @@ def ensure_shared(connection: Any, declare: bool = True, verify: bool = False) -
     declared again as a fanout, under the permissions of an earlier release), which a passive
     declare does not see: Mismatch. Each attempt has a channel of its own: a missing object
     or a refusal closes the channel it happened on."""
-    import contextlib
-
     import amqp
 
     found = None
     for passive in (True, False) if declare else (True,):
-        channel = connection.channel()
         try:
-            _shared(channel, passive)
+            with spare_channel(connection) as channel:
+                _shared(channel, passive)
             found = PRESENT if passive else DECLARED
             break
         except amqp.exceptions.NotFound:
@@ -94,9 +105,6 @@ def ensure_shared(connection: Any, declare: bool = True, verify: bool = False) -
         except amqp.exceptions.AccessRefused as exc:
             log.debug("may not declare the fleet's exchanges: %s", exc)
             return MISSING
-        finally:
-            with contextlib.suppress(Exception):
-                channel.close()
     if found == PRESENT and verify:
         try:
             may_configure_shared(connection)
@@ -111,19 +119,14 @@ def ensure_shared(connection: Any, declare: bool = True, verify: bool = False) -
 def may_configure_shared(connection: Any) -> bool:
     """Whether this connection's user may configure what every host shares (declared again
     as it is: a no-op when allowed; PreconditionFailed when it was declared otherwise)."""
-    import contextlib
-
     import amqp
 
-    channel = connection.channel()  # a refusal closes it
     try:
-        _shared(channel, passive=False)
+        with spare_channel(connection) as channel:
+            _shared(channel, passive=False)
         return True
     except amqp.exceptions.AccessRefused:
         return False
-    finally:
-        with contextlib.suppress(Exception):
-            channel.close()
 
 
 @dataclass
@@ -214,34 +217,26 @@ def rebind(connection: Any, host: str, slots: Sequence[str]) -> bool:
     """Bind this host's slot queues to the jobs exchange again (a no-op while the bindings
     are there): a jobs exchange deleted and declared again (by a client, or an admin) has
     none, and the broker tells no consumer. False when the exchange is not there now."""
-    import contextlib
-
     import amqp
 
-    channel = connection.channel()  # a missing exchange closes it, not the worker's
     try:
-        for box in slots:
-            if protocol.routable(box):
-                channel.queue_bind(protocol.box_queue(host, box), protocol.JOBS,
-                                   protocol.box_key(box))
+        with spare_channel(connection) as channel:
+            for box in slots:
+                if protocol.routable(box):
+                    channel.queue_bind(protocol.box_queue(host, box), protocol.JOBS,
+                                       protocol.box_key(box))
         return True
     except amqp.exceptions.NotFound:
         return False
-    finally:
-        with contextlib.suppress(Exception):
-            channel.close()
 
 
 def binds_any_key(connection: Any, host: str, jobs: Any) -> bool:
     """Whether this connection's user may bind a queue of its own to the jobs exchange with
     the key of a box that is no slot of any host (no topic permissions: any key)."""
-    import contextlib
-
     import amqp
     import kombu
 
-    channel = connection.channel()  # a refusal closes it, not the worker's
-    try:
+    with spare_channel(connection) as channel:
         q = kombu.Queue(f"vmim.host.{host}.probe.{protocol.new_job_id()[:8]}", jobs,
                         routing_key=protocol.box_key(protocol.new_job_id()), exclusive=True,
                         auto_delete=True)(channel)
@@ -256,15 +251,8 @@ def binds_any_key(connection: Any, host: str, jobs: Any) -> bool:
             q.queue_bind()
         except amqp.exceptions.AccessRefused:  # the topic permissions refuse a key that is
             # none of its slots; the refusal closed the channel: the probe goes on another
-            with contextlib.suppress(Exception):
-                other = connection.channel()
-                try:
-                    other.queue_delete(q.name)
-                finally:
-                    other.close()
+            with contextlib.suppress(Exception), spare_channel(connection) as other:
+                other.queue_delete(q.name)
             return False
         q.delete()
         return True
-    finally:
-        with contextlib.suppress(Exception):
-            channel.close()
