@@ -404,7 +404,8 @@ def test_a_host_user_cannot_delete_or_declare_again_what_every_host_shares(fleet
 def test_a_worker_waits_for_a_client_to_declare_what_every_host_shares(broker, tmp_path):
     """On a broker where nothing of the fleet is declared yet, a worker whose user has the
     host permissions of docs/fleet.md may not declare the shared objects: it says it waits,
-    once, and looks again every second on its connection. A client whose user may not
+    once, and looks again every second on its connection; told to stop meanwhile, it stops
+    (exit 0). A client whose user may not
     declare them either (the client permissions of earlier releases) exits 7 saying so; the
     first client that may declares them, gives waiting workers a moment to bind, and lists
     the worker."""
@@ -450,6 +451,12 @@ def test_a_worker_waits_for_a_client_to_declare_what_every_host_shares(broker, t
             time.sleep(2.5)  # it looks again meanwhile, and says so once
             text = log.read_text()
             assert f"worker {host}: ready" not in text and text.count("waiting:") == 1, text
+            # told to stop while it waits (systemctl stop): it stops at its next look
+            worker.terminate()
+            assert worker.wait(10) == 0, log.read_text()
+            assert f"worker {host} stopped" in log.read_text()
+            worker = one_slot_worker(tmp_path, "pw1", users[host], host, log)
+            wait_for(f"worker {host}: waiting: the fleet's exchanges")
             old = client("ci-old", "-l")
             assert old.returncode == 7, old
             assert "user ci-old may not declare them" in old.stderr, old.stderr
