@@ -37,8 +37,7 @@ def _error_classes() -> Dict[str, type]:
 def _extract_newc(req: Dict[str, Any]) -> int:
     from vmim.archive import newc
 
-    return newc.extract(sys.stdin.buffer, req["root"],
-                        skip_root_names=tuple(n.encode() for n in req.get("skip", ())))
+    return newc.extract(sys.stdin.buffer, req["root"])
 
 
 def _merge(req: Dict[str, Any]) -> int:
@@ -59,8 +58,9 @@ def _prepare(req: Dict[str, Any]) -> None:
 
     # exact: the staging directory, made at the guest root, may carry the root's default ACL
     # (the kernel's inheritance); what the insert unpacks takes the target's, as there
-    tree.copy_dir_metadata(tree.target_dir(req["root"], req["dest"]), req["staging"],
-                           exact=True)
+    target = tree.target_dir(req["root"], req["dest"])
+    tree.not_into(req["staging"], target, req["root"], req["dest"])
+    tree.copy_dir_metadata(target, req["staging"], exact=True)
 
 
 OPERATIONS: Dict[str, Callable[[Dict[str, Any]], Any]] = {

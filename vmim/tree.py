@@ -136,12 +136,27 @@ def merge(staging: str, root: str, dest: str = "/", *, exact: bool = False) -> i
     what is there. The target directory takes the staging directory's metadata: staging_dir()
     started it as a copy of the target's, so only an archive entry for "." changes it."""
     target = target_dir(root, dest)
-    moved = _merge_dir(staging, target, root)
+    not_into(staging, target, root, dest)
+    moved = _merge_dir(staging, target, root, staging)
     copy_dir_metadata(staging, target, exact=exact)
     return moved
 
 
-def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
+def not_into(staging: str, path: str, root: str, asked: str) -> None:
+    """OperationError when path (guest path `asked`, resolved in the guest) is the staging
+    directory or in it: a
+    guest symlink may name the staging directory (its name is not secret: .vmim-insert.PID,
+    dangling until the run makes it), and a merge into it would move the entries onto
+    themselves, then remove them with it."""
+    staging = os.path.normpath(staging)
+    path = os.path.normpath(path)
+    if path == staging or path.startswith(staging + os.sep):
+        raise OperationError(f"/{asked.strip('/')} in the guest leads to the tool's own staging "
+                             f"directory /{guest_relative(root, path)} (through a guest "
+                             "symlink): nothing is put there")
+
+
+def _merge_dir(src_dir: str, dst_dir: str, root: str, staging: str) -> int:
     moved = 0
     with os.scandir(src_dir) as it:
         entries = sorted(it, key=lambda e: e.name)
@@ -150,6 +165,7 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
         guest_rel = guest_relative(root, os.path.join(dst_dir, e.name))
         if e.is_dir(follow_symlinks=False):
             dst = resolve(root, guest_rel)  # a guest symlink to a directory is followed in the guest
+            not_into(staging, dst, root, guest_rel)
             try:
                 st = os.lstat(dst)
             except FileNotFoundError:
@@ -157,13 +173,14 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str) -> int:
                 moved += 1
                 continue
             if stat.S_ISDIR(st.st_mode):
-                moved += _merge_dir(src, dst, root)  # an existing directory keeps its metadata
+                moved += _merge_dir(src, dst, root, staging)  # an existing one keeps its metadata
                 continue
             os.unlink(dst)
             os.rename(src, dst)
             moved += 1
         else:
             dst = resolve(root, guest_rel, follow_last=False)
+            not_into(staging, dst, root, guest_rel)
             try:
                 _rename_in(src, dst, root, guest_rel)
             except IsADirectoryError:
@@ -216,6 +233,16 @@ def clear(root: str) -> int:
     return len(names)
 
 
+def leave_out_lost_found(staging: str) -> None:
+    """A restore keeps the slot's own lost+found (its filesystem's). The image's is unpacked
+    into the staging directory as any member, so that what links into it is made as the proof
+    read it (GNU tar told to leave it out fails on a hard link to a member in it, after the
+    slot was cleared; the newc extractor made a file empty whose data came under that name),
+    and removed from there before the merge."""
+    if os.path.lexists(os.path.join(staging, "lost+found")):
+        remove(staging, ["lost+found"])
+
+
 def remove_stale_work(root: str, records: worklog.WorkLog) -> None:
     """Staging directories a killed run left at the guest root: those the host's record
     (worklog) names, made by a run of this tool that has ended, and nothing else. A name or
@@ -260,6 +287,25 @@ def staging_dir(root: str, what: str, like: Optional[str] = None, *,
         # previous guest's ACL on all of the new system's files)
         copy_dir_metadata(like, path, xattrs=like_xattrs, exact=True)
     return path
+
+
+def named_unlike_its_entries(staging: str, records: worklog.WorkLog) -> str:
+    """staging, renamed when one of its entries has its name: an image may hold an entry of
+    any name, the staging directory's own too (/.vmim-restore.PID), which moved to the guest
+    root would meet the staging directory itself, after the slot was cleared. The new name is
+    chosen once the entries are known."""
+    name = os.path.basename(staging)
+    entries = set(os.listdir(staging))
+    if name not in entries:
+        return staging
+    root = os.path.dirname(staging)
+    for n in range(1, 1000):
+        new = f"{name}.{n}"
+        if new not in entries and not os.path.lexists(os.path.join(root, new)):
+            records.rename(root, name, new)
+            return os.path.join(root, new)
+    raise StateError(f"cannot rename the staging directory /{name}: its image holds "
+                     f"/{name}.1 to .999 and the guest root too")
 
 
 def remove_staging(path: str, records: worklog.WorkLog) -> None:

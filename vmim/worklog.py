@@ -113,6 +113,21 @@ class WorkLog:
             raise FileNotFoundError(errno.ENOENT, "no such directory", os.path.join(root, name))
         self._write(name, ident)
 
+    def rename(self, root: str, old: str, new: str) -> None:
+        """Rename the recorded entry old at the guest root to new (not there): new's record,
+        of the same inode, is written before the rename and old's dropped after, so a run
+        killed in between leaves a record that matches what is there."""
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            ident = _identity(root_fd, old)
+            if ident is None:
+                raise FileNotFoundError(errno.ENOENT, "no such directory", os.path.join(root, old))
+            self._write(new, ident)
+            os.rename(old, new, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        finally:
+            os.close(root_fd)
+        self.forget(old)
+
     def _write(self, name: str, ident: Dict[str, Any]) -> None:
         entry = {"name": name, "disk": self.disk, **ident, "owner": procscan.owner_tag(),
                  "made": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

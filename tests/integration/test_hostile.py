@@ -154,7 +154,9 @@ def _attempt(top, kind: str, how: str, layout: str, members: List[Member]) -> No
         staging = tree.staging_dir(guest, how, records=records)  # as steps/data.py
         try:
             tree.prepare_contained(staging, guest, dest)
-            fmt.unpack(str(image), staging, restore=how == "restore")
+            fmt.unpack(str(image), staging)
+            if how == "restore":
+                tree.leave_out_lost_found(staging)
             tree.merge_contained(staging, guest, dest)
         finally:
             tree.remove_staging(staging, records)

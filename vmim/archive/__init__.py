@@ -163,12 +163,11 @@ class Format:
         the image's sha256 when it was computed on the way (archives)."""
         raise NotImplementedError
 
-    def unpack(self, image: str, staging: str, restore: bool = False,
-               acl_records: bool = True) -> None:
-        """Unpack the image into the empty directory staging, in the sandbox. For a restore
-        (the image is a whole root filesystem) the archive's lost+found at its root is left
-        out: the slot keeps its filesystem's own. acl_records False: the image is known to
-        carry no ACL record of its own (Summary.acl_records, or how this tool stored it)."""
+    def unpack(self, image: str, staging: str, acl_records: bool = True) -> None:
+        """Unpack the image into the empty directory staging, in the sandbox: every member, as
+        the proof read them (a restore removes the archive's lost+found from staging after:
+        tree.leave_out_lost_found). acl_records False: the image is known to carry no ACL
+        record of its own (Summary.acl_records, or how this tool stored it)."""
         raise NotImplementedError
 
     def verify(self, image: str) -> Optional[Summary]:

@@ -40,10 +40,9 @@ class CpioFormat(StreamFormat):
         return process.pipeline(stages, stdout_path=dest, watch_stage=1,  # cpio reads
                                 checksum=True)
 
-    def unpack(self, image: str, staging: str, restore: bool = False,
-               acl_records: bool = True) -> None:
+    def unpack(self, image: str, staging: str, acl_records: bool = True) -> None:
         log.debug("(newc extractor of %s into %s, in the sandbox)", image, staging)
-        guestwork.call("extract-newc", {"root": sandbox.DEST, "skip": ["lost+found"] if restore else []},
+        guestwork.call("extract-newc", {"root": sandbox.DEST},
                        [sandbox.Bind(staging, sandbox.DEST, writable=True)], caps=sandbox.UNPACK,
                        feed=[decompressor(self.compression)] if self.compression else [],
                        stdin_path=image)

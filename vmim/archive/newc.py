@@ -314,9 +314,8 @@ def read_header(stream: IO[bytes]) -> Tuple[Dict[str, int], bytes]:
     return h, name
 
 
-def extract(stream: IO[bytes], root: str, skip_root_names: Tuple[bytes, ...] = ()) -> int:
-    """Extract a newc stream into the directory root; return the number of members. Members
-    at or below skip_root_names (names at the archive's root: lost+found) are read past."""
+def extract(stream: IO[bytes], root: str) -> int:
+    """Extract a newc stream into the directory root; return the number of members."""
     ex = Extractor(root)
     count = 0
     try:
@@ -324,10 +323,6 @@ def extract(stream: IO[bytes], root: str, skip_root_names: Tuple[bytes, ...] = (
             h, name = read_header(stream)
             if name == TRAILER:
                 break
-            parts = _components(name)
-            if parts and parts[0] in skip_root_names:
-                _skip(stream, h["filesize"])
-                continue
             try:
                 ex.member(h, name, stream)
             except OSError as exc:  # a hard link to a name a later member replaced, ENOSPC...

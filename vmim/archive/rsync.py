@@ -63,10 +63,8 @@ class RsyncFormat(Format):
     def unpack_tools(self) -> List[str]:
         return ["rsync"]
 
-    def unpack(self, image: str, staging: str, restore: bool = False,
-               acl_records: bool = True) -> None:
-        skip = ["--exclude=/lost+found"] if restore else []
-        process.run(sandbox.command(["rsync", *FLAGS, *skip, f"{IMAGE}/", f"{GUEST}/"],
+    def unpack(self, image: str, staging: str, acl_records: bool = True) -> None:
+        process.run(sandbox.command(["rsync", *FLAGS, f"{IMAGE}/", f"{GUEST}/"],
                                     [sandbox.Bind(image, IMAGE),
                                      sandbox.Bind(staging, GUEST, writable=True)],
                                     caps=sandbox.COPY))

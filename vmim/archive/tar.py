@@ -73,9 +73,6 @@ LISTING = ["--file=-", "--verbose", "--verbose", "--block-number", "--full-time"
            "--quoting-style=c", *EXTRACT]
 PROVE_DATA = ["tar", "--extract", "--to-stdout", *LISTING]
 PROVE_LINKS = ["tar", "--diff", *LISTING]
-#: a restore keeps the slot's own lost+found (its filesystem's): the archive's, at its root
-#: only, is not unpacked (what `tar -C /mnt -cf x.tar .` makes holds one)
-SKIP_LOST_FOUND = ["--anchored", "--exclude=./lost+found", "--exclude=lost+found"]
 
 
 class TarFormat(StreamFormat):
@@ -94,12 +91,10 @@ class TarFormat(StreamFormat):
     def unpack_tools(self) -> List[str]:
         return [*super().unpack_tools(), "tar"]
 
-    def unpack(self, image: str, staging: str, restore: bool = False,
-               acl_records: bool = True) -> None:
+    def unpack(self, image: str, staging: str, acl_records: bool = True) -> None:
         flags = EXTRACT if acl_records or has_acl(staging) else EXTRACT_NO_ACL_RECORDS
         untar = sandbox.command(
-            ["tar", "--extract", "--file=-", f"--directory={sandbox.DEST}", *flags,
-             *(SKIP_LOST_FOUND if restore else [])],
+            ["tar", "--extract", "--file=-", f"--directory={sandbox.DEST}", *flags],
             [sandbox.Bind(staging, sandbox.DEST, writable=True)], caps=sandbox.UNPACK_XATTRS)
         if self.compression:
             process.pipeline([decompressor(self.compression), untar], stdin_path=image)

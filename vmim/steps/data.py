@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import stat
 import time
@@ -23,6 +24,7 @@ from vmim.steps import Box, Proven, wholedisk
 from vmim.steps.mount import release_command
 from vmim.terminal import safe
 
+log = logging.getLogger(__name__)
 
 def _root(box: Box) -> str:
     """The slot's root filesystem, which the plan's mount step mounted and checked."""
@@ -229,8 +231,9 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
                                        like_xattrs=False)
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # after the clear: mkfs remounts root
-                fmt.unpack(path, staging, restore=True,
-                           acl_records=_acl_records(proven))
+                fmt.unpack(path, staging, acl_records=_acl_records(proven))
+            tree.leave_out_lost_found(staging)
+            staging = tree.named_unlike_its_entries(staging, records)
             if deletion is not None and deletion.in_the_way(staging):
                 deletion.wait()
             # "/" takes the archive's "." metadata, times included
@@ -270,13 +273,17 @@ def _acl_records(proven: Proven) -> bool:
 
 def _write_sourceimage(root: str, name: str) -> None:
     """/sourceimage holding the image name, written inside the guest only: whatever the image
-    put there (a symlink to a host path, say) is replaced, never followed."""
+    put there (a symlink to a host path, say) is replaced, never followed. A directory there
+    is the image's content: kept, and the name not written (a warning: the restore itself is
+    complete, and failing now would leave the slot cleared for a marker)."""
     dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             if stat.S_ISDIR(os.lstat("sourceimage", dir_fd=dfd).st_mode):
-                raise StateError("the image has a directory at /sourceimage: it cannot hold the "
-                                 "image name (set sourceimage = false for this slot)")
+                log.warning("the image %s has a directory at /sourceimage: kept, and the image "
+                            "name not written there (set sourceimage = false for this slot)",
+                            safe(name))
+                return
             os.unlink("sourceimage", dir_fd=dfd)
         except FileNotFoundError:
             pass

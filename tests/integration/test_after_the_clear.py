@@ -1,0 +1,131 @@
+"""What a proof passes, the restore completes: images (hostile or only odd) that passed the
+proof and then failed after the slot was cleared, leaving it empty and marked incomplete, or
+that lost data without a word. Found by an attack on the main of 2026-12-07 (e8a7946): each
+test failed there. Real loop-mounted ext4 slots, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+
+from tests.archives import tar_entries
+from tests.integration.test_images import run_ok
+
+DIR, FILE, LINK = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.LNKTYPE
+
+
+def _tar(*members):
+    """A tar.gz of "." with a marker file and these (name, type, data, linkname) members."""
+    entries = [(".", DIR, b"", "", {}), ("./marker", FILE, b"restored\n", "", {}),
+               *((n, t, d, ln, {}) for n, t, d, ln in members)]
+    return subprocess.run(["gzip", "-c"], input=tar_entries(entries), capture_output=True,
+                          check=True).stdout
+
+
+def _slot(vmim, rig, key="ext4"):
+    """The slot's root after a run: {name: content or "dir"/"link -> T"} of what is there, and
+    the restore mark."""
+    run_ok(vmim, rig, "-b", rig.names[key], "--mount")
+    root = rig.mnt(key)
+    seen = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                seen[rel] = "link -> " + os.readlink(p)
+            elif os.path.isdir(p):
+                seen[rel] = "dir"
+            else:
+                seen[rel] = open(p, "rb").read()
+    run_ok(vmim, rig, "-b", rig.names[key], "--release")
+    rows = json.loads(vmim("-l", "--json", "--config", rig.cfg).out)["boxes"]
+    mark = next(b["incomplete"] for b in rows if b["name"] == rig.names[key])
+    return seen, mark
+
+
+def test_a_hard_link_into_the_images_lost_found_is_restored(vmim, rig):
+    """fsck leaves an orphan's name in lost+found; `tar -C /mnt -cf x.tar .` keeps it, and a
+    name elsewhere linked to it comes as a hard link to it. The restore left lost+found out
+    and GNU tar failed on the link ("Cannot hard link"), after the clear."""
+    (rig.images / "fscked").write_bytes(_tar(
+        ("./lost+found", DIR, b"", ""), ("./lost+found/#12", FILE, b"data\n", ""),
+        ("./etc/passwd", LINK, b"", "./lost+found/#12")))
+    r = vmim("-b", rig.names["ext4"], "-r", "fscked", "--config", rig.cfg)
+    assert r.code == 0, r
+    seen, mark = _slot(vmim, rig)
+    assert mark is None
+    assert seen["etc/passwd"] == b"data\n" and seen["marker"] == b"restored\n"
+    assert not any(k.startswith("lost+found/") for k in seen)  # the slot's own, empty
+
+
+def test_cpio_data_carried_by_a_name_in_lost_found_is_restored(vmim, rig, tmp_path):
+    """GNU cpio writes a hard link group's data with its last name; when that name was in
+    lost+found, the restore skipped it and /bin/x came back empty, exit 0."""
+    src = tmp_path / "src"
+    (src / "bin").mkdir(parents=True)
+    (src / "lost+found").mkdir()
+    (src / "marker").write_text("restored\n")
+    (src / "bin" / "x").write_bytes(b"important data\n")
+    os.link(src / "bin" / "x", src / "lost+found" / "#12")
+    names = b"\0".join([b".", b"./marker", b"./bin", b"./bin/x", b"./lost+found",
+                        b"./lost+found/#12"]) + b"\0"
+    data = subprocess.run(["cpio", "-o", "-0", "-H", "newc", "--quiet"], cwd=src, input=names,
+                          capture_output=True, check=True).stdout
+    (rig.images / "fscked").write_bytes(
+        subprocess.run(["bzip2", "-c"], input=data, capture_output=True, check=True).stdout)
+    r = vmim("-b", rig.names["ext4"], "-r", "fscked", "--config", rig.cfg)
+    assert r.code == 0, r
+    seen, mark = _slot(vmim, rig)
+    assert mark is None
+    assert seen["bin/x"] == b"important data\n"
+    assert not any(k.startswith("lost+found/") for k in seen)
+
+
+def test_a_directory_at_sourceimage_is_kept_with_a_warning(vmim, rig):
+    """sourceimage = true (the rig's ext4 slot) and an image, or a guest stored by the tool,
+    with a directory at /sourceimage: the restore failed (exit 4, "untouched") after it had
+    replaced the slot's content."""
+    (rig.images / "img").write_bytes(_tar(("./sourceimage", DIR, b"", ""),
+                                          ("./sourceimage/kept", FILE, b"guest's\n", "")))
+    r = vmim("-b", rig.names["ext4"], "-r", "img", "--config", rig.cfg)
+    assert r.code == 0, r
+    assert "directory at /sourceimage" in r.err and "warning" in r.err.lower()
+    seen, mark = _slot(vmim, rig)
+    assert mark is None
+    assert seen["sourceimage/kept"] == b"guest's\n" and seen["marker"] == b"restored\n"
+
+
+def test_an_entry_named_like_the_staging_directory(vmim, rig):
+    """The restore unpacks into /.vmim-restore.PID; an image entry of that name (the pid is
+    this test's: the command runs in this process) met the staging directory itself when
+    moved to the root: "a directory is there", after the clear."""
+    name = f".vmim-restore.{os.getpid()}"
+    (rig.images / "img").write_bytes(_tar((f"./{name}", FILE, b"the image's\n", "")))
+    r = vmim("-b", rig.names["ext4"], "-r", "img", "--config", rig.cfg)
+    assert r.code == 0, r
+    seen, mark = _slot(vmim, rig)
+    assert mark is None
+    assert seen[name] == b"the image's\n" and seen["marker"] == b"restored\n"
+    assert not [k for k in seen if k.startswith(".vmim-") and k != name]  # no staging left
+
+
+def test_an_insert_into_its_own_staging_directory_is_refused(vmim, rig):
+    """A guest symlink /opt -> /.vmim-insert.PID (dangling when the guest made it): -i X:/opt
+    merged the staging directory into itself, removed it with everything in it, and said
+    "1 entry", exit 0."""
+    (rig.inserts / "certs").write_bytes(subprocess.run(
+        ["gzip", "-c"], input=tar_entries([("./ca.pem", FILE, b"cert\n", "", {})]),
+        capture_output=True, check=True).stdout)
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--mount")
+    os.symlink(f"/.vmim-insert.{os.getpid()}", os.path.join(rig.mnt("ext4"), "opt"))
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+    r = vmim("-b", rig.names["ext4"], "-i", "certs:/opt", "--config", rig.cfg)
+    assert r.code == 1, r
+    assert "staging directory" in r.err and "/opt" in r.err
+    seen, _ = _slot(vmim, rig)
+    assert seen["opt"] == f"link -> /.vmim-insert.{os.getpid()}"
+    assert not [k for k in seen if k.startswith(".vmim-")]  # the staging directory removed
+    assert not any(k.endswith("ca.pem") for k in seen)
