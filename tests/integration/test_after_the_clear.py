@@ -5,12 +5,16 @@ test failed there. Real loop-mounted ext4 slots, through the CLI."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 import subprocess
 import tarfile
 
-from tests.archives import tar_entries
+import pytest
+
+from tests.archives import newc_of, tar_entries
 from tests.integration.test_images import run_ok
 
 DIR, FILE, LINK = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.LNKTYPE
@@ -129,3 +133,77 @@ def test_an_insert_into_its_own_staging_directory_is_refused(vmim, rig):
     assert seen["opt"] == f"link -> /.vmim-insert.{os.getpid()}"
     assert not [k for k in seen if k.startswith(".vmim-")]  # the staging directory removed
     assert not any(k.endswith("ca.pem") for k in seen)
+
+
+def _newc_bz2(*extra):
+    root = [(1, stat.S_IFDIR | 0o755, 2, b".", b""),
+            (2, stat.S_IFREG | 0o644, 1, b"marker", b"restored\n")]
+    return subprocess.run(["bzip2", "-c"], input=newc_of([*root, *extra]), capture_output=True,
+                          check=True).stdout
+
+
+def _tar_device(major, minor):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, typ in ((".", DIR), ("./marker", FILE), ("./dev", tarfile.CHRTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = typ, 0o755 if typ == DIR else 0o644
+            info.devmajor, info.devminor = major, minor
+            data = b"restored\n" if typ == FILE else b""
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return subprocess.run(["gzip", "-c"], input=buf.getvalue(), capture_output=True,
+                          check=True).stdout
+
+
+LIMITS = {
+    "tar: a device of major 5000": ("ext4", lambda: _tar_device(5000, 1), "Linux cannot make"),
+    "tar: a symlink target of 5000 bytes": (
+        "ext4", lambda: _tar(("./link", tarfile.SYMTYPE, b"", "x/" * 2500)), "5000 bytes"),
+    "tar: a symlink target of 2000 bytes, xfs keeps 1024": (
+        "xfs", lambda: _tar(("./link", tarfile.SYMTYPE, b"", "x/" * 1000)), "xfs keeps 1024"),
+    "tar: a name of 5000 bytes (deeper than PATH_MAX)": (
+        "ext4", lambda: _tar(("./" + "d/" * 2500 + "f", FILE, b"x", "")), "4095"),
+    "tar: 65001 hard links to one file": (
+        "ext4", lambda: _tar(("./f", FILE, b"x", ""),
+                             *((f"./h{i}", LINK, b"", "./f") for i in range(65001))), "65002 names"),
+    "tar: 20000 files into 4096 inodes": (
+        "small", lambda: _tar(*((f"./f{i}", FILE, b"", "") for i in range(20000))), "inodes"),
+    "newc: a name of 300 bytes": (
+        "ext4", lambda: _newc_bz2((3, stat.S_IFREG | 0o644, 1, b"a" * 300, b"x")), "300 bytes"),
+    "newc: a symlink target of 5000 bytes": (
+        "ext4", lambda: _newc_bz2((3, stat.S_IFLNK | 0o777, 1, b"link", b"x/" * 2500)),
+        "5000 bytes"),
+    "newc: a device of major 0x100000": (
+        "ext4", lambda: _newc_bz2((3, stat.S_IFCHR | 0o644, 1, b"dev", b"", (0x100000, 1))),
+        "Linux cannot make"),
+    "newc: a device of major and minor 0xffffffff": (
+        "ext4", lambda: _newc_bz2((3, stat.S_IFCHR | 0o644, 1, b"dev", b"",
+                                   (0xFFFFFFFF, 0xFFFFFFFF))), "Linux cannot make"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIMITS))
+def test_what_the_kernel_or_the_filesystem_refuses_is_refused_before_the_clear(vmim, rig, case):
+    """Archives GNU tar and the newc reader read without a word, whose unpack the kernel or the
+    filesystem refuses (ENAMETOOLONG, EINVAL, EMLINK, ENOSPC of inodes): exit 4 and the slot
+    as it was (vmim.archive.fits). On e8a7946 each cleared the slot, then failed."""
+    key, make, said = LIMITS[case]
+    (rig.images / "odd").write_bytes(make())
+    r = vmim("-b", rig.names[key], "-r", "odd", "--config", rig.cfg)
+    assert r.code == 4, r
+    assert said in r.err
+    seen, mark = _slot(vmim, rig, key)
+    assert mark is None and seen["marker"] == f"{key} slot\n".encode()
+
+
+def test_a_device_the_kernel_makes_is_restored(vmim, rig):
+    """The bound is the kernel's: major 4095, minor 2^20 - 1 is made."""
+    (rig.images / "dev").write_bytes(_newc_bz2(
+        (3, stat.S_IFCHR | 0o644, 1, b"dev", b"", (4095, (1 << 20) - 1))))
+    r = vmim("-b", rig.names["ext4"], "-r", "dev", "--config", rig.cfg)
+    assert r.code == 0, r
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--mount")
+    st = os.lstat(os.path.join(rig.mnt("ext4"), "dev"))
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (4095, (1 << 20) - 1)

@@ -80,6 +80,14 @@ class Summary:
     #: which the unpack must apply as such (a tar member's ACL may also, or only, be a
     #: system.posix_acl_* extended attribute, which --xattrs applies)
     acl_records: bool = True
+    #: the shape the filesystem must take (vmim.archive.fits): the inodes the unpack makes, its
+    #: longest name component and symlink target (bytes), the most names of one inode, the
+    #: largest file (bytes)
+    inodes: int = 0
+    longest_component: int = 0
+    longest_symlink: int = 0
+    most_links: int = 1
+    largest_file: int = 0
 
 
 class Layout:
@@ -99,12 +107,19 @@ class Layout:
         self.kinds: Dict[Tuple[str, ...], str] = {(): "d"}
         self.owner: Dict[Tuple[str, ...], object] = {}  # path -> the inode key it holds
         self.nonempty: Set[Tuple[str, ...]] = set()  # directories something was put in
+        #: the shape (Summary): inodes made, the longest component, names of each inode
+        self.inodes = 0
+        self.longest_component = 0
+        self.inode_of: Dict[Tuple[str, ...], int] = {}
+        self.names_of: Dict[int, int] = {}
+        self.most_links = 1
 
     @staticmethod
     def parts(name: str) -> Tuple[str, ...]:
         return tuple(p for p in name.split("/") if p not in ("", "."))
 
-    def add(self, name: str, kind: str, key: object = None) -> None:
+    def add(self, name: str, kind: str, key: object = None, inode: Optional[int] = None) -> None:
+        """A member `name` of `kind` (inode: the one it is a hard link to)."""
         parts = self.parts(name)
         if not parts:  # the archive's root entry: the directory it is unpacked into
             if kind != "d":
@@ -120,8 +135,26 @@ class Layout:
                 (parts in self.nonempty or not self.rmdir_empty):
             raise UnsafeMember(f"{self.what} {name!r} would replace a directory")
         self.nonempty.update(parts[:i] for i in range(1, len(parts)))
+        self._count(parts, inode)
         self.kinds[parts] = kind
         self.owner[parts] = key
+
+    def _count(self, parts: Tuple[str, ...], inode: Optional[int]) -> None:
+        """The shape: parents made, the inode that parts now names (a new one, or `inode`)."""
+        self.inodes += sum(1 for i in range(1, len(parts)) if parts[:i] not in self.kinds)
+        self.longest_component = max(self.longest_component,
+                                     *(len(p.encode("utf-8", "surrogateescape")) for p in parts))
+        old = self.inode_of.get(parts)
+        if old is not None:
+            self.names_of[old] -= 1
+        if inode is None:
+            if parts not in self.kinds or self.kinds[parts] != "d":
+                self.inodes += 1  # a directory there is kept; anything else is made anew
+            inode = len(self.inode_of) + len(self.names_of) + 1
+            self.names_of[inode] = 0
+        self.inode_of[parts] = inode
+        self.names_of[inode] += 1
+        self.most_links = max(self.most_links, self.names_of[inode])
 
     def link(self, name: str, target: str, kinds: str = "f", key: object = None) -> None:
         """A hard link name -> target: target must be there, of one of kinds (and hold key).
@@ -132,7 +165,7 @@ class Layout:
         if self.kinds.get(t) not in tuple(kinds) or (key is not None and self.owner.get(t) != key):
             raise UnsafeMember(f"{self.what} {name!r} is a hard link to {target!r}, which no "
                                "earlier member left there")
-        self.add(name, self.kinds[t], self.owner.get(t))
+        self.add(name, self.kinds[t], self.owner.get(t), self.inode_of.get(t))
 
 
 def skip(stream: IO[bytes], n: int) -> None:

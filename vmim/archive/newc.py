@@ -33,6 +33,7 @@ from vmim.archive import (
     Summary,
     UnsafeMember,
     UnsupportedVariant,
+    fits,
     skip,
 )
 from vmim.errors import OperationError
@@ -340,12 +341,16 @@ def check(stream: IO[bytes]) -> Summary:
     """Read every header of a newc stream to its trailer, skipping the data, refusing what the
     extractor would refuse (unsafe names, unknown types): CorruptArchive or UnsafeMember."""
     members = 0
+    longest_symlink = 0
     layout = Layout("cpio member")
     links: Dict[Key, List[str]] = {}  # as Extractor.groups: the names of a group, first first
     while True:
         h, name = read_header(stream)
         if name == TRAILER:
-            return Summary(members, None)  # zero blocks become holes: sizes bound nothing
+            # zero blocks become holes: sizes bound nothing, nor the largest file (4 GiB)
+            return Summary(members, None, inodes=layout.inodes,
+                           longest_component=layout.longest_component,
+                           longest_symlink=longest_symlink, most_links=layout.most_links)
         parts = _components(name)
         fmt = stat.S_IFMT(h["mode"])
         if fmt not in _TYPES:
@@ -357,6 +362,11 @@ def check(stream: IO[bytes]) -> Summary:
             raise UnsafeMember(f"cpio member {name!r} is a symlink to nothing (it cannot be "
                                "made)")
         text = name.decode("utf-8", "surrogateescape")
+        if fmt == stat.S_IFLNK:
+            fits.symlink_ok("cpio member", text, h["filesize"])
+            longest_symlink = max(longest_symlink, h["filesize"])
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            fits.device_ok("cpio member", text, h["rdevmajor"], h["rdevminor"])
         key = group_key(h)
         if key is not None and key in links:
             if Layout.parts(text) in [Layout.parts(n) for n in links[key]]:

@@ -37,6 +37,7 @@ from vmim.archive import (
     UnsafeMember,
     compressor,
     decompressor,
+    fits,
 )
 from vmim.errors import CommandError
 
@@ -260,6 +261,8 @@ class Listing:
         self.acl_records = False
         self.digest = hashlib.sha256()  # of every line, to compare with _Echo's
         self.lines = 0
+        self.longest_symlink = 0
+        self.largest_file = 0
 
     def read(self, out: IO[bytes]) -> None:
         for raw in out:
@@ -309,6 +312,7 @@ class Listing:
             self.acl_records = True
         name, after = _quoted(rest, quote)
         _check_name(name, "name")  # GNU tar checks it first, whatever the type
+        _check_length(name, "name")
         if letter == "V":  # a volume label: not unpacked
             return
         if Layout.parts(name) in self.delayed:
@@ -323,6 +327,7 @@ class Listing:
                 raise _Unreadable(line)
             target, _ = _quoted(rest, after + len(" link to "))
             _check_name(target, "hard link target")
+            _check_length(target, "hard link target")
             self.layout.link(name, target, kinds="fl")
             return
         kind = _KINDS.get(letter)
@@ -339,11 +344,20 @@ class Listing:
             if not target:
                 raise UnsafeMember(f"tar member {name!r} is a symlink to nothing (GNU tar "
                                    "cannot make it)")
+            length = len(target.encode("utf-8", "surrogateescape"))
+            fits.symlink_ok("tar member", name, length)
+            self.longest_symlink = max(self.longest_symlink, length)
             if target.startswith("/") or ".." in target.split("/"):
                 self.delayed.add(Layout.parts(name))
+        if letter in "cb":
+            major, _, minor = size.partition(",")
+            if not (major.isdigit() and minor.isdigit()):
+                raise _Unreadable(line)
+            fits.device_ok("tar member", name, int(major), int(minor))
         self.layout.add(name, kind)
         if letter in "-C?" and size.isdigit():
             self.pending = (block, int(size))
+            self.largest_file = max(self.largest_file, int(size))
 
     def summary(self) -> Summary:
         if self.unread:
@@ -351,9 +365,21 @@ class Listing:
         if not self.ended:
             raise CorruptArchive("tar archive ends without its end-of-archive marker "
                                  "(truncated?)" if self.members else "empty tar archive")
-        return Summary(self.members, self.needs, self.acl_records)
+        lay = self.layout
+        return Summary(self.members, self.needs, self.acl_records, inodes=lay.inodes,
+                       longest_component=lay.longest_component,
+                       longest_symlink=self.longest_symlink, most_links=lay.most_links,
+                       largest_file=self.largest_file)
 
 
 def _check_name(name: str, what: str) -> None:
     if ".." in name.split("/"):
         raise UnsafeMember(f"tar member {what} {name!r} contains '..' (GNU tar would refuse it)")
+
+
+def _check_length(name: str, what: str) -> None:
+    """GNU tar passes a member's whole name to open, mkdir, link...: PATH_MAX bounds it."""
+    length = len(name.encode("utf-8", "surrogateescape"))
+    if length > fits.PATH_MAX:
+        raise UnsafeMember(f"tar member {what} {name[:60]!r}... is {length} bytes long: GNU tar "
+                           f"cannot unpack a name longer than {fits.PATH_MAX} bytes")

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from vmim import digest, incomplete, process, progress, trash, tree, worklog, writeback
 from vmim import disk as disk_mod
 from vmim import store as store_mod
-from vmim.archive import detect, for_detected, for_name
+from vmim.archive import detect, fits, for_detected, for_name
 from vmim.disk import mounts, qcow2, remake
 from vmim.errors import IncompleteError, StateError, VmimError
 from vmim.plan import Step
@@ -366,7 +366,10 @@ def _remake_filesystem(box: Box, choice: remake.Choice) -> None:
 
 def _check_room(root: str, summary: Any, name: str) -> None:
     """Refuse, before the slot is cleared, an image whose data cannot fit in the filesystem
-    even when it is empty (known when the image's structure was read)."""
+    even when it is empty, or that the filesystem or the kernel would refuse on the way
+    (vmim.archive.fits): known when the image's structure was read."""
+    here = mounts.mounted_at(root)
+    fits.check(root, here.fstype if here else "", summary, name)
     needs = getattr(summary, "needs_bytes", None)
     if not needs:
         return
