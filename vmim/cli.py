@@ -235,20 +235,9 @@ def make_request(args: argparse.Namespace) -> Request:
         store=store, restore=restore, inserts=tuple(inserts), extracts=tuple(extracts),
         format=args.format, disk_image=args.disk_image, stage=args.stage)
     _check_names(req)
-    problem = req.stage_problem()
+    problem = req.combination_problem()
     if problem:
         raise UsageError(problem)
-    if req.stage and ANY_FREE in req.boxes:
-        raise UsageError(f"--stage works on a named slot whose domain runs, not on -b {ANY_FREE}")
-    if args.disk_image and (req.inserts or req.extracts):
-        raise UsageError("--disk-image stores and restores whole disks: it does not go with -i or -e")
-    if args.disk_image and req.store is None and req.restore is None:
-        raise UsageError("--disk-image goes with -s NAME or -r NAME")
-
-    if req.store is not None and req.store == req.restore:
-        raise UsageError(f"-s {req.store} and -r {req.restore} in one command: the store runs "
-                         "first and would replace the image that the restore then reads; store "
-                         "under another name, or give two commands")
     if args.print_xml and not req.boxes:
         raise UsageError("--print-xml needs -b BOX")
     if req.actions and not req.boxes:

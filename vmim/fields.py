@@ -22,6 +22,11 @@ def check_string(value: Any, what: str, max_len: int = MAX_STRING) -> str:
         raise ProtocolError(f"{what} is longer than {max_len} characters")
     if "\0" in value:
         raise ProtocolError(f"{what} contains a NUL byte")
+    try:  # what a name of the command line holds: UTF-8, other bytes as surrogate escapes
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{what} holds a lone surrogate (not text that names a file: "
+                            f"{ascii(value)[:80]})") from None
     return value
 
 

@@ -120,9 +120,9 @@ class Request:
             if (action in self.actions) != has:
                 raise ProtocolError(f"{what}: action {action} and what it works on do not go "
                                     "together")
-        if self.disk_image and (self.inserts or self.extracts or
-                                self.store is None and self.restore is None):
-            raise ProtocolError(f"{what}: disk_image goes with store or restore alone")
+        problem = self.combination_problem()
+        if problem:
+            raise ProtocolError(f"{what}: {problem}")
         named = [("image", self.store), ("image", self.restore),
                  *(("insert", t.name) for t in self.inserts),
                  *(("extract", t.name) for t in self.extracts)]
@@ -134,9 +134,24 @@ class Request:
             raise ProtocolError(f"{what}: {exc}") from None
         if any(not t.directory for t in (*self.inserts, *self.extracts)):
             raise ProtocolError(f"{what}: a directory is empty")
+
+    def combination_problem(self, boxes: Sequence[str] = ()) -> Optional[str]:
+        """Why these actions do not go together, or None: one rule for the command line (exit
+        2) and a fleet job (refused), whose box comes beside the request (`boxes`)."""
         problem = self.stage_problem()
         if problem:
-            raise ProtocolError(f"{what}: {problem}")
+            return problem
+        if self.stage and ANY_FREE in (*self.boxes, *boxes):
+            return f"--stage works on a named slot whose domain runs, not on -b {ANY_FREE}"
+        if self.disk_image and (self.inserts or self.extracts):
+            return "--disk-image stores and restores whole disks: it does not go with -i or -e"
+        if self.disk_image and self.store is None and self.restore is None:
+            return "--disk-image goes with -s NAME or -r NAME"
+        if self.store is not None and self.store == self.restore:
+            return (f"-s {self.store} and -r {self.restore} in one command: the store runs "
+                    "first and would replace the image that the restore then reads; store "
+                    "under another name, or give two commands")
+        return None
 
     def stage_problem(self) -> Optional[str]:
         """Why --stage does not go with this request, or None."""

@@ -548,3 +548,32 @@ def test_a_jobs_exchange_deleted_and_declared_again_gets_the_slot_queues_back(fl
     assert r.code == 0, r
     assert r.json()["host"] == "h1", r.out
     assert "is back: slot queues bound again" in fleet.log("h1")
+
+
+def test_a_reply_queue_that_refuses_every_reply_costs_the_worker_nothing(fleet, sender):
+    """A client user may declare a reply queue of its own, with the arguments it likes: one of
+    length 0 and reject-publish makes the broker nack every reply into it. On e8a7946 the nack
+    raised in the worker, which dropped its connection and aborted every job of the host: one
+    list request on the fanout did that to every worker, and a job with that reply queue came
+    back after each reconnect, without end. Now a refused reply is the client's loss only."""
+    q = f"vmim.reply.{os.urandom(16).hex()}"
+    sender.channel.queue_declare(queue=q, durable=False, auto_delete=False, arguments={
+        "x-max-length": 0, "x-overflow": "reject-publish"})
+    at = {h: fleet.log_size(h) for h in ("h1", "h2", "h3")}
+    try:
+        sender.send({"v": protocol.VERSION, "type": "lists", "job_id": job_id(),
+                     "lists": ["boxes"]}, exchange=protocol.CONTROL, routing_key="", reply_to=q)
+        sender.send(v2_job("h3b"), routing_key="box.h3b", reply_to=q)
+        for h in ("h1", "h2", "h3"):
+            fleet.wait_log(h, f"refused a reply to {q}", at[h], timeout=60)
+        fleet.wait_log("h3", "its client is gone; not running it", at["h3"], timeout=60)
+        assert queue_depth(fleet.broker, "vmim.host.h3.box.h3b") == 0  # acknowledged
+        r = fleet.vmim("-b", "h3a", "--mount", "--release", "--json")  # another client's job
+        assert r.code == 0, r
+        for h in ("h1", "h2", "h3"):
+            text = fleet.log(h)[at[h]:]
+            assert "reconnecting" not in text and "internal error" not in text, (h, text)
+            assert text.count(": ready") == 0, (h, text)  # never connected again
+        assert not is_mounted(fleet.mount_of("h3b"))
+    finally:
+        sender.channel.queue_delete(q)

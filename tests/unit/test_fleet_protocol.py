@@ -129,13 +129,35 @@ def test_a_job_may_not_carry_client_options(field, where):
     (_body(**{"request.actions": ["insert"],
               "request.inserts": [{"name": "certs", "directory": ""}]}), "directory is empty"),
     (_body(**{"request.actions": ["insert"], "request.disk_image": True,
-              "request.inserts": [{"name": "certs", "directory": "/"}]}), "disk_image"),
+              "request.inserts": [{"name": "certs", "directory": "/"}]}), "disk-image"),
     (_body(deadline=10 ** 400), "outside"),
+    (_body(**{"request.actions": ["store", "restore"], "request.store": "gold",
+              "request.restore": "gold"}), "would replace the image"),
+    (_body(**{"request.actions": ["restore"], "request.restore": "gold\ud800"}),
+     "lone surrogate"),
+    (_body(**{"request.actions": ["insert"],
+              "request.inserts": [{"name": "x", "directory": "/\ud800"}]}), "lone surrogate"),
 ])
 def test_a_malformed_job_is_a_protocol_error(body, words):
     with pytest.raises(ProtocolError) as exc:
         protocol.decode_job(body, "web1")
     assert words in str(exc.value)
+
+
+def test_a_job_is_checked_as_the_command_line_checks_it():
+    """One rule for both (Request.combination_problem): what the command line refuses with
+    exit 2, a worker refuses. On e8a7946 a job storing and restoring one name ran: the store
+    replaced the golden image with the slot's content."""
+    for argv, box in ((["-b", "web1", "-s", "gold", "-r", "gold"], "web1"),
+                      (["-b", "any-free", "-r", "gold", "--stage"], "any-free")):
+        with pytest.raises(UsageError) as local:
+            make_invocation(build_parser().parse_args(argv))
+        body = _body(box=box, request={"actions": ["restore"], "restore": "gold",
+                                       **({"actions": ["store", "restore"], "store": "gold"}
+                                          if "-s" in argv else {"stage": True})})
+        with pytest.raises(ProtocolError) as remote:
+            protocol.decode_job(body, box)
+        assert str(local.value) in str(remote.value)
 
 
 def test_a_jobs_box_is_the_box_of_its_queue():

@@ -193,6 +193,9 @@ def decode_job(body: Any, queue: str, route: Optional[Dict[str, Any]] = None) ->
                            JOB_REQUEST_FIELDS, "the job")
     if not run.request.actions and not run.options.print_xml:
         raise ProtocolError("the job asks for no action")
+    problem = run.request.combination_problem((box,))
+    if problem:
+        raise ProtocolError(f"the job: {problem}")
     return Job(job_id, box, f.number("deadline", low=0, high=1e11), run,
                f.string("client", "", max_len=MAX_NAME))
 

@@ -8,6 +8,7 @@ and which the host's (a full disk, an unreadable file: not the broker's)."""
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import ssl
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from vmim.errors import ConfigError, HostEnvironmentError, UsageError
 from vmim.fleet.protocol import HEARTBEAT
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0  # seconds a close waits for the broker's answer
@@ -171,6 +174,25 @@ class Publisher:
                               confirm_timeout=CONFIRM_TIMEOUT,
                               **({"user_id": self.user_id} if self.user_id else {}))
         return not self.returned
+
+    def reply(self, body: bytes, *, routing_key: str, correlation_id: Optional[str],
+              mandatory: bool = False) -> bool:
+        """Publish to a client's reply queue: False when the reply did not arrive there — no
+        such queue (mandatory), or the broker refused it (nacked: a queue its client declared
+        with a length of 0 and reject-publish, say). A client chooses its reply queue and
+        its arguments: what that queue does is the client's loss, never the worker's (the
+        nack once raised in the worker, which dropped its connection and so aborted every
+        job of the host; a job with such a reply queue came back after each reconnect).
+        Only a lost connection raises."""
+        import amqp
+
+        try:
+            return self.publish(body, routing_key=routing_key, correlation_id=correlation_id,
+                                mandatory=mandatory)
+        except amqp.exceptions.MessageNacked:
+            log.warning("the broker refused a reply to %s (nacked: its client's queue takes "
+                        "nothing): that client does not get it", routing_key)
+            return False
 
 
 def connection_errors() -> tuple:

@@ -228,8 +228,8 @@ class Worker:
     def _send(self, reply_to: str, corr: Optional[str], reply: protocol.Reply,
               mandatory: bool = False) -> bool:
         """Publish to a client's reply queue; False when the client is gone (mandatory)."""
-        return bool(self.publisher.publish(reply.encode(), routing_key=reply_to,
-                                           correlation_id=corr, mandatory=mandatory))
+        return self.publisher.reply(reply.encode(), routing_key=reply_to, correlation_id=corr,
+                                    mandatory=mandatory)
 
     def _rebind(self) -> None:
         """Slot queues bound again: a jobs exchange deleted and declared anew has no bindings."""
