@@ -86,6 +86,12 @@ def child(argv: List[str]) -> int:
         return _answer({"oserror": exc.errno, "strerror": exc.strerror,
                         "filename": exc.filename if isinstance(exc.filename, str) else None},
                        errors.EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001 - a bug, or input nobody foresaw: still an answer
+        import traceback
+
+        traceback.print_exc()  # on stderr, which the caller keeps
+        return _answer({"error": "OperationError",
+                        "message": f"{op} failed in the sandbox: {exc!r}"}, errors.EXIT_FAILED)
     return _answer({"result": result}, 0)
 
 

@@ -58,6 +58,22 @@ def test_a_stream_that_is_not_newc_is_an_error(tmp_path):
         newc.extract(io.BytesIO(b"x" * 200), str(out))
 
 
+def test_a_header_naming_a_huge_name_is_corrupt_before_it_is_read():
+    """namesize 0xFFFFFFFF: the proof, in the tool's own process, asked for 4 GiB at once."""
+    header = b"070701" + b"".join(b"%08X" % f for f in [1, 0o100644, 0, 0, 1, 0, 0, 0, 0, 0, 0,
+                                                         0xFFFFFFFF, 0])
+    asked = []
+
+    class Stream(io.BytesIO):
+        def read(self, n=-1):
+            asked.append(n)
+            return super().read(n)
+
+    with pytest.raises(newc.CorruptArchive, match="4294967295 bytes"):
+        newc.check(Stream(header + b"x" * 64))
+    assert max(asked) <= newc.HEADER
+
+
 def test_dotdot_and_absolute_members_are_refused(tmp_path):
     src = tmp_path / "src"
     (src / "a").mkdir(parents=True)

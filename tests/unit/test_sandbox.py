@@ -177,3 +177,23 @@ def test_each_command_gets_a_descriptor_of_the_filter_of_its_own_read_from_its_s
                          capture=True).stdout.strip() for _ in range(2)]
     assert sizes == [str(len(seccomp.build()))] * 2
     assert set(os.listdir("/proc/self/fd")) - before <= {str(seccomp._memfd())}
+
+
+def test_the_sandboxed_child_answers_whatever_its_operation_raises(monkeypatch, capsys):
+    """An exception that is neither the tool's error nor an OSError (os.makedev's
+    OverflowError on a device number of 2^32 - 1, say) gave a traceback and no answer; the
+    caller then said only that the operation "gave no answer"."""
+    import json
+
+    from vmim import errors, guestwork
+
+    def boom(req):
+        raise OverflowError("Python int too large to convert to C unsigned int")
+
+    monkeypatch.setitem(guestwork.OPERATIONS, "extract-newc", boom)
+    code = guestwork.child(["extract-newc", "{}"])
+    out, err = capsys.readouterr()
+    answer = json.loads(out.splitlines()[-1])
+    assert code == errors.EXIT_FAILED
+    assert answer["error"] == "OperationError" and "OverflowError" in answer["message"]
+    assert "Traceback" in err

@@ -39,6 +39,9 @@ from vmim.archive import (
 from vmim.errors import OperationError
 
 HEADER = 110
+#: the longest member name read (the extractor walks a name one directory at a time, so a
+#: name may be longer than PATH_MAX; none of a real tree is near this)
+MAX_NAME = 1 << 16
 CHUNK = 1024 * 1024
 ZEROS = bytes(CHUNK)
 #: the granularity of the holes the extractor makes (a filesystem block)
@@ -310,6 +313,9 @@ def read_header(stream: IO[bytes]) -> Tuple[Dict[str, int], bytes]:
         raise CorruptArchive("corrupt cpio header") from None
     if h["namesize"] < 1:
         raise CorruptArchive("corrupt cpio header (empty name)")
+    if h["namesize"] > MAX_NAME:  # read into memory: not 4 GiB because a header says so
+        raise CorruptArchive(f"a cpio member's name of {h['namesize']} bytes (more than "
+                             f"{MAX_NAME}): a corrupt header")
     name = _read_exact(stream, h["namesize"])[:-1]
     _read_exact(stream, _pad(HEADER + h["namesize"]))
     return h, name
