@@ -207,3 +207,51 @@ def test_a_device_the_kernel_makes_is_restored(vmim, rig):
     st = os.lstat(os.path.join(rig.mnt("ext4"), "dev"))
     run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
     assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (4095, (1 << 20) - 1)
+
+
+def _deep(root, depth=1200):
+    """A tree deeper than PATH_MAX, made one directory at a time (as a guest can)."""
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("d" * 10, dir_fd=fd)
+        n = os.open("d" * 10, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = n
+    f = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(f, b"deep\n")
+    os.close(f)
+    os.close(fd)
+
+
+def test_a_guest_tree_gnu_tar_could_not_unpack_is_not_stored(vmim, rig):
+    """GNU tar archives a tree deeper than PATH_MAX (through directory descriptors) and cannot
+    unpack it: on e8a7946 the store succeeded, and every restore of the image (proven by its
+    digest) cleared its slot, then failed."""
+    run_ok(vmim, rig, "-b", rig.names["src"], "--mount")
+    _deep(rig.mnt("src"))
+    r = vmim("-b", rig.names["src"], "--zstd", "-s", "golden", "--release", "--config", rig.cfg)
+    assert r.code == 4, r
+    assert "4095" in r.err and "nothing was stored" in r.err
+    assert not any(n.startswith("golden") for n in os.listdir(rig.images))
+    assert not [n for n in os.listdir(rig.images) if not n.startswith(".")]  # no debris
+
+
+def test_an_image_proven_by_its_digest_is_checked_against_the_slot_as_recorded(vmim, rig):
+    """A golden image from a slot with more files than a smaller slot has inodes: proven by the
+    digest its store recorded, it was not read again, and its restore cleared the small slot,
+    then ran out of inodes. The store records the shape of what it archived."""
+    run_ok(vmim, rig, "-b", rig.names["src"], "--mount")
+    many = os.path.join(rig.mnt("src"), "many")
+    os.mkdir(many)
+    for i in range(6000):
+        open(os.path.join(many, str(i)), "w").close()
+    run_ok(vmim, rig, "-b", rig.names["src"], "--zstd", "-s", "golden", "--release")
+    meta = json.loads(next((rig.images / ".vmim").glob("golden*")).read_text())
+    assert meta["shape"]["inodes"] >= 6000
+    r = vmim("-b", rig.names["small"], "-r", "golden", "--config", rig.cfg)
+    assert r.code == 4, r
+    assert "inodes" in r.err and "not touched" in r.err
+    seen, mark = _slot(vmim, rig, "small")
+    assert mark is None and seen["marker"] == b"small slot\n"
+    r = vmim("-b", rig.names["ext4"], "-r", "golden", "--config", rig.cfg)  # room enough there
+    assert r.code == 0, r

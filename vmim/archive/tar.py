@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import IO, List, Optional, Sequence, Set, Tuple
+from typing import IO, Dict, List, Optional, Sequence, Set, Tuple
 
 from vmim import process, sandbox
 from vmim.archive import (
@@ -39,7 +39,7 @@ from vmim.archive import (
     decompressor,
     fits,
 )
-from vmim.errors import CommandError
+from vmim.errors import CommandError, StateError
 
 # XFS shows its POSIX ACLs a second time as trusted.SGI_ACL_*: --acls carries them already.
 # --xattrs-include=* carries every ACL a second time, as the system.posix_acl_access and
@@ -76,18 +76,40 @@ PROVE_DATA = ["tar", "--extract", "--to-stdout", *LISTING]
 PROVE_LINKS = ["tar", "--diff", *LISTING]
 
 
+#: where the store's GNU tar writes its listing of what it archives (a directory of the host,
+#: bound into the sandbox at DEST): in the form of the proof's, read by shape_of_index()
+INDEXED = [f"--index-file={sandbox.DEST}/list", "--verbose", "--verbose", "--block-number",
+           "--full-time", "--quoting-style=c"]
+#: a listing line shorter than this holds no name or symlink target near a limit (fits)
+LONG_LINE = 1000
+
+
 class TarFormat(StreamFormat):
+    #: the shape of what the last write() archived (shape_of_index), recorded with the image
+    shape: Optional[Dict[str, int]] = None
+
     def write(self, src_root: str, paths: Sequence[str], dest: str,
               link_dest: str = "") -> Optional[str]:
-        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={sandbox.SLOT}", *CREATE]
+        argv: List[str] = ["tar", "--create", "--file=-", f"--directory={sandbox.SLOT}", *CREATE,
+                           *INDEXED]
         if list(paths) == ["."]:
             argv += ["--anchored", "--exclude=./lost+found"]
         argv += ["--", *paths]
-        stages: List[List[str]] = [sandbox.command(argv, [sandbox.Bind(src_root, sandbox.SLOT)],
-                                                             caps=sandbox.READ_XATTRS)]
-        if self.compression:
-            stages.append(compressor(self.compression))
-        return process.pipeline(stages, stdout_path=dest, checksum=True)
+        index = tempfile.mkdtemp(prefix="vmim-index-",
+                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        try:
+            stages: List[List[str]] = [sandbox.command(
+                argv, [sandbox.Bind(src_root, sandbox.SLOT),
+                       sandbox.Bind(index, sandbox.DEST, writable=True)],
+                caps=sandbox.READ_XATTRS)]
+            if self.compression:
+                stages.append(compressor(self.compression))
+            digest = process.pipeline(stages, stdout_path=dest, checksum=True)
+            with open(os.path.join(index, "list"), "rb") as fh:
+                self.shape = shape_of_index(fh)
+        finally:
+            shutil.rmtree(index, ignore_errors=True)
+        return digest
 
     def unpack_tools(self) -> List[str]:
         return [*super().unpack_tools(), "tar"]
@@ -104,6 +126,44 @@ class TarFormat(StreamFormat):
 
     def read_structure(self, image: str) -> Summary:
         return prove(image, self.compression)
+
+
+def shape_of_index(lines: IO[bytes]) -> Optional[Dict[str, int]]:
+    """What a restore of the archive must fit (vmim.archive.fits), from the store's own GNU tar
+    listing of it: the inodes it makes, the most names of one inode, the longest symlink
+    target. A name GNU tar could not unpack (longer than PATH_MAX: a guest tree deeper than
+    that, which GNU tar archives through directory descriptors) is refused here, while the
+    store can still say so (StateError, nothing stored). Only long lines are read whole: a
+    short one holds no name near a limit (0.3 µs a line against 20 for the proof's Listing).
+    None when a line is not what INDEXED makes GNU tar write."""
+    inodes, longest_symlink = 0, 0
+    names_of: Dict[str, int] = {}
+    try:
+        for raw in lines:
+            at = raw.find(b": ") + 2
+            letter = raw[at:at + 1]
+            if letter != b"h":
+                inodes += 1
+            if letter != b"h" and len(raw) < LONG_LINE:
+                continue  # no name, and no symlink target, near a limit
+            line = raw.rstrip(b"\n").decode("ascii", "backslashreplace")
+            rest = line[at:]
+            name, after = _quoted(rest, rest.index('"'))
+            if letter == b"h":
+                target, _ = _quoted(rest, after + len(" link to "))
+                names_of[target] = names_of.get(target, 1) + 1
+            elif letter == b"l":
+                target, _ = _quoted(rest, after + len(" -> "))
+                longest_symlink = max(longest_symlink, len(target.encode("utf-8",
+                                                                         "surrogateescape")))
+            _check_length(name, "name")
+    except UnsafeMember as exc:
+        raise StateError(f"{exc}: a tar image of this tree could not be restored; nothing was "
+                         "stored") from None
+    except (_Unreadable, ValueError):
+        return None
+    return {"inodes": inodes, "most_links": max(names_of.values(), default=1),
+            "longest_symlink": longest_symlink}
 
 
 def has_acl(path: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from vmim import digest, incomplete, process, progress, trash, tree, worklog, writeback
 from vmim import disk as disk_mod
 from vmim import store as store_mod
-from vmim.archive import detect, fits, for_detected, for_name
+from vmim.archive import Summary, detect, fits, for_detected, for_name
 from vmim.disk import mounts, qcow2, remake
 from vmim.errors import IncompleteError, StateError, VmimError
 from vmim.plan import Step
@@ -124,9 +124,12 @@ def _meta(box: Box, **extra: Any) -> Dict[str, Any]:
     return {"source_box": box.name, "stored": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
 
 
-def _write_paths(fmt: Any, root: str, paths: List[str], tmp: str,
+def _write_paths(fmt: Any, root: str, paths: List[str], meta: Dict[str, Any], tmp: str,
                  link_dest: str) -> Optional[str]:
-    return fmt.write(root, paths, tmp, link_dest)  # the sha256 of an archive, made on the way
+    digest = fmt.write(root, paths, tmp, link_dest)  # of an archive, made on the way
+    if getattr(fmt, "shape", None):  # what a restore must fit (vmim.archive.fits)
+        meta["shape"] = fmt.shape
+    return digest
 
 
 def extract(box: Box, step: Step, rec: StepResult) -> str:
@@ -140,8 +143,8 @@ def extract(box: Box, step: Step, rec: StepResult) -> str:
         raise StateError(f"box '{box.name}': directory {t.directory} does not exist in the guest")
     rel = tree.guest_relative(root, host)
     fmt.check_tree(host, f"box {box.name}: extract {name}")
-    meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, [rel]),
-                    _meta(box, directory=t.directory))
+    facts = _meta(box, directory=t.directory)
+    meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, [rel], facts), facts)
     rec.details.update(name=name, directory=t.directory, format=fmt.name, bytes=meta["size"])
     return f"{t.directory} → {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
 
@@ -168,10 +171,10 @@ def store(box: Box, step: Step, rec: StepResult) -> str:
     vfs = os.statvfs(root)
     used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
     here = mounts.mounted_at(root)
-    facts = {"filesystem": here.fstype if here else None, "filesystem_used": used}
+    facts = _meta(box, filesystem=here.fstype if here else None, filesystem_used=used)
     with progress.watch(f"{box.name} store", used):  # facts: what a disk made for it needs
-        meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, ["."]),
-                        _meta(box, **facts))
+        meta = st.write(name, fmt, functools.partial(_write_paths, fmt, root, ["."], facts),
+                        facts)
     rec.details.update(image=name, format=fmt.name, bytes=meta["size"])
     return f"stored as {st.path(name)} ({fmt.name}, {human_size(meta['size'])})"
 
@@ -190,7 +193,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     clock = Clock()
     rec.details.update(image=name, format=fmt.name, bytes=size, timings=clock.laps)
     root = _root(box)
-    _check_room(root, proven.summary, name)
+    _check_room(root, proven.summary or _recorded_shape(meta), name)
     incomplete.write(box.cfg, slot, name)  # durable before anything in the slot changes
     deletion: Optional[trash.Deletion] = None
     try:
@@ -379,6 +382,24 @@ def _check_room(root: str, summary: Any, name: str) -> None:
         raise StateError(f"image '{name}' holds {human_size(needs)} of data, more than the "
                          f"slot's whole filesystem ({human_size(size)}); the slot was not "
                          "touched")
+
+
+def _recorded_shape(meta: Optional[Dict[str, Any]]) -> Optional[Summary]:
+    """What an image proven by its digest must fit, as its store recorded it (the "shape" of
+    the tree GNU tar archived, and the bytes its filesystem used): checked before the clear as
+    a full read's is. None when the store recorded none (an older one, cpio, a tree)."""
+    shape = (meta or {}).get("shape")
+    if not isinstance(shape, dict):
+        return None
+
+    def number(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+            else 0
+
+    used = number((meta or {}).get("filesystem_used"))
+    return Summary(0, used or None, inodes=number(shape.get("inodes")),
+                   most_links=number(shape.get("most_links")) or 1,
+                   longest_symlink=number(shape.get("longest_symlink")))
 
 
 def _full_note(root: str) -> str:
