@@ -16,7 +16,12 @@ import pytest
 
 from tests.archives import tar_of
 from tests.holes import data_blocks
-from tests.integration.test_images import FORMATS, _marker, run_ok
+from tests.integration.test_images import (
+    FORMATS,
+    _marker,
+    as_stored_by_a_release_that_recorded_no_shape,
+    run_ok,
+)
 from vmim.disk import loop, mounts
 
 # ------------------------------------------------------------------ option-like guest names
@@ -143,6 +148,23 @@ def test_an_image_bigger_than_the_slot_is_refused_before_the_slot_is_touched(vmi
     assert _marker(vmim, rig, "small") == "small slot\n"
 
 
+@pytest.mark.parametrize("flag", ["-z", "--zstd"])
+def test_a_tar_image_the_tool_stored_too_big_for_the_slot_is_refused_before_the_clear(
+        vmim, rig, flag):
+    """Proven by its digest (no full read), the image is checked against the bytes of data
+    its store counted in GNU tar's own listing: 1.x cleared the slot, then failed (exit 6)."""
+    run_ok(vmim, rig, "-b", rig.names["src"], "--mount")
+    for name in ("a", "b"):  # two: the listing bounds every file's data but the last one's
+        with open(os.path.join(rig.mnt("src"), name), "wb") as fh:
+            fh.write(os.urandom(20 << 20))  # each more than the 16 MiB slot holds
+    run_ok(vmim, rig, "-b", rig.names["src"], flag, "-s", "big", "--release")
+    r = vmim("-b", rig.names["small"], "-r", "big", "--config", rig.cfg)
+    assert r.code == 4, r
+    assert "checksum" in r.err and "more than the slot's whole filesystem" in r.err, r
+    assert _marker(vmim, rig, "small") == "small slot\n"
+    assert not (rig.root / "state").exists() or not os.listdir(rig.root / "state")
+
+
 # ------------------------------------------------------------------ a killed restore
 
 
@@ -196,6 +218,7 @@ def test_a_restore_that_fails_half_way_marks_the_slot_too(vmim, rig, domains):
     with open(os.path.join(rig.mnt("src"), "big"), "wb") as fh:
         fh.write(os.urandom(40 << 20))  # more than the 16 MiB slot holds
     run_ok(vmim, rig, "-b", rig.names["src"], "-z", "-s", "big", "--release")
+    as_stored_by_a_release_that_recorded_no_shape(rig, "big")
     r = vmim("-b", rig.names["small"], "-r", "big", "--config", rig.cfg)
     assert r.code == 6, r
     r = vmim("-b", rig.names["small"], "-u", "--config", rig.cfg)

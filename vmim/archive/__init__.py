@@ -8,6 +8,7 @@ restore and insert (`for_detected`).
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
@@ -113,6 +114,7 @@ class Layout:
         self.inode_of: Dict[Tuple[str, ...], int] = {}
         self.names_of: Dict[int, int] = {}
         self.most_links = 1
+        self._inodes_made = itertools.count(1)
 
     @staticmethod
     def parts(name: str) -> Tuple[str, ...]:
@@ -127,7 +129,10 @@ class Layout:
                                    "replace the directory the archive is unpacked into")
             return
         for i in range(1, len(parts)):
-            k = self.kinds.setdefault(parts[:i], "d")  # a missing parent is made a directory
+            k = self.kinds.get(parts[:i])
+            if k is None:  # a missing parent is made a directory
+                k = self.kinds[parts[:i]] = "d"
+                self.inodes += 1
             if k != "d":
                 raise UnsafeMember(f"{self.what} {name!r} passes through {'/'.join(parts[:i])!r}"
                                    f", which an earlier member made a {self.NAMES[k]}")
@@ -140,8 +145,7 @@ class Layout:
         self.owner[parts] = key
 
     def _count(self, parts: Tuple[str, ...], inode: Optional[int]) -> None:
-        """The shape: parents made, the inode that parts now names (a new one, or `inode`)."""
-        self.inodes += sum(1 for i in range(1, len(parts)) if parts[:i] not in self.kinds)
+        """The shape: the inode that parts now names (a new one, or `inode`)."""
         self.longest_component = max(self.longest_component,
                                      *(len(p.encode("utf-8", "surrogateescape")) for p in parts))
         old = self.inode_of.get(parts)
@@ -150,7 +154,7 @@ class Layout:
         if inode is None:
             if parts not in self.kinds or self.kinds[parts] != "d":
                 self.inodes += 1  # a directory there is kept; anything else is made anew
-            inode = len(self.inode_of) + len(self.names_of) + 1
+            inode = next(self._inodes_made)
             self.names_of[inode] = 0
         self.inode_of[parts] = inode
         self.names_of[inode] += 1

@@ -131,21 +131,33 @@ class TarFormat(StreamFormat):
 def shape_of_index(lines: IO[bytes]) -> Optional[Dict[str, int]]:
     """What a restore of the archive must fit (vmim.archive.fits), from the store's own GNU tar
     listing of it: the inodes it makes, the most names of one inode, the longest symlink
-    target. A name GNU tar could not unpack (longer than PATH_MAX: a guest tree deeper than
-    that, which GNU tar archives through directory descriptors) is refused here, while the
-    store can still say so (StateError, nothing stored). Only long lines are read whole: a
-    short one holds no name near a limit (0.3 µs a line against 20 for the proof's Listing).
-    None when a line is not what INDEXED makes GNU tar write."""
-    inodes, longest_symlink = 0, 0
+    target, the bytes of file data (as the proof's Listing counts them, from the blocks between
+    members: not a sparse file's holes, nor the last file's data). A name GNU tar could not
+    unpack (longer than PATH_MAX: a guest tree deeper than that, which GNU tar archives through
+    directory descriptors) is refused here, while the store can still say so (StateError,
+    nothing stored). Only long lines are read whole: a short one holds no name near a limit
+    (1.1 µs a line against 20 for the proof's Listing). None when a line is not what INDEXED
+    makes GNU tar write."""
+    inodes, longest_symlink, data = 0, 0, 0
     names_of: Dict[str, int] = {}
+    start, size = 0, 0  # the block and size of the last file with data
     try:
         for raw in lines:
-            at = raw.find(b": ") + 2
-            letter = raw[at:at + 1]
+            fields = raw.split(None, 5)  # block N: MODE OWNER SIZE the rest
+            if fields[0] != b"block":
+                return None
+            block = int(fields[1][:-1])
+            if size:  # as Listing._block: its data lies before this member
+                data += min(size, max(0, block - start - 1) * BLOCK)
+                size = 0
+            letter = fields[2][:1]
+            if letter in (b"-", b"C"):
+                start, size = block, int(fields[4])
             if letter != b"h":
                 inodes += 1
-            if letter != b"h" and len(raw) < LONG_LINE:
-                continue  # no name, and no symlink target, near a limit
+                if len(raw) < LONG_LINE:
+                    continue  # no name, and no symlink target, near a limit
+            at = raw.find(b": ") + 2
             line = raw.rstrip(b"\n").decode("ascii", "backslashreplace")
             rest = line[at:]
             name, after = _quoted(rest, rest.index('"'))
@@ -160,10 +172,12 @@ def shape_of_index(lines: IO[bytes]) -> Optional[Dict[str, int]]:
     except UnsafeMember as exc:
         raise StateError(f"{exc}: a tar image of this tree could not be restored; nothing was "
                          "stored") from None
-    except (_Unreadable, ValueError):
+    except (_Unreadable, ValueError, IndexError):
         return None
+    # the last file's data is not counted: no member follows to bound it, and its size would
+    # count the holes of a sparse file (a lower bound, as the proof's, never refuses a fit)
     return {"inodes": inodes, "most_links": max(names_of.values(), default=1),
-            "longest_symlink": longest_symlink}
+            "longest_symlink": longest_symlink, "data": data}
 
 
 def has_acl(path: str) -> bool:

@@ -386,8 +386,9 @@ def _check_room(root: str, summary: Any, name: str) -> None:
 
 def _recorded_shape(meta: Optional[Dict[str, Any]]) -> Optional[Summary]:
     """What an image proven by its digest must fit, as its store recorded it (the "shape" of
-    the tree GNU tar archived, and the bytes its filesystem used): checked before the clear as
-    a full read's is. None when the store recorded none (an older one, cpio, a tree)."""
+    the tree GNU tar archived: its inodes, names per file, symlink targets and bytes of file
+    data): checked before the clear as a full read's is. None when the store recorded none (an
+    older one, cpio, a tree)."""
     shape = (meta or {}).get("shape")
     if not isinstance(shape, dict):
         return None
@@ -396,8 +397,9 @@ def _recorded_shape(meta: Optional[Dict[str, Any]]) -> Optional[Summary]:
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
             else 0
 
-    used = number((meta or {}).get("filesystem_used"))
-    return Summary(0, used or None, inodes=number(shape.get("inodes")),
+    data = shape.get("data")
+    return Summary(0, number(data) if isinstance(data, int) else None,
+                   inodes=number(shape.get("inodes")),
                    most_links=number(shape.get("most_links")) or 1,
                    longest_symlink=number(shape.get("longest_symlink")))
 

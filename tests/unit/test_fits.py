@@ -1,0 +1,103 @@
+"""The shape of an unpack (vmim.archive.Layout, tar.shape_of_index) and what the kernel and a
+filesystem take of it (vmim.archive.fits). The restores they stop are in
+tests/integration/test_after_the_clear.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+
+import pytest
+
+from vmim.archive import Layout, Summary, UnsafeMember, fits, tar
+from vmim.archive.tar import shape_of_index
+from vmim.errors import StateError
+
+
+def test_the_layout_counts_inodes_names_per_inode_and_the_longest_component():
+    lay = Layout("tar member", rmdir_empty=True)
+    lay.add("./a/b/file", "f")  # a and b made as parents: 3 inodes
+    lay.link("./a/h1", "./a/b/file")
+    lay.link("./a/h2", "./a/h1")  # a link to a link: the same inode
+    lay.add("./a/h1", "f")  # replaced by a file of its own: one name less for the first
+    lay.add("./" + "x" * 200, "f")
+    assert lay.inodes == 5
+    assert lay.most_links == 3
+    assert lay.names_of[lay.inode_of[("a", "b", "file")]] == 2
+    assert lay.longest_component == 200
+
+
+def test_the_kernels_bounds_are_its_own():
+    fits.device_ok("m", "ok", fits.MAJOR_MAX, fits.MINOR_MAX)
+    for major, minor in ((fits.MAJOR_MAX + 1, 0), (0, fits.MINOR_MAX + 1), (-1, 0)):
+        with pytest.raises(UnsafeMember, match="cannot make"):
+            fits.device_ok("m", "dev", major, minor)
+    fits.symlink_ok("m", "ok", fits.PATH_MAX)
+    with pytest.raises(UnsafeMember, match="4095 at most"):
+        fits.symlink_ok("m", "long", fits.PATH_MAX + 1)
+
+
+def test_check_names_each_bound_the_filesystem_sets(tmp_path):
+    vfs = os.statvfs(tmp_path)
+    fits.check(str(tmp_path), "ext4", Summary(1, None, longest_component=vfs.f_namemax), "ok")
+    fits.check(str(tmp_path), "ext4", None, "a digest-proven image of an older store")
+    with pytest.raises(StateError) as exc:
+        fits.check(str(tmp_path), "xfs", Summary(1, None, longest_component=vfs.f_namemax + 1,
+                                                 longest_symlink=1025,
+                                                 most_links=2 ** 31), "odd")
+    said = str(exc.value)
+    assert "image 'odd'" in said and "not touched" in said
+    assert f"a name of {vfs.f_namemax + 1} bytes" in said
+    assert "xfs keeps 1024" in said and "names of one file" in said
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="GNU tar archives the tree as root does")
+def test_the_shape_of_gnu_tars_own_listing_of_a_store(tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("x")
+    for n in range(3):
+        os.link(src / "d" / "f", src / "d" / f"h{n}")
+    os.symlink("t" * 1500, src / "long")
+    subprocess.run(["tar", "--create", "--file=/dev/null", f"--index-file={tmp_path}/list",
+                    "--verbose", "--verbose", "--block-number", "--full-time",
+                    "--quoting-style=c", "-C", str(src), "."], check=True)
+    with open(tmp_path / "list", "rb") as fh:
+        shape = shape_of_index(fh)
+    assert shape == {"inodes": 4, "most_links": 4, "longest_symlink": 1500, "data": 1}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="GNU tar archives the tree as root does")
+def test_the_stores_count_of_data_is_the_proofs_on_the_same_archive(tmp_path):
+    """A restore proven by the digest checks the bytes the store's listing counted, as one
+    proven by a full read checks the proof's: the two agree, holes and pax headers included."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_bytes(os.urandom(100))
+    (src / "big").write_bytes(os.urandom(300_001))
+    (src / ("n" * 200)).write_bytes(os.urandom(5000))  # a pax header of its own for the name
+    with open(src / "sparse", "wb") as fh:  # holes GNU tar stores as a sparse map
+        fh.truncate(50 << 20)
+        fh.write(b"head")
+        fh.seek(20 << 20)
+        fh.write(os.urandom(70_000))
+    os.link(src / "big", src / "again")
+    (src / "zz-last").write_bytes(os.urandom(1000))  # not counted: no member bounds it
+    archive = tmp_path / "x.tar"
+    subprocess.run(["tar", "--create", "--sort=name", f"--file={archive}", *tar.CREATE,
+                    f"--index-file={tmp_path}/list", *tar.INDEXED[1:], "-C", str(src), "."],
+                   check=True)
+    with open(tmp_path / "list", "rb") as fh:
+        shape = shape_of_index(fh)
+    assert shape is not None
+    proven = tar.prove(str(archive), None).needs_bytes
+    assert shape["data"] == proven - 1000
+    assert 1000 + 100 + 300_001 + 5000 + 70_000 <= proven < 100 + 300_001 + 5000 + (1 << 20)
+
+
+def test_a_name_gnu_tar_could_not_unpack_is_refused_at_the_store():
+    line = f'block 0: -rw-r--r-- 0/0 1 2026-12-07 07:12:23.8 "./{"d/" * 2100}f"\n'
+    with pytest.raises(StateError, match="nothing was stored"):
+        shape_of_index(io.BytesIO(line.encode()))
+    assert shape_of_index(io.BytesIO(b"not a listing line at all\n")) is None
