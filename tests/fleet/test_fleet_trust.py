@@ -577,3 +577,46 @@ def test_a_reply_queue_that_refuses_every_reply_costs_the_worker_nothing(fleet, 
         assert not is_mounted(fleet.mount_of("h3b"))
     finally:
         sender.channel.queue_delete(q)
+
+
+def test_a_host_cannot_claim_another_hosts_slot_for_an_any_free_job(fleet):
+    """Any host may take an any-free job (it reads vmim.any). A compromised one answered it, as
+    itself, naming another host's slot h1a: on e8a7946 the client printed h1a and exit 0. The
+    broker knows each host's slots (only the host's user may declare its slot queues, named
+    one by one in its permissions): the claim is refused, exit 7."""
+    import kombu
+
+    broker = fleet.broker
+    host, url = evil_host(broker)
+    slots = [f"{h}{s}" for h in ("h1", "h2", "h3") for s in "ab"]
+    client = None
+    try:
+        for box in slots:  # no free slot: no worker takes the any-free job
+            assert fleet.vmim("-b", box, "--mount").code == 0
+        time.sleep(2)
+        client = fleet.spawn("-b", "any-free", "--mount", "--lock-wait", "60")
+        with kombu.Connection(url) as conn:
+            channel = conn.channel()
+            deadline = time.monotonic() + 30
+            while (job := channel.basic_get(protocol.ANY_QUEUE)) is None:
+                assert time.monotonic() < deadline, "the any-free job never came"
+                time.sleep(0.05)
+            channel.basic_ack(job.delivery_tag)
+            forged = {"v": protocol.VERSION, "type": "result", "host": host, "box": "h1a",
+                      "exit_code": 0, "doc": {"results": [{"box": "h1a", "forged": True}]},
+                      "stderr": []}
+            kombu.Producer(channel).publish(
+                json.dumps(forged).encode(), exchange="", routing_key=job.properties["reply_to"],
+                correlation_id=job.properties["correlation_id"], user_id=host,
+                serializer=None, content_type="application/json", content_encoding="utf-8")
+        out, err = client.communicate(timeout=60)
+    finally:
+        broker.ctl("delete_user", host)
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.communicate()
+        released = [fleet.vmim("-b", box, "--release") for box in slots]
+    assert client.returncode == 7, (out, err)
+    assert f"host {host} answered" in err and "not one of its slots" in err, err
+    assert "h1a" not in out
+    assert all(r.code == 0 for r in released), released

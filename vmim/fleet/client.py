@@ -315,6 +315,12 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
             raise StateError(f"unknown box '{box}': no worker of the fleet at "
                              f"{client.spec.shown} serves it (see --broker ... -l)")
         result = _follow(client, job, opts.lock_wait)
+        if box == ANY_FREE and result.box and not topology.serves(client.conn, result.host,
+                                                                  result.box):
+            raise HostEnvironmentError(
+                f"host {safe(result.host)} answered the -b {ANY_FREE} job as box "
+                f"{safe(result.box)}, which is not one of its slots (the broker has no queue "
+                f"{protocol.box_queue(result.host, result.box)}): refused (docs/fleet.md)")
         if box == ANY_FREE and result.box and not opts.json:
             out.write(safe(result.box) + "\n")  # the slot that ran the job: one name, once
             out.flush()

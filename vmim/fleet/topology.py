@@ -70,6 +70,21 @@ def spare_channel(connection: Any) -> Iterator[Any]:
             channel.close()
 
 
+def serves(connection: Any, host: str, box: str) -> bool:
+    """Whether `box` is a slot of `host` as the broker knows it: the host's queue for it is
+    there. Only the host's user may declare that queue, and its permissions name each of its
+    slots (vmim.fleet.permissions.host_grants): a host answering an any-free job, which any
+    host may take, cannot claim another host's slot. A passive declare needs no permission."""
+    import amqp
+
+    with spare_channel(connection) as channel:
+        try:
+            channel.queue_declare(protocol.box_queue(host, box), passive=True)
+        except amqp.exceptions.NotFound:
+            return False
+    return True
+
+
 def _shared(channel: Any, passive: bool) -> None:
     """Declare (or with `passive`, look up) the fleet's shared objects on `channel`, with the
     arguments every release declared them with (another would be PRECONDITION_FAILED)."""
