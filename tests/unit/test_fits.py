@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from vmim.archive import Layout, Summary, UnsafeMember, fits, tar
+from vmim.archive import Layout, Summary, UnsafeMember, fits, newc, tar
+from vmim.archive.cpio import CpioFormat
 from vmim.archive.tar import shape_of_index
 from vmim.errors import StateError
 
@@ -101,3 +102,29 @@ def test_a_name_gnu_tar_could_not_unpack_is_refused_at_the_store():
     with pytest.raises(StateError, match="nothing was stored"):
         shape_of_index(io.BytesIO(line.encode()))
     assert shape_of_index(io.BytesIO(b"not a listing line at all\n")) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the store's find and cpio run in the sandbox")
+def test_the_cpio_stores_survey_is_the_shape_the_proof_reads_from_its_archive(tmp_path):
+    """A cpio image proven by its digest is checked against the shape the store's survey of
+    the tree recorded; it is the one newc.check reads from the archive the store wrote."""
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "d" / "f").write_text("x")
+    for n in range(4):
+        os.link(src / "d" / "f", src / "d" / "e" / f"h{n}")
+    os.symlink("t" * 1500, src / "long")
+    os.symlink("d", src / "to-a-directory")  # os.walk lists it among the directories
+    (src / ("n" * 200)).write_text("y")
+    (src / "lost+found").mkdir()  # left out by the store, as its find prunes it
+    (src / "lost+found" / "#12").write_text("z")
+    fmt = CpioFormat(None, "cpio")
+    fmt.check_tree(str(src), "test")
+    archive = tmp_path / "x.cpio"
+    fmt.write(str(src), ["."], str(archive))
+    with open(archive, "rb") as fh:
+        proof = newc.check(fh)
+    assert fmt.shape == {"inodes": 6, "most_links": 5, "longest_component": 200,
+                         "longest_symlink": 1500}
+    assert (proof.inodes, proof.most_links, proof.longest_component, proof.longest_symlink) \
+        == (6, 5, 200, 1500)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import IO, List, Optional, Sequence, Tuple
+from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 from vmim import guestwork, process, sandbox
 from vmim.archive import StreamFormat, Summary, compressor, decompressor, newc
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 class CpioFormat(StreamFormat):
     cannot_carry = ("xattrs", "POSIX ACLs")
+    #: the shape of the tree check_tree() last surveyed, recorded with the image it stores
+    shape: Optional[Dict[str, int]] = None
 
     def write(self, src_root: str, paths: Sequence[str], dest: str,
               link_dest: str = "") -> Optional[str]:
@@ -52,7 +54,7 @@ class CpioFormat(StreamFormat):
 
 
     def check_tree(self, root: str, what: str) -> None:
-        big, with_xattrs = survey(root)
+        big, with_xattrs, self.shape = survey(root)
         if big:
             shown = ", ".join(f"/{os.path.relpath(p, root)}" for p in big[:5])
             more = f" and {len(big) - 5} more" if len(big) > 5 else ""
@@ -68,27 +70,45 @@ class CpioFormat(StreamFormat):
 NEWC_MAX_SIZE = (1 << 32) - 1
 
 
-def survey(root: str) -> Tuple[List[str], int]:
-    """One walk of root's filesystem (as find -xdev sees it): the files too big for newc, and
-    how many entries carry xattrs (ACLs are xattrs too), which newc drops."""
+def survey(root: str) -> Tuple[List[str], int, Dict[str, int]]:
+    """One walk of root's filesystem (as find -xdev sees it, its top lost+found left out as
+    the store leaves it out): the files too big for newc, how many entries carry xattrs (ACLs
+    are xattrs too), which newc drops, and the shape the newc extractor makes of the tree
+    (vmim.archive.fits, as newc.check counts it: inodes, the most names of one file, the
+    longest name component and symlink target; not the data: zero blocks become holes)."""
     big: List[str] = []
     n = 0
     device = os.lstat(root).st_dev
+    inodes = longest_component = longest_symlink = 0
+    names_of: Dict[int, int] = {}  # names of each file with more than one
     for dirpath, dirnames, filenames in os.walk(root):
-        # as find -xdev: what is mounted below is not archived, so not counted either
-        dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(dirpath, d)).st_dev == device]
-        for name in filenames:
+        below: List[str] = []
+        for name in dirnames + filenames:
+            if name == "lost+found" and dirpath == root:
+                continue  # find -path ./lost+found -prune
             path = os.path.join(dirpath, name)
             try:
                 st = os.lstat(path)
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode) and st.st_size > NEWC_MAX_SIZE:
+            if stat.S_ISDIR(st.st_mode):
+                if st.st_dev == device:  # as find -xdev: a mount point, but not what is below
+                    below.append(name)
+            elif stat.S_ISREG(st.st_mode) and st.st_size > NEWC_MAX_SIZE:
                 big.append(path)
-        for name in dirnames + filenames:
+            elif stat.S_ISLNK(st.st_mode):  # lstat's size of a symlink: its target's length
+                longest_symlink = max(longest_symlink, st.st_size)
+            longest_component = max(longest_component, len(os.fsencode(name)))
             try:
-                if os.listxattr(os.path.join(dirpath, name), follow_symlinks=False):
+                if os.listxattr(path, follow_symlinks=False):
                     n += 1
             except OSError:
                 pass
-    return big, n
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                names_of[st.st_ino] = names_of.get(st.st_ino, 0) + 1
+                if names_of[st.st_ino] > 1:
+                    continue  # another name of a file already counted
+            inodes += 1
+        dirnames[:] = below
+    return big, n, {"inodes": inodes, "most_links": max(names_of.values(), default=1),
+                    "longest_component": longest_component, "longest_symlink": longest_symlink}

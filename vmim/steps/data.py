@@ -387,8 +387,9 @@ def _check_room(root: str, summary: Any, name: str) -> None:
 def _recorded_shape(meta: Optional[Dict[str, Any]]) -> Optional[Summary]:
     """What an image proven by its digest must fit, as its store recorded it (the "shape" of
     the tree GNU tar archived: its inodes, names per file, symlink targets and bytes of file
-    data): checked before the clear as a full read's is. None when the store recorded none (an
-    older one, cpio, a tree)."""
+    data; of the tree a cpio store surveyed: the same but the bytes, and name components):
+    checked before the clear as a full read's is. None when the store recorded none (an older
+    one, a tree)."""
     shape = (meta or {}).get("shape")
     if not isinstance(shape, dict):
         return None
@@ -400,6 +401,7 @@ def _recorded_shape(meta: Optional[Dict[str, Any]]) -> Optional[Summary]:
     data = shape.get("data")
     return Summary(0, number(data) if isinstance(data, int) else None,
                    inodes=number(shape.get("inodes")),
+                   longest_component=number(shape.get("longest_component")),
                    most_links=number(shape.get("most_links")) or 1,
                    longest_symlink=number(shape.get("longest_symlink")))
 
