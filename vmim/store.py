@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import stat
-import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -210,6 +209,15 @@ def _out_of_space(directory: str, exc: BaseException) -> bool:
     return vfs.f_bfree * vfs.f_frsize < FULL_MARGIN or (vfs.f_files > 0 and vfs.f_ffree == 0)
 
 
+def _remove(path: str) -> None:
+    """rm -rf of an entry of the store or what a store set aside, which may be a guest's tree
+    (rsync): in the sandbox, which sees the store's directory only, never crossing into
+    another filesystem, as every removal of guest data (vmim.tree.remove)."""
+    from vmim import tree
+
+    tree.remove(os.path.dirname(path), [os.path.basename(path)])
+
+
 def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -299,7 +307,7 @@ class ImageStore:
                     log.warning("%s: put image '%s' back under its name: the store that was "
                                 "replacing it was interrupted", self.directory, name)
                     continue
-            process.run(["rm", "-rf", "--", self.path(n)])
+            _remove(self.path(n))
             removed.append(n)
         if removed:
             log.info("removed debris of interrupted stores in %s: %s", self.directory,
@@ -339,7 +347,8 @@ class ImageStore:
         except BaseException as exc:
             full = isinstance(exc, (CommandError, OSError)) and _out_of_space(self.directory, exc)
             if os.path.lexists(work):
-                subprocess.run(["rm", "-rf", "--", work], check=False)
+                with contextlib.suppress(VmimError, OSError):
+                    _remove(work)
             if full:
                 kept = (f"the previous {self.kind} '{name}' is kept as it was" if previous
                         else f"no {self.kind} '{name}' was made")
@@ -365,8 +374,8 @@ class ImageStore:
             os.rmdir(work)
         except OSError:
             try:
-                process.run(["rm", "-rf", "--", work])
-            except (CommandError, OSError) as exc:
+                _remove(work)
+            except (VmimError, OSError) as exc:
                 log.warning("%s '%s' is stored; the previous one, set aside in %s, could not be "
                             "removed yet (%s): the next store removes it", self.kind, name,
                             work, exc)
@@ -391,7 +400,7 @@ class ImageStore:
                 if not os.path.lexists(final):
                     os.rename(old, final)
                 raise
-            process.run(["rm", "-rf", "--", old])
+            _remove(old)
         else:
             os.replace(tmp, final)
         _fsync_path(self.directory)

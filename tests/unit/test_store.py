@@ -193,13 +193,15 @@ def test_a_previous_tree_that_cannot_be_removed_leaves_the_new_entry_stored_and_
     killed there) the store has succeeded: the new entry and its own metadata are in place,
     and what is left is debris the next store removes."""
     from vmim import process as process_mod
+    from vmim.sandbox import shown
 
     _store(images, src, "golden", "rsync")
     (src / "new").write_text("second\n")
     real_run = process_mod.run
 
     def rm_fails(argv, *args, **kwargs):
-        if argv[0] == "rm":
+        if shown(argv)[0] == "rm":
+            assert argv[0] != "rm"  # in the sandbox (store._remove), as all guest data is
             raise CommandError(list(argv), 1, "rm: cannot remove: Input/output error")
         return real_run(argv, *args, **kwargs)
 
