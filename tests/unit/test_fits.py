@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from vmim.archive import Layout, Summary, UnsafeMember, fits, newc, tar
-from vmim.archive.cpio import CpioFormat
+from vmim.archive.cpio import CpioFormat, survey
 from vmim.archive.tar import shape_of_index
 from vmim.errors import StateError
 
@@ -128,3 +128,30 @@ def test_the_cpio_stores_survey_is_the_shape_the_proof_reads_from_its_archive(tm
                          "longest_symlink": 1500}
     assert (proof.inodes, proof.most_links, proof.longest_component, proof.longest_symlink) \
         == (6, 5, 200, 1500)
+
+
+def _deep(root, depth, name):
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        below = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+
+
+def test_the_cpio_stores_survey_walks_a_guest_tree_of_any_depth(tmp_path):
+    """os.walk recursed: a guest tree 1100 directories deep (a 2200-byte path) made the store
+    fail with Python's RecursionError. One too deep for cpio's names is refused by name."""
+    try:
+        _deep(tmp_path / "ok", 1100, "d")
+        _, _, shape = survey(str(tmp_path / "ok"))
+        assert shape["inodes"] == 1101
+        _deep(tmp_path / "deep", 500, "d" * 10)  # 5500 bytes
+        with pytest.raises(StateError, match="longer than 4095 bytes.*nothing was stored"):
+            survey(str(tmp_path / "deep"), "box x: store y")
+    finally:  # pytest's own removal of tmp_path recurses too
+        subprocess.run(["rm", "-rf", "--", str(tmp_path / "ok"), str(tmp_path / "deep")],
+                       check=True)

@@ -14,7 +14,7 @@ import stat
 from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 from vmim import guestwork, process, sandbox
-from vmim.archive import StreamFormat, Summary, compressor, decompressor, newc
+from vmim.archive import StreamFormat, Summary, compressor, decompressor, fits, newc
 from vmim.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,9 @@ class CpioFormat(StreamFormat):
 
 
     def check_tree(self, root: str, what: str) -> None:
-        big, with_xattrs, self.shape = survey(root)
+        big, with_xattrs, self.shape = survey(root, what)
         if big:
-            shown = ", ".join(f"/{os.path.relpath(p, root)}" for p in big[:5])
+            shown = ", ".join(f"/{p}" for p in big[:5])
             more = f" and {len(big) - 5} more" if len(big) > 5 else ""
             raise StateError(f"{what}: cpio (newc) cannot hold files of 4 GiB or more, and "
                              f"{len(big)} are there ({shown}{more}); use a tar format "
@@ -70,45 +70,69 @@ class CpioFormat(StreamFormat):
 NEWC_MAX_SIZE = (1 << 32) - 1
 
 
-def survey(root: str) -> Tuple[List[str], int, Dict[str, int]]:
+def survey(root: str, what: str = "") -> Tuple[List[str], int, Dict[str, int]]:
     """One walk of root's filesystem (as find -xdev sees it, its top lost+found left out as
-    the store leaves it out): the files too big for newc, how many entries carry xattrs (ACLs
-    are xattrs too), which newc drops, and the shape the newc extractor makes of the tree
-    (vmim.archive.fits, as newc.check counts it: inodes, the most names of one file, the
-    longest name component and symlink target; not the data: zero blocks become holes)."""
+    the store leaves it out): the files too big for newc (paths relative to root), how many
+    entries carry xattrs (ACLs are xattrs too), which newc drops, and the shape the newc
+    extractor makes of the tree (vmim.archive.fits, as newc.check counts it: inodes, the most
+    names of one file, the longest name component and symlink target; not the data: zero
+    blocks become holes). The walk is iterative and relative to directory descriptors (a
+    guest's tree of any depth); a name cpio could not open (longer than PATH_MAX as cpio gets
+    it, "./" first) is refused: StateError, nothing written."""
     big: List[str] = []
     n = 0
-    device = os.lstat(root).st_dev
     inodes = longest_component = longest_symlink = 0
     names_of: Dict[int, int] = {}  # names of each file with more than one
-    for dirpath, dirnames, filenames in os.walk(root):
-        below: List[str] = []
-        for name in dirnames + filenames:
-            if name == "lost+found" and dirpath == root:
-                continue  # find -path ./lost+found -prune
-            path = os.path.join(dirpath, name)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    top = os.open(root, flags)
+    try:
+        device = os.fstat(top).st_dev
+        below = [""]  # directories still to read, relative to root ("": root itself)
+        while below:
+            rel = below.pop()
             try:
-                st = os.lstat(path)
+                fd = os.open(rel or ".", flags, dir_fd=top)
             except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if st.st_dev == device:  # as find -xdev: a mount point, but not what is below
-                    below.append(name)
-            elif stat.S_ISREG(st.st_mode) and st.st_size > NEWC_MAX_SIZE:
-                big.append(path)
-            elif stat.S_ISLNK(st.st_mode):  # lstat's size of a symlink: its target's length
-                longest_symlink = max(longest_symlink, st.st_size)
-            longest_component = max(longest_component, len(os.fsencode(name)))
+                continue  # gone, or not a directory any more: find would skip it too
             try:
-                if os.listxattr(path, follow_symlinks=False):
-                    n += 1
-            except OSError:
-                pass
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                names_of[st.st_ino] = names_of.get(st.st_ino, 0) + 1
-                if names_of[st.st_ino] > 1:
-                    continue  # another name of a file already counted
-            inodes += 1
-        dirnames[:] = below
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = entry.name
+                        if not rel and name == "lost+found":
+                            continue  # find -path ./lost+found -prune
+                        path = f"{rel}/{name}" if rel else name
+                        length = len(os.fsencode(path)) + 2
+                        if length > fits.PATH_MAX:
+                            raise StateError(
+                                f"{what}: {'/' + path[:60]!r}... is {length} bytes long: cpio cannot "
+                                f"archive a name longer than {fits.PATH_MAX} bytes (a guest tree "
+                                "deeper than PATH_MAX); nothing was stored")
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(st.st_mode):
+                            if st.st_dev == device:  # find -xdev: a mount point, not below
+                                below.append(path)
+                        elif stat.S_ISREG(st.st_mode) and st.st_size > NEWC_MAX_SIZE:
+                            big.append(path)
+                        elif stat.S_ISLNK(st.st_mode):  # lstat's size: the target's length
+                            longest_symlink = max(longest_symlink, st.st_size)
+                        longest_component = max(longest_component, len(os.fsencode(name)))
+                        try:
+                            if os.listxattr(f"/proc/self/fd/{fd}/{name}",
+                                            follow_symlinks=False):
+                                n += 1
+                        except OSError:
+                            pass
+                        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                            names_of[st.st_ino] = names_of.get(st.st_ino, 0) + 1
+                            if names_of[st.st_ino] > 1:
+                                continue  # another name of a file already counted
+                        inodes += 1
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
     return big, n, {"inodes": inodes, "most_links": max(names_of.values(), default=1),
                     "longest_component": longest_component, "longest_symlink": longest_symlink}
