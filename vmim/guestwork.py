@@ -77,6 +77,9 @@ def _answer(obj: Dict[str, Any], code: int) -> int:
 def child(argv: List[str]) -> int:
     """The entry point inside the sandbox."""
     op, payload = argv
+    # a walk of a guest tree (the merge) recurses once a directory level: PATH_MAX bounds the
+    # depth of what a path reaches (2048 levels of one-letter names), Python's default 1000
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
     try:
         result = OPERATIONS[op](json.loads(payload))
     except errors.VmimError as exc:

@@ -162,16 +162,23 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str, staging: str) -> int:
         entries = sorted(it, key=lambda e: e.name)
     for e in entries:
         src = e.path
-        guest_rel = guest_relative(root, os.path.join(dst_dir, e.name))
+        # dst_dir is resolved (a directory, no symlink on the way): so is dst, but for a guest
+        # symlink at its end (resolve() again from the root for each entry made a merge
+        # quadratic in the depth of the tree)
+        dst = os.path.join(dst_dir, e.name)
+        guest_rel = guest_relative(root, dst)
         if e.is_dir(follow_symlinks=False):
-            dst = resolve(root, guest_rel)  # a guest symlink to a directory is followed in the guest
-            not_into(staging, dst, root, guest_rel)
             try:
                 st = os.lstat(dst)
+                if stat.S_ISLNK(st.st_mode):  # a guest symlink to a directory is followed in
+                    dst = resolve(root, guest_rel)  # the guest
+                    st = os.lstat(dst)
             except FileNotFoundError:
+                not_into(staging, dst, root, guest_rel)
                 _rename_in(src, dst, root, guest_rel)
                 moved += 1
                 continue
+            not_into(staging, dst, root, guest_rel)
             if stat.S_ISDIR(st.st_mode):
                 moved += _merge_dir(src, dst, root, staging)  # an existing one keeps its metadata
                 continue
@@ -179,7 +186,6 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str, staging: str) -> int:
             os.rename(src, dst)
             moved += 1
         else:
-            dst = resolve(root, guest_rel, follow_last=False)
             not_into(staging, dst, root, guest_rel)
             try:
                 _rename_in(src, dst, root, guest_rel)

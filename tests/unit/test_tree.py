@@ -169,3 +169,30 @@ def test_a_root_holding_anything_else_is_left_to_the_sandboxed_merge(guest, log)
     assert tree.move_into_empty(staging, str(guest), [".vmim-trash.1"]) is None
     assert len(os.listdir(staging)) == 4
 
+
+
+def _chain(base, depth):
+    fd = os.open(base, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        below = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    os.close(fd)
+    return base / "/".join(["d"] * depth)
+
+
+def test_a_merge_into_a_guest_tree_as_deep_as_a_path_reaches(tmp_path):
+    """An archive inserted where the guest has the same 1500 directories (3000 bytes of path,
+    within PATH_MAX): the merge recurses once a level, and died of Python's RecursionError in
+    the sandbox on the main of 2026-12-07."""
+    root = tmp_path / "guest"
+    staging = root / ".stage"
+    staging.mkdir(parents=True)
+    try:
+        _chain(root, 1500)
+        (_chain(staging, 1500) / "leaf").write_text("inserted\n")
+        assert tree.merge_contained(str(staging), str(root), remove_staging=True) == 1
+        assert (root / "/".join(["d"] * 1500) / "leaf").read_text() == "inserted\n"
+    finally:  # pytest's own removal of tmp_path recurses too
+        subprocess.run(["rm", "-rf", "--", str(root)], check=True)
