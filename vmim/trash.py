@@ -31,15 +31,15 @@ MARGIN_BYTES = 256 * 1024 * 1024
 MARGIN_INODES = 1024
 
 
-def room_for_both(root: str, needs_bytes: int = 0) -> bool:
+def room_for_both(root: str, needs_bytes: int = 0, needs_inodes: int = 0) -> bool:
     """Whether the filesystem at root can hold its present content and a new tree of the
-    same size (or of needs_bytes, when that is larger) at once."""
+    same size (or of needs_bytes and needs_inodes, when they are larger) at once."""
     st = os.statvfs(root)
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
     free = st.f_bavail * st.f_frsize
     inodes_used = st.f_files - st.f_ffree
     return (free >= max(used, needs_bytes) + MARGIN_BYTES
-            and st.f_favail >= inodes_used + MARGIN_INODES)
+            and st.f_favail >= max(inodes_used, needs_inodes) + MARGIN_INODES)
 
 
 class Deletion:

@@ -5,6 +5,7 @@ test failed there. Real loop-mounted ext4 slots, through the CLI."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -260,3 +261,34 @@ def test_an_image_proven_by_its_digest_is_checked_against_the_slot_as_recorded(v
     assert mark is None and seen["marker"] == b"small slot\n"
     r = vmim("-b", rig.names["ext4"], "-r", "golden", "--config", rig.cfg)  # room enough there
     assert r.code == 0, r
+
+
+@pytest.mark.parametrize("flag", ["-w", "--zstd"])
+@pytest.mark.parametrize("proof", ["digest", "full read"])
+def test_a_tree_that_uses_every_inode_is_refused_before_the_clear(vmim, rig, flag, proof):
+    """The restore's staging directory takes an inode beside the image's: a tree that used
+    every inode of its slot, restored into that slot, cleared it and then failed (cpio: both
+    proofs; tar: the full read; attack G of 2026-12-07). It is refused, the slot as it was."""
+    small = rig.names["small"]
+    run_ok(vmim, rig, "-b", small, "--mount")
+    many = os.path.join(rig.mnt("small"), "many")
+    os.mkdir(many)
+    made = 0
+    while True:
+        try:
+            open(os.path.join(many, str(made)), "w").close()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            break
+        made += 1
+    assert os.statvfs(rig.mnt("small")).f_ffree == 0
+    run_ok(vmim, rig, "-b", small, flag, "-s", "full", "--release")
+    if proof == "full read":
+        for meta in (rig.images / ".vmim").glob("full*"):
+            meta.unlink()
+    r = vmim("-b", small, "-r", "full", "--config", rig.cfg)
+    assert r.code == 4, r
+    assert "staging directory" in r.err and "not touched" in r.err, r
+    seen, mark = _slot(vmim, rig, "small")
+    assert mark is None and seen["marker"] == b"small slot\n"
+    assert sum(1 for k in seen if k.startswith("many/")) == made

@@ -269,6 +269,29 @@ def test_delete_runs_first_when_the_filesystem_has_no_room_for_both(vmim, slot):
     assert "delete_seconds" not in step["clear"]
 
 
+def test_delete_runs_first_when_the_image_has_more_files_than_room_for_both(vmim, slot):
+    """The old content (1200 files) leaves room for as many again, not for the image's 3000:
+    deleted beside the unpack, both would need more inodes than the filesystem has (the room
+    was judged by the old content's count, as if the image had as many)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 7
+        tf.addfile(info, io.BytesIO(b"golden\n"))
+        for n in range(3000):
+            tf.addfile(tarfile.TarInfo(f"many/{n}"))
+    (slot.images / "golden").write_bytes(buf.getvalue())
+    slot.make(400, ["mkfs.ext4", "-q", "-F", "-N", "4096"])
+    cfg = slot.config("delete")
+    vmim("--config", cfg, "-b", slot.box, "--mount")
+    os.mkdir(os.path.join(slot.mnt, "old"))
+    for n in range(1200):
+        open(os.path.join(slot.mnt, "old", str(n)), "w").close()
+    step = restore(vmim, slot, cfg)
+    assert set(step["timings"]) == {"clear", "transfer"}, step
+    assert "delete_seconds" not in step["clear"]
+
+
 def test_clear_mkfs_re_makes_even_what_it_cannot_make_the_same(vmim, slot):
     slot.make(64, ["mkfs.ext4", "-q", "-F", "-O", "metadata_csum_seed", "-L", "seeded"],
               ["tune2fs", "-U", "random"])

@@ -118,8 +118,9 @@ def test_a_sparse_member_with_a_malformed_map_is_refused(sparse_tars, tmp_path, 
 def test_real_sparse_archives_are_proven_and_unpack(sparse_tars, tmp_path, version):
     summary = _prove(sparse_tars[version], tmp_path)
     assert summary.members == 1
-    # what the file needs is its data, not its holes
-    assert summary.needs_bytes is not None and 5101 <= summary.needs_bytes < 1 << 20
+    # never its holes; nor its data: what lies between its header and the next holds its
+    # map and extended headers too, which a guest can make large (test_fits.py)
+    assert summary.needs_bytes == 0
     out = _unpack(sparse_tars[version], tmp_path)
     assert os.path.getsize(os.path.join(out, "sp")) == (3 << 20) + 1
 

@@ -42,6 +42,8 @@ PATH_MAX = 4095
 #: the kernel's dev_t as glibc's mknod passes it: 12 bits of major, 20 of minor
 MAJOR_MAX = (1 << 12) - 1
 MINOR_MAX = (1 << 20) - 1
+#: inodes a restore makes beside the image's: the staging directory it unpacks into
+STAGING_INODES = 1
 #: inodes an empty ext2/3/4 uses: the reserved ones (1-10) and lost+found
 EXT_RESERVED_INODES = 11
 EXT = ("ext2", "ext3", "ext4")
@@ -92,9 +94,13 @@ def check(root: str, fstype: str, summary: Optional[Summary], name: str) -> None
     links = os.pathconf(root, "PC_LINK_MAX")
     if summary.most_links > links:
         problems.append(f"{summary.most_links} names of one file ({fstype} takes {links})")
-    if fstype in EXT and summary.inodes > vfs.f_files - EXT_RESERVED_INODES:
-        problems.append(f"{summary.inodes} files and directories (the filesystem has "
-                        f"{vfs.f_files - EXT_RESERVED_INODES} inodes for them)")
+    # the restore's staging directory takes one inode more (the archive's root is unpacked
+    # into it): a tree that uses every inode of its filesystem cannot be restored into one of
+    # the same size
+    if fstype in EXT and summary.inodes + STAGING_INODES > vfs.f_files - EXT_RESERVED_INODES:
+        problems.append(f"{summary.inodes} files and directories and the restore's staging "
+                        f"directory (the filesystem has {vfs.f_files - EXT_RESERVED_INODES} "
+                        "inodes for them)")
     largest = _largest_file(fstype, vfs.f_bsize)
     if largest is not None and summary.largest_file > largest:
         problems.append(f"a file of {summary.largest_file} bytes ({fstype} with blocks of "

@@ -148,13 +148,14 @@ def shape_of_index(lines: IO[bytes]) -> Optional[Dict[str, int]]:
                 return None
             block = int(fields[1][:-1])
             if size:  # as Listing._block: its data lies before this member
-                data += min(size, max(0, block - start - 1) * BLOCK)
+                data += _data_of(size, max(0, block - start - 1) * BLOCK)
                 size = 0
             letter = fields[2][:1]
             if letter in (b"-", b"C"):
                 start, size = block, int(fields[4])
             if letter != b"h":
-                inodes += 1
+                if not (letter == b"d" and fields[5].endswith(b' "./"\n')):
+                    inodes += 1  # not the root ("./"): the directory it is unpacked into
                 if len(raw) < LONG_LINE:
                     continue  # no name, and no symlink target, near a limit
             at = raw.find(b": ") + 2
@@ -357,9 +358,7 @@ class Listing:
         """The next header starts at block: the last file's data lies before it."""
         if self.pending is not None:
             start, size = self.pending
-            # its data blocks, less what its own extended headers and sparse map took: a
-            # lower bound of what it needs on disk (a sparse file stores no holes)
-            self.needs += min(size, max(0, block - start - 1) * BLOCK)
+            self.needs += _data_of(size, max(0, block - start - 1) * BLOCK)
             self.pending = None
 
     def line(self, line: str) -> None:
@@ -444,6 +443,14 @@ class Listing:
                        longest_component=lay.longest_component,
                        longest_symlink=self.longest_symlink, most_links=lay.most_links,
                        largest_file=self.largest_file)
+
+
+def _data_of(size: int, span: int) -> int:
+    """The bytes of a file's data the unpack writes, as a lower bound, from its size and the
+    bytes between its header and the next member's (its data, and extended headers and a
+    sparse map around it): its size when they hold it; else the file is sparse (its holes are
+    not stored) and what the span holds beside its data is not known: 0."""
+    return size if size <= span else 0
 
 
 def _check_name(name: str, what: str) -> None:

@@ -193,7 +193,9 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     clock = Clock()
     rec.details.update(image=name, format=fmt.name, bytes=size, timings=clock.laps)
     root = _root(box)
-    _check_room(root, proven.summary or _recorded_shape(meta), name)
+    shape = proven.summary or _recorded_shape(meta)
+    _check_room(root, shape, name)
+    inodes = getattr(shape, "inodes", 0)  # the image's, when known
     incomplete.write(box.cfg, slot, name)  # durable before anything in the slot changes
     deletion: Optional[trash.Deletion] = None
     try:
@@ -204,12 +206,12 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
             clock.lap("transfer")
         else:
             needs = _image_bytes(proven, meta)
-            choice = _choose_clear(box, root, needs)
+            choice = _choose_clear(box, root, needs, inodes)
             rec.details["clear"] = choice.as_dict()
             records = worklog.WorkLog.of(box.cfg, slot)
             if choice.method == "mkfs":
                 _remake_filesystem(box, choice)
-            elif trash.room_for_both(root, needs or 0):
+            elif trash.room_for_both(root, needs or 0, inodes):
                 # set aside, deleted while the image unpacks
                 try:
                     deletion = trash.Deletion(root, records)
@@ -332,14 +334,16 @@ def _image_bytes(proven: Proven, meta: Optional[Dict[str, Any]]) -> Optional[int
 DELETE_BESIDE_INODES = 32768
 
 
-def _choose_clear(box: Box, root: str, needs_bytes: Optional[int]) -> remake.Choice:
+def _choose_clear(box: Box, root: str, needs_bytes: Optional[int],
+                  needs_inodes: int = 0) -> remake.Choice:
     """How this restore clears the slot: the slot's clear; for auto, the delete beside the
     unpack when the filesystem has room for both trees (known to, as the size of the image's
-    tree is known) and the old content is small (DELETE_BESIDE_INODES), else the re-make when
-    the same filesystem can be made (vmim.disk.remake reads it and tries), else the delete."""
+    tree is known; its inodes too, when they are) and the old content is small
+    (DELETE_BESIDE_INODES), else the re-make when the same filesystem can be made
+    (vmim.disk.remake reads it and tries), else the delete."""
     slot = box.need_slot()
     if slot.clear == "auto" and needs_bytes is not None and \
-            trash.room_for_both(root, needs_bytes):
+            trash.room_for_both(root, needs_bytes, needs_inodes):
         vfs = os.statvfs(root)
         inodes = vfs.f_files - vfs.f_ffree
         if inodes <= DELETE_BESIDE_INODES:
