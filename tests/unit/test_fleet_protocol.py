@@ -386,3 +386,18 @@ def test_a_job_is_taken_only_from_the_jobs_exchange_with_its_queues_routing_key(
     protocol.check_list_route({"exchange": "vmim.control", "routing_key": ""})
     with pytest.raises(ProtocolError, match="only from exchange vmim.control"):
         protocol.check_list_route({"exchange": "", "routing_key": "vmim.control.h1.abc"})
+
+
+def test_a_slot_the_worker_does_not_serve_takes_no_any_free_job(tmp_path):
+    """A slot named with a word '*' or '#' has no queue of its own (its key would route other
+    boxes' jobs to it), so the client cannot believe an any-free result on it: the worker does
+    not offer it for one either (attack G of 2026-12-07: it ran the job, the client refused the
+    answer, exit 7)."""
+    from types import SimpleNamespace
+
+    from vmim.fleet import worker as worker_mod
+
+    cfg = SimpleNamespace(statedir=str(tmp_path), slots=[], path="/c",
+                          slot_names=["web1", "web.*", "db.#.x", "web2"])
+    w = worker_mod.Worker(cfg, transport.BrokerSpec("amqp://x//"), "h1")
+    assert w.slots.idle() == ["web1", "web2"]
