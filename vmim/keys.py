@@ -150,7 +150,8 @@ KEYS: Tuple[Key, ...] = (
     Key("clear", "clear", "choice", "slot",
         "How an archive restore empties the filesystem first: `auto` deletes the old content "
         "while the image unpacks when it has at most 32768 inodes and the filesystem has room "
-        "for both, else re-makes it when "
+        "for both (bytes and inodes: the image's, when known, else as many as the old "
+        "content's), else re-makes it when "
         "vmimagemanager can make the same filesystem again (ext2/3/4 and xfs: the same UUID, "
         "label, features, geometry and superblock defaults, read from it and tried on a file "
         "first), else deletes its content first; `delete` always deletes the content; "

@@ -65,10 +65,7 @@ class Worker:
         self.children = Children(cfg.path, cfg.statedir, 2 * heartbeat)
         self.events: queue.Queue[tuple] = queue.Queue()
         self.inbox: Deque[Tuple[Optional[str], Any]] = collections.deque()  # deliveries
-        # a slot whose name routes other boxes' jobs is not served (topology.declare says
-        # so): no job of its own reaches it, and no any-free job is run on it either (the
-        # client believes an any-free result only for a slot whose queue is on the broker)
-        self.slots = Slots([b for b in cfg.slot_names if protocol.routable(b)])
+        self.slots = Slots([b for b in cfg.slot_names if protocol.routable(b)])  # served
         self.stopping = False
         self.conn: Any = None
         self.publisher: Any = None

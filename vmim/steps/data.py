@@ -317,14 +317,15 @@ def insert(box: Box, step: Step, rec: StepResult) -> str:
 
 
 def _image_bytes(proven: Proven, meta: Optional[Dict[str, Any]]) -> Optional[int]:
-    """What the image's tree takes: read from it by a full-read proof, else what the
-    filesystem it was stored from used (the metadata of stores after 1.0.0 records it); None
-    when unknown (an image proven by the digest of an older store)."""
-    needs = getattr(proven.summary, "needs_bytes", None)
-    if needs:
-        return int(needs)
+    """What the image's tree takes, for the room beside the old content: the larger of what
+    a full-read proof read from it (a lower bound: a sparse file's data is not counted) and
+    what the filesystem it was stored from used (the metadata of stores after 1.0.0 records
+    it); None when neither is known (an image proven by the digest of an older store)."""
+    needs = getattr(proven.summary, "needs_bytes", None) or 0
     used = (meta or {}).get("filesystem_used")
-    return used if isinstance(used, int) and not isinstance(used, bool) and used > 0 else None
+    if not isinstance(used, int) or isinstance(used, bool) or used < 0:
+        used = 0
+    return max(int(needs), used) or None
 
 
 #: auto deletes beside the unpack only an old content of at most this many inodes: the `rm`
