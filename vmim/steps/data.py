@@ -322,10 +322,13 @@ def _image_bytes(proven: Proven, meta: Optional[Dict[str, Any]]) -> Optional[int
     what the filesystem it was stored from used (the metadata of stores after 1.0.0 records
     it); None when neither is known (an image proven by the digest of an older store)."""
     needs = getattr(proven.summary, "needs_bytes", None) or 0
-    used = (meta or {}).get("filesystem_used")
-    if not isinstance(used, int) or isinstance(used, bool) or used < 0:
-        used = 0
-    return max(int(needs), used) or None
+    return max(int(needs), _count((meta or {}).get("filesystem_used"))) or None
+
+
+def _count(value: Any) -> int:
+    """A count the image's metadata records (a JSON file of the store: any value): itself
+    when it is a positive integer, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 #: auto deletes beside the unpack only an old content of at most this many inodes: the `rm`
@@ -399,16 +402,12 @@ def _recorded_shape(meta: Optional[Dict[str, Any]]) -> Optional[Summary]:
     if not isinstance(shape, dict):
         return None
 
-    def number(value: Any) -> int:
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
-            else 0
-
     data = shape.get("data")
-    return Summary(0, number(data) if isinstance(data, int) else None,
-                   inodes=number(shape.get("inodes")),
-                   longest_component=number(shape.get("longest_component")),
-                   most_links=number(shape.get("most_links")) or 1,
-                   longest_symlink=number(shape.get("longest_symlink")))
+    return Summary(0, _count(data) if isinstance(data, int) else None,
+                   inodes=_count(shape.get("inodes")),
+                   longest_component=_count(shape.get("longest_component")),
+                   most_links=_count(shape.get("most_links")) or 1,
+                   longest_symlink=_count(shape.get("longest_symlink")))
 
 
 def _full_note(root: str) -> str:
