@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import quote
 
 from vmim import safedir
@@ -86,12 +86,73 @@ def write(cfg: Config, slot: Slot, image: str) -> None:
 
 
 def remove(cfg: Config, slot: Slot) -> bool:
-    """Drop the mark once a restore completed; True when there was one."""
+    """Drop the mark (and a re-make's record) once a restore completed; True when there was
+    a mark."""
     try:
         with state_dir(cfg, create=False) as d:
+            d.unlink(remake_name(slot.name))
             if not d.unlink(mark_name(slot.name)):
                 return False
     except FileNotFoundError:
         return False
     log.debug("box %s: restore mark removed", slot.name)
     return True
+
+
+# The re-make of a restore's clear (vmim.disk.remake) unmounts the filesystem and runs mkfs:
+# killed in between, it leaves no filesystem, or one half made, and the parameters it read
+# from the one that was there are gone with it. They are recorded here before the unmount,
+# and the next restore runs them again before it mounts (vmim.steps.mount).
+
+def remake_name(box: str) -> str:
+    return quote(box, safe="") + ".remake"
+
+
+def remake_path(cfg: Config, box: str) -> str:
+    return os.path.join(cfg.statedir, remake_name(box))
+
+
+def write_remake(cfg: Config, slot: Slot, record: dict) -> None:
+    """Record the re-make about to run on the slot's filesystem; durable before it returns."""
+    doc = {"disk": slot.disk, "remake": record}
+    try:
+        with state_dir(cfg) as d:
+            d.write_atomic(remake_name(slot.name), json.dumps(doc).encode())
+    except OSError as exc:
+        raise HostEnvironmentError(
+            f"cannot record the re-make of box '{slot.name}' in {cfg.statedir}: "
+            f"{exc.strerror}; its filesystem was not re-made") from None
+
+
+def read_remake(cfg: Config, slot: Slot) -> Optional[Any]:
+    """The record of a re-make begun on the slot's filesystem and not known to have ended,
+    or None (none, or made for another disk than the slot's); ValueError when it cannot be
+    read (vmim.disk.remake.from_record checks what it holds); UnsafeDirectoryError when
+    another user could have written it."""
+    try:
+        d = state_dir(cfg, create=False)
+    except (OSError, safedir.UnsafeDirectoryError):
+        # none made, or none to believe: nothing is run (a restore's mark fails on the
+        # state directory before the slot is touched: exit 7)
+        return None
+    try:
+        with d:
+            raw = d.read(remake_name(slot.name))
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    if raw is None:
+        return None
+    doc = json.loads(raw)  # a ValueError
+    if not isinstance(doc, dict) or set(doc) != {"disk", "remake"}:
+        raise ValueError("not a re-make record")
+    return doc["remake"] if doc["disk"] == slot.disk else None
+
+
+def remove_remake(cfg: Config, slot: Slot) -> None:
+    """The re-make ended and its filesystem is mounted, or the disk was made anew: its
+    record goes."""
+    try:
+        with state_dir(cfg, create=False) as d:
+            d.unlink(remake_name(slot.name))
+    except FileNotFoundError:
+        pass

@@ -49,8 +49,9 @@ KEYS: Tuple[Key, ...] = (
         default="/run/vmimagemanager/locks"),
     Key("statedir", "statedir", "path", "local",
         "Directory of what must survive a reboot: the mark of a slot whose restore did not "
-        "finish (such a slot is not started until an image is restored into it), the record "
-        "of the staging directories a run makes in a guest, the fleet worker's journal. Like "
+        "finish (such a slot is not started until an image is restored into it), the re-make "
+        "of a slot's filesystem that a killed run began, the record of the staging "
+        "directories a run makes in a guest, the fleet worker's journal. Like "
         "lockdir it must be owned by root and writable by no other user (exit 7 otherwise).",
         default="/var/lib/vmimagemanager"),
     Key("broker", "broker", "str", "local",

@@ -353,3 +353,80 @@ def test_an_immutable_file_inside_the_old_content_fails_the_delete_naming_clear_
             if "pinned" in files:
                 subprocess.run(["chattr", "-i", os.path.join(top, "pinned")], check=True)
         vmim("--config", cfg, "-b", slot.box, "--release")
+
+
+# ------------------------------------------------------------------ a kill inside the re-make
+
+#: a stand-in for the mkfs program of the re-make: on the slot's device (a block device; the
+#: trial runs on a file) it does what mkfs does first, wiping the old signatures, says so,
+#: and waits to be killed with the run (as every command of a run dies with it)
+STALLED_MKFS = """#!/bin/sh
+for a in "$@"; do
+    if [ -b "$a" ]; then
+        wipefs --all --quiet "$a" && touch {flag}
+        exec sleep 600
+    fi
+done
+exec {real} "$@"
+"""
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
+        vmim, slot, tmp_path, fstype):
+    """Killed while mkfs runs, a restore leaves no filesystem (1.x and the 2026-12-07 main:
+    the next restore refused the slot, "no filesystem found", exit 4, for good). The re-make
+    was recorded before the unmount: the next restore runs it again — the same type, UUID and
+    label — and restores; a run that does not restore is refused, the disk untouched."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    program = "mke2fs" if fstype == "ext4" else "mkfs.xfs"
+    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "killed"] if fstype == "ext4" else \
+        ["mkfs.xfs", "-q", "-f", "-L", "killed"]
+    slot.make(320, mkfs)
+    cfg = slot.config(clear="mkfs")
+    names_before = label_uuid(slot.img)
+    bindir, flag = tmp_path / "bin", tmp_path / "mkfs-began"
+    bindir.mkdir()
+    (bindir / program).write_text(STALLED_MKFS.format(flag=flag, real=shutil.which(program)))
+    (bindir / program).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "vmim", "--config", cfg, "-b", slot.box,
+                             "-r", "golden"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not flag.exists():
+        proc.kill()
+        pytest.fail(f"the re-make never began: {proc.communicate()[1].decode()}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # the kill landed inside the re-make: the disk holds no filesystem now
+    assert subprocess.run(["blkid", "-p", slot.img], capture_output=True).returncode == 2
+
+    for argv, says in ((["--mount"], "interrupted while it re-made the slot's filesystem"),
+                       (["-s", "copy"], "interrupted while it re-made"),
+                       (["-u"], "restore of 'golden'")):
+        r = vmim("--config", cfg, "-b", slot.box, *argv)
+        assert r.code == 4 and says in r.err and "-r NAME" in r.err, (argv, r)
+    assert sorted(os.listdir(slot.images)) == ["golden"]
+    assert subprocess.run(["blkid", "-p", slot.img], capture_output=True).returncode == 2
+
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "golden", "--json")
+    assert r.code == 0, r
+    assert "making it again" in r.err, r
+    assert label_uuid(slot.img) == names_before
+    assert di.run("blkid", "-p", "-s", "TYPE", "-o", "value", slot.img).strip() == fstype
+    rows = {b["name"]: b for b in json.loads(vmim("--config", cfg, "-l", "--json").out)["boxes"]}
+    assert rows[slot.box]["incomplete"] is None
+    assert [n for n in os.listdir(tmp_path / "state") if n.startswith(slot.box)] == []
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    with open(os.path.join(slot.mnt, "etc", "hostname")) as fh:
+        assert fh.read() == "golden\n"
+    vmim("--config", cfg, "-b", slot.box, "--release")

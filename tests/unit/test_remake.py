@@ -97,3 +97,38 @@ def test_without_dumpe2fs_auto_deletes_and_mkfs_uses_the_defaults(monkeypatch, s
     choice = remake.choose(setting, "/dev/x", Filesystem("ext4", "u", ""), "/m")
     assert choice.method == method and choice.remake is None
     assert "required program 'dumpe2fs' was not found" in choice.why
+
+
+# ------------------------------------------------------------------ the record of a re-make
+
+
+def test_a_re_make_recorded_reads_back_the_same(ext4):
+    import json
+
+    how = remake.plan_remake(Filesystem("ext4", ext4["Filesystem UUID"], "lab"), "/dev/x", "/m")
+    back = remake.from_record(json.loads(json.dumps(remake.to_record(how))))
+    assert back == how
+    plain = remake.how(remake.Choice("mkfs", "defaults"), Filesystem("xfs", "u-1", "l b"))
+    back = remake.from_record(json.loads(json.dumps(remake.to_record(plain))))
+    assert back.commands == (("mkfs.xfs", "-q", "-f", "-K", "-m", "uuid=u-1", "-L", "l b",
+                              remake.DEVICE),)
+    assert back.fields == {}
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda r: r["commands"].append(["sh", "-c", "reboot", remake.DEVICE]), "commands"),
+    (lambda r: r["commands"].append(["/tmp/mke2fs", remake.DEVICE]), "commands"),
+    (lambda r: r["commands"][0].remove(remake.DEVICE), "commands"),  # on another device
+    (lambda r: r.update(commands=[]), "commands"),
+    (lambda r: r["commands"][0].append(7), "commands"),
+    (lambda r: r.update(type="vfat"), "filesystem"),
+    (lambda r: r.update(size=True), "size"),
+    (lambda r: r["fields"].update({"Inode size": 128}), "fields"),
+    (lambda r: r.update(extra=1), "not a re-make record"),
+])
+def test_a_record_not_as_written_is_refused(change, why):
+    record = remake.to_record(remake.how(remake.Choice("mkfs", "defaults"),
+                                         Filesystem("ext4", "u", "")))
+    change(record)
+    with pytest.raises(ValueError, match=why):
+        remake.from_record(record)

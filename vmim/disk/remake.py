@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from vmim import process
 from vmim.disk import Filesystem
@@ -398,16 +398,60 @@ def _plan_xfs(fs: Filesystem, device: str, mountpoint: str) -> Remake:
     return Remake(fs, int(get("data.blocks")) * bsize, (argv,), fields)
 
 
-def remake(choice: Choice, fs: Filesystem, device: str) -> None:
-    """Re-make the (unmounted) filesystem on device as choice says; then compare it with
-    the original when it was to be the same (a difference is logged: the trial on a file
-    made the same commands give the same filesystem)."""
-    if choice.remake is None:
-        for argv in generic_commands(fs):
-            process.run([device if a == DEVICE else a for a in argv])
+def how(choice: Choice, fs: Filesystem) -> Remake:
+    """What the re-make choice says runs on fs: the same filesystem's commands, or (clear =
+    "mkfs" where it cannot be the same) the type's defaults with its UUID and label."""
+    return choice.remake if choice.remake is not None else Remake(fs, 0, generic_commands(fs))
+
+
+def remake(how: Remake, device: str) -> None:
+    """Re-make the (unmounted) filesystem on device; then compare it with the original when
+    it was to be the same (a difference is logged: the trial on a file made the same commands
+    give the same filesystem)."""
+    how.run(device)
+    if not how.fields:
         return
-    choice.remake.run(device)
-    diff = choice.remake.differences(device)
+    diff = how.differences(device)
     if diff:
-        log.warning("the re-made %s on %s differs from the one before: %s", fs.type, device,
+        log.warning("the re-made %s on %s differs from the one before: %s", how.fs.type, device,
                     "; ".join(diff))
+
+
+# --------------------------------------------------------------------------- the record
+
+#: the programs a re-make runs: a record read back names no other
+PROGRAMS = frozenset({"mke2fs", "tune2fs", "debugfs", "mkfs.xfs", "mkfs.btrfs", "mkfs.ext2",
+                      "mkfs.ext3", "mkfs.ext4"})
+
+
+def to_record(how: Remake) -> Dict[str, Any]:
+    """The re-make as JSON, written (vmim.incomplete.write_remake) before the filesystem is
+    unmounted for it: a re-make that a kill or a crash interrupts leaves no filesystem, or
+    one half made, and what was there cannot be read again; the next restore runs these."""
+    return {"type": how.fs.type, "uuid": how.fs.uuid, "label": how.fs.label,
+            "size": how.size, "commands": [list(argv) for argv in how.commands],
+            "fields": dict(how.fields)}
+
+
+def from_record(doc: Any) -> Remake:
+    """A record to_record() wrote, read back from the state directory; ValueError when it
+    is not one: each command one of PROGRAMS with the device among its arguments."""
+    if not isinstance(doc, dict) or set(doc) != {"type", "uuid", "label", "size", "commands",
+                                                 "fields"}:
+        raise ValueError("not a re-make record")
+    fstype, uuid, label = doc["type"], doc["uuid"], doc["label"]
+    if fstype not in (*EXT, "xfs", "btrfs") or not isinstance(uuid, str) or \
+            not isinstance(label, str):
+        raise ValueError("its filesystem is not one vmimagemanager re-makes")
+    size, commands, fields = doc["size"], doc["commands"], doc["fields"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError("its size is not a count of bytes")
+    if not isinstance(commands, list) or not commands or not all(
+            isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)
+            and argv[0] in PROGRAMS and DEVICE in argv for argv in commands):
+        raise ValueError("its commands are not a re-make's")
+    if not isinstance(fields, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in fields.items()):
+        raise ValueError("its fields are not a superblock's")
+    return Remake(Filesystem(fstype, uuid, label), size,
+                  tuple(tuple(argv) for argv in commands), dict(fields))

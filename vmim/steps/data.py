@@ -367,12 +367,17 @@ def _remake_filesystem(box: Box, choice: remake.Choice) -> None:
     assert here is not None
     device = here.source
     fs = disk_mod.probe_filesystem(device, f"box '{slot.name}'")
+    how = remake.how(choice, fs)
+    # killed from the unmount until the re-made filesystem is mounted, the slot may hold no
+    # filesystem: the next restore runs the recorded re-make again (vmim.steps.mount)
+    incomplete.write_remake(box.cfg, slot, remake.to_record(how))
     mounts.umount(slot.mount, release_hint=release_command(slot.name))
-    remake.remake(choice, fs, device)
+    remake.remake(how, device)
     # ext4 would otherwise zero its inode tables in the background during the restore;
     # with noinit_itable that waits for the next mount (the guest's).
     options = [*fs.mount_options, *(["noinit_itable"] if fs.type == "ext4" else [])]
     mounts.mount(device, slot.mount, fs.type, options)
+    incomplete.remove_remake(box.cfg, slot)
 
 
 def _check_room(root: str, summary: Any, name: str) -> None:

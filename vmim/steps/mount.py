@@ -10,9 +10,9 @@ import stat
 from typing import List, Set
 
 from vmim import disk as disk_mod
-from vmim import tree, worklog
+from vmim import incomplete, tree, worklog
 from vmim.config import Config, Slot
-from vmim.disk import hold, mounts, namespaces
+from vmim.disk import hold, mounts, namespaces, remake
 from vmim.disk.hold import DiskHold
 from vmim.domain import Hypervisor
 from vmim.errors import CleanupError, CommandError, StateError
@@ -75,6 +75,7 @@ def create(box: Box, step: Step, rec: StepResult) -> str:
     require_root("making a disk")
     fstype, _needs = create_mod.image_facts(slot, box.req.restore)
     done = create_mod.create(slot, fstype)
+    incomplete.remove_remake(box.cfg, slot)  # of the disk that was there: not this one's
     rec.details.update(disk=slot.disk, bytes=slot.disksize, filesystem=fstype or
                        create_mod.DEFAULT_FS)
     return done
@@ -83,17 +84,20 @@ def create(box: Box, step: Step, rec: StepResult) -> str:
 def mount(box: Box, step: Step, rec: StepResult) -> str:
     slot = box.need_slot()
     require_root("--mount")
-    message = mount_slot(box.cfg, box.hv, slot, box.holds, box.held)
+    message = mount_slot(box.cfg, box.hv, slot, box.holds, box.held,
+                         restoring=box.req.restore is not None)
     # what a killed run left in the guest, as the host recorded it
     tree.remove_stale_work(slot.mount, worklog.WorkLog.of(box.cfg, slot))
     return message
 
 
 def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot, holds: contextlib.ExitStack,
-               held: List[DiskHold]) -> str:
+               held: List[DiskHold], *, restoring: bool = False) -> str:
     """Map and mount the slot's filesystem, holding its disk as QEMU does (vmim.disk.hold) from
     before the domain's state is checked until the release: a domain started meanwhile fails
-    to start instead of booting a mounted disk. The hold goes on holds (the box's)."""
+    to start instead of booting a mounted disk. The hold goes on holds (the box's). A re-make
+    of the filesystem that an earlier restore began and did not end runs again first when
+    this run restores (restoring), and is refused otherwise (_finish_remake)."""
     d = disk_mod.for_slot(slot)
     devices = candidate_devices(d)
     ours = mounts_of(devices)
@@ -130,6 +134,7 @@ def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot, holds: contextlib.ExitSt
     with contextlib.ExitStack() as stack:
         device = d.map(stack)
         check_domain_off(hv, slot, d)  # a qcow2 slot: held from the export daemon's start
+        remade = _finish_remake(cfg, slot, device, restoring)
         fs = disk_mod.probe_filesystem(device, f"box '{slot.name}': {d.describe()}")
         mounts.ensure_shared(mounts.mount_base(slot.mount, cfg.mount_prefix))
         os.makedirs(slot.mount, mode=0o755, exist_ok=True)
@@ -140,10 +145,38 @@ def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot, holds: contextlib.ExitSt
                                f"{exc.stderr_tail} (is the {fs.type} filesystem of "
                                f"{d.describe()} damaged? check it with fsck)") from None
         stack.pop_all()
+    if remade:
+        incomplete.remove_remake(cfg, slot)
     # Belt and braces, before the first write: a domain that runs now (a QEMU that does not
     # lock, say) makes the run fail, and the failure releases the disk.
     check_domain_off(hv, slot, d)
     return f"mounted {d.describe()} ({fs.type}) at {slot.mount}"
+
+
+def _finish_remake(cfg: Config, slot: Slot, device: str, restoring: bool) -> bool:
+    """Run again the re-make an earlier restore recorded (vmim.incomplete.write_remake) and
+    did not end, killed or crashed from its unmount until the re-made filesystem was
+    mounted: the device holds what mkfs left, no filesystem or one half made. Only a restore
+    re-makes it (what was there is lost to the restore anyway); any other run is refused
+    before it touches the device. True when it ran."""
+    try:
+        record = incomplete.read_remake(cfg, slot)
+        how = None if record is None else remake.from_record(record)
+    except ValueError as exc:
+        raise StateError(f"box '{slot.name}': the record of an interrupted re-make of its "
+                         f"filesystem cannot be read ({exc}): "
+                         f"{incomplete.remake_path(cfg, slot.name)}; remove it to mount "
+                         "what the disk holds") from None
+    if how is None:
+        return False
+    if not restoring:
+        raise StateError(f"box '{slot.name}': a restore was interrupted while it re-made "
+                         "the slot's filesystem, so the disk holds none, or one half made; "
+                         "restore an image (-r NAME): it makes the filesystem again first")
+    log.warning("box %s: a restore was interrupted while it re-made the slot's %s "
+                "filesystem: making it again", slot.name, how.fs.type)
+    remake.remake(how, device)
+    return True
 
 
 def _hold(d: disk_mod.SlotDisk, holds: contextlib.ExitStack, held: List[DiskHold]) -> None:
