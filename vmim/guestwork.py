@@ -1,7 +1,8 @@
 """The Python code that reads or writes guest files, run in the sandbox (vmim.sandbox).
 
-The newc extractor, the merge of a staging directory into the guest and the preparation of an
-insert's target directory are this package's own code, not a program's: they run as
+The newc extractor, the merge of a staging directory into the guest, the preparation of an
+insert's target directory and the cpio store's survey of a guest tree are this package's own
+code, not a program's: they run as
 `python3 -m vmim.guestwork OPERATION JSON` under bwrap, seeing only the slot (or the staging
 directory) at a fixed name, so that even a bug in them (in tree.resolve, say) cannot reach a
 host file. The request is one JSON object; the answer is one JSON line on stdout: the result,
@@ -63,8 +64,18 @@ def _prepare(req: Dict[str, Any]) -> None:
     tree.copy_dir_metadata(target, req["staging"], exact=True)
 
 
+def _survey_cpio(req: Dict[str, Any]) -> Dict[str, Any]:
+    """The cpio store's survey of the guest tree (vmim.archive.cpio.survey): the first
+    SHOWN files too big for newc and how many, entries with xattrs, the tree's shape."""
+    from vmim.archive import cpio
+
+    big, xattrs, shape = cpio.survey(req["root"], req["what"])
+    return {"big": big[:cpio.SHOWN], "big_count": len(big), "xattrs": xattrs, "shape": shape}
+
+
 OPERATIONS: Dict[str, Callable[[Dict[str, Any]], Any]] = {
     "extract-newc": _extract_newc, "merge": _merge, "prepare": _prepare,
+    "survey-cpio": _survey_cpio,
 }
 
 
@@ -77,8 +88,9 @@ def _answer(obj: Dict[str, Any], code: int) -> int:
 def child(argv: List[str]) -> int:
     """The entry point inside the sandbox."""
     op, payload = argv
-    # a walk of a guest tree (the merge) recurses once a directory level: PATH_MAX bounds the
-    # depth of what a path reaches (2048 levels of one-letter names), Python's default 1000
+    # the walks of guest trees are iterative (the merge, the survey); the making of an
+    # insert's target through dangling guest symlinks recurses once a missing parent, which
+    # PATH_MAX bounds (2048 levels of one-letter names), beyond Python's default 1000
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
     try:
         result = OPERATIONS[op](json.loads(payload))

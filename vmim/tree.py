@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import stat
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 from vmim import worklog
 from vmim.errors import OperationError, StateError
@@ -156,11 +156,23 @@ def not_into(staging: str, path: str, root: str, asked: str) -> None:
                              "symlink): nothing is put there")
 
 
-def _merge_dir(src_dir: str, dst_dir: str, root: str, staging: str) -> int:
-    moved = 0
+def _entries(src_dir: str) -> Iterator[os.DirEntry]:
     with os.scandir(src_dir) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for e in entries:
+        return iter(sorted(it, key=lambda e: e.name))
+
+
+def _merge_dir(src_dir: str, dst_dir: str, root: str, staging: str) -> int:
+    """The merge of one staged directory into a resolved guest directory, depth first in
+    name order; iterative (a stack of the directories open on the way down), so a staged
+    tree of any depth merges in bounded stack."""
+    moved = 0
+    stack = [(_entries(src_dir), dst_dir)]
+    while stack:
+        entries, dst_dir = stack[-1]
+        e = next(entries, None)
+        if e is None:
+            stack.pop()
+            continue
         src = e.path
         # dst_dir is resolved (a directory, no symlink on the way): so is dst, but for a guest
         # symlink at its end (resolve() again from the root for each entry made a merge
@@ -180,7 +192,7 @@ def _merge_dir(src_dir: str, dst_dir: str, root: str, staging: str) -> int:
                 continue
             not_into(staging, dst, root, guest_rel)
             if stat.S_ISDIR(st.st_mode):
-                moved += _merge_dir(src, dst, root, staging)  # an existing one keeps its metadata
+                stack.append((_entries(src), dst))  # an existing one keeps its metadata
                 continue
             os.unlink(dst)
             os.rename(src, dst)

@@ -178,3 +178,29 @@ def test_the_cpio_stores_survey_walks_a_guest_tree_of_any_depth(tmp_path):
     finally:  # pytest's own removal of tmp_path recurses too
         subprocess.run(["rm", "-rf", "--", str(tmp_path / "ok"), str(tmp_path / "deep")],
                        check=True)
+
+
+@pytest.mark.parametrize("answer", [
+    None, [], {"big": [], "big_count": 0, "xattrs": 0},
+    {"big": [], "big_count": 0, "xattrs": 0, "shape": {}, "more": 1},
+    {"big": ["a"] * 6, "big_count": 6, "xattrs": 0, "shape": {}},
+    {"big": [7], "big_count": 1, "xattrs": 0, "shape": {}},
+    {"big": [], "big_count": -1, "xattrs": 0,
+     "shape": {"inodes": 1, "most_links": 1, "longest_component": 1, "longest_symlink": 0}},
+    {"big": [], "big_count": 0, "xattrs": True,
+     "shape": {"inodes": 1, "most_links": 1, "longest_component": 1, "longest_symlink": 0}},
+    {"big": [], "big_count": 0, "xattrs": 0,
+     "shape": {"inodes": "1", "most_links": 1, "longest_component": 1, "longest_symlink": 0}},
+    {"big": [], "big_count": 0, "xattrs": 0, "shape": {"inodes": 1}},
+])
+def test_the_sandboxed_surveys_answer_is_checked_before_it_is_believed(answer):
+    """The survey reads the guest's tree in the sandbox; what it answers is data from a
+    process that read guest data: in its declared shape, or an internal error."""
+    from vmim.archive.cpio import survey_answer
+    from vmim.errors import OperationError
+
+    with pytest.raises(OperationError, match="the survey in the sandbox answered"):
+        survey_answer(answer)
+    good = {"big": ["x"], "big_count": 9, "xattrs": 2,
+            "shape": {"inodes": 3, "most_links": 1, "longest_component": 4, "longest_symlink": 0}}
+    assert survey_answer(good) == (["x"], 9, 2, good["shape"])

@@ -196,3 +196,25 @@ def test_a_merge_into_a_guest_tree_as_deep_as_a_path_reaches(tmp_path):
         assert (root / "/".join(["d"] * 1500) / "leaf").read_text() == "inserted\n"
     finally:  # pytest's own removal of tmp_path recurses too
         subprocess.run(["rm", "-rf", "--", str(root)], check=True)
+
+
+def test_the_merge_walks_a_staged_tree_deeper_than_pythons_recursion_limit(tmp_path):
+    """The merge is iterative: the sandbox's raised recursion limit is not what lets it
+    through (the merge of 1500 levels, in this process, under a limit of 300)."""
+    import sys
+
+    root = tmp_path / "guest"
+    staging = root / ".stage"
+    staging.mkdir(parents=True)
+    limit = sys.getrecursionlimit()
+    try:
+        _chain(root, 1500)
+        (_chain(staging, 1500) / "leaf").write_text("inserted\n")
+        sys.setrecursionlimit(300)
+        try:
+            assert tree.merge(str(staging), str(root)) == 1
+        finally:
+            sys.setrecursionlimit(limit)
+        assert (root / "/".join(["d"] * 1500) / "leaf").read_text() == "inserted\n"
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(root)], check=True)

@@ -1,9 +1,9 @@
 """cpio (newc) streams, compressed with bzip2 (lbzip2), gzip, zstd or xz, or not at all.
 
 Written by GNU find | cpio; read by vmim.archive.newc, which, unlike GNU cpio, never follows
-a symlink an earlier member created. newc carries no xattrs and no ACLs. find and cpio, and the
-newc extractor (vmim.guestwork), run in the sandbox (vmim.sandbox); the (de)compressor, which
-reads or writes the image file, outside.
+a symlink an earlier member created. newc carries no xattrs and no ACLs. find and cpio, the
+newc extractor and the survey of the tree a store archives (vmim.guestwork) run in the
+sandbox (vmim.sandbox); the (de)compressor, which reads or writes the image file, outside.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import IO, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
 from vmim import guestwork, process, sandbox
-from vmim.archive import StreamFormat, Summary, compressor, decompressor, fits, newc
-from vmim.errors import StateError
+from vmim.archive import StreamFormat, Summary, UnsafeMember, compressor, decompressor, fits, newc
+from vmim.errors import OperationError, StateError
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,15 @@ class CpioFormat(StreamFormat):
 
 
     def check_tree(self, root: str, what: str) -> None:
-        big, with_xattrs, self.shape = survey(root, what)
-        if big:
-            shown = ", ".join(f"/{p}" for p in big[:5])
-            more = f" and {len(big) - 5} more" if len(big) > 5 else ""
+        # the walk of the guest's tree runs in the sandbox, as every reader of guest data
+        answer = guestwork.call("survey-cpio", {"root": sandbox.SLOT, "what": what},
+                                [sandbox.Bind(root, sandbox.SLOT)], caps=sandbox.READ)
+        big, count, with_xattrs, self.shape = survey_answer(answer)
+        if count:
+            shown = ", ".join(f"/{p}" for p in big)  # escaped where shown (vmim.terminal)
+            more = f" and {count - len(big)} more" if count > len(big) else ""
             raise StateError(f"{what}: cpio (newc) cannot hold files of 4 GiB or more, and "
-                             f"{len(big)} are there ({shown}{more}); use a tar format "
+                             f"{count} are there ({shown}{more}); use a tar format "
                              "(--zstd or -z). Nothing was written")
         if with_xattrs:
             log.warning("%s: %s does not carry %s; %d entries lose theirs", what, self.name,
@@ -68,6 +71,28 @@ class CpioFormat(StreamFormat):
 
 #: newc's file size field has 8 hex digits
 NEWC_MAX_SIZE = (1 << 32) - 1
+
+
+#: the files too big for newc a refusal names
+SHOWN = 5
+SHAPE = ("inodes", "most_links", "longest_component", "longest_symlink")
+
+
+def survey_answer(answer: Any) -> Tuple[List[str], int, int, Dict[str, int]]:
+    """The sandboxed survey's answer (vmim.guestwork) as survey() gives it, checked: it
+    crossed from a process that read guest data. OperationError when it is not one."""
+    def count(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise OperationError(f"the survey in the sandbox answered {answer!r:.200}")
+        return value
+
+    if not isinstance(answer, dict) or set(answer) != {"big", "big_count", "xattrs", "shape"} \
+            or not isinstance(answer["big"], list) or len(answer["big"]) > SHOWN \
+            or not all(isinstance(p, str) for p in answer["big"]) \
+            or not isinstance(answer["shape"], dict) or set(answer["shape"]) != set(SHAPE):
+        raise OperationError(f"the survey in the sandbox answered {answer!r:.200}")
+    return (list(answer["big"]), count(answer["big_count"]), count(answer["xattrs"]),
+            {k: count(answer["shape"][k]) for k in SHAPE})
 
 
 def survey(root: str, what: str = "") -> Tuple[List[str], int, Dict[str, int]]:
@@ -101,12 +126,12 @@ def survey(root: str, what: str = "") -> Tuple[List[str], int, Dict[str, int]]:
                         if not rel and name == "lost+found":
                             continue  # find -path ./lost+found -prune
                         path = f"{rel}/{name}" if rel else name
-                        length = len(os.fsencode(path)) + 2
-                        if length > fits.PATH_MAX:
-                            raise StateError(
-                                f"{what}: {'/' + path[:60]!r}... is {length} bytes long: cpio cannot "
-                                f"archive a name longer than {fits.PATH_MAX} bytes (a guest tree "
-                                "deeper than PATH_MAX); nothing was stored")
+                        try:  # cpio gets "./" first
+                            fits.name_ok(f"{what}:", "/" + path, len(os.fsencode(path)) + 2,
+                                         "cpio cannot archive")
+                        except UnsafeMember as exc:
+                            raise StateError(f"{exc} (a guest tree deeper than PATH_MAX); "
+                                             "nothing was stored") from None
                         try:
                             st = entry.stat(follow_symlinks=False)
                         except OSError:

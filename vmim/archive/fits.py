@@ -56,6 +56,14 @@ def device_ok(what: str, name: str, major: int, minor: int) -> None:
                            f"make (majors up to {MAJOR_MAX}, minors up to {MINOR_MAX})")
 
 
+def name_ok(what: str, name: str, length: int, who: str) -> None:
+    """UnsafeMember when a name of length bytes, passed whole to a system call (by `who`:
+    "GNU tar cannot unpack", "cpio cannot archive"), is longer than PATH_MAX takes."""
+    if length > PATH_MAX:
+        raise UnsafeMember(f"{what} {name[:60]!r}... is {length} bytes long: {who} a name "
+                           f"longer than {PATH_MAX} bytes")
+
+
 def symlink_ok(what: str, name: str, target_bytes: int) -> None:
     """UnsafeMember when no Linux filesystem takes a symlink target this long."""
     if target_bytes > PATH_MAX:

@@ -460,7 +460,5 @@ def _check_name(name: str, what: str) -> None:
 
 def _check_length(name: str, what: str) -> None:
     """GNU tar passes a member's whole name to open, mkdir, link...: PATH_MAX bounds it."""
-    length = len(name.encode("utf-8", "surrogateescape"))
-    if length > fits.PATH_MAX:
-        raise UnsafeMember(f"tar member {what} {name[:60]!r}... is {length} bytes long: GNU tar "
-                           f"cannot unpack a name longer than {fits.PATH_MAX} bytes")
+    fits.name_ok(f"tar member {what}", name, len(name.encode("utf-8", "surrogateescape")),
+                 "GNU tar cannot unpack")
