@@ -112,3 +112,39 @@ def test_the_docs_give_the_commands_the_tool_prints():
         docs = fh.read()
     for command in permissions.commands("h7", ["web7", "db7"]):
         assert command in docs, command
+
+
+def test_a_hosts_slot_queues_are_no_other_hosts_and_the_names_that_would_share_are_refused():
+    """Host `web` with slot `a.box.b` and host `web.box.a` with slot `b` had one queue name,
+    and each host's user could read the other's jobs. A host name with a word `box` after its
+    first is refused (the worker exits 2); of the rest, each (host, slot) has a queue of its
+    own, which only that host's grants match."""
+    hosts = ["web", "web.box.a", "web.box", "box", "box.web", "web.a", "a.b.box.c", "h.prod"]
+    slots = ["b", "a.box.b", "box", "box.b", "b.box", "prod.box.b", "a"]
+    assert [h for h in hosts if protocol.host_name_problem(h)] == \
+        ["web.box.a", "web.box", "a.b.box.c"]
+    fleet = [h for h in hosts if not protocol.host_name_problem(h)]
+    names = {(h, s): protocol.box_queue(h, s) for h in fleet for s in slots}
+    assert len(set(names.values())) == len(names)
+    for h in fleet:
+        configure, _write, read = permissions.host_grants(h, slots)
+        for (owner, _slot), queue in names.items():
+            assert allowed(configure, queue) == allowed(read, queue) == (owner == h), \
+                (h, queue)
+
+
+@pytest.mark.parametrize("host", ["", "a\x1bb", "x" * 256])
+def test_a_host_name_that_cannot_be_shown_or_be_a_user_is_refused(host):
+    assert protocol.host_name_problem(host)
+
+
+def test_the_worker_refuses_such_a_host_name_before_anything(capsys):
+    from vmim.fleet import service
+
+    cfg = os.path.join(ROOT, "vmimagemanager.cfg.template")
+    assert service.main(["--config", cfg, "--host-name", "web.box.a",
+                         "--print-permissions"]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and "host name 'web.box.a' (--host-name): a word 'box'" in err.err
+    assert service.main(["--config", cfg, "--host-name", "box.web", "--print-permissions"]) == 0
+    assert "rabbitmqctl add_user box.web" in capsys.readouterr().out

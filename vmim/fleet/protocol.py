@@ -87,8 +87,23 @@ def routable(box: str) -> bool:
 
 def box_queue(host: str, box: str) -> str:
     """A queue per slot, named by host first so that a host's user can be limited to
-    `^vmim\\.host\\.<host>\\.` (docs/fleet.md)."""
+    `^vmim\\.host\\.<host>\\.` (docs/fleet.md). One name for one (host, slot) pair: the host
+    name holds no word `box` after its first (host_name_problem), so the first `.box.` after
+    `vmim.host.` ends it — host `web` with slot `a.box.b` and host `web.box.a` with slot `b`
+    would otherwise share a queue, and each host's user could read the other's jobs."""
     return f"vmim.host.{host}.box.{box}"
+
+
+def host_name_problem(host: str) -> Optional[str]:
+    """Why `host` cannot name a host of the fleet (None: it can): its queue names must not
+    be another host's (box_queue), and it is the name of its broker user."""
+    if not host or len(host) > MAX_NAME or CONTROL_CHARACTER.search(host):
+        return f"a host name of 1 to {MAX_NAME} characters without controls"
+    if "box" in host.split(".")[1:]:
+        return ("a word 'box' after the first of a host name makes its queue names another "
+                "host's (host 'web.box.a', slot 'b' and host 'web', slot 'a.box.b'): name the "
+                "host otherwise (--host-name)")
+    return None
 
 
 def new_job_id() -> str:

@@ -10,6 +10,7 @@ from typing import List
 from vmim import fleet
 from vmim.errors import EXIT_USAGE, VmimError
 from vmim.fleet import protocol, transport
+from vmim.terminal import safe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,11 @@ def _main(argv: List[str]) -> int:
         setup_logging(args.verbose, args.quiet, None, args.syslog)
         cfg = config_mod.load(args.config)
         host = args.host_name or socket.gethostname()
+        problem = protocol.host_name_problem(host)
+        if problem:
+            given = "--host-name" if args.host_name else \
+                "the machine's host name: give --host-name"
+            raise VmimError(f"host name {safe(host)!r} ({given}): {problem}")
         if args.print_permissions:
             from vmim.fleet.permissions import commands
 

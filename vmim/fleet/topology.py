@@ -74,13 +74,21 @@ def serves(connection: Any, host: str, box: str) -> bool:
     """Whether `box` is a slot of `host` as the broker knows it: the host's queue for it is
     there. Only the host's user may declare that queue, and its permissions name each of its
     slots (vmim.fleet.permissions.host_grants): a host answering an any-free job, which any
-    host may take, cannot claim another host's slot. A passive declare needs no permission."""
+    host may take, cannot claim another host's slot. A passive declare needs no permission.
+    A queue its declarer made exclusive is there too (the broker answers RESOURCE_LOCKED);
+    any other refusal proves nothing: not served, as far as this client can tell."""
     import amqp
 
+    if protocol.host_name_problem(host):
+        return False  # its queue names may be another host's
     with spare_channel(connection) as channel:
         try:
             channel.queue_declare(protocol.box_queue(host, box), passive=True)
-        except amqp.exceptions.NotFound:
+        except amqp.exceptions.ResourceLocked:
+            return True
+        except amqp.exceptions.ChannelError as exc:
+            log.debug("the broker's answer about queue %s: %s",
+                      protocol.box_queue(host, box), exc)
             return False
     return True
 
