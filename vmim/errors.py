@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shlex
 from typing import Sequence
 
@@ -134,6 +135,12 @@ class CleanupError(VmimError):
     """Something was left mounted or mapped (exit 8); the message says how to release it."""
 
     exit_code = EXIT_CLEANUP
+
+
+def full_disk(exc: OSError) -> bool:
+    """Whether exc is a full disk (or quota): it exits 6, as when GNU tar or rsync meets
+    it, whatever wrote (the newc extractor in the sandbox, this process)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class IncompleteError(VmimError):

@@ -20,8 +20,9 @@ EXIT_CODES = [
     ("4", "state conflict: unknown box or image, domain running, disk busy, an image not proven "
           "restorable (the slot untouched), -u on a slot whose restore did not finish"),
     ("5", "the slot is locked by another command, or no slot is free (retry later)"),
-    ("6", "an external command failed; also a store that fills the store's filesystem (the "
-          "previous image of that name is kept)"),
+    ("6", "an external command failed; also a full disk, whatever wrote: a store that fills "
+          "the store's filesystem (the previous image of that name is kept), a restore that "
+          "fills the slot's (marked incomplete)"),
     ("7", "environment: a tool missing, not root, libvirt unreachable, a lock or state "
           "directory another user could write"),
     ("8", "cleanup incomplete: something is still mounted or mapped; the message says how to "

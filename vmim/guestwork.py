@@ -96,7 +96,8 @@ def child(argv: List[str]) -> int:
         result = OPERATIONS[op](json.loads(payload))
     except errors.VmimError as exc:
         name = type(exc).__name__ if type(exc).__name__ in _error_classes() else "OperationError"
-        return _answer({"error": name, "message": str(exc)}, exc.exit_code)
+        return _answer({"error": name, "message": str(exc), "exit_code": exc.exit_code},
+                       exc.exit_code)
     except OSError as exc:
         return _answer({"oserror": exc.errno, "strerror": exc.strerror,
                         "filename": exc.filename if isinstance(exc.filename, str) else None},
@@ -141,7 +142,10 @@ def call(op: str, payload: Dict[str, Any], binds: Sequence[Bind], *, caps: Caps,
         raise failure  # a feeding stage failed (the decompressor): it says why
     if "error" in answer:
         cls = _error_classes().get(answer["error"], errors.OperationError)
-        raise cls(answer["message"])
+        error = cls(answer["message"])
+        if cls is errors.OperationError and answer.get("exit_code") == errors.EXIT_COMMAND:
+            error.exit_code = errors.EXIT_COMMAND  # the one other code it takes: a full disk
+        raise error
     if "oserror" in answer:
         raise OSError(answer["oserror"] or errno.EIO, answer["strerror"], answer["filename"])
     if failure is not None or "result" not in answer:

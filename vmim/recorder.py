@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
-from vmim.errors import OperationError, VmimError
+from vmim.errors import EXIT_COMMAND, OperationError, VmimError, full_disk
 
 log = logging.getLogger(__name__)
 
@@ -87,5 +87,8 @@ def as_error(exc: Exception) -> VmimError:
     log.debug("unexpected error", exc_info=exc)
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
-        return OperationError(f"{exc.strerror or exc}{where}")
+        error = OperationError(f"{exc.strerror or exc}{where}")
+        if full_disk(exc):
+            error.exit_code = EXIT_COMMAND
+        return error
     return OperationError(f"{type(exc).__name__}: {exc}")

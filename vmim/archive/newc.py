@@ -36,7 +36,7 @@ from vmim.archive import (
     fits,
     skip,
 )
-from vmim.errors import OperationError
+from vmim.errors import EXIT_COMMAND, OperationError, full_disk
 
 HEADER = 110
 #: the longest member name read (the extractor walks a name one directory at a time, so a
@@ -334,8 +334,11 @@ def extract(stream: IO[bytes], root: str) -> int:
                 ex.member(h, name, stream)
             except OSError as exc:  # a hard link to a name a later member replaced, ENOSPC...
                 shown = name.decode("utf-8", "backslashreplace")
-                raise OperationError(f"cannot unpack cpio member {shown!r}: "
-                                     f"{exc.strerror or exc}") from None
+                error = OperationError(f"cannot unpack cpio member {shown!r}: "
+                                       f"{exc.strerror or exc}")
+                if full_disk(exc):
+                    error.exit_code = EXIT_COMMAND
+                raise error from None
             count += 1
         ex.finish()
     finally:
