@@ -22,6 +22,9 @@ from vmim.errors import HostEnvironmentError, LockBusyError
 log = logging.getLogger(__name__)
 
 POLL = 0.2
+#: seconds a lock whose holder is gone is waited for: the commands of a run killed as it
+#: forked them keep its lock until they die with it (setpriv --pdeathsig: at once)
+LOCK_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ def _open(lockdir: str, box: str) -> int:
 def slot_lock(lockdir: str, box: str, wait: float = 0) -> Iterator[None]:
     """Hold box's lock; wait up to `wait` seconds for another holder, then LockBusyError (exit 5)."""
     fd = _open(lockdir, box)
+    grace: Optional[float] = None
     try:
         deadline = time.monotonic() + wait
         while True:
@@ -74,6 +78,13 @@ def slot_lock(lockdir: str, box: str, wait: float = 0) -> Iterator[None]:
                     raise
             if time.monotonic() >= deadline:
                 held = holder(lockdir, box)
+                if not _alive(held) and grace is None:
+                    # the holder is gone: what keeps its lock is a command it was starting,
+                    # which dies with it (vmim.process) in a moment
+                    grace = time.monotonic() + LOCK_GRACE
+                if not _alive(held) and time.monotonic() < (grace or 0):
+                    time.sleep(0.01)
+                    continue
                 who = f"pid {held.pid} ({held.command})" if held else "another command"
                 raise LockBusyError(
                     f"box '{box}' is locked by {who}; try again later or wait with --lock-wait S"
@@ -86,6 +97,19 @@ def slot_lock(lockdir: str, box: str, wait: float = 0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the flock
+
+
+def _alive(held: Optional[Holder]) -> bool:
+    """Whether the process that took a lock still runs (None: nobody holds it now)."""
+    if held is None:
+        return False
+    try:
+        os.kill(held.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def holder(lockdir: str, box: str) -> Optional[Holder]:

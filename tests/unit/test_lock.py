@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -53,3 +55,30 @@ def test_a_command_line_that_is_not_utf8_is_recorded_as_given(tmp_path, monkeypa
         assert h.command == "vmimagemanager -r bad\ufffd"
     with open(lock.lock_path(str(tmp_path), "web1"), "rb") as fh:
         assert fh.read().endswith(b"-r bad\xff\n")
+
+
+@pytest.mark.parametrize("outlives, free", [(0.5, True), (6, False)])
+def test_a_lock_kept_by_the_commands_of_a_holder_that_died_is_waited_for_a_moment(
+        tmp_path, outlives, free):
+    """A run killed (kill -9) while it forks a command: the command holds the lock's open file
+    for the moment it takes to die with the run (vmim.process: pdeathsig, the guard), and a
+    --release right after the kill met a busy lock with no live holder: exit 5 (the full run
+    of 2026-12-07). A lock whose holder is gone is waited for LOCK_GRACE seconds; a command
+    that outlives its run longer still leaves it busy."""
+    path = lock.lock_path(str(tmp_path), "web1")
+    script = f'exec 9>"$0"; flock 9; sleep {outlives} >/dev/null 2>&1 & echo $!'
+    run = subprocess.run(["sh", "-c", script, path], check=True, capture_output=True,
+                         text=True)
+    command = int(run.stdout)
+    try:
+        assert lock.holder(str(tmp_path), "web1") is not None  # its pid is gone
+        if free:
+            with lock.slot_lock(str(tmp_path), "web1"):
+                assert lock.holder(str(tmp_path), "web1").pid == os.getpid()
+        else:
+            with pytest.raises(LockBusyError, match="locked by"):
+                with lock.slot_lock(str(tmp_path), "web1"):
+                    pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(command, signal.SIGKILL)
