@@ -75,14 +75,19 @@ def write(cfg: Config, slot: Slot, image: str) -> None:
     """Mark the slot before its filesystem is cleared; durable before it returns."""
     mark = {"box": slot.name, "disk": slot.disk, "image": image, "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write(cfg, mark_name(slot.name), mark, f"write the restore mark of box '{slot.name}'",
+           "nothing in the slot was touched (set statedir in [vmim.local])")
+
+
+def _write(cfg: Config, name: str, doc: dict, what: str, outcome: str) -> None:
+    """doc as JSON in the state directory under name, durable before it returns; a failure
+    is exit 7, saying what could not be done and what that means."""
     try:
         with state_dir(cfg) as d:
-            d.write_atomic(mark_name(slot.name), json.dumps(mark).encode())
+            d.write_atomic(name, json.dumps(doc).encode())
     except OSError as exc:
-        raise HostEnvironmentError(
-            f"cannot write the restore mark of box '{slot.name}' in {cfg.statedir}: "
-            f"{exc.strerror}; nothing in the slot was touched (set statedir in [vmim.local])"
-        ) from None
+        raise HostEnvironmentError(f"cannot {what} in {cfg.statedir}: {exc.strerror}; "
+                                   f"{outcome}") from None
 
 
 def remove(cfg: Config, slot: Slot) -> bool:
@@ -114,14 +119,8 @@ def remake_path(cfg: Config, box: str) -> str:
 
 def write_remake(cfg: Config, slot: Slot, record: dict) -> None:
     """Record the re-make about to run on the slot's filesystem; durable before it returns."""
-    doc = {"disk": slot.disk, "remake": record}
-    try:
-        with state_dir(cfg) as d:
-            d.write_atomic(remake_name(slot.name), json.dumps(doc).encode())
-    except OSError as exc:
-        raise HostEnvironmentError(
-            f"cannot record the re-make of box '{slot.name}' in {cfg.statedir}: "
-            f"{exc.strerror}; its filesystem was not re-made") from None
+    _write(cfg, remake_name(slot.name), {"disk": slot.disk, "remake": record},
+           f"record the re-make of box '{slot.name}'", "its filesystem was not re-made")
 
 
 def read_remake(cfg: Config, slot: Slot) -> Optional[Any]:
