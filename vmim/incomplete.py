@@ -15,12 +15,12 @@ import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 from urllib.parse import quote
 
 from vmim import safedir
 from vmim.config import Config, Slot
-from vmim.errors import HostEnvironmentError
+from vmim.errors import EXIT_COMMAND, HostEnvironmentError, full_disk
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,23 @@ def write(cfg: Config, slot: Slot, image: str) -> None:
 
 def _write(cfg: Config, name: str, doc: dict, what: str, outcome: str) -> None:
     """doc as JSON in the state directory under name, durable before it returns; a failure
-    is exit 7, saying what could not be done and what that means."""
+    is exit 7 (6 when its disk is full), saying what could not be done and what that
+    means."""
     try:
         with state_dir(cfg) as d:
             d.write_atomic(name, json.dumps(doc).encode())
     except OSError as exc:
-        raise HostEnvironmentError(f"cannot {what} in {cfg.statedir}: {exc.strerror}; "
-                                   f"{outcome}") from None
+        raise _unwritable(f"cannot {what} in {cfg.statedir}: {exc.strerror}; {outcome}",
+                          exc) from None
+
+
+def _unwritable(message: str, exc: OSError) -> HostEnvironmentError:
+    """The state directory refused a write: exit 7, or 6 when its disk is full (as every
+    full disk)."""
+    error = HostEnvironmentError(message)
+    if full_disk(exc):
+        error.exit_code = EXIT_COMMAND
+    return error
 
 
 def remove(cfg: Config, slot: Slot) -> bool:
@@ -95,7 +105,7 @@ def remove(cfg: Config, slot: Slot) -> bool:
     a mark."""
     try:
         with state_dir(cfg, create=False) as d:
-            d.unlink(remake_name(slot.name))
+            d.unlink(remake_name(slot))
             if not d.unlink(mark_name(slot.name)):
                 return False
     except FileNotFoundError:
@@ -107,27 +117,35 @@ def remove(cfg: Config, slot: Slot) -> bool:
 # The re-make of a restore's clear (vmim.disk.remake) unmounts the filesystem and runs mkfs:
 # killed in between, it leaves no filesystem, or one half made, and the parameters it read
 # from the one that was there are gone with it. They are recorded here before the unmount,
-# and the next restore runs them again before it mounts (vmim.steps.mount).
+# named by the disk (its path and partition: a record follows the disk, not the slot's name,
+# across a standby swap), with the size of the device the filesystem spanned; the next
+# restore of a slot on that disk runs them again before it mounts (vmim.steps.mount).
 
-def remake_name(box: str) -> str:
-    return quote(box, safe="") + ".remake"
+def remake_name(slot: Slot) -> str:
+    import hashlib
 
-
-def remake_path(cfg: Config, box: str) -> str:
-    return os.path.join(cfg.statedir, remake_name(box))
-
-
-def write_remake(cfg: Config, slot: Slot, record: dict) -> None:
-    """Record the re-make about to run on the slot's filesystem; durable before it returns."""
-    _write(cfg, remake_name(slot.name), {"disk": slot.disk, "remake": record},
-           f"record the re-make of box '{slot.name}'", "its filesystem was not re-made")
+    where = json.dumps([slot.disk, slot.partition])
+    return "disk-" + hashlib.sha256(where.encode()).hexdigest()[:32] + ".remake"
 
 
-def read_remake(cfg: Config, slot: Slot) -> Optional[Any]:
-    """The record of a re-make begun on the slot's filesystem and not known to have ended,
-    or None (none, or made for another disk than the slot's); ValueError when it cannot be
-    read (vmim.disk.remake.from_record checks what it holds); UnsafeDirectoryError when
-    another user could have written it."""
+def remake_path(cfg: Config, slot: Slot) -> str:
+    return os.path.join(cfg.statedir, remake_name(slot))
+
+
+def write_remake(cfg: Config, slot: Slot, record: dict, device_size: int) -> None:
+    """Record the re-make about to run on the slot's filesystem (a device of device_size
+    bytes); durable before it returns."""
+    doc = {"disk": slot.disk, "partition": slot.partition, "box": slot.name,
+           "device_size": device_size, "remake": record}
+    _write(cfg, remake_name(slot), doc, f"record the re-make of box '{slot.name}'",
+           "its filesystem was not re-made")
+
+
+def read_remake(cfg: Config, slot: Slot) -> Optional[Tuple[Any, int]]:
+    """The record of a re-make begun on the slot's disk and not known to have ended, and
+    the size of the device it was for; None when there is none. ValueError when it cannot
+    be read (vmim.disk.remake.from_record checks the record itself); UnsafeDirectoryError
+    when another user could have written it."""
     try:
         d = state_dir(cfg, create=False)
     except (OSError, safedir.UnsafeDirectoryError):
@@ -136,22 +154,28 @@ def read_remake(cfg: Config, slot: Slot) -> Optional[Any]:
         return None
     try:
         with d:
-            raw = d.read(remake_name(slot.name))
+            raw = d.read(remake_name(slot))
     except OSError as exc:
         raise ValueError(exc.strerror or str(exc)) from None
     if raw is None:
         return None
     doc = json.loads(raw)  # a ValueError
-    if not isinstance(doc, dict) or set(doc) != {"disk", "remake"}:
+    if not isinstance(doc, dict) or set(doc) != {"disk", "partition", "box", "device_size",
+                                                 "remake"}:
         raise ValueError("not a re-make record")
-    return doc["remake"] if doc["disk"] == slot.disk else None
+    size = doc["device_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ValueError("its device size is not a count of bytes")
+    if doc["disk"] != slot.disk or doc["partition"] != slot.partition:
+        return None  # another disk's (a hash collision, or a hand-made file)
+    return doc["remake"], size
 
 
 def remove_remake(cfg: Config, slot: Slot) -> None:
-    """The re-make ended and its filesystem is mounted, or the disk was made anew: its
-    record goes."""
+    """The re-make ended and its filesystem is mounted, never began, or the disk was made
+    anew: its record goes."""
     try:
         with state_dir(cfg, create=False) as d:
-            d.unlink(remake_name(slot.name))
+            d.unlink(remake_name(slot))
     except FileNotFoundError:
         pass

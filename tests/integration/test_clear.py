@@ -406,8 +406,10 @@ def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
         pytest.fail(f"the re-make never began: {proc.communicate()[1].decode()}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    # the kill landed inside the re-make: the disk holds no filesystem now
+    # the kill landed inside the re-make: the disk holds no filesystem now, and the re-make
+    # is on record
     assert subprocess.run(["blkid", "-p", slot.img], capture_output=True).returncode == 2
+    assert [n for n in os.listdir(tmp_path / "state") if n.endswith(".remake")] != []
 
     for argv, says in ((["--mount"], "interrupted while it re-made the slot's filesystem"),
                        (["-s", "copy"], "interrupted while it re-made"),
@@ -416,6 +418,13 @@ def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
         assert r.code == 4 and says in r.err and "-r NAME" in r.err, (argv, r)
     assert sorted(os.listdir(slot.images)) == ["golden"]
     assert subprocess.run(["blkid", "-p", slot.img], capture_output=True).returncode == 2
+    if fstype == "ext4":  # grown since: not the device the re-make was for
+        size = os.path.getsize(slot.img)
+        os.truncate(slot.img, size + 64 * MiB)
+        r = vmim("--config", cfg, "-b", slot.box, "-r", "golden")
+        assert r.code == 4 and f"on a device of {size} bytes" in r.err, r
+        assert subprocess.run(["blkid", "-p", slot.img], capture_output=True).returncode == 2
+        os.truncate(slot.img, size)
 
     r = vmim("--config", cfg, "-b", slot.box, "-r", "golden", "--json")
     assert r.code == 0, r
@@ -424,7 +433,8 @@ def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
     assert di.run("blkid", "-p", "-s", "TYPE", "-o", "value", slot.img).strip() == fstype
     rows = {b["name"]: b for b in json.loads(vmim("--config", cfg, "-l", "--json").out)["boxes"]}
     assert rows[slot.box]["incomplete"] is None
-    assert [n for n in os.listdir(tmp_path / "state") if n.startswith(slot.box)] == []
+    assert [n for n in os.listdir(tmp_path / "state")
+            if n.endswith((".remake", ".incomplete"))] == []
     r = vmim("--config", cfg, "-b", slot.box, "--mount")
     assert r.code == 0, r
     with open(os.path.join(slot.mnt, "etc", "hostname")) as fh:

@@ -192,6 +192,10 @@ def test_the_cpio_stores_survey_walks_a_guest_tree_of_any_depth(tmp_path):
     {"big": [], "big_count": 0, "xattrs": 0,
      "shape": {"inodes": "1", "most_links": 1, "longest_component": 1, "longest_symlink": 0}},
     {"big": [], "big_count": 0, "xattrs": 0, "shape": {"inodes": 1}},
+    {"big": ["a"], "big_count": 0, "xattrs": 0,  # a big file, and none counted
+     "shape": {"inodes": 1, "most_links": 1, "longest_component": 1, "longest_symlink": 0}},
+    {"big": [], "big_count": 2, "xattrs": 0,  # two counted, none named
+     "shape": {"inodes": 1, "most_links": 1, "longest_component": 1, "longest_symlink": 0}},
 ])
 def test_the_sandboxed_surveys_answer_is_checked_before_it_is_believed(answer):
     """The survey reads the guest's tree in the sandbox; what it answers is data from a
@@ -201,6 +205,6 @@ def test_the_sandboxed_surveys_answer_is_checked_before_it_is_believed(answer):
 
     with pytest.raises(OperationError, match="the survey in the sandbox answered"):
         survey_answer(answer)
-    good = {"big": ["x"], "big_count": 9, "xattrs": 2,
+    good = {"big": list("vwxyz"), "big_count": 9, "xattrs": 2,
             "shape": {"inodes": 3, "most_links": 1, "longest_component": 4, "longest_symlink": 0}}
-    assert survey_answer(good) == (["x"], 9, 2, good["shape"])
+    assert survey_answer(good) == (list("vwxyz"), 9, 2, good["shape"])

@@ -132,3 +132,14 @@ def test_a_record_not_as_written_is_refused(change, why):
     change(record)
     with pytest.raises(ValueError, match=why):
         remake.from_record(record)
+
+
+def test_only_the_device_is_put_in_for_the_device(monkeypatch):
+    """The placeholder holds a NUL, which no argument can: a guest's label spelled as the
+    placeholder once was ("{device}") stays the label."""
+    ran = []
+    monkeypatch.setattr(remake.process, "run", lambda argv, **k: ran.append(argv))
+    how = remake.how(remake.Choice("mkfs", "defaults"), Filesystem("ext4", "u", "{device}"))
+    remake.remake(how, "/dev/loop7")
+    assert ran == [["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-U", "u", "-L", "{device}",
+                    "/dev/loop7"]]

@@ -64,6 +64,15 @@ def probe_filesystem(device: str, what: str) -> Filesystem:
     return Filesystem(fstype, values.get("UUID", ""), values.get("LABEL", ""))
 
 
+def device_size(device: str) -> int:
+    """The size in bytes of a block device or a file (the end of what it holds)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def missing_disk(slot: Slot) -> Optional[str]:
     """"HostDisk '/x.img' does not exist" when the slot's disk file or device is not there (a
     logical volume is looked for by its strategy when mapping: not here)."""

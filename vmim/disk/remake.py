@@ -31,8 +31,9 @@ from vmim.errors import CommandError, ToolMissingError
 log = logging.getLogger(__name__)
 
 EXT = ("ext2", "ext3", "ext4")
-#: stands for the device in Remake.commands
-DEVICE = "{device}"
+#: stands for the device in Remake.commands: with a NUL, which no argument can hold, so no
+#: label or other value read from the guest's filesystem can be taken for it
+DEVICE = "\0device"
 
 #: dumpe2fs -h fields that are not parameters: counts, times, mount state, the journal's
 #: state (the kernel sets the journal's features at the first mount), checksums of these.
@@ -411,7 +412,10 @@ def remake(how: Remake, device: str) -> None:
     how.run(device)
     if not how.fields:
         return
-    diff = how.differences(device)
+    try:
+        diff = how.differences(device)
+    except NotSame as exc:  # dumpe2fs or xfs_db cannot read what mkfs made
+        diff = [str(exc)]
     if diff:
         log.warning("the re-made %s on %s differs from the one before: %s", how.fs.type, device,
                     "; ".join(diff))

@@ -319,8 +319,9 @@ def _run_jobs(client: Client, req: Request, opts: RunOptions, doc: Dict[str, Any
                                                                   result.box):
             raise HostEnvironmentError(
                 f"host {safe(result.host)} answered the -b {ANY_FREE} job as box "
-                f"{safe(result.box)}, which is not one of its slots (the broker has no queue "
-                f"{protocol.box_queue(result.host, result.box)}): refused (docs/fleet.md)")
+                f"{safe(result.box)}, which is not one of its slots as far as the broker "
+                f"shows (no queue {protocol.box_queue(result.host, result.box)} it could "
+                "confirm): refused (docs/fleet.md)")
         if box == ANY_FREE and result.box and not opts.json:
             out.write(safe(result.box) + "\n")  # the slot that ran the job: one name, once
             out.flush()

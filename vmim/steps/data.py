@@ -370,8 +370,12 @@ def _remake_filesystem(box: Box, choice: remake.Choice) -> None:
     how = remake.how(choice, fs)
     # killed from the unmount until the re-made filesystem is mounted, the slot may hold no
     # filesystem: the next restore runs the recorded re-make again (vmim.steps.mount)
-    incomplete.write_remake(box.cfg, slot, remake.to_record(how))
-    mounts.umount(slot.mount, release_hint=release_command(slot.name))
+    incomplete.write_remake(box.cfg, slot, remake.to_record(how), disk_mod.device_size(device))
+    try:
+        mounts.umount(slot.mount, release_hint=release_command(slot.name))
+    except BaseException:
+        incomplete.remove_remake(box.cfg, slot)  # still mounted: nothing was re-made
+        raise
     remake.remake(how, device)
     # ext4 would otherwise zero its inode tables in the background during the restore;
     # with noinit_itable that waits for the next mount (the guest's).

@@ -74,8 +74,8 @@ def create(box: Box, step: Step, rec: StepResult) -> str:
     slot = box.need_slot()
     require_root("making a disk")
     fstype, _needs = create_mod.image_facts(slot, box.req.restore)
+    incomplete.remove_remake(box.cfg, slot)  # of a disk that was there: not the new one's
     done = create_mod.create(slot, fstype)
-    incomplete.remove_remake(box.cfg, slot)  # of the disk that was there: not this one's
     rec.details.update(disk=slot.disk, bytes=slot.disksize, filesystem=fstype or
                        create_mod.DEFAULT_FS)
     return done
@@ -105,6 +105,8 @@ def mount_slot(cfg: Config, hv: Hypervisor, slot: Slot, holds: contextlib.ExitSt
     if here is not None and any(m.mount_id == here.mount_id for m in ours):
         _hold(d, holds, held)  # a --mount's holder process holds it too: it acts for us
         check_domain_off(hv, slot, d)
+        # mounted: a re-make recorded (vmim.incomplete) ended, killed before it said so
+        incomplete.remove_remake(cfg, slot)
         if mounts.restrict(here, disk_mod.SLOT_OPTIONS):  # mounted by hand, or by 1.x
             return f"already mounted at {slot.mount}; remounted {','.join(disk_mod.SLOT_OPTIONS)}"
         return f"already mounted at {slot.mount}"
@@ -159,20 +161,26 @@ def _finish_remake(cfg: Config, slot: Slot, device: str, restoring: bool) -> boo
     mounted: the device holds what mkfs left, no filesystem or one half made. Only a restore
     re-makes it (what was there is lost to the restore anyway); any other run is refused
     before it touches the device. True when it ran."""
+    path = incomplete.remake_path(cfg, slot)
     try:
-        record = incomplete.read_remake(cfg, slot)
-        how = None if record is None else remake.from_record(record)
+        found = incomplete.read_remake(cfg, slot)
+        if found is None:
+            return False
+        how, size = remake.from_record(found[0]), found[1]
     except ValueError as exc:
         raise StateError(f"box '{slot.name}': the record of an interrupted re-make of its "
-                         f"filesystem cannot be read ({exc}): "
-                         f"{incomplete.remake_path(cfg, slot.name)}; remove it to mount "
+                         f"filesystem cannot be read ({exc}): {path}; remove it to mount "
                          "what the disk holds") from None
-    if how is None:
-        return False
+    now = disk_mod.device_size(device)
+    if now != size:  # resized, or another disk at its path: not the one it was made for
+        raise StateError(f"box '{slot.name}': a re-make of its filesystem was interrupted "
+                         f"on a device of {size} bytes, and {device} has {now}: not run "
+                         f"again; make a filesystem on it by hand, then remove {path}")
     if not restoring:
         raise StateError(f"box '{slot.name}': a restore was interrupted while it re-made "
-                         "the slot's filesystem, so the disk holds none, or one half made; "
-                         "restore an image (-r NAME): it makes the filesystem again first")
+                         "the slot's filesystem, so the disk holds none, or one half made "
+                         f"({path}); restore an image (-r NAME): it makes the filesystem "
+                         "again first")
     log.warning("box %s: a restore was interrupted while it re-made the slot's %s "
                 "filesystem: making it again", slot.name, how.fs.type)
     remake.remake(how, device)
