@@ -150,7 +150,21 @@ def call(op: str, payload: Dict[str, Any], binds: Sequence[Bind], *, caps: Caps,
         raise OSError(answer["oserror"] or errno.EIO, answer["strerror"], answer["filename"])
     if failure is not None or "result" not in answer:
         raise failure or errors.OperationError(f"{op} in the sandbox gave no answer")
-    return answer["result"]
+    result = answer["result"]
+    if not RESULTS[op](result):  # it crossed from a process that read guest data
+        raise errors.OperationError(f"{op} in the sandbox answered {result!r:.200}")
+    return result
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+#: what each operation's answer may be (the survey's fields: vmim.archive.cpio.survey_answer)
+RESULTS: Dict[str, Callable[[Any], bool]] = {
+    "extract-newc": _count, "merge": _count, "prepare": lambda r: r is None,
+    "survey-cpio": lambda r: isinstance(r, dict),
+}
 
 
 if __name__ == "__main__":

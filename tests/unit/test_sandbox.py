@@ -127,6 +127,8 @@ def _call_sites(tmp_path):
         "cpio store (find, cpio)": (lambda: CpioFormat("bzip2", "cpio.bz2").write(
             d, ["."], f"{d}/img"), sandbox.READ),
         "newc unpack": (lambda: CpioFormat(None, "cpio").unpack(f"{d}/img", d), sandbox.UNPACK),
+        "cpio survey": (lambda: CpioFormat("bzip2", "cpio.bz2").check_tree(d, "x"),
+                        sandbox.READ),
         "rsync store": (lambda: RsyncFormat().write(d, ["."], f"{d}/tree"), sandbox.COPY),
         "rsync unpack": (lambda: RsyncFormat().unpack(f"{d}/tree", d), sandbox.COPY),
         "rsync mirror": (lambda: RsyncFormat().mirror(f"{d}/tree", d), sandbox.COPY),
@@ -137,7 +139,7 @@ def _call_sites(tmp_path):
 
 
 @pytest.mark.parametrize("site", ["tar store", "tar unpack", "tar proof",
-                                  "cpio store (find, cpio)",
+                                  "cpio store (find, cpio)", "cpio survey",
                                   "newc unpack", "rsync store", "rsync unpack", "rsync mirror",
                                   "remove", "merge", "prepare"])
 def test_each_call_site_keeps_exactly_the_capabilities_of_its_set(site, tmp_path, monkeypatch):
@@ -197,3 +199,29 @@ def test_the_sandboxed_child_answers_whatever_its_operation_raises(monkeypatch, 
     assert code == errors.EXIT_FAILED
     assert answer["error"] == "OperationError" and "OverflowError" in answer["message"]
     assert "Traceback" in err
+
+
+@pytest.mark.parametrize("op, result, ok", [
+    ("merge", 3, True), ("merge", -1, False), ("merge", True, False), ("merge", "3", False),
+    ("merge", None, False), ("extract-newc", 0, True), ("extract-newc", [1], False),
+    ("prepare", None, True), ("prepare", 0, False), ("survey-cpio", {}, True),
+    ("survey-cpio", [], False),
+])
+def test_what_a_sandboxed_operation_answers_is_checked_before_it_is_believed(
+        monkeypatch, op, result, ok):
+    """The child read guest data: its answer is data of one declared type per operation
+    (a merge's count, nothing for prepare...), or an internal error."""
+    import json
+
+    from vmim import errors, guestwork, process
+
+    def answer(stages, stdout_fd, **kw):
+        os.write(stdout_fd, json.dumps({"result": result}).encode() + b"\n")
+
+    monkeypatch.setattr(process, "pipeline", answer)
+    assert set(guestwork.RESULTS) == set(guestwork.OPERATIONS)
+    if ok:
+        assert guestwork.call(op, {}, [], caps=sandbox.NONE) == result
+    else:
+        with pytest.raises(errors.OperationError, match=f"{op} in the sandbox answered"):
+            guestwork.call(op, {}, [], caps=sandbox.NONE)
