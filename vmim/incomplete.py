@@ -173,9 +173,10 @@ def read_remake(cfg: Config, slot: Slot) -> Optional[Tuple[Any, int]]:
 
 def remove_remake(cfg: Config, slot: Slot) -> None:
     """The re-make ended and its filesystem is mounted, never began, or the disk was made
-    anew: its record goes."""
+    anew: its record goes. A state directory that cannot be opened is not an error here:
+    no record in it is read either (read_remake)."""
     try:
         with state_dir(cfg, create=False) as d:
             d.unlink(remake_name(slot))
-    except FileNotFoundError:
+    except (OSError, safedir.UnsafeDirectoryError):
         pass
