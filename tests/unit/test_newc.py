@@ -244,3 +244,20 @@ def test_what_the_extractor_refuses_the_proof_refuses(tmp_path, entries):
     with pytest.raises(newc.UnsafeMember):
         newc.extract(io.BytesIO(data), str(out))
     assert isinstance(_proof(data), newc.UnsafeMember)
+
+
+@pytest.mark.parametrize("entry", [
+    (5, REG, 1, b"zz\0evil", b"x"),  # Python's os calls refuse an embedded NUL
+    (5, LNK, 1, b"l", b"/etc\0/passwd"),  # symlink() takes the target up to the NUL
+], ids=["name", "symlink target"])
+def test_a_nul_inside_a_name_or_a_symlink_target_is_refused_by_the_proof_and_the_unpack(
+        tmp_path, entry):
+    """Both passed the proof, and the unpack then failed after the slot was cleared (an attack
+    of 2026-12-07: the slot left with only lost+found, marked incomplete)."""
+    data = newc_of([(4, stat.S_IFDIR | 0o755, 2, b"d", b""), entry])
+    with pytest.raises(newc.UnsafeMember, match="NUL"):
+        newc.check(io.BytesIO(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(newc.UnsafeMember, match="NUL"):
+        newc.extract(io.BytesIO(data), str(out))

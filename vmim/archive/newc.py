@@ -174,7 +174,7 @@ class Extractor:
                 if not size:
                     raise UnsafeMember(f"cpio member {name!r} is a symlink to nothing (it "
                                        "cannot be made)")
-                target = _read_exact(stream, size)
+                target = symlink_target(stream, name, size)
                 self._skip(stream, _pad(size), exact=True)
                 os.symlink(target, leaf, dir_fd=dfd)
             elif fmt == stat.S_IFREG:
@@ -318,7 +318,19 @@ def read_header(stream: IO[bytes]) -> Tuple[Dict[str, int], bytes]:
                              f"{MAX_NAME}): a corrupt header")
     name = _read_exact(stream, h["namesize"])[:-1]
     _read_exact(stream, _pad(HEADER + h["namesize"]))
+    if b"\0" in name:  # no system call takes it: the unpack would fail after the clear
+        raise UnsafeMember(f"cpio member {name!r} has a NUL byte inside its name")
     return h, name
+
+
+def symlink_target(stream: IO[bytes], name: bytes, size: int) -> bytes:
+    """The target of a symlink member (its data), read by the proof as by the unpack: one
+    with a NUL byte inside is refused (symlink() cannot make it)."""
+    target = _read_exact(stream, size)
+    if b"\0" in target:
+        raise UnsafeMember(f"cpio member {name!r} is a symlink to a target with a NUL byte "
+                           "inside (no symlink can hold it)")
+    return target
 
 
 def extract(stream: IO[bytes], root: str) -> int:
@@ -388,7 +400,11 @@ def check(stream: IO[bytes]) -> Summary:
                        key)
             if key is not None:
                 links[key] = [text]
-        _skip(stream, h["filesize"])
+        if fmt == stat.S_IFLNK:  # its target, read as the unpack reads it
+            symlink_target(stream, name, h["filesize"])
+            _skip(stream, _pad(h["filesize"]), exact=True)
+        else:
+            _skip(stream, h["filesize"])
         members += 1
 
 
