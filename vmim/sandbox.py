@@ -98,6 +98,9 @@ class Bind:
     source: str
     inside: str
     writable: bool = False
+    #: not a bind: an empty tmpfs over a directory of an earlier bind (an image store's
+    #: other entries, hidden from a store that sees the store's directory: /store/NAME)
+    hidden: bool = False
 
 
 class Sandboxed(List[str]):
@@ -177,6 +180,12 @@ def command(argv: Sequence[str], binds: Sequence[Bind], *, caps: Caps,
     seccomp.ensure()  # no binding, no filter: nothing runs (exit 7)
     out += ["--seccomp", SECCOMP_FD]
     for b in binds:
+        if b.hidden:
+            name = b.inside[len(STORE) + 1:]
+            if not b.inside.startswith(STORE + "/") or "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"sandbox: bad place to hide: {b.inside!r}")
+            out += ["--tmpfs", b.inside]
+            continue
         if not b.inside.startswith("/") or not (b.inside in PLACES or
                                                 b.inside.startswith(LIBRARY + "/")):
             raise ValueError(f"sandbox: bad place for a bind: {b.inside!r}")

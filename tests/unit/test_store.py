@@ -417,3 +417,28 @@ def test_an_image_proven_by_its_recorded_digest_is_not_detected_again(images, sr
     with pytest.raises(StateError, match="corrupt"):
         data.prove(store, "golden")
     assert asked == [str(images / "golden")]
+
+
+@pytest.mark.parametrize("link", ["../atree/etc", "/store/atree/etc"])
+def test_a_tree_store_never_links_another_images_file_through_a_guest_symlink(images, tmp_path,
+                                                                             link):
+    """rsync --link-dest follows the directories on the way to a candidate in the previous
+    tree, and links it when size, mtime, mode and owner match, without reading it: a guest
+    whose previous tree held `etc -> ../atree/etc` got atree's /etc/passwd into its own image
+    (an attack of 2026-12-07). The other entries of the store are hidden from its sandbox."""
+    a = tmp_path / "a"
+    (a / "etc").mkdir(parents=True)
+    (a / "etc" / "passwd").write_text("guestpw\n")
+    os.utime(a / "etc" / "passwd", (1_600_000_000, 1_600_000_000))
+    _store(images, a, "atree", "rsync")
+    b = tmp_path / "b"
+    b.mkdir()
+    os.symlink(link, b / "etc")
+    _store(images, b, "bevil", "rsync")
+    os.unlink(b / "etc")
+    (b / "etc").mkdir()
+    (b / "etc" / "passwd").write_text("ATTACK\n\n")  # the same size, mode, owner and mtime
+    os.utime(b / "etc" / "passwd", (1_600_000_000, 1_600_000_000))
+    _store(images, b, "bevil", "rsync")
+    assert (images / "bevil" / "etc" / "passwd").read_text() == "ATTACK\n\n"
+    assert (images / "atree" / "etc" / "passwd").stat().st_nlink == 1

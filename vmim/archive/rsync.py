@@ -3,7 +3,8 @@
 rsync runs in the sandbox (vmim.sandbox): it sees the guest tree, the image tree and, for a
 store that links to the previous image (--link-dest), the image store's directory, each at a
 fixed name, and nothing else of the host. (Hard links cannot cross two bind mounts, so a store
-with --link-dest sees the store directory, which holds both the new and the previous image.)"""
+with --link-dest sees the store directory, which holds both the new and the previous image;
+every other directory of the store is hidden under an empty tmpfs.)"""
 
 from __future__ import annotations
 
@@ -45,8 +46,11 @@ class RsyncFormat(Format):
             meta = os.path.join(store, META_DIR)
             if os.path.isdir(meta):  # the recorded digests that prove the other images:
                 binds.append(sandbox.Bind(meta, sandbox.STORE_META))  # not the guest's to write
+            work = os.path.relpath(os.path.abspath(dest), store)
+            binds += _others_hidden(store, {os.path.basename(link_dest), META_DIR,
+                                            work.split(os.sep)[0]})
             argv.append(f"--link-dest={STORE}/{os.path.basename(link_dest)}")
-            inside = f"{STORE}/{os.path.relpath(os.path.abspath(dest), store)}"
+            inside = f"{STORE}/{work}"
         else:
             os.makedirs(dest, exist_ok=True)
             binds.append(sandbox.Bind(dest, IMAGE, writable=True))
@@ -82,6 +86,19 @@ class RsyncFormat(Format):
     def verify(self, image: str) -> None:
         if not os.path.isdir(image):
             raise StateError(f"rsync image {image} is not a directory")
+
+
+def _others_hidden(store: str, keep: set) -> List[sandbox.Bind]:
+    """Every directory of the store but those in keep, hidden (an empty tmpfs over each): rsync
+    --link-dest follows the directories on the way to a candidate in the previous tree, which
+    holds the guest's symlinks, and links a candidate whose size, mtime, mode and owner match
+    without reading it — through `etc -> ../other/etc`, another image's file."""
+    hidden = []
+    with os.scandir(store) as entries:
+        for e in entries:
+            if e.name not in keep and e.is_dir(follow_symlinks=False):
+                hidden.append(sandbox.Bind("", f"{STORE}/{e.name}", hidden=True))
+    return hidden
 
 
 def close_top(tree: str) -> None:
