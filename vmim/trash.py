@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from typing import Optional
@@ -53,9 +54,16 @@ class Deletion:
         self.error: Optional[BaseException] = None
         self._waited = False
         names = [n for n in os.listdir(root)
-                 if n != "lost+found" and os.path.join(root, n) != self.path]
+                 if not tree.is_lost_found(root, n) and os.path.join(root, n) != self.path]
         for n in names:
             os.rename(os.path.join(root, n), os.path.join(self.path, n))
+        lost = os.path.join(root, "lost+found")
+        if os.path.lexists(lost) and tree.is_lost_found(root, "lost+found"):
+            # its content goes too (the directory is the filesystem's): into a directory of
+            # its own in the set-aside one, named unlike anything moved there
+            aside = tempfile.mkdtemp(prefix="lost+found.", dir=self.path)
+            for n in os.listdir(lost):
+                os.rename(os.path.join(lost, n), os.path.join(aside, n))
         self._thread = threading.Thread(target=self._run, name="vmim-delete", daemon=True)
         self._thread.start()
 

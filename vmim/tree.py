@@ -21,7 +21,7 @@ import stat
 from typing import Iterator, List, Optional, Sequence
 
 from vmim import worklog
-from vmim.errors import OperationError, StateError
+from vmim.errors import CommandError, OperationError, StateError
 
 log = logging.getLogger(__name__)
 
@@ -245,10 +245,29 @@ def remove(root: str, names: List[str]) -> None:
 
 
 def clear(root: str) -> int:
-    """Delete the guest's whole content (dotfiles too), keeping lost+found at the root only."""
-    names = [n for n in os.listdir(root) if n != "lost+found"]
+    """Delete the guest's whole content (dotfiles too), keeping the directory lost+found at
+    the root only, emptied (empty_lost_found)."""
+    names = [n for n in os.listdir(root) if not is_lost_found(root, n)]
     remove(root, names)
+    empty_lost_found(root)
     return len(names)
+
+
+def is_lost_found(root: str, name: str) -> bool:
+    """Whether name is the filesystem's lost+found at root: a directory (a symlink or a file
+    of that name is the guest's, deleted as any)."""
+    return name == "lost+found" and stat.S_ISDIR(os.lstat(os.path.join(root, name)).st_mode)
+
+
+def empty_lost_found(root: str) -> None:
+    """What the previous guest (or fsck) put in the filesystem's lost+found goes with the rest
+    of its content: a restore leaves it empty, as a re-made filesystem has it."""
+    if not os.path.lexists(os.path.join(root, "lost+found")) or \
+            not is_lost_found(root, "lost+found"):
+        return
+    names = os.listdir(os.path.join(root, "lost+found"))
+    if names:
+        remove(os.path.join(root, "lost+found"), names)
 
 
 def leave_out_lost_found(staging: str) -> None:
@@ -268,7 +287,15 @@ def remove_stale_work(root: str, records: worklog.WorkLog) -> None:
     stale = records.stale(root)
     if stale:
         log.info("removing what an interrupted run left in the guest: %s", ", ".join(stale))
-        remove(root, list(stale))
+        try:
+            remove(root, list(stale))
+        except CommandError as exc:
+            # entries the guest made immutable or append-only (chattr): the slot stays usable;
+            # the records stay, and a restore with clear = "auto" re-makes the filesystem
+            log.warning("what an interrupted run left in the guest could not be removed (%s): "
+                        "%s; a restore re-makes the filesystem (clear = \"auto\" or "
+                        "\"mkfs\")", ", ".join(stale), exc.stderr_tail.strip()[-200:])
+            return
         for n in stale:
             records.forget(n)
 

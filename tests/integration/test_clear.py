@@ -332,6 +332,7 @@ def test_an_immutable_file_inside_the_old_content_fails_the_delete_naming_clear_
     by the rm beside the unpack. The restore fails (exit 6), the slot marked incomplete, and
     the message says what to set."""
     import subprocess
+    import sys
 
     slot.make(400, ["mkfs.ext4", "-q", "-F"])
     cfg = slot.config()
@@ -343,10 +344,24 @@ def test_an_immutable_file_inside_the_old_content_fails_the_delete_naming_clear_
         fh.write("old\n")
     subprocess.run(["chattr", "+i", pinned], check=True)
     try:
-        r = vmim("--config", cfg, "-b", slot.box, "-r", "golden", "--mount")
-        assert r.code == 6, r
-        assert "Operation not permitted" in r.err and 'clear = "mkfs"' in r.err, r.err
-        assert "incomplete" in r.err, r.err
+        # in a process of its own: what it leaves is a run's that has ended
+        done = subprocess.run([sys.executable, "-m", "vmim", "--config", cfg, "-b", slot.box,
+                               "-r", "golden", "--mount"], capture_output=True, text=True)
+        assert done.returncode == 6, done
+        assert "Operation not permitted" in done.stderr and 'clear = "mkfs"' in done.stderr
+        assert "incomplete" in done.stderr, done.stderr
+        # what is left (the set-aside old content) pins nothing: the slot mounts, and the
+        # next restore re-makes the filesystem (on the main of 2026-12-07 every later mount
+        # and restore failed on it, clear = "mkfs" too)
+        vmim("--config", cfg, "-b", slot.box, "--release")
+        r = vmim("--config", cfg, "-b", slot.box, "--mount")
+        assert r.code == 0 and "could not be removed" in r.err, r
+        r = vmim("--config", cfg, "-b", slot.box, "-r", "golden", "--mount", "--json")
+        assert r.code == 0, r
+        step = next(s for s in json.loads(r.out)["results"][0]["steps"]
+                    if s["step"] == "restore")
+        assert step["clear"]["method"] == "mkfs", step
+        assert sorted(os.listdir(slot.mnt)) == ["etc", "lost+found", "usr"]
     finally:
         r = vmim("--config", cfg, "-b", slot.box, "--mount")
         for top, _dirs, files in os.walk(slot.mnt):
@@ -439,4 +454,44 @@ def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
     assert r.code == 0, r
     with open(os.path.join(slot.mnt, "etc", "hostname")) as fh:
         assert fh.read() == "golden\n"
+    vmim("--config", cfg, "-b", slot.box, "--release")
+
+
+@pytest.mark.parametrize("clear", ["delete", "auto"])
+def test_what_the_previous_guest_left_in_lost_found_goes_with_it(vmim, slot, clear):
+    """The clear kept the filesystem's lost+found whole: a stash of the previous guest (a
+    setuid program, say) survived every restore with clear = "delete" (an attack of
+    2026-12-07). The directory stays; its content goes, as a re-make leaves it."""
+    slot.make(400, ["mkfs.ext4", "-q", "-F"])
+    cfg = slot.config(clear=clear)
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    stash = os.path.join(slot.mnt, "lost+found", "stash")
+    os.makedirs(stash)
+    with open(os.path.join(stash, "persist"), "w") as fh:
+        fh.write("still here\n")
+    with open(os.path.join(slot.mnt, "lost+found", "#12"), "w") as fh:
+        fh.write("fsck's\n")
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "golden", "--mount", "--json")
+    assert r.code == 0, r
+    step = next(s for s in json.loads(r.out)["results"][0]["steps"] if s["step"] == "restore")
+    assert step["clear"]["method"] == "delete", step
+    assert os.listdir(os.path.join(slot.mnt, "lost+found")) == []
+    vmim("--config", cfg, "-b", slot.box, "--release")
+
+
+def test_a_tree_restore_empties_lost_found_too(vmim, slot):
+    slot.make(200, ["mkfs.ext4", "-q", "-F"])
+    cfg = slot.config()
+    tree = slot.images / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("tree\n")
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    with open(os.path.join(slot.mnt, "lost+found", "left"), "w") as fh:
+        fh.write("old\n")
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "tree", "--mount")
+    assert r.code == 0, r
+    assert os.listdir(os.path.join(slot.mnt, "lost+found")) == []
+    assert sorted(os.listdir(slot.mnt)) == ["etc", "lost+found"]
     vmim("--config", cfg, "-b", slot.box, "--release")

@@ -200,6 +200,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     deletion: Optional[trash.Deletion] = None
     try:
         if fmt.is_tree:
+            tree.empty_lost_found(root)  # the previous guest's, as a clear leaves it
             with progress.watch(f"{box.name} restore", size), \
                     writeback.pushed_to_disk(root):  # the disk writes during the transfer
                 fmt.mirror(path, root)
@@ -346,7 +347,10 @@ def _choose_clear(box: Box, root: str, needs_bytes: Optional[int],
     (DELETE_BESIDE_INODES), else the re-make when the same filesystem can be made
     (vmim.disk.remake reads it and tries), else the delete."""
     slot = box.need_slot()
-    if slot.clear == "auto" and needs_bytes is not None and \
+    # what an interrupted run left in the guest and the mount could not remove (immutable
+    # entries, chattr): a delete would fail on it again, the re-make does not
+    pinned = bool(worklog.WorkLog.of(box.cfg, slot).stale(root))
+    if slot.clear == "auto" and needs_bytes is not None and not pinned and \
             trash.room_for_both(root, needs_bytes, needs_inodes):
         vfs = os.statvfs(root)
         inodes = vfs.f_files - vfs.f_ffree
