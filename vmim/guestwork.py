@@ -136,7 +136,7 @@ def call(op: str, payload: Dict[str, Any], binds: Sequence[Bind], *, caps: Caps,
     if lines:
         try:
             answer = json.loads(lines[-1])
-        except ValueError:
+        except (ValueError, RecursionError):
             answer = {}
     if failure is not None and failure.argv != sandbox.shown(inner):
         raise failure  # a feeding stage failed (the decompressor): it says why

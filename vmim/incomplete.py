@@ -55,9 +55,11 @@ def read(cfg: Config, slot: Slot) -> Optional[dict]:
             if raw is None:
                 return None
             mark = json.loads(raw)
-        except (OSError, ValueError, safedir.UnsafeDirectoryError) as exc:
+        except (OSError, ValueError, RecursionError, safedir.UnsafeDirectoryError) as exc:
             return _unreadable(slot, exc)
-    if not isinstance(mark, dict) or mark.get("disk") != slot.disk:
+    if not isinstance(mark, dict) or "disk" not in mark:
+        return _unreadable(slot, ValueError("not a restore mark"))  # assume the worst
+    if mark["disk"] != slot.disk:
         return None
     return mark
 
@@ -159,7 +161,10 @@ def read_remake(cfg: Config, slot: Slot) -> Optional[Tuple[Any, int]]:
         raise ValueError(exc.strerror or str(exc)) from None
     if raw is None:
         return None
-    doc = json.loads(raw)  # a ValueError
+    try:
+        doc = json.loads(raw)
+    except RecursionError:  # nested deeper than the decoder goes: not one write_remake wrote
+        raise ValueError("not a re-make record") from None
     if not isinstance(doc, dict) or set(doc) != {"disk", "partition", "box", "device_size",
                                                  "remake"}:
         raise ValueError("not a re-make record")

@@ -74,7 +74,7 @@ def read_record(cfg: Config, box: str) -> Dict[str, Any]:
         try:
             raw = d.read(_record_name(box))
             rec = json.loads(raw) if raw is not None else {}
-        except (OSError, ValueError, safedir.UnsafeDirectoryError) as exc:
+        except (OSError, ValueError, RecursionError, safedir.UnsafeDirectoryError) as exc:
             return {"error": str(exc)}
     return rec if isinstance(rec, dict) else {"error": "not a JSON object"}
 

@@ -265,7 +265,9 @@ class ImageStore:
             with open(self._meta_path(name), encoding="utf-8") as fh:
                 meta = json.load(fh)
             st = os.stat(self.path(name))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(meta, dict):
             return None
         if meta.get("mtime_ns") != st.st_mtime_ns or (
                 not stat.S_ISDIR(st.st_mode) and meta.get("size") != st.st_size):

@@ -151,7 +151,7 @@ class WorkLog:
                 continue
             try:
                 entry = json.loads(d.read(n) or b"")
-            except (OSError, ValueError, safedir.UnsafeDirectoryError):
+            except (OSError, ValueError, RecursionError, safedir.UnsafeDirectoryError):
                 log.warning("box %s: unreadable staging record %s: ignored", self.box,
                             os.path.join(d.path, n))
                 continue

@@ -219,3 +219,21 @@ def test_probing_a_lock_directory_that_is_missing_or_a_file_finds_no_holder(tmp_
     assert not (tmp_path / "missing").exists()  # a probe creates nothing
     (tmp_path / "file").write_text("not a directory\n")
     assert lock.holder(str(tmp_path / "file"), "web1") is None
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000, '{"a":' * 100_000, "[]", "{}", "\xff"])
+def test_a_mark_or_a_re_make_record_that_is_not_one_is_read_as_such(tmp_path, text):
+    """Nested deeper than the decoder goes, Python's json raises RecursionError, not a
+    ValueError: an internal error (exit 1) on the main of 2026-12-07. A mark that cannot be
+    read counts as a mark (the slot is not started); a record that cannot be read is a
+    ValueError, which the mount turns into exit 4 naming the file."""
+    cfg = _cfg(str(tmp_path / "state"))
+    incomplete.write(cfg, _slot(), "golden")
+    (tmp_path / "state" / "web1.incomplete").write_text(text, errors="surrogateescape")
+    mark = incomplete.read(cfg, _slot())
+    assert mark is not None and mark["image"] == "?", mark
+    incomplete.write_remake(cfg, _slot(), {"type": "ext4"}, 1 << 20)
+    with open(incomplete.remake_path(cfg, _slot()), "w", errors="surrogateescape") as fh:
+        fh.write(text)
+    with pytest.raises(ValueError):
+        incomplete.read_remake(cfg, _slot())

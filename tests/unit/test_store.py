@@ -442,3 +442,12 @@ def test_a_tree_store_never_links_another_images_file_through_a_guest_symlink(im
     _store(images, b, "bevil", "rsync")
     assert (images / "bevil" / "etc" / "passwd").read_text() == "ATTACK\n\n"
     assert (images / "atree" / "etc" / "passwd").stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000, "[1, 2]", '"x"', "{"])
+def test_metadata_that_is_not_an_object_describes_nothing(images, src, text):
+    """Nested deeper than the decoder goes (RecursionError, not a ValueError), or not an
+    object: the entry is as if it had no metadata (proven by a full read), not a crash."""
+    _store(images, src, "golden", "tgz")
+    (images / META_DIR / "golden.json").write_text(text)
+    assert ImageStore(str(images)).metadata("golden") is None
