@@ -24,11 +24,9 @@ import errno
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 from typing import IO, Dict, List, Optional, Sequence, Set, Tuple
 
-from vmim import process, sandbox
+from vmim import process, sandbox, scratch
 from vmim.archive import (
     CorruptArchive,
     Layout,
@@ -95,9 +93,8 @@ class TarFormat(StreamFormat):
         if list(paths) == ["."]:
             argv += ["--anchored", "--exclude=./lost+found"]
         argv += ["--", *paths]
-        index = tempfile.mkdtemp(prefix="vmim-index-",
-                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        try:
+        # the listing of every path of the guest: removed by the next run if this one is killed
+        with scratch.directory("index", memory=True) as index:
             stages: List[List[str]] = [sandbox.command(
                 argv, [sandbox.Bind(src_root, sandbox.SLOT),
                        sandbox.Bind(index, sandbox.DEST, writable=True)],
@@ -107,8 +104,6 @@ class TarFormat(StreamFormat):
             digest = process.pipeline(stages, stdout_path=dest, checksum=True)
             with open(os.path.join(index, "list"), "rb") as fh:
                 self.shape = shape_of_index(fh)
-        finally:
-            shutil.rmtree(index, ignore_errors=True)
         return digest
 
     def unpack_tools(self) -> List[str]:
@@ -204,28 +199,25 @@ def prove(image: str, compression: Optional[str]) -> Summary:
     unpack onto a filesystem would refuse, CommandError when the decompressor fails."""
     listing = Listing()
     data = _Echo()
-    empty = tempfile.mkdtemp(prefix="vmim-proof-")  # what --diff compares with: nothing
-
-    def sandboxed(argv: Sequence[str]) -> List[str]:
+    def sandboxed(argv: Sequence[str], empty: str) -> List[str]:
         """GNU tar reading an untrusted archive sees no host path and keeps no capability:
-        only the empty directory, read-only."""
+        only an empty directory, read-only."""
         return sandbox.command(argv, [sandbox.Bind(empty, sandbox.DEST)], caps=sandbox.NONE)
 
     try:
-        process.fan_out(image, decompressor(compression) if compression else None, [
-            process.Sink(sandboxed(PROVE_DATA), data.read, read="stderr"),
-            # --diff exits 1 for "differs": nothing is there to compare with
-            process.Sink(sandboxed([*PROVE_LINKS, f"--directory={sandbox.DEST}"]), listing.read,
-                         ok_codes=(0, 1)),
-        ])
+        with scratch.directory("proof") as empty:  # what --diff compares with: nothing
+            process.fan_out(image, decompressor(compression) if compression else None, [
+                process.Sink(sandboxed(PROVE_DATA, empty), data.read, read="stderr"),
+                # --diff exits 1 for "differs": nothing is there to compare with
+                process.Sink(sandboxed([*PROVE_LINKS, f"--directory={sandbox.DEST}"], empty),
+                             listing.read, ok_codes=(0, 1)),
+            ])
     except CommandError as exc:
         if exc.argv[0] != "tar":
             raise
         process.check_cancelled()  # a signal stopped GNU tar: say that, not this
         said = exc.stderr_tail if exc.argv[:2] == PROVE_LINKS[:2] else " ".join(data.said)
         raise CorruptArchive(refusal(said)) from None
-    finally:
-        shutil.rmtree(empty, ignore_errors=True)  # never over the error being raised
     if (data.lines, data.digest.digest()) != (listing.lines, listing.digest.digest()):
         raise CorruptArchive("GNU tar would unpack other members than it lists (a symlink, hard "
                              "link, device node or FIFO that claims data, or a sparse map that "

@@ -19,12 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from vmim import process
+from vmim import process, scratch
 from vmim.disk import Filesystem
 from vmim.errors import CommandError, ToolMissingError
 
@@ -142,9 +140,7 @@ def _summary(how: Remake) -> str:
 def try_on_file(how: Remake) -> None:
     """Run the re-make on a sparse file of the same size and compare: NotSame when mkfs
     refuses or makes something else."""
-    tmp = tempfile.mkdtemp(prefix="vmim-remake-",
-                           dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    try:
+    with scratch.directory("remake", memory=True) as tmp:  # a sparse file: little memory
         path = os.path.join(tmp, "fs")
         with open(path, "wb") as fh:
             fh.truncate(how.size)
@@ -158,8 +154,6 @@ def try_on_file(how: Remake) -> None:
             raise NotSame(str(exc)) from None
         if diff:
             raise NotSame("mkfs makes it with " + "; ".join(diff[:4]))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plan_remake(fs: Filesystem, device: str, mountpoint: str) -> Remake:
