@@ -137,6 +137,11 @@ def capabilities(caps: Caps) -> List[str]:
     return [name for name, bit in CAPABILITIES.items() if name in caps and have >> bit & 1]
 
 
+def keeps(cap: str) -> bool:
+    """Whether a sandbox given cap keeps it here (the host's bounding set has it)."""
+    return capabilities(frozenset({cap})) == [cap]
+
+
 def _bwrap() -> str:
     path = shutil.which(BWRAP)
     if path is None:

@@ -80,6 +80,7 @@ def test_mountinfo_unescapes_spaces_and_newlines():
     assert ms[0].target == "/mnt/vm/web 1" and ms[0].devno == os.makedev(98, 0)
     assert ms[0].fstype == "ext4" and ms[0].source == "/dev/loop0"
     assert ms[1].target == "/mnt/odd\nname" and ms[1].fstype == "xfs"
+    assert ms[1].super_options == ("rw", "nouuid") and ms[0].super_options == ("rw",)
     below = mounts.mounts_at("/mnt/vm/web 1", ms)
     assert [m.target for m in below] == ["/mnt/vm/web 1/proc", "/mnt/vm/web 1"]  # deepest first
 

@@ -29,5 +29,5 @@ def test_a_killed_runs_scratch_directory_goes_with_the_next_one_and_nothing_else
         assert os.path.isdir(d) and oct(os.stat(d).st_mode)[-3:] == "700"
         assert not os.path.exists(left)
     assert not os.path.exists(d)
-    assert sorted(os.listdir(tmp_path)) == ["vmim-index-%s_%s-live" % (pid, started),
+    assert sorted(os.listdir(tmp_path)) == [f"vmim-index-{pid}_{started}-live",
                                             "vmim-notes"]

@@ -39,6 +39,8 @@ class Mount:
     source: str
     tags: Tuple[str, ...] = ()  # mountinfo's optional fields: shared:N, master:N, ...
     options: Tuple[str, ...] = ()  # the per-mount options: rw, nodev, nosuid, ...
+    #: the filesystem's own options (mountinfo's last field): errors=..., resuid=N, ...
+    super_options: Tuple[str, ...] = ()
 
     @property
     def shared(self) -> bool:
@@ -63,6 +65,7 @@ def parse_mountinfo(text: str) -> List[Mount]:
             source=unescape(fields[sep + 2]),
             tags=tuple(fields[6:sep]),
             options=tuple(fields[5].split(",")),
+            super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else (),
         ))
     return out
 

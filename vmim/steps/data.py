@@ -11,7 +11,7 @@ import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from vmim import digest, incomplete, process, progress, trash, tree, worklog, writeback
+from vmim import digest, incomplete, process, progress, sandbox, trash, tree, worklog, writeback
 from vmim import disk as disk_mod
 from vmim import store as store_mod
 from vmim.archive import Summary, detect, fits, for_detected, for_name
@@ -399,10 +399,26 @@ def _check_room(root: str, summary: Any, name: str) -> None:
         return
     st = os.statvfs(root)
     size = st.f_blocks * st.f_frsize
+    what = "the slot's whole filesystem"
+    if not _reserve_usable(here):
+        size -= (st.f_bfree - st.f_bavail) * st.f_frsize
+        what = ("what the unpack may write of the slot's filesystem (not the blocks it "
+                "reserves for another user than root, without CAP_SYS_RESOURCE in this host's "
+                "capability bounding set)")
     if needs > size:
-        raise StateError(f"image '{name}' holds {human_size(needs)} of data, more than the "
-                         f"slot's whole filesystem ({human_size(size)}); the slot was not "
-                         "touched")
+        raise StateError(f"image '{name}' holds {human_size(needs)} of data, more than "
+                         f"{what} ({human_size(size)}); the slot was not touched")
+
+
+def _reserve_usable(here: Optional[mounts.Mount]) -> bool:
+    """Whether the unpack (root, in the sandbox) may write the blocks ext2/3/4 reserves:
+    with CAP_SYS_RESOURCE, or as the reserve's user (resuid: 0 unless the filesystem names
+    another, which mountinfo shows as resuid=N). (A resgid root is in is not looked at: a
+    refusal on the safe side.)"""
+    if sandbox.keeps("CAP_SYS_RESOURCE") or here is None:
+        return True
+    ids = dict(o.split("=", 1) for o in here.super_options if "=" in o)
+    return ids.get("resuid", "0") == "0"
 
 
 def _recorded_shape(meta: Optional[Dict[str, Any]]) -> Optional[Summary]:
