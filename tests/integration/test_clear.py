@@ -536,3 +536,30 @@ def test_an_image_that_needs_the_reserve_is_refused_before_the_clear_where_it_ca
         with open(os.path.join(slot.mnt, "marker")) as fh:
             assert fh.read() == "before\n"
     vmim("--config", cfg, "-b", slot.box, "--release")
+
+
+def test_a_cpio_image_larger_than_the_slot_is_refused_before_the_clear(vmim, slot):
+    """newc stores every byte; the proof now counts the data its extractor writes (not its
+    zero blocks): 60 MiB of data into a 54.7 MiB filesystem is refused, the slot untouched
+    (it was cleared, then ran out of space: an attack of 2026-12-07)."""
+    import subprocess
+
+    from tests.archives import newc_of
+
+    slot.make(64, ["mkfs.ext4", "-q", "-F"])
+    cfg = slot.config()
+    body = b"\x01" * (60 * MiB)
+    (slot.images / "big").write_bytes(subprocess.run(
+        ["zstd", "-q", "-c"], input=newc_of([(3, 0o100644, 1, b"big", body)]),
+        capture_output=True, check=True).stdout)
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    with open(os.path.join(slot.mnt, "marker"), "w") as fh:
+        fh.write("before\n")
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "big", "--mount")
+    assert r.code == 4 and "more than" in r.err and "not touched" in r.err, r
+    r = vmim("--config", cfg, "-b", slot.box, "--mount")
+    assert r.code == 0, r
+    with open(os.path.join(slot.mnt, "marker")) as fh:
+        assert fh.read() == "before\n"
+    vmim("--config", cfg, "-b", slot.box, "--release")

@@ -261,3 +261,20 @@ def test_a_nul_inside_a_name_or_a_symlink_target_is_refused_by_the_proof_and_the
     out.mkdir()
     with pytest.raises(newc.UnsafeMember, match="NUL"):
         newc.extract(io.BytesIO(data), str(out))
+
+
+def test_the_proof_counts_the_data_the_extractor_writes_but_its_holes(tmp_path):
+    """cpio stores a sparse file's holes as zeros, which the extractor leaves holes: the proof
+    counts what it writes (a lower bound of the space the unpack takes), so that an image
+    that cannot fit is refused before the slot is cleared (a cpio.zst of 350 MiB into a
+    300 MiB slot cleared it, then failed: an attack of 2026-12-07)."""
+    block = newc.BLOCK
+    body = b"x" * (2 * block) + bytes(5 * block) + b"y" * 100
+    data = newc_of([(3, REG, 1, b"f", body), (4, REG, 1, b"zeros", bytes(3 * newc.CHUNK))])
+    assert newc.check(io.BytesIO(data)).needs_bytes == 2 * block + 100
+    out = tmp_path / "out"
+    out.mkdir()
+    newc.extract(io.BytesIO(data), str(out))
+    assert (out / "f").read_bytes() == body
+    assert (out / "f").stat().st_blocks * 512 >= 2 * block + 100
+    assert (out / "zeros").stat().st_blocks == 0

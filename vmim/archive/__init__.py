@@ -74,8 +74,8 @@ class Summary:
     """What a full read of an archive's structure found."""
 
     members: int
-    #: bytes of member data the unpack must write (a lower bound of the space it needs), where
-    #: the format says it (tar stores holes as holes; cpio stores them as zeros: None)
+    #: bytes of member data the unpack must write (a lower bound of the space it needs): tar's
+    #: data but its holes; newc's but the zero blocks its extractor leaves holes; None: unknown
     needs_bytes: Optional[int]
     #: some member carries a POSIX ACL as an ACL record of its own (GNU tar's --acls: SCHILY.acl),
     #: which the unpack must apply as such (a tar member's ACL may also, or only, be a

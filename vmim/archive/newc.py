@@ -272,23 +272,50 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def _write_sparse(fd: int, chunk: bytes) -> None:
-    """Write chunk at fd's offset, leaving every zero BLOCK as a hole (chunks start on a block
-    boundary of the file: CHUNK is a multiple of BLOCK)."""
+def _data_runs(chunk: bytes) -> List[Tuple[int, int]]:
+    """The (start, end) runs of chunk the extractor writes: all but every zero BLOCK, which
+    it leaves a hole (chunks start on a block boundary of the file: CHUNK is a multiple of
+    BLOCK). The proof counts what they hold (check) as the unpack writes them."""
     if chunk == ZEROS[: len(chunk)]:
-        os.lseek(fd, len(chunk), os.SEEK_CUR)
-        return
+        return []
     view = memoryview(chunk)
-    start = 0  # the start of the data run not yet written
+    runs = []
+    start = 0  # the start of the data run not yet closed
     for at in range(0, len(chunk), BLOCK):
         block = view[at:at + BLOCK]
         if len(block) == BLOCK and block == ZERO_BLOCK:
             if start < at:
-                _write_all(fd, view[start:at])
-            os.lseek(fd, BLOCK, os.SEEK_CUR)
+                runs.append((start, at))
             start = at + BLOCK
     if start < len(chunk):
-        _write_all(fd, view[start:])
+        runs.append((start, len(chunk)))
+    return runs
+
+
+def _write_sparse(fd: int, chunk: bytes) -> None:
+    """Write chunk at fd's offset, leaving every zero BLOCK as a hole (_data_runs)."""
+    view = memoryview(chunk)
+    at = 0
+    for start, end in _data_runs(chunk):
+        if start > at:
+            os.lseek(fd, start - at, os.SEEK_CUR)
+        _write_all(fd, view[start:end])
+        at = end
+    if at < len(chunk):
+        os.lseek(fd, len(chunk) - at, os.SEEK_CUR)
+
+
+def _data_bytes(stream: IO[bytes], size: int) -> int:
+    """Read past a regular file's data (and its padding): the bytes the extractor writes of it
+    (not its zero blocks)."""
+    written = 0
+    left = size
+    while left:
+        chunk = _read_exact(stream, min(CHUNK, left))
+        written += sum(end - start for start, end in _data_runs(chunk))
+        left -= len(chunk)
+    _skip(stream, _pad(size), exact=True)
+    return written
 
 
 FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
@@ -363,13 +390,15 @@ def check(stream: IO[bytes]) -> Summary:
     extractor would refuse (unsafe names, unknown types): CorruptArchive or UnsafeMember."""
     members = 0
     longest_symlink = 0
+    data = 0  # bytes of file data the extractor writes (not its holes): a lower bound
     layout = Layout("cpio member")
     links: Dict[Key, List[str]] = {}  # as Extractor.groups: the names of a group, first first
     while True:
         h, name = read_header(stream)
         if name == TRAILER:
-            # zero blocks become holes: sizes bound nothing, nor the largest file (4 GiB)
-            return Summary(members, None, inodes=layout.inodes,
+            # zero blocks become holes: sizes bound nothing, nor the largest file (4 GiB);
+            # the data written does (a lower bound: its blocks, directories, inodes come on top)
+            return Summary(members, data or None, inodes=layout.inodes,
                            longest_component=layout.longest_component,
                            longest_symlink=longest_symlink, most_links=layout.most_links)
         parts = _components(name)
@@ -403,6 +432,8 @@ def check(stream: IO[bytes]) -> Summary:
         if fmt == stat.S_IFLNK:  # its target, read as the unpack reads it
             symlink_target(stream, name, h["filesize"])
             _skip(stream, _pad(h["filesize"]), exact=True)
+        elif fmt == stat.S_IFREG:
+            data += _data_bytes(stream, h["filesize"])
         else:
             _skip(stream, h["filesize"])
         members += 1
