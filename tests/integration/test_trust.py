@@ -223,6 +223,9 @@ def test_a_restore_that_fails_half_way_marks_the_slot_too(vmim, rig, domains):
     assert r.code == 6, r
     r = vmim("-b", rig.names["small"], "-u", "--config", rig.cfg)
     assert r.code == 4 and "restore of 'big'" in r.err, r
+    # a store of it keeps what is there, and says it is incomplete (silent before)
+    r = vmim("-b", rig.names["small"], "-s", "half", "--release", "--config", rig.cfg)
+    assert r.code == 0 and "its filesystem is incomplete" in r.err, r
 
 
 # ------------------------------------------------------------------ cpio and big files

@@ -163,6 +163,10 @@ def store(box: Box, step: Step, rec: StepResult) -> str:
     st = box.store("vmimages")
     store_mod.validate_name(name)
     _refuse_base_in_use(box, st, name)
+    mark = incomplete.read(box.cfg, box.need_slot())
+    if mark is not None:  # stored as it is (what is there may be wanted), but said
+        log.warning("box %s: %s: its filesystem is incomplete, and the image '%s' is what is "
+                    "there", box.name, incomplete.describe(mark), safe(name))
     if step.whole:
         return wholedisk.store(box, st, name, rec, _meta(box))
     root = _root(box)
