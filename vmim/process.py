@@ -79,19 +79,74 @@ def popen(argv: Sequence[str], *, daemon: bool = False, **kwargs: Any) -> subpro
             filter_fd = seccomp.fd()
             argv[argv.index(SECCOMP_FD)] = str(filter_fd)
             kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), filter_fd)
-        return subprocess.Popen(dies_with_run(argv, env.get("PATH", os.defpath)), env=env,
-                                start_new_session=True, **kwargs)
+        with _starting() as deferred:
+            proc = subprocess.Popen(dies_with_run(argv, env.get("PATH", os.defpath)), env=env,
+                                    start_new_session=True, **kwargs)
+            with _live_lock:
+                _live.add(proc)  # from its start: stop_live() finds it whatever comes next
     except FileNotFoundError:
         raise ToolMissingError(argv[0]) from None
     finally:
         if filter_fd is not None:
             os.close(filter_fd)
+    if deferred:  # a signal came while it started: it is stopped, and the signal raised now
+        from vmim.errors import Interrupted
+
+        stop(proc)
+        raise Interrupted(deferred[0])
+    return proc
+
+
+# A signal raises Interrupted in the main thread wherever it is (vmim.frontend): inside
+# subprocess.Popen, after the fork, the new command was left running and known to nobody —
+# it went on writing into the slot while the run released it, and the release failed (the
+# fleet's frozen-worker test, 2026-12-07). While the main thread starts a command the signal
+# is deferred (defer_signal), and raised once the command is registered.
+_start_depth = 0
+_deferred: List[int] = []
+
+
+@contextlib.contextmanager
+def _starting() -> Iterator[List[int]]:
+    global _start_depth
+    main = threading.current_thread() is threading.main_thread()
+    taken: List[int] = []
+    if main:
+        _start_depth += 1
+    try:
+        yield taken
+    finally:
+        if main:
+            _start_depth -= 1
+            if not _start_depth and _deferred:
+                taken.extend(_deferred)
+                _deferred.clear()
+
+
+def defer_signal(signum: int) -> bool:
+    """For the signal handler (main thread): True when the main thread is starting a command,
+    and the signal is to be raised once it is registered."""
+    if _start_depth:
+        _deferred.append(signum)
+        return True
+    return False
+
+
+def stop_live() -> None:
+    """Stop every command still registered (started and not yet ended): a run interrupted
+    between a command's start and its tracking leaves none running behind its cleanup."""
+    with _live_lock:
+        procs = list(_live)
+    for p in procs:
+        stop(p)
 
 
 def stop(proc: subprocess.Popen) -> None:
     """Stop a command started by popen() and everything in its process group, and return only
     once all of it is gone: nothing it forked writes on behind our back (into an image being
     removed, or a filesystem being unmounted)."""
+    with _live_lock:
+        _live.discard(proc)
     # The group id is the leader's pid: it cannot name another group while the leader is not
     # yet reaped, nor while members of its own group live; once both are gone it may be reused.
     if proc.returncode is None:
@@ -242,8 +297,7 @@ def read_head(argv: Sequence[str], nbytes: int) -> bytes:
             got += len(chunk)
     finally:
         proc.stdout.close()
-        if proc.poll() is None:
-            stop(proc)
+        stop(proc)  # running or not: it is no longer registered either
     return b"".join(chunks)
 
 

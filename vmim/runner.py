@@ -24,6 +24,7 @@ from vmim.errors import (
     CleanupError,
     ConfigError,
     HostEnvironmentError,
+    Interrupted,
     LockBusyError,
     StateError,
     VmimError,
@@ -92,6 +93,8 @@ def _run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
                     rec.message = steps[step.name](box, step, rec)
     except VmimError as exc:
         result.error = exc
+        if isinstance(exc, Interrupted):
+            process.stop_live()  # a command started as the signal came: before the release
         _release_after_failure(box, plan, result)
     finally:
         _keep_or_let_go(box, say=result.error is None)

@@ -349,3 +349,29 @@ def test_a_sandboxed_command_is_handed_no_host_file_that_has_a_name(tmp_path):
             os.close(fd)
         a.close()
         b.close()
+
+
+def test_a_signal_while_a_command_starts_stops_that_command(monkeypatch):
+    """The handler raises Interrupted in the main thread wherever it is: inside
+    subprocess.Popen, after the fork, the command was left running and known to nobody, and
+    wrote on into a slot the run was releasing (the fleet's frozen-worker test failed on it,
+    2026-12-07). The signal waits until the command is registered, which is then stopped."""
+    import signal
+
+    from vmim import frontend, process
+    from vmim.errors import Interrupted
+
+    real = subprocess.Popen
+    started = []
+
+    def popen_then_signal(*args, **kwargs):
+        proc = real(*args, **kwargs)
+        started.append(proc)
+        frontend._raise_interrupt(signal.SIGTERM, None)  # the handler, mid-start
+        return proc
+
+    monkeypatch.setattr(process.subprocess, "Popen", popen_then_signal)
+    with pytest.raises(Interrupted):
+        process.run(["sleep", "30"])
+    assert started and started[0].poll() is not None  # stopped, not left running
+    assert not process._live
