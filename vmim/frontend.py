@@ -122,9 +122,9 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
-    from vmim import process
+    from vmim import signals
 
-    if process.defer_signal(signum):  # a command is starting: raised once it is registered
+    if signals.defer_signal(signum):  # a command is starting: raised once it is registered
         return
     raise Interrupted(signum)
 

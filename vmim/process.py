@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
-from vmim import handoff, procscan, progress
+from vmim import handoff, procscan, progress, signals
 from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
 from vmim.hashcopy import copy_hashing
 from vmim.stages import said_on_success, wait_stages
@@ -79,7 +79,7 @@ def popen(argv: Sequence[str], *, daemon: bool = False, **kwargs: Any) -> subpro
             filter_fd = seccomp.fd()
             argv[argv.index(SECCOMP_FD)] = str(filter_fd)
             kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), filter_fd)
-        with _starting() as deferred:
+        with signals.starting() as deferred:
             proc = subprocess.Popen(dies_with_run(argv, env.get("PATH", os.defpath)), env=env,
                                     start_new_session=True, **kwargs)
             with _live_lock:
@@ -89,52 +89,14 @@ def popen(argv: Sequence[str], *, daemon: bool = False, **kwargs: Any) -> subpro
     finally:
         if filter_fd is not None:
             os.close(filter_fd)
-    if deferred:  # a signal came while it started: it is stopped, and the signal raised now
-        from vmim.errors import Interrupted
-
+    if deferred:  # a signal came while it started (vmim.signals): stopped, the signal raised
         stop(proc)
-        raise Interrupted(deferred[0])
+        raise signals.Interrupted(deferred[0])
     return proc
 
 
-# A signal raises Interrupted in the main thread wherever it is (vmim.frontend): inside
-# subprocess.Popen, after the fork, the new command was left running and known to nobody —
-# it went on writing into the slot while the run released it, and the release failed (the
-# fleet's frozen-worker test, 2026-12-07). While the main thread starts a command the signal
-# is deferred (defer_signal), and raised once the command is registered.
-_start_depth = 0
-_deferred: List[int] = []
-
-
-@contextlib.contextmanager
-def _starting() -> Iterator[List[int]]:
-    global _start_depth
-    main = threading.current_thread() is threading.main_thread()
-    taken: List[int] = []
-    if main:
-        _start_depth += 1
-    try:
-        yield taken
-    finally:
-        if main:
-            _start_depth -= 1
-            if not _start_depth and _deferred:
-                taken.extend(_deferred)
-                _deferred.clear()
-
-
-def defer_signal(signum: int) -> bool:
-    """For the signal handler (main thread): True when the main thread is starting a command,
-    and the signal is to be raised once it is registered."""
-    if _start_depth:
-        _deferred.append(signum)
-        return True
-    return False
-
-
 def stop_live() -> None:
-    """Stop every command still registered (started and not yet ended): a run interrupted
-    between a command's start and its tracking leaves none running behind its cleanup."""
+    """Stop every command started and not ended: none runs on behind an interrupted run."""
     with _live_lock:
         procs = list(_live)
     for p in procs:
