@@ -143,6 +143,11 @@ class Fleet:
             time.sleep(0.05)
         raise AssertionError(f"worker {host} did not log {text!r}:\n" + open(logpath).read())
 
+    def log_since(self, host: str, start_at: int) -> str:
+        with open(self.logs[host]) as fh:
+            fh.seek(start_at)
+            return fh.read()
+
     def log_size(self, host: str) -> int:
         return os.path.getsize(self.logs[host])
 

@@ -180,8 +180,10 @@ def test_a_frozen_worker_loses_its_job_to_another_and_aborts_its_copy(fleet, big
         fleet.wait_log("h1", "worker h1: ready", at)
         deadline = time.monotonic() + 30
         while is_mounted(fleet.mount_of("h1a")):
-            assert time.monotonic() < deadline, "the frozen worker's copy was not aborted"
+            assert time.monotonic() < deadline, \
+                "the frozen worker's copy was not aborted; its log:\n" + fleet.log_since("h1", at)
             time.sleep(0.1)
+        fleet.wait_log("h1", "aborted; its command exited", at)  # no client hears of it
     finally:
         for box in others:
             fleet.vmim("-b", box, "--release")
