@@ -144,6 +144,9 @@ class Children:
             return protocol.error_result(
                 f"cannot start the job: {exc}", host,
                 exc.exit_code if isinstance(exc, VmimError) else EXIT_ENVIRONMENT, job.box)
+        if job.aborted:  # no client hears of it: what its command said stays in this log
+            log.warning("job %s: box %s: aborted; its command exited %s%s", job.job_id,
+                        job.box, code, "".join(f"\n  {line.rstrip()}" for line in lines[-20:]))
         doc["host"] = host
         if job.any_free:  # the slot claimed for it
             doc["claimed"] = job.box

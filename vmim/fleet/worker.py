@@ -418,10 +418,6 @@ class Worker:
             log.exception("job %s: box %s: the worker failed to run it", job.job_id, job.box)
             reply = protocol.error_result(f"the worker failed to run the job: {exc!r}",
                                           self.host, EXIT_FAILED, job.box)
-        if job.aborted:  # no client hears of it: what its command said stays in this log
-            log.warning("job %s: box %s: aborted; its command exited %s%s", job.job_id,
-                        job.box, reply.exit_code,
-                        "".join(f"\n  {line.rstrip()}" for line in reply.stderr[-20:]))
         self.events.put(("reply", job, reply))
 
     def _reply_now(self, job: Job, reply: protocol.Reply) -> None:
