@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, TextIO
 
-from vmim import fleet
+from vmim import fleet, signals
 from vmim.config import Config
 from vmim.domain import Hypervisor
 from vmim.errors import (
@@ -193,7 +193,8 @@ def run_parallel(req: Request, cfg: Config, hv: Hypervisor, options: Options, jo
     with ThreadPoolExecutor(max_workers=min(jobs, len(req.boxes))) as pool:
         futures = [pool.submit(run_box, cfg, box, hv, req, options) for box in req.boxes]
         try:
-            return [f.result() for f in futures]
+            with signals.waiting():
+                return [f.result() for f in futures]
         except Interrupted as exc:
             process.cancel_all(exc.signum)
             results = [f.result() for f in futures]

@@ -16,6 +16,7 @@ import hashlib
 import logging
 from typing import Any, Dict, Optional, Tuple
 
+from vmim import signals
 from vmim.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def of_file(path: str, algorithm: str) -> str:
         h = new(algorithm)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
+    with open(path, "rb", buffering=0) as fh, signals.waiting():
         while True:
             n = fh.readinto(buf)
             if not n:

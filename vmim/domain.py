@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from vmim import signals
 from vmim.errors import ConfigError, HostEnvironmentError, OperationError, StateError
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class Hypervisor:
         while self._state(dom) not in ("running", "blocked"):
             if time.monotonic() > deadline:
                 raise OperationError(f"box '{name}': domain not running {wait:.0f} s after start")
-            time.sleep(0.1)
+            signals.sleep(0.1)
         return "started"
 
     def set_vcpus(self, dom: Any, vcpus: int) -> None:
@@ -267,7 +268,7 @@ class Hypervisor:
                         break
                     log.debug("shutdown request to %s failed: %s", name, exc)
                 last_request = now
-            time.sleep(0.2)
+            signals.sleep(0.2)
         return f"shut down in {time.monotonic() - started:.1f} s"
 
     def _call(self, name: str, what: str, fn: Any) -> Any:

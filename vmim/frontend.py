@@ -124,9 +124,7 @@ def setup_logging(verbose: int, quiet: int, log_config: Optional[str],
 def _raise_interrupt(signum: int, _frame: Any) -> None:
     from vmim import signals
 
-    if signals.defer_signal(signum):  # a command is starting: raised once it is registered
-        return
-    raise Interrupted(signum)
+    signals.on_signal(signum)  # raised where the run waits, else kept until it does
 
 
 def _install_signal_handlers() -> Dict[int, Any]:
@@ -147,6 +145,9 @@ def run_invocation(get: Callable[[], Invocation], stdout: Optional[TextIO] = Non
     # every control but newline and tab escaped, whatever wrote it (terminal.EscapingStream):
     # --json is unchanged (json.dumps writes controls as \u escapes)
     out = escaping(stdout or sys.stdout)
+    from vmim import signals
+
+    signals.reset()
     old_handlers = _install_signal_handlers()
     doc: Dict[str, Any] = {"version": __version__}
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 from urllib.parse import quote
 
-from vmim import safedir
+from vmim import safedir, signals
 from vmim.errors import HostEnvironmentError, LockBusyError
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,13 @@ def slot_lock(lockdir: str, box: str, wait: float = 0) -> Iterator[None]:
                     # which dies with it (vmim.process) in a moment
                     grace = time.monotonic() + LOCK_GRACE
                 if not _alive(held) and time.monotonic() < (grace or 0):
-                    time.sleep(0.01)
+                    signals.sleep(0.01)
                     continue
                 who = f"pid {held.pid} ({held.command})" if held else "another command"
                 raise LockBusyError(
                     f"box '{box}' is locked by {who}; try again later or wait with --lock-wait S"
                 )
-            time.sleep(POLL)
+            signals.sleep(POLL)
         record = f"{os.getpid()}\n".encode() + b" ".join(map(os.fsencode, sys.argv)) + b"\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)

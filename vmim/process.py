@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Set
 
 from vmim import handoff, procscan, progress, signals
-from vmim.errors import CommandError, OutputWriteError, ToolMissingError, quote_argv
-from vmim.hashcopy import copy_hashing
-from vmim.stages import said_on_success, wait_stages
+from vmim.errors import CommandError, ToolMissingError, quote_argv
+from vmim.stages import pipeline_data, said_on_success
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +78,15 @@ def popen(argv: Sequence[str], *, daemon: bool = False, **kwargs: Any) -> subpro
             filter_fd = seccomp.fd()
             argv[argv.index(SECCOMP_FD)] = str(filter_fd)
             kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), filter_fd)
-        with signals.starting() as deferred:
-            proc = subprocess.Popen(dies_with_run(argv, env.get("PATH", os.defpath)), env=env,
-                                    start_new_session=True, **kwargs)
-            with _live_lock:
-                _live.add(proc)  # from its start: stop_live() finds it whatever comes next
+        proc = subprocess.Popen(dies_with_run(argv, env.get("PATH", os.defpath)), env=env,
+                                start_new_session=True, **kwargs)
+        with _live_lock:
+            _live.add(proc)  # from its start: stop_live() finds it whatever comes next
     except FileNotFoundError:
         raise ToolMissingError(argv[0]) from None
     finally:
         if filter_fd is not None:
             os.close(filter_fd)
-    if deferred:  # a signal came while it started (vmim.signals): stopped, the signal raised
-        stop(proc)
-        raise signals.Interrupted(deferred[0])
     return proc
 
 
@@ -178,7 +173,8 @@ def run(
     )
     with track(proc):
         try:
-            stdout, stderr = proc.communicate(input=input, timeout=timeout)
+            with signals.waiting():
+                stdout, stderr = proc.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
             stop(proc)
             proc.communicate()
@@ -232,7 +228,9 @@ def reset_cancel() -> None:
 
 
 def check_cancelled() -> None:
-    """Raise Interrupted in a worker whose command was cancelled (between steps)."""
+    """Between steps: raise Interrupted for a signal kept until now (vmim.signals), and in a
+    worker thread whose command was cancelled."""
+    signals.check()
     if _cancelled:
         from vmim.errors import Interrupted
 
@@ -251,12 +249,13 @@ def read_head(argv: Sequence[str], nbytes: int) -> bytes:
     chunks = []
     got = 0
     try:
-        while got < nbytes:
-            chunk = proc.stdout.read(nbytes - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
+        with signals.waiting():
+            while got < nbytes:
+                chunk = proc.stdout.read(nbytes - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
     finally:
         proc.stdout.close()
         stop(proc)  # running or not: it is no longer registered either
@@ -287,9 +286,10 @@ def output_of(argv: Sequence[str]) -> Iterator[IO[bytes]]:
         assert proc.stdout is not None
         with track(proc), proc.stdout:
             try:
-                yield proc.stdout
-                while proc.stdout.read(1 << 20):  # a compression's own check sits at its end
-                    pass
+                with signals.waiting():  # the body reads: a signal may stop it
+                    yield proc.stdout
+                    while proc.stdout.read(1 << 20):  # a compression's own check: at its end
+                        pass
             except Exception:
                 try:
                     code = proc.wait(timeout=0.5)
@@ -353,7 +353,6 @@ def pipeline(
         try:
             prev: Any = subprocess.PIPE if stdin_path and boxed[0] else fin
             hashing = stdout_path is not None and (checksum or boxed[-1])
-            digest: Optional[str] = None
             for i, argv in enumerate(stages):
                 last = i == len(stages) - 1
                 try:
@@ -374,23 +373,11 @@ def pipeline(
                 prev = p.stdout
                 procs.append(p)
                 files.enter_context(track(p, progress_too=i == watch_stage))
-            if hashing:
-                output = procs[-1].stdout
-                assert output is not None
-                try:
-                    with output:
-                        digest = copy_hashing(output, fout.fileno())
-                except OSError as exc:  # a full disk
-                    raise OutputWriteError(names[-1], str(stdout_path),
-                                           exc.strerror or str(exc)) from None
-            if reader is not None:
-                output = procs[-1].stdout
-                assert output is not None
-                with output:
-                    reader(output)
-            blamed = wait_stages(procs, stop)
-            if feeder is not None:
-                feeder.join()
+            with signals.waiting():  # every stage started and known: a signal may stop them
+                digest, blamed = pipeline_data(procs, names, hashing, reader, fout,
+                                              stdout_path, stop)
+                if feeder is not None:
+                    feeder.join()
             if unread:  # the image could not be read to its end (EIO): the stage saw a short
                 raise unread[0]  # input, which may end on a member boundary and exit 0
         except BaseException:
@@ -474,15 +461,16 @@ def fan_out(stdin_path: str, source: Optional[Sequence[str]], sinks: Sequence[Si
                 t = threading.Thread(target=_drain, args=(sink, out, p, failed), daemon=True)
                 t.start()
                 threads.append(t)
-            cut_short = feed is not None and not handoff.copy_into(
-                feed, [p.stdin for p in procs], failed)
-            for t in threads:
-                t.join()
-            if src is not None:
-                if cut_short:  # nobody reads on: the rest of the stream is of no use
-                    stop(src)
-                src.wait()
-            codes = [p.wait() for p in procs]
+            with signals.waiting():  # every command started and known: a signal may stop them
+                cut_short = feed is not None and not handoff.copy_into(
+                    feed, [p.stdin for p in procs], failed)
+                for t in threads:
+                    t.join()
+                if src is not None:
+                    if cut_short:  # nobody reads on: the rest of the stream is of no use
+                        stop(src)
+                    src.wait()
+                codes = [p.wait() for p in procs]
         except BaseException:
             for p in [*procs, *([src] if src else [])]:
                 stop(p)

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import threading
 import time
-from typing import IO, Callable, Iterator, Optional, Sequence
+from typing import IO, Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+from vmim import errors, hashcopy
 
 log = logging.getLogger("vmim.process")
 
@@ -87,3 +89,27 @@ def said_on_success(name: Sequence[str], err: IO[bytes]) -> None:
         log.warning("%s: %s", prog, rest if sep and os.path.basename(said) == tool else line.strip())
     if len(lines) > WARNING_LINES:
         log.warning("%s: (%d more lines like these)", prog, len(lines) - WARNING_LINES)
+
+
+def pipeline_data(procs: List[subprocess.Popen], names: Sequence[Any], hashing: bool,
+                  reader: Optional[Callable[[IO[bytes]], None]], fout: Any,
+                  stdout_path: Optional[str], stop: Callable[[subprocess.Popen], None]
+                  ) -> Tuple[Optional[str], Optional[int]]:
+    """pipeline()'s data phase: the last stage's output hashed into fout or given to reader,
+    then every stage waited for. Returns the digest and the stage to blame."""
+    digest: Optional[str] = None
+    if hashing:
+        output = procs[-1].stdout
+        assert output is not None
+        try:
+            with output:
+                digest = hashcopy.copy_hashing(output, fout.fileno())
+        except OSError as exc:  # a full disk
+            raise errors.OutputWriteError(names[-1], str(stdout_path),
+                                          exc.strerror or str(exc)) from None
+    if reader is not None:
+        output = procs[-1].stdout
+        assert output is not None
+        with output:
+            reader(output)
+    return digest, wait_stages(procs, stop)

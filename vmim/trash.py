@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Optional
 
-from vmim import tree, worklog
+from vmim import signals, tree, worklog
 from vmim.errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class Deletion:
 
     def wait(self) -> None:
         """Wait for the deletion; raise what it failed with."""
-        self._thread.join()
+        with signals.waiting():  # interrupted, finish_quietly() waits for it to end
+            self._thread.join()
         self._waited = True
         if isinstance(self.error, CommandError) and \
                 "Operation not permitted" in self.error.stderr_tail:

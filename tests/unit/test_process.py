@@ -352,13 +352,13 @@ def test_a_sandboxed_command_is_handed_no_host_file_that_has_a_name(tmp_path):
 
 
 def test_a_signal_while_a_command_starts_stops_that_command(monkeypatch):
-    """The handler raises Interrupted in the main thread wherever it is: inside
-    subprocess.Popen, after the fork, the command was left running and known to nobody, and
-    wrote on into a slot the run was releasing (the fleet's frozen-worker test failed on it,
-    2026-12-07). The signal waits until the command is registered, which is then stopped."""
+    """Raised inside subprocess.Popen, after the fork, the signal left the command running
+    and known to nobody: it wrote on into a slot the run was releasing (2026-12-07). It is
+    kept until the run waits (vmim.signals), for the command: then it is raised, and the
+    command stopped."""
     import signal
 
-    from vmim import frontend, process
+    from vmim import frontend, process, signals
     from vmim.errors import Interrupted
 
     real = subprocess.Popen
@@ -371,7 +371,49 @@ def test_a_signal_while_a_command_starts_stops_that_command(monkeypatch):
         return proc
 
     monkeypatch.setattr(process.subprocess, "Popen", popen_then_signal)
-    with pytest.raises(Interrupted):
-        process.run(["sleep", "30"])
+    signals.reset()
+    try:
+        with pytest.raises(Interrupted):
+            process.run(["sleep", "30"])
+    finally:
+        signals.reset()
     assert started and started[0].poll() is not None  # stopped, not left running
     assert not process._live
+
+
+def test_a_signal_is_raised_only_where_the_run_waits_and_only_once(tmp_path, monkeypatch):
+    """The handler ran inside Thread.start() of the writeback pusher, after its descriptor of
+    the slot was open and before the `try` that closes it: the descriptor stayed open and the
+    release found the slot busy (the fleet's frozen-worker test, 2026-12-07). Outside a wait
+    the signal is kept; the next wait raises it; once raised, later signals are kept for good
+    (the clean-up runs to its end)."""
+    import signal
+    import threading
+
+    from vmim import frontend, process, signals, writeback
+    from vmim.errors import Interrupted
+
+    real_start = threading.Thread.start
+
+    def start_then_signal(self):
+        real_start(self)
+        if self.name == writeback.THREAD_NAME:
+            frontend._raise_interrupt(signal.SIGTERM, None)  # the handler, mid-start
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_signal)
+    signals.reset()
+    try:
+        with writeback.pushed_to_disk(str(tmp_path)):
+            assert signals.pending()  # kept: the body runs on
+        assert not [t for t in threading.enumerate() if t.name == writeback.THREAD_NAME]
+        assert not [fd for fd in os.listdir("/proc/self/fd")
+                    if os.path.realpath(f"/proc/self/fd/{fd}") == str(tmp_path)]
+        with pytest.raises(Interrupted):
+            process.check_cancelled()  # between steps: raised
+        frontend._raise_interrupt(signal.SIGINT, None)  # a second one, outside a wait
+        frontend._raise_interrupt(signal.SIGINT, None)  # ... and inside one
+        assert process.run(["true"]).returncode == 0  # the clean-up's commands still run
+        with signals.waiting():
+            frontend._raise_interrupt(signal.SIGINT, None)
+    finally:
+        signals.reset()

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, TextIO, Tuple
 
-from vmim import fleet
+from vmim import fleet, signals
 from vmim.config import Config
 from vmim.errors import (
     EXIT_OK,
@@ -90,7 +90,7 @@ class Client:
             if self.shared == topology.DECLARED:  # workers may be waiting for them: one look
                 log.info("declared the fleet's exchanges at %s; giving waiting workers %.0f s "
                          "to bind", spec.shown, FRESH_WAIT)
-                time.sleep(FRESH_WAIT)
+                signals.sleep(FRESH_WAIT)
         except topology.Mismatch as exc:
             raise HostEnvironmentError(f"the broker at {spec.shown}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - socket, AMQP, TLS errors and refusals alike
@@ -232,7 +232,7 @@ class Client:
                     raise transport.BrokerLost(
                         f"lost the broker at {self.spec.shown} and it did not come back "
                         f"within {patience:.0f} s: {exc}") from None
-                time.sleep(1.0)
+                signals.sleep(1.0)
 
     def wait(self, until: float) -> Optional[Tuple[str, protocol.Reply]]:
         """The next reply, or None when `until` (monotonic) has passed; a lost broker is
@@ -244,7 +244,8 @@ class Client:
             if now >= until:
                 return None
             try:
-                self.conn.drain_events(timeout=max(0.01, min(0.2, until - now)))
+                with signals.waiting():  # a client holds nothing of a host: Ctrl-C stops it
+                    self.conn.drain_events(timeout=max(0.01, min(0.2, until - now)))
             except socket.timeout:
                 pass
             except Exception as exc:
