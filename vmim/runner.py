@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Callable, Dict, Optional, Tuple, Type
 
-from vmim import lease, lock, process, procscan, stages, standby
+from vmim import lease, lock, process, procscan, signals, stages, standby
 from vmim.config import Config
 from vmim.disk import hold
 from vmim.domain import Hypervisor
@@ -93,11 +93,13 @@ def _run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
                     rec.message = steps[step.name](box, step, rec)
     except VmimError as exc:
         result.error = exc
-        if isinstance(exc, Interrupted):
-            process.stop_live()  # a command started as the signal came: before the release
-        _release_after_failure(box, plan, result)
+        with signals.kept():  # the clean-up is not cut short by a signal (vmim.signals)
+            if isinstance(exc, Interrupted):
+                process.stop_live()  # a command started as the signal came: before the release
+            _release_after_failure(box, plan, result)
     finally:
-        _keep_or_let_go(box, say=result.error is None)
+        with signals.kept():
+            _keep_or_let_go(box, say=result.error is None)
     return result
 
 

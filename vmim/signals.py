@@ -13,7 +13,9 @@ a thread, a lock, a domain, or around reading and copying a stream — code that
 it would have to give back. Anywhere else it is kept, and raised at the next `waiting()` or
 `check()` (between the steps of a run, and in loops that compute without waiting). Once one
 was raised the run is ending: the signals that come after are kept and never raised, so that
-its clean-up (the release, the unmount) runs to its end.
+its clean-up (the release, the unmount) runs to its end. So is a clean-up after any other
+failure (`kept()`): a job whose lease ran out met the SIGTERM of its worker in the unmount of
+the release after that failure, and left the slot mounted.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Iterator, List
 
 from vmim.errors import Interrupted
 
-__all__ = ["Interrupted", "on_signal", "check", "waiting", "pending", "reset"]
+__all__ = ["Interrupted", "on_signal", "check", "waiting", "kept", "pending", "reset"]
 
 _waiting = 0
+_kept = 0
 _pending: List[int] = []
 _raised: List[int] = []
 
@@ -38,7 +41,7 @@ def _main() -> bool:
 def on_signal(signum: int) -> None:
     """The signal handler's work (main thread): raise now when the main thread waits, else keep
     the signal for the next wait or check."""
-    if _waiting and not _raised:
+    if _waiting and not _kept and not _raised:
         _raise(signum)
     _pending.append(signum)
 
@@ -52,7 +55,7 @@ def _raise(signum: int) -> None:
 def check() -> None:
     """Raise the signal that came while the main thread did not wait (no-op in other threads,
     and once one was raised)."""
-    if _pending and not _raised and _main():
+    if _pending and not _raised and not _kept and _main():
         _raise(_pending[0])
 
 
@@ -75,6 +78,21 @@ def waiting() -> Iterator[None]:
         yield
     finally:
         _waiting -= 1
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """Around a clean-up (the release after a failure): no signal is raised in it; one that
+    came is raised at the next wait or check after it."""
+    global _kept
+    if not _main():
+        yield
+        return
+    _kept += 1
+    try:
+        yield
+    finally:
+        _kept -= 1
 
 
 def reset() -> None:

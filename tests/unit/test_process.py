@@ -417,3 +417,26 @@ def test_a_signal_is_raised_only_where_the_run_waits_and_only_once(tmp_path, mon
             frontend._raise_interrupt(signal.SIGINT, None)
     finally:
         signals.reset()
+
+
+def test_a_signal_waits_out_the_clean_up_of_another_failure():
+    """A fleet job whose lease ran out failed before its release step; the clean-up's release
+    met its worker's SIGTERM in the unmount and left the slot mounted (full run of
+    2026-12-07). Inside signals.kept() a wait raises nothing; the signal comes after it."""
+    import signal
+
+    from vmim import frontend, process, signals
+    from vmim.errors import Interrupted
+
+    signals.reset()
+    try:
+        with signals.kept():
+            frontend._raise_interrupt(signal.SIGTERM, None)
+            assert process.run(["true"]).returncode == 0
+            with signals.waiting():
+                frontend._raise_interrupt(signal.SIGTERM, None)
+            process.check_cancelled()
+        with pytest.raises(Interrupted):
+            process.check_cancelled()
+    finally:
+        signals.reset()
