@@ -312,6 +312,26 @@ def test_rsync_restore_over_a_guest_with_an_absolute_symlink(vmim, rig, tmp_path
     run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
 
 
+def test_rsync_restore_replaces_a_file_the_guest_changed_and_gave_back_its_size_and_mtime(
+        vmim, rig):
+    """rsync's quick check trusts size and mtime, which the guest sets at will: a file it
+    changed (a trojan of the same size, its mtime put back) survived every restore of a tree
+    (an attack of 2026-12-07). The restore compares content."""
+    image = rig.images / "tree"
+    (image / "bin").mkdir(parents=True)
+    (image / "bin" / "login").write_bytes(b"the real login\n")
+    os.utime(image / "bin" / "login", (1_600_000_000, 1_600_000_000))
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "-r", "tree")
+    login = os.path.join(rig.mnt("ext4"), "bin", "login")
+    with open(login, "r+b") as fh:
+        fh.write(b"the evil login\n")
+    os.utime(login, (1_600_000_000, 1_600_000_000))
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "-r", "tree")
+    with open(login, "rb") as fh:
+        assert fh.read() == b"the real login\n"
+    run_ok(vmim, rig, "-b", rig.names["ext4"], "--release")
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -76,9 +76,12 @@ class RsyncFormat(Format):
 
     def mirror(self, image: str, target: str) -> None:
         """Make target an exact copy of the image (restore): only the differences move; the
-        slot's lost+found stays its filesystem's."""
+        slot's lost+found stays its filesystem's. The differences are found by content
+        (--checksum), not by size and mtime: the guest sets its files' mtimes at will, and a
+        file it changed and gave back its size and mtime survived every restore."""
         process.run(sandbox.command(
-            ["rsync", *FLAGS, "--delete", "--exclude=/lost+found", f"{IMAGE}/", f"{GUEST}/"],
+            ["rsync", *FLAGS, "--checksum", "--delete", "--exclude=/lost+found",
+             f"{IMAGE}/", f"{GUEST}/"],
             [sandbox.Bind(image, IMAGE), sandbox.Bind(target, GUEST, writable=True)],
             caps=sandbox.COPY))
         give_back_top(image, target)
