@@ -13,9 +13,9 @@ a thread, a lock, a domain, or around reading and copying a stream — code that
 it would have to give back. Anywhere else it is kept, and raised at the next `waiting()` or
 `check()` (between the steps of a run, and in loops that compute without waiting). Once one
 was raised the run is ending: the signals that come after are kept and never raised, so that
-its clean-up (the release, the unmount) runs to its end. So is a clean-up after any other
-failure (`kept()`): a job whose lease ran out met the SIGTERM of its worker in the unmount of
-the release after that failure, and left the slot mounted.
+its clean-up (the release, the unmount) runs to its end. The clean-up after any other
+failure is kept from signals too (`kept()`): a job whose lease ran out met the SIGTERM of its
+worker in the unmount of the release after that failure, and left the slot mounted.
 """
 
 from __future__ import annotations
