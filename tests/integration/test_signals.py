@@ -62,9 +62,9 @@ def test_a_run_frozen_and_terminated_at_any_moment_releases_the_slot(tmp_path, w
         proc.send_signal(signal.SIGCONT)
         _, err = proc.communicate(timeout=120)
         # -15: done, and killed on its way out (its handlers are given back at the end)
-        assert proc.returncode in (0, 143, -signal.SIGTERM), (delay, err)
-        outcomes.add(proc.returncode)
         where = f"signalled {delay} s after the mount (exit {proc.returncode}): {err}"
+        assert proc.returncode in (0, 143, -signal.SIGTERM), where
+        outcomes.add(proc.returncode)
         assert mounts.mounted_at(str(mnt)) is None, where
         assert loop.loops_backed_by(disk) == [], where
         assert hold.our_holders(disk) == [], where
