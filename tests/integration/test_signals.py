@@ -9,13 +9,12 @@ import subprocess
 import sys
 import time
 
-from tests.integration import diskimages as di
 from vmim import lock
 from vmim.disk import hold, loop, mounts
 
 
-def test_a_run_frozen_and_terminated_at_any_moment_releases_the_slot(tmp_path, write_config,
-                                                                    domains, vmim):
+def test_a_run_frozen_and_terminated_at_any_moment_releases_the_slot(root_slot, tmp_path,
+                                                                    vmim):
     """What a fleet worker does to the command of a job it lost while frozen (SIGSTOP of its
     process group, then SIGTERM once it runs again), at moments spread over a tree restore:
     the signal is delivered where the command resumes. Raised there, inside Thread.start() of
@@ -24,22 +23,8 @@ def test_a_run_frozen_and_terminated_at_any_moment_releases_the_slot(tmp_path, w
     (1 run in 5 to 12 of the fleet's test, 2026-12-07). Every run ends released, whether it
     finished (0, or killed on its way out) or was stopped
     (143)."""
-    os.chmod(tmp_path, 0o755)
-    images = tmp_path / "images"
-    images.mkdir()
-    box = domains.name("a")
-    disk = str(tmp_path / "a.img")
-    di.filesystem_image(disk, "ext4", 200, "slot a")
-    cfg = write_config(f"""\
-    [vmim.local]
-    mount = "{tmp_path}/mnt"
-    lockdir = "{tmp_path}/locks"
-    statedir = "{tmp_path}/state"
-    vmimages = "{images}"
-    [vmim.vm.a]
-    HostName = "{box}"
-    root = "{disk}"
-    """)
+    root_slot.make(200, ["mkfs.ext4", "-q", "-F"])
+    box, disk, cfg = root_slot.box, root_slot.img, root_slot.config()
     mnt = tmp_path / "mnt" / box
     assert vmim("--config", cfg, "-b", box, "--mount").code == 0
     for i in range(40):
