@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from typing import Any, Dict, Optional, Tuple
 
 from vmim import signals
@@ -74,10 +75,10 @@ def as_meta(value: str) -> Dict[str, str]:
     return {algorithm: hexdigest}
 
 
-def of_file(path: str, algorithm: str) -> str:
+def of_file(path: str, algorithm: str, cancel: Optional[threading.Event] = None) -> str:
     """The hex digest of a whole file, read in CHUNK pieces into one buffer (memory stays
     flat: mapping the whole file would count all of it in the RSS). BLAKE3 hashes each piece
-    on every core."""
+    on every core. With cancel: Cancelled once it is set (checked between the pieces)."""
     if algorithm == "blake3":
         assert _blake3 is not None
         h = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
@@ -87,10 +88,52 @@ def of_file(path: str, algorithm: str) -> str:
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh, signals.waiting():
         while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(path)
             n = fh.readinto(buf)
             if not n:
                 return str(h.hexdigest())
             h.update(view[:n])
+
+
+class Cancelled(Exception):
+    """A Check was called off (the run ended before it needed the answer)."""
+
+
+class Check:
+    """The digest of a file checked in a thread of its own, so that the run can prepare what
+    changes nothing meanwhile (map and mount the slot, read its filesystem, try its re-make:
+    vmim.steps.proof.verify). `matches()` waits for the answer; `cancel()` calls it off. A
+    signal never lands in the thread: the main thread waits for it inside signals.waiting()."""
+
+    def __init__(self, path: str, algorithm: str, expected: str) -> None:
+        self.path, self.algorithm, self.expected = path, algorithm, expected
+        self._cancel = threading.Event()
+        self._found: Optional[str] = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="vmim-digest", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._found = of_file(self.path, self.algorithm, self._cancel)
+        except BaseException as exc:  # noqa: BLE001 — given to the thread that asks
+            self._error = exc
+
+    def matches(self) -> bool:
+        """Wait for the digest: True when it is the expected one; False when it differs or
+        the file could not be read (the caller proves the image again, and says why)."""
+        with signals.waiting():
+            self._thread.join()
+        if self._error is not None:
+            log.debug("the digest of %s could not be computed: %s", self.path, self._error)
+            return False
+        return self._found == self.expected
+
+    def cancel(self) -> None:
+        """Call the check off and wait for its thread (at most one CHUNK of hashing)."""
+        self._cancel.set()
+        self._thread.join()
 
 
 def recorded(meta: Optional[Dict[str, Any]]) -> Optional[Tuple[str, str]]:

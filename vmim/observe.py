@@ -19,7 +19,7 @@ from vmim.domain import Hypervisor
 from vmim.errors import StateError
 from vmim.plan import DATA_ACTIONS, DISK_IMAGE_FORMATS, MISSING, STORE_KINDS, Observed, Request
 from vmim.steps import wholedisk
-from vmim.steps.data import find_usable
+from vmim.steps.proof import find_usable
 
 
 def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:

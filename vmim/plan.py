@@ -90,6 +90,9 @@ class Step:
     implicit: bool = False
     item: int = 0  # extract, insert: which of the request's transfers
     whole: bool = False  # verify, store, restore: the whole disk (plan.whole_disk), not the tree
+    #: verify: the image's recorded digest is checked while the mount step that comes next
+    #: maps and mounts the slot; the restore waits for the answer before it changes anything
+    beside: bool = False
     standby: bool = False  # a step of a staging: it works on the standby disk
 
     def as_dict(self) -> dict:
@@ -247,7 +250,23 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
                        if seen.domain_state == "undefined" else
                        "nothing: already running" if seen.running and not stopped else
                        "start the domain") + skipped)
-    return Plan(box, tuple(steps), _verdict(req, box, seen, stops, touches_fs, lock_wait))
+    beside = req.restore is not None and seen.images.get(req.restore) not in ("rsync", MISSING)
+    return Plan(box, _check_beside(steps) if beside else tuple(steps),
+                _verdict(req, box, seen, stops, touches_fs, lock_wait))
+
+
+def _check_beside(steps: List[Step]) -> Tuple[Step, ...]:
+    """The verify step of an archive's restore that the mount step follows checks the
+    image's recorded digest beside that mount (Step.beside). Anything else that comes after
+    a verify (a shutdown, a new disk) changes what a corrupt image must leave as it was: the
+    check ends first."""
+    out = list(steps)
+    for i, s in enumerate(out[:-1]):
+        if s.name == "verify" and not s.whole and out[i + 1].name == "mount":
+            out[i] = replace(s, beside=True, description=s.description.replace(
+                " before the slot is touched", ": the digest checked while the slot is mounted, "
+                "before the restore changes it"))
+    return tuple(out)
 
 
 def plan_staged(req: Request, box: str, seen: Observed, spare: Optional[Observed], *,
@@ -299,7 +318,7 @@ def _add_verify(req: Request, seen: Observed, add: Callable[..., None], whole: b
         names.append(f"image {req.restore} ({seen.images.get(req.restore, MISSING)})")
     names += [f"insert {t.name} ({seen.inserts.get(t.name, MISSING)})" for t in req.inserts]
     if names:
-        add("verify", f"prove {', '.join(names)} restorable (recorded sha256, else a full "
+        add("verify", f"prove {', '.join(names)} restorable (its recorded digest, else a full "
             "read) before the slot is touched", True, whole=whole)
 
 

@@ -32,7 +32,7 @@ from vmim.errors import (
 from vmim.observe import observe
 from vmim.plan import Plan, Request, Verdict, plan_box
 from vmim.recorder import BoxResult, as_error, record
-from vmim.steps import Box, Options, registry
+from vmim.steps import Box, Options, proof, registry
 from vmim.steps.mount import NOTHING_TO_RELEASE, is_mounted, release_slot
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 _ERRORS: Dict[int, Type[VmimError]] = {EXIT_CONFIG: ConfigError, EXIT_LOCKED: LockBusyError,
                                        EXIT_ENVIRONMENT: HostEnvironmentError,
                                        EXIT_CLEANUP: CleanupError}
+
+
+#: The steps that run while the digest of the image to restore is still being checked
+#: (vmim.steps.proof.verify): they change nothing the image's failure would leave changed —
+#: the slot's disk is mapped and mounted (as --mount does), the restore reads its filesystem
+#: and tries its re-make on a file, then waits for the check itself before its first change.
+#: Every other step (down, kill, create...) waits for the check first.
+BESIDE_THE_CHECK = ("verify", "mount", "restore")
 
 
 def error_of(verdict: Verdict) -> VmimError:
@@ -90,7 +98,10 @@ def _run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
                 process.check_cancelled()
                 lease.check()  # a fleet job whose worker lost it stops here: never boots
                 with record(result, step.name, step.implicit) as rec:
+                    if step.name not in BESIDE_THE_CHECK:
+                        proof.confirm(box)
                     rec.message = steps[step.name](box, step, rec)
+            proof.confirm(box)  # (a plan always has a step after its verify)
     except VmimError as exc:
         result.error = exc
         with signals.kept():  # the clean-up is not cut short by a signal (vmim.signals)
@@ -99,6 +110,7 @@ def _run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
             _release_after_failure(box, plan, result)
     finally:
         with signals.kept():
+            box.call_off_checks()
             _keep_or_let_go(box, say=result.error is None)
     return result
 

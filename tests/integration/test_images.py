@@ -358,19 +358,57 @@ def test_unrecognised_image_leaves_the_slot_untouched(vmim, rig):
     assert _marker(vmim, rig, "ext4") == "ext4 slot\n"
 
 
-@pytest.mark.parametrize("fmt", ["tgz", "cpio.bz2", "tar.zst"])
-def test_corrupt_stored_archive_is_refused_before_the_slot_is_touched(vmim, rig, fmt):
-    populate(vmim, rig)
-    run_ok(vmim, rig, "-b", rig.names["src"], FORMATS[fmt], "-s", "golden", "--release")
-    path = rig.images / "golden"
+def _noise(rig):
+    """2 MiB that do not compress, in the source slot: its image's start is far from its
+    end (a byte changed there is for the digest to see, not for the plan's look at the start)."""
+    with open(os.path.join(rig.mnt("src"), "noise"), "wb") as fh:
+        fh.write(os.urandom(2 << 20))
+
+
+def _corrupt(path):
+    """A byte of the image changed near its end, where its start still reads as what it was
+    (the plan does not see it: only the digest does)."""
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[-16] ^= 0xFF
     st = os.stat(path)
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the bytes
-    r = vmim("-b", rig.names["ext4"], "-r", "golden", "--config", rig.cfg)
+
+
+@pytest.mark.parametrize("fmt", ["tgz", "cpio.bz2", "tar.zst"])
+def test_corrupt_stored_archive_is_refused_before_the_slot_is_touched(vmim, rig, fmt):
+    populate(vmim, rig)
+    _noise(rig)
+    run_ok(vmim, rig, "-b", rig.names["src"], FORMATS[fmt], "-s", "golden", "--release")
+    _corrupt(rig.images / "golden")
+    r = vmim("-b", rig.names["ext4"], "-r", "golden", "--json", "--config", rig.cfg)
     assert r.code == 4, r
     assert "corrupt" in r.err and f"{digest.preferred()} digest differs" in r.err
+    # the slot was mounted while the digest was checked: the failure released it
+    steps = [s["step"] for s in json.loads(r.out)["results"][0]["steps"]]
+    assert steps == ["verify", "mount", "restore", "release"], steps
+    assert mounts.mounted_at(rig.mnt("ext4")) is None
+    rows = json.loads(vmim("-l", "--json", "--config", rig.cfg).out)["boxes"]
+    assert next(b["incomplete"] for b in rows if b["name"] == rig.names["ext4"]) is None
+    assert _marker(vmim, rig, "ext4") == "ext4 slot\n"
+
+
+def test_a_corrupt_image_never_stops_the_running_domain(vmim, rig, domains):
+    """The digest is checked beside the mount only where the mount comes next: a running
+    domain's restore shuts it down first, so its verify checks at once, and a corrupt image
+    leaves the domain running."""
+    populate(vmim, rig)
+    _noise(rig)
+    run_ok(vmim, rig, "-b", rig.names["src"], "--zstd", "-s", "golden", "--release")
+    _corrupt(rig.images / "golden")
+    domains.define(rig.names["ext4"], start=True, disk=rig.disk("ext4"))
+    r = vmim("-b", rig.names["ext4"], "-r", "golden", "--json", "--config", rig.cfg)
+    assert r.code == 4, r
+    assert f"{digest.preferred()} digest differs" in r.err
+    steps = [s["step"] for s in json.loads(r.out)["results"][0]["steps"]]
+    assert steps == ["verify"], steps  # checked at once: the shutdown comes next
+    assert domains.conn.lookupByName(rig.names["ext4"]).isActive()
+    domains.conn.lookupByName(rig.names["ext4"]).destroy()
     assert _marker(vmim, rig, "ext4") == "ext4 slot\n"
 
 

@@ -76,3 +76,22 @@ def test_a_blake3_digest_without_the_blake3_package_falls_back_with_a_warning(
     h = digest.new()
     h.update(b"x")
     assert digest.tagged(h) == f"sha256:{hashlib.sha256(b'x').hexdigest()}"
+
+
+def test_a_check_in_its_own_thread_answers_whether_the_digest_matches(image):
+    algorithm = digest.preferred()
+    right = digest.of_file(str(image), algorithm)
+    assert digest.Check(str(image), algorithm, right).matches() is True
+    assert digest.Check(str(image), algorithm, "0" * 64).matches() is False
+    # a file that cannot be read is no match (the caller proves the image again, says why)
+    assert digest.Check(str(image) + ".gone", algorithm, right).matches() is False
+
+
+def test_a_check_called_off_stops_between_its_pieces(image):
+    cancel = __import__("threading").Event()
+    cancel.set()
+    with pytest.raises(digest.Cancelled):
+        digest.of_file(str(image), digest.preferred(), cancel)
+    check = digest.Check(str(image), digest.preferred(), "0" * 64)
+    check.cancel()
+    assert not check._thread.is_alive()

@@ -397,7 +397,7 @@ def test_an_image_proven_by_its_recorded_digest_is_not_detected_again(images, sr
     libmagic is not asked (a restore's fixed cost); a byte changed, and it is asked, and the
     image is refused as corrupt, the slot untouched."""
     from vmim.errors import StateError
-    from vmim.steps import data
+    from vmim.steps import proof
 
     for tool in for_name(fmt_name).unpack_tools():
         if shutil.which(tool) is None:
@@ -407,7 +407,7 @@ def test_an_image_proven_by_its_recorded_digest_is_not_detected_again(images, sr
     asked = []
     real_detect = detect.detect
     monkeypatch.setattr(detect, "detect", lambda path: asked.append(path) or real_detect(path))
-    proven = data.prove(store, "golden")
+    proven = proof.prove(store, "golden")
     assert proven.fmt.name == fmt_name and proven.summary is None and asked == []
     with open(images / "golden", "r+b") as fh:
         fh.seek(-1, os.SEEK_END)
@@ -415,8 +415,38 @@ def test_an_image_proven_by_its_recorded_digest_is_not_detected_again(images, sr
         fh.seek(-1, os.SEEK_END)
         fh.write(bytes([last[0] ^ 1]))
     with pytest.raises(StateError, match="corrupt"):
-        data.prove(store, "golden")
+        proof.prove(store, "golden")
     assert asked == [str(images / "golden")]
+
+
+def test_an_image_checked_beside_the_mount_is_proven_before_anything_changes(images, src):
+    """prove(later=True) gives the image with its digest check still running; confirm()
+    waits for it, and a byte changed fails it as corrupt (exit 4)."""
+    from types import SimpleNamespace
+
+    from vmim.errors import StateError
+    from vmim.steps import proof
+
+    _store(images, src, "golden", "tar.zst")
+    store = ImageStore(str(images))
+    box = SimpleNamespace(proven={}, req=SimpleNamespace(restore="golden", inserts=()),
+                          store=lambda kind: store)
+    box.proven[("image", 0)] = proof.prove(store, "golden", later=True)
+    assert box.proven[("image", 0)].check is not None
+    proof.confirm(box)
+    assert box.proven[("image", 0)].check is None
+    assert box.proven[("image", 0)].fmt.name == "tar.zst"
+    st = os.stat(images / "golden")
+    with open(images / "golden", "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 1]))
+    os.utime(images / "golden", ns=(st.st_atime_ns, st.st_mtime_ns))  # only the bytes differ
+    box.proven[("image", 0)] = proof.prove(store, "golden", later=True)
+    assert box.proven[("image", 0)].check is not None
+    with pytest.raises(StateError, match="digest differs|corrupt"):
+        proof.confirm(box)
 
 
 @pytest.mark.parametrize("link", ["../atree/etc", "/store/atree/etc"])

@@ -39,6 +39,10 @@ class Proven:
     path: str
     fmt: Any  # an archive Format, or a DiskImageFormat
     summary: Any = None  # what a full read found (archive.Summary), None when a checksum proved it
+    #: the digest check still running (vmim.digest.Check): the image is not proven until
+    #: vmim.steps.proof.confirm() has its answer, which every step that changes something
+    #: waits for
+    check: Any = None
 
 
 @dataclass
@@ -55,6 +59,12 @@ class Box:
     #: until the release step or the end of the run
     holds: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     held: List[DiskHold] = field(default_factory=list)
+
+    def call_off_checks(self) -> None:
+        """The run ends: the digest checks still running are called off."""
+        for p in self.proven.values():
+            if p.check is not None:
+                p.check.cancel()
 
     def let_go(self) -> None:
         """Drop the hold of the slot's disk (released, or the run ends)."""
@@ -94,11 +104,11 @@ def require_root(what: str) -> None:
 
 
 def registry() -> Dict[str, StepFunction]:
-    from vmim.steps import data, mount, power, swap
+    from vmim.steps import data, mount, power, proof, swap
 
     return {
         "kill": power.kill, "down": power.down, "redefine": power.redefine, "up": power.up,
         "create": mount.create, "mount": mount.mount, "release": mount.release,
-        "verify": data.verify, "extract": data.extract, "store": data.store,
+        "verify": proof.verify, "extract": data.extract, "store": data.store,
         "restore": data.restore, "insert": data.insert, "swap": swap.swap,
     }

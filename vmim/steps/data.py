@@ -1,5 +1,6 @@
-"""Data steps: verify (prove images restorable before the slot is touched), extract, store,
-restore, insert. The plan mounts the slot before them; whole-disk images go to wholedisk."""
+"""Data steps: extract, store, restore, insert. The plan mounts the slot before them; their
+verify step, which proves images restorable before the slot is touched, is vmim.steps.proof;
+whole-disk images go to wholedisk."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from vmim import digest, incomplete, process, progress, sandbox, trash, tree, worklog, writeback
 from vmim import disk as disk_mod
+from vmim import incomplete, progress, sandbox, trash, tree, worklog, writeback
 from vmim import store as store_mod
-from vmim.archive import Summary, detect, fits, for_detected, for_name
+from vmim.archive import Summary, fits, for_name
 from vmim.disk import mounts, qcow2, remake
 from vmim.errors import IncompleteError, StateError, VmimError
 from vmim.plan import Step
@@ -22,6 +23,7 @@ from vmim.progress import human_size
 from vmim.recorder import Clock, StepResult, as_error
 from vmim.steps import Box, Proven, wholedisk
 from vmim.steps.mount import release_command
+from vmim.steps.proof import confirm
 from vmim.terminal import safe
 
 log = logging.getLogger(__name__)
@@ -32,92 +34,6 @@ def _root(box: Box) -> str:
     if mounts.mounted_at(slot.mount) is None:
         raise StateError(f"box '{box.name}': its filesystem is not mounted at {slot.mount}")
     return slot.mount
-
-
-def verify(box: Box, step: Step, rec: StepResult) -> str:
-    """Prove the image and the inserts restorable: nothing of the slot is touched before."""
-    done = []
-    if box.req.restore is not None:
-        name = box.req.restore
-        st = box.store("vmimages")
-        if step.whole:  # as the plan decided from what it observed
-            box.proven[("image", 0)] = wholedisk.verify(box, st, name)
-        else:
-            box.proven[("image", 0)] = prove(st, name)
-        done.append(_how(name, box.proven[("image", 0)]))
-    if box.req.inserts:
-        st = box.store("vminserts")
-        for i, t in enumerate(box.req.inserts):
-            box.proven[("insert", i)] = prove(st, t.name)
-            done.append(_how(t.name, box.proven[("insert", i)]))
-    return "; ".join(done)
-
-
-def _how(name: str, p: Proven) -> str:
-    if isinstance(p.fmt, wholedisk.DiskImageFormat):
-        return f"{name} ({p.fmt.name}): " + ("qemu-img check" if p.fmt.name == "qcow2" else
-                                             "a raw disk image: nothing to check")
-    if p.summary is not None:
-        return f"{name} ({p.fmt.name}): read to its end, {p.summary.members} members"
-    return f"{name} ({p.fmt.name}): checksum"
-
-
-def prove(st: store_mod.ImageStore, name: str) -> Proven:
-    """Find, detect and prove an image restorable: by the sha256 this tool recorded, else by a
-    full read of its structure (StateError, exit 4, when it is not)."""
-    meta = st.metadata(name)
-    proven = _proven_by_record(st.find(name), meta)
-    if proven is not None:
-        (path, found), checked = proven, True
-    else:
-        path, found = find_usable(st, name)
-        # by the digest this tool recorded (BLAKE3, or a 1.0 image's sha256) when this host
-        # can check it; a mismatch is exit 4 with the slot untouched
-        checked = digest.check_recorded(path, meta, f"{st.kind} '{name}'")
-    fmt = for_detected(found, f"{st.kind} '{name}'")
-    for tool in fmt.unpack_tools():
-        process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
-                             "the slot was not touched")
-    return Proven(path, fmt, None if checked else fmt.verify(path))
-
-
-def _proven_by_record(path: str, meta: Optional[Dict[str, Any]]
-                      ) -> Optional[Tuple[str, detect.Detected]]:
-    """An archive this tool stored, whose recorded digest matches: its path and what its
-    metadata says it is, without asking libmagic (0.02-0.04 s of a restore). None otherwise:
-    then it is detected and proven as any image (a digest that differs says so there)."""
-    found = detect.recorded((meta or {}).get("format"))
-    checkable = digest.recorded(meta)
-    if found is None or checkable is None or os.path.isdir(path):
-        return None
-    algorithm, expected = checkable
-    if digest.of_file(path, algorithm) != expected:
-        return None
-    return path, found
-
-
-def find_usable(st: store_mod.ImageStore, name: str) -> Tuple[str, detect.Detected]:
-    """The path of an image or insert and what it is; StateError (exit 4) naming similar names
-    when it is missing, and saying what it is when it is not an image this tool unpacks."""
-    path = st.find(name)
-    found = detect.detect(path)
-    meta = (st.metadata(name) if not found.known else None) or {}
-    recorded = digest.recorded(meta)
-    if recorded:
-        algorithm = recorded[0]
-        raise StateError(f"{st.kind} '{name}' is corrupt: its {algorithm} digest differs from "
-                         "the one recorded when it was stored (it no longer reads as the "
-                         f"{meta.get('format')} it was: {found.description}); the slot was not "
-                         "touched")
-    if not found.known and found.compression:
-        raise StateError(f"{st.kind} '{name}' in {st.directory} is corrupt or truncated: "
-                         f"{found.compression} data whose start cannot be read "
-                         f"({found.description})")
-    if not found.known:
-        raise StateError(f"{st.kind} '{name}' in {st.directory} is not an image "
-                         f"vmimagemanager can use ({found.description})")
-    for_detected(found, f"{st.kind} '{name}'")  # a disk image is not unpacked: exit 4 here too
-    return path, found
 
 
 def _meta(box: Box, **extra: Any) -> Dict[str, Any]:
@@ -189,6 +105,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     assert name is not None
     proven = box.proven[("image", 0)]  # the plan's verify step came first
     if isinstance(proven.fmt, wholedisk.DiskImageFormat):  # verify chose the whole disk
+        confirm(box)  # (wholedisk.verify checks at once: nothing to wait for)
         return wholedisk.restore(box, name, proven, rec)
     st = box.store("vmimages")
     path, fmt = proven.path, proven.fmt
@@ -200,6 +117,17 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     shape = proven.summary or _recorded_shape(meta)
     _check_room(root, shape, name)
     inodes = getattr(shape, "inodes", 0)  # the image's, when known
+    choice, needs = None, None
+    if not fmt.is_tree:  # reads the filesystem and tries its re-make on a file: changes nothing
+        needs = _image_bytes(proven, meta)
+        choice = _choose_clear(box, root, needs, inodes)
+        rec.details["clear"] = choice.as_dict()
+    clock.lap("prepare")
+    if proven.check is not None:
+        confirm(box)  # the image's digest, checked meanwhile: before the slot changes
+        proven = box.proven[("image", 0)]
+        path, fmt = proven.path, proven.fmt  # as proven (changed since the verify: again)
+        clock.lap("digest wait")
     incomplete.write(box.cfg, slot, name)  # durable before anything in the slot changes
     deletion: Optional[trash.Deletion] = None
     try:
@@ -210,9 +138,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
                 fmt.mirror(path, root)
             clock.lap("transfer")
         else:
-            needs = _image_bytes(proven, meta)
-            choice = _choose_clear(box, root, needs, inodes)
-            rec.details["clear"] = choice.as_dict()
+            assert choice is not None
             records = worklog.WorkLog.of(box.cfg, slot)
             if choice.method == "mkfs":
                 _remake_filesystem(box, choice)
@@ -269,7 +195,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
         if deletion is not None:
             deletion.finish_quietly()
     incomplete.remove(box.cfg, slot)
-    how = "mirrored" if fmt.is_tree else \
+    how = "mirrored" if choice is None else \
         f"unpacked after clearing ({choice.method}): {choice.why}"
     return f"{name} ({fmt.name}) {how}"
 

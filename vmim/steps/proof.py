@@ -1,0 +1,146 @@
+"""The verify step: prove the images and inserts of a run restorable before the slot is
+touched — by the digest this tool recorded when it stored them, else by a full read of their
+structure. The digest of the image to restore is checked in a thread of its own while the
+slot is mapped and mounted and its clear chosen (prove(later=True)); confirm() has its answer
+before anything changes (vmim.runner.BESIDE_THE_CHECK)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from vmim import digest, process
+from vmim import store as store_mod
+from vmim.archive import detect, for_detected
+from vmim.errors import StateError
+from vmim.plan import Step
+from vmim.recorder import StepResult
+from vmim.steps import Box, Proven, wholedisk
+
+
+def verify(box: Box, step: Step, rec: StepResult) -> str:
+    """Prove the image and the inserts restorable: nothing of the slot is touched before."""
+    done = []
+    if box.req.restore is not None:
+        name = box.req.restore
+        st = box.store("vmimages")
+        if step.whole:  # as the plan decided from what it observed
+            box.proven[("image", 0)] = wholedisk.verify(box, st, name)
+        else:
+            # as the plan says (Step.beside): its digest is checked while the slot is mapped,
+            # mounted and its clear chosen
+            box.proven[("image", 0)] = prove(st, name, later=step.beside)
+        done.append(_how(name, box.proven[("image", 0)]))
+    if box.req.inserts:
+        st = box.store("vminserts")
+        for i, t in enumerate(box.req.inserts):
+            box.proven[("insert", i)] = prove(st, t.name)
+            done.append(_how(t.name, box.proven[("insert", i)]))
+    return "; ".join(done)
+
+
+def _how(name: str, p: Proven) -> str:
+    if isinstance(p.fmt, wholedisk.DiskImageFormat):
+        return f"{name} ({p.fmt.name}): " + ("qemu-img check" if p.fmt.name == "qcow2" else
+                                             "a raw disk image: nothing to check")
+    if p.summary is not None:
+        return f"{name} ({p.fmt.name}): read to its end, {p.summary.members} members"
+    if p.check is not None:
+        return f"{name} ({p.fmt.name}): checksum, checked before the slot changes"
+    return f"{name} ({p.fmt.name}): checksum"
+
+
+def prove(st: store_mod.ImageStore, name: str, later: bool = False) -> Proven:
+    """Find, detect and prove an image restorable: by the digest this tool recorded, else by a
+    full read of its structure (StateError, exit 4, when it is not). With later, an image
+    whose metadata says what it is and carries a digest this host checks is returned with the
+    check still running (Proven.check): confirm() waits for it before the slot changes."""
+    meta = st.metadata(name)
+    if later:
+        pending = _pending_proof(st, name, meta)
+        if pending is not None:
+            return pending
+    proven = _proven_by_record(st.find(name), meta)
+    if proven is not None:
+        (path, found), checked = proven, True
+    else:
+        path, found = find_usable(st, name)
+        # by the digest this tool recorded (BLAKE3, or a 1.0 image's sha256) when this host
+        # can check it; a mismatch is exit 4 with the slot untouched
+        checked = digest.check_recorded(path, meta, f"{st.kind} '{name}'")
+    fmt = for_detected(found, f"{st.kind} '{name}'")
+    for tool in fmt.unpack_tools():
+        process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
+                             "the slot was not touched")
+    return Proven(path, fmt, None if checked else fmt.verify(path))
+
+
+def _proven_by_record(path: str, meta: Optional[Dict[str, Any]]
+                      ) -> Optional[Tuple[str, detect.Detected]]:
+    """An archive this tool stored, whose recorded digest matches: its path and what its
+    metadata says it is, without asking libmagic (0.02-0.04 s of a restore). None otherwise:
+    then it is detected and proven as any image (a digest that differs says so there)."""
+    found = detect.recorded((meta or {}).get("format"))
+    checkable = digest.recorded(meta)
+    if found is None or checkable is None or os.path.isdir(path):
+        return None
+    algorithm, expected = checkable
+    if digest.of_file(path, algorithm) != expected:
+        return None
+    return path, found
+
+
+def _pending_proof(st: store_mod.ImageStore, name: str,
+                   meta: Optional[Dict[str, Any]]) -> Optional[Proven]:
+    path = st.find(name)
+    found = detect.recorded((meta or {}).get("format"))
+    checkable = digest.recorded(meta)
+    if found is None or checkable is None or os.path.isdir(path):
+        return None
+    fmt = for_detected(found, f"{st.kind} '{name}'")
+    for tool in fmt.unpack_tools():
+        process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
+                             "the slot was not touched")
+    return Proven(path, fmt, check=digest.Check(path, *checkable))
+
+
+def confirm(box: Box) -> None:
+    """Wait for the digest checks still running (prove(later=True)): before anything changes
+    the slot or its domain, every image is proven. One that did not match is proven again
+    the slow way, which says why it fails (StateError, exit 4), or takes it as it is now."""
+    for key, p in list(box.proven.items()):
+        if p.check is None:
+            continue
+        if p.check.matches():
+            box.proven[key] = dataclasses.replace(p, check=None)
+            continue
+        box.proven[key] = dataclasses.replace(p, check=None)  # a second call: no wait
+        kind = "vmimages" if key[0] == "image" else "vminserts"
+        name = box.req.restore if key[0] == "image" else box.req.inserts[key[1]].name
+        assert name is not None
+        box.proven[key] = prove(box.store(kind), name)
+
+
+def find_usable(st: store_mod.ImageStore, name: str) -> Tuple[str, detect.Detected]:
+    """The path of an image or insert and what it is; StateError (exit 4) naming similar names
+    when it is missing, and saying what it is when it is not an image this tool unpacks."""
+    path = st.find(name)
+    found = detect.detect(path)
+    meta = (st.metadata(name) if not found.known else None) or {}
+    recorded = digest.recorded(meta)
+    if recorded:
+        algorithm = recorded[0]
+        raise StateError(f"{st.kind} '{name}' is corrupt: its {algorithm} digest differs from "
+                         "the one recorded when it was stored (it no longer reads as the "
+                         f"{meta.get('format')} it was: {found.description}); the slot was not "
+                         "touched")
+    if not found.known and found.compression:
+        raise StateError(f"{st.kind} '{name}' in {st.directory} is corrupt or truncated: "
+                         f"{found.compression} data whose start cannot be read "
+                         f"({found.description})")
+    if not found.known:
+        raise StateError(f"{st.kind} '{name}' in {st.directory} is not an image "
+                         f"vmimagemanager can use ({found.description})")
+    for_detected(found, f"{st.kind} '{name}'")  # a disk image is not unpacked: exit 4 here too
+    return path, found
