@@ -84,7 +84,7 @@ def test_acls_of_an_image_this_tool_stored_come_back_without_a_full_read(vmim, s
     r = vmim("--config", cfg, "-b", slot.box, "-r", "mine", "--mount", "--json")
     assert r.code == 0, r
     verify = next(s for s in json.loads(r.out)["results"][0]["steps"] if s["step"] == "verify")
-    assert verify["message"].endswith("checksum"), verify
+    assert ": checksum" in verify["message"], verify
     for rel in ("f", "shared", "plain"):
         assert acls(os.path.join(slot.mnt, rel)) == acls(os.path.join(slot.source, rel)), rel
 

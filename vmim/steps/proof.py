@@ -47,7 +47,7 @@ def _how(name: str, p: Proven) -> str:
     if p.summary is not None:
         return f"{name} ({p.fmt.name}): read to its end, {p.summary.members} members"
     if p.check is not None:
-        return f"{name} ({p.fmt.name}): checksum, checked before the slot changes"
+        return f"{name} ({p.fmt.name}): checksum, checked beside the mount"
     return f"{name} ({p.fmt.name}): checksum"
 
 
