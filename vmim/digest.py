@@ -109,6 +109,7 @@ class Check:
     def __init__(self, path: str, algorithm: str, expected: str) -> None:
         self.path, self.algorithm, self.expected = path, algorithm, expected
         self._cancel = threading.Event()
+        self._done = threading.Event()  # waited on, not the thread (join: bpo-45274 in 3.9)
         self._found: Optional[str] = None
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="vmim-digest", daemon=True)
@@ -119,21 +120,33 @@ class Check:
             self._found = of_file(self.path, self.algorithm, self._cancel)
         except BaseException as exc:  # noqa: BLE001 — given to the thread that asks
             self._error = exc
+        finally:
+            self._done.set()
 
     def matches(self) -> bool:
         """Wait for the digest: True when it is the expected one; False when it differs or
         the file could not be read (the caller proves the image again, and says why)."""
         with signals.waiting():
-            self._thread.join()
+            self._done.wait()
         if self._error is not None:
             log.debug("the digest of %s could not be computed: %s", self.path, self._error)
             return False
         return self._found == self.expected
 
-    def cancel(self) -> None:
-        """Call the check off and wait for its thread (at most one CHUNK of hashing)."""
+    def cancel(self) -> bool:
+        """Call the check off and wait for its thread (one CHUNK of hashing, unless the read
+        of the image hangs: then the run ends without it, a daemon thread). True when it
+        ended."""
         self._cancel.set()
-        self._thread.join()
+        if self._done.wait(CANCEL_WAIT):
+            return True
+        log.warning("the digest check of %s did not stop within %d s: left behind", self.path,
+                    CANCEL_WAIT)
+        return False
+
+
+#: how long the end of a run waits for a digest check it called off
+CANCEL_WAIT = 10
 
 
 def recorded(meta: Optional[Dict[str, Any]]) -> Optional[Tuple[str, str]]:

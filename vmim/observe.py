@@ -19,7 +19,7 @@ from vmim.domain import Hypervisor
 from vmim.errors import StateError
 from vmim.plan import DATA_ACTIONS, DISK_IMAGE_FORMATS, MISSING, STORE_KINDS, Observed, Request
 from vmim.steps import wholedisk
-from vmim.steps.proof import find_usable
+from vmim.steps.proof import planned_format
 
 
 def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
@@ -41,6 +41,7 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
     inserts: Dict[str, str] = {}
     missing: List[str] = []
     unusable: List[str] = []
+    checksum = False
     for key, names, found in (("vmimages", [req.restore] if req.restore is not None else [],
                                images),
                               ("vminserts", [t.name for t in req.inserts], inserts)):
@@ -55,7 +56,9 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
                                           qcow2.is_disk_image(st.find(name), st.metadata(name))):
                     found[name] = wholedisk.usable(slot, req.disk_image, st, name)
                 else:
-                    found[name] = find_usable(st, name)[1].format
+                    found[name], by_digest = planned_format(st, name)
+                    if key == "vmimages":
+                        checksum = by_digest
             except (StateError, OSError) as exc:  # what the run's verify step would say
                 found[name] = MISSING if not os.path.lexists(st.path(name)) else "unknown"
                 unusable.append(str(exc) if isinstance(exc, StateError) else
@@ -99,6 +102,7 @@ def observe(cfg: Config, hv: Hypervisor, box: str, req: Request) -> Observed:
         clear=slot.clear,
         timeout=slot.timeout,
         images=images,
+        checksum=checksum,
         inserts=inserts,
         missing_stores=tuple(missing),
         unusable=tuple(unusable),

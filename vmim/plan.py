@@ -60,6 +60,9 @@ class Observed:
     clear: str = "auto"
     timeout: int = 180
     images: Dict[str, str] = field(default_factory=dict)  # name → detected format, or MISSING
+    #: the image to restore carries a digest this host checks, in metadata that still
+    #: describes it (vmim.steps.proof.planned_format): the verify step proves it by that
+    checksum: bool = False
     inserts: Dict[str, str] = field(default_factory=dict)  # the same, in the inserts store
     missing_stores: Tuple[str, ...] = ()  # store keys (vmimages...) the request needs, unset
     unusable: Tuple[str, ...] = ()  # why a requested image or insert is missing or unusable
@@ -250,22 +253,20 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
                        if seen.domain_state == "undefined" else
                        "nothing: already running" if seen.running and not stopped else
                        "start the domain") + skipped)
-    beside = req.restore is not None and seen.images.get(req.restore) not in ("rsync", MISSING)
-    return Plan(box, _check_beside(steps) if beside else tuple(steps),
+    return Plan(box, _check_beside(steps, req, seen),
                 _verdict(req, box, seen, stops, touches_fs, lock_wait))
 
 
-def _check_beside(steps: List[Step]) -> Tuple[Step, ...]:
-    """The verify step of an archive's restore that the mount step follows checks the
-    image's recorded digest beside that mount (Step.beside). Anything else that comes after
-    a verify (a shutdown, a new disk) changes what a corrupt image must leave as it was: the
-    check ends first."""
+def _check_beside(steps: List[Step], req: Request, seen: Observed) -> Tuple[Step, ...]:
+    """The verify step whose mount and restore come right after it checks the recorded
+    digest of the image to restore beside them (Step.beside): the restore waits for the
+    answer before its first change. Anything else after a verify (a shutdown, a new disk, a
+    store) changes what a corrupt image must leave as it was: the check ends first."""
     out = list(steps)
-    for i, s in enumerate(out[:-1]):
-        if s.name == "verify" and not s.whole and out[i + 1].name == "mount":
-            out[i] = replace(s, beside=True, description=s.description.replace(
-                " before the slot is touched", ": the digest checked while the slot is mounted, "
-                "before the restore changes it"))
+    for i, s in enumerate(out[:-2]):
+        if s.name == "verify" and not s.whole and seen.checksum and \
+                [t.name for t in out[i + 1:i + 3]] == ["mount", "restore"]:
+            out[i] = replace(s, beside=True, description=_verify_text(req, seen, True))
     return tuple(out)
 
 
@@ -313,13 +314,23 @@ def whole_disk(action: str, req: Request, seen: Observed) -> bool:
 
 
 def _add_verify(req: Request, seen: Observed, add: Callable[..., None], whole: bool) -> None:
-    names = []
-    if req.restore is not None:
-        names.append(f"image {req.restore} ({seen.images.get(req.restore, MISSING)})")
-    names += [f"insert {t.name} ({seen.inserts.get(t.name, MISSING)})" for t in req.inserts]
-    if names:
-        add("verify", f"prove {', '.join(names)} restorable (its recorded digest, else a full "
-            "read) before the slot is touched", True, whole=whole)
+    if req.restore is not None or req.inserts:
+        add("verify", _verify_text(req, seen, False), True, whole=whole)
+
+
+def _verify_text(req: Request, seen: Observed, beside: bool) -> str:
+    image = [f"image {req.restore} ({seen.images.get(req.restore, MISSING)})"] \
+        if req.restore is not None else []
+    inserts = [f"insert {t.name} ({seen.inserts.get(t.name, MISSING)})" for t in req.inserts]
+    if not beside:
+        return (f"prove {', '.join(image + inserts)} restorable (its recorded digest, else a "
+                "full read) before the slot is touched")
+    text = (f"prove {image[0]} restorable by its recorded digest, checked while the slot is "
+            "mounted, before the restore changes it")
+    if inserts:
+        text += (f"; {', '.join(inserts)} (its recorded digest, else a full read) before the "
+                 "slot is touched")
+    return text
 
 
 def _add_data(action: str, req: Request, box: str, seen: Observed, whole: bool,

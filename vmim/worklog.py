@@ -159,6 +159,16 @@ class WorkLog:
                 out[n[:-len(SUFFIX)]] = entry
         return out
 
+    def any(self) -> bool:
+        """Whether any staging directory is recorded (changes nothing, unlike stale())."""
+        try:
+            with self._dir(create=False) as d:
+                return bool(d.listdir())
+        except FileNotFoundError:
+            return False
+        except (OSError, safedir.UnsafeDirectoryError):  # unusable: stale() says so; not none
+            return True
+
     def stale(self, root: str) -> List[str]:
         """Names at the guest root that are staging directories of runs that have ended, as
         recorded; records that no longer match anything there are dropped."""

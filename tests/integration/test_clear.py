@@ -464,6 +464,83 @@ def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
     vmim("--config", cfg, "-b", slot.box, "--release")
 
 
+STALLED_BEFORE_MKFS = """#!/bin/sh
+for a in "$@"; do
+    if [ -b "$a" ]; then
+        touch {flag}
+        exec sleep 600
+    fi
+done
+exec {real} "$@"
+"""
+
+
+def test_a_corrupt_image_never_runs_the_re_make_a_killed_restore_left(vmim, slot, tmp_path):
+    """Killed after it recorded its re-make and unmounted, before mkfs began, a restore leaves
+    the old filesystem whole and the record: the next restore re-makes first. With an image
+    whose digest is checked beside the mount, that re-make waits for the check: a corrupt
+    image leaves the old filesystem as it was (exit 4), the record kept for the next
+    restore."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slot.make(320, ["mkfs.ext4", "-q", "-F", "-L", "old"])
+    cfg = slot.config(clear="mkfs")
+    assert vmim("--config", cfg, "-b", slot.box, "--mount").code == 0
+    with open(os.path.join(slot.mnt, "marker"), "w") as fh:
+        fh.write("old slot\n")
+    r = vmim("--config", cfg, "-b", slot.box, "--zstd", "-s", "mine", "--release")
+    assert r.code == 0, r
+    bindir, flag = tmp_path / "bin", tmp_path / "mkfs-began"
+    bindir.mkdir()
+    (bindir / "mke2fs").write_text(STALLED_BEFORE_MKFS.format(flag=flag,
+                                                              real=shutil.which("mke2fs")))
+    (bindir / "mke2fs").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "vmim", "--config", cfg, "-b", slot.box,
+                             "-r", "mine"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not flag.exists():
+        proc.kill()
+        pytest.fail(f"the re-make never began: {proc.communicate()[1].decode()}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    records = [n for n in os.listdir(tmp_path / "state") if n.endswith(".remake")]
+    assert records != []
+
+    def old_marker():
+        return subprocess.run(["debugfs", "-R", "cat /marker", slot.img], capture_output=True,
+                              text=True).stdout
+
+    assert old_marker() == "old slot\n"
+    image = slot.images / "mine"
+    good, st = image.read_bytes(), os.stat(image)
+    bad = bytearray(good)
+    bad[-16] ^= 0xFF
+    image.write_bytes(bytes(bad))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "mine", "--json")
+    assert r.code == 4 and "digest differs" in r.err, r
+    assert "making it again" not in r.err
+    assert old_marker() == "old slot\n"
+    assert [n for n in os.listdir(tmp_path / "state") if n.endswith(".remake")] == records
+
+    image.write_bytes(good)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = vmim("--config", cfg, "-b", slot.box, "-r", "mine")
+    assert r.code == 0 and "making it again" in r.err, r
+    assert vmim("--config", cfg, "-b", slot.box, "--mount").code == 0
+    with open(os.path.join(slot.mnt, "marker")) as fh:
+        assert fh.read() == "old slot\n"  # the image's
+    assert vmim("--config", cfg, "-b", slot.box, "--release").code == 0
+
+
 @pytest.mark.parametrize("clear", ["delete", "auto"])
 def test_what_the_previous_guest_left_in_lost_found_goes_with_it(vmim, slot, clear):
     """The clear kept the filesystem's lost+found whole: a stash of the previous guest (a

@@ -93,5 +93,7 @@ def test_a_check_called_off_stops_between_its_pieces(image):
     with pytest.raises(digest.Cancelled):
         digest.of_file(str(image), digest.preferred(), cancel)
     check = digest.Check(str(image), digest.preferred(), "0" * 64)
-    check.cancel()
+    assert check.cancel() is True
+    check._thread.join(1)
     assert not check._thread.is_alive()
+    assert check.matches() is False  # called off: no answer, so no match

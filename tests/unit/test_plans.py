@@ -21,7 +21,8 @@ INSERTS = {"certs": "tgz"}
 
 
 def _seen(state="shut off", **kw):
-    base = dict(SLOT, domain_state=state, images=IMAGES, inserts=INSERTS)
+    # golden: stored by this tool, its digest recorded (a tree is not: rsync-restore-mkfs)
+    base = dict(SLOT, domain_state=state, images=IMAGES, inserts=INSERTS, checksum=True)
     base.update(kw)
     return Observed(**base)
 
@@ -44,7 +45,7 @@ SCENARIOS = {
                                           _seen("running", mounted=True))],
     "locked": [(_req("restore", restore="golden"), _seen(locked_by="pid 42 (vmimagemanager)"))],
     "missing-image": [(_req("restore", "up", restore="gone"),
-                       _seen(images={"gone": "missing"},
+                       _seen(images={"gone": "missing"}, checksum=False,
                              unusable=("image 'gone' not found in /srv/images; similar: "
                                        "golden",)))],
     "missing-insert": [(_req("insert", inserts=[Transfer("keys", "/root")]),
@@ -55,7 +56,8 @@ SCENARIOS = {
                             store="{box}-snap", format="tar.zst"), _seen()),
                       (_req("extract", "store", extracts=[Transfer("logs-{box}", "/var/log")],
                             store="{box}-snap", format="tar.zst"), _seen("running"))],
-    "rsync-restore-mkfs": [(_req("restore", "up", restore="tree"), _seen(clear="mkfs"))],
+    "rsync-restore-mkfs": [(_req("restore", "up", restore="tree"),
+                            _seen(clear="mkfs", checksum=False))],
     "restore-clear-delete": [(_req("restore", restore="golden"), _seen(clear="delete"))],
     "restore-clear-mkfs": [(_req("restore", restore="golden"), _seen(clear="mkfs"))],
     "incomplete-up": [(_req("up"), _seen(incomplete="golden"))],
@@ -127,3 +129,15 @@ def test_a_verdict_ends_the_real_run_with_its_own_exit_code(code):
     from vmim.runner import error_of
 
     assert error_of(Verdict(code, "why")).exit_code == code
+
+
+def test_the_digest_is_checked_beside_only_a_mount_and_restore_that_come_next():
+    def verify(req, seen):
+        return next(s for s in plan_box(req, "web1", seen).steps if s.name == "verify")
+
+    restore = _req("restore", "up", restore="golden")
+    assert verify(restore, _seen()).beside
+    assert not verify(restore, _seen(checksum=False)).beside  # a full read, at once
+    assert not verify(restore, _seen("running")).beside  # a shutdown comes next
+    assert not verify(_req("store", "restore", store="snap", restore="golden"), _seen()).beside
+    assert not verify(restore, _seen(create="a new 10 GiB raw disk")).beside

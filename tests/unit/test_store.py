@@ -481,3 +481,24 @@ def test_metadata_that_is_not_an_object_describes_nothing(images, src, text):
     _store(images, src, "golden", "tgz")
     (images / META_DIR / "golden.json").write_text(text)
     assert ImageStore(str(images)).metadata("golden") is None
+
+
+def test_an_image_replaced_while_its_restore_prepared_stops_the_run(images, src):
+    """The check read another file than the one the restore prepared for (stored again under
+    the same name meanwhile): that file proves, but what was prepared does not hold for it."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from vmim.errors import StateError
+    from vmim.steps import proof
+
+    _store(images, src, "golden", "tar.zst")
+    store = ImageStore(str(images))
+    box = SimpleNamespace(proven={}, req=SimpleNamespace(restore="golden", inserts=()),
+                          store=lambda kind: store)
+    pending = proof.prove(store, "golden", later=True)
+    pending.check.cancel()
+    other = digest.Check(pending.path, digest.preferred(), "0" * 64)  # the digest of another
+    box.proven[("image", 0)] = dataclasses.replace(pending, check=other)
+    with pytest.raises(StateError, match="changed while the run prepared its restore"):
+        proof.confirm(box)

@@ -13,7 +13,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from vmim import disk as disk_mod
-from vmim import incomplete, progress, sandbox, trash, tree, worklog, writeback
+from vmim import incomplete, lease, process, progress, sandbox, trash, tree, worklog, writeback
 from vmim import store as store_mod
 from vmim.archive import Summary, fits, for_name
 from vmim.disk import mounts, qcow2, remake
@@ -121,13 +121,16 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     if not fmt.is_tree:  # reads the filesystem and tries its re-make on a file: changes nothing
         needs = _image_bytes(proven, meta)
         choice = _choose_clear(box, root, needs, inodes)
-        rec.details["clear"] = choice.as_dict()
     clock.lap("prepare")
     if proven.check is not None:
         confirm(box)  # the image's digest, checked meanwhile: before the slot changes
-        proven = box.proven[("image", 0)]
-        path, fmt = proven.path, proven.fmt  # as proven (changed since the verify: again)
         clock.lap("digest wait")
+        # a signal that came meanwhile (a box of a parallel run: its wait was not where a
+        # signal is raised), a fleet job's lease lost meanwhile: stop before the first change
+        process.check_cancelled()
+        lease.check()
+    if choice is not None:
+        rec.details["clear"] = choice.as_dict()
     incomplete.write(box.cfg, slot, name)  # durable before anything in the slot changes
     deletion: Optional[trash.Deletion] = None
     try:

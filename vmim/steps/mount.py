@@ -82,12 +82,22 @@ def create(box: Box, step: Step, rec: StepResult) -> str:
 
 
 def mount(box: Box, step: Step, rec: StepResult) -> str:
+    """Map and mount the slot. It may run while the digest of the image to restore is still
+    being checked (vmim.steps.proof): what changes more than the mount waits for the check —
+    the re-make a killed restore left to do, the removal of what a killed run left."""
+    from vmim.steps import proof  # (proof → wholedisk → this module)
+
     slot = box.need_slot()
     require_root("--mount")
+    if os.path.lexists(incomplete.remake_path(box.cfg, slot)):
+        proof.confirm(box)
     message = mount_slot(box.cfg, box.hv, slot, box.holds, box.held,
                          restoring=box.req.restore is not None)
     # what a killed run left in the guest, as the host recorded it
-    tree.remove_stale_work(slot.mount, worklog.WorkLog.of(box.cfg, slot))
+    records = worklog.WorkLog.of(box.cfg, slot)
+    if records.any():
+        proof.confirm(box)
+    tree.remove_stale_work(slot.mount, records)
     return message
 
 

@@ -108,18 +108,38 @@ def _pending_proof(st: store_mod.ImageStore, name: str,
 def confirm(box: Box) -> None:
     """Wait for the digest checks still running (prove(later=True)): before anything changes
     the slot or its domain, every image is proven. One that did not match is proven again
-    the slow way, which says why it fails (StateError, exit 4), or takes it as it is now."""
+    the slow way, which says why it fails (StateError, exit 4). One that proves now was
+    replaced meanwhile (a store of the same name): what was prepared for it does not hold,
+    and the run stops (StateError) before it changes anything."""
     for key, p in list(box.proven.items()):
         if p.check is None:
             continue
-        if p.check.matches():
-            box.proven[key] = dataclasses.replace(p, check=None)
-            continue
         box.proven[key] = dataclasses.replace(p, check=None)  # a second call: no wait
+        if p.check.matches():
+            continue
         kind = "vmimages" if key[0] == "image" else "vminserts"
         name = box.req.restore if key[0] == "image" else box.req.inserts[key[1]].name
         assert name is not None
-        box.proven[key] = prove(box.store(kind), name)
+        st = box.store(kind)
+        prove(st, name)  # StateError when it is corrupt, saying how
+        raise StateError(f"{st.kind} '{name}' changed while the run prepared its restore "
+                         "(stored again meanwhile?); the slot was not changed: run again")
+
+
+def planned_format(st: store_mod.ImageStore, name: str) -> Tuple[str, bool]:
+    """The format the plan shows and decides by (vmim.observe): for an archive this tool
+    stored, whose metadata still describes the file and carries a digest this host checks,
+    the format it recorded, without asking libmagic (0.1 s of every restore); the verify step
+    then proves it by that digest (what libmagic would see of a damaged start, the digest
+    sees too). Else what find_usable() finds, with its refusals. With it: whether the verify
+    step proves it by that digest (prove(later=True) can check it beside the mount)."""
+    meta = st.metadata(name)
+    found = detect.recorded((meta or {}).get("format"))
+    if found is not None and digest.recorded(meta) is not None:
+        path = st.find(name)
+        if not os.path.isdir(path):
+            return found.format, True
+    return find_usable(st, name)[1].format, False
 
 
 def find_usable(st: store_mod.ImageStore, name: str) -> Tuple[str, detect.Detected]:
