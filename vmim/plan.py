@@ -196,6 +196,8 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
             created = True
         add("mount", _mount_text(seen, mounted), implicit)
 
+    if data:  # what the data steps need is proven before anything is touched: the domain too
+        _add_verify(req, seen, add, whole.get("restore", False))
     for action in req.actions:
         if action == "kill":
             add("kill", "force the domain off (libvirt destroy)" if seen.running else
@@ -204,13 +206,10 @@ def plan_box(req: Request, box: str, seen: Observed, *, lock_wait: int = 0) -> P
             add("down", f"ACPI shutdown, forced off after {seen.timeout} s" if seen.running else
                 f"nothing: the domain is {seen.domain_state}")
         elif action == "mount":
-            if data:  # what the data steps need is proven before anything is touched
-                _add_verify(req, seen, add, whole.get("restore", False))
             add_mount(False)  # refused while the domain runs (no down)
             ready = mounted = True
         elif action in DATA_ACTIONS:
             if action == data[0] and "mount" not in req.actions:
-                _add_verify(req, seen, add, whole.get("restore", False))
                 if seen.running and not stops:
                     add("down", f"ACPI shutdown first, forced off after {seen.timeout} s", True)
                     stopped = True

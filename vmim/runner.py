@@ -8,6 +8,7 @@ its disk is released (an implicit release step, recorded), its domain left down.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Callable, Dict, Optional, Tuple, Type
@@ -45,8 +46,10 @@ _ERRORS: Dict[int, Type[VmimError]] = {EXIT_CONFIG: ConfigError, EXIT_LOCKED: Lo
 #: The steps that run while the digest of the image to restore is still being checked
 #: (vmim.steps.proof.verify): they change nothing the image's failure would leave changed —
 #: the slot's disk is mapped and mounted (as --mount does), the restore reads its filesystem
-#: and tries its re-make on a file, then waits for the check itself before its first change.
-#: Every other step (down, kill, create...) waits for the check first.
+#: and tries its re-make on a file; each waits for the check itself before it changes more
+#: (proof.before_change). Every other step waits for the check first. (The verify step
+#: comes first in every plan, and its check is left running only where the mount and the
+#: restore come next: plan._check_beside.)
 BESIDE_THE_CHECK = ("verify", "mount", "restore")
 
 
@@ -91,17 +94,17 @@ def _run_box(cfg: Config, name: str, hv: Hypervisor, req: Request,
                 raise as_error(exc) from exc
             if plan.verdict is not None:
                 raise error_of(plan.verdict)
-            if on_plan is not None:
-                on_plan(cfg)
+            if on_plan is not None:  # once its images are proven, before the first change
+                box.on_change = functools.partial(on_plan, cfg)
             steps = registry()
             for step in plan.steps:
                 process.check_cancelled()
                 lease.check()  # a fleet job whose worker lost it stops here: never boots
                 with record(result, step.name, step.implicit) as rec:
                     if step.name not in BESIDE_THE_CHECK:
-                        proof.confirm(box)
+                        proof.before_change(box)
                     rec.message = steps[step.name](box, step, rec)
-            proof.confirm(box)  # (a plan always has a step after its verify)
+            proof.before_change(box)  # (a plan always has a step after its verify)
     except VmimError as exc:
         result.error = exc
         with signals.kept():  # the clean-up is not cut short by a signal (vmim.signals)

@@ -408,6 +408,13 @@ def test_a_corrupt_image_never_stops_the_running_domain(vmim, rig, domains):
     steps = [s["step"] for s in json.loads(r.out)["results"][0]["steps"]]
     assert steps == ["verify"], steps  # checked at once: the shutdown comes next
     assert domains.conn.lookupByName(rig.names["ext4"]).isActive()
+    # asked to stop it (-d, -k): the image is proven before that too
+    for stop in ("-d", "-k"):
+        r = vmim("-b", rig.names["ext4"], stop, "--timeout", "1", "-r", "golden", "--json",
+                 "--config", rig.cfg)
+        assert r.code == 4 and "digest differs" in r.err, r
+        assert [s["step"] for s in json.loads(r.out)["results"][0]["steps"]] == ["verify"]
+        assert domains.conn.lookupByName(rig.names["ext4"]).isActive()
     domains.conn.lookupByName(rig.names["ext4"]).destroy()
     assert _marker(vmim, rig, "ext4") == "ext4 slot\n"
 

@@ -16,6 +16,7 @@ import tarfile
 import textwrap
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import pytest
 
@@ -170,7 +171,9 @@ def test_inserts_into_what_is_staged_and_not_without_it(vmim, slot, domains, tmp
 
 def test_an_unfinished_staging_is_never_swapped_in(vmim, slot, domains):
     """A staging that fails half-way (the standby is full) leaves its record unfinished: -u
-    boots the current disk and says why, --swap refuses (exit 4)."""
+    boots the current disk and says why, --swap refuses (exit 4). One refused before it
+    changed the standby (an image that cannot fit) leaves what was staged before as it was."""
+    assert vmim("-b", slot.name, "-r", "golden", "--stage", "--config", slot.cfg).code == 0
     big = os.path.join(slot.images, ".tree-big")
     os.makedirs(big)
     with open(os.path.join(big, "blob"), "wb") as fh:
@@ -178,6 +181,19 @@ def test_an_unfinished_staging_is_never_swapped_in(vmim, slot, domains):
     with tarfile.open(os.path.join(slot.images, "big"), "w") as tar:
         tar.add(big, arcname=".")
     r = vmim("-b", slot.name, "-r", "big", "--stage", "--config", slot.cfg)
+    assert r.code == 4 and "not touched" in r.err, r
+    assert boxes(vmim, slot)[slot.name]["staged"]["state"] == "ready"
+    assert debugfs_cat(slot.standby, "/marker") == "golden\n"
+    # a whole standby's worth of files each holding data: the image's data fits, the
+    # filesystem's own blocks for them do not (the room check counts data, not metadata)
+    many = os.path.join(slot.images, ".tree-many")
+    os.makedirs(many)
+    for i in range(3000):
+        with open(os.path.join(many, f"f{i}"), "wb") as fh:
+            fh.write(b"x" * 7000)
+    with tarfile.open(os.path.join(slot.images, "many"), "w") as tar:
+        tar.add(many, arcname=".")
+    r = vmim("-b", slot.name, "-r", "many", "--stage", "--config", slot.cfg)
     assert r.code != 0, r
     assert domains.state(slot.name) == 1
     assert boxes(vmim, slot)[slot.name]["staged"]["state"] == "unfinished"
@@ -278,10 +294,21 @@ def test_a_killed_staging_is_not_swapped_in(vmim, slot, domains, release):
     p = subprocess.Popen([sys.executable, "-m", "vmim", "-b", slot.name, "-r", "slow",
                           "--stage", "--config", slot.cfg], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
+    record = os.path.join(slot.root, "state", quote(slot.name, safe="") + ".standby.json")
+
+    def began():  # the record says so before the staging's first change of the standby
+        try:
+            with open(record) as fh:
+                staged = json.load(fh).get("staged") or {}
+        except (OSError, ValueError):
+            return False
+        return staged.get("image") == "slow" and staged.get("finished") is None
+
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and mounts.mounted_at(slot.mnt + ".standby") is None:
-            time.sleep(0.02)
+        while time.monotonic() < deadline and not began():
+            time.sleep(0.005)
+        assert began()
         assert mounts.mounted_at(slot.mnt + ".standby") is not None
     finally:
         p.kill()

@@ -37,6 +37,9 @@ SCENARIOS = {
     "off": [(_req("restore", "insert", "up", **FULL), _seen())],
     "running": [(_req("restore", "insert", "up", **FULL), _seen("running"))],
     "running-down-mount": [(_req("down", "mount"), _seen("running"))],
+    # the image is proven before the domain asked to stop is stopped
+    "running-kill-restore": [(_req("kill", "restore", "up", restore="golden"),
+                              _seen("running"))],
     "running-mount-refused": [(_req("mount"), _seen("running"))],
     "mounted": [(_req("store", "release", store="snap", format="tgz"), _seen(mounted=True))],
     "mounted-and-running": [(_req("restore", "up", restore="golden"),

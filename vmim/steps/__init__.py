@@ -59,6 +59,9 @@ class Box:
     #: until the release step or the end of the run
     holds: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     held: List[DiskHold] = field(default_factory=list)
+    #: run once before the first change, after the images are proven
+    #: (vmim.steps.proof.before_change): a staging's record of what it stages
+    on_change: Optional[Callable[[], None]] = None
 
     def call_off_checks(self) -> None:
         """The run ends: the digest checks still running are called off."""

@@ -23,7 +23,7 @@ from vmim.progress import human_size
 from vmim.recorder import Clock, StepResult, as_error
 from vmim.steps import Box, Proven, wholedisk
 from vmim.steps.mount import release_command
-from vmim.steps.proof import confirm
+from vmim.steps.proof import before_change
 from vmim.terminal import safe
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
     assert name is not None
     proven = box.proven[("image", 0)]  # the plan's verify step came first
     if isinstance(proven.fmt, wholedisk.DiskImageFormat):  # verify chose the whole disk
-        confirm(box)  # (wholedisk.verify checks at once: nothing to wait for)
+        before_change(box)  # (wholedisk.verify checks at once: nothing to wait for)
         return wholedisk.restore(box, name, proven, rec)
     st = box.store("vmimages")
     path, fmt = proven.path, proven.fmt
@@ -122,8 +122,9 @@ def restore(box: Box, step: Step, rec: StepResult) -> str:
         needs = _image_bytes(proven, meta)
         choice = _choose_clear(box, root, needs, inodes)
     clock.lap("prepare")
-    if proven.check is not None:
-        confirm(box)  # the image's digest, checked meanwhile: before the slot changes
+    checked_beside = proven.check is not None
+    before_change(box)  # the image's digest, checked meanwhile: before the slot changes
+    if checked_beside:
         clock.lap("digest wait")
         # a signal that came meanwhile (a box of a parallel run: its wait was not where a
         # signal is raised), a fleet job's lease lost meanwhile: stop before the first change

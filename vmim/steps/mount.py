@@ -90,13 +90,13 @@ def mount(box: Box, step: Step, rec: StepResult) -> str:
     slot = box.need_slot()
     require_root("--mount")
     if os.path.lexists(incomplete.remake_path(box.cfg, slot)):
-        proof.confirm(box)
+        proof.before_change(box)
     message = mount_slot(box.cfg, box.hv, slot, box.holds, box.held,
                          restoring=box.req.restore is not None)
     # what a killed run left in the guest, as the host recorded it
     records = worklog.WorkLog.of(box.cfg, slot)
     if records.any():
-        proof.confirm(box)
+        proof.before_change(box)
     tree.remove_stale_work(slot.mount, records)
     return message
 

@@ -126,6 +126,15 @@ def confirm(box: Box) -> None:
                          "(stored again meanwhile?); the slot was not changed: run again")
 
 
+def before_change(box: Box) -> None:
+    """What comes before the run's first change of the slot or its domain: every image
+    proven (confirm), then box.on_change (once)."""
+    confirm(box)
+    hook, box.on_change = box.on_change, None
+    if hook is not None:
+        hook()
+
+
 def planned_format(st: store_mod.ImageStore, name: str) -> Tuple[str, bool]:
     """The format the plan shows and decides by (vmim.observe): for an archive this tool
     stored, whose metadata still describes the file and carries a digest this host checks,
