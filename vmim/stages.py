@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -47,26 +48,62 @@ def wait_stages(procs: Sequence[subprocess.Popen],
     still holds open would otherwise wait for that helper. Stages before the failed one get
     BLAME_GRACE seconds to end first: a decompressor that closes its output and then reports
     the damage it found has a reader that fails of the short input a moment before it."""
-    delay = 0.001
-    while True:
-        codes = [p.poll() for p in procs]
-        culprit = next((i for i, c in enumerate(codes) if c not in (None, 0) and
-                        not broken_pipe(c)), None)
-        if culprit is not None:
-            deadline = time.monotonic() + BLAME_GRACE
-            while (any(p.poll() is None for p in procs[:culprit])
-                   and time.monotonic() < deadline):
-                time.sleep(0.01)
+    with _ExitWatch(procs) as watch:
+        while True:
             codes = [p.poll() for p in procs]
-            culprit = next(i for i, c in enumerate(codes) if c not in (None, 0) and
-                           not broken_pipe(c))
-            for p in procs:
-                stop(p)
-            return culprit
-        if None not in codes:
-            return next((i for i, c in enumerate(codes) if c != 0), None)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+            culprit = next((i for i, c in enumerate(codes) if c not in (None, 0) and
+                            not broken_pipe(c)), None)
+            if culprit is not None:
+                deadline = time.monotonic() + BLAME_GRACE
+                while (any(p.poll() is None for p in procs[:culprit])
+                       and time.monotonic() < deadline):
+                    time.sleep(0.01)
+                codes = [p.poll() for p in procs]
+                culprit = next(i for i, c in enumerate(codes) if c not in (None, 0) and
+                               not broken_pipe(c))
+                for p in procs:
+                    stop(p)
+                return culprit
+            if None not in codes:
+                return next((i for i, c in enumerate(codes) if c != 0), None)
+            watch.wait()
+
+
+class _ExitWatch:
+    """Waits until a stage may have ended: on the stages' pidfds (Linux 5.3: woken the moment
+    one ends), else by polling with a growing delay (up to 50 ms: on average 25 ms of every
+    pipeline's end lost, measured 2026-12-07). A pidfd of a child not yet reaped (poll())
+    cannot name another process."""
+
+    def __init__(self, procs: Sequence[subprocess.Popen]) -> None:
+        self.procs = procs
+        self.fds: dict = {}
+        self.delay = 0.001
+
+    def __enter__(self) -> _ExitWatch:
+        try:
+            for p in self.procs:
+                if p.returncode is None:
+                    self.fds[p] = os.pidfd_open(p.pid)
+        except (OSError, AttributeError):  # an older kernel or Python: the polling
+            self._close()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    def wait(self) -> None:
+        live = [fd for p, fd in self.fds.items() if p.returncode is None]
+        if live:
+            select.select(live, [], [], 0.5)  # a stage ended, or look again anyway
+            return
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 0.05)
 
 
 #: at most this many lines of what a command said on its way to success are logged
