@@ -502,3 +502,29 @@ def test_an_image_replaced_while_its_restore_prepared_stops_the_run(images, src)
     box.proven[("image", 0)] = dataclasses.replace(pending, check=other)
     with pytest.raises(StateError, match="changed while the run prepared its restore"):
         proof.confirm(box)
+
+
+def test_a_signal_while_waiting_for_the_check_leaves_it_to_be_called_off(images, src,
+                                                                         monkeypatch):
+    """Interrupted inside the wait: the check stays on the box, and the end of the run
+    (Box.call_off_checks) stops its thread."""
+    from types import SimpleNamespace
+
+    from vmim.errors import Interrupted
+    from vmim.steps import Box, proof
+
+    _store(images, src, "golden", "tar.zst")
+    store = ImageStore(str(images))
+    box = Box(None, "web1", None, SimpleNamespace(restore="golden", inserts=()))
+    box.proven[("image", 0)] = proof.prove(store, "golden", later=True)
+    check = box.proven[("image", 0)].check
+
+    def interrupted(self):
+        raise Interrupted(15)
+    monkeypatch.setattr(digest.Check, "matches", interrupted)
+    with pytest.raises(Interrupted):
+        proof.confirm(box)
+    assert box.proven[("image", 0)].check is check
+    box.call_off_checks()
+    check._thread.join(5)
+    assert not check._thread.is_alive()
