@@ -28,6 +28,12 @@ def test_a_flood_of_list_requests_is_served_one_at_a_time_and_the_rest_is_busy(f
     corrs = [sender.send(list_request(), exchange="vmim.control", routing_key="")
              for _ in range(30)]
     client = fleet.spawn("-l")
+    # the workers stay busy until the client has its answer: the 30 alone may all be served
+    # before a client that starts slowly asks (a full run on 2026-12-07 saw it served, exit 0)
+    deadline = time.monotonic() + 120
+    while client.poll() is None and time.monotonic() < deadline:
+        sender.send(list_request(), exchange="vmim.control", routing_key="")
+        time.sleep(0.05)
     out, err = client.communicate(timeout=180)
     settle(sender)
     for h in hosts:
