@@ -393,32 +393,22 @@ exec {real} "$@"
 """
 
 
-@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
-def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
-        vmim, slot, tmp_path, fstype):
-    """Killed while mkfs runs, a restore leaves no filesystem (1.x and the 2026-12-07 main:
-    the next restore refused the slot, "no filesystem found", exit 4, for good). The re-make
-    was recorded before the unmount: the next restore runs it again — the same type, UUID and
-    label — and restores; a run that does not restore is refused, the disk untouched."""
+def kill_in_the_re_make(slot, cfg, tmp_path, program, shim, image):
+    """Restore image with `program` replaced by shim (which touches {flag} where it stalls),
+    and kill -9 the restore there."""
     import shutil
     import signal
     import subprocess
     import sys
     import time
 
-    program = "mke2fs" if fstype == "ext4" else "mkfs.xfs"
-    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "killed"] if fstype == "ext4" else \
-        ["mkfs.xfs", "-q", "-f", "-L", "killed"]
-    slot.make(320, mkfs)
-    cfg = slot.config(clear="mkfs")
-    names_before = label_uuid(slot.img)
     bindir, flag = tmp_path / "bin", tmp_path / "mkfs-began"
     bindir.mkdir()
-    (bindir / program).write_text(STALLED_MKFS.format(flag=flag, real=shutil.which(program)))
+    (bindir / program).write_text(shim.format(flag=flag, real=shutil.which(program)))
     (bindir / program).chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     proc = subprocess.Popen([sys.executable, "-m", "vmim", "--config", cfg, "-b", slot.box,
-                             "-r", "golden"], env=env, stdout=subprocess.DEVNULL,
+                             "-r", image], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -428,6 +418,24 @@ def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
         pytest.fail(f"the re-make never began: {proc.communicate()[1].decode()}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_a_restore_killed_inside_the_re_make_is_re_made_by_the_next_restore(
+        vmim, slot, tmp_path, fstype):
+    """Killed while mkfs runs, a restore leaves no filesystem (1.x and the 2026-12-07 main:
+    the next restore refused the slot, "no filesystem found", exit 4, for good). The re-make
+    was recorded before the unmount: the next restore runs it again — the same type, UUID and
+    label — and restores; a run that does not restore is refused, the disk untouched."""
+    import subprocess
+
+    program = "mke2fs" if fstype == "ext4" else "mkfs.xfs"
+    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "killed"] if fstype == "ext4" else \
+        ["mkfs.xfs", "-q", "-f", "-L", "killed"]
+    slot.make(320, mkfs)
+    cfg = slot.config(clear="mkfs")
+    names_before = label_uuid(slot.img)
+    kill_in_the_re_make(slot, cfg, tmp_path, program, STALLED_MKFS, "golden")
     # the kill landed inside the re-make: the disk holds no filesystem now, and the re-make
     # is on record
     assert subprocess.run(["blkid", "-p", slot.img], capture_output=True).returncode == 2
@@ -481,11 +489,7 @@ def test_a_corrupt_image_never_runs_the_re_make_a_killed_restore_left(vmim, slot
     whose digest is checked beside the mount, that re-make waits for the check: a corrupt
     image leaves the old filesystem as it was (exit 4), the record kept for the next
     restore."""
-    import shutil
-    import signal
     import subprocess
-    import sys
-    import time
 
     slot.make(320, ["mkfs.ext4", "-q", "-F", "-L", "old"])
     cfg = slot.config(clear="mkfs")
@@ -494,23 +498,7 @@ def test_a_corrupt_image_never_runs_the_re_make_a_killed_restore_left(vmim, slot
         fh.write("old slot\n")
     r = vmim("--config", cfg, "-b", slot.box, "--zstd", "-s", "mine", "--release")
     assert r.code == 0, r
-    bindir, flag = tmp_path / "bin", tmp_path / "mkfs-began"
-    bindir.mkdir()
-    (bindir / "mke2fs").write_text(STALLED_BEFORE_MKFS.format(flag=flag,
-                                                              real=shutil.which("mke2fs")))
-    (bindir / "mke2fs").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "vmim", "--config", cfg, "-b", slot.box,
-                             "-r", "mine"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not flag.exists():
-        proc.kill()
-        pytest.fail(f"the re-make never began: {proc.communicate()[1].decode()}")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_in_the_re_make(slot, cfg, tmp_path, "mke2fs", STALLED_BEFORE_MKFS, "mine")
     records = [n for n in os.listdir(tmp_path / "state") if n.endswith(".remake")]
     assert records != []
 

@@ -69,11 +69,29 @@ def prove(st: store_mod.ImageStore, name: str, later: bool = False) -> Proven:
         # by the digest this tool recorded (BLAKE3, or a 1.0 image's sha256) when this host
         # can check it; a mismatch is exit 4 with the slot untouched
         checked = digest.check_recorded(path, meta, f"{st.kind} '{name}'")
+    fmt = _unpackable(st, name, found)
+    return Proven(path, fmt, None if checked else fmt.verify(path))
+
+
+def _unpackable(st: store_mod.ImageStore, name: str, found: detect.Detected) -> Any:
+    """The archive format of what was found, its unpack tools installed (exit 7 if not)."""
     fmt = for_detected(found, f"{st.kind} '{name}'")
     for tool in fmt.unpack_tools():
         process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
                              "the slot was not touched")
-    return Proven(path, fmt, None if checked else fmt.verify(path))
+    return fmt
+
+
+def _by_record(path: str, meta: Optional[Dict[str, Any]]
+               ) -> Optional[Tuple[detect.Detected, Tuple[str, str]]]:
+    """For an archive this tool stored (a file whose metadata still describes it, names its
+    format and carries a digest this host checks): what the metadata says it is, and that
+    digest (algorithm, hex). None otherwise."""
+    found = detect.recorded((meta or {}).get("format"))
+    checkable = digest.recorded(meta)
+    if found is None or checkable is None or os.path.isdir(path):
+        return None
+    return found, checkable
 
 
 def _proven_by_record(path: str, meta: Optional[Dict[str, Any]]
@@ -81,11 +99,10 @@ def _proven_by_record(path: str, meta: Optional[Dict[str, Any]]
     """An archive this tool stored, whose recorded digest matches: its path and what its
     metadata says it is, without asking libmagic (0.02-0.04 s of a restore). None otherwise:
     then it is detected and proven as any image (a digest that differs says so there)."""
-    found = detect.recorded((meta or {}).get("format"))
-    checkable = digest.recorded(meta)
-    if found is None or checkable is None or os.path.isdir(path):
+    record = _by_record(path, meta)
+    if record is None:
         return None
-    algorithm, expected = checkable
+    found, (algorithm, expected) = record
     if digest.of_file(path, algorithm) != expected:
         return None
     return path, found
@@ -94,15 +111,10 @@ def _proven_by_record(path: str, meta: Optional[Dict[str, Any]]
 def _pending_proof(st: store_mod.ImageStore, name: str,
                    meta: Optional[Dict[str, Any]]) -> Optional[Proven]:
     path = st.find(name)
-    found = detect.recorded((meta or {}).get("format"))
-    checkable = digest.recorded(meta)
-    if found is None or checkable is None or os.path.isdir(path):
+    record = _by_record(path, meta)
+    if record is None:
         return None
-    fmt = for_detected(found, f"{st.kind} '{name}'")
-    for tool in fmt.unpack_tools():
-        process.require_tool(tool, f"it is needed to unpack {st.kind} '{name}' ({fmt.name}); "
-                             "the slot was not touched")
-    return Proven(path, fmt, check=digest.Check(path, *checkable))
+    return Proven(path, _unpackable(st, name, record[0]), check=digest.Check(path, *record[1]))
 
 
 def confirm(box: Box) -> None:
@@ -144,11 +156,9 @@ def planned_format(st: store_mod.ImageStore, name: str) -> Tuple[str, bool]:
     sees too). Else what find_usable() finds, with its refusals. With it: whether the verify
     step proves it by that digest (prove(later=True) can check it beside the mount)."""
     meta = st.metadata(name)
-    found = detect.recorded((meta or {}).get("format"))
-    if found is not None and digest.recorded(meta) is not None:
-        path = st.find(name)
-        if not os.path.isdir(path):
-            return found.format, True
+    record = _by_record(st.find(name), meta) if meta else None
+    if record is not None:
+        return record[0].format, True
     return find_usable(st, name)[1].format, False
 
 
