@@ -9,7 +9,9 @@ anything else (check_streams)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import mmap
 import os
 import stat
 from typing import IO, Any, Dict, Optional, Sequence
@@ -53,31 +55,70 @@ def check_streams(kwargs: Dict[str, Any]) -> None:
                              "could open it again for writing (/proc/self/fd); give it a pipe")
 
 
+#: bytes moved per read, write or splice
+CHUNK = 1 << 20
+
+
 def copy_into(src: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
               failed: Sequence[BaseException] = ()) -> bool:
     """Copy src into every command's stdin (pipes) until it ends (True), or no one reads on,
-    or a reader failed (failed is not empty): False. Every stdin is closed at the end."""
+    or a reader failed (failed is not empty): False. Every stdin is closed at the end.
+
+    One reader is given the data by splice(2): the pages of the image go into its pipe
+    without passing through this process (the copy through it cost 0.25-0.34 s of CPU for a
+    596 MB image, against 0.07-0.10 s: a core the decompressor and tar then have; 2026-12-08).
+    Several readers get it copied, through one page-aligned buffer (vmim.digest.of_open)."""
     open_ = [dst for dst in stdins if dst is not None]
     for f in [src, *open_]:
         try:
-            fcntl.fcntl(f.fileno(), F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes and reads
+            fcntl.fcntl(f.fileno(), F_SETPIPE_SZ, CHUNK)  # fewer, larger writes and reads
         except OSError:
             pass  # not a pipe (an image read directly), or the system's limit is lower
     try:
-        while open_ and not failed:
-            chunk = os.read(src.fileno(), 1 << 20)
-            if not chunk:
-                return True
-            for dst in list(open_):
-                try:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(dst.fileno(), view):]
-                except (BrokenPipeError, ValueError):  # it stopped reading: its status says why
-                    open_.remove(dst)
+        if len(open_) == 1:
+            spliced = _splice_into(src, open_[0], failed)
+            if spliced is not None:
+                return spliced
+        with mmap.mmap(-1, CHUNK) as buf, memoryview(buf) as view:
+            while open_ and not failed:
+                n = os.readv(src.fileno(), [view])
+                if not n:
+                    return True
+                for dst in list(open_):
+                    try:
+                        done = 0
+                        while done < n:
+                            with view[done:n] as piece:  # released: the map closes at the end
+                                done += os.write(dst.fileno(), piece)
+                    except (BrokenPipeError, ValueError):  # it stopped reading: its status says
+                        open_.remove(dst)
         return False
     finally:
         for stdin in stdins:
             if stdin is not None:
                 with contextlib.suppress(BrokenPipeError):
                     stdin.close()
+
+
+def _splice_into(src: IO[bytes], dst: IO[bytes], failed: Sequence[BaseException]
+                 ) -> Optional[bool]:
+    """copy_into for one reader, by splice(2): None when it cannot splice from src (Python
+    before 3.10, a filesystem without it) and nothing was moved yet."""
+    splice = getattr(os, "splice", None)
+    if splice is None:
+        return None
+    moved = False
+    try:
+        while not failed:
+            try:
+                n = splice(src.fileno(), dst.fileno(), CHUNK)
+            except OSError as exc:
+                if moved or exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                return None
+            if not n:
+                return True
+            moved = True
+        return False
+    except (BrokenPipeError, ValueError):  # it stopped reading: its status says why
+        return False
