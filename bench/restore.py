@@ -65,10 +65,16 @@ class Tool:
         self.root = root
         self.clear = clear
         self.rss_kib: List[int] = []
+        # as installed: a Debian package's modules are byte-compiled when it is installed
+        # (dh_python3), so no run compiles them (25 modules, 0.05 s a run where
+        # PYTHONDONTWRITEBYTECODE is set, as it was in this session's shells)
+        subprocess.run([b.PY, "-m", "compileall", "-q", os.path.join(root, "vmim")],
+                       check=True, stdout=subprocess.DEVNULL)
 
     def run(self, *argv: str, json_out: bool = False) -> dict:
         b.set_clear(self.clear)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (self.root, PYTHONPATH) if p))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         code = ("import resource, sys; from vmim.cli import main; rc = main(sys.argv[1:]); "
                 "sys.stderr.write('MAXRSS %d\\n' % "
                 "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
