@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import mmap
 import os
 from typing import Any
 
@@ -13,6 +14,8 @@ from vmim import digest as digest_mod
 
 #: fcntl(2) F_SETPIPE_SZ: a pipe's buffer size
 F_SETPIPE_SZ = 1031
+#: bytes read from the pipe at a time
+CHUNK = 1 << 20
 #: Written output is handed to the disk in steps of this size while a pipeline runs, so that
 #: the fsync at its end has little left to wait for.
 WRITEBACK_STEP = 32 << 20
@@ -23,10 +26,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 def _sync_file_range() -> Any:
     """libc's sync_file_range(2) (start writeback without waiting), or None."""
     import ctypes  # here: not worth its import time for the commands that never write archives
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # libc as loaded: find_library would run ldconfig
         fn = libc.sync_file_range
     except (OSError, AttributeError):
         return None
@@ -39,21 +41,26 @@ def copy_hashing(src: Any, fd: int) -> str:
     its writeback as it goes: the checksum and most of the fsync of an image cost no second
     pass over it. Returns the tagged digest ('ALGORITHM:HEX')."""
     try:
-        fcntl.fcntl(src.fileno(), F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads
+        fcntl.fcntl(src.fileno(), F_SETPIPE_SZ, CHUNK)  # fewer, larger reads
     except OSError:
         pass
     writeback = _sync_file_range()
     digest = digest_mod.new()
     written = synced = 0
-    while True:
-        chunk = os.read(src.fileno(), 1 << 20)
-        if not chunk:
-            return digest_mod.tagged(digest)
-        digest.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view):]
-        written += len(chunk)
-        if writeback is not None and written - synced >= WRITEBACK_STEP:
-            writeback(fd, synced, written - synced, _SYNC_FILE_RANGE_WRITE)
-            synced = written
+    # one page-aligned buffer, as vmim.digest.of_open reads into (a fresh bytes object a
+    # read is malloc'd where the kernel's copy into it may run at a fraction of its speed)
+    with mmap.mmap(-1, CHUNK) as buf, memoryview(buf) as view:
+        while True:
+            n = os.readv(src.fileno(), [view])
+            if not n:
+                return digest_mod.tagged(digest)
+            with view[:n] as chunk:
+                digest.update(chunk)
+            done = 0
+            while done < n:
+                with view[done:n] as piece:
+                    done += os.write(fd, piece)
+            written += n
+            if writeback is not None and written - synced >= WRITEBACK_STEP:
+                writeback(fd, synced, written - synced, _SYNC_FILE_RANGE_WRITE)
+                synced = written

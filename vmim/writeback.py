@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -33,7 +32,7 @@ THREAD_NAME = "vmim-writeback"
 
 def _syncfs_call() -> Optional[Callable[[int], int]]:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # libc as loaded: find_library would run ldconfig
         fn = libc.syncfs
     except (OSError, AttributeError):
         return None
