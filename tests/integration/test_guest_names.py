@@ -132,6 +132,32 @@ def test_a_killed_runs_staging_goes_and_guest_entries_named_like_it_stay(vmim, r
     run_ok(vmim, rig, "-b", box, "--release")
 
 
+def test_a_corrupt_image_leaves_a_killed_runs_staging_for_the_next_run(vmim, rig):
+    """The mount step removes what a killed run left in the guest (its recorded staging) only
+    once the image to restore is proven: a corrupt one, its digest checked beside the mount,
+    leaves the guest as it was, that staging and its record too; the next run removes them."""
+    import json
+
+    box = rig.names["ext4"]
+    _slow_tgz(rig.inserts / "slow")
+    run_ok(vmim, rig, "-b", box, "-z", "-s", "golden")  # stored by this tool: a digest on record
+    test_images._corrupt(rig.images / "golden")
+    guest = rig.mnt("ext4")
+    record = rig.root / "state" / "staging" / quote(box, safe="")
+    killed = _kill_when_staging(rig.cfg, ["-b", box, "-i", "slow"], guest, ".vmim-insert.",
+                                record)
+    run_ok(vmim, rig, "-b", box, "--release")  # what the killed run left mounted
+    assert _records(rig, box) == [killed + ".json"]
+    r = vmim("--config", rig.cfg, "-b", box, "-r", "golden", "--json")
+    assert r.code == 4 and "corrupt" in r.err, r
+    assert _records(rig, box) == [killed + ".json"]  # the staging was not removed
+    steps = json.loads(r.out)["results"][0]["steps"]
+    assert [(s["step"], s["status"]) for s in steps][:2] == [("verify", "ok"), ("mount", "failed")]
+    run_ok(vmim, rig, "-b", box, "--mount")
+    assert killed not in os.listdir(guest) and _records(rig, box) == []
+    run_ok(vmim, rig, "-b", box, "--release")
+
+
 def test_a_run_killed_at_any_moment_of_its_start_leaves_nothing_running(vmim, rig):
     """SIGKILL at moments around the start of the insert's sandboxes (the window between a
     fork and setpriv's prctl, where a sandbox used to outlive the run and pin the slot in its

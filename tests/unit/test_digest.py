@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
+import time
 
 import pytest
 
@@ -101,3 +103,24 @@ def test_a_check_called_off_stops_between_its_pieces(image):
     # called off before its end: no answer, so no match; after: the right digest matches
     cancelled = isinstance(check._error, digest.Cancelled)
     assert check.matches() is (not cancelled)
+
+
+def test_a_check_whose_read_hangs_is_left_behind_after_a_bounded_wait(tmp_path, monkeypatch,
+                                                                      caplog):
+    """The end of a run waits CANCEL_WAIT for a check it called off, not for ever: a read of
+    the image that hangs (a FIFO with no writer stands for a store on a dead NFS server)
+    leaves the daemon thread behind, with a warning; it ends when the read returns."""
+    monkeypatch.setattr(digest, "CANCEL_WAIT", 0.2)
+    fifo = tmp_path / "image"
+    os.mkfifo(fifo)
+    check = digest.Check(str(fifo), digest.preferred(), "0" * 64)
+    started = time.monotonic()
+    assert check.cancel() is False
+    assert 0.2 <= time.monotonic() - started < 5
+    assert "did not stop within" in caplog.text
+    assert check._thread.is_alive() and check._thread.daemon
+    with open(fifo, "wb"):  # the read returns: the thread sees it was called off and ends
+        pass
+    check._thread.join(5)
+    assert not check._thread.is_alive()
+    assert isinstance(check._error, digest.Cancelled)
