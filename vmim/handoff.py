@@ -59,6 +59,17 @@ def check_streams(kwargs: Dict[str, Any]) -> None:
 CHUNK = 1 << 20
 
 
+def widen(pipe: IO[bytes]) -> None:
+    """A pipe made CHUNK large, not 64 KiB: its writer and reader move larger pieces, fewer
+    times. Between a decompressor and tar: Debian 12's 650 MB unpacked into the bench slot in
+    2.39-2.61 s against 2.57-2.74 s (2026-12-08). Nothing where it is not a pipe (an image
+    read directly) or the system's limit is lower."""
+    try:
+        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, CHUNK)
+    except OSError:
+        pass
+
+
 def copy_into(src: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
               failed: Sequence[BaseException] = ()) -> bool:
     """Copy src into every command's stdin (pipes) until it ends (True), or no one reads on,
@@ -70,10 +81,7 @@ def copy_into(src: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
     Several readers get it copied, through one page-aligned buffer (vmim.digest.of_open)."""
     open_ = [dst for dst in stdins if dst is not None]
     for f in [src, *open_]:
-        try:
-            fcntl.fcntl(f.fileno(), F_SETPIPE_SZ, CHUNK)  # fewer, larger writes and reads
-        except OSError:
-            pass  # not a pipe (an image read directly), or the system's limit is lower
+        widen(f)
     try:
         if len(open_) == 1:
             spliced = _splice_into(src, open_[0], failed)

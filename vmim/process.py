@@ -371,6 +371,8 @@ def pipeline(
                     feeder.start()
                     files.callback(feeder.join)
                 prev = p.stdout
+                if prev is not None:
+                    handoff.widen(prev)
                 procs.append(p)
                 files.enter_context(track(p, progress_too=i == watch_stage))
             with signals.waiting():  # every stage started and known: a signal may stop them

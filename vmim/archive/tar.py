@@ -51,8 +51,13 @@ CREATE = ["--format=posix", "--numeric-owner", *XATTRS,
           "--warning=no-file-ignored"]
 #: --ignore-zeros: a lone zero block before more members (Java's plexus archiver writes them)
 #: would otherwise end the unpack there, with exit 0 and the rest of the tree missing.
+#: --blocking-factor=2048: read the archive 1 MiB at a time, not in 10 KiB records (GNU
+#: tar reads a pipe with --read-full-records, so a larger factor than the archive's reads it
+#: as written: its manual says so, for an archive whose factor is not known); 13 % less wall
+#: and a quarter less system time for tar and zstd unpacking Debian 12 (650 MB, 13,613
+#: files) into tmpfs, 2026-12-08 — the proof reads with it too.
 EXTRACT = ["--numeric-owner", "--same-owner", "--preserve-permissions", "--ignore-zeros",
-           *XATTRS]
+           "--blocking-factor=2048", *XATTRS]
 #: The unpack of an archive that holds no ACL record (SCHILY.acl) into a directory without
 #: an ACL: with --acls GNU tar sets an ACL made from the mode on every member that has none
 #: (one setxattr of system.posix_acl_access each: 55,926 for the bench corpus, about 5 % of
