@@ -7,7 +7,9 @@ same command on a disk that other writes share; what the tool adds (its start, t
 libvirt, the plan, the proof of the image, the mount, the choice of the clear, the end of the
 pipeline) is a few tenths of a second inside that noise. So this measures it directly: the
 wall time of `vmimagemanager -b dst -r IMAGE --json` minus the clear, transfer and delete laps
-of its own timings, for this tree and for the tool at git revision REV, alternated, on the
+of its own timings (and, beside it, the wall time and the transfer: the same restore by two
+revisions, alternated, is the closest comparison of their unpacks that the disk's noise
+allows), for this tree and for the tool at git revision REV, alternated, on the
 slot and images of `make bench` (bench/restore.py made them: the corpus's tar.zst, or
 Debian 12's with --debian). Medians and each run's value are printed and written to
 bench/results/latest-overhead[-debian12].json.
@@ -60,10 +62,16 @@ def main() -> None:
     out = {}
     for label, rs in runs.items():
         med = statistics.median(x["outside s"] for x in rs)
-        out[label] = {"median outside clear and transfer s": med, "runs": rs}
+        wall = [x["wall s"] for x in rs]
+        transfer = [x["laps"].get("transfer", 0.0) for x in rs]
+        out[label] = {"median outside clear and transfer s": med,
+                      "median wall s": statistics.median(wall),
+                      "median transfer s": statistics.median(transfer), "runs": rs}
         print(f"restore {image} {label}: outside clear and transfer {med:.3f} s "
-              f"[{min(x['outside s'] for x in rs):.3f}-{max(x['outside s'] for x in rs):.3f}]",
-              flush=True)
+              f"[{min(x['outside s'] for x in rs):.3f}-{max(x['outside s'] for x in rs):.3f}]; "
+              f"wall {statistics.median(wall):.2f} s [{min(wall):.2f}-{max(wall):.2f}], "
+              f"transfer {statistics.median(transfer):.2f} s "
+              f"[{min(transfer):.2f}-{max(transfer):.2f}]", flush=True)
     path = os.path.join(HERE, "results", f"latest-overhead{suffix}.json")
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
