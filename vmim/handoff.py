@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
 import stat
 from typing import IO, Any, Dict, Optional, Sequence
 
-from vmim.hashcopy import F_SETPIPE_SZ
+from vmim.hashcopy import CHUNK, widen, write_all
 
 
 def sandbox_argv(argv: Any) -> bool:
@@ -55,21 +54,6 @@ def check_streams(kwargs: Dict[str, Any]) -> None:
                              "could open it again for writing (/proc/self/fd); give it a pipe")
 
 
-#: bytes moved per read, write or splice
-CHUNK = 1 << 20
-
-
-def widen(pipe: IO[bytes]) -> None:
-    """A pipe made CHUNK large, not 64 KiB: its writer and reader move larger pieces, fewer
-    times. Between a decompressor and tar: Debian 12's 650 MB unpacked into the bench slot in
-    2.39-2.61 s against 2.57-2.74 s (2026-12-08). Nothing where it is not a pipe (an image
-    read directly) or the system's limit is lower."""
-    try:
-        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, CHUNK)
-    except OSError:
-        pass
-
-
 def copy_into(src: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
               failed: Sequence[BaseException] = ()) -> bool:
     """Copy src into every command's stdin (pipes) until it ends (True), or no one reads on,
@@ -94,10 +78,7 @@ def copy_into(src: IO[bytes], stdins: Sequence[Optional[IO[bytes]]],
                     return True
                 for dst in list(open_):
                     try:
-                        done = 0
-                        while done < n:
-                            with view[done:n] as piece:  # released: the map closes at the end
-                                done += os.write(dst.fileno(), piece)
+                        write_all(dst.fileno(), view, n)
                     except (BrokenPipeError, ValueError):  # it stopped reading: its status says
                         open_.remove(dst)
         return False
