@@ -187,10 +187,7 @@ def main() -> None:
             subprocess.run([b.TOOL, "--config", b.CFG, "-q", "-b", name, "--release"],
                            capture_output=True)
     results["machine"] = b.machine()
-    out = os.path.join(HERE, "results", "latest-downtime.json")
-    with open(out, "w") as fh:
-        json.dump(results, fh, indent=1)
-    print(f"results: {out}")
+    print(f"results: {b.write_results('latest-downtime.json', results)}")
 
 
 if __name__ == "__main__":

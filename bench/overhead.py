@@ -18,7 +18,6 @@ bench/results/latest-overhead[-debian12].json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -72,10 +71,7 @@ def main() -> None:
               f"wall {statistics.median(wall):.2f} s [{min(wall):.2f}-{max(wall):.2f}], "
               f"transfer {statistics.median(transfer):.2f} s "
               f"[{min(transfer):.2f}-{max(transfer):.2f}]", flush=True)
-    path = os.path.join(HERE, "results", f"latest-overhead{suffix}.json")
-    with open(path, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"results: {path}")
+    print(f"results: {b.write_results(f'latest-overhead{suffix}.json', out)}")
 
 
 if __name__ == "__main__":

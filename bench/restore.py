@@ -365,10 +365,7 @@ def main() -> None:
     results["peak RSS MiB"] = {t.label: max(t.rss_kib) / 1024 for t in tools if t.rss_kib}
     results["children peak RSS MiB"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     results["machine"] = b.machine()
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    out = os.path.join(HERE, "results", f"latest-restore{suffix}.json")
-    with open(out, "w") as fh:
-        json.dump(results, fh, indent=1)
+    out = b.write_results(f"latest-restore{suffix}.json", results)
     print(f"peak RSS: {results['peak RSS MiB']}\nresults: {out}")
 
 

@@ -428,12 +428,18 @@ def main() -> None:
         subprocess.run(["virsh", "-q", "-c", "qemu:///system", "undefine", DST],
                        capture_output=True)
     results["machine"] = machine()
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    out = os.path.join(ROOT, "bench", "results",
-                       "latest.json" if not sys.argv[1:] else f"latest-{'-'.join(chosen)}.json")
-    with open(out, "w") as fh:
-        json.dump(results, fh, indent=1)
+    out = write_results("latest.json" if not sys.argv[1:] else f"latest-{'-'.join(chosen)}.json",
+                        results)
     print(f"results: {out}")
+
+
+def write_results(name: str, doc: dict) -> str:
+    """Write a bench's results to bench/results/NAME (JSON); its path."""
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    out = os.path.join(ROOT, "bench", "results", name)
+    with open(out, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    return out
 
 
 if __name__ == "__main__":
